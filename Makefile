@@ -1,0 +1,40 @@
+# Everything sets itself up: `make run` and `make test` create .venv on first use.
+PY ?= python3
+VENV ?= .venv
+# The CPU wheel; set e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint format bench clean-venv
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 needed (set PY=python3.11)")'
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/gptflow run $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(VENV)/bin/gptflow bench $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,217 @@
+"""The local Prefect server gptflow runs against.
+
+Prefect's ephemeral mode costs 15-30 s per process on small machines and can lose
+task-run records, so gptflow always talks to a real server: the one ``PREFECT_API_URL``
+names, or a local one it starts itself (``PREFECT_HOME`` inside ``artifacts/prefect``,
+analytics off, database migrated once), detached so later commands reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from gpt.errors import GPTFlowError
+from gpt.paths import artifacts_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4200
+
+
+class PrefectServerError(GPTFlowError):
+    """The Prefect server could not be reached or started."""
+
+
+@dataclass(frozen=True)
+class ServerPaths:
+    """Files of the locally managed server."""
+
+    home: Path
+    pidfile: Path
+    logfile: Path
+    migrated_marker: Path
+
+
+def server_paths() -> ServerPaths:
+    """Where the managed server keeps its database, pid and log."""
+    home = Path(os.environ.get("GPTFLOW_PREFECT_HOME", artifacts_dir() / "prefect"))
+    return ServerPaths(
+        home=home,
+        pidfile=home / "server.pid",
+        logfile=home / "server.log",
+        migrated_marker=home / ".db-migrated",
+    )
+
+
+def local_api_url() -> str:
+    """The API URL of the managed local server (``GPTFLOW_PREFECT_PORT`` picks the port)."""
+    port = int(os.environ.get("GPTFLOW_PREFECT_PORT", DEFAULT_PORT))
+    return f"http://{DEFAULT_HOST}:{port}/api"
+
+
+def configure_env() -> str:
+    """Set Prefect's environment for this process (keeping values the user set) and
+    return the API URL in use. Must run before ``prefect`` is imported."""
+    paths = server_paths()
+    defaults = {
+        "PREFECT_HOME": str(paths.home),
+        "PREFECT_API_URL": local_api_url(),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(artifacts_dir() / "prefect-results"),
+        "PREFECT_LOGGING_LOG_PRINTS": "true",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return os.environ["PREFECT_API_URL"]
+
+
+def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """True when a Prefect API answers its health check at ``api_url``."""
+    try:
+        resp = httpx.get(api_url.rstrip("/") + "/health", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200
+
+
+def _server_env(api_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = server_paths()
+    env.update(
+        PREFECT_HOME=str(paths.home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_CLI_PROMPT="false",
+        PREFECT_API_URL=api_url,
+    )
+    return env
+
+
+def _prefect_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefect", *args]
+
+
+def _read_pid() -> int | None:
+    pidfile = server_paths().pidfile
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    return pid
+
+
+def start_server(api_url: str | None = None, *, wait_s: float = 90.0) -> str:
+    """Start the managed local server if it is not already up; return its API URL."""
+    api_url = api_url or local_api_url()
+    if is_healthy(api_url):
+        return api_url
+    if not api_url.startswith(f"http://{DEFAULT_HOST}:"):
+        raise PrefectServerError(
+            f"the Prefect API at {api_url} does not answer and is not a local server gptflow "
+            "can start: start it, or unset PREFECT_API_URL to let gptflow run its own"
+        )
+    port = api_url.split(":")[2].split("/")[0]
+    paths = server_paths()
+    paths.home.mkdir(parents=True, exist_ok=True)
+    env = _server_env(api_url)
+    if not paths.migrated_marker.exists():
+        log.info("migrating the Prefect database in %s (once)", paths.home)
+        proc = subprocess.run(
+            _prefect_cmd("server", "database", "upgrade", "-y"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if proc.returncode != 0:
+            raise PrefectServerError(
+                f"`prefect server database upgrade` failed (exit {proc.returncode}): "
+                f"{proc.stderr.strip()[-2000:]}"
+            )
+        paths.migrated_marker.touch()
+    log.info("starting a local Prefect server on %s (log: %s)", api_url, paths.logfile)
+    with open(paths.logfile, "ab") as logf:
+        proc = subprocess.Popen(
+            _prefect_cmd("server", "start", "--host", DEFAULT_HOST, "--port", port),
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    paths.pidfile.write_text(str(proc.pid))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = paths.logfile.read_text(errors="replace")[-2000:]
+            raise PrefectServerError(
+                f"the Prefect server exited with code {proc.returncode} on start; "
+                f"log {paths.logfile}:\n{tail}"
+            )
+        if is_healthy(api_url):
+            return api_url
+        time.sleep(0.5)
+    raise PrefectServerError(
+        f"the Prefect server did not answer at {api_url} within {wait_s:.0f} s; "
+        f"see {paths.logfile}"
+    )
+
+
+def stop_server(timeout_s: float = 20.0) -> bool:
+    """Stop the managed local server; False when none was running."""
+    pid = _read_pid()
+    if pid is None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        server_paths().pidfile.unlink()
+    return True
+
+
+def ensure_server() -> str:
+    """Point this process at a healthy Prefect server, starting the local one if needed."""
+    api_url = configure_env()
+    if is_healthy(api_url):
+        return api_url
+    return start_server(api_url)
+
+
+def status() -> dict[str, object]:
+    """A small report: URL, health, managed pid, home."""
+    api_url = configure_env()
+    paths = server_paths()
+    return {
+        "api_url": api_url,
+        "healthy": is_healthy(api_url),
+        "managed_pid": _read_pid(),
+        "prefect_home": str(paths.home),
+        "log": str(paths.logfile),
+    }

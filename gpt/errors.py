@@ -1,0 +1,48 @@
+"""The project's own error types. Every user-facing failure is one of these, with a
+message that names the file / record / field / URL involved and what to do."""
+
+from __future__ import annotations
+
+
+class GPTFlowError(Exception):
+    """Base class of every error gptflow raises on purpose."""
+
+
+class ConfigError(GPTFlowError):
+    """A config value, profile or ``--set`` override is invalid."""
+
+
+class DataError(GPTFlowError):
+    """An input file or record is malformed (names the file, line/record and field)."""
+
+
+class DownloadError(GPTFlowError):
+    """A source could not be fetched from any of its URLs."""
+
+
+class ChecksumError(DownloadError):
+    """Downloaded bytes do not match the expected sha256."""
+
+
+class UnsafeArchiveError(DataError):
+    """An archive member would escape the extraction folder."""
+
+
+class CheckpointError(GPTFlowError):
+    """A checkpoint folder/file is missing, corrupt, unsafe or does not fit the model."""
+
+
+class CatalogError(GPTFlowError):
+    """The DuckDB catalog refused an operation (read-only, lock timeout, bad schema)."""
+
+
+class JudgeError(GPTFlowError):
+    """The Ollama judge could not be used."""
+
+
+class OllamaUnreachableError(JudgeError):
+    """No Ollama server answers at the configured host."""
+
+
+class ModelNotPulledError(JudgeError):
+    """The judge model is not present on the Ollama server."""
