@@ -1,0 +1,43 @@
+"""``gptflow sql "QUERY"``: query the DuckDB catalog read-only and print the result."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``sql`` sub-command."""
+    parser = subparsers.add_parser(
+        "sql",
+        help="query the DuckDB catalog (read-only)",
+        description=(
+            "Run a SQL query on the catalog opened read-only and print the result. "
+            "Tables: runs, stages, sources, sms_messages, spam_examples, instructions, "
+            "corpus, metrics, checkpoints, samples, baselines, responses, judgments, "
+            "benchmarks; views: spam_accuracy, eval_summary, eval_examples."
+        ),
+    )
+    parser.add_argument("query", help='SQL text, e.g. "SELECT * FROM runs"')
+    parser.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="output format (default: table)",
+    )
+    parser.add_argument(
+        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the query and print it in the chosen format."""
+    from gpt.paths import default_db_path
+    from tasks.catalog import format_df, run_readonly_sql
+
+    db = args.db if args.db else default_db_path()
+    df = run_readonly_sql(db, args.query)
+    text = format_df(df, args.format)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
