@@ -1,0 +1,83 @@
+"""``gptflow evals``: the judge's scores — summary, then per-example rows."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evals`` sub-command."""
+    parser = subparsers.add_parser(
+        "evals",
+        help="show judge scores: eval_summary, then per-example rows",
+        description=(
+            "Print the eval_summary view (per run, judge model and prompt version: n, "
+            "n scored, n failed, mean, median, min, max), then the per-example rows of "
+            "eval_examples (instruction, input, reference output, response, score, raw "
+            "reply); with --worst N only the N lowest-scored examples (unscored first)."
+        ),
+    )
+    parser.add_argument("--run", default=None, help="only this run (default: every run)")
+    parser.add_argument(
+        "--worst", type=int, default=None, metavar="N", help="only the N worst examples"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="output format (default: table)",
+    )
+    parser.add_argument(
+        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
+    )
+    parser.set_defaults(func=run)
+
+
+_EXAMPLE_COLS = (
+    "run_id, example_id, judge_model, prompt_version, score, raw_reply, "
+    "instruction, input, output, response"
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the summary and the examples in the chosen format."""
+    import json
+
+    from gpt.errors import ConfigError
+    from tasks.catalog import Catalog, format_df
+    from tasks.judging import summarize
+
+    if args.worst is not None and args.worst < 1:
+        raise ConfigError(f"--worst must be >= 1, got {args.worst}")
+    catalog = Catalog(args.db)
+    summary = summarize(catalog, args.run)
+
+    where, params = "", []
+    if args.run is not None:
+        where, params = "WHERE run_id = ?", [args.run]
+    if args.worst is not None:
+        # Worst first: failed/unparsed (NULL) scores, then the lowest scores.
+        order = "ORDER BY score ASC NULLS FIRST, run_id, example_id LIMIT ?"
+        params = [*params, args.worst]
+    else:
+        order = "ORDER BY run_id, judge_model, prompt_version, example_id"
+    examples = catalog.query_df(
+        f"SELECT {_EXAMPLE_COLS} FROM eval_examples {where} {order}", params
+    )
+
+    if args.format == "json":
+        out = {
+            "summary": json.loads(format_df(summary, "json")),
+            "examples": json.loads(format_df(examples, "json")),
+        }
+        sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    elif args.format == "csv":
+        sys.stdout.write(format_df(summary, "csv") + "\n" + format_df(examples, "csv"))
+    else:
+        sys.stdout.write("eval_summary\n" + format_df(summary, "table") + "\n\n")
+        title = f"worst {args.worst} examples" if args.worst is not None else "examples"
+        sys.stdout.write(title + "\n" + format_df(examples, "table") + "\n")
+    if summary.empty and args.run is not None:
+        print(f"no judgments for run {args.run!r}", file=sys.stderr)
+    return 0

@@ -1,0 +1,90 @@
+"""``gptflow judge --responses FILE.json``: score responses with the Ollama judge."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``judge`` sub-command."""
+    parser = subparsers.add_parser(
+        "judge",
+        help="score a JSON file of responses with the local Ollama judge",
+        description=(
+            "Store a JSON list of objects with instruction, input, output and a response "
+            "field as the responses of a run, score them with an Ollama model (default "
+            "llama3) and print the run's eval_summary. A rerun only sends the examples not "
+            "yet scored by that judge and prompt version."
+        ),
+    )
+    parser.add_argument(
+        "--responses", required=True, type=Path, help="JSON list of response records"
+    )
+    parser.add_argument("--run", default=None, help="run id (default: judge-<file stem>)")
+    parser.add_argument("--model", default=None, help="Ollama judge model (default: llama3)")
+    parser.add_argument(
+        "--host", default=None, help="Ollama URL (default: OLLAMA_HOST or http://localhost:11434)"
+    )
+    parser.add_argument(
+        "--response-key",
+        default="model_response",
+        help="field holding the response to score (default: model_response)",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="requests in flight (default: 4)"
+    )
+    parser.add_argument(
+        "--auto-pull", action="store_true", help="pull the judge model if it is missing"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Import the responses, judge them, print the summary; 1 when requests failed."""
+    import logging
+
+    from gpt.judge import JudgeConfig
+    from tasks.catalog import Catalog, format_df
+    from tasks.judging import import_responses, judge_run, summarize
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
+    cfg = JudgeConfig(required=True, auto_pull=bool(args.auto_pull))
+    if args.model:
+        cfg.model = args.model
+    if args.host:
+        cfg.host = args.host
+    if args.concurrency is not None:
+        cfg.concurrency = args.concurrency
+    cfg.validate()
+
+    run_id = args.run or f"judge-{args.responses.stem}"
+    catalog = Catalog(args.db)
+    n = import_responses(catalog, run_id, args.responses, response_key=args.response_key)
+    print(f"stored {n} responses from {args.responses} under run {run_id!r}")
+    result = judge_run(catalog, run_id, cfg, progress=not args.no_progress)
+    print(
+        f"judge {result.judge_model} (prompt {result.prompt_version}): "
+        f"sent {result.n_sent}, skipped {result.n_skipped} already judged, "
+        f"scored {result.n_scored}, unparsed {result.n_unparsed}, failed {result.n_failed} "
+        f"in {result.seconds:.1f}s"
+    )
+    summary = summarize(catalog, run_id)
+    summary = summary[
+        (summary["judge_model"] == result.judge_model)
+        & (summary["prompt_version"] == result.prompt_version)
+    ]
+    print(format_df(summary, "table"))
+    if result.n_failed:
+        print(
+            f"{result.n_failed} request(s) failed after retries (see `gptflow evals --run "
+            f"{run_id}`); run the same command again to retry only those",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
