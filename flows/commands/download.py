@@ -1,0 +1,101 @@
+"""``gptflow download``: fetch (or verify and skip) the pipeline's public inputs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gpt.sources import DATASET_SOURCES, GPT2_SIZES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``download`` sub-command."""
+    parser = subparsers.add_parser(
+        "download",
+        help="fetch and verify the datasets (and GPT-2 release files)",
+        description=(
+            "Download the inputs into the datasets folder, verifying each sha256; files "
+            "already present and verified are skipped. By default: "
+            + ", ".join(DATASET_SOURCES)
+            + ". With a mirror (--mirror or GPTFLOW_MIRROR: a folder or http(s) base URL "
+            "laid out like the datasets folder) only the mirror is used."
+        ),
+    )
+    parser.add_argument(
+        "--only",
+        metavar="NAME",
+        action="append",
+        default=None,
+        help="fetch only this source (repeatable); see --list",
+    )
+    parser.add_argument(
+        "--gpt2-size",
+        metavar="SIZE",
+        action="append",
+        choices=list(GPT2_SIZES),
+        default=None,
+        help=f"also fetch this GPT-2 release ({', '.join(GPT2_SIZES)}; repeatable)",
+    )
+    parser.add_argument("--mirror", metavar="DIR_OR_URL", default=None, help="use only this mirror")
+    parser.add_argument(
+        "--dest", metavar="DIR", default=None, help="target folder (default: the datasets folder)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--list", action="store_true", help="list the known sources and exit")
+    parser.set_defaults(func=run)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch the selected sources and print what was fetched or skipped."""
+    from gpt.download import download_sources
+    from gpt.sources import get_source, gpt2_source_name, list_sources
+
+    if args.list:
+        rows = [[s.name, str(len(s.files)), s.description] for s in list_sources()]
+        sys.stdout.write(_table(rows, ["source", "files", "description"]))
+        return 0
+    names = list(args.only) if args.only else list(DATASET_SOURCES)
+    for size in args.gpt2_size or []:
+        name = gpt2_source_name(size)
+        if name not in names:
+            names.append(name)
+    for name in names:
+        get_source(name)  # ConfigError listing the known names
+    results = download_sources(names, args.dest, mirror=args.mirror, progress=not args.no_progress)
+    rows = []
+    for res in results:
+        for f in res.files:
+            rows.append(
+                [
+                    res.name,
+                    f.relpath,
+                    "skipped (verified)" if f.skipped else "fetched",
+                    _human(f.bytes),
+                    f.sha256[:12],
+                    f.url or "",
+                ]
+            )
+            for p in f.extracted:
+                rows.append(
+                    ["", f"  -> {os.path.relpath(p, f.path.parent)}", "extracted", "", "", ""]
+                )
+    sys.stdout.write(_table(rows, ["source", "file", "status", "size", "sha256", "from"]))
+    return 0

@@ -1,0 +1,798 @@
+"""The downloader every stage uses.
+
+Streams each file of a :class:`~gpt.sources.Source` into ``<name>.part`` next to its
+destination (progress bar, bounded retries with exponential backoff, resume through HTTP
+``Range``, clean restart when the server ignores it), verifies the sha256 (for a zip:
+the listed members after a safe extraction), and only then renames it into place. A
+file that is present and verified is skipped. A mirror (``mirror=`` or
+``GPTFLOW_MIRROR``: a local folder or an http(s) base URL laid out like the datasets
+folder) replaces the real URLs entirely, for air-gapped machines and tests.
+
+A failed or corrupt download never leaves a file that a later run would accept: the
+final name only ever holds verified bytes, a ``.part`` whose bytes failed verification
+is deleted, and a ``.part`` kept after a cut transfer is only resumed, then verified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+from tqdm.auto import tqdm
+
+from gpt import paths
+from gpt.errors import (
+    ChecksumError,
+    ConfigError,
+    DataError,
+    DownloadError,
+    UnsafeArchiveError,
+)
+from gpt.sources import SOURCES, Source, SourceFile
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming a mirror (local folder or http(s) base URL).
+MIRROR_ENV = "GPTFLOW_MIRROR"
+_CHUNK = 1 << 16
+_MAX_BACKOFF_S = 30.0
+_USER_AGENT = "gptflow/0.1 (+https://github.com/rasbt/LLMs-from-scratch inputs)"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One file of a source, present and verified in the datasets folder."""
+
+    relpath: str
+    """Location relative to the datasets folder (same as in a mirror)."""
+    path: Path
+    """Absolute path of the downloaded file."""
+    sha256: str
+    """sha256 of the file's bytes (verified, or recorded when none is published)."""
+    bytes: int
+    """Size of the file in bytes."""
+    url: str | None
+    """URL (or mirror path) the bytes came from; the recorded one when skipped."""
+    skipped: bool
+    """True when the file was already present and verified (nothing fetched)."""
+    fetched_at: datetime
+    """When the bytes were fetched (UTC; the recorded time when skipped)."""
+    extracted: tuple[Path, ...] = ()
+    """For an archive: the verified members, extracted."""
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """The outcome of fetching one source."""
+
+    name: str
+    """Registry name of the source."""
+    files: tuple[FileResult, ...]
+    """One entry per file of the source."""
+
+    @property
+    def path(self) -> Path:
+        """The main usable file: an archive's first extracted member, else the first file."""
+        first = self.files[0]
+        return first.extracted[0] if first.extracted else first.path
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Every file of the source (extracted members after their archive)."""
+        out: list[Path] = []
+        for f in self.files:
+            out.append(f.path)
+            out.extend(f.extracted)
+        return tuple(out)
+
+    @property
+    def folder(self) -> Path:
+        """Folder holding the source's (first) file."""
+        return self.files[0].path.parent
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the first file."""
+        return self.files[0].sha256
+
+    @property
+    def bytes(self) -> int:
+        """Total size of the source's files."""
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def url(self) -> str | None:
+        """URL the first file came from."""
+        return self.files[0].url
+
+    @property
+    def skipped(self) -> bool:
+        """True when nothing had to be fetched."""
+        return all(f.skipped for f in self.files)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class _Failure(Exception):
+    """One URL's failure (internal)."""
+
+    detail: str
+    retryable: bool = False
+    kind: str = "network"  # network | http | checksum | archive | unsafe | missing
+    attempts: int = 1
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+@dataclass
+class _Tried:
+    url: str
+    detail: str
+    kind: str
+    attempts: int = 1
+
+
+@dataclass
+class _Mirror:
+    raw: str
+    base_url: str | None = None
+    folder: Path | None = None
+
+    def location(self, relpath: str) -> str:
+        if self.base_url is not None:
+            return self.base_url.rstrip("/") + "/" + quote(relpath, safe="/")
+        assert self.folder is not None
+        return str(self.folder / relpath)
+
+
+@dataclass
+class _Options:
+    retries: int
+    backoff: float
+    timeout: float
+    progress: bool
+    mirror: _Mirror | None
+    client: Any = None  # httpx.Client, created lazily
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _resolve_mirror(mirror: str | Path | None) -> _Mirror | None:
+    raw: str | Path | None = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
+    if raw is None or str(raw) == "":
+        return None
+    text = str(raw)
+    if re.match(r"^https?://", text, re.IGNORECASE):
+        return _Mirror(raw=text, base_url=text)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    folder = Path(text).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"mirror folder {folder} (from {'--mirror' if mirror is not None else MIRROR_ENV}) "
+            "does not exist; give a folder holding the inputs (datasets at the top, gpt2/...) "
+            "or an http(s) base URL"
+        )
+    return _Mirror(raw=text, folder=folder)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f".{path.name}.download.json")
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def _check_member_name(name: str, archive: Path) -> PurePosixPath:
+    norm = name.replace("\\", "/")
+    if not norm or norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
+        raise UnsafeArchiveError(
+            f"{archive}: member {name!r} has an absolute path; refusing to extract "
+            "(the archive is corrupt or malicious: delete it and download it again)"
+        )
+    p = PurePosixPath(norm)
+    if ".." in p.parts:
+        raise UnsafeArchiveError(
+            f"{archive}: member {name!r} would escape the extraction folder ('..'); "
+            "refusing to extract (the archive is corrupt or malicious: delete it and "
+            "download it again)"
+        )
+    return p
+
+
+def _inside(root: Path, candidate: Path) -> bool:
+    root_r = os.path.realpath(root)
+    cand_r = os.path.realpath(candidate)
+    return cand_r == root_r or cand_r.startswith(root_r + os.sep)
+
+
+def _extract_to_temp(zip_path: Path, parent: Path, name: str, max_bytes: int) -> Path:
+    """Extract every member of ``zip_path`` into a new temp folder under ``parent``."""
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{zip_path}: not a readable zip archive ({exc})") from exc
+    with zf:
+        infos = zf.infolist()
+        names = [(info, _check_member_name(info.filename, zip_path)) for info in infos]
+        total = sum(i.file_size for i in infos)
+        if total > max_bytes:
+            raise UnsafeArchiveError(
+                f"{zip_path}: members would expand to {total:,} bytes (limit {max_bytes:,}); "
+                "refusing to extract"
+            )
+        links: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+        link_ids: set[int] = set()
+        for info, p in names:
+            if stat.S_ISLNK(info.external_attr >> 16):
+                target = zf.read(info).decode("utf-8", "replace")
+                resolved = os.path.normpath(os.path.join(str(p.parent), target))
+                if (
+                    target.startswith(("/", "\\"))
+                    or re.match(r"^[A-Za-z]:", target)
+                    or resolved == ".."
+                    or resolved.startswith("../")
+                ):
+                    raise UnsafeArchiveError(
+                        f"{zip_path}: member {info.filename!r} is a symlink to {target!r}, "
+                        "outside the extraction folder; refusing to extract"
+                    )
+                links.append((info, p))
+                link_ids.add(id(info))
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".extract", dir=parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final folder is an ordinary one
+        try:
+            for info, p in names:
+                if id(info) in link_ids:
+                    continue
+                dest = tmp.joinpath(*p.parts) if p.parts else tmp
+                if info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not _inside(tmp, dest.parent):
+                    raise UnsafeArchiveError(
+                        f"{zip_path}: member {info.filename!r} would be written through a "
+                        "symlink outside the extraction folder; refusing to extract"
+                    )
+                with zf.open(info) as src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+            for info, p in links:
+                dest = tmp.joinpath(*p.parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(zf.read(info).decode("utf-8"), dest)
+                if not _inside(tmp, dest):
+                    raise UnsafeArchiveError(
+                        f"{zip_path}: symlink member {info.filename!r} resolves outside the "
+                        "extraction folder; refusing to extract"
+                    )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return tmp
+
+
+def _install_dir(tmp: Path, target: Path) -> None:
+    """Move an extracted temp folder into place, replacing ``target``."""
+    old: Path | None = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def safe_extract_zip(
+    zip_path: str | Path, target_dir: str | Path, *, max_bytes: int = 4 << 30
+) -> list[Path]:
+    """Extract a zip into ``target_dir`` (replacing it) and return the extracted files.
+
+    Every member is checked before anything is written: an absolute path, a ``..``
+    component or a symlink pointing outside the folder raises UnsafeArchiveError. The
+    members go to a temp folder first, which is then renamed into place.
+    """
+    zip_path, target_dir = Path(zip_path), Path(target_dir)
+    tmp = _extract_to_temp(zip_path, target_dir.parent, target_dir.name, max_bytes)
+    rel = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
+    _install_dir(tmp, target_dir)
+    return [target_dir / r for r in rel]
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _client(opts: _Options) -> Any:
+    if opts.client is None:
+        import httpx
+
+        opts.client = httpx.Client(
+            timeout=httpx.Timeout(opts.timeout, connect=min(opts.timeout, 15.0)),
+            follow_redirects=True,
+            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
+        )
+    return opts.client
+
+
+def _bar(total: int | None, initial: int, desc: str, opts: _Options) -> Any:
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        disable=not opts.progress,
+        leave=False,
+    )
+
+
+def _fetch_http(url: str, part: Path, f: SourceFile, opts: _Options) -> str:
+    """Stream ``url`` into ``part`` (resuming it when it exists); return the sha256."""
+    import httpx
+
+    offset = part.stat().st_size if part.exists() else 0
+    if f.size is not None and offset > f.size:
+        _unlink(part)
+        offset = 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    h = hashlib.sha256()
+    written = 0
+    total: int | None = None
+    try:
+        with _client(opts).stream("GET", url, headers=headers) as r:
+            if r.status_code == 416 and offset:
+                _unlink(part)
+                raise _Failure(
+                    f"HTTP 416 for Range bytes={offset}- (stale partial file discarded)",
+                    retryable=True,
+                    kind="http",
+                )
+            if r.status_code >= 400:
+                retry = r.status_code in (408, 425, 429) or r.status_code >= 500
+                raise _Failure(
+                    f"HTTP {r.status_code} {r.reason_phrase}".rstrip(), retryable=retry, kind="http"
+                )
+            if offset and r.status_code == 206:
+                m = re.match(r"bytes (\d+)-", r.headers.get("content-range", ""))
+                if not m or int(m.group(1)) != offset:
+                    _unlink(part)
+                    raise _Failure(
+                        f"bad Content-Range {r.headers.get('content-range')!r} for resume at "
+                        f"{offset}; partial file discarded",
+                        retryable=True,
+                    )
+                log.info("%s: resuming at byte %d", f.path, offset)
+                with open(part, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+                mode = "ab"
+            else:
+                if offset:
+                    log.info(
+                        "%s: server ignored Range (HTTP %d); restarting", f.path, r.status_code
+                    )
+                offset = 0
+                mode = "wb"
+            length = r.headers.get("content-length")
+            encoded = r.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+            expected = int(length) if (length and length.isdigit() and not encoded) else None
+            total = offset + expected if expected is not None else f.size
+            with open(part, mode) as out, _bar(total, offset, f.filename, opts) as bar:
+                try:
+                    for chunk in r.iter_bytes():
+                        out.write(chunk)
+                        h.update(chunk)
+                        written += len(chunk)
+                        bar.update(len(chunk))
+                finally:
+                    out.flush()
+                    os.fsync(out.fileno())
+            if expected is not None and written != expected:
+                raise _Failure(
+                    f"connection cut after {offset + written:,} of {offset + expected:,} bytes",
+                    retryable=True,
+                )
+    except httpx.TimeoutException as exc:
+        raise _Failure(
+            f"timeout after {opts.timeout:g} s ({type(exc).__name__}"
+            + (f", {offset + written:,} bytes received" if written else "")
+            + ")",
+            retryable=True,
+        ) from exc
+    except httpx.ConnectError as exc:
+        msg = str(exc) or type(exc).__name__
+        hint = (
+            " (SSL certificate problem: update certifi or set SSL_CERT_FILE)"
+            if "CERTIFICATE" in msg.upper()
+            else ""
+        )
+        raise _Failure(f"connection failed: {msg}{hint}", retryable=True) from exc
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        of = f" of {total:,}" if total is not None else ""
+        raise _Failure(
+            f"connection cut after {offset + written:,}{of} bytes ({exc or type(exc).__name__})",
+            retryable=True,
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise _Failure(f"{type(exc).__name__}: {exc}", retryable=False) from exc
+    return h.hexdigest()
+
+
+def _fetch_local(src: Path, part: Path, f: SourceFile, opts: _Options) -> str:
+    """Copy a mirror folder's file into ``part``; return the sha256."""
+    if not src.is_file():
+        raise _Failure(f"not found in the mirror folder (looked for {src})", kind="missing")
+    h = hashlib.sha256()
+    try:
+        with (
+            open(src, "rb") as fh,
+            open(part, "wb") as out,
+            _bar(src.stat().st_size, 0, f.filename, opts) as bar,
+        ):
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                out.write(chunk)
+                h.update(chunk)
+                bar.update(len(chunk))
+    except OSError as exc:
+        raise _Failure(f"could not read mirror file: {exc}") from exc
+    return h.hexdigest()
+
+
+def _verify_members(tmp: Path, f: SourceFile) -> list[Path]:
+    out = []
+    for m in f.members:
+        p = tmp.joinpath(*PurePosixPath(m.name).parts)
+        if not p.is_file():
+            raise _Failure(f"archive has no member {m.name!r}", kind="archive")
+        if m.sha256 is not None:
+            got = sha256_file(p)
+            if got != m.sha256:
+                raise _Failure(
+                    f"sha256 mismatch for archive member {m.name}: expected {m.sha256}, got {got}",
+                    kind="checksum",
+                )
+        out.append(p.relative_to(tmp))
+    return out
+
+
+def _present(f: SourceFile, dest: Path) -> FileResult | None:
+    """A FileResult when ``f`` is already present and verified in ``dest``, else None."""
+    final = dest / f.path
+    rec = _read_sidecar(final)
+    if f.is_archive:
+        assert f.extract_to is not None
+        folder = dest / f.extract_to
+        extracted = []
+        for m in f.members:
+            p = folder.joinpath(*PurePosixPath(m.name).parts)
+            if not p.is_file() or (m.sha256 is not None and sha256_file(p) != m.sha256):
+                return None
+            extracted.append(p)
+        if not folder.is_dir() or (not f.members and not any(folder.iterdir())):
+            return None
+        if final.is_file():
+            st = final.stat()
+            sha = rec.get("sha256") if rec and rec.get("bytes") == st.st_size else None
+            sha, size = (sha or sha256_file(final)), st.st_size
+        else:
+            sha, size = (rec or {}).get("sha256", ""), int((rec or {}).get("bytes", 0))
+    else:
+        if not final.is_file():
+            return None
+        st = final.stat()
+        if f.size is not None and st.st_size != f.size:
+            log.warning("%s: size %d, expected %d; fetching again", final, st.st_size, f.size)
+            return None
+        if f.sha256 is not None:
+            sha = sha256_file(final)
+            if sha != f.sha256:
+                log.warning("%s: sha256 %s does not match %s; fetching again", final, sha, f.sha256)
+                return None
+        elif (
+            rec is not None
+            and rec.get("bytes") == st.st_size
+            and rec.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(rec.get("sha256"), str)
+        ):
+            sha = rec["sha256"]  # no published hash: trust the hash recorded at download
+        else:
+            return None
+        size, extracted = st.st_size, []
+    fetched = _now()
+    if rec and isinstance(rec.get("fetched_at"), str):
+        with contextlib.suppress(ValueError):
+            fetched = datetime.fromisoformat(rec["fetched_at"])
+    return FileResult(
+        relpath=f.path,
+        path=final,
+        sha256=sha,
+        bytes=size,
+        url=(rec or {}).get("url"),
+        skipped=True,
+        fetched_at=fetched,
+        extracted=tuple(extracted),
+    )
+
+
+def _candidates(f: SourceFile, opts: _Options) -> list[tuple[str, str]]:
+    """(kind, location) pairs to try, in order: the mirror alone, or the real URLs."""
+    if opts.mirror is not None:
+        kind = "http" if opts.mirror.base_url is not None else "local"
+        return [(kind, opts.mirror.location(f.path))]
+    return [("http", u) for u in f.urls]
+
+
+def _try_location(
+    kind: str, loc: str, f: SourceFile, final: Path, part: Path, dest: Path, opts: _Options
+) -> tuple[str, int, tuple[Path, ...], int]:
+    """Fetch + verify from one location with bounded retries. Returns (sha, bytes,
+    extracted, attempts); raises _Failure (with .attempts set) when it gives up."""
+    attempts = 0
+    fresh_retry_done = False
+    while True:
+        attempts += 1
+        resumed = kind == "http" and part.exists() and part.stat().st_size > 0
+        try:
+            if kind == "http":
+                sha = _fetch_http(loc, part, f, opts)
+            else:
+                _unlink(part)
+                sha = _fetch_local(Path(loc), part, f, opts)
+            size = part.stat().st_size
+            if f.size is not None and size != f.size:
+                raise _Failure(
+                    f"size mismatch: expected {f.size:,} bytes, got {size:,}", kind="checksum"
+                )
+            if f.sha256 is not None and sha != f.sha256:
+                raise _Failure(f"sha256 mismatch: expected {f.sha256}, got {sha}", kind="checksum")
+            extracted: tuple[Path, ...] = ()
+            if f.is_archive:
+                assert f.extract_to is not None
+                target = dest / f.extract_to
+                try:
+                    tmp = _extract_to_temp(part, target.parent, target.name, 4 << 30)
+                except UnsafeArchiveError as exc:
+                    raise _Failure(str(exc), kind="unsafe") from exc
+                except DataError as exc:
+                    raise _Failure(str(exc), kind="archive") from exc
+                try:
+                    rel = _verify_members(tmp, f)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                _install_dir(tmp, target)
+                extracted = tuple(target / r for r in rel)
+            return sha, size, extracted, attempts
+        except _Failure as fail:
+            fail.attempts = attempts
+            if fail.kind in ("checksum", "archive", "unsafe"):
+                _unlink(part)  # never keep bytes that failed verification
+                if resumed and not fresh_retry_done:
+                    # The bad bytes may come from mixing a stale partial file: retry once fresh.
+                    log.warning("%s: %s after a resume; retrying from scratch", loc, fail.detail)
+                    fresh_retry_done = True
+                    continue
+                raise
+            if not fail.retryable or attempts >= opts.retries:
+                raise
+            delay = min(opts.backoff * (2 ** (attempts - 1)), _MAX_BACKOFF_S)
+            log.warning(
+                "%s: %s; retry %d/%d in %.1f s", loc, fail.detail, attempts, opts.retries - 1, delay
+            )
+            time.sleep(delay)
+
+
+def _advice(source: str, f: SourceFile, tried: list[_Tried], opts: _Options, part: Path) -> str:
+    lines = [f"could not fetch {f.path!r} of source {source!r}; every location failed:"]
+    for t in tried:
+        extra = f" (after {t.attempts} attempts)" if t.attempts > 1 else ""
+        lines.append(f"  - {t.url}: {t.detail}{extra}")
+    if part.exists():
+        lines.append(
+            f"A partial download is kept at {part} and resumed next time "
+            "(it is never used before it is verified)."
+        )
+    else:
+        lines.append("No file was kept.")
+    if any(t.kind == "checksum" for t in tried):
+        lines.append(
+            "The bytes received differ from the expected ones: the upstream file may have "
+            "changed, or a proxy altered the transfer."
+        )
+    if opts.mirror is not None:
+        where = opts.mirror.location(f.path)
+        lines.append(
+            f"Mirror-only mode (mirror {opts.mirror.raw!r} from --mirror/{MIRROR_ENV}): the "
+            f"real URLs were not tried. What to do: put the file at {where} (same name as the "
+            f"remote URL's last path segment), or drop --mirror / unset {MIRROR_ENV} to "
+            f"download from {', '.join(f.urls) or 'the remote URLs'}."
+        )
+    else:
+        lines.append(
+            "What to do: check the internet connection / proxy and retry later (these hosts "
+            f"are sometimes down), or fetch the file elsewhere and set {MIRROR_ENV} (or "
+            f"--mirror) to a folder or http(s) base URL holding {f.path!r} (datasets at the "
+            "top, gpt2/encoder.json, gpt2/vocab.bpe, gpt2/<size>/<file>)."
+        )
+    return "\n".join(lines)
+
+
+def _ensure_file(source: str, f: SourceFile, dest: Path, opts: _Options) -> FileResult:
+    found = _present(f, dest)
+    if found is not None:
+        log.info("%s: present and verified, skipping", found.path)
+        return found
+    final = dest / f.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(final.name + ".part")
+    tried: list[_Tried] = []
+    candidates = _candidates(f, opts)
+    for idx, (kind, loc) in enumerate(candidates):
+        log.info("fetching %s from %s", f.path, loc)
+        try:
+            sha, size, extracted, _ = _try_location(kind, loc, f, final, part, dest, opts)
+        except _Failure as fail:
+            tried.append(_Tried(loc, fail.detail, fail.kind, fail.attempts))
+            log.warning("%s: %s", loc, fail.detail)
+            if fail.kind not in ("network", "http"):
+                _unlink(part)
+            elif idx < len(candidates) - 1:
+                _unlink(part)  # the next URL may serve other bytes: do not resume across hosts
+            continue
+        os.replace(part, final)
+        st = final.stat()
+        fetched = _now()
+        _write_json_atomic(
+            _sidecar(final),
+            {
+                "source": source,
+                "path": f.path,
+                "url": loc,
+                "sha256": sha,
+                "bytes": size,
+                "mtime_ns": st.st_mtime_ns,
+                "fetched_at": fetched.isoformat(),
+            },
+        )
+        return FileResult(f.path, final, sha, size, loc, False, fetched, extracted)
+    msg = _advice(source, f, tried, opts, part)
+    if any(t.kind == "unsafe" for t in tried):
+        raise UnsafeArchiveError(msg)
+    if tried and all(t.kind == "checksum" for t in tried):
+        raise ChecksumError(msg)
+    raise DownloadError(msg)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def download_source(
+    name: str | Source,
+    dest: str | Path | None = None,
+    *,
+    mirror: str | Path | None = None,
+    progress: bool = True,
+    sources: Mapping[str, Source] | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+) -> DownloadResult:
+    """Fetch (or skip, when present and verified) every file of one source.
+
+    ``name`` is a registry name or a :class:`Source` (e.g. one with test URLs);
+    ``sources`` overrides the registry used to look names up. ``retries`` is the number
+    of attempts per URL, with exponential backoff starting at ``backoff`` seconds.
+    """
+    return download_sources(
+        [name],
+        dest,
+        mirror=mirror,
+        progress=progress,
+        sources=sources,
+        retries=retries,
+        backoff=backoff,
+        timeout=timeout,
+    )[0]
+
+
+def download_sources(
+    names: Sequence[str | Source] | Iterable[str | Source],
+    dest: str | Path | None = None,
+    *,
+    mirror: str | Path | None = None,
+    progress: bool = True,
+    sources: Mapping[str, Source] | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 30.0,
+) -> list[DownloadResult]:
+    """Fetch several sources into ``dest`` (default :func:`gpt.paths.datasets_dir`).
+
+    With a mirror (``mirror=`` or ``GPTFLOW_MIRROR``) only the mirror is used. Raises
+    DownloadError / ChecksumError / UnsafeArchiveError naming the source, every location
+    tried and what failed there, and what to do.
+    """
+    if retries < 1:
+        raise ConfigError(f"retries must be >= 1, got {retries}")
+    registry = SOURCES if sources is None else sources
+    resolved: list[Source] = []
+    for n in names:
+        if isinstance(n, Source):
+            resolved.append(n)
+        elif n in registry:
+            resolved.append(registry[n])
+        else:
+            raise ConfigError(f"unknown source {n!r}; known sources: {', '.join(registry)}")
+    out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = _Options(
+        retries=retries,
+        backoff=backoff,
+        timeout=timeout,
+        progress=progress,
+        mirror=_resolve_mirror(mirror),
+    )
+    results: list[DownloadResult] = []
+    try:
+        for src in resolved:
+            files = tuple(_ensure_file(src.name, f, out_dir, opts) for f in src.files)
+            results.append(DownloadResult(src.name, files))
+    finally:
+        if opts.client is not None:
+            opts.client.close()
+    return results
