@@ -1,0 +1,489 @@
+"""Checkpoints as folders, written atomically and verified on load.
+
+Layout of a checkpoint folder::
+
+    manifest.json              sha256 + size of every other file (checked on load)
+    config.json                GPTConfig fields + "kind" ("lm" | "classifier") (+ num_classes, labels)
+    model.safetensors          weights (a tied output head is stored once, as tok_emb.weight)
+    hparams.json               training hyperparameters ({} when none)
+    meta.json                  free-form provenance ({} when none)
+    optimizer.pt               optimizer state_dict (optional; read with weights_only=True)
+    trainer_state.json         step/epoch/tokens_seen... (optional); tensor values (e.g. RNG
+    trainer_tensors.safetensors  states) live in this file and are put back on load
+    tokenizer/encoder.json, tokenizer/vocab.bpe   (optional)
+
+Nothing is ever unpickled except through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpt.errors import CheckpointError, ConfigError
+from gpt.model import GPT, GPTConfig
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LoadedCheckpoint",
+    "load_checkpoint",
+    "read_checkpoint_config",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "gptflow-checkpoint/1"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+HPARAMS = "hparams.json"
+META = "meta.json"
+OPTIMIZER = "optimizer.pt"
+TRAINER_STATE = "trainer_state.json"
+TRAINER_TENSORS = "trainer_tensors.safetensors"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
+_TENSOR_REF = "__tensor__"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    model: GPT
+    """The model, in eval mode, on ``map_location``."""
+    config: GPTConfig
+    """Its architecture."""
+    hparams: dict[str, Any]
+    """Training hyperparameters saved with it ({} when none)."""
+    optimizer_state: dict[str, Any] | None
+    """Optimizer state_dict (only with ``with_optimizer=True`` and when saved)."""
+    trainer_state: dict[str, Any] | None
+    """Trainer bookkeeping (step, epoch, tokens seen, RNG states ...) or None."""
+    kind: str
+    """``"lm"`` or ``"classifier"``."""
+    tokenizer_dir: Path | None
+    """Folder with encoder.json + vocab.bpe inside the checkpoint, if saved."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance."""
+    num_classes: int | None = None
+    """Classifier output count (None for a language model)."""
+    labels: list[str] | None = None
+    """Classifier label names in output order, if saved."""
+    path: Path | None = None
+    """The checkpoint folder."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True)
+    except TypeError as exc:
+        raise CheckpointError(
+            f"cannot store {path.name}: value is not JSON-serializable ({exc})"
+        ) from exc
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def _unwrap(model: nn.Module) -> GPT:
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if not isinstance(inner, GPT):
+        raise CheckpointError(f"save_checkpoint needs a gpt.model.GPT, got {type(model).__name__}")
+    return inner
+
+
+def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """Replace tensors inside nested dicts/lists by references; collect them in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {_TENSOR_REF: prefix}
+    if isinstance(obj, dict):
+        return {str(k): _split_tensors(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_split_tensors(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR_REF}:
+            key = obj[_TENSOR_REF]
+            if key not in tensors:
+                raise CheckpointError(
+                    f"{TRAINER_TENSORS} lacks tensor {key!r} named in {TRAINER_STATE}"
+                )
+            return tensors[key]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def _model_kind(model: GPT) -> tuple[str, int | None]:
+    head = model.out_head
+    if not isinstance(head, nn.Linear):
+        raise CheckpointError(f"out_head must be an nn.Linear, got {type(head).__name__}")
+    if head.out_features == model.cfg.vocab_size and head.bias is None:
+        return "lm", None
+    return "classifier", head.out_features
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    dir: str | Path,
+    model: nn.Module,
+    *,
+    hparams: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
+    tokenizer_dir: str | Path | None = None,
+    extra_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
+) -> Path:
+    """Write ``model`` (and optional training state) as a checkpoint folder at ``dir``.
+
+    The folder is built in a hidden sibling temp folder and renamed into place; an
+    existing checkpoint at ``dir`` stays intact until the new one is complete.
+    ``extra_state`` becomes trainer_state.json (tensors inside it are stored in
+    safetensors). ``labels`` (or ``meta["labels"]``) names classifier outputs.
+    Returns the checkpoint path.
+    """
+    target = Path(dir).expanduser().resolve()
+    gpt = _unwrap(model)
+    kind, num_classes = _model_kind(gpt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        files: list[Path] = []
+
+        # weights
+        from safetensors.torch import save_file
+
+        tied = gpt.is_tied
+        state = {
+            k: v.detach().cpu().contiguous()
+            for k, v in gpt.state_dict().items()
+            if not (tied and k == "out_head.weight")
+        }
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": str(tied).lower()})
+        files.append(tmp / WEIGHTS)
+
+        config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
+        if kind == "classifier":
+            config["num_classes"] = num_classes
+            lab = labels if labels is not None else (meta or {}).get("labels")
+            if lab is not None:
+                lab = [str(x) for x in lab]
+                if len(lab) != num_classes:
+                    raise CheckpointError(
+                        f"labels {lab} do not match the classifier's {num_classes} outputs"
+                    )
+                config["labels"] = lab
+        _write_json(tmp / CONFIG, config)
+        _write_json(tmp / HPARAMS, hparams or {})
+        _write_json(tmp / META, meta or {})
+        files += [tmp / CONFIG, tmp / HPARAMS, tmp / META]
+
+        if optimizer is not None:
+            opt_state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+            torch.save(opt_state, tmp / OPTIMIZER)
+            files.append(tmp / OPTIMIZER)
+
+        if extra_state is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            plain = _split_tensors(dict(extra_state), tensors, "state")
+            _write_json(tmp / TRAINER_STATE, plain)
+            files.append(tmp / TRAINER_STATE)
+            if tensors:
+                save_file(tensors, str(tmp / TRAINER_TENSORS))
+                files.append(tmp / TRAINER_TENSORS)
+
+        if tokenizer_dir is not None:
+            src = Path(tokenizer_dir)
+            (tmp / TOKENIZER_DIR).mkdir()
+            for name in TOKENIZER_FILES:
+                if not (src / name).is_file():
+                    raise CheckpointError(f"tokenizer file {src / name} not found")
+                shutil.copyfile(src / name, tmp / TOKENIZER_DIR / name)
+                files.append(tmp / TOKENIZER_DIR / name)
+
+        manifest = {
+            "format": CHECKPOINT_FORMAT,
+            "files": {
+                f.relative_to(tmp).as_posix(): {"sha256": _sha256(f), "size": f.stat().st_size}
+                for f in files
+            },
+        }
+        _write_json(tmp / MANIFEST, manifest)
+        for f in [*files, tmp / MANIFEST]:
+            _fsync_file(f)
+        _fsync_dir(tmp)
+
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s checkpoint to %s", kind, target)
+    return target
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _require_dir(path: Path) -> None:
+    if path.is_dir():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+    hint = f" (an interrupted save left the previous version at {olds[-1]})" if olds else ""
+    raise CheckpointError(f"checkpoint folder {path} does not exist{hint}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint file {path} is missing") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is not valid JSON ({exc})") from exc
+
+
+def verify_checkpoint(dir: str | Path) -> dict[str, Any]:
+    """Check every file listed in manifest.json (presence, size, sha256); returns the
+    manifest. Raises :class:`CheckpointError` naming the first bad file."""
+    path = Path(dir).expanduser()
+    _require_dir(path)
+    manifest = _read_json(path / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path / MANIFEST} is not a {CHECKPOINT_FORMAT} manifest; re-save the checkpoint"
+        )
+    entries = manifest.get("files")
+    if not isinstance(entries, dict) or WEIGHTS not in entries or CONFIG not in entries:
+        raise CheckpointError(f"{path / MANIFEST} does not list {WEIGHTS} and {CONFIG}")
+    for rel, info in entries.items():
+        f = path / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise CheckpointError(f"{path / MANIFEST} names a file outside the folder: {rel!r}")
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+        size = f.stat().st_size
+        if size != info.get("size"):
+            raise CheckpointError(
+                f"checkpoint file {f} is corrupt or truncated: {size} bytes, "
+                f"manifest says {info.get('size')}"
+            )
+        if _sha256(f) != info.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint file {f} is corrupt: sha256 does not match {MANIFEST}"
+            )
+    return manifest
+
+
+def read_checkpoint_config(dir: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint (cheap: no weights are read, nothing verified)."""
+    path = Path(dir).expanduser()
+    _require_dir(path)
+    cfg = _read_json(path / CONFIG)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path / CONFIG} must hold a JSON object")
+    return cfg
+
+
+def _check_safetensors_header(f: Path) -> None:
+    """Refuse anything that is not a safetensors file (pickles, zips, garbage) before
+    handing it to the safetensors parser."""
+    size = f.stat().st_size
+    with f.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{f} is truncated: not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            kind = (
+                "a pickle"
+                if head[:1] == b"\x80"
+                else "a zip (torch.save)"
+                if head[:2] == b"PK"
+                else "not safetensors"
+            )
+            raise CheckpointError(
+                f"{f} is not a valid safetensors file (looks like {kind}); refusing to load it"
+            )
+        header = fh.read(n)
+    try:
+        meta = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{f} has a corrupt safetensors header ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{f} has a corrupt safetensors header")
+
+
+def _load_safetensors(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    _check_safetensors_header(f)
+    try:
+        return load_file(str(f), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {f}: {exc}") from exc
+
+
+def load_checkpoint(
+    dir: str | Path,
+    *,
+    map_location: str | torch.device = "cpu",
+    with_optimizer: bool = False,
+    verify: bool = True,
+) -> LoadedCheckpoint:
+    """Load a checkpoint folder written by :func:`save_checkpoint`.
+
+    Every file is checked against manifest.json first (``verify``); weights come from
+    safetensors, the optimizer state through ``torch.load(weights_only=True)``. Any
+    missing, corrupt or unsafe file raises :class:`CheckpointError` naming it.
+    """
+    path = Path(dir).expanduser()
+    _require_dir(path)
+    if verify:
+        verify_checkpoint(path)
+    raw = read_checkpoint_config(path)
+    kind = raw.pop("kind", "lm")
+    raw.pop("tied_head", None)
+    num_classes = raw.pop("num_classes", None)
+    labels = raw.pop("labels", None)
+    try:
+        cfg = GPTConfig.from_dict(raw)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path / CONFIG}: {exc}") from exc
+    if kind not in ("lm", "classifier"):
+        raise CheckpointError(f"{path / CONFIG}: unknown kind {kind!r} (expected lm|classifier)")
+    if kind == "classifier" and not (isinstance(num_classes, int) and num_classes > 0):
+        raise CheckpointError(f"{path / CONFIG}: classifier checkpoint needs num_classes")
+
+    state = _load_safetensors(path / WEIGHTS, map_location)
+    with torch.device("meta"):
+        model = GPT(cfg)
+        if kind == "classifier":
+            model.replace_head(int(num_classes))
+    tied = model.is_tied
+    expected = set(model.state_dict())
+    if tied:
+        expected.discard("out_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path / WEIGHTS} does not fit the model in {CONFIG}: "
+            f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+        )
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path / WEIGHTS} does not fit the model in {CONFIG}: {exc}"
+        ) from exc
+    if tied:
+        model.out_head.weight = model.tok_emb.weight
+    model.eval()
+
+    hparams = _read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
+    meta = _read_json(path / META) if (path / META).exists() else {}
+
+    trainer_state = None
+    if (path / TRAINER_STATE).exists():
+        tensors = (
+            _load_safetensors(path / TRAINER_TENSORS, "cpu")
+            if (path / TRAINER_TENSORS).exists()
+            else {}
+        )
+        trainer_state = _join_tensors(_read_json(path / TRAINER_STATE), tensors)
+
+    optimizer_state = None
+    if with_optimizer and (path / OPTIMIZER).exists():
+        optimizer_state = _load_optimizer(path / OPTIMIZER, map_location)
+
+    tok = path / TOKENIZER_DIR
+    tokenizer_dir = tok if all((tok / n).is_file() for n in TOKENIZER_FILES) else None
+    return LoadedCheckpoint(
+        model=model,
+        config=cfg,
+        hparams=hparams,
+        optimizer_state=optimizer_state,
+        trainer_state=trainer_state,
+        kind=kind,
+        tokenizer_dir=tokenizer_dir,
+        meta=meta,
+        num_classes=num_classes,
+        labels=labels,
+        path=path,
+    )
+
+
+def _load_optimizer(f: Path, map_location: str | torch.device) -> dict[str, Any]:
+    import pickle
+
+    try:
+        state = torch.load(f, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"refusing to load {f}: not a plain optimizer state_dict "
+            f"(weights_only load failed: {str(exc).splitlines()[0] if str(exc) else exc!r})"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f} does not hold an optimizer state_dict")
+    return state

@@ -1,0 +1,107 @@
+"""GPT-2 byte-pair encoding via tiktoken, built offline from ``encoder.json`` + ``vocab.bpe``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from gpt.errors import DataError
+
+__all__ = ["EOT_TOKEN", "GPT2_PAT_STR", "Tokenizer"]
+
+EOT_TOKEN = "<|endoftext|>"
+#: GPT-2's pre-tokenization regex (identical to tiktoken's ``r50k_pat_str``).
+GPT2_PAT_STR = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+ENCODER_FILE = "encoder.json"
+MERGES_FILE = "vocab.bpe"
+
+
+class Tokenizer:
+    """GPT-2 tokenizer (50,257 ids, ``<|endoftext|>`` = 50256)."""
+
+    def __init__(self, encoding: object, files: tuple[Path, Path] | None = None) -> None:
+        self._enc = encoding
+        self.files = files
+        """``(encoder.json, vocab.bpe)`` this tokenizer was built from (None for tiktoken's)."""
+        self.eot_id: int = encoding.eot_token  # type: ignore[attr-defined]
+        self.vocab_size: int = encoding.n_vocab  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Build the GPT-2 encoding from ``path/encoder.json`` and ``path/vocab.bpe``
+        (no network)."""
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+        folder = Path(path)
+        enc_file, bpe_file = folder / ENCODER_FILE, folder / MERGES_FILE
+        for f in (enc_file, bpe_file):
+            if not f.is_file():
+                raise DataError(
+                    f"tokenizer file {f} not found: a GPT-2 tokenizer folder needs "
+                    f"{ENCODER_FILE} and {MERGES_FILE} (run `gptflow download`)"
+                )
+        # Passing each file's own sha256 makes tiktoken's path-keyed cache re-read the
+        # file whenever its contents changed.
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(
+                vocab_bpe_file=str(bpe_file),
+                encoder_json_file=str(enc_file),
+                vocab_bpe_hash=_sha256(bpe_file),
+                encoder_json_hash=_sha256(enc_file),
+            )
+        except (AssertionError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            raise DataError(
+                f"{enc_file} and {bpe_file} are not a consistent GPT-2 BPE pair ({exc!r}); "
+                "re-download them"
+            ) from exc
+        n_vocab = len(ranks) + 1
+        encoding = tiktoken.Encoding(
+            name=f"gpt2-local-{folder.name}",
+            pat_str=GPT2_PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens={EOT_TOKEN: len(ranks)},
+            explicit_n_vocab=n_vocab,
+        )
+        return cls(encoding, (enc_file, bpe_file))
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        """tiktoken's registered ``gpt2`` encoding (downloads the files on first use)."""
+        import tiktoken
+
+        return cls(tiktoken.get_encoding("gpt2"))
+
+    def encode(self, text: str, allow_eot: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``allow_eot`` the literal ``<|endoftext|>`` maps to
+        50256, else it is encoded as plain text."""
+        if allow_eot:
+            return self._enc.encode(text, allowed_special={EOT_TOKEN})  # type: ignore[attr-defined]
+        return self._enc.encode(text, disallowed_special=())  # type: ignore[attr-defined]
+
+    def encode_batch(self, texts: Iterable[str], allow_eot: bool = True) -> list[list[int]]:
+        """:meth:`encode` for many texts (tiktoken threads)."""
+        if allow_eot:
+            return self._enc.encode_batch(list(texts), allowed_special={EOT_TOKEN})  # type: ignore[attr-defined]
+        return self._enc.encode_ordinary_batch(list(texts))  # type: ignore[attr-defined]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids`` (invalid UTF-8 byte sequences become U+FFFD)."""
+        return self._enc.decode(list(ids))  # type: ignore[attr-defined]
+
+    @property
+    def encoding(self) -> object:
+        """The underlying ``tiktoken.Encoding``."""
+        return self._enc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
