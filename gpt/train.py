@@ -1,0 +1,567 @@
+"""The language-model training loop: AdamW, optional warmup + cosine schedule and
+gradient clipping, periodic evaluation reported through a metrics callback, periodic
+checkpoints and exact resume.
+
+Exact resume: a checkpoint in ``out_dir/"last"`` holds the model, the optimizer state and
+a trainer state with the step, epoch, position within the epoch, tokens seen, the
+metrics/sample history, and the RNG states (torch's global generator, which drives
+dropout, and the loaders' generators) both as they were when the current epoch started
+and at the checkpoint. A resumed run re-creates the epoch's batch order from the
+epoch-start states, skips the batches already done and then puts the checkpoint-time
+states back, so on CPU it continues bit for bit like an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from gpt.errors import CheckpointError, ConfigError, DataError
+
+__all__ = [
+    "LMTrainArgs",
+    "TrainResult",
+    "evaluate_lm",
+    "lm_loss",
+    "lr_at",
+    "make_optimizer",
+    "perplexity",
+    "train_lm",
+    "train_step",
+]
+
+log = logging.getLogger(__name__)
+
+LAST = "last"
+_STATE_VERSION = 1
+
+
+@dataclass
+class LMTrainArgs:
+    """Hyperparameters of :func:`train_lm` (defaults: the reference pretraining recipe)."""
+
+    epochs: int = 10
+    """Passes over the training loader."""
+    lr: float = 4e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (applied to every parameter, as in the reference)."""
+    batch_size: int = 2
+    """Batch size the loaders are built with (recorded in hparams; the loop itself takes
+    whatever batches the loaders yield)."""
+    eval_every: int = 5
+    """Evaluate (and emit metrics) after optimizer steps 1, 1 + eval_every, 1 + 2·eval_every,
+    … (the reference's ``global_step % eval_freq == 0`` with a 0-based step) and after the
+    last step."""
+    eval_batches: int = 5
+    """Batches of each loader averaged for the train/val loss at an evaluation."""
+    warmup_steps: int = 0
+    """Linear warmup from ``warmup_start_lr`` to ``lr`` over this many steps (0 = none)."""
+    warmup_start_lr: float = 3e-5
+    """Learning rate of the first warmup step (capped at ``lr``)."""
+    cosine: bool = False
+    """Cosine-decay the learning rate from ``lr`` to ``min_lr`` after the warmup, over the
+    rest of ``epochs × len(train_loader)`` steps (``max_steps`` does not shorten it)."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine decay."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value (None = off)."""
+    checkpoint_every: int = 0
+    """Also checkpoint to ``out_dir/last`` every this many steps (0 = only at the end of
+    each epoch and of training)."""
+    seed: int = 123
+    """Seed of torch's global RNG (dropout) at the start of a fresh run."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps in total (None = run all epochs)."""
+    fused: bool | None = None
+    """Fused AdamW kernel: None = use it when this torch supports it for the parameters'
+    device, True = require it, False = plain implementation."""
+    sample_prompt: str | None = "Every effort moves you"
+    """Prompt for the greedy sample after each epoch (None = no samples)."""
+    sample_tokens: int = 50
+    """New tokens of each sample."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "lr": self.lr >= 0,
+            "weight_decay": self.weight_decay >= 0,
+            "batch_size": self.batch_size >= 1,
+            "eval_every": self.eval_every >= 1,
+            "eval_batches": self.eval_batches >= 1,
+            "warmup_steps": self.warmup_steps >= 0,
+            "warmup_start_lr": self.warmup_start_lr >= 0,
+            "min_lr": 0 <= self.min_lr <= self.lr,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "sample_tokens": self.sample_tokens >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(
+                "invalid training argument(s): "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_lm` returns."""
+
+    steps: int
+    """Optimizer steps done in total (including those before a resume)."""
+    epochs_completed: int
+    """Whole epochs finished."""
+    tokens_seen: int
+    """Training input tokens processed."""
+    train_seconds: float
+    """Wall seconds spent in training steps (evaluation and checkpoints excluded), summed
+    over resumed runs."""
+    tokens_per_s: float
+    """``tokens_seen / train_seconds``."""
+    final_train_loss: float
+    """Train loss at the last evaluation (NaN when none)."""
+    final_val_loss: float
+    """Validation loss at the last evaluation (NaN when none)."""
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    """Every metrics row of the run, including those emitted before a resume."""
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """Every per-epoch sample ``{epoch, step, prompt, text}``."""
+    finished: bool = False
+    """True when all epochs (or ``max_steps``) are done."""
+    resumed_from_step: int | None = None
+    """Step of the checkpoint this run continued from (None for a fresh run)."""
+    last_checkpoint: Path | None = None
+    """``out_dir/last`` when checkpoints were written."""
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over all positions (targets ``-100`` ignored)."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> float:
+    """Average of per-batch mean losses over the first ``max_batches`` batches (all when
+    None), in eval mode; NaN for an empty loader. The training flag is restored."""
+    n = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if n == 0:
+        return float("nan")
+    limit = n if max_batches is None else (max_batches if n is None else min(max_batches, n))
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        total, count = 0.0, 0
+        for i, (x, y) in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            total += lm_loss(model, x.to(device), y.to(device)).item()
+            count += 1
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> float:
+    """exp of the token-weighted mean next-token loss over the loader (NaN when empty)."""
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        nll, tokens = 0.0, 0
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            nll += F.cross_entropy(
+                logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+            ).item()
+            tokens += int((y != -100).sum())
+    finally:
+        model.train(was_training)
+    return math.exp(nll / tokens) if tokens else float("nan")
+
+
+def lr_at(step: int, args: LMTrainArgs, total_steps: int) -> float:
+    """Learning rate of the 0-based optimizer step ``step``.
+
+    Warmup (steps ``< warmup_steps``): ``start + step · (lr - start) / warmup_steps`` with
+    ``start = min(warmup_start_lr, lr)``. Then, with ``cosine``,
+    ``min_lr + (lr - min_lr) · ½ · (1 + cos(π · p))`` where
+    ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` clamped to [0, 1];
+    otherwise ``lr``.
+    """
+    if args.warmup_steps > 0 and step < args.warmup_steps:
+        start = min(args.warmup_start_lr, args.lr)
+        return start + step * (args.lr - start) / args.warmup_steps
+    if not args.cosine:
+        return args.lr
+    span = max(total_steps - args.warmup_steps, 1)
+    p = min(max((step - args.warmup_steps) / span, 0.0), 1.0)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def make_optimizer(model: nn.Module, args: LMTrainArgs) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (fused kernel per ``args.fused``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    if args.fused is False:
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    try:
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        if args.fused:
+            raise ConfigError(f"fused AdamW requested but unavailable here: {exc}") from exc
+        log.info("fused AdamW unavailable (%s); using the default implementation", exc)
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lr: float | None = None,
+    grad_clip: float | None = None,
+) -> tuple[float, float | None]:
+    """One optimizer step; returns ``(loss, grad_norm)`` where ``grad_norm`` is the global
+    gradient norm before clipping (None when not clipping). Gradients are left in
+    ``.grad`` (clipped) until the next step zeroes them."""
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss = lm_loss(model, inputs, targets)
+    loss.backward()
+    norm = None
+    if grad_clip is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    optimizer.step()
+    return float(loss.detach()), norm
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def _loader_generators(loader: Any) -> tuple[torch.Generator | None, torch.Generator | None]:
+    """The loader's own generator and, if different, its sampler's."""
+    gen = getattr(loader, "generator", None)
+    sampler = getattr(loader, "sampler", None)
+    sgen = getattr(sampler, "generator", None)
+    return gen, (sgen if sgen is not gen else None)
+
+
+def _capture_rng(train_loader: Any, val_loader: Any) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    for name, loader in (("train", train_loader), ("val", val_loader)):
+        gen, sgen = _loader_generators(loader)
+        if gen is not None:
+            state[f"{name}_loader"] = gen.get_state()
+        if sgen is not None:
+            state[f"{name}_sampler"] = sgen.get_state()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], train_loader: Any, val_loader: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, loader in (("train", train_loader), ("val", val_loader)):
+        gen, sgen = _loader_generators(loader)
+        for key, g in ((f"{name}_loader", gen), (f"{name}_sampler", sgen)):
+            if key in state:
+                if g is None:
+                    raise CheckpointError(
+                        f"the checkpoint holds the {key} RNG state but the {name} loader "
+                        "has no generator; build it with gpt.data.make_loader"
+                    )
+                g.set_state(state[key])
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+
+
+def _load_resume(
+    last: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+) -> tuple[_Progress, dict[str, Any], dict[str, Any] | None]:
+    from gpt.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(last, map_location=_device_of(model), with_optimizer=True)
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and ck.config != cfg:
+        raise CheckpointError(
+            f"{last} holds a model with config {ck.config.to_dict()}, not the model being "
+            f"trained ({cfg.to_dict()}); delete {last} or pass resume=False"
+        )
+    ts = ck.trainer_state
+    if not ts or ts.get("version") != _STATE_VERSION or ck.optimizer_state is None:
+        raise CheckpointError(
+            f"{last} has no usable trainer_state.json/optimizer.pt to resume from; "
+            "delete it or pass resume=False"
+        )
+    if ts["steps_per_epoch"] != steps_per_epoch:
+        raise CheckpointError(
+            f"{last} was written with {ts['steps_per_epoch']} steps per epoch but the "
+            f"training loader now has {steps_per_epoch} batches (data or batch size changed); "
+            "delete it or pass resume=False"
+        )
+    model.load_state_dict(ck.model.state_dict())
+    optimizer.load_state_dict(ck.optimizer_state)
+    prog = _Progress(
+        step=int(ts["step"]),
+        epoch=int(ts["epoch"]),
+        position=int(ts["position"]),
+        tokens_seen=int(ts["tokens_seen"]),
+        train_seconds=float(ts["train_seconds"]),
+        metrics=list(ts.get("metrics", [])),
+        samples=list(ts.get("samples", [])),
+        finished=bool(ts.get("finished", False)),
+    )
+    return prog, ts["rng"], ts.get("epoch_rng")
+
+
+def train_lm(
+    model: nn.Module,
+    train_loader: DataLoader[Any],
+    val_loader: DataLoader[Any] | None,
+    args: LMTrainArgs,
+    *,
+    out_dir: Path | None = None,
+    on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_sample: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = True,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` (a GPT, on the device it is on) as a next-token language model.
+
+    At each evaluation step four rows ``{step, epoch, seen, split, name, value}`` go to
+    ``on_metrics`` (as one list): train ``loss``, val ``loss``, train ``lr`` and train
+    ``tokens_per_s`` (training tokens per second since the previous evaluation).
+    ``step`` counts optimizer steps from 1, ``epoch`` is 1-based, ``seen`` is the number of
+    training tokens processed. After each epoch, when ``tokenizer`` and
+    ``args.sample_prompt`` are set, a greedy sample ``{epoch, step, prompt, text}`` goes to
+    ``on_sample``.
+
+    With ``out_dir``, checkpoints (model, optimizer, trainer state) go to
+    ``out_dir/"last"`` at the end of each epoch, every ``args.checkpoint_every`` steps and
+    at the end; with ``resume`` an existing ``out_dir/"last"`` is continued from exactly:
+    rows and samples of steps up to that checkpoint are not emitted again (rows emitted
+    after it by the interrupted run are, so persist them keyed by step). Exact resume
+    needs loaders from :func:`gpt.data.make_loader` (or any loader whose shuffling uses
+    torch's global RNG); the data must be the same.
+    """
+    if len(train_loader) == 0:
+        raise DataError(
+            "the training loader yields no batches (too few tokens for one window/batch); "
+            "use more text, a shorter max_length or a smaller batch_size"
+        )
+    steps_per_epoch = len(train_loader)
+    total_steps = args.epochs * steps_per_epoch
+    stop_at = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    device = _device_of(model)
+    optimizer = make_optimizer(model, args)
+    last = Path(out_dir) / LAST if out_dir is not None else None
+
+    prog = _Progress()
+    resumed_from: int | None = None
+    saved_rng: dict[str, Any] | None = None
+    epoch_rng: dict[str, Any] | None = None
+    if resume and last is not None and last.exists():
+        prog, saved_rng, epoch_rng = _load_resume(last, model, optimizer, steps_per_epoch)
+        resumed_from = prog.step
+        _restore_rng(saved_rng, train_loader, val_loader)
+        log.info("resuming from %s at step %d (epoch %d)", last, prog.step, prog.epoch + 1)
+    else:
+        torch.manual_seed(args.seed)
+
+    hparams = {**args.to_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+
+    def save(epoch_start: dict[str, Any] | None) -> None:
+        if last is None:
+            return
+        from gpt.checkpoint import save_checkpoint
+
+        state = {
+            "version": _STATE_VERSION,
+            "step": prog.step,
+            "epoch": prog.epoch,
+            "position": prog.position,
+            "tokens_seen": prog.tokens_seen,
+            "train_seconds": prog.train_seconds,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "finished": prog.finished,
+            "metrics": prog.metrics,
+            "samples": prog.samples,
+            "rng": _capture_rng(train_loader, val_loader),
+            "epoch_rng": epoch_start if prog.position > 0 else None,
+        }
+        save_checkpoint(last, model, hparams=hparams, optimizer=optimizer, extra_state=state)
+
+    def evaluate() -> list[dict[str, Any]]:
+        train_loss = evaluate_lm(model, train_loader, args.eval_batches)
+        val_loss = (
+            evaluate_lm(model, val_loader, args.eval_batches)
+            if val_loader is not None
+            else float("nan")
+        )
+        base = {"step": prog.step, "epoch": prog.epoch + 1, "seen": prog.tokens_seen}
+        tps = interval_tokens / interval_seconds if interval_seconds > 0 else float("nan")
+        rows = [
+            {**base, "split": "train", "name": "loss", "value": train_loss},
+            {**base, "split": "val", "name": "loss", "value": val_loss},
+            {**base, "split": "train", "name": "lr", "value": current_lr},
+            {**base, "split": "train", "name": "tokens_per_s", "value": tps},
+        ]
+        log.info(
+            "epoch %d step %d: train loss %.3f, val loss %.3f, %.0f tokens/s",
+            prog.epoch + 1, prog.step, train_loss, val_loss, tps,
+        )  # fmt: skip
+        return rows
+
+    def sample() -> None:
+        if tokenizer is None or not args.sample_prompt or args.sample_tokens <= 0:
+            return
+        from gpt.generate import generate
+
+        prompt_ids = tokenizer.encode(args.sample_prompt)
+        new = generate(model, [prompt_ids], args.sample_tokens)[0]
+        row = {
+            "epoch": prog.epoch + 1,
+            "step": prog.step,
+            "prompt": args.sample_prompt,
+            "text": tokenizer.decode(prompt_ids + new),
+        }
+        prog.samples.append(row)
+        log.info("sample after epoch %d: %r", row["epoch"], row["text"])
+        if on_sample is not None:
+            on_sample(row)
+
+    interval_tokens, interval_seconds = 0, 0.0
+    current_lr = lr_at(prog.step, args, total_steps)
+    model.train()
+    bar = tqdm(total=stop_at, initial=min(prog.step, stop_at), desc="train", disable=not progress)
+    try:
+        while prog.step < stop_at and prog.epoch < args.epochs:
+            if prog.position > 0:  # resuming inside an epoch: replay its batch order
+                assert saved_rng is not None and epoch_rng is not None
+                epoch_start = epoch_rng
+                _restore_rng(epoch_start, train_loader, val_loader)
+                it = iter(train_loader)
+                for _ in range(prog.position):
+                    next(it)
+                _restore_rng(saved_rng, train_loader, val_loader)
+            else:
+                epoch_start = _capture_rng(train_loader, val_loader)
+                it = iter(train_loader)
+            stopped = False
+            for x, y in it:
+                x, y = x.to(device), y.to(device)
+                current_lr = lr_at(prog.step, args, total_steps)
+                t0 = time.perf_counter()
+                loss, _ = train_step(
+                    model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
+                )
+                dt = time.perf_counter() - t0
+                prog.step += 1
+                prog.position += 1
+                prog.tokens_seen += x.numel()
+                prog.train_seconds += dt
+                interval_tokens += x.numel()
+                interval_seconds += dt
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                is_last = prog.step >= stop_at
+                if (prog.step - 1) % args.eval_every == 0 or is_last:
+                    rows = evaluate()
+                    interval_tokens, interval_seconds = 0, 0.0
+                    prog.metrics.extend(rows)
+                    if on_metrics is not None:
+                        on_metrics(rows)
+                if prog.position < steps_per_epoch and (
+                    is_last or (args.checkpoint_every and prog.step % args.checkpoint_every == 0)
+                ):
+                    prog.finished = is_last
+                    save(epoch_start)
+                if is_last and prog.position < steps_per_epoch:
+                    stopped = True
+                    break
+            if stopped:
+                break
+            # the loader is exhausted: epoch done (its sampler has drawn everything it draws)
+            sample()
+            prog.epoch += 1
+            prog.position = 0
+            prog.finished = prog.step >= stop_at or prog.epoch >= args.epochs
+            save(None)
+    finally:
+        bar.close()
+    prog.finished = prog.finished or prog.step >= stop_at or prog.epoch >= args.epochs
+
+    def final(split: str) -> float:
+        vals = [r["value"] for r in prog.metrics if r["split"] == split and r["name"] == "loss"]
+        return float(vals[-1]) if vals else float("nan")
+
+    return TrainResult(
+        steps=prog.step,
+        epochs_completed=prog.epoch,
+        tokens_seen=prog.tokens_seen,
+        train_seconds=prog.train_seconds,
+        tokens_per_s=prog.tokens_seen / prog.train_seconds if prog.train_seconds else 0.0,
+        final_train_loss=final("train"),
+        final_val_loss=final("val"),
+        metrics=list(prog.metrics),
+        samples=list(prog.samples),
+        finished=prog.finished,
+        resumed_from_step=resumed_from,
+        last_checkpoint=last if last is not None and last.exists() else None,
+    )
