@@ -122,11 +122,19 @@ CONFIGS: dict[str, GPTConfig] = {
     "gpt2-medium": _openai(1024, 24, 16),
     "gpt2-large": _openai(1280, 36, 20),
     "gpt2-xl": _openai(1600, 48, 25),
+    # The reference's from-scratch model: a separate (untied) output head, so its initial
+    # loss is ~ln(50257) = 10.8 rather than the hundreds a tied default-init head gives.
     "gpt2-small-256": GPTConfig(
-        context_length=256, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1, qkv_bias=False
+        context_length=256,
+        emb_dim=768,
+        n_heads=12,
+        n_layers=12,
+        drop_rate=0.1,
+        qkv_bias=False,
+        tie_weights=False,
     ),
-    "tiny": GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2),
-    "mini": GPTConfig(context_length=128, emb_dim=128, n_heads=4, n_layers=4),
+    "tiny": GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2, tie_weights=False),
+    "mini": GPTConfig(context_length=128, emb_dim=128, n_heads=4, n_layers=4, tie_weights=False),
 }
 #: Aliases by OpenAI's release-folder names.
 _ALIASES = {"124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}

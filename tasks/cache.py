@@ -92,9 +92,12 @@ class StageOutput:
         return cls(**d)
 
 
-def content_digest(files: dict[str, dict[str, Any]], data: dict[str, Any]) -> str:
-    """Digest of a stage's outputs: file hashes plus the deterministic result data."""
-    return hashlib.sha256(stable_json({"files": files, "data": data}).encode()).hexdigest()
+def content_digest(files: dict[str, dict[str, Any]], data: dict[str, Any] | None = None) -> str:
+    """Digest of a stage's outputs: the hashes of its files (timings and other volatile
+    result data stay out, so an identical recomputation keeps downstream keys). A stage
+    without files digests ``data``."""
+    payload = {"files": files} if files else {"data": data}
+    return hashlib.sha256(stable_json(payload).encode()).hexdigest()
 
 
 class StageCache:

@@ -1,0 +1,178 @@
+"""The tokenize stage's library side: parse the downloaded inputs, split them, tokenize
+the pretraining text into uint16 arrays, and write the splits as small JSON files.
+
+Everything a later stage reads comes from the folder this writes, so stages never
+re-parse raw downloads and every split is recorded with its seed and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt import parsing
+from gpt.data import SlidingWindowDataset, tokenize_to_npy
+from gpt.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class PrepareArgs:
+    """How the inputs are split (mirrors the pipeline's ``tokenize`` section)."""
+
+    train_ratio: float = 0.9
+    """Pretraining text: share of characters for training."""
+    text_chars: int | None = None
+    """Keep only the first N characters of the text (smoke runs)."""
+    max_length: int = 256
+    """Window length, to report window counts per split."""
+    stride: int = 256
+    """Window stride, to report window counts per split."""
+    spam_seed: int = 123
+    """Seed of ham undersampling and the shuffle."""
+    spam_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    """Train/validation/test shares of the balanced SMS set."""
+    spam_limit: int | None = None
+    """Keep at most N examples per spam split."""
+    instruct_train: float = 0.85
+    """Share of instruction records for training."""
+    instruct_test: float = 0.10
+    """Share for testing; the rest validates."""
+    instruct_shuffle_seed: int | None = None
+    """Shuffle records with this seed before splitting (None: file order)."""
+    instruct_limit: int | None = None
+    """Keep at most N records per instruction split."""
+
+
+@dataclass
+class PrepareResult:
+    """What the tokenize stage produced (paths relative to its folder)."""
+
+    files: list[str] = field(default_factory=list)
+    corpus: list[dict[str, Any]] = field(default_factory=list)
+    spam_counts: dict[str, int] = field(default_factory=dict)
+    instruct_counts: dict[str, int] = field(default_factory=dict)
+    manifests: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_datasets(
+    *,
+    text_path: Path,
+    sms_path: Path,
+    instructions_path: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    args: PrepareArgs,
+) -> PrepareResult:
+    """Parse, split and tokenize; write ``text/{train,val}.txt``, ``tokens/{train,val}.npy``,
+    ``spam/splits.json`` and ``instruct/splits.json`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    result = PrepareResult()
+    tok = Tokenizer.from_dir(tokenizer_dir)
+
+    text = parsing.read_text(text_path)
+    if args.text_chars is not None:
+        text = text[: args.text_chars]
+    corpus = out_dir / "text" / "corpus.txt"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    tmp = corpus.with_name("corpus.txt.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, corpus)
+    result.files.append("text/corpus.txt")
+    text_split = parsing.split_text(text, args.train_ratio)
+    train_text, val_text = text_split
+    result.manifests["text"] = text_split.manifest.to_dict()
+    for split, part in (("train", train_text), ("val", val_text)):
+        tpath = out_dir / "text" / f"{split}.txt"
+        tpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tpath.with_name(tpath.name + ".tmp")
+        tmp.write_text(part, encoding="utf-8")
+        os.replace(tmp, tpath)
+        npy = out_dir / "tokens" / f"{split}.npy"
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        info = tokenize_to_npy(part, tok, npy)
+        n_tokens = int(info.num_tokens)
+        windows = len(SlidingWindowDataset.from_npy(npy, args.max_length, args.stride))
+        result.corpus.append(
+            {
+                "split": split,
+                "chars": len(part),
+                "tokens": n_tokens,
+                "windows": windows,
+                "max_length": args.max_length,
+                "stride": args.stride,
+                "path": f"tokens/{split}.npy",
+            }
+        )
+        result.files += [f"text/{split}.txt", f"tokens/{split}.npy"]
+
+    sms = parsing.parse_sms(sms_path)
+    spam_splits = parsing.balance_and_split_spam(
+        sms, seed=args.spam_seed, ratios=tuple(args.spam_ratios)
+    )
+    spam_out: dict[str, list[dict[str, Any]]] = {}
+    for split, recs in spam_splits.items():
+        recs = list(recs)[: args.spam_limit] if args.spam_limit else list(recs)
+        spam_out[split] = [
+            {"idx": i, "line_no": r.line_no, "label": r.label, "text": r.text}
+            for i, r in enumerate(recs)
+        ]
+        result.spam_counts[split] = len(recs)
+    _write_json(out_dir / "spam" / "splits.json", spam_out)
+    _write_json(
+        out_dir / "spam" / "messages.json",
+        [{"line_no": r.line_no, "label": r.label, "text": r.text} for r in sms],
+    )
+    result.files += ["spam/splits.json", "spam/messages.json"]
+    result.manifests["spam"] = spam_splits.manifest.to_dict()
+
+    records = parsing.parse_instructions(instructions_path)
+    inst_splits = parsing.split_instructions(
+        records,
+        train=args.instruct_train,
+        test=args.instruct_test,
+        shuffle_seed=args.instruct_shuffle_seed,
+    )
+    inst_out: dict[str, list[dict[str, Any]]] = {}
+    for split, recs in inst_splits.items():
+        recs = list(recs)[: args.instruct_limit] if args.instruct_limit else list(recs)
+        inst_out[split] = [
+            {
+                "idx": i,
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "output": r["output"],
+            }
+            for i, r in enumerate(recs)
+        ]
+        result.instruct_counts[split] = len(recs)
+    _write_json(out_dir / "instruct" / "splits.json", inst_out)
+    result.files.append("instruct/splits.json")
+    result.manifests["instruct"] = inst_splits.manifest.to_dict()
+    return result
+
+
+def load_spam_splits(path: Path) -> dict[str, tuple[list[str], list[int]]]:
+    """``spam/splits.json`` as {split: (texts, labels)} with ham=0, spam=1."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {
+        split: ([r["text"] for r in recs], [1 if r["label"] == "spam" else 0 for r in recs])
+        for split, recs in data.items()
+    }
+
+
+def load_instruct_splits(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """``instruct/splits.json`` as {split: [records]}."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
