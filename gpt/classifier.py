@@ -1,0 +1,528 @@
+"""Spam classifier finetuning: the reference recipe plus frozen-prefix activation caching.
+
+The reference recipe replaces the LM head by ``Linear(emb, 2)``, freezes the model,
+unfreezes the last ``N`` transformer blocks and the final LayerNorm, and trains on the
+logits of the last position of each (padded) message.
+
+Frozen-prefix caching: the embeddings and the first ``n_layers - N`` blocks are frozen
+and run without dropout (eval mode), so their output is a fixed function of the input
+ids. :func:`finetune_classifier` computes those hidden states once per split and then
+trains only the trainable suffix on them; with the same batch order the per-step losses
+equal the full-forward method's (``prefix_cache=False``), which shares the same loop.
+
+Labels: ham = 0, spam = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt.errors import CheckpointError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+LABELS = ["ham", "spam"]
+PAD_ID = 50256
+Splits = dict[str, tuple[list[str], list[int]]]
+MetricsCallback = Callable[[list[dict[str, Any]]], None]
+
+
+@dataclass
+class SpamArgs:
+    """Settings of the spam-classifier finetune (defaults: the reference recipe)."""
+
+    trainable_blocks: int = 1
+    """How many of the last transformer blocks are trained (the rest stay frozen)."""
+    train_final_norm: bool = True
+    """Also train the final LayerNorm."""
+    epochs: int = 5
+    """Passes over the training split."""
+    lr: float = 5e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    batch_size: int = 8
+    """Messages per optimizer step."""
+    seed: int = 123
+    """Seed of the head's initialisation, the batch order and dropout."""
+    max_length: int | None = None
+    """Pad/truncate every message to this many tokens; None = the longest training
+    message (capped at the model's context length)."""
+    pool: Literal["last", "last_real"] = "last"
+    """Which position's logits classify a message: ``last`` = the last position of the
+    padded sequence (the reference), ``last_real`` = the message's last real token."""
+    prefix_cache: bool = True
+    """Compute the frozen prefix's activations once per split (True) or run the full
+    model every step (False); both give the same losses."""
+    eval_per_epoch: bool = True
+    """Score loss and accuracy on every split after each epoch."""
+    drop_rate: float = 0.0
+    """Dropout in the trainable blocks (the frozen prefix never uses dropout)."""
+    drop_last: bool = True
+    """Drop the last incomplete training batch (as the reference's loader does)."""
+    cache_chunk: int = 64
+    """Messages per forward pass while building the prefix cache / evaluating."""
+    log_every: int = 0
+    """Emit a ``step_loss`` metrics row every this many steps (0 = never)."""
+    device: str = "cpu"
+    """Torch device to train on."""
+
+    def __post_init__(self) -> None:
+        if self.trainable_blocks < 0:
+            raise ConfigError(f"trainable_blocks must be >= 0, got {self.trainable_blocks}")
+        if self.epochs < 1 or self.batch_size < 1 or self.cache_chunk < 1:
+            raise ConfigError(
+                f"epochs, batch_size and cache_chunk must be >= 1, got "
+                f"{self.epochs}, {self.batch_size}, {self.cache_chunk}"
+            )
+        if self.pool not in ("last", "last_real"):
+            raise ConfigError(f"pool must be 'last' or 'last_real', got {self.pool!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length must be >= 1 or None, got {self.max_length}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _set_dropout(module: nn.Module, p: float) -> None:
+    """Set every dropout probability inside ``module`` (incl. the fused SDPA one)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "drop_rate") and isinstance(m.drop_rate, float):
+            m.drop_rate = p
+
+
+def build_classifier(
+    base_model: nn.Module,
+    num_classes: int = 2,
+    trainable_blocks: int = 1,
+    train_final_norm: bool = True,
+    *,
+    seed: int = 123,
+) -> nn.Module:
+    """Turn a GPT into a classifier in place: a fresh seeded ``Linear(emb, num_classes)``
+    head, everything frozen except the last ``trainable_blocks`` blocks, the final norm
+    (if ``train_final_norm``) and the head. Returns the model."""
+    n_layers = len(base_model.blocks)
+    if trainable_blocks > n_layers:
+        raise ConfigError(
+            f"trainable_blocks={trainable_blocks} but the model has only {n_layers} blocks"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base_model.replace_head(num_classes)
+    for p in base_model.parameters():
+        p.requires_grad_(False)
+    for block in list(base_model.blocks)[n_layers - trainable_blocks :]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    if train_final_norm:
+        for p in base_model.final_norm.parameters():
+            p.requires_grad_(True)
+    for p in base_model.out_head.parameters():
+        p.requires_grad_(True)
+    return base_model
+
+
+def _n_frozen(model: nn.Module, trainable_blocks: int) -> int:
+    return len(model.blocks) - trainable_blocks
+
+
+def _prefix(model: nn.Module, idx: torch.Tensor, n_frozen: int) -> torch.Tensor:
+    """Hidden states after the embeddings and the first ``n_frozen`` blocks."""
+    x = model.embed(idx)
+    for i, block in enumerate(list(model.blocks)[:n_frozen]):
+        x = block(x, layer=i)
+    return x
+
+
+def _suffix_logits(model: nn.Module, x: torch.Tensor, n_frozen: int) -> torch.Tensor:
+    """Class logits [B, T, C] from hidden states after the frozen prefix."""
+    for i, block in enumerate(list(model.blocks)[n_frozen:], start=n_frozen):
+        x = block(x, layer=i)
+    return model.out_head(model.final_norm(x))
+
+
+def _pool(logits: torch.Tensor, last_index: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, C] -> [B, C] at the last position or at per-row ``last_index``."""
+    if last_index is None:
+        return logits[:, -1, :]
+    return logits[torch.arange(logits.shape[0], device=logits.device), last_index]
+
+
+def _set_modes(model: nn.Module, n_frozen: int, train: bool) -> None:
+    """Frozen prefix always in eval mode (no dropout); the suffix in ``train`` mode."""
+    model.train(train)
+    for m in (model.tok_emb, model.pos_emb, model.drop_emb, *list(model.blocks)[:n_frozen]):
+        m.eval()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def encode_spam(texts: Sequence[str], tokenizer: Any, max_length: int) -> torch.Tensor:
+    """Token ids [N, max_length]: each text encoded, truncated to ``max_length`` and
+    right-padded with 50256."""
+    out = torch.full((len(texts), max_length), PAD_ID, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text)[:max_length]
+        if ids:
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def _last_real_index(texts: Sequence[str], tokenizer: Any, max_length: int) -> torch.Tensor:
+    lens = [min(len(tokenizer.encode(t)), max_length) for t in texts]
+    return torch.tensor([max(n - 1, 0) for n in lens], dtype=torch.long)
+
+
+def _check_splits(splits: Splits) -> None:
+    if "train" not in splits:
+        raise DataError(f"spam splits have no 'train' split (have {sorted(splits)})")
+    for name, (texts, labels) in splits.items():
+        if len(texts) != len(labels):
+            raise DataError(f"spam split {name!r}: {len(texts)} texts but {len(labels)} labels")
+        if not texts:
+            raise DataError(f"spam split {name!r} is empty")
+        bad = sorted({y for y in labels if y not in (0, 1)})
+        if bad:
+            raise DataError(f"spam split {name!r}: labels must be 0 (ham) / 1 (spam), got {bad}")
+
+
+def _load_tokenizer(tokenizer_dir: Path | None) -> Any:
+    from gpt.tokenizer import Tokenizer
+
+    if tokenizer_dir is not None:
+        return Tokenizer.from_dir(tokenizer_dir)
+    return Tokenizer.gpt2()
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class _SplitData:
+    ids: torch.Tensor  # [N, T] long
+    labels: torch.Tensor  # [N] long
+    last: torch.Tensor | None  # [N] long (pool last_real) or None
+    cache: torch.Tensor | None = None  # [N, T, D] prefix activations
+
+
+def _build_cache(
+    model: nn.Module, data: _SplitData, n_frozen: int, chunk: int, device: torch.device
+) -> torch.Tensor:
+    parts = []
+    with torch.no_grad():
+        for s in range(0, data.ids.shape[0], chunk):
+            parts.append(_prefix(model, data.ids[s : s + chunk].to(device), n_frozen))
+    return torch.cat(parts)
+
+
+def _batch_logits(
+    model: nn.Module, data: _SplitData, index: torch.Tensor, n_frozen: int, device: torch.device
+) -> torch.Tensor:
+    """Pooled class logits [B, C] for the rows ``index`` of a split."""
+    last = data.last[index].to(device) if data.last is not None else None
+    if data.cache is not None:
+        logits = _suffix_logits(model, data.cache[index], n_frozen)
+    else:
+        logits = model(data.ids[index].to(device))
+    return _pool(logits, last)
+
+
+def _evaluate(
+    model: nn.Module, data: _SplitData, n_frozen: int, chunk: int, device: torch.device
+) -> tuple[float, list[int], list[float]]:
+    """Mean loss, predictions and spam probabilities over a whole split."""
+    was_training = model.training
+    model.eval()
+    total, preds, probs = 0.0, [], []
+    n = data.ids.shape[0]
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            index = torch.arange(s, min(s + chunk, n))
+            logits = _batch_logits(model, data, index, n_frozen, device)
+            labels = data.labels[index].to(device)
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+            p = torch.softmax(logits.float(), dim=-1)
+            preds += logits.argmax(-1).tolist()
+            probs += p[:, 1].tolist()
+    _set_modes(model, n_frozen, train=was_training)
+    return total / n, preds, probs
+
+
+def _train_loop(
+    model: nn.Module,
+    train: _SplitData,
+    evals: dict[str, _SplitData],
+    args: SpamArgs,
+    n_frozen: int,
+    device: torch.device,
+    emit: Callable[[list[dict[str, Any]]], None],
+    progress: bool,
+) -> tuple[list[float], int, int, float]:
+    """Shared training loop (cached or full forward). Returns per-step losses, the last
+    step, examples seen and the seconds spent evaluating."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    order_gen = torch.Generator().manual_seed(args.seed)
+    n = train.ids.shape[0]
+    n_batches = n // args.batch_size if args.drop_last else math.ceil(n / args.batch_size)
+    if n_batches == 0:
+        raise DataError(
+            f"training split has {n} messages, fewer than one batch of {args.batch_size}"
+        )
+    step, seen, eval_s = 0, 0, 0.0
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        for epoch in range(1, args.epochs + 1):
+            _set_modes(model, n_frozen, train=True)
+            perm = torch.randperm(n, generator=order_gen)
+            bar = tqdm(range(n_batches), desc=f"spam epoch {epoch}", disable=not progress)
+            for b in bar:
+                index = perm[b * args.batch_size : (b + 1) * args.batch_size]
+                logits = _batch_logits(model, train, index, n_frozen, device)
+                loss = F.cross_entropy(logits, train.labels[index].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                seen += len(index)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if args.log_every and step % args.log_every == 0:
+                    emit([_row(step, epoch, seen, "train", "step_loss", losses[-1])])
+            if args.eval_per_epoch or epoch == args.epochs:
+                t0 = time.perf_counter()
+                rows = []
+                for split, data in evals.items():
+                    loss_v, preds, _ = _evaluate(model, data, n_frozen, args.cache_chunk, device)
+                    acc = _accuracy(preds, data.labels.tolist())
+                    rows += [
+                        _row(step, epoch, seen, split, "loss", loss_v),
+                        _row(step, epoch, seen, split, "accuracy", acc),
+                    ]
+                    log.info("epoch %d %s loss %.4f accuracy %.4f", epoch, split, loss_v, acc)
+                emit(rows)
+                eval_s += time.perf_counter() - t0
+    return losses, step, seen, eval_s
+
+
+def _accuracy(preds: list[int], labels: list[int]) -> float:
+    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / max(len(labels), 1)
+
+
+def _row(step: int, epoch: int, seen: int, split: str, name: str, value: float) -> dict:
+    return {
+        "step": step,
+        "epoch": epoch,
+        "seen": seen,
+        "split": split,
+        "name": name,
+        "value": float(value),
+    }
+
+
+def finetune_classifier(
+    base_checkpoint_dir: Path,
+    splits: Splits,
+    args: SpamArgs | None = None,
+    *,
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Finetune a spam classifier from an LM checkpoint on ``splits``
+    (``{"train": (texts, labels), "validation": ..., "test": ...}``, ham=0/spam=1).
+
+    Emits metrics rows ``{step, epoch, seen, split, name, value}`` through
+    ``on_metrics`` (per-epoch ``loss``/``accuracy`` per split, then ``final_*`` rows),
+    saves a classifier checkpoint to ``out_dir`` and returns a JSON-able summary.
+    """
+    from gpt.baseline import binary_metrics
+    from gpt.checkpoint import load_checkpoint, save_checkpoint
+
+    args = args or SpamArgs()
+    _check_splits(splits)
+    timings: dict[str, float] = {}
+    all_rows: list[dict[str, Any]] = []
+
+    def emit(rows: list[dict[str, Any]]) -> None:
+        all_rows.extend(rows)
+        if on_metrics is not None and rows:
+            on_metrics(rows)
+
+    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    loaded = load_checkpoint(Path(base_checkpoint_dir))
+    model = loaded.model
+    tok_dir = tokenizer_dir or loaded.tokenizer_dir
+    tokenizer = _load_tokenizer(Path(tok_dir) if tok_dir else None)
+    device = torch.device(args.device)
+    cfg = model.cfg
+    if args.trainable_blocks > cfg.n_layers:
+        raise ConfigError(
+            f"trainable_blocks={args.trainable_blocks} but the base model in "
+            f"{base_checkpoint_dir} has only {cfg.n_layers} blocks"
+        )
+    model.cfg = cfg.replace(drop_rate=args.drop_rate)
+    _set_dropout(model, args.drop_rate)
+    n_frozen = _n_frozen(model, args.trainable_blocks)
+    build_classifier(
+        model, len(LABELS), args.trainable_blocks, args.train_final_norm, seed=args.seed
+    )
+    model.to(device)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    longest = max(len(tokenizer.encode(t)) for t in splits["train"][0])
+    max_length = args.max_length or longest
+    if max_length > cfg.context_length:
+        log.warning(
+            "max_length %d exceeds the context length %d: truncating",
+            max_length,
+            cfg.context_length,
+        )
+        max_length = cfg.context_length
+    datasets: dict[str, _SplitData] = {}
+    for name, (texts, labels) in splits.items():
+        datasets[name] = _SplitData(
+            ids=encode_spam(texts, tokenizer, max_length),
+            labels=torch.tensor(labels, dtype=torch.long),
+            last=_last_real_index(texts, tokenizer, max_length)
+            if args.pool == "last_real"
+            else None,
+        )
+    timings["tokenize_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if args.prefix_cache:
+        _set_modes(model, n_frozen, train=False)
+        for data in datasets.values():
+            data.cache = _build_cache(model, data, n_frozen, args.cache_chunk, device)
+    timings["prefix_cache_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    losses, step, seen, eval_s = _train_loop(
+        model, datasets["train"], datasets, args, n_frozen, device, emit, progress
+    )
+    timings["train_s"] = time.perf_counter() - t0 - eval_s
+    timings["eval_s"] = eval_s
+
+    t0 = time.perf_counter()
+    final: dict[str, dict[str, float | int]] = {}
+    for split, data in datasets.items():
+        _, preds, _ = _evaluate(model, data, n_frozen, args.cache_chunk, device)
+        m = binary_metrics(data.labels.tolist(), preds)
+        final[split] = m
+        emit([_row(step, args.epochs, seen, split, f"final_{k}", v) for k, v in m.items()])
+    timings["final_eval_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model.cpu()
+    hparams = {**asdict(args), "max_length": max_length, "n_frozen_blocks": n_frozen}
+    classifier_meta = {
+        "kind": "classifier",
+        "labels": list(LABELS),
+        "num_classes": len(LABELS),
+        "max_length": max_length,
+        "pool": args.pool,
+        "base_checkpoint": str(base_checkpoint_dir),
+    }
+    save_checkpoint(
+        Path(out_dir),
+        model,
+        hparams=hparams,
+        tokenizer_dir=Path(tok_dir) if tok_dir else None,
+        meta=classifier_meta,
+    )
+    timings["save_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    return {
+        "checkpoint": str(out_dir),
+        "max_length": max_length,
+        "n_frozen_blocks": n_frozen,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "steps": step,
+        "examples_seen": seen,
+        "step_losses": losses,
+        "final": final,
+        "timings": timings,
+        "prefix_cache_build_s": timings["prefix_cache_s"],
+        "args": json.loads(json.dumps(asdict(args))),
+    }
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _classifier_info(loaded: Any, checkpoint_dir: Path) -> dict[str, Any]:
+    meta = dict(getattr(loaded, "meta", None) or {})
+    hparams = dict(getattr(loaded, "hparams", None) or {})
+    kind = getattr(loaded, "kind", None) or meta.get("kind")
+    if kind != "classifier":
+        raise CheckpointError(
+            f"{checkpoint_dir} holds a {kind!r} checkpoint, not a spam classifier: pass a "
+            "folder written by the finetune_spam stage"
+        )
+    max_length = meta.get("max_length") or hparams.get("max_length")
+    if not max_length:
+        raise CheckpointError(
+            f"{checkpoint_dir}: classifier checkpoint records no max_length "
+            f"(meta / hparams.json); re-run the finetune_spam stage"
+        )
+    return {
+        "labels": list(getattr(loaded, "labels", None) or meta.get("labels") or LABELS),
+        "max_length": int(max_length),
+        "pool": meta.get("pool") or hparams.get("pool") or "last",
+    }
+
+
+def classify(
+    checkpoint_dir: Path, texts: Sequence[str], *, batch_size: int = 32
+) -> list[tuple[str, float]]:
+    """``(label, probability of spam)`` for each text, with a classifier checkpoint."""
+    from gpt.checkpoint import load_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    loaded = load_checkpoint(checkpoint_dir)
+    info = _classifier_info(loaded, checkpoint_dir)
+    tok_dir = loaded.tokenizer_dir
+    tokenizer = _load_tokenizer(Path(tok_dir) if tok_dir else None)
+    model = loaded.model
+    model.eval()
+    max_length = min(info["max_length"], model.cfg.context_length)
+    labels = info["labels"]
+    out: list[tuple[str, float]] = []
+    with torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            chunk = list(texts[s : s + batch_size])
+            ids = encode_spam(chunk, tokenizer, max_length)
+            last = (
+                _last_real_index(chunk, tokenizer, max_length)
+                if info["pool"] == "last_real"
+                else None
+            )
+            probs = torch.softmax(_pool(model(ids), last).float(), dim=-1)
+            for row in probs:
+                k = int(row.argmax())
+                out.append((labels[k], float(row[1])))
+    return out

@@ -1,0 +1,550 @@
+"""Instruction finetuning (Alpaca prompt format) and response extraction.
+
+The collate follows the reference rule: append one end-of-text token (50256) to every
+sequence, pad with 50256 to the batch maximum, take inputs = seq[:-1] and
+targets = seq[1:], and turn every 50256 target but the first into -100 (ignored by the
+loss); optionally the prompt part of the targets is masked too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from gpt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EOT_ID = 50256
+EOT_TEXT = "<|endoftext|>"
+IGNORE_INDEX = -100
+MetricsCallback = Callable[[list[dict[str, Any]]], None]
+SampleCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class InstructArgs:
+    """Settings of the instruction finetune (defaults: the reference recipe)."""
+
+    epochs: int = 2
+    """Passes over the training records."""
+    lr: float = 5e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+    seed: int = 123
+    """Seed of the batch order and dropout."""
+    mask_prompt: bool = False
+    """Also ignore the prompt (instruction + input + response header) in the loss."""
+    max_length: int | None = 1024
+    """Truncate inputs/targets to this many tokens (None: the model's context length);
+    never more than the context length."""
+    eval_every: int = 5
+    """Evaluate train/val loss after steps 1, 1 + eval_every, ... and the last one
+    (train_lm's rule)."""
+    eval_batches: int = 5
+    """Batches per loss estimate."""
+    length_bucketing: bool = False
+    """Group sequences of similar length into batches (seeded; less padding)."""
+    bucket_factor: int = 50
+    """With bucketing: how many batches' worth of shuffled sequences are sorted together."""
+    drop_rate: float = 0.0
+    """Dropout while finetuning."""
+    drop_last: bool = True
+    """Drop the last incomplete training batch (as the reference's loader does)."""
+    sample_max_new_tokens: int = 35
+    """Length of the greedy sample generated after each epoch."""
+    device: str = "cpu"
+    """Torch device to train on."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 or None, got {self.max_length}")
+        if self.eval_every < 1 or self.eval_batches < 1:
+            raise ConfigError(
+                f"eval_every and eval_batches must be >= 1, got {self.eval_every}, "
+                f"{self.eval_batches}"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def _format_alpaca(instruction: str, input: str, output: str | None = None) -> str:
+    from gpt.prompts import format_alpaca
+
+    return format_alpaca(instruction, input, output)
+
+
+def _check_record(rec: dict[str, Any], i: int) -> None:
+    for key in ("instruction", "input", "output"):
+        if not isinstance(rec.get(key, ""), str):
+            raise DataError(f"instruction record {i}: field {key!r} must be a string")
+    if not rec.get("instruction"):
+        raise DataError(f"instruction record {i}: field 'instruction' is missing or empty")
+
+
+def prompt_and_full(rec: dict[str, Any]) -> tuple[str, str]:
+    """(prompt text up to and including the response header, full training text)."""
+    output = rec.get("output", "") or ""
+    full = _format_alpaca(rec["instruction"], rec.get("input", "") or "", output)
+    if output and not full.endswith(output):
+        raise DataError("format_alpaca must end the text with the output")
+    return full[: len(full) - len(output)], full
+
+
+class InstructionDataset:
+    """Pre-tokenised Alpaca texts (prompt + response) with each prompt's token length."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], tokenizer: Any) -> None:
+        self.ids: list[list[int]] = []
+        self.prompt_lengths: list[int] = []
+        for i, rec in enumerate(records):
+            _check_record(rec, i)
+            prompt, full = prompt_and_full(rec)
+            ids = tokenizer.encode(full)
+            p_ids = tokenizer.encode(prompt)
+            n = 0  # longest common prefix (BPE may merge across the boundary)
+            while n < min(len(ids), len(p_ids)) and ids[n] == p_ids[n]:
+                n += 1
+            self.ids.append(ids)
+            self.prompt_lengths.append(n)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.ids[i]
+
+
+def collate_instruct(
+    batch: Sequence[Sequence[int]],
+    pad_id: int = EOT_ID,
+    ignore_index: int = IGNORE_INDEX,
+    max_length: int | None = None,
+    mask_prompt_lengths: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) [B, T] long for a batch of token-id lists (the reference rule;
+    see the module docstring). ``mask_prompt_lengths[i]``: prompt tokens of item ``i``
+    whose next-token targets become ``ignore_index``."""
+    if not batch:
+        raise ValueError("collate_instruct got an empty batch")
+    width = max(len(item) + 1 for item in batch)
+    inputs, targets = [], []
+    for i, item in enumerate(batch):
+        seq = [*item, pad_id]
+        seq += [pad_id] * (width - len(seq))
+        x = torch.tensor(seq[:-1], dtype=torch.long)
+        y = torch.tensor(seq[1:], dtype=torch.long)
+        pads = torch.nonzero(y == pad_id).flatten()
+        if pads.numel() > 1:
+            y[pads[1:]] = ignore_index
+        if mask_prompt_lengths is not None:
+            y[: max(int(mask_prompt_lengths[i]) - 1, 0)] = ignore_index
+        if max_length is not None:
+            x, y = x[:max_length], y[:max_length]
+        inputs.append(x)
+        targets.append(y)
+    return torch.stack(inputs).to(device), torch.stack(targets).to(device)
+
+
+def batch_indices(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    bucketing: bool = False,
+    bucket_factor: int = 50,
+) -> list[list[int]]:
+    """Index batches for one epoch. With ``bucketing``: shuffled chunks of
+    ``batch_size * bucket_factor`` sequences are sorted by length, cut into batches, and
+    the batches are shuffled (all seeded by ``generator``)."""
+    n = len(lengths)
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    if bucketing:
+        chunk = batch_size * max(bucket_factor, 1)
+        sorted_order: list[int] = []
+        for s in range(0, n, chunk):
+            sorted_order += sorted(order[s : s + chunk], key=lambda i: lengths[i])
+        order = sorted_order
+    batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if bucketing and shuffle:
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _set_dropout(model: nn.Module, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "drop_rate") and isinstance(m.drop_rate, float):
+            m.drop_rate = p
+
+
+class _IndexDataset(Dataset[int]):
+    """Yields positions; the collate function looks the sequences up."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batch sampler of :func:`batch_indices` with ``bucketing=True`` (seeded by
+    ``generator``, which train_lm saves and restores for exact resume)."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        generator: torch.Generator,
+        drop_last: bool,
+        bucket_factor: int = 50,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.generator = generator
+        self.drop_last = drop_last
+        self.bucket_factor = bucket_factor
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from batch_indices(
+            self.lengths,
+            self.batch_size,
+            shuffle=True,
+            generator=self.generator,
+            drop_last=self.drop_last,
+            bucketing=True,
+            bucket_factor=self.bucket_factor,
+        )
+
+
+def make_instruct_loader(
+    ds: InstructionDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool,
+    seed: int = 123,
+    max_length: int | None = None,
+    mask_prompt: bool = False,
+    bucketing: bool = False,
+    bucket_factor: int = 50,
+) -> DataLoader[Any]:
+    """A single-process DataLoader of collated ``(inputs, targets)`` batches whose order
+    comes from its own seeded generator (``loader.generator``)."""
+
+    def collate(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = [ds.prompt_lengths[i] for i in idx] if mask_prompt else None
+        return collate_instruct(
+            [ds.ids[i] for i in idx], max_length=max_length, mask_prompt_lengths=masks
+        )
+
+    gen = torch.Generator().manual_seed(seed)
+    if bucketing and shuffle:
+        sampler = LengthBucketSampler(
+            [len(x) for x in ds.ids],
+            batch_size,
+            generator=gen,
+            drop_last=drop_last,
+            bucket_factor=bucket_factor,
+        )
+        return DataLoader(
+            _IndexDataset(len(ds)),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=0,
+            generator=gen,
+        )
+    return DataLoader(
+        _IndexDataset(len(ds)),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        collate_fn=collate,
+        num_workers=0,
+        generator=gen,
+    )
+
+
+def _sample_response(text: str, prompt: str) -> str:
+    """A train_lm sample (prompt + greedy continuation) -> the response part, cut at the
+    first end-of-text."""
+    new = text[len(prompt) :] if text.startswith(prompt) else text
+    return clean_response(new.split(EOT_TEXT, 1)[0])
+
+
+def finetune_instruct(
+    base_checkpoint_dir: Path,
+    train_records: Sequence[dict[str, Any]],
+    val_records: Sequence[dict[str, Any]],
+    args: InstructArgs | None = None,
+    *,
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    on_metrics: MetricsCallback | None = None,
+    on_sample: SampleCallback | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Finetune an LM checkpoint on Alpaca-formatted instruction records with
+    :func:`gpt.train.train_lm` (cross-entropy ignoring the -100 targets).
+
+    Metrics rows ``{step, epoch, seen (tokens), split, name, value}`` (train/val
+    ``loss``, ``lr``, ``tokens_per_s``) go to ``on_metrics``; after each epoch a greedy
+    sample ``{epoch, step, prompt, text}`` for the first validation record (text = the
+    response only) goes to ``on_sample``. Training state lives in ``out_dir/"train"``
+    (resumable); the finished model replaces it as the checkpoint in ``out_dir``.
+    """
+    from gpt.checkpoint import load_checkpoint, save_checkpoint
+    from gpt.tokenizer import Tokenizer
+    from gpt.train import LMTrainArgs, train_lm
+
+    args = args or InstructArgs()
+    if not train_records:
+        raise DataError("finetune_instruct got no training records")
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    t_start = t0 = time.perf_counter()
+    loaded = load_checkpoint(Path(base_checkpoint_dir))
+    if loaded.kind != "lm":
+        raise ConfigError(
+            f"{base_checkpoint_dir} is a {loaded.kind} checkpoint; instruction finetuning "
+            "needs a language-model checkpoint"
+        )
+    model = loaded.model
+    tok_dir = tokenizer_dir or loaded.tokenizer_dir
+    tokenizer = Tokenizer.from_dir(tok_dir) if tok_dir else Tokenizer.gpt2()
+    model.cfg = model.cfg.replace(drop_rate=args.drop_rate)
+    _set_dropout(model, args.drop_rate)
+    model.to(torch.device(args.device))
+    max_length = min(args.max_length or model.cfg.context_length, model.cfg.context_length)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train_ds = InstructionDataset(train_records, tokenizer)
+    val_ds = InstructionDataset(val_records, tokenizer)
+    timings["tokenize_s"] = time.perf_counter() - t0
+    common = {"max_length": max_length, "mask_prompt": args.mask_prompt}
+    train_loader = make_instruct_loader(
+        train_ds,
+        args.batch_size,
+        shuffle=True,
+        drop_last=args.drop_last and len(train_ds) >= args.batch_size,
+        seed=args.seed,
+        bucketing=args.length_bucketing,
+        bucket_factor=args.bucket_factor,
+        **common,
+    )
+    val_loader = (
+        make_instruct_loader(val_ds, args.batch_size, shuffle=False, drop_last=False, **common)
+        if len(val_ds)
+        else None
+    )
+
+    sample_rec = val_records[0] if val_records else train_records[0]
+    sample_prompt = _format_alpaca(sample_rec["instruction"], sample_rec.get("input", "") or "")
+    samples: list[dict[str, Any]] = []
+
+    def sample_hook(row: dict[str, Any]) -> None:
+        clean = {
+            **row,
+            "prompt": sample_prompt,
+            "text": _sample_response(row["text"], sample_prompt),
+        }
+        samples.append(clean)
+        if on_sample is not None:
+            on_sample(clean)
+
+    lm_args = LMTrainArgs(
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        seed=args.seed,
+        sample_prompt=sample_prompt,
+        sample_tokens=args.sample_max_new_tokens,
+    )
+    t0 = time.perf_counter()
+    result = train_lm(
+        model,
+        train_loader,
+        val_loader,
+        lm_args,
+        out_dir=out_dir / "train",
+        on_metrics=on_metrics,
+        on_sample=sample_hook,
+        resume=resume,
+        tokenizer=tokenizer,
+        progress=progress,
+    )
+    timings["train_loop_s"] = time.perf_counter() - t0
+    timings["train_s"] = result.train_seconds
+
+    t0 = time.perf_counter()
+    model.cpu()
+    save_checkpoint(
+        out_dir,
+        model,
+        hparams={**asdict(args), "max_length": max_length, "lm_train_args": lm_args.to_dict()},
+        tokenizer_dir=Path(tok_dir) if tok_dir else None,
+        meta={
+            "task": "instruct",
+            "prompt_format": "alpaca",
+            "base_checkpoint": str(base_checkpoint_dir),
+        },
+    )
+    timings["save_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    return {
+        "checkpoint": str(out_dir),
+        "steps": result.steps,
+        "tokens_seen": result.tokens_seen,
+        "tokens_per_s": result.tokens_per_s,
+        "final_train_loss": result.final_train_loss,
+        "final_val_loss": result.final_val_loss,
+        "resumed_from_step": result.resumed_from_step,
+        "max_length": max_length,
+        "n_train": len(train_ds),
+        "n_val": len(val_ds),
+        "samples": samples,
+        "timings": timings,
+        "args": asdict(args),
+    }
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def clean_response(text: str) -> str:
+    """Generated text -> response: "### Response:" removed, whitespace trimmed."""
+    from gpt.prompts import extract_response
+
+    return extract_response(text)
+
+
+def extract_responses(
+    checkpoint_dir: Path,
+    records: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Greedy responses (KV cache, batched, stop at 50256) for each record.
+
+    Rows: ``{example_id, instruction, input, output, response, new_tokens, seconds}``
+    (``seconds``: the batch's generation time divided by its size). ``example_id`` is the
+    record's ``example_id`` / ``id`` field, else its position.
+    """
+    from tqdm.auto import tqdm
+
+    from gpt.checkpoint import load_checkpoint
+    from gpt.generate import generate
+    from gpt.tokenizer import Tokenizer
+
+    loaded = load_checkpoint(Path(checkpoint_dir))
+    if getattr(loaded, "kind", "lm") not in (None, "lm"):
+        raise ConfigError(
+            f"{checkpoint_dir} is a {loaded.kind} checkpoint; response extraction needs an "
+            "instruction-finetuned language model"
+        )
+    model = loaded.model
+    model.eval()
+    tokenizer = (
+        Tokenizer.from_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else Tokenizer.gpt2()
+    )
+    for i, rec in enumerate(records):
+        _check_record(rec, i)
+    prompts = [
+        tokenizer.encode(_format_alpaca(r["instruction"], r.get("input", "") or ""))
+        for r in records
+    ]
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(range(0, len(records), batch_size), desc="responses", disable=not progress)
+    for s in bar:
+        chunk = list(range(s, min(s + batch_size, len(records))))
+        t0 = time.perf_counter()
+        outs = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT_ID)
+        per = (time.perf_counter() - t0) / len(chunk)
+        for i, new in zip(chunk, outs, strict=True):
+            rec = records[i]
+            rows.append(
+                {
+                    "example_id": rec.get("example_id", rec.get("id", i)),
+                    "instruction": rec["instruction"],
+                    "input": rec.get("input", "") or "",
+                    "output": rec.get("output", "") or "",
+                    "response": clean_response(tokenizer.decode(new)),
+                    "new_tokens": len(new),
+                    "seconds": per,
+                }
+            )
+    return rows
+
+
+def export_responses_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write rows as the reference's JSON list of {instruction, input, output,
+    model_response} (atomic: temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = [
+        {
+            "instruction": r["instruction"],
+            "input": r.get("input", ""),
+            "output": r.get("output", ""),
+            "model_response": r["response"],
+        }
+        for r in rows
+    ]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=4, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
