@@ -578,6 +578,27 @@ class Catalog:
             self._delete_where(con, table, where, cols)
             return self._insert_df(con, table, df, cols)
 
+    def replace_many(
+        self,
+        items: Sequence[tuple[str, pd.DataFrame | Sequence[Mapping[str, Any]], Mapping[str, Any]]],
+    ) -> int:
+        """Several ``replace_rows`` ``(table, rows, where)`` in ONE transaction: either
+        every table gets its new rows or none changes. Returns the rows inserted."""
+        for table, _, _ in items:
+            self._check_table(table)
+        names = ", ".join(t for t, _, _ in items)
+        total = 0
+        with self._transaction(names) as con:
+            for table, rows, where in items:
+                cols = self._columns(con, table)
+                df = self._frame(table, rows, cols)
+                for k, v in where.items():
+                    if k not in df.columns and len(df):
+                        df[k] = [v] * len(df)
+                self._delete_where(con, table, where, cols)
+                total += self._insert_df(con, table, df, cols)
+        return total
+
     def insert_rows(self, table: str, rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> int:
         """Append rows (one transaction); returns the number inserted."""
         self._check_table(table)

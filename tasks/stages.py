@@ -393,46 +393,43 @@ def tokenize_task(
 def _write_dataset_rows(
     ctx: RunContext, run_id: str, work: Path, res: dict[str, Any], sms_sha: str
 ) -> None:
+    """The four dataset tables in one transaction: all replaced, or none."""
     from gpt.prepare import load_instruct_splits
 
-    cat = ctx.catalog
     messages = json.loads((work / "spam" / "messages.json").read_text(encoding="utf-8"))
-    cat.replace_rows(
-        "sms_messages",
-        [{**m, "source_sha256": sms_sha} for m in messages],
-        where={"source_sha256": sms_sha},
-    )
     spam = json.loads((work / "spam" / "splits.json").read_text(encoding="utf-8"))
-    cat.replace_rows(
-        "spam_examples",
-        [
-            {"run_id": run_id, "split": s, "idx": r["idx"], "label": r["label"], "text": r["text"]}
-            for s, recs in spam.items()
-            for r in recs
-        ],
-        where={"run_id": run_id},
-    )
     inst = load_instruct_splits(work / "instruct" / "splits.json")
-    cat.replace_rows(
-        "instructions",
+    ctx.catalog.replace_many(
         [
-            {
-                "run_id": run_id,
-                "split": s,
-                "idx": r["idx"],
-                "instruction": r["instruction"],
-                "input": r["input"],
-                "output": r["output"],
-            }
-            for s, recs in inst.items()
-            for r in recs
-        ],
-        where={"run_id": run_id},
-    )
-    cat.replace_rows(
-        "corpus",
-        [{"run_id": run_id, **c} for c in res["corpus"]],
-        where={"run_id": run_id},
+            (
+                "sms_messages",
+                [{**m, "source_sha256": sms_sha} for m in messages],
+                {"source_sha256": sms_sha},
+            ),
+            (
+                "spam_examples",
+                [
+                    {"run_id": run_id, "split": s, **{k: r[k] for k in ("idx", "label", "text")}}
+                    for s, recs in spam.items()
+                    for r in recs
+                ],
+                {"run_id": run_id},
+            ),
+            (
+                "instructions",
+                [
+                    {
+                        "run_id": run_id,
+                        "split": s,
+                        **{k: r[k] for k in ("idx", "instruction", "input", "output")},
+                    }
+                    for s, recs in inst.items()
+                    for r in recs
+                ],
+                {"run_id": run_id},
+            ),
+            ("corpus", [{"run_id": run_id, **c} for c in res["corpus"]], {"run_id": run_id}),
+        ]
     )
 
 

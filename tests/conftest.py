@@ -8,7 +8,9 @@ them are skipped with the reason when that fails (offline).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,9 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["the-verdict", "sms-spam", "instruction-data", "gpt2-tokenizer"], dest=cache
         )
     except Exception as exc:  # offline or blocked: say why
-        pytest.skip(f"real inputs unavailable (no ../shared/data mirror and download failed: {exc})")
+        pytest.skip(
+            f"real inputs unavailable (no ../shared/data mirror and download failed: {exc})"
+        )
     return cache
 
 
@@ -56,3 +60,55 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPTFLOW_DB", str(tmp_path / "catalog.duckdb"))
     monkeypatch.setenv("GPTFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("GPTFLOW_DATASETS", str(tmp_path / "datasets"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """One local Prefect server for the whole test session, started by gptflow's own
+    manager with a temporary home and port; yields {"url", "home"}."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+
+    from flows import server
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    old = {k: os.environ.get(k) for k in ("GPTFLOW_PREFECT_HOME", "GPTFLOW_PREFECT_PORT")}
+    os.environ["GPTFLOW_PREFECT_HOME"] = str(home)
+    os.environ["GPTFLOW_PREFECT_PORT"] = str(port)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        server.start_server(url, wait_s=120)
+        with temporary_settings(
+            updates={
+                PREFECT_API_URL: url,
+                PREFECT_HOME: str(home),
+                PREFECT_SERVER_ANALYTICS_ENABLED: False,
+            }
+        ):
+            yield {"url": url, "home": home}
+    finally:
+        # Send buffered logs/events while the server is still up: otherwise Prefect's
+        # workers retry against a dead server when the interpreter exits.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            with contextlib.suppress(Exception):
+                worker.drain_all(timeout=10)
+        server.stop_server(timeout_s=10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,58 +22,10 @@ import yaml
 pytestmark = pytest.mark.prefect
 
 REPO = Path(__file__).resolve().parents[1]
+
+from conftest import _free_port  # noqa: E402
+
 PREFECT_YAML = REPO / "prefect.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory):
-    """A local Prefect server (gptflow's own manager) with a temporary home and port."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_HOME,
-        PREFECT_SERVER_ANALYTICS_ENABLED,
-        temporary_settings,
-    )
-
-    from flows import server
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    old = {k: os.environ.get(k) for k in ("GPTFLOW_PREFECT_HOME", "GPTFLOW_PREFECT_PORT")}
-    os.environ["GPTFLOW_PREFECT_HOME"] = str(home)
-    os.environ["GPTFLOW_PREFECT_PORT"] = str(port)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        server.start_server(url, wait_s=120)
-        with temporary_settings(
-            updates={
-                PREFECT_API_URL: url,
-                PREFECT_HOME: str(home),
-                PREFECT_SERVER_ANALYTICS_ENABLED: False,
-            }
-        ):
-            yield {"url": url, "home": home}
-    finally:
-        # Send buffered logs/events while the server is still up: otherwise Prefect's
-        # workers retry against a dead server when the interpreter exits.
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        for worker in (APILogWorker, EventsWorker):
-            with contextlib.suppress(Exception):
-                worker.drain_all(timeout=10)
-        server.stop_server(timeout_s=10)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _cli(args: list[str], server: dict, timeout: float = 180) -> subprocess.CompletedProcess:

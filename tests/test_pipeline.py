@@ -1,0 +1,151 @@
+"""The ``smoke`` profile end to end through a real local Prefect server, on the mirror
+data, with a loopback Ollama stand-in as the judge: row counts in every table, a second
+identical run that is all cache hits, and a single-stage rerun."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.prefect
+
+
+@pytest.fixture(scope="module")
+def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One catalog/artifacts/datasets folder for the module, so later tests start from the
+    first test's cache (as a user's second run would)."""
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture
+def env(shared_dirs: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GPTFLOW_DB", str(shared_dirs / "catalog.duckdb"))
+    monkeypatch.setenv("GPTFLOW_ARTIFACTS", str(shared_dirs / "artifacts"))
+    monkeypatch.setenv("GPTFLOW_DATASETS", str(shared_dirs / "datasets"))
+    monkeypatch.setenv("GPTFLOW_MIRROR", str(mirror))
+    return shared_dirs
+
+
+@pytest.fixture
+def ollama(tmp_path: Path):
+    from ollama_stub import OllamaStub
+
+    stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 42")
+    stub.start()
+    yield stub
+    stub.stop()
+
+
+def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
+    from flows.pipeline import run_pipeline
+    from tasks.catalog import Catalog
+
+    res = run_pipeline("smoke", [f"judge.host={ollama.host}"], progress=False)
+    assert res["status"] == "completed", res
+    run1 = res["run_id"]
+    stages = res["stages"]
+    assert set(stages) == {
+        "download",
+        "tokenize",
+        "pretrain",
+        "load_gpt2",
+        "finetune_spam",
+        "baseline_spam",
+        "finetune_instruct",
+        "extract_responses",
+        "judge",
+    }
+    assert all(s["status"] == "completed" for n, s in stages.items() if n != "download")
+
+    cat = Catalog()
+    q = lambda sql, *p: cat.query_df(sql, list(p))  # noqa: E731
+    assert q("SELECT count(*) n FROM runs WHERE run_id=? AND status='completed'", run1).n[0] == 1
+    assert q("SELECT count(*) n FROM sms_messages").n[0] == 5574
+    counts = q("SELECT split, count(*) n FROM spam_examples WHERE run_id=? GROUP BY 1", run1)
+    assert dict(zip(counts.split, counts.n, strict=True)) == {"train": 40, "val": 40, "test": 40}
+    counts = q("SELECT split, count(*) n FROM instructions WHERE run_id=? GROUP BY 1", run1)
+    assert dict(zip(counts.split, counts.n, strict=True)) == {"train": 12, "val": 12, "test": 12}
+    assert q("SELECT count(*) n FROM corpus WHERE run_id=?", run1).n[0] == 2
+    # pretrain: train/val loss at every eval step, samples per epoch
+    m = q(
+        "SELECT split, count(*) n FROM metrics WHERE run_id=? AND stage='pretrain' "
+        "AND name='loss' GROUP BY 1",
+        run1,
+    )
+    assert set(m.split) == {"train", "val"} and (m.n > 0).all()
+    assert q("SELECT count(*) n FROM samples WHERE run_id=? AND stage='pretrain'", run1).n[0] == 2
+    # spam: final metrics per split, baselines, and the view lining them up
+    fin = q(
+        "SELECT split, value FROM metrics WHERE run_id=? AND stage='finetune_spam' "
+        "AND name='final_accuracy'",
+        run1,
+    )
+    assert set(fin.split) == {"train", "val", "test"}
+    assert ((fin.value >= 0) & (fin.value <= 1)).all()
+    acc = q("SELECT * FROM spam_accuracy WHERE run_id=? ORDER BY split", run1)
+    assert len(acc) == 3 and acc.logreg_bow.notna().all() and acc.finetuned.notna().all()
+    assert q("SELECT count(*) n FROM checkpoints WHERE run_id=?", run1).n[0] >= 3
+    # responses and judgments (the stub always answers 42)
+    assert q("SELECT count(*) n FROM responses WHERE run_id=?", run1).n[0] == 12
+    summ = q("SELECT * FROM eval_summary WHERE run_id=?", run1)
+    assert summ.n[0] == 12 and summ.n_scored[0] == 12 and summ.mean_score[0] == 42
+    requests_after_first = ollama.chat_count
+
+    # A second identical run: every stage a cache hit, nothing recomputed or re-sent.
+    res2 = run_pipeline("smoke", [f"judge.host={ollama.host}"], progress=False)
+    assert res2["status"] == "completed"
+    assert all(s["cache_hit"] for s in res2["stages"].values()), res2["stages"]
+    assert ollama.chat_count == requests_after_first
+    n_ckpt = q("SELECT count(*) n FROM checkpoints").n[0]
+
+    # Rerun one stage: only it recomputes; deterministic outputs keep downstream cached.
+    res3 = run_pipeline(
+        "smoke", [f"judge.host={ollama.host}"], force=["finetune_spam"], progress=False
+    )
+    assert res3["status"] == "completed"
+    recomputed = {n for n, s in res3["stages"].items() if not s["cache_hit"]}
+    assert recomputed == {"finetune_spam"}, res3["stages"]
+    assert q("SELECT count(*) n FROM checkpoints").n[0] == n_ckpt + 1
+
+    out = json.loads(
+        q("SELECT outputs FROM stages WHERE run_id=? AND stage='pretrain'", res2["run_id"]).outputs[
+            0
+        ]
+    )
+    assert out["producer_run_id"] == run1
+
+
+def test_deleted_cached_files_are_recomputed(prefect_server, env):
+    """A cache entry whose files were removed is not trusted."""
+
+    from flows.pipeline import run_pipeline
+    from gpt.paths import artifacts_dir
+
+    # another judge model: nothing is judged by it yet, so the judge must reach Ollama
+    over = ["judge.host=http://127.0.0.1:9", "judge.model=judge-b"]
+    res = run_pipeline("smoke", over, progress=False)
+    assert res["status"] == "completed"
+    assert res["stages"]["pretrain"]["cache_hit"] is True
+    assert res["stages"]["judge"]["status"] == "skipped"
+    assert "ollama serve" in res["stages"]["judge"]["message"]
+    for ck in (artifacts_dir() / "stages" / "pretrain").glob("*/final/model.safetensors"):
+        ck.unlink()
+    res2 = run_pipeline("smoke", over, progress=False)
+    assert res2["status"] == "completed"
+    assert res2["stages"]["pretrain"]["cache_hit"] is False
+    assert res2["stages"]["tokenize"]["cache_hit"] is True
+
+
+def test_required_judge_fails_the_flow(prefect_server, env):
+    from flows.pipeline import run_pipeline
+
+    res = run_pipeline(
+        "smoke",
+        ["judge.host=http://127.0.0.1:9", "judge.model=judge-b", "judge.required=true"],
+        progress=False,
+    )
+    assert res["status"] == "failed"
+    assert res["stages"]["judge"]["status"] == "failed"
+    assert "ollama serve" in res["stages"]["judge"]["message"]
