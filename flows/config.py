@@ -34,7 +34,9 @@ STAGES = (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False
+    )
 
 
 class DownloadConfig(_Section):
@@ -277,9 +279,7 @@ def load_profile_dict(name: str) -> dict[str, Any]:
     """The raw values of profile ``name``."""
     path = PROFILES_DIR / f"{name}.toml"
     if not path.exists():
-        raise ConfigError(
-            f"unknown profile {name!r}; available: {', '.join(available_profiles())}"
-        )
+        raise ConfigError(f"unknown profile {name!r}; available: {', '.join(available_profiles())}")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

@@ -39,6 +39,7 @@ __all__ = [
     "LoadedCheckpoint",
     "load_checkpoint",
     "read_checkpoint_config",
+    "recover_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -198,13 +199,20 @@ def save_checkpoint(
     target = Path(dir).expanduser().resolve()
     gpt = _unwrap(model)
     kind, num_classes = _model_kind(gpt)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write checkpoint {target}: cannot create its folder ({exc}); "
+            "check that the parent path is a writable folder"
+        ) from exc
     try:
         files: list[Path] = []
 
         # weights
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         tied = gpt.is_tied
@@ -213,7 +221,12 @@ def save_checkpoint(
             for k, v in gpt.state_dict().items()
             if not (tied and k == "out_head.weight")
         }
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": str(tied).lower()})
+        try:
+            save_file(
+                state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": str(tied).lower()}
+            )
+        except SafetensorError as exc:  # an I/O error inside the Rust writer
+            raise OSError(f"writing {WEIGHTS} failed: {exc}") from exc
         files.append(tmp / WEIGHTS)
 
         config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
@@ -234,7 +247,10 @@ def save_checkpoint(
 
         if optimizer is not None:
             opt_state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
-            torch.save(opt_state, tmp / OPTIMIZER)
+            try:
+                torch.save(opt_state, tmp / OPTIMIZER)
+            except RuntimeError as exc:  # torch's stream writer reports I/O errors so
+                raise OSError(f"writing {OPTIMIZER} failed: {exc}") from exc
             files.append(tmp / OPTIMIZER)
 
         if extra_state is not None:
@@ -243,7 +259,10 @@ def save_checkpoint(
             _write_json(tmp / TRAINER_STATE, plain)
             files.append(tmp / TRAINER_STATE)
             if tensors:
-                save_file(tensors, str(tmp / TRAINER_TENSORS))
+                try:
+                    save_file(tensors, str(tmp / TRAINER_TENSORS))
+                except SafetensorError as exc:
+                    raise OSError(f"writing {TRAINER_TENSORS} failed: {exc}") from exc
                 files.append(tmp / TRAINER_TENSORS)
 
         if tokenizer_dir is not None:
@@ -268,28 +287,119 @@ def save_checkpoint(
         _fsync_dir(tmp)
 
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_in(tmp, target)
         else:
             os.rename(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"cannot write checkpoint {target}: {exc}; the previous checkpoint there (if "
+            "any) is unchanged: free disk space or fix the folder and save again"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_stale_olds(target)
     log.info("saved %s checkpoint to %s", kind, target)
     return target
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace the folder ``target`` by the complete folder ``tmp``.
+
+    ``target`` is renamed aside to ``.NAME.old-*`` first, then ``tmp`` renamed in. When
+    the second rename fails the old folder is renamed back. A process killed between
+    the two renames leaves only ``.NAME.old-*``: :func:`recover_checkpoint` (called on
+    load) puts it back.
+    """
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except Exception as exc:  # a kill (BaseException) is left to recover_checkpoint
+        try:
+            os.rename(old, target)
+        except OSError as back:
+            raise CheckpointError(
+                f"cannot write checkpoint {target}: moving the new version into place "
+                f"failed ({exc}) and so did moving the previous one back ({back}); the "
+                f"previous checkpoint is intact at {old} and is restored on the next load"
+            ) from exc
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _old_versions(path: Path) -> list[Path]:
+    """``.NAME.old-*`` siblings of ``path`` (left by an interrupted swap), newest first."""
+    if not path.parent.is_dir():
+        return []
+    olds = [p for p in path.parent.glob(f".{path.name}.old-*") if p.is_dir()]
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(olds, key=mtime, reverse=True)
+
+
+def _remove_stale_olds(target: Path) -> None:
+    for old in _old_versions(target):
+        log.info("removing %s, left by an interrupted checkpoint save", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(dir: str | Path) -> Path | None:
+    """Undo an interrupted :func:`save_checkpoint` swap.
+
+    When ``dir`` is missing but a save killed between its two renames left the previous
+    checkpoint aside as ``.NAME.old-*`` (complete: verified against its manifest), that
+    folder is renamed back to ``dir`` (with a warning). Returns ``dir`` when a checkpoint
+    folder is (now) there, else None.
+    """
+    path = Path(dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or path.is_symlink():
+        return None
+    for old in _old_versions(path):
+        try:
+            verify_checkpoint(old)
+        except CheckpointError as exc:
+            log.warning("not restoring %s: %s", old, exc)
+            continue
+        try:
+            os.rename(old, path)
+        except OSError as exc:
+            raise CheckpointError(
+                f"checkpoint folder {path} is missing and restoring the previous version "
+                f"from {old} failed ({exc}); rename it to {path.name} by hand"
+            ) from exc
+        _fsync_dir(path.parent)
+        log.warning(
+            "checkpoint folder %s was missing (a save was interrupted); restored the "
+            "previous checkpoint from %s",
+            path,
+            old,
+        )
+        return path
+    return None
 
 
 # --------------------------------------------------------------------------- load
 
 
 def _require_dir(path: Path) -> None:
-    if path.is_dir():
+    if recover_checkpoint(path) is not None:
         return
-    olds = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
-    hint = f" (an interrupted save left the previous version at {olds[-1]})" if olds else ""
+    olds = _old_versions(path)
+    hint = (
+        f" (an interrupted save left an incomplete previous version at {olds[0]})"
+        if olds
+        else ""
+    )
     raise CheckpointError(f"checkpoint folder {path} does not exist{hint}")
 
 

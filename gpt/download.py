@@ -26,7 +26,8 @@ import stat
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -257,6 +258,31 @@ def _inside(root: Path, candidate: Path) -> bool:
     return cand_r == root_r or cand_r.startswith(root_r + os.sep)
 
 
+#: What the zipfile module raises for a damaged or unsupported member: a corrupt
+#: deflate/bzip2/lzma stream, a CRC mismatch, an unknown compression method, an
+#: encrypted member, a member cut short.
+_MEMBER_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+    EOFError,
+    UnicodeDecodeError,
+)
+
+
+@contextlib.contextmanager
+def _member_errors(zip_path: Path, info: zipfile.ZipInfo) -> Iterator[None]:
+    """Turn the zipfile module's errors while reading ``info`` into a DataError."""
+    try:
+        yield
+    except _MEMBER_ERRORS as exc:
+        raise DataError(
+            f"{zip_path}: member {info.filename!r} is damaged or unreadable "
+            f"({type(exc).__name__}: {exc}); download the archive again"
+        ) from exc
+
+
 def _extract_to_temp(zip_path: Path, parent: Path, name: str, max_bytes: int) -> Path:
     """Extract every member of ``zip_path`` into a new temp folder under ``parent``."""
     try:
@@ -276,7 +302,8 @@ def _extract_to_temp(zip_path: Path, parent: Path, name: str, max_bytes: int) ->
         link_ids: set[int] = set()
         for info, p in names:
             if stat.S_ISLNK(info.external_attr >> 16):
-                target = zf.read(info).decode("utf-8", "replace")
+                with _member_errors(zip_path, info):
+                    target = zf.read(info).decode("utf-8", "replace")
                 resolved = os.path.normpath(os.path.join(str(p.parent), target))
                 if (
                     target.startswith(("/", "\\"))
@@ -307,12 +334,18 @@ def _extract_to_temp(zip_path: Path, parent: Path, name: str, max_bytes: int) ->
                         f"{zip_path}: member {info.filename!r} would be written through a "
                         "symlink outside the extraction folder; refusing to extract"
                     )
-                with zf.open(info) as src, open(dest, "wb") as out:
+                with (
+                    _member_errors(zip_path, info),
+                    zf.open(info) as src,
+                    open(dest, "wb") as out,
+                ):
                     shutil.copyfileobj(src, out, _CHUNK)
             for info, p in links:
                 dest = tmp.joinpath(*p.parts)
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(zf.read(info).decode("utf-8"), dest)
+                with _member_errors(zip_path, info):
+                    link_target = zf.read(info).decode("utf-8")
+                os.symlink(link_target, dest)
                 if not _inside(tmp, dest):
                     raise UnsafeArchiveError(
                         f"{zip_path}: symlink member {info.filename!r} resolves outside the "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,12 +131,27 @@ def read_text(path: str | Path) -> str:
 def _read_sms_bytes(p: Path) -> tuple[bytes, str]:
     if p.suffix.lower() == ".zip":
         try:
-            with zipfile.ZipFile(p) as zf:
-                return zf.read(SMS_MEMBER), f"{p}!{SMS_MEMBER}"
-        except KeyError:
-            raise DataError(f"{p}: the zip holds no {SMS_MEMBER!r} member") from None
-        except (zipfile.BadZipFile, OSError) as exc:
+            zf = zipfile.ZipFile(p)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
             raise DataError(f"{p}: not a readable zip archive ({exc})") from exc
+        with zf:
+            try:
+                return zf.read(SMS_MEMBER), f"{p}!{SMS_MEMBER}"
+            except KeyError:
+                raise DataError(f"{p}: the zip holds no {SMS_MEMBER!r} member") from None
+            except (
+                zipfile.BadZipFile,
+                zlib.error,
+                NotImplementedError,  # unknown compression method
+                RuntimeError,  # encrypted member
+                EOFError,
+                OSError,
+                ValueError,
+            ) as exc:
+                raise DataError(
+                    f"{p}: member {SMS_MEMBER!r} of the zip is damaged or unreadable "
+                    f"({type(exc).__name__}: {exc}); download the archive again"
+                ) from exc
     try:
         return p.read_bytes(), str(p)
     except OSError as exc:
@@ -194,6 +210,10 @@ def parse_instructions(path: str | Path) -> list[dict[str, str]]:
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    except RecursionError:
+        raise DataError(
+            f"{p}: JSON nested too deeply to parse; expected a flat list of records"
         ) from None
     if not isinstance(obj, list):
         raise DataError(f"{p}: expected a JSON list of records, got {type(obj).__name__}")

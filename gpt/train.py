@@ -326,6 +326,14 @@ class _Progress:
     finished: bool = False
 
 
+def _has_checkpoint(last: Path) -> bool:
+    """Whether ``last`` holds something to resume from; a ``last`` that a save killed
+    mid-swap left aside (``.last.old-*``) is put back first."""
+    from gpt.checkpoint import recover_checkpoint
+
+    return last.exists() or recover_checkpoint(last) is not None
+
+
 def _load_resume(
     last: Path,
     model: nn.Module,
@@ -415,7 +423,7 @@ def train_lm(
     resumed_from: int | None = None
     saved_rng: dict[str, Any] | None = None
     epoch_rng: dict[str, Any] | None = None
-    if resume and last is not None and last.exists():
+    if resume and last is not None and _has_checkpoint(last):
         prog, saved_rng, epoch_rng = _load_resume(last, model, optimizer, steps_per_epoch)
         resumed_from = prog.step
         _restore_rng(saved_rng, train_loader, val_loader)

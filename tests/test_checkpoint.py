@@ -194,3 +194,155 @@ def test_missing_things(tmp_path: Path) -> None:
     os.remove(ck / "manifest.json")
     with pytest.raises(CheckpointError, match=r"manifest\.json"):
         load_checkpoint(ck)
+
+
+# ------------------------------------------------------------------ interrupted swaps
+
+
+class _Kill(BaseException):
+    """Stands for SIGKILL: no ``except Exception`` handler runs."""
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _kill_between_renames(
+    monkeypatch: pytest.MonkeyPatch, target: Path, model: torch.nn.Module
+) -> None:
+    """Save ``model`` over ``target`` and 'die' when the new folder is renamed in."""
+    import gpt.checkpoint as ck
+
+    real = os.rename
+
+    def rename(src: object, dst: object) -> None:
+        if Path(str(dst)) == target and ".tmp-" in Path(str(src)).name:
+            raise _Kill
+        real(src, dst)
+
+    monkeypatch.setattr(ck.os, "rename", rename)
+    with pytest.raises(_Kill):
+        save_checkpoint(target, model, hparams={"v": 2})
+    monkeypatch.undo()
+
+
+def test_kill_between_renames_is_recovered_on_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gpt.checkpoint import read_checkpoint_config, recover_checkpoint
+
+    m1, _ = _trained()
+    target = save_checkpoint(tmp_path / "ck", m1, hparams={"v": 1})
+    torch.manual_seed(7)
+    _kill_between_renames(monkeypatch, target, GPT(CFG))
+    assert not target.exists()
+    olds = [p.name for p in tmp_path.iterdir()]
+    assert len(olds) == 1 and olds[0].startswith(".ck.old-"), olds
+
+    assert read_checkpoint_config(target)["emb_dim"] == CFG.emb_dim  # restores it too
+    assert any("restored the previous checkpoint" in r.getMessage() for r in caplog.records)
+    loaded = load_checkpoint(target)
+    assert loaded.hparams == {"v": 1} and _same(loaded.model, m1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert recover_checkpoint(target) == target  # present: nothing to do
+    assert recover_checkpoint(tmp_path / "never-saved") is None
+
+
+def test_incomplete_old_version_is_not_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpt.checkpoint import recover_checkpoint
+
+    m1, _ = _trained()
+    target = save_checkpoint(tmp_path / "ck", m1)
+    _kill_between_renames(monkeypatch, target, GPT(CFG))
+    (old,) = tmp_path.iterdir()
+    weights = old / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged while aside
+    assert recover_checkpoint(target) is None
+    assert not target.exists() and old.exists()
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(target)
+    assert str(target) in str(info.value) and str(old) in str(info.value)
+
+
+def test_successful_save_removes_stale_old_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m1, _ = _trained()
+    target = save_checkpoint(tmp_path / "ck", m1)
+    _kill_between_renames(monkeypatch, target, GPT(CFG))
+    assert len(list(tmp_path.iterdir())) == 1  # only the copy aside
+    # a later save into the (missing) folder: the stale copy aside goes away
+    torch.manual_seed(3)
+    m3 = GPT(CFG)
+    save_checkpoint(target, m3)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert _same(load_checkpoint(target).model, m3)
+
+
+def test_failed_swap_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import gpt.checkpoint as ck
+
+    m1, _ = _trained()
+    target = save_checkpoint(tmp_path / "ck", m1, hparams={"v": 1})
+    real = os.rename
+    failures = {"left": 1}
+
+    def rename(src: object, dst: object) -> None:
+        if Path(str(dst)) == target and failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(ck.os, "rename", rename)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(target, GPT(CFG), hparams={"v": 2})
+    assert str(target) in str(info.value) and "Input/output error" in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+    assert load_checkpoint(target).hparams == {"v": 1}
+
+    # both the swap and the roll-back fail: the error says where the old version is,
+    # and the next load puts it back
+    failures["left"] = 2
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(target, GPT(CFG), hparams={"v": 3})
+    monkeypatch.undo()
+    (old,) = tmp_path.iterdir()
+    assert old.name.startswith(".ck.old-") and str(old) in str(info.value)
+    loaded = load_checkpoint(target)
+    assert loaded.hparams == {"v": 1} and _same(loaded.model, m1)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+@pytest.mark.parametrize("where", ["parent-is-file", "disk-full"])
+def test_disk_errors_are_checkpoint_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    import errno
+
+    import gpt.checkpoint as ck
+
+    m1, _ = _trained()
+    if where == "parent-is-file":
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "ck"
+        reason = "File exists"
+    else:
+        target = save_checkpoint(tmp_path / "ck", m1, hparams={"v": 1})
+
+        def full(*a: object, **k: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ck, "_write_json", full)
+        reason = "No space left"
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint(target, m1, hparams={"v": 2})
+    monkeypatch.undo()
+    assert str(target) in str(info.value) and reason in str(info.value)
+    if where == "disk-full":
+        assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+        assert load_checkpoint(target).hparams == {"v": 1}

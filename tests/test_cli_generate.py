@@ -133,3 +133,41 @@ def test_bad_args(ckpt, tmp_path: Path, capsys) -> None:
     bare = save_checkpoint(tmp_path / "bare", m)  # no tokenizer inside
     assert main(["generate", "--checkpoint", str(bare), "--prompt", "x"]) == 1
     assert "--tokenizer-dir" in capsys.readouterr().err
+
+
+def test_undecodable_argv_prompt(
+    ckpt, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes that are not UTF-8 in argv (surrogate escapes) are tokenized as U+FFFD, and
+    the output is written even to a strict ASCII stdout (as backslash escapes)."""
+    import io
+    import os
+    import sys
+
+    path, m = ckpt
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    raw = os.fsdecode(b"caf\xe9 \xff ok")
+    assert "\udce9" in raw
+    expected = _expected(m, tok, tok.encode("caf\ufffd \ufffd ok"), 5)
+    buf = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buf, encoding="ascii", write_through=True))
+    rc = main(["generate", "--checkpoint", str(path), "--prompt", raw, "--max-new-tokens", "5"])
+    assert rc == 0
+    want = expected.encode("ascii", "backslashreplace") + b"\n"
+    assert buf.getvalue() == want
+
+
+def test_from_argv_and_write_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import os
+    import sys
+
+    from flows.commands.classify import from_argv, write_line
+
+    assert from_argv(os.fsdecode(b"a\xffb\xc3\xa9")) == "a\ufffdb\u00e9"
+    assert from_argv("x\ud800y") == "x?y"  # a lone surrogate that is no escaped byte
+    assert from_argv("plain é") == "plain é"
+    buf = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buf, encoding="ascii", write_through=True))
+    write_line("é\ufffd")
+    assert buf.getvalue() == b"\\xe9\\ufffd\n"

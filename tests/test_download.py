@@ -19,7 +19,7 @@ from gpt.download import (
     safe_extract_zip,
     sha256_file,
 )
-from gpt.errors import ChecksumError, DownloadError, UnsafeArchiveError
+from gpt.errors import ChecksumError, DataError, DownloadError, UnsafeArchiveError
 from gpt.sources import (
     DATASET_SOURCES,
     GPT2_FILES,
@@ -414,3 +414,22 @@ def test_cli_download_table(mirror: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "skipped (verified)" in capsys.readouterr().out
     assert main(["download", "--only", "nope", "--no-progress"]) == 1
     assert "unknown source 'nope'" in capsys.readouterr().err
+
+
+def test_damaged_zip_member_is_a_data_error_leaving_nothing(tmp_path: Path) -> None:
+    z = tmp_path / "bad.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok.txt", b"fine")
+        zf.writestr("data.txt", b"ham\thello there\n" * 200)
+    b = bytearray(z.read_bytes())
+    start = b.find(b"data.txt") + len("data.txt")
+    for k in range(start + 5, start + 25):
+        b[k] ^= 0xFF
+    z.write_bytes(bytes(b))
+    target = tmp_path / "out" / "x"
+    target.parent.mkdir()
+    with pytest.raises(DataError) as info:
+        safe_extract_zip(z, target)
+    assert str(z) in str(info.value) and "'data.txt'" in str(info.value)
+    assert not isinstance(info.value, UnsafeArchiveError)
+    assert list((tmp_path / "out").iterdir()) == []  # no temp folder left

@@ -222,3 +222,38 @@ def test_instructions_invalid_json(tmp_path: Path) -> None:
     p.write_text('{"instruction": "a"}', encoding="utf-8")
     with pytest.raises(DataError, match="expected a JSON list"):
         parse_instructions(p)
+
+
+def _damaged_zip(tmp_path: Path) -> Path:
+    """A deflated SMS zip whose compressed stream is overwritten in the middle."""
+    p = tmp_path / "sms.zip"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("SMSSpamCollection", b"ham\thello there\n" * 200)
+    b = bytearray(p.read_bytes())
+    start = b.find(b"SMSSpamCollection") + len("SMSSpamCollection")
+    for k in range(start + 5, start + 25):
+        b[k] ^= 0xFF
+    p.write_bytes(bytes(b))
+    return p
+
+
+def test_sms_damaged_zip_member(tmp_path: Path) -> None:
+    p = _damaged_zip(tmp_path)
+    with pytest.raises(DataError) as info:
+        parse_sms(p)
+    msg = str(info.value)
+    assert str(p) in msg and "'SMSSpamCollection'" in msg and "damaged" in msg
+
+
+def test_sms_not_a_zip(tmp_path: Path) -> None:
+    p = tmp_path / "sms.zip"
+    p.write_bytes(b"ham\thello\n")
+    with pytest.raises(DataError, match="not a readable zip archive"):
+        parse_sms(p)
+
+
+def test_instructions_too_deeply_nested(tmp_path: Path) -> None:
+    p = tmp_path / "inst.json"
+    p.write_text('{"a":' * 50_000, encoding="utf-8")
+    with pytest.raises(DataError, match=r"inst\.json: JSON nested too deeply"):
+        parse_instructions(p)

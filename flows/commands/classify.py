@@ -25,21 +25,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def from_argv(text: str) -> str:
+    """``text`` from the command line with bytes that were not UTF-8 (which Python keeps
+    as surrogate escapes) replaced by U+FFFD, so it can be tokenized and printed."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def write_line(line: str) -> None:
+    """Write ``line`` to stdout whatever its encoding (unencodable characters become
+    backslash escapes instead of raising UnicodeEncodeError)."""
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
+    sys.stdout.write(line.encode(enc, "backslashreplace").decode(enc) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     """Classify every text and print ``LABEL<TAB>p(spam)=P<TAB>TEXT`` lines."""
     from pathlib import Path
 
+    from gpt.checkpoint import recover_checkpoint
     from gpt.classifier import classify
     from gpt.errors import CheckpointError
 
     ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
+    if recover_checkpoint(ckpt) is None:
         raise CheckpointError(f"checkpoint folder {ckpt} does not exist")
-    results = classify(ckpt, list(args.texts))
-    for text, (label, prob) in zip(args.texts, results, strict=True):
+    texts = [from_argv(t) for t in args.texts]
+    results = classify(ckpt, texts)
+    for text, (label, prob) in zip(texts, results, strict=True):
         if args.json:
             line = json.dumps({"text": text, "label": label, "prob_spam": round(prob, 6)})
         else:
             line = f"{label}\tp(spam)={prob:.4f}\t{text}"
-        sys.stdout.write(line + "\n")
+        write_line(line)
     return 0

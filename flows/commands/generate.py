@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate and print."""
     import torch
 
+    from flows.commands.classify import from_argv, write_line
     from gpt.checkpoint import load_checkpoint, read_checkpoint_config
     from gpt.errors import CheckpointError, ConfigError
     from gpt.generate import generate
@@ -71,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         )
     tok = Tokenizer.from_dir(tok_dir)
 
-    text = args.prompt if args.instruction is None else format_alpaca(args.instruction, args.input)
+    if args.instruction is None:
+        text = from_argv(args.prompt)
+    else:
+        text = format_alpaca(from_argv(args.instruction), from_argv(args.input or ""))
     ids = tok.encode(text)
     if not ids:
         raise ConfigError("the prompt is empty after tokenization")
@@ -101,5 +105,5 @@ def run(args: argparse.Namespace) -> int:
     out = tok.decode(new)
     if args.instruction is not None:
         out = extract_response(out)
-    print(out)
+    write_line(out)
     return 0
