@@ -169,8 +169,7 @@ def start_server(api_url: str | None = None, *, wait_s: float = 90.0) -> str:
             return api_url
         time.sleep(0.5)
     raise PrefectServerError(
-        f"the Prefect server did not answer at {api_url} within {wait_s:.0f} s; "
-        f"see {paths.logfile}"
+        f"the Prefect server did not answer at {api_url} within {wait_s:.0f} s; see {paths.logfile}"
     )
 
 
