@@ -117,6 +117,29 @@ def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
     assert out["producer_run_id"] == run1
 
 
+def test_cli_rerun_runs_and_doctor(prefect_server, env, capsys):
+    """`gptflow rerun STAGE --run RUN` reuses that run's config and recomputes only the
+    stage; `gptflow runs` lists the runs; `gptflow doctor` reports the server up."""
+    from flows.cli import main
+    from tasks.catalog import Catalog
+
+    run1 = (
+        Catalog()
+        .query_df("SELECT run_id FROM runs WHERE status='completed' ORDER BY started_at LIMIT 1")
+        .run_id[0]
+    )
+    assert main(["rerun", "baseline_spam", "--run", str(run1)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline_spam      completed" in out
+    assert "finetune_spam      cached" in out
+    assert main(["runs", "--format", "json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert len(runs) == 4 and all(r["status"] == "completed" for r in runs)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "[ok  ] prefect server" in out and "[ok  ] python" in out
+
+
 def test_deleted_cached_files_are_recomputed(prefect_server, env):
     """A cache entry whose files were removed is not trusted."""
 
