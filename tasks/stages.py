@@ -92,6 +92,11 @@ class RunContext:
         return StageCache(Path(self.artifacts) / "stages")
 
 
+def _dataclass_args(cls: type, cfg: dict[str, Any]) -> Any:
+    """Build a library args dataclass from the matching fields of a config section."""
+    return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
+
+
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     try:
         from prefect import get_run_logger
@@ -598,7 +603,7 @@ def finetune_spam_task(
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_spam_splits(tok.path("spam/splits.json"))
-        args = SpamArgs(**{k: v for k, v in cfg.items() if k in SpamArgs.__dataclass_fields__})
+        args = _dataclass_args(SpamArgs, cfg)
         res = finetune_classifier(
             Path(base.data["bases"]["spam"]),
             splits,
@@ -628,9 +633,7 @@ def baseline_spam_task(ctx: RunContext, cfg: dict[str, Any], tok: StageOutput) -
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_spam_splits(tok.path("spam/splits.json"))
-        args = BaselineArgs(
-            **{k: v for k, v in cfg.items() if k in BaselineArgs.__dataclass_fields__}
-        )
+        args = _dataclass_args(BaselineArgs, cfg)
         rows = run_baselines(splits, args)
         ctx.catalog.replace_rows(
             "baselines",
@@ -656,9 +659,7 @@ def finetune_instruct_task(
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_instruct_splits(tok.path("instruct/splits.json"))
-        args = InstructArgs(
-            **{k: v for k, v in cfg.items() if k in InstructArgs.__dataclass_fields__}
-        )
+        args = _dataclass_args(InstructArgs, cfg)
         steps = math.ceil(len(splits["train"]) / args.batch_size) * args.epochs
         progress = _Progress("finetune-instruct-progress", steps)
         res = finetune_instruct(
@@ -679,6 +680,7 @@ def finetune_instruct_task(
         cfg,
         {"tokenize": tok, "load_gpt2": base},
         body,
+        resume=True,
         after_commit=_checkpoint_recorder(ctx, "finetune_instruct", ["instruct"]),
     )
 
@@ -715,7 +717,9 @@ def extract_responses_task(
             "responses_json": "responses.json",
         }, ["responses.json"]
 
-    return execute_stage(ctx, "extract_responses", cfg, {"finetune_instruct": inst}, body)
+    return execute_stage(
+        ctx, "extract_responses", cfg, {"tokenize": tok, "finetune_instruct": inst}, body
+    )
 
 
 # --------------------------------------------------------------------------- judge

@@ -162,7 +162,7 @@ def test_from_argv_and_write_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
     import sys
 
-    from flows.commands.classify import from_argv, write_line
+    from flows.commands import from_argv, write_line
 
     assert from_argv(os.fsdecode(b"a\xffb\xc3\xa9")) == "a\ufffdb\u00e9"
     assert from_argv("x\ud800y") == "x?y"  # a lone surrogate that is no escaped byte

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from flows.commands import from_argv, write_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,22 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="message(s) to classify")
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
     parser.set_defaults(func=run)
-
-
-def from_argv(text: str) -> str:
-    """``text`` from the command line with bytes that were not UTF-8 (which Python keeps
-    as surrogate escapes) replaced by U+FFFD, so it can be tokenized and printed."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def write_line(line: str) -> None:
-    """Write ``line`` to stdout whatever its encoding (unencodable characters become
-    backslash escapes instead of raising UnicodeEncodeError)."""
-    enc = getattr(sys.stdout, "encoding", None) or "utf-8"
-    sys.stdout.write(line.encode(enc, "backslashreplace").decode(enc) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

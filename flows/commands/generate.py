@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     """Generate and print."""
     import torch
 
-    from flows.commands.classify import from_argv, write_line
+    from flows.commands import from_argv, write_line
     from gpt.checkpoint import load_checkpoint, read_checkpoint_config
     from gpt.errors import CheckpointError, ConfigError
     from gpt.generate import generate
