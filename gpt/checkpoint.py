@@ -396,9 +396,7 @@ def _require_dir(path: Path) -> None:
         return
     olds = _old_versions(path)
     hint = (
-        f" (an interrupted save left an incomplete previous version at {olds[0]})"
-        if olds
-        else ""
+        f" (an interrupted save left an incomplete previous version at {olds[0]})" if olds else ""
     )
     raise CheckpointError(f"checkpoint folder {path} does not exist{hint}")
 

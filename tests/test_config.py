@@ -124,7 +124,7 @@ def test_json_values_parse() -> None:
             "pretrain.cosine=true",
             "pretrain.grad_clip=null",
             "tokenize.spam_ratios=[0.6, 0.2, 0.2]",
-            "pretrain.model.overrides={\"n_layers\": 3, \"drop_rate\": 0.25}",
+            'pretrain.model.overrides={"n_layers": 3, "drop_rate": 0.25}',
         ],
     )
     assert cfg.pretrain.epochs == 7 and isinstance(cfg.pretrain.epochs, int)
@@ -169,9 +169,7 @@ def test_nested_model_override_merges_into_the_profile() -> None:
     assert cfg.pretrain.epochs == base.pretrain.epochs
     assert cfg.pretrain.max_length == base.pretrain.max_length
     # dotted form, and both combined (later overrides win)
-    cfg = build_config(
-        "smoke", ["pretrain.model.name=mini", "pretrain.model.overrides.n_layers=1"]
-    )
+    cfg = build_config("smoke", ["pretrain.model.name=mini", "pretrain.model.overrides.n_layers=1"])
     assert (cfg.pretrain.model.name, cfg.pretrain.model.overrides) == ("mini", {"n_layers": 1})
     with pytest.raises(ConfigError) as info:
         build_config("smoke", ['pretrain.model={"nam":"mini"}'])
