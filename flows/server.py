@@ -72,6 +72,8 @@ def configure_env() -> str:
         "PREFECT_CLI_PROMPT": "false",
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(artifacts_dir() / "prefect-results"),
         "PREFECT_LOGGING_LOG_PRINTS": "true",
+        # the library's own loggers reach the flow run's logs in the UI too
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "gpt,tasks",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,12 @@ pytestmark = pytest.mark.prefect
 
 REPO = Path(__file__).resolve().parents[1]
 
-from conftest import _free_port  # noqa: E402
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 PREFECT_YAML = REPO / "prefect.yaml"
 
