@@ -172,3 +172,56 @@ def test_required_judge_fails_the_flow(prefect_server, env):
     assert res["status"] == "failed"
     assert res["stages"]["judge"]["status"] == "failed"
     assert "ollama serve" in res["stages"]["judge"]["message"]
+
+
+def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, tmp_path, mirror):
+    """base_model='gpt2' takes the real path: download a size's seven release files from
+    the mirror, import the TF checkpoint, finetune from it. The release here is a tiny
+    random checkpoint in OpenAI's exact layout (the real one can't be had offline)."""
+    pytest.importorskip("tensorflow", reason="tensorflow reads OpenAI's checkpoint")
+    import numpy as np
+    from test_openai_import import openai_arrays, write_openai_checkpoint
+
+    from flows.pipeline import run_pipeline
+    from gpt.checkpoint import load_checkpoint
+    from tasks.catalog import Catalog
+
+    fake = tmp_path / "mirror"
+    fake.mkdir()
+    for name in ("the-verdict.txt", "sms+spam+collection.zip", "instruction-data.json"):
+        (fake / name).symlink_to(mirror / name)
+    release = fake / "gpt2" / "124M"
+    hp = {"n_vocab": 50257, "n_ctx": 256, "n_embd": 16, "n_head": 2, "n_layer": 2}
+    arrays = openai_arrays(hp, seed=7)
+    write_openai_checkpoint(release, hp, arrays)
+    for name in ("encoder.json", "vocab.bpe"):
+        (fake / "gpt2" / name).symlink_to(mirror / "gpt2" / name)
+        (release / name).symlink_to(mirror / "gpt2" / name)
+    over = [
+        "load_gpt2.base_model=gpt2",
+        "load_gpt2.instruct_size=124M",
+        "judge.host=http://127.0.0.1:9",
+        "judge.model=judge-c",
+    ]
+    res = run_pipeline("smoke", over, mirror=str(fake), progress=False)
+    assert res["status"] == "completed", res
+    assert res["stages"]["load_gpt2"]["status"] == "completed"
+    assert res["stages"]["finetune_spam"]["status"] == "completed"
+    cat = Catalog()
+    src = cat.query_df("SELECT name FROM sources WHERE name LIKE 'gpt2-124M:%'")
+    assert len(src) == 7
+    ck = cat.query_df(
+        "SELECT path FROM checkpoints WHERE run_id=? AND stage='load_gpt2'", [res["run_id"]]
+    )
+    loaded = load_checkpoint(ck.path[0])
+    np.testing.assert_array_equal(loaded.model.tok_emb.weight.detach().numpy(), arrays["model/wte"])
+    np.testing.assert_array_equal(loaded.model.pos_emb.weight.detach().numpy(), arrays["model/wpe"])
+    ppl = cat.query_df(
+        "SELECT value FROM metrics WHERE run_id=? AND stage='load_gpt2' AND name='perplexity_124M'",
+        [res["run_id"]],
+    ).value[0]
+    assert np.isfinite(ppl) and ppl > 1
+    cfg = json.loads(
+        cat.query_df("SELECT config FROM runs WHERE run_id=?", [res["run_id"]]).config[0]
+    )
+    assert cfg["load_gpt2"]["base_model"] == "gpt2"
