@@ -102,6 +102,7 @@ def gptflow_pipeline(
         raise
     cat.end_run(run_id, "completed")
     outputs = {
+        "tokenize": tok,
         "pretrain": pre,
         "load_gpt2": base,
         "finetune_spam": spam,

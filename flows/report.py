@@ -77,12 +77,27 @@ def build_report(
     )
     pre = outputs.get("pretrain")
     plot = pre.path("loss.png") if pre is not None else None
-    tok_counts = ""
+    tok = outputs.get("tokenize")
+    counts = pd.DataFrame()
+    if tok is not None:
+        rows = [
+            {
+                "data": f"text {c['split']}",
+                "count": f"{c['chars']} chars, {c['tokens']} tokens, {c['windows']} windows",
+            }
+            for c in tok.data.get("corpus", [])
+        ]
+        for name in ("spam_counts", "instruct_counts"):
+            for split, n in tok.data.get(name, {}).items():
+                rows.append({"data": f"{name.split('_')[0]} {split}", "count": str(n)})
+        counts = pd.DataFrame(rows)
     md = [
         f"# gptflow run `{run_id}`",
         f"Profile **{cfg.profile}**, base model **{cfg.load_gpt2.base_model}**.",
         "## Stages",
         _md_table(stages),
+        "## Data",
+        _md_table(counts),
         "## Losses",
         _md_table(losses),
         f"Loss curve: `{plot}`" if plot is not None else "",
@@ -92,7 +107,6 @@ def build_report(
         _md_table(summary) if not summary.empty else f"_{judged.get('message', 'no scores')}_",
         "## Worst examples",
         _md_table(worst),
-        tok_counts,
         "## Config",
         "```json\n" + json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n```",
     ]

@@ -92,6 +92,21 @@ def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
     summ = q("SELECT * FROM eval_summary WHERE run_id=?", run1)
     assert summ.n[0] == 12 and summ.n_scored[0] == 12 and summ.mean_score[0] == 42
     requests_after_first = ollama.chat_count
+    # the run report and table artifacts reached Prefect
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gptflow-report"]))
+        )
+        report = next(a.data for a in arts if str(a.flow_run_id) == run1)
+        tables = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["spam-accuracy"]))
+        )
+    assert "## Spam accuracy" in report and "| spam train | 40 |" in report
+    assert "| judge | completed |" in report and "42" in report
+    assert any(str(a.flow_run_id) == run1 for a in tables)
 
     # A second identical run: every stage a cache hit, nothing recomputed or re-sent.
     res2 = run_pipeline("smoke", [f"judge.host={ollama.host}"], progress=False)
