@@ -455,6 +455,9 @@ def pretrain_task(
             "model": cfg["model"]["name"],
             "model_overrides": dict(cfg["model"]["overrides"]),
             "train_ratio": tok_cfg["train_ratio"],
+            # the resumable state (weights + optimizer, ~12 bytes/param) is only needed
+            # until the stage commits; a finished stage is served from the cache instead
+            "keep_last": False,
         }
     )
 
