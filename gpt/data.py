@@ -78,7 +78,11 @@ def save_tokens(ids: Sequence[int] | np.ndarray, path: Path, *, vocab_size: int)
             f"{path}: vocabulary of {vocab_size} ids does not fit in uint16 "
             f"(limit {_UINT16_LIMIT}); use a smaller vocabulary or another storage dtype"
         )
-    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    arr = np.asarray(ids).reshape(-1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{path}: token ids must be integers, got {arr.dtype}")
+    if arr.dtype.kind == "O" or not arr.size:
+        arr = arr.astype(np.int64)
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
         raise DataError(
             f"{path}: token id out of range [0, {vocab_size}) (min {arr.min()}, max {arr.max()})"
@@ -107,7 +111,9 @@ def tokenize_to_npy(text: str, tokenizer: _Encoder, path: Path) -> TokenFileInfo
         raise DataError(
             f"{path}: tokenizer vocabulary ({vocab}) must be < {_UINT16_LIMIT} to store ids as uint16"
         )
-    return save_tokens(tokenizer.encode(text), path, vocab_size=vocab)
+    to_numpy = getattr(tokenizer, "encode_to_numpy", None)
+    ids = to_numpy(text) if to_numpy is not None else tokenizer.encode(text)
+    return save_tokens(ids, path, vocab_size=vocab)
 
 
 def load_tokens(path: Path, mmap: bool = True) -> np.ndarray:

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from gpt.errors import DataError
 
@@ -82,6 +83,13 @@ class Tokenizer:
         if allow_eot:
             return self._enc.encode(text, allowed_special={EOT_TOKEN})  # type: ignore[attr-defined]
         return self._enc.encode(text, disallowed_special=())  # type: ignore[attr-defined]
+
+    def encode_to_numpy(self, text: str, allow_eot: bool = True) -> Any:
+        """:meth:`encode` straight into a uint32 NumPy array (no Python int list: about
+        4 bytes per token instead of ~40 for large corpora)."""
+        if allow_eot:
+            return self._enc.encode_to_numpy(text, allowed_special={EOT_TOKEN})  # type: ignore[attr-defined]
+        return self._enc.encode_to_numpy(text, disallowed_special=())  # type: ignore[attr-defined]
 
     def encode_batch(self, texts: Iterable[str], allow_eot: bool = True) -> list[list[int]]:
         """:meth:`encode` for many texts (tiktoken threads)."""

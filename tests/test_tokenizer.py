@@ -69,3 +69,15 @@ def test_same_as_tiktoken_gpt2_definition(
 def test_missing_files_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"encoder\.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_encode_to_numpy_equals_encode(tokenizer_dir: Path, mirror: Path) -> None:
+    """The array path used for large corpora gives exactly the list path's ids."""
+    import numpy as np
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    text = (mirror / "the-verdict.txt").read_text(encoding="utf-8") + "<|endoftext|>x"
+    arr = tok.encode_to_numpy(text)
+    assert arr.dtype == np.uint32
+    assert arr.tolist() == tok.encode(text)
+    assert arr[-2] == 50256
