@@ -8,7 +8,8 @@ A lookup trusts a manifest only when every file it lists still exists with the r
 size and sha256 — a cached result whose files were deleted or damaged is recomputed.
 
 Because downstream keys use the upstream *content* digest, recomputing a stage that
-produces identical files (training is deterministic on CPU) leaves downstream cached.
+produces identical files leaves downstream cached; changed files recompute exactly what
+depends on them.
 """
 
 from __future__ import annotations
