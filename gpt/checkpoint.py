@@ -17,7 +17,6 @@ Nothing is ever unpickled except through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from gpt.errors import CheckpointError, ConfigError
+from gpt.fileio import sha256_file as _sha256
 from gpt.model import GPT, GPTConfig
 
 __all__ = [
@@ -90,14 +90,6 @@ class LoadedCheckpoint:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:

@@ -10,7 +10,6 @@ array, so memory grows with the number of tokens, not with windows × length.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gpt.errors import ConfigError, DataError
+from gpt.fileio import sha256_file as _sha256
 
 __all__ = [
     "SlidingWindowDataset",
@@ -60,14 +60,6 @@ class TokenFileInfo:
         d = asdict(self)
         d["path"] = str(self.path)
         return d
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_tokens(ids: Sequence[int] | np.ndarray, path: Path, *, vocab_size: int) -> TokenFileInfo:

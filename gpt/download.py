@@ -44,6 +44,7 @@ from gpt.errors import (
     DownloadError,
     UnsafeArchiveError,
 )
+from gpt.fileio import sha256_file
 from gpt.sources import SOURCES, Source, SourceFile
 
 log = logging.getLogger(__name__)
@@ -175,15 +176,6 @@ class _Options:
     progress: bool
     mirror: _Mirror | None
     client: Any = None  # httpx.Client, created lazily
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _resolve_mirror(mirror: str | Path | None) -> _Mirror | None:

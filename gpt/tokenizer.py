@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from gpt.errors import DataError
+from gpt.fileio import sha256_file as _sha256
 
 __all__ = ["EOT_TOKEN", "GPT2_PAT_STR", "Tokenizer"]
 
@@ -105,11 +105,3 @@ class Tokenizer:
     def encoding(self) -> object:
         """The underlying ``tiktoken.Encoding``."""
         return self._enc
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
