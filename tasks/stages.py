@@ -67,8 +67,6 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-GPT2_SOURCE_PREFIX = "gpt2-"
-
 
 @dataclass(frozen=True)
 class RunContext:
@@ -289,21 +287,18 @@ def _sample_sink(ctx: RunContext, stage: str, producer: str) -> Callable:
 # --------------------------------------------------------------------------- download
 
 
-def _source_names(cfg: dict[str, Any]) -> list[str]:
-    return ["the-verdict", "sms-spam", "instruction-data", "gpt2-tokenizer"]
-
-
 @task(name="download", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def download_task(ctx: RunContext, cfg: dict[str, Any]) -> StageOutput:
     """Fetch the datasets and tokenizer files (skipping verified ones) and record sources."""
     from gpt.download import download_sources
+    from gpt.sources import DATASET_SOURCES
 
     started = _now()
     cat = ctx.catalog
     cat.record_stage(ctx.run_id, "download", status="running", started_at=started)
     try:
         results = download_sources(
-            _source_names(cfg),
+            list(DATASET_SOURCES),
             dest=ctx.datasets,
             mirror=cfg.get("mirror") or ctx.mirror,
             progress=ctx.progress,
