@@ -58,9 +58,9 @@ def latest_responses_run(catalog: Catalog) -> str:
 
 
 def _judge_config(section: dict[str, Any]) -> Any:
-    """A :class:`gpt.judge.JudgeConfig` from the config's ``judge`` section (host None →
+    """A :class:`gpt.eval.judge.JudgeConfig` from the config's ``judge`` section (host None →
     the library default: OLLAMA_HOST or localhost)."""
-    from gpt.judge import JudgeConfig
+    from gpt.eval.judge import JudgeConfig
 
     fields = {f.name for f in dataclasses.fields(JudgeConfig)}
     return JudgeConfig(**{k: v for k, v in section.items() if k in fields and (k != "host" or v)})

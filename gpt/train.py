@@ -306,7 +306,7 @@ def _restore_rng(state: dict[str, Any], train_loader: Any, val_loader: Any) -> N
                 if g is None:
                     raise CheckpointError(
                         f"the checkpoint holds the {key} RNG state but the {name} loader "
-                        "has no generator; build it with gpt.data.make_loader"
+                        "has no generator; build it with gpt.data.windows.make_loader"
                     )
                 g.set_state(state[key])
 
@@ -404,7 +404,7 @@ def train_lm(
     at the end; with ``resume`` an existing ``out_dir/"last"`` is continued from exactly:
     rows and samples of steps up to that checkpoint are not emitted again (rows emitted
     after it by the interrupted run are, so persist them keyed by step). Exact resume
-    needs loaders from :func:`gpt.data.make_loader` (or any loader whose shuffling uses
+    needs loaders from :func:`gpt.data.windows.make_loader` (or any loader whose shuffling uses
     torch's global RNG); the data must be the same.
     """
     if len(train_loader) == 0:

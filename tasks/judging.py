@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import DataError
-from gpt.judge import PROMPT_VERSION, JudgeConfig, Judgment, preflight, score_examples
+from gpt.eval.judge import PROMPT_VERSION, JudgeConfig, Judgment, preflight, score_examples
 
 if TYPE_CHECKING:
     import pandas as pd

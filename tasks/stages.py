@@ -28,29 +28,35 @@ from tasks.catalog import Catalog
 
 #: Library modules each stage runs; their source is part of the stage's cache key.
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "download": ("gpt.download", "gpt.sources"),
-    "tokenize": ("gpt.prepare", "gpt.parsing", "gpt.data", "gpt.tokenizer", "tasks.stages"),
+    "download": ("gpt.data.download", "gpt.data.sources"),
+    "tokenize": (
+        "gpt.recipes.prepare",
+        "gpt.data.parsing",
+        "gpt.data.windows",
+        "gpt.tokenizer",
+        "tasks.stages",
+    ),
     "pretrain": (
-        "gpt.pretrain",
+        "gpt.recipes.pretrain",
         "gpt.train",
-        "gpt.data",
+        "gpt.data.windows",
         "gpt.model",
         "gpt.generate",
         "gpt.checkpoint",
         "gpt.tokenizer",
     ),
     "load_gpt2": (
-        "gpt.openai_import",
+        "gpt.weights.openai",
         "gpt.model",
         "gpt.checkpoint",
         "gpt.generate",
-        "gpt.data",
+        "gpt.data.windows",
         "gpt.train",
     ),
-    "finetune_spam": ("gpt.classifier", "gpt.model", "gpt.checkpoint", "gpt.tokenizer"),
-    "baseline_spam": ("gpt.baseline",),
+    "finetune_spam": ("gpt.recipes.classifier", "gpt.model", "gpt.checkpoint", "gpt.tokenizer"),
+    "baseline_spam": ("gpt.eval.baseline",),
     "finetune_instruct": (
-        "gpt.instruct",
+        "gpt.recipes.instruct",
         "gpt.train",
         "gpt.model",
         "gpt.checkpoint",
@@ -58,7 +64,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
         "gpt.tokenizer",
     ),
     "extract_responses": (
-        "gpt.instruct",
+        "gpt.recipes.instruct",
         "gpt.generate",
         "gpt.model",
         "gpt.checkpoint",
@@ -290,8 +296,8 @@ def _sample_sink(ctx: RunContext, stage: str, producer: str) -> Callable:
 @task(name="download", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def download_task(ctx: RunContext, cfg: dict[str, Any]) -> StageOutput:
     """Fetch the datasets and tokenizer files (skipping verified ones) and record sources."""
-    from gpt.download import download_sources
-    from gpt.sources import DATASET_SOURCES
+    from gpt.data.download import download_sources
+    from gpt.data.sources import DATASET_SOURCES
 
     started = _now()
     cat = ctx.catalog
@@ -359,7 +365,7 @@ def tokenize_task(
     ctx: RunContext, cfg: dict[str, Any], pretrain_cfg: dict[str, Any], dl: StageOutput
 ) -> StageOutput:
     """Parse and split the inputs, tokenize the text; rows into the dataset tables."""
-    from gpt.prepare import PrepareArgs, prepare_datasets
+    from gpt.recipes.prepare import PrepareArgs, prepare_datasets
 
     args = PrepareArgs(
         **{k: v for k, v in cfg.items() if k in PrepareArgs.__dataclass_fields__},
@@ -394,7 +400,7 @@ def _write_dataset_rows(
     ctx: RunContext, run_id: str, work: Path, res: dict[str, Any], sms_sha: str
 ) -> None:
     """The four dataset tables in one transaction: all replaced, or none."""
-    from gpt.prepare import load_instruct_splits
+    from gpt.recipes.prepare import load_instruct_splits
 
     messages = json.loads((work / "spam" / "messages.json").read_text(encoding="utf-8"))
     spam = json.loads((work / "spam" / "splits.json").read_text(encoding="utf-8"))
@@ -441,7 +447,7 @@ def pretrain_task(
     ctx: RunContext, cfg: dict[str, Any], tok_cfg: dict[str, Any], tok: StageOutput
 ) -> StageOutput:
     """Train a GPT from scratch on the tokenized text (resumable after a crash)."""
-    from gpt.pretrain import PretrainArgs, pretrain
+    from gpt.recipes.pretrain import PretrainArgs, pretrain
 
     fields = set(PretrainArgs.__dataclass_fields__)
     args = PretrainArgs.from_dict(
@@ -514,7 +520,7 @@ def load_gpt2_task(
     """Import OpenAI GPT-2 weights (or, with base_model='scratch', select the pretrain
     checkpoint) as the base of the finetune stages; record a sample and perplexity."""
     from gpt.checkpoint import load_checkpoint
-    from gpt.evaluate import greedy_sample, perplexity_on_tokens
+    from gpt.eval.metrics import greedy_sample, perplexity_on_tokens
 
     if cfg["base_model"] == "scratch":
 
@@ -542,9 +548,9 @@ def load_gpt2_task(
 
         return execute_stage(ctx, "load_gpt2", cfg, {"tokenize": tok, "pretrain": pre}, body)
 
-    from gpt.download import download_sources
-    from gpt.openai_import import convert_openai_checkpoint
-    from gpt.sources import gpt2_source_name
+    from gpt.data.download import download_sources
+    from gpt.data.sources import gpt2_source_name
+    from gpt.weights.openai import convert_openai_checkpoint
 
     sizes = sorted({cfg["spam_size"], cfg["instruct_size"]})
 
@@ -596,8 +602,8 @@ def finetune_spam_task(
     ctx: RunContext, cfg: dict[str, Any], tok: StageOutput, base: StageOutput
 ) -> StageOutput:
     """Finetune the base model as a spam classifier (frozen-prefix caching)."""
-    from gpt.classifier import SpamArgs, finetune_classifier
-    from gpt.prepare import load_spam_splits
+    from gpt.recipes.classifier import SpamArgs, finetune_classifier
+    from gpt.recipes.prepare import load_spam_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_spam_splits(tok.path("spam/splits.json"))
@@ -626,8 +632,8 @@ def finetune_spam_task(
 @task(name="baseline_spam", cache_policy=NO_CACHE)
 def baseline_spam_task(ctx: RunContext, cfg: dict[str, Any], tok: StageOutput) -> StageOutput:
     """Majority-class and logistic-regression baselines on the same spam splits."""
-    from gpt.baseline import BaselineArgs, run_baselines
-    from gpt.prepare import load_spam_splits
+    from gpt.eval.baseline import BaselineArgs, run_baselines
+    from gpt.recipes.prepare import load_spam_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_spam_splits(tok.path("spam/splits.json"))
@@ -652,8 +658,8 @@ def finetune_instruct_task(
     ctx: RunContext, cfg: dict[str, Any], tok: StageOutput, base: StageOutput
 ) -> StageOutput:
     """Instruction-finetune the base model on the Alpaca-formatted train split."""
-    from gpt.instruct import InstructArgs, finetune_instruct
-    from gpt.prepare import load_instruct_splits
+    from gpt.recipes.instruct import InstructArgs, finetune_instruct
+    from gpt.recipes.prepare import load_instruct_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_instruct_splits(tok.path("instruct/splits.json"))
@@ -688,8 +694,8 @@ def extract_responses_task(
     ctx: RunContext, cfg: dict[str, Any], tok: StageOutput, inst: StageOutput
 ) -> StageOutput:
     """Greedy responses for the test split -> ``responses`` rows and a JSON export."""
-    from gpt.instruct import export_responses_json, extract_responses
-    from gpt.prepare import load_instruct_splits
+    from gpt.recipes.instruct import export_responses_json, extract_responses
+    from gpt.recipes.prepare import load_instruct_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         test = load_instruct_splits(tok.path("instruct/splits.json"))["test"]
@@ -728,7 +734,7 @@ def judge_task(ctx: RunContext, cfg: dict[str, Any], resp: StageOutput) -> dict[
     """Score the responses with the Ollama judge. Resumes: only unscored examples are
     sent. With ``required`` false an unreachable server or missing model ends the stage
     as Skipped with the fix recorded."""
-    from gpt.judge import JudgeConfig
+    from gpt.eval.judge import JudgeConfig
     from tasks.judging import judge_run
 
     cat = ctx.catalog

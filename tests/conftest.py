@@ -36,7 +36,7 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return found
     cache = Path(os.environ.get("GPTFLOW_TEST_CACHE", Path.home() / ".cache" / "gptflow-inputs"))
     try:
-        from gpt.download import download_sources
+        from gpt.data.download import download_sources
 
         download_sources(
             ["the-verdict", "sms-spam", "instruction-data", "gpt2-tokenizer"], dest=cache

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gpt.baseline import BaselineArgs, binary_metrics, run_baselines
+from gpt.data.parsing import balance_and_split_spam, parse_sms
 from gpt.errors import ConfigError, DataError
-from gpt.parsing import balance_and_split_spam, parse_sms
+from gpt.eval.baseline import BaselineArgs, binary_metrics, run_baselines
 
 Splits = dict[str, tuple[list[str], list[int]]]
 
@@ -20,7 +20,7 @@ TEST_FLOORS = {"logreg_bow": 0.96, "logreg_tfidf": 0.965}
 
 
 def _independent_split(zip_path: Path) -> Splits:
-    """The reference's procedure written out directly (no gpt.parsing)."""
+    """The reference's procedure written out directly (no gpt.data.parsing)."""
     with zipfile.ZipFile(zip_path) as zf:
         raw = zf.read("SMSSpamCollection").decode("utf-8")
     rows = [line.split("\t", 1) for line in raw.splitlines() if line.strip()]

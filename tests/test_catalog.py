@@ -18,15 +18,11 @@ import pytest
 
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
-from tasks import catalog as catalog_mod
-from tasks.catalog import (
-    KNOWN_TABLES,
-    KNOWN_VIEWS,
-    SCHEMA_VERSION,
-    Catalog,
-    format_df,
-    run_readonly_sql,
-)
+from tasks.catalog import Catalog
+from tasks.catalog import store as catalog_mod
+from tasks.catalog.present import format_df
+from tasks.catalog.queries import run_readonly_sql
+from tasks.catalog.schema import KNOWN_TABLES, KNOWN_VIEWS, SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
-from gpt.classifier import (
+from gpt.data.parsing import balance_and_split_spam, parse_sms
+from gpt.model import GPT, get_config
+from gpt.recipes.classifier import (
     SpamArgs,
     build_classifier,
     classify,
     encode_spam,
     finetune_classifier,
 )
-from gpt.model import GPT, get_config
-from gpt.parsing import balance_and_split_spam, parse_sms
 from gpt.tokenizer import Tokenizer
 
 FINAL = ["accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp"]

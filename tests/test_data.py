@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt.data import (
+from gpt.data.windows import (
     SlidingWindowDataset,
     load_tokens,
     make_loader,

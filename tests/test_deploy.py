@@ -199,9 +199,9 @@ def _task_state_names(flow_run_id) -> list[str]:
 def test_judge_flow_scores_then_resumes(prefect_server):
     import json
 
-    from ollama_stub import OllamaStub
     from prefect.client.orchestration import get_client
 
+    from benchmarks.ollama_stub import OllamaStub
     from flows.judge_flow import gptflow_judge
     from tasks.catalog import Catalog
 

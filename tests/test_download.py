@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 from helpers_http import Fault, LoopbackServer, serve
 
-from gpt.download import (
+from gpt.data.download import (
     download_source,
     download_sources,
     safe_extract_zip,
     sha256_file,
 )
-from gpt.errors import ChecksumError, DataError, DownloadError, UnsafeArchiveError
-from gpt.sources import (
+from gpt.data.sources import (
     DATASET_SOURCES,
     GPT2_FILES,
     GPT2_SIZES,
@@ -30,6 +29,7 @@ from gpt.sources import (
     SourceFile,
     get_source,
 )
+from gpt.errors import ChecksumError, DataError, DownloadError, UnsafeArchiveError
 
 VERDICT_SHA = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 SMS_INNER_SHA = "edc1f2ca36319ca36c6f80fede2f6ae5f81335289352485f3924df077ec20266"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
-from gpt.instruct import (
+from gpt.model import GPT, get_config
+from gpt.recipes.instruct import (
     InstructArgs,
     InstructionDataset,
     batch_indices,
@@ -20,7 +21,6 @@ from gpt.instruct import (
     finetune_instruct,
     make_instruct_loader,
 )
-from gpt.model import GPT, get_config
 from gpt.tokenizer import Tokenizer
 
 EOT = 50256

@@ -13,10 +13,10 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from ollama_stub import OllamaStub
 
+from benchmarks.ollama_stub import OllamaStub
 from gpt.errors import DataError, ModelNotPulledError, OllamaUnreachableError
-from gpt.judge import (
+from gpt.eval.judge import (
     PROMPT_VERSION,
     JudgeConfig,
     build_prompt,

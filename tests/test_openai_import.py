@@ -124,7 +124,7 @@ def test_written_layout_is_openais(openai_dir) -> None:
 
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 def test_logits_match_numpy_reference(openai_dir, attention: str) -> None:
-    from gpt.openai_import import load_openai_gpt2
+    from gpt.weights.openai import load_openai_gpt2
 
     folder, arrays = openai_dir
     model = load_openai_gpt2(folder, attention=attention)
@@ -151,7 +151,7 @@ def test_logits_match_numpy_reference(openai_dir, attention: str) -> None:
 def test_convert_and_cli(openai_dir, tmp_path: Path, tokenizer_dir: Path) -> None:
     from flows.cli import main
     from gpt.checkpoint import load_checkpoint
-    from gpt.openai_import import convert_openai_checkpoint, load_openai_gpt2
+    from gpt.weights.openai import convert_openai_checkpoint, load_openai_gpt2
 
     folder, _ = openai_dir
     src = tmp_path / "src"
@@ -191,7 +191,7 @@ def _variant(tmp_path: Path, name: str, hp: dict, mutate) -> Path:
 
 
 def test_unmapped_and_missing_variables(tmp_path: Path) -> None:
-    from gpt.openai_import import load_openai_gpt2
+    from gpt.weights.openai import load_openai_gpt2
 
     hp = {**HP, "n_layer": 1}
 
@@ -213,7 +213,7 @@ def test_unmapped_and_missing_variables(tmp_path: Path) -> None:
 
 
 def test_wrong_shape(tmp_path: Path) -> None:
-    from gpt.openai_import import load_openai_gpt2
+    from gpt.weights.openai import load_openai_gpt2
 
     hp = {**HP, "n_layer": 1}
 
@@ -228,7 +228,7 @@ def test_wrong_shape(tmp_path: Path) -> None:
 
 
 def test_missing_files(tmp_path: Path) -> None:
-    from gpt.openai_import import load_openai_gpt2
+    from gpt.weights.openai import load_openai_gpt2
 
     with pytest.raises(CheckpointError, match=r"hparams\.json"):
         load_openai_gpt2(tmp_path)

@@ -12,8 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gpt.errors import DataError
-from gpt.parsing import (
+from gpt.data.parsing import (
     SmsRecord,
     balance_and_split_spam,
     parse_instructions,
@@ -22,6 +21,7 @@ from gpt.parsing import (
     split_instructions,
     split_text,
 )
+from gpt.errors import DataError
 
 
 def _sms_bytes(mirror: Path) -> bytes:

@@ -30,7 +30,7 @@ def env(shared_dirs: Path, mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 
 @pytest.fixture
 def ollama(tmp_path: Path):
-    from ollama_stub import OllamaStub
+    from benchmarks.ollama_stub import OllamaStub
 
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 42")
     stub.start()

@@ -12,7 +12,7 @@ import torch
 
 from gpt.checkpoint import load_checkpoint
 from gpt.errors import ConfigError, DataError
-from gpt.pretrain import PretrainArgs, pretrain, read_text_strict
+from gpt.recipes.pretrain import PretrainArgs, pretrain, read_text_strict
 
 
 @pytest.fixture(autouse=True, scope="module")

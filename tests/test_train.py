@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt.data import SlidingWindowDataset, make_loader
+from gpt.data.windows import SlidingWindowDataset, make_loader
 from gpt.errors import CheckpointError
 from gpt.model import GPT, get_config
 from gpt.train import (

@@ -2,7 +2,7 @@
 print a table, store the rows in the catalog's ``benchmarks`` table and a JSON file
 under ``artifacts/bench/``.
 
-The benchmarks themselves live in :mod:`gpt.bench`; ``pipeline_rerun`` is here because
+The benchmarks themselves live in :mod:`benchmarks.suite`; ``pipeline_rerun`` is here because
 it needs Prefect (a first ``smoke`` run vs a second identical one, in a throw-away
 artifacts/catalog folder so the first run really computes).
 """
@@ -121,7 +121,7 @@ def bench_pipeline_rerun(mirror: str | None, quick: bool = False) -> Any:
     import tempfile
     import time
 
-    from gpt.bench import BenchResult, BenchSkipped, _load_ollama_stub
+    from benchmarks.suite import BenchResult, BenchSkipped, _load_ollama_stub
 
     mirror = mirror or os.environ.get("GPTFLOW_MIRROR")
     if not mirror:
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from gpt import bench
+    from benchmarks import suite as bench
     from gpt.paths import artifacts_dir
     from tasks.catalog import Catalog
 

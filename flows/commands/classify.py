@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from gpt.checkpoint import recover_checkpoint
-    from gpt.classifier import classify
     from gpt.errors import CheckpointError
+    from gpt.recipes.classifier import classify
 
     ckpt = Path(args.checkpoint)
     if recover_checkpoint(ckpt) is None:

@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert and print the checkpoint path."""
     from gpt.model import count_parameters
-    from gpt.openai_import import convert_openai_checkpoint
+    from gpt.weights.openai import convert_openai_checkpoint
 
     out = convert_openai_checkpoint(
         args.openai_dir, args.out, tokenizer_dir=args.tokenizer_dir, drop_rate=args.drop_rate

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from gpt.sources import DATASET_SOURCES, GPT2_SIZES
+from gpt.data.sources import DATASET_SOURCES, GPT2_SIZES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,8 +65,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Fetch the selected sources and print what was fetched or skipped."""
-    from gpt.download import download_sources
-    from gpt.sources import get_source, gpt2_source_name, list_sources
+    from gpt.data.download import download_sources
+    from gpt.data.sources import get_source, gpt2_source_name, list_sources
 
     if args.list:
         rows = [[s.name, str(len(s.files)), s.description] for s in list_sources()]

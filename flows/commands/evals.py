@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from gpt.errors import ConfigError
-    from tasks.catalog import Catalog, format_df
+    from tasks.catalog import Catalog
+    from tasks.catalog.present import format_df
     from tasks.judging import summarize
 
     if args.worst is not None and args.worst < 1:

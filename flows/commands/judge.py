@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     """Import the responses, judge them, print the summary; 1 when requests failed."""
     import logging
 
-    from gpt.judge import JudgeConfig
-    from tasks.catalog import Catalog, format_df
+    from gpt.eval.judge import JudgeConfig
+    from tasks.catalog import Catalog
+    from tasks.catalog.present import format_df
     from tasks.judging import import_responses, judge_run, summarize
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request

@@ -123,7 +123,8 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from tasks.catalog import Catalog, format_df
+    from tasks.catalog import Catalog
+    from tasks.catalog.present import format_df
 
     cat = Catalog()
     df = cat.query_df(
@@ -186,7 +187,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "prefect server",
         f"{st['api_url']} " + ("up" if st["healthy"] else "down (gptflow run starts it)"),
     )
-    from gpt.judge import JudgeConfig, preflight
+    from gpt.eval.judge import JudgeConfig, preflight
 
     jcfg = JudgeConfig()
     try:

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the query and print it in the chosen format."""
     from gpt.paths import default_db_path
-    from tasks.catalog import format_df, run_readonly_sql
+    from tasks.catalog.present import format_df
+    from tasks.catalog.queries import run_readonly_sql
 
     db = args.db if args.db else default_db_path()
     df = run_readonly_sql(db, args.query)

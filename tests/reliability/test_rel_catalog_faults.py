@@ -70,7 +70,7 @@ def test_two_processes_writing_at_once_lose_no_rows(
     st = cat.query_df("SELECT run_id, status, outputs FROM stages ORDER BY run_id")
     assert st["status"].tolist() == ["completed", "completed"]
     # the file is sound: DuckDB's own check and a full read of every table succeed
-    from tasks.catalog import KNOWN_TABLES
+    from tasks.catalog.schema import KNOWN_TABLES
 
     for table in sorted(KNOWN_TABLES):
         cat.query_df(f"SELECT * FROM {table}")

@@ -93,8 +93,8 @@ def slow_server(data: bytes, delay: float) -> Iterator[SlowServer]:
 
 _CHILD = """
 import sys
-from gpt.download import download_sources
-from gpt.sources import Source, SourceFile
+from gpt.data.download import download_sources
+from gpt.data.sources import Source, SourceFile
 url, sha, size, dest = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 src = Source("blob", "test blob", (SourceFile("blob.bin", (url,), sha256=sha, size=size),))
 print("starting", flush=True)
@@ -104,7 +104,7 @@ print("finished", flush=True)
 
 
 def _source(url: str, sha: str):
-    from gpt.sources import Source, SourceFile
+    from gpt.data.sources import Source, SourceFile
 
     return Source("blob", "test blob", (SourceFile("blob.bin", (url,), sha256=sha, size=SIZE),))
 
@@ -144,7 +144,7 @@ def _kill_mid_transfer(server: SlowServer, dest: Path, env: dict[str, str]) -> i
 def test_download_killed_mid_transfer_is_never_accepted(
     tmp_path: Path, sub_env: dict[str, str], damage: str | None
 ) -> None:
-    from gpt.download import download_sources
+    from gpt.data.download import download_sources
 
     data = random.Random(7).randbytes(SIZE)
     dest = tmp_path / "datasets"
@@ -186,7 +186,7 @@ def test_final_file_replaced_by_partial_bytes_is_refetched(
     tmp_path: Path,
 ) -> None:
     """A final file that was cut short later (e.g. a copy killed mid-way) is not trusted."""
-    from gpt.download import download_sources
+    from gpt.data.download import download_sources
 
     data = random.Random(8).randbytes(SIZE)
     dest = tmp_path / "datasets"

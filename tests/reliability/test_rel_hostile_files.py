@@ -96,7 +96,7 @@ def test_malicious_resume_state_stops_training(lm_checkpoint: Path, tmp_path: Pa
 
     import torch
 
-    from gpt.data import SlidingWindowDataset, make_loader
+    from gpt.data.windows import SlidingWindowDataset, make_loader
     from gpt.model import GPT, GPTConfig
     from gpt.train import LMTrainArgs, train_lm
 
@@ -159,7 +159,7 @@ def _crafted_zip(path: Path, evil_name: str, *, symlink_to: str | None = None) -
 def test_archive_escaping_its_folder_is_refused(
     tmp_path: Path, evil_name: str, symlink_to: str | None
 ) -> None:
-    from gpt.download import download_sources
+    from gpt.data.download import download_sources
 
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -186,7 +186,7 @@ def test_archive_escaping_its_folder_is_refused(
 
 def test_corrupt_archive_through_download_is_a_clear_error(tmp_path: Path) -> None:
     """A zip whose deflate stream is damaged fails as a gptflow error, leaving no file."""
-    from gpt.download import download_sources
+    from gpt.data.download import download_sources
     from gpt.errors import GPTFlowError
 
     mirror = tmp_path / "mirror"
@@ -313,7 +313,7 @@ def test_classify_long_text_is_truncated(
     clf_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from flows.cli import main
-    from gpt.classifier import classify
+    from gpt.recipes.classifier import classify
 
     long = "WIN a FREE prize now " * 5000
     assert main(["classify", "--checkpoint", str(clf_checkpoint), "--json", long, "hi"]) == 0

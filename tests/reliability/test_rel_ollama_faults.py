@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 from _rel_helpers import free_port
-from ollama_stub import OllamaStub
 
+from benchmarks.ollama_stub import OllamaStub
 from gpt.errors import JudgeError, OllamaUnreachableError
 
 N = 6
@@ -46,7 +46,7 @@ def catalog():
 
 
 def _cfg(host: str, **kw):
-    from gpt.judge import JudgeConfig
+    from gpt.eval.judge import JudgeConfig
 
     base = {
         "host": host,

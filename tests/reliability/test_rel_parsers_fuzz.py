@@ -34,7 +34,7 @@ def _write(data: bytes, name: str) -> Path:
 
 
 def _sms_outcome(path: Path) -> list | DataError:
-    from gpt.parsing import parse_sms
+    from gpt.data.parsing import parse_sms
 
     try:
         return parse_sms(path)
@@ -122,7 +122,7 @@ def _corrupt_zip(tmp: Path, how: str) -> bytes:
 def test_parse_sms_damaged_zip_gives_data_error(tmp_path: Path, how: str) -> None:
     """Every kind of damaged archive is a DataError naming the file (not zlib.error,
     NotImplementedError or RuntimeError from the zipfile module)."""
-    from gpt.parsing import parse_sms
+    from gpt.data.parsing import parse_sms
 
     path = tmp_path / "sms+spam+collection.zip"
     path.write_bytes(_corrupt_zip(tmp_path, how))
@@ -144,7 +144,7 @@ _record = st.dictionaries(_field, _text | _json_scalar, max_size=4)
 
 
 def _instr_outcome(path: Path) -> list | DataError:
-    from gpt.parsing import parse_instructions
+    from gpt.data.parsing import parse_instructions
 
     try:
         return parse_instructions(path)
@@ -178,7 +178,7 @@ def test_parse_instructions_any_bytes(data: bytes) -> None:
 @pytest.mark.parametrize("opener", ["[", '{"a":'])
 def test_parse_instructions_deeply_nested(tmp_path: Path, opener: str) -> None:
     """A hostile file nesting 100,000 levels deep is a DataError, not a RecursionError."""
-    from gpt.parsing import parse_instructions
+    from gpt.data.parsing import parse_instructions
 
     path = tmp_path / "instruction-data.json"
     path.write_text(opener * 100_000, encoding="utf-8")

@@ -2,7 +2,7 @@
 checkpoint (steps continue), the catalog's metric rows are not duplicated, and the final
 weights equal those of an uninterrupted run, bit for bit.
 
-Each run is a child process running the pretrain stage library (gpt.pretrain.pretrain)
+Each run is a child process running the pretrain stage library (gpt.recipes.pretrain.pretrain)
 with the pipeline's own catalog metrics sink (tasks.stages._metrics_sink), on a tiny
 model over the first 3,000 characters of the-verdict. The reference run and the run
 that gets killed execute concurrently to save wall time. A kill inside the checkpoint
@@ -30,7 +30,7 @@ import json, os, signal, sys
 from pathlib import Path
 out, db, text, tok, run_id, mode = sys.argv[1:7]
 epochs, ckpt, kill = (int(x) for x in sys.argv[7:10])
-from gpt.pretrain import PretrainArgs, pretrain
+from gpt.recipes.pretrain import PretrainArgs, pretrain
 from tasks.stages import RunContext, _metrics_sink
 
 args = PretrainArgs(
@@ -155,7 +155,7 @@ def _tiny_training(out: Path):
     2 epochs), on one thread."""
     from _rel_helpers import TINY
 
-    from gpt.data import SlidingWindowDataset, make_loader
+    from gpt.data.windows import SlidingWindowDataset, make_loader
     from gpt.model import GPT, GPTConfig
     from gpt.train import LMTrainArgs, train_lm
 

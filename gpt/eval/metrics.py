@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gpt.data import load_tokens
+from gpt.data.windows import load_tokens
 from gpt.generate import generate
 from gpt.model import GPT
 from gpt.tokenizer import Tokenizer

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt import parsing
-from gpt.data import SlidingWindowDataset, tokenize_to_npy
+from gpt.data import parsing
+from gpt.data.windows import SlidingWindowDataset, tokenize_to_npy
 from gpt.tokenizer import Tokenizer
 
 

@@ -1,6 +1,6 @@
 """The downloader every stage uses.
 
-Streams each file of a :class:`~gpt.sources.Source` into ``<name>.part`` next to its
+Streams each file of a :class:`~gpt.data.sources.Source` into ``<name>.part`` next to its
 destination (progress bar, bounded retries with exponential backoff, resume through HTTP
 ``Range``, clean restart when the server ignores it), verifies the sha256 (for a zip:
 the listed members after a safe extraction), and only then renames it into place. A
@@ -37,6 +37,7 @@ from urllib.parse import quote
 from tqdm.auto import tqdm
 
 from gpt import paths
+from gpt.data.sources import SOURCES, Source, SourceFile
 from gpt.errors import (
     ChecksumError,
     ConfigError,
@@ -45,7 +46,6 @@ from gpt.errors import (
     UnsafeArchiveError,
 )
 from gpt.fileio import sha256_file
-from gpt.sources import SOURCES, Source, SourceFile
 
 log = logging.getLogger(__name__)
 

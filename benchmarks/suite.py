@@ -556,8 +556,8 @@ def bench_spam_finetune(quick: bool = False, *, tokenizer_dir: Path | None = Non
     Figure: finetune wall seconds without the checkpoint load/save (the same on both
     sides; in ``details``). Per-step losses and final metrics must match."""
     from gpt.checkpoint import save_checkpoint
-    from gpt.classifier import SpamArgs, finetune_classifier
     from gpt.model import CONFIGS
+    from gpt.recipes.classifier import SpamArgs, finetune_classifier
 
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "encoder.json").is_file():
         raise BenchSkipped(
@@ -652,30 +652,16 @@ def bench_spam_finetune(quick: bool = False, *, tokenizer_dir: Path | None = Non
 
 
 def _load_ollama_stub() -> Any:
-    """The loopback Ollama stand-in from ``tests/ollama_stub.py`` of the checkout."""
-    import importlib.util
+    """The loopback Ollama stand-in (:class:`benchmarks.ollama_stub.OllamaStub`)."""
+    from benchmarks.ollama_stub import OllamaStub
 
-    from gpt.paths import project_root
-
-    path = project_root() / "tests" / "ollama_stub.py"
-    if not path.is_file():
-        raise BenchSkipped(
-            f"judge needs the loopback Ollama stand-in {path} (a source checkout of gptflow)"
-        )
-    spec = importlib.util.spec_from_file_location("_gptflow_ollama_stub", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    import sys
-
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.OllamaStub
+    return OllamaStub
 
 
 def bench_judge(quick: bool = False, *, latency_s: float = 0.2) -> BenchResult:
     """LLM-judge throughput against a loopback Ollama stand-in with a fixed latency per
     request: concurrency 1 (baseline) vs 8."""
-    from gpt.judge import JudgeConfig, score_examples
+    from gpt.eval.judge import JudgeConfig, score_examples
 
     stub_cls = _load_ollama_stub()
     n = 16 if quick else 40
@@ -789,7 +775,7 @@ def _windowing_child(
 ) -> dict[str, Any]:
     """Runs in a fresh process so its peak RSS belongs to this workload alone."""
 
-    from gpt.data import SlidingWindowDataset, tokenize_to_npy
+    from gpt.data.windows import SlidingWindowDataset, tokenize_to_npy
     from gpt.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer_dir)
@@ -850,7 +836,7 @@ def bench_windowing(quick: bool = False, *, tokenizer_dir: Path | None = None) -
     sizes = [2 * mb, 4 * mb] if quick else [25 * mb, 50 * mb]
     max_length, stride = 256, 1
     code = (
-        "import json, sys; from gpt.bench import _windowing_child; "
+        "import json, sys; from benchmarks.suite import _windowing_child; "
         "print(json.dumps(_windowing_child(*json.loads(sys.argv[1]))))"
     )
     env = {

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from gpt.data import SlidingWindowDataset, load_tokens, make_loader, tokenize_to_npy
+from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader, tokenize_to_npy
 from gpt.errors import ConfigError, DataError
 from gpt.train import LMTrainArgs, train_lm
 

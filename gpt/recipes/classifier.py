@@ -357,8 +357,8 @@ def finetune_classifier(
     ``on_metrics`` (per-epoch ``loss``/``accuracy`` per split, then ``final_*`` rows),
     saves a classifier checkpoint to ``out_dir`` and returns a JSON-able summary.
     """
-    from gpt.baseline import binary_metrics
     from gpt.checkpoint import load_checkpoint, save_checkpoint
+    from gpt.eval.baseline import binary_metrics
 
     args = args or SpamArgs()
     _check_splits(splits)

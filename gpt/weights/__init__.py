@@ -1,0 +1,1 @@
+"""Importing published weights into gptflow checkpoints."""

@@ -1,0 +1,97 @@
+"""Presentation of query results for the command line: aligned tables, CSV, JSON."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import TYPE_CHECKING, Any
+
+from gpt.errors import CatalogError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def _cell(value: Any) -> str:
+    import pandas as pd
+
+    if value is None:
+        return "NULL"
+    try:
+        if pd.isna(value):
+            return "NULL"
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, pd.Timestamp | dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, float | int | str | bool):
+        return value
+    return str(value)
+
+
+def format_df(df: pd.DataFrame, fmt: str = "table", *, max_width: int = 60) -> str:
+    """Render a query result as ``table`` (aligned text, long cells cut to ``max_width``
+    characters), ``csv`` or ``json`` (a list of row objects)."""
+    import pandas as pd
+
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        records = [
+            {str(k): _jsonable(v) for k, v in zip(df.columns, row, strict=True)}
+            for row in df.itertuples(index=False, name=None)
+        ]
+        return json.dumps(records, indent=2, ensure_ascii=False)
+    if fmt != "table":
+        raise CatalogError(f"unknown output format {fmt!r}; use table, csv or json")
+
+    headers = [str(c) for c in df.columns]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+    rows: list[list[str]] = []
+    for row in df.itertuples(index=False, name=None):
+        cells = []
+        for v in row:
+            s = _cell(v).replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
+            if len(s) > max_width:
+                s = s[: max_width - 3] + "..."
+            cells.append(s)
+        rows.append(cells)
+    widths = [len(h) for h in headers]
+    for cells in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(cells, widths, numeric, strict=True)
+        ]
+        return " | ".join(parts).rstrip()
+
+    out = [line(headers), "-+-".join("-" * w for w in widths)]
+    out += [line(cells) for cells in rows]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
