@@ -585,9 +585,7 @@ def bench_spam_finetune(quick: bool = False, *, tokenizer_dir: Path | None = Non
             key = "optimized" if prefix_cache else "baseline"
 
             def fn() -> None:
-                args = SpamArgs(
-                    epochs=epochs, batch_size=8, prefix_cache=prefix_cache, device=device.type
-                )
+                args = SpamArgs(epochs=epochs, batch_size=8, prefix_cache=prefix_cache)
                 t0 = time.perf_counter()
                 summary = finetune_classifier(
                     base_dir,
@@ -595,6 +593,7 @@ def bench_spam_finetune(quick: bool = False, *, tokenizer_dir: Path | None = Non
                     args,
                     out_dir=Path(tmp) / f"out-{key}",
                     tokenizer_dir=tokenizer_dir,
+                    device=device.type,
                     progress=False,
                 )
                 summary["wall_s"] = time.perf_counter() - t0

@@ -10,232 +10,64 @@ from __future__ import annotations
 
 import json
 import tomllib
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from flows.profiles import DEFAULT_PROFILE, PROFILES_DIR, STAGES, available_profiles
+from gpt.config import Args, ArgsError
+from gpt.data.download import DownloadArgs
+from gpt.device import DeviceName
 from gpt.errors import ConfigError
+from gpt.eval.baseline import BaselineArgs
+from gpt.eval.judge import JudgeConfig
+from gpt.recipes.base import LoadGPT2Args
+from gpt.recipes.classifier import SpamArgs
+from gpt.recipes.instruct import ExtractArgs, InstructArgs
+from gpt.recipes.prepare import PrepareArgs
+from gpt.recipes.pretrain import PretrainArgs
 
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
-DEFAULT_PROFILE = "cpu"
-
-STAGES = (
-    "download",
-    "tokenize",
-    "pretrain",
-    "load_gpt2",
-    "finetune_spam",
-    "baseline_spam",
-    "finetune_instruct",
-    "extract_responses",
-    "judge",
-)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False
-    )
+__all__ = [
+    "DEFAULT_PROFILE",
+    "PROFILES_DIR",
+    "STAGES",
+    "PipelineConfig",
+    "available_profiles",
+    "build_config",
+    "config_to_dict",
+    "parse_override",
+]
 
 
-class DownloadConfig(_Section):
-    mirror: str | None = None
-    """Local folder or http(s) base URL laid out like the remote files (GPTFLOW_MIRROR
-    overrides when unset). Only where bytes come from: checksums are verified either way."""
-    retries: int = Field(3, ge=0, le=10)
-    """Prefect-level retries of the download task on network failure."""
-
-
-class TokenizeConfig(_Section):
-    train_ratio: float = Field(0.9, gt=0, lt=1)
-    """Pretraining text split by characters: this share is train, the rest validation."""
-    text_chars: int | None = Field(None, gt=0)
-    """Use only the first N characters of the pretraining text (smoke runs)."""
-    spam_seed: int = 123
-    """Seed of ham undersampling and of the shuffle before the 70/10/20 split."""
-    spam_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    """Train/validation/test shares of the balanced SMS set."""
-    spam_limit: int | None = Field(None, gt=0)
-    """Keep at most N examples per spam split (smoke runs); None keeps all."""
-    instruct_train: float = Field(0.85, gt=0, lt=1)
-    """Share of instruction records for training (in file order unless shuffled)."""
-    instruct_test: float = Field(0.10, gt=0, lt=1)
-    """Share for the test split; the rest is validation."""
-    instruct_shuffle_seed: int | None = None
-    """Shuffle instruction records with this seed before splitting; None keeps file order."""
-    instruct_limit: int | None = Field(None, gt=0)
-    """Keep at most N records per instruction split (smoke runs)."""
-
-
-class ModelSpec(_Section):
-    name: str = "gpt2-small-256"
-    """A name from gpt.model.CONFIGS."""
-    overrides: dict[str, int | float | bool | str] = Field(default_factory=dict)
-    """GPTConfig fields to change, e.g. {"n_layers": 2, "emb_dim": 64}."""
-
-
-class PretrainConfig(_Section):
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    """Architecture of the model trained from scratch."""
-    max_length: int = Field(256, gt=1)
-    """Window length in tokens (the reference uses the context length, 256)."""
-    stride: int = Field(256, gt=0)
-    """Step between window starts."""
-    epochs: int = Field(10, gt=0)
-    """Passes over the training windows."""
-    batch_size: int = Field(2, gt=0)
-    """Windows per step."""
-    lr: float = Field(4e-4, gt=0)
-    """AdamW peak learning rate."""
-    weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup steps (0 = none, as in the reference)."""
-    cosine: bool = False
-    """Cosine decay to min_lr after warmup."""
-    min_lr: float = Field(0.0, ge=0)
-    """Floor of the cosine schedule."""
-    grad_clip: float | None = Field(None, gt=0)
-    """Clip the gradient norm to this value; None disables."""
-    eval_every: int = Field(5, gt=0)
-    """Evaluate train/val loss every N steps."""
-    eval_batches: int = Field(5, gt=0)
-    """Batches per evaluation."""
-    checkpoint_every: int = Field(50, ge=0)
-    """Write a resumable checkpoint every N steps (0 = only at the end)."""
-    max_steps: int | None = Field(None, gt=0)
-    """Stop after N optimizer steps (smoke runs)."""
-    seed: int = 123
-    """Seed of model init, data order and dropout."""
-    sample_prompt: str = "Every effort moves you"
-    """Prompt of the greedy sample generated after each epoch."""
-    sample_tokens: int = Field(50, gt=0)
-    """Tokens in each sample."""
-
-
-class LoadGPT2Config(_Section):
-    base_model: Literal["gpt2", "scratch"] = "gpt2"
-    """'gpt2': download and import OpenAI's weights; 'scratch': use the pretrain
-    checkpoint as the base of the finetune stages (explicit, recorded in runs)."""
-    spam_size: Literal["124M", "355M", "774M", "1558M"] = "124M"
-    """GPT-2 release size the spam classifier starts from when base_model is 'gpt2'."""
-    instruct_size: Literal["124M", "355M", "774M", "1558M"] = "355M"
-    """GPT-2 release size the instruction finetune starts from when base_model is 'gpt2'."""
-    sample_prompt: str = "Every effort moves you"
-    """Prompt of the greedy sample recorded for the base model."""
-    sample_tokens: int = Field(25, gt=0)
-    """Tokens in that sample."""
-
-
-class SpamConfig(_Section):
-    trainable_blocks: int = Field(1, ge=0)
-    """How many of the last transformer blocks train (the rest stay frozen)."""
-    train_final_norm: bool = True
-    """Train the final LayerNorm too (the reference does)."""
-    epochs: int = Field(5, gt=0)
-    """Passes over the training split."""
-    batch_size: int = Field(8, gt=0)
-    """Messages per step."""
-    lr: float = Field(5e-5, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay."""
-    max_length: int | None = Field(None, gt=0)
-    """Pad/truncate messages to N tokens; None pads to the longest training message."""
-    pool: Literal["last", "last_real"] = "last"
-    """Which position's logits classify: the last (padded) one as in the reference, or the
-    last real token."""
-    prefix_cache: bool = True
-    """Compute the frozen blocks' activations once instead of every epoch."""
-    seed: int = 123
-    """Seed of the head init and batch order."""
-
-
-class BaselineConfig(_Section):
-    C: float = Field(1.0, gt=0)
-    """Inverse regularisation strength of the logistic regression."""
-    max_iter: int = Field(1000, gt=0)
-    """Solver iterations."""
-    seed: int = 123
-    """Solver seed."""
-
-
-class InstructConfig(_Section):
-    epochs: int = Field(2, gt=0)
-    """Passes over the training records."""
-    batch_size: int = Field(8, gt=0)
-    """Records per step."""
-    lr: float = Field(5e-5, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay."""
-    max_length: int = Field(1024, gt=8)
-    """Truncate prompt+response to N tokens."""
-    mask_prompt: bool = False
-    """Ignore the prompt tokens in the loss (the reference does not)."""
-    length_bucketing: bool = False
-    """Group records of similar length into batches to cut padding."""
-    eval_every: int = Field(5, gt=0)
-    """Evaluate train/val loss every N steps."""
-    eval_batches: int = Field(5, gt=0)
-    """Batches per evaluation."""
-    max_steps: int | None = Field(None, gt=0)
-    """Stop after N steps (smoke runs)."""
-    seed: int = 123
-    """Seed of batch order."""
-
-
-class ExtractConfig(_Section):
-    max_new_tokens: int = Field(256, gt=0)
-    """Greedy tokens generated per test example at most (stops at end-of-text)."""
-    batch_size: int = Field(8, gt=0)
-    """Prompts generated together."""
-
-
-class JudgeSection(_Section):
-    required: bool = False
-    """If true, an unreachable Ollama or missing model fails the flow; else the stage is
-    Skipped with the fix recorded."""
-    host: str | None = None
-    """Ollama URL; None uses OLLAMA_HOST or http://localhost:11434."""
-    model: str = "llama3"
-    """Judge model name on the Ollama server."""
-    concurrency: int = Field(4, gt=0, le=64)
-    """Requests in flight at once."""
-    timeout_s: float = Field(120.0, gt=0)
-    """Per-request timeout."""
-    retries: int = Field(3, ge=0)
-    """Retries on connection errors and 5xx replies."""
-    auto_pull: bool = False
-    """Pull the model if the server lacks it."""
-    seed: int = 123
-    """Sampling seed sent to Ollama."""
-    temperature: float = Field(0.0, ge=0)
-    """Sampling temperature sent to Ollama."""
-    num_ctx: int = Field(2048, gt=0)
-    """Context window asked of Ollama."""
-
-
-class PipelineConfig(_Section):
-    """Everything one pipeline run depends on."""
+class PipelineConfig(Args):
+    """Everything one pipeline run depends on: one section per stage, each the settings
+    class the stage's library code itself takes, plus the run-wide ``device``."""
 
     profile: str = DEFAULT_PROFILE
     """Name of the profile these values came from (recorded in `runs`)."""
-    download: DownloadConfig = Field(default_factory=DownloadConfig)
-    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    load_gpt2: LoadGPT2Config = Field(default_factory=LoadGPT2Config)
-    finetune_spam: SpamConfig = Field(default_factory=SpamConfig)
-    baseline_spam: BaselineConfig = Field(default_factory=BaselineConfig)
-    finetune_instruct: InstructConfig = Field(default_factory=InstructConfig)
-    extract_responses: ExtractConfig = Field(default_factory=ExtractConfig)
-    judge: JudgeSection = Field(default_factory=JudgeSection)
-
-
-def available_profiles() -> list[str]:
-    """Names of the profiles shipped in flows/profiles."""
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+    device: DeviceName = "auto"
+    """Where every stage that runs a model computes: ``auto`` (CUDA, else MPS, else CPU),
+    ``cpu``, ``cuda`` or ``mps``. Recorded in ``runs.config`` and in each stage's
+    outputs; not part of the cache keys (the same computation on another device is the
+    same result up to floating-point rounding; use ``--force`` to recompute)."""
+    download: DownloadArgs = Field(default_factory=DownloadArgs)
+    """Where the inputs come from."""
+    tokenize: PrepareArgs = Field(default_factory=PrepareArgs)
+    """Splits of the three datasets and the pretraining windows."""
+    pretrain: PretrainArgs = Field(default_factory=PretrainArgs)
+    """The GPT trained from scratch."""
+    load_gpt2: LoadGPT2Args = Field(default_factory=LoadGPT2Args)
+    """The base model of the finetunes."""
+    finetune_spam: SpamArgs = Field(default_factory=SpamArgs)
+    """The spam classifier finetune."""
+    baseline_spam: BaselineArgs = Field(default_factory=BaselineArgs)
+    """The scikit-learn baselines on the same splits."""
+    finetune_instruct: InstructArgs = Field(default_factory=InstructArgs)
+    """The instruction finetune."""
+    extract_responses: ExtractArgs = Field(default_factory=ExtractArgs)
+    """Greedy responses on the instruction test split."""
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """The Ollama judge."""
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -249,13 +81,14 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse one ``stage.field[.sub]=value``; the value is read as JSON when it parses
-    (numbers, true/false, null, lists, objects), else taken as a plain string."""
+    """Parse one ``stage.field[.sub]=value`` (or ``field=value`` for a run-wide field such
+    as ``device``); the value is read as JSON when it parses (numbers, true/false, null,
+    lists, objects), else taken as a plain string."""
     if not isinstance(item, str) or "=" not in item:
         raise ConfigError(f"override {item!r} must look like stage.field=value")
     key, _, raw = item.partition("=")
     path = key.strip().split(".")
-    if len(path) < 2 or not all(p.isidentifier() for p in path):
+    if not all(p.isidentifier() for p in path):
         raise ConfigError(
             f"override {item!r}: key {key!r} must be dotted identifiers, e.g. pretrain.epochs"
         )
@@ -265,14 +98,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except (json.JSONDecodeError, RecursionError):
         value = raw
     return path, value
-
-
-def _format_validation(exc: ValidationError, origin: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        parts.append(f"{loc}: {err['msg']}")
-    return f"invalid configuration ({origin}): " + "; ".join(parts)
 
 
 def load_profile_dict(name: str) -> dict[str, Any]:
@@ -301,6 +126,12 @@ def build_config(
         if path[0] not in PipelineConfig.model_fields or path[0] == "profile":
             raise ConfigError(
                 f"override {item!r}: unknown stage {path[0]!r}; stages: {', '.join(STAGES)}"
+                f"; run-wide fields: {', '.join(_run_fields())}"
+            )
+        if len(path) == 1 and path[0] in STAGES:
+            raise ConfigError(
+                f"override {item!r}: name a field of the {path[0]} section, e.g. "
+                f"{path[0]}.{next(iter(_section_fields(path[0])))}=…"
             )
         patch: dict[str, Any] = {path[-1]: value}
         for part in reversed(path[:-1]):
@@ -308,8 +139,18 @@ def build_config(
         values = _deep_merge(values, patch)
     try:
         return PipelineConfig.model_validate(values)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, f"profile {profile!r}")) from exc
+    except ArgsError as exc:
+        problems = "; ".join(f"{loc}: {msg}" for loc, msg in exc.problems)
+        raise ConfigError(f"invalid configuration (profile {profile!r}): {problems}") from None
+
+
+def _run_fields() -> list[str]:
+    return [f for f in PipelineConfig.model_fields if f not in STAGES and f != "profile"]
+
+
+def _section_fields(stage: str) -> list[str]:
+    annotation = PipelineConfig.model_fields[stage].annotation
+    return list(getattr(annotation, "model_fields", {}))
 
 
 def config_to_dict(cfg: PipelineConfig) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from prefect.states import Completed
 
 from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
 from gpt.errors import DataError, GPTFlowError, JudgeError
+from gpt.eval.judge import JudgeConfig
 from gpt.paths import default_db_path
 from tasks.catalog import Catalog, utcnow
 
@@ -55,15 +56,6 @@ def latest_responses_run(catalog: Catalog) -> str:
             "(`gptflow run`) or import some with `gptflow judge --responses FILE.json` first"
         )
     return str(df["run_id"].iloc[0])
-
-
-def _judge_config(section: dict[str, Any]) -> Any:
-    """A :class:`gpt.eval.judge.JudgeConfig` from the config's ``judge`` section (host None →
-    the library default: OLLAMA_HOST or localhost)."""
-    from gpt.eval.judge import JudgeConfig
-
-    fields = {f.name for f in dataclasses.fields(JudgeConfig)}
-    return JudgeConfig(**{k: v for k, v in section.items() if k in fields and (k != "host" or v)})
 
 
 def _jsonable(value: Any) -> Any:
@@ -101,7 +93,7 @@ def rescore_task(
 
     log = get_run_logger()
     cat = Catalog(db_path)
-    cfg = _judge_config(judge)
+    cfg = JudgeConfig.model_validate(judge)
     started = utcnow()
     cat.record_stage(run_id, STAGE, status="running", started_at=started)
     try:
@@ -109,7 +101,7 @@ def rescore_task(
     except JudgeError as exc:
         msg = f"{exc} — fix: {judge_fix(cfg.model)}"
         outputs = {"responses_run_id": responses_run, "judge_model": cfg.model}
-        if judge.get("required"):
+        if cfg.required:
             cat.record_stage(
                 run_id, STAGE, status="failed", started_at=started, message=msg, outputs=outputs
             )

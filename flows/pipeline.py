@@ -73,6 +73,7 @@ def gptflow_pipeline(
         artifacts=str(artifacts_dir()),
         datasets=str(datasets_dir()),
         mirror=mirror or cfg.download.mirror or os.environ.get("GPTFLOW_MIRROR"),
+        device=cfg.device,
         force=tuple(force or ()),
         progress=progress,
     )
@@ -85,18 +86,17 @@ def gptflow_pipeline(
         git_rev=git_revision(),
     )
     log.info("run %s: profile %s, base model %s", run_id, cfg.profile, cfg.load_gpt2.base_model)
-    c = config_to_dict(cfg)
     try:
-        dl = download_task.with_options(retries=cfg.download.retries)(ctx, c["download"])
-        tok = tokenize_task(ctx, c["tokenize"], c["pretrain"], dl)
-        pre = pretrain_task(ctx, c["pretrain"], c["tokenize"], tok)
-        base = load_gpt2_task(ctx, c["load_gpt2"], c["download"], tok, pre)
-        spam_f = finetune_spam_task.submit(ctx, c["finetune_spam"], tok, base)
-        base_f = baseline_spam_task.submit(ctx, c["baseline_spam"], tok)
+        dl = download_task(ctx, cfg.download)
+        tok = tokenize_task(ctx, cfg.tokenize, dl)
+        pre = pretrain_task(ctx, cfg.pretrain, tok)
+        base = load_gpt2_task(ctx, cfg.load_gpt2, cfg.download, tok, pre)
+        spam_f = finetune_spam_task.submit(ctx, cfg.finetune_spam, tok, base)
+        base_f = baseline_spam_task.submit(ctx, cfg.baseline_spam, tok)
         spam, baseline = spam_f.result(), base_f.result()
-        inst = finetune_instruct_task(ctx, c["finetune_instruct"], tok, base)
-        resp = extract_responses_task(ctx, c["extract_responses"], tok, inst)
-        judged = judge_task(ctx, c["judge"], resp)
+        inst = finetune_instruct_task(ctx, cfg.finetune_instruct, tok, base)
+        resp = extract_responses_task(ctx, cfg.extract_responses, tok, inst)
+        judged = judge_task(ctx, cfg.judge, resp)
     except BaseException:
         cat.end_run(run_id, "failed")
         raise

@@ -13,21 +13,22 @@ states back, so on CPU it continues bit for bit like an uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gpt.config import Args
 from gpt.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
@@ -48,77 +49,50 @@ LAST = "last"
 _STATE_VERSION = 1
 
 
-@dataclass
-class LMTrainArgs:
+class LMTrainArgs(Args):
     """Hyperparameters of :func:`train_lm` (defaults: the reference pretraining recipe)."""
 
-    epochs: int = 10
+    epochs: int = Field(10, ge=1)
     """Passes over the training loader."""
-    lr: float = 4e-4
+    lr: float = Field(4e-4, ge=0)
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.1
+    weight_decay: float = Field(0.1, ge=0)
     """AdamW weight decay (applied to every parameter, as in the reference)."""
-    batch_size: int = 2
-    """Batch size the loaders are built with (recorded in hparams; the loop itself takes
-    whatever batches the loaders yield)."""
-    eval_every: int = 5
+    batch_size: int = Field(2, ge=1)
+    """Sequences per optimizer step (the loaders are built with it)."""
+    eval_every: int = Field(5, ge=1)
     """Evaluate (and emit metrics) after optimizer steps 1, 1 + eval_every, 1 + 2·eval_every,
     … (the reference's ``global_step % eval_freq == 0`` with a 0-based step) and after the
     last step."""
-    eval_batches: int = 5
+    eval_batches: int = Field(5, ge=1)
     """Batches of each loader averaged for the train/val loss at an evaluation."""
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
     """Linear warmup from ``warmup_start_lr`` to ``lr`` over this many steps (0 = none)."""
-    warmup_start_lr: float = 3e-5
+    warmup_start_lr: float = Field(3e-5, ge=0)
     """Learning rate of the first warmup step (capped at ``lr``)."""
     cosine: bool = False
     """Cosine-decay the learning rate from ``lr`` to ``min_lr`` after the warmup, over the
     rest of ``epochs × len(train_loader)`` steps (``max_steps`` does not shorten it)."""
-    min_lr: float = 0.0
-    """Final learning rate of the cosine decay."""
-    grad_clip: float | None = None
+    min_lr: float = Field(0.0, ge=0)
+    """Final learning rate of the cosine decay (at most ``lr``)."""
+    grad_clip: float | None = Field(None, gt=0)
     """Clip the global gradient norm to this value (None = off)."""
-    checkpoint_every: int = 0
+    checkpoint_every: int = Field(0, ge=0)
     """Also checkpoint to ``out_dir/last`` every this many steps (0 = only at the end of
     each epoch and of training)."""
     seed: int = 123
     """Seed of torch's global RNG (dropout) at the start of a fresh run."""
-    max_steps: int | None = None
+    max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps in total (None = run all epochs)."""
     fused: bool | None = None
     """Fused AdamW kernel: None = use it when this torch supports it for the parameters'
     device, True = require it, False = plain implementation."""
-    sample_prompt: str | None = "Every effort moves you"
-    """Prompt for the greedy sample after each epoch (None = no samples)."""
-    sample_tokens: int = 50
-    """New tokens of each sample."""
 
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "lr": self.lr >= 0,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
-            "eval_every": self.eval_every >= 1,
-            "eval_batches": self.eval_batches >= 1,
-            "warmup_steps": self.warmup_steps >= 0,
-            "warmup_start_lr": self.warmup_start_lr >= 0,
-            "min_lr": 0 <= self.min_lr <= self.lr,
-            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
-            "checkpoint_every": self.checkpoint_every >= 0,
-            "max_steps": self.max_steps is None or self.max_steps >= 1,
-            "sample_tokens": self.sample_tokens >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(
-                "invalid training argument(s): "
-                + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        return dataclasses.asdict(self)
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> Self:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
 
 
 @dataclass
@@ -387,6 +361,8 @@ def train_lm(
     on_sample: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = True,
     tokenizer: Any = None,
+    sample_prompt: str | None = None,
+    sample_tokens: int = 0,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` (a GPT, on the device it is on) as a next-token language model.
@@ -395,9 +371,9 @@ def train_lm(
     ``on_metrics`` (as one list): train ``loss``, val ``loss``, train ``lr`` and train
     ``tokens_per_s`` (training tokens per second since the previous evaluation).
     ``step`` counts optimizer steps from 1, ``epoch`` is 1-based, ``seen`` is the number of
-    training tokens processed. After each epoch, when ``tokenizer`` and
-    ``args.sample_prompt`` are set, a greedy sample ``{epoch, step, prompt, text}`` goes to
-    ``on_sample``.
+    training tokens processed. After each epoch, when ``tokenizer`` and ``sample_prompt``
+    are set and ``sample_tokens`` > 0, a greedy sample ``{epoch, step, prompt, text}`` of
+    ``sample_tokens`` new tokens goes to ``on_sample``.
 
     With ``out_dir``, checkpoints (model, optimizer, trainer state) go to
     ``out_dir/"last"`` at the end of each epoch, every ``args.checkpoint_every`` steps and
@@ -477,16 +453,16 @@ def train_lm(
         return rows
 
     def sample() -> None:
-        if tokenizer is None or not args.sample_prompt or args.sample_tokens <= 0:
+        if tokenizer is None or not sample_prompt or sample_tokens <= 0:
             return
         from gpt.generate import generate
 
-        prompt_ids = tokenizer.encode(args.sample_prompt)
-        new = generate(model, [prompt_ids], args.sample_tokens)[0]
+        prompt_ids = tokenizer.encode(sample_prompt)
+        new = generate(model, [prompt_ids], sample_tokens)[0]
         row = {
             "epoch": prog.epoch + 1,
             "step": prog.step,
-            "prompt": args.sample_prompt,
+            "prompt": sample_prompt,
             "text": tokenizer.decode(prompt_ids + new),
         }
         prog.samples.append(row)

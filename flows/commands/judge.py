@@ -55,14 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from tasks.judging import import_responses, judge_run, summarize
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
-    cfg = JudgeConfig(required=True, auto_pull=bool(args.auto_pull))
-    if args.model:
-        cfg.model = args.model
-    if args.host:
-        cfg.host = args.host
-    if args.concurrency is not None:
-        cfg.concurrency = args.concurrency
-    cfg.validate()
+    given = {"model": args.model, "host": args.host, "concurrency": args.concurrency}
+    cfg = JudgeConfig(
+        required=True,
+        auto_pull=bool(args.auto_pull),
+        **{k: v for k, v in given.items() if v is not None},
+    )
 
     run_id = args.run or f"judge-{args.responses.stem}"
     catalog = Catalog(args.db)

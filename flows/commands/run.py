@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from flows.config import DEFAULT_PROFILE, STAGES, available_profiles
+from flows.profiles import DEFAULT_PROFILE, STAGES, available_profiles
 from gpt.errors import ConfigError
 
 

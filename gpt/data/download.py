@@ -34,9 +34,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from gpt import paths
+from gpt.config import Args
 from gpt.data.sources import SOURCES, Source, SourceFile
 from gpt.errors import (
     ChecksumError,
@@ -821,3 +823,36 @@ def download_sources(
         if opts.client is not None:
             opts.client.close()
     return results
+
+
+class DownloadArgs(Args):
+    """Where inputs come from and how hard to try (the pipeline's ``download`` section)."""
+
+    mirror: str | None = None
+    """Local folder or http(s) base URL laid out like the remote files (``GPTFLOW_MIRROR``
+    is used when unset). Only where bytes come from: checksums are verified either way."""
+    retries: int = Field(3, ge=1, le=20)
+    """Attempts per URL, with exponential backoff, before trying the next location."""
+    backoff_s: float = Field(1.0, ge=0)
+    """Delay before the second attempt; doubles after each further failure."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Connect/read timeout of one HTTP attempt, in seconds."""
+
+    def fetch(
+        self,
+        names: Sequence[str | Source],
+        dest: str | Path | None = None,
+        *,
+        progress: bool = True,
+        mirror: str | None = None,
+    ) -> list[DownloadResult]:
+        """:func:`download_sources` with these settings (``mirror`` overrides the field)."""
+        return download_sources(
+            names,
+            dest,
+            mirror=mirror or self.mirror,
+            progress=progress,
+            retries=self.retries,
+            backoff=self.backoff_s,
+            timeout=self.timeout_s,
+        )

@@ -7,24 +7,26 @@ Labels follow the classifier: ham = 0, spam = 1 (spam is the positive class).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from typing import Literal
 
-from gpt.errors import ConfigError, DataError
+from pydantic import Field
+
+from gpt.config import Args
+from gpt.errors import DataError
 
 log = logging.getLogger(__name__)
 
 Splits = dict[str, tuple[list[str], list[int]]]
 
 
-@dataclass
-class BaselineArgs:
-    """Settings of the logistic-regression baselines."""
+class BaselineArgs(Args):
+    """Settings of the logistic-regression baselines (a majority-class dummy always runs)."""
 
-    features: list[str] = field(default_factory=lambda: ["bow", "tfidf"])
+    features: tuple[Literal["bow", "tfidf"], ...] = ("bow", "tfidf")
     """Feature sets to fit, each "bow" (CountVectorizer) or "tfidf" (TfidfVectorizer)."""
-    C: float = 1.0
+    C: float = Field(1.0, gt=0)
     """Inverse regularisation strength of LogisticRegression."""
-    max_iter: int = 1000
+    max_iter: int = Field(1000, ge=1)
     """Solver iteration limit of LogisticRegression."""
     seed: int = 123
     """random_state of the estimators."""
@@ -32,15 +34,6 @@ class BaselineArgs:
     """Lower-case the texts before tokenising (the vectorisers' default)."""
     train_split: str = "train"
     """Name of the split the models are fitted on; every split is scored."""
-
-    def __post_init__(self) -> None:
-        bad = [f for f in self.features if f not in ("bow", "tfidf")]
-        if bad:
-            raise ConfigError(f"baseline features {bad} unknown: use 'bow' and/or 'tfidf'")
-        if self.C <= 0:
-            raise ConfigError(f"baseline C must be > 0, got {self.C}")
-        if self.max_iter < 1:
-            raise ConfigError(f"baseline max_iter must be >= 1, got {self.max_iter}")
 
 
 def binary_metrics(y_true: list[int], y_pred: list[int]) -> dict[str, float | int]:
@@ -128,8 +121,3 @@ def run_baselines(splits: Splits, args: BaselineArgs | None = None) -> list[dict
             rows.append({"model": name, "split": split, **metrics, "settings": dict(settings)})
             log.info("baseline %s %s accuracy %.4f", name, split, metrics["accuracy"])
     return rows
-
-
-def baseline_args_dict(args: BaselineArgs) -> dict:
-    """The settings as a plain dict (for hparams / catalog)."""
-    return asdict(args)

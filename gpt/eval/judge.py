@@ -20,10 +20,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import Field
+
+from gpt.config import Args
 from gpt.errors import JudgeError, ModelNotPulledError, OllamaUnreachableError
 
 log = logging.getLogger(__name__)
@@ -51,51 +54,40 @@ def _default_host() -> str:
     return os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
 
 
-@dataclass
-class JudgeConfig:
-    """How to reach and use the Ollama judge."""
+class JudgeConfig(Args):
+    """How to reach and use the Ollama judge (the pipeline's ``judge`` section)."""
 
-    host: str = field(default_factory=_default_host)
-    """Ollama server URL (``OLLAMA_HOST`` if set, else ``http://localhost:11434``)."""
-    model: str = "llama3"
+    required: bool = False
+    """Whether the pipeline must fail when the judge is unavailable. The library always
+    raises :class:`~gpt.errors.JudgeError`; the judge stage with ``required`` false
+    records the stage as skipped with the fix (the responses are stored and can be
+    judged later)."""
+    host: str = Field(default_factory=_default_host)
+    """Ollama server URL (default: ``OLLAMA_HOST`` if set, else ``http://localhost:11434``)."""
+    model: str = Field("llama3", min_length=1)
     """Judge model name as Ollama knows it (``llama3`` is ``llama3:latest``)."""
     seed: int = 123
     """Sampling seed passed in the request options."""
-    temperature: float = 0.0
+    temperature: float = Field(0.0, ge=0)
     """Sampling temperature (0 = greedy, reproducible scores)."""
-    num_ctx: int = 2048
+    num_ctx: int = Field(2048, ge=1)
     """Context window the server allocates for each request."""
-    concurrency: int = 4
+    concurrency: int = Field(4, ge=1, le=64)
     """Maximum number of requests in flight at once."""
-    timeout_s: float = 120.0
+    timeout_s: float = Field(120.0, gt=0)
     """Per-request timeout in seconds (one attempt)."""
-    retries: int = 3
+    retries: int = Field(3, ge=0)
     """Extra attempts after the first on connection errors, timeouts and 5xx replies."""
-    backoff_s: float = 1.0
+    backoff_s: float = Field(1.0, ge=0)
     """Delay before the first retry; doubles on each further retry."""
     auto_pull: bool = False
     """Pull a missing model during :func:`preflight` instead of failing."""
-    required: bool = False
-    """Whether the pipeline must fail when the judge is unavailable. The library always
-    raises; a flow with ``required=False`` may catch :class:`JudgeError` and mark the
-    stage skipped (the responses are already stored and can be judged later)."""
     stream: bool = False
     """Ask for a streamed reply (NDJSON chunks) instead of one JSON body."""
 
     def options(self) -> dict[str, Any]:
         """The Ollama ``options`` sent with every chat request."""
         return {"seed": self.seed, "temperature": self.temperature, "num_ctx": self.num_ctx}
-
-    def validate(self) -> None:
-        """Raise :class:`JudgeError` naming the bad field."""
-        if not self.model:
-            raise JudgeError("judge.model is empty — set it to an Ollama model, e.g. 'llama3'")
-        if self.concurrency < 1:
-            raise JudgeError(f"judge.concurrency must be >= 1, got {self.concurrency}")
-        if self.retries < 0:
-            raise JudgeError(f"judge.retries must be >= 0, got {self.retries}")
-        if self.timeout_s <= 0:
-            raise JudgeError(f"judge.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass
@@ -214,7 +206,6 @@ def preflight(cfg: JudgeConfig, *, progress: bool = True) -> None:
     import httpx
     import ollama
 
-    cfg.validate()
     client = ollama.Client(host=cfg.host, timeout=min(cfg.timeout_s, 30.0))
     try:
         try:
@@ -393,7 +384,6 @@ async def score_examples_async(
     import ollama
     from tqdm.auto import tqdm
 
-    cfg.validate()
     for i, ex in enumerate(examples):
         missing = [k for k in _REQUIRED_KEYS if k not in ex]
         if missing:

@@ -16,12 +16,13 @@ from gpt.model import GPT
 from gpt.tokenizer import Tokenizer
 
 
-def greedy_sample(model: GPT, tokenizer_dir: str | Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Greedy continuation of ``cfg['sample_prompt']`` by ``cfg['sample_tokens']`` tokens."""
+def greedy_sample(
+    model: GPT, tokenizer_dir: str | Path, *, prompt: str, max_new_tokens: int
+) -> dict[str, Any]:
+    """Greedy continuation of ``prompt`` by up to ``max_new_tokens`` tokens."""
     tok = Tokenizer.from_dir(tokenizer_dir)
-    prompt = cfg.get("sample_prompt", "Every effort moves you")
     ids = tok.encode(prompt)
-    new = generate(model, [ids], int(cfg.get("sample_tokens", 25)), eos_id=tok.eot_id)[0]
+    new = generate(model, [ids], max_new_tokens, eos_id=tok.eot_id)[0]
     return {"prompt": prompt, "text": tok.decode(new)}
 
 
@@ -32,6 +33,7 @@ def perplexity_on_tokens(
     """exp(mean next-token cross-entropy) over non-overlapping windows of a uint16 token
     file; every predicted token counts once. The last partial window is included."""
     ids = torch.from_numpy(load_tokens(Path(tokens_path), mmap=False).astype("int64"))
+    ids = ids.to(model.tok_emb.weight.device)
     if ids.numel() < 2:
         return float("nan")
     length = min(max_length or model.cfg.context_length, model.cfg.context_length)

@@ -15,19 +15,21 @@ Labels: ham = 0, spam = 1.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from gpt.config import Args
+from gpt.device import resolve_device
 from gpt.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -38,25 +40,24 @@ Splits = dict[str, tuple[list[str], list[int]]]
 MetricsCallback = Callable[[list[dict[str, Any]]], None]
 
 
-@dataclass
-class SpamArgs:
+class SpamArgs(Args):
     """Settings of the spam-classifier finetune (defaults: the reference recipe)."""
 
-    trainable_blocks: int = 1
+    trainable_blocks: int = Field(1, ge=0)
     """How many of the last transformer blocks are trained (the rest stay frozen)."""
     train_final_norm: bool = True
-    """Also train the final LayerNorm."""
-    epochs: int = 5
+    """Also train the final LayerNorm (the reference does)."""
+    epochs: int = Field(5, ge=1)
     """Passes over the training split."""
-    lr: float = 5e-5
+    lr: float = Field(5e-5, gt=0)
     """AdamW learning rate."""
-    weight_decay: float = 0.1
+    weight_decay: float = Field(0.1, ge=0)
     """AdamW weight decay."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Messages per optimizer step."""
     seed: int = 123
     """Seed of the head's initialisation, the batch order and dropout."""
-    max_length: int | None = None
+    max_length: int | None = Field(None, ge=1)
     """Pad/truncate every message to this many tokens; None = the longest training
     message (capped at the model's context length)."""
     pool: Literal["last", "last_real"] = "last"
@@ -67,31 +68,14 @@ class SpamArgs:
     model every step (False); both give the same losses."""
     eval_per_epoch: bool = True
     """Score loss and accuracy on every split after each epoch."""
-    drop_rate: float = 0.0
+    drop_rate: float = Field(0.0, ge=0, lt=1)
     """Dropout in the trainable blocks (the frozen prefix never uses dropout)."""
     drop_last: bool = True
     """Drop the last incomplete training batch (as the reference's loader does)."""
-    cache_chunk: int = 64
+    cache_chunk: int = Field(64, ge=1)
     """Messages per forward pass while building the prefix cache / evaluating."""
-    log_every: int = 0
+    log_every: int = Field(0, ge=0)
     """Emit a ``step_loss`` metrics row every this many steps (0 = never)."""
-    device: str = "cpu"
-    """Torch device to train on."""
-
-    def __post_init__(self) -> None:
-        if self.trainable_blocks < 0:
-            raise ConfigError(f"trainable_blocks must be >= 0, got {self.trainable_blocks}")
-        if self.epochs < 1 or self.batch_size < 1 or self.cache_chunk < 1:
-            raise ConfigError(
-                f"epochs, batch_size and cache_chunk must be >= 1, got "
-                f"{self.epochs}, {self.batch_size}, {self.cache_chunk}"
-            )
-        if self.pool not in ("last", "last_real"):
-            raise ConfigError(f"pool must be 'last' or 'last_real', got {self.pool!r}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ConfigError(f"max_length must be >= 1 or None, got {self.max_length}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
 
 
 # --------------------------------------------------------------------------- model
@@ -347,6 +331,7 @@ def finetune_classifier(
     *,
     out_dir: Path,
     tokenizer_dir: Path | None = None,
+    device: str = "auto",
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -376,7 +361,7 @@ def finetune_classifier(
     model = loaded.model
     tok_dir = tokenizer_dir or loaded.tokenizer_dir
     tokenizer = _load_tokenizer(Path(tok_dir) if tok_dir else None)
-    device = torch.device(args.device)
+    device = resolve_device(device)
     cfg = model.cfg
     if args.trainable_blocks > cfg.n_layers:
         raise ConfigError(
@@ -438,7 +423,7 @@ def finetune_classifier(
 
     t0 = time.perf_counter()
     model.cpu()
-    hparams = {**asdict(args), "max_length": max_length, "n_frozen_blocks": n_frozen}
+    hparams = {**args.to_dict(), "max_length": max_length, "n_frozen_blocks": n_frozen}
     classifier_meta = {
         "kind": "classifier",
         "labels": list(LABELS),
@@ -467,7 +452,8 @@ def finetune_classifier(
         "final": final,
         "timings": timings,
         "prefix_cache_build_s": timings["prefix_cache_s"],
-        "args": json.loads(json.dumps(asdict(args))),
+        "args": args.to_dict(),
+        "device": str(device),
     }
 
 

@@ -14,15 +14,18 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gpt.config import Args
+from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
+from gpt.train import LMTrainArgs
 
 log = logging.getLogger(__name__)
 
@@ -33,57 +36,47 @@ MetricsCallback = Callable[[list[dict[str, Any]]], None]
 SampleCallback = Callable[[dict[str, Any]], None]
 
 
-@dataclass
-class InstructArgs:
-    """Settings of the instruction finetune (defaults: the reference recipe)."""
+class InstructArgs(LMTrainArgs):
+    """Settings of the instruction finetune: every :class:`~gpt.train.LMTrainArgs` field
+    (defaults here: the reference recipe — AdamW 5e-5, batch 8, 2 epochs), plus the
+    data and sample settings below."""
 
-    epochs: int = 2
+    epochs: int = Field(2, ge=1)
     """Passes over the training records."""
-    lr: float = 5e-5
-    """AdamW learning rate."""
-    weight_decay: float = 0.1
-    """AdamW weight decay."""
-    batch_size: int = 8
+    lr: float = Field(5e-5, ge=0)
+    """Peak learning rate of AdamW."""
+    batch_size: int = Field(8, ge=1)
     """Sequences per optimizer step."""
-    seed: int = 123
-    """Seed of the batch order and dropout."""
     mask_prompt: bool = False
-    """Also ignore the prompt (instruction + input + response header) in the loss."""
-    max_length: int | None = 1024
+    """Also ignore the prompt (instruction + input + response header) in the loss (the
+    reference does not)."""
+    max_length: int | None = Field(1024, ge=2)
     """Truncate inputs/targets to this many tokens (None: the model's context length);
     never more than the context length."""
-    eval_every: int = 5
-    """Evaluate train/val loss after steps 1, 1 + eval_every, ... and the last one
-    (train_lm's rule)."""
-    eval_batches: int = 5
-    """Batches per loss estimate."""
     length_bucketing: bool = False
     """Group sequences of similar length into batches (seeded; less padding)."""
-    bucket_factor: int = 50
+    bucket_factor: int = Field(50, ge=1)
     """With bucketing: how many batches' worth of shuffled sequences are sorted together."""
-    drop_rate: float = 0.0
+    drop_rate: float = Field(0.0, ge=0, lt=1)
     """Dropout while finetuning."""
     drop_last: bool = True
     """Drop the last incomplete training batch (as the reference's loader does)."""
-    sample_max_new_tokens: int = 35
-    """Length of the greedy sample generated after each epoch."""
-    device: str = "cpu"
-    """Torch device to train on."""
+    sample_tokens: int = Field(35, ge=0)
+    """Length of the greedy sample (the response to the first validation record)
+    generated after each epoch (0 = no samples)."""
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(
-                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
-            )
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2 or None, got {self.max_length}")
-        if self.eval_every < 1 or self.eval_batches < 1:
-            raise ConfigError(
-                f"eval_every and eval_batches must be >= 1, got {self.eval_every}, "
-                f"{self.eval_batches}"
-            )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+    def train_args(self) -> LMTrainArgs:
+        """The :class:`LMTrainArgs` part."""
+        return LMTrainArgs(**{k: getattr(self, k) for k in LMTrainArgs.model_fields})
+
+
+class ExtractArgs(Args):
+    """How test-split responses are generated (greedy, KV cache, stop at end-of-text)."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    """Greedy tokens generated per example at most."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts generated together (left-padded)."""
 
 
 # --------------------------------------------------------------------------- prompts
@@ -320,6 +313,7 @@ def finetune_instruct(
     *,
     out_dir: Path,
     tokenizer_dir: Path | None = None,
+    device: str = "auto",
     on_metrics: MetricsCallback | None = None,
     on_sample: SampleCallback | None = None,
     resume: bool = True,
@@ -336,7 +330,7 @@ def finetune_instruct(
     """
     from gpt.checkpoint import load_checkpoint, save_checkpoint
     from gpt.tokenizer import Tokenizer
-    from gpt.train import LMTrainArgs, train_lm
+    from gpt.train import train_lm
 
     args = args or InstructArgs()
     if not train_records:
@@ -355,7 +349,8 @@ def finetune_instruct(
     tokenizer = Tokenizer.from_dir(tok_dir) if tok_dir else Tokenizer.gpt2()
     model.cfg = model.cfg.replace(drop_rate=args.drop_rate)
     _set_dropout(model, args.drop_rate)
-    model.to(torch.device(args.device))
+    dev = resolve_device(device)
+    model.to(dev)
     max_length = min(args.max_length or model.cfg.context_length, model.cfg.context_length)
     timings["load_s"] = time.perf_counter() - t0
 
@@ -394,17 +389,7 @@ def finetune_instruct(
         if on_sample is not None:
             on_sample(clean)
 
-    lm_args = LMTrainArgs(
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        eval_every=args.eval_every,
-        eval_batches=args.eval_batches,
-        seed=args.seed,
-        sample_prompt=sample_prompt,
-        sample_tokens=args.sample_max_new_tokens,
-    )
+    lm_args = args.train_args()
     t0 = time.perf_counter()
     result = train_lm(
         model,
@@ -416,6 +401,8 @@ def finetune_instruct(
         on_sample=sample_hook,
         resume=resume,
         tokenizer=tokenizer,
+        sample_prompt=sample_prompt,
+        sample_tokens=args.sample_tokens,
         progress=progress,
     )
     timings["train_loop_s"] = time.perf_counter() - t0
@@ -426,7 +413,7 @@ def finetune_instruct(
     save_checkpoint(
         out_dir,
         model,
-        hparams={**asdict(args), "max_length": max_length, "lm_train_args": lm_args.to_dict()},
+        hparams={**args.to_dict(), "max_length": max_length},
         tokenizer_dir=Path(tok_dir) if tok_dir else None,
         meta={
             "task": "instruct",
@@ -449,7 +436,8 @@ def finetune_instruct(
         "n_val": len(val_ds),
         "samples": samples,
         "timings": timings,
-        "args": asdict(args),
+        "args": args.to_dict(),
+        "device": str(dev),
     }
 
 
@@ -466,9 +454,9 @@ def clean_response(text: str) -> str:
 def extract_responses(
     checkpoint_dir: Path,
     records: Sequence[dict[str, Any]],
+    args: ExtractArgs | None = None,
     *,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
+    device: str = "auto",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy responses (KV cache, batched, stop at 50256) for each record.
@@ -483,13 +471,14 @@ def extract_responses(
     from gpt.generate import generate
     from gpt.tokenizer import Tokenizer
 
+    args = args or ExtractArgs()
     loaded = load_checkpoint(Path(checkpoint_dir))
     if getattr(loaded, "kind", "lm") not in (None, "lm"):
         raise ConfigError(
             f"{checkpoint_dir} is a {loaded.kind} checkpoint; response extraction needs an "
             "instruction-finetuned language model"
         )
-    model = loaded.model
+    model = loaded.model.to(resolve_device(device))
     model.eval()
     tokenizer = (
         Tokenizer.from_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else Tokenizer.gpt2()
@@ -501,11 +490,12 @@ def extract_responses(
         for r in records
     ]
     rows: list[dict[str, Any]] = []
-    bar = tqdm(range(0, len(records), batch_size), desc="responses", disable=not progress)
+    step = args.batch_size
+    bar = tqdm(range(0, len(records), step), desc="responses", disable=not progress)
     for s in bar:
-        chunk = list(range(s, min(s + batch_size, len(records))))
+        chunk = list(range(s, min(s + step, len(records))))
         t0 = time.perf_counter()
-        outs = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_id=EOT_ID)
+        outs = generate(model, [prompts[i] for i in chunk], args.max_new_tokens, eos_id=EOT_ID)
         per = (time.perf_counter() - t0) / len(chunk)
         for i, new in zip(chunk, outs, strict=True):
             rec = records[i]

@@ -9,41 +9,49 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from gpt.config import Args
 from gpt.data import parsing
 from gpt.data.windows import SlidingWindowDataset, tokenize_to_npy
 from gpt.tokenizer import Tokenizer
 
+#: Tokenizer files copied into the output folder (so it is self-contained).
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
 
-@dataclass(frozen=True)
-class PrepareArgs:
-    """How the inputs are split (mirrors the pipeline's ``tokenize`` section)."""
 
-    train_ratio: float = 0.9
-    """Pretraining text: share of characters for training."""
-    text_chars: int | None = None
-    """Keep only the first N characters of the text (smoke runs)."""
-    max_length: int = 256
-    """Window length, to report window counts per split."""
-    stride: int = 256
-    """Window stride, to report window counts per split."""
+class PrepareArgs(Args):
+    """How the inputs are cut, split and windowed (the pipeline's ``tokenize`` section)."""
+
+    train_ratio: float = Field(0.9, gt=0, lt=1)
+    """Pretraining text split by characters: this share (from the start) is train, the
+    rest validation."""
+    text_chars: int | None = Field(None, gt=0)
+    """Use only the first N characters of the pretraining text (smoke runs)."""
+    max_length: int = Field(256, gt=1)
+    """Pretraining window length in tokens (the reference uses the context length, 256);
+    must fit the pretrained model's context."""
+    stride: int = Field(256, gt=0)
+    """Step between pretraining window starts."""
     spam_seed: int = 123
-    """Seed of ham undersampling and the shuffle."""
+    """Seed of ham undersampling and of the shuffle before the spam split."""
     spam_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
     """Train/validation/test shares of the balanced SMS set."""
-    spam_limit: int | None = None
-    """Keep at most N examples per spam split."""
-    instruct_train: float = 0.85
-    """Share of instruction records for training."""
-    instruct_test: float = 0.10
-    """Share for testing; the rest validates."""
+    spam_limit: int | None = Field(None, gt=0)
+    """Keep at most N examples per spam split (smoke runs); None keeps all."""
+    instruct_train: float = Field(0.85, gt=0, lt=1)
+    """Share of instruction records for training (in file order unless shuffled)."""
+    instruct_test: float = Field(0.10, gt=0, lt=1)
+    """Share for the test split; the rest is validation."""
     instruct_shuffle_seed: int | None = None
-    """Shuffle records with this seed before splitting (None: file order)."""
-    instruct_limit: int | None = None
-    """Keep at most N records per instruction split."""
+    """Shuffle instruction records with this seed before splitting; None keeps file order."""
+    instruct_limit: int | None = Field(None, gt=0)
+    """Keep at most N records per instruction split (smoke runs)."""
 
 
 @dataclass
@@ -76,11 +84,19 @@ def prepare_datasets(
     out_dir: Path,
     args: PrepareArgs,
 ) -> PrepareResult:
-    """Parse, split and tokenize; write ``text/{train,val}.txt``, ``tokens/{train,val}.npy``,
-    ``spam/splits.json`` and ``instruct/splits.json`` under ``out_dir``."""
+    """Parse, split and tokenize; write ``text/{corpus,train,val}.txt``,
+    ``tokens/{train,val}.npy``, ``spam/{splits,messages}.json``, ``instruct/splits.json``
+    and a copy of the tokenizer files (``tokenizer/``) under ``out_dir``."""
     out_dir = Path(out_dir)
     result = PrepareResult()
-    tok = Tokenizer.from_dir(tokenizer_dir)
+    tok_out = out_dir / "tokenizer"
+    tok_out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        tmp = tok_out / f"{name}.tmp"
+        shutil.copyfile(Path(tokenizer_dir) / name, tmp)
+        os.replace(tmp, tok_out / name)
+        result.files.append(f"tokenizer/{name}")
+    tok = Tokenizer.from_dir(tok_out)
 
     text = parsing.read_text(text_path)
     if args.text_chars is not None:

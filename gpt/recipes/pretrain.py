@@ -1,8 +1,8 @@
-"""The pretraining stage: a GPT from scratch on one text file (the reference recipe:
+"""The pretraining stage: a GPT from scratch on a tokenized text (the reference recipe:
 the-verdict, 256-token windows, batch 2, AdamW 4e-4, 10 epochs).
 
-:func:`pretrain` reads the text, splits it 90/10 by characters, stores both parts as
-uint16 token files, trains with :func:`gpt.train.train_lm` (checkpoints in
+:func:`pretrain` reads the train/validation token files the tokenize stage wrote
+(:mod:`gpt.recipes.prepare`), cuts them into windows, trains with :func:`gpt.train.train_lm` (checkpoints in
 ``out_dir/last``, so a rerun after an interruption continues where it stopped), writes
 the final checkpoint folder ``out_dir/final`` (tokenizer files included) and a loss curve
 ``out_dir/loss.png``, and returns a small JSON-able summary.
@@ -11,7 +11,6 @@ the final checkpoint folder ``out_dir/final`` (tokenizer files included) and a l
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -23,62 +22,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
-from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader, tokenize_to_npy
+from gpt.config import Args
+from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
+from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
+from gpt.model import GPTConfig, get_config
 from gpt.train import LMTrainArgs, train_lm
 
-__all__ = ["PretrainArgs", "PretrainResult", "plot_losses", "pretrain", "read_text_strict"]
+__all__ = ["ModelSpec", "PretrainArgs", "PretrainResult", "plot_losses", "pretrain"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+class ModelSpec(Args):
+    """Which architecture to build: a named config plus field overrides."""
+
+    name: str = "gpt2-small-256"
+    """A name from :data:`gpt.model.CONFIGS` (default: the reference's 256-context 124M)."""
+    overrides: dict[str, int | float | bool | str] = Field(default_factory=dict)
+    """GPTConfig fields to change, e.g. ``{"n_layers": 2, "emb_dim": 64}``."""
+
+    def build(self) -> GPTConfig:
+        """The :class:`~gpt.model.GPTConfig` (unknown names/fields raise ConfigError)."""
+        return get_config(self.name, **self.overrides)
+
+
 class PretrainArgs(LMTrainArgs):
-    """Pretraining settings: the model and data windows, plus every :class:`LMTrainArgs`
-    field (whose defaults are already the reference recipe)."""
+    """Pretraining settings: the model, the per-epoch sample and the loss plot, plus every
+    :class:`LMTrainArgs` field (whose defaults are the reference recipe). The windows
+    (length, stride) come from the token files' producer (the tokenize stage)."""
 
-    model: str = "gpt2-small-256"
-    """Name of a config in :data:`gpt.model.CONFIGS` (the reference's 256-context 124M)."""
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    """GPTConfig fields to change on top of ``model`` (e.g. ``{"n_layers": 2}``)."""
-    max_length: int = 256
-    """Window length in tokens (must fit the model's context)."""
-    stride: int = 256
-    """Step between window starts."""
-    train_ratio: float = 0.9
-    """Share of the text's characters (from the start) used for training; the rest is
-    validation."""
-    device: str = "auto"
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1`` …"""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """Architecture of the model trained from scratch."""
+    checkpoint_every: int = Field(50, ge=0)
+    """Write a resumable checkpoint every N steps (0 = only at epoch ends)."""
+    sample_prompt: str | None = "Every effort moves you"
+    """Prompt of the greedy sample generated after each epoch (None = no samples)."""
+    sample_tokens: int = Field(50, ge=0)
+    """New tokens in each sample."""
     plot: bool = True
-    """Write ``loss.png``."""
-    keep_last: bool = True
-    """Keep ``out_dir/last`` (model + optimizer) after training, so a rerun is a no-op
-    instead of a new training; False deletes it once ``final`` is written."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_length < 1 or self.stride < 1:
-            raise ConfigError(
-                f"max_length and stride must be >= 1 (got {self.max_length}, {self.stride})"
-            )
-        if not 0.0 < self.train_ratio < 1.0:
-            raise ConfigError(f"train_ratio must be in (0, 1), got {self.train_ratio!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainArgs:
-        """Build from a plain dict; unknown keys raise :class:`ConfigError`."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown pretrain setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+    """Write ``loss.png`` (train/val loss against tokens seen)."""
 
     def train_args(self) -> LMTrainArgs:
         """The :class:`LMTrainArgs` part."""
-        names = {f.name for f in dataclasses.fields(LMTrainArgs)}
-        return LMTrainArgs(**{k: v for k, v in self.to_dict().items() if k in names})
+        return LMTrainArgs(**{k: getattr(self, k) for k in LMTrainArgs.model_fields})
 
 
 @dataclass
@@ -91,11 +80,6 @@ class PretrainResult:
     last_dir: Path | None
     """The resumable checkpoint (None when ``keep_last`` is False)."""
     loss_png: Path | None
-    train_tokens_path: Path
-    val_tokens_path: Path
-    text_sha256: str
-    train_chars: int
-    val_chars: int
     train_tokens: int
     val_tokens: int
     train_windows: int
@@ -127,37 +111,6 @@ class PretrainResult:
             v = getattr(self, f.name)
             d[f.name] = str(v) if isinstance(v, Path) else v
         return d
-
-
-def read_text_strict(path: Path) -> str:
-    """The file's text, decoded as strict UTF-8; :class:`DataError` names the file and
-    the byte offset of the first bad sequence."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: text file not found; run the download step first") from exc
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read text file ({exc})") from exc
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason}); "
-            "re-download the file or convert it to UTF-8"
-        ) from exc
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {name!r} is not a torch device name ({exc})") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use 'auto'")
-    return dev
 
 
 def plot_losses(
@@ -203,35 +156,46 @@ def plot_losses(
 
 
 def pretrain(
-    text_path: Path,
+    train_tokens: Path,
+    val_tokens: Path,
     tokenizer_dir: Path,
     out_dir: Path,
     args: PretrainArgs | None = None,
     *,
+    max_length: int,
+    stride: int,
+    device: str = "auto",
+    keep_last: bool = True,
     on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
     on_sample: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
 ) -> PretrainResult:
-    """Pretrain a GPT from scratch on ``text_path``; see the module docstring.
+    """Pretrain a GPT from scratch on two uint16 token files (train, validation); see the
+    module docstring.
 
-    ``on_metrics`` / ``on_sample`` receive what :func:`gpt.train.train_lm` emits (rows
-    ``{step, epoch, seen, split, name, value}`` and samples ``{epoch, step, prompt,
-    text}``). Rerunning with the same ``out_dir`` continues from ``out_dir/last``.
+    Windows are ``max_length`` tokens every ``stride``. ``on_metrics`` / ``on_sample``
+    receive what :func:`gpt.train.train_lm` emits (rows ``{step, epoch, seen, split,
+    name, value}`` and samples ``{epoch, step, prompt, text}``). Rerunning with the same
+    ``out_dir`` continues from ``out_dir/last``; ``keep_last=False`` deletes that
+    resumable state (weights + optimizer, ~12 bytes/parameter) once ``final`` is written.
     """
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, count_parameters, get_config
+    from gpt.model import GPT, count_parameters
     from gpt.tokenizer import Tokenizer
 
     args = args or PretrainArgs()
     t_start = time.perf_counter()
-    text_path, tokenizer_dir, out_dir = Path(text_path), Path(tokenizer_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if max_length < 1 or stride < 1:
+        raise ConfigError(f"max_length and stride must be >= 1 (got {max_length}, {stride})")
 
-    cfg = get_config(args.model, **args.model_overrides)
-    if args.max_length > cfg.context_length:
+    cfg = args.model.build()
+    if max_length > cfg.context_length:
         raise ConfigError(
-            f"max_length {args.max_length} exceeds the context length {cfg.context_length} "
-            f"of model {args.model!r}; lower max_length or raise context_length"
+            f"the windows are {max_length} tokens but model {args.model.name!r} has a "
+            f"context length of {cfg.context_length}; lower tokenize.max_length or raise "
+            "pretrain.model.overrides.context_length"
         )
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     if cfg.vocab_size < tokenizer.vocab_size:
@@ -239,36 +203,30 @@ def pretrain(
             f"model vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size}"
         )
-    device = _resolve_device(args.device)
+    dev = resolve_device(device)
 
-    text = read_text_strict(text_path)
-    split = int(args.train_ratio * len(text))
-    train_text, val_text = text[:split], text[split:]
-    tok_dir = out_dir / "tokens"
-    train_info = tokenize_to_npy(train_text, tokenizer, tok_dir / "train.npy")
-    val_info = tokenize_to_npy(val_text, tokenizer, tok_dir / "val.npy")
-    train_ds = SlidingWindowDataset(load_tokens(train_info.path), args.max_length, args.stride)
-    val_ds = SlidingWindowDataset(load_tokens(val_info.path), args.max_length, args.stride)
+    train_ids, val_ids = load_tokens(Path(train_tokens)), load_tokens(Path(val_tokens))
+    train_ds = SlidingWindowDataset(train_ids, max_length, stride)
+    val_ds = SlidingWindowDataset(val_ids, max_length, stride)
     if len(train_ds) < args.batch_size:
         raise DataError(
-            f"{text_path}: the training part ({len(train_text)} chars, "
-            f"{train_info.num_tokens} tokens) gives {len(train_ds)} windows of "
-            f"{args.max_length} tokens, fewer than one batch of {args.batch_size}; use a "
-            "longer text, a shorter max_length/stride or a smaller batch_size"
+            f"{train_tokens}: {len(train_ids)} training tokens give {len(train_ds)} windows "
+            f"of {max_length}, fewer than one batch of {args.batch_size}; use a longer "
+            "text, a shorter tokenize.max_length/stride or a smaller pretrain.batch_size"
         )
     if len(val_ds) == 0:
         raise DataError(
-            f"{text_path}: the validation part ({len(val_text)} chars, {val_info.num_tokens} "
-            f"tokens) is too short for one window of {args.max_length}+1 tokens; use a "
-            "longer text, a lower train_ratio or a shorter max_length"
+            f"{val_tokens}: {len(val_ids)} validation tokens are too few for one window of "
+            f"{max_length}+1 tokens; use a longer text, a lower tokenize.train_ratio or a "
+            "shorter tokenize.max_length"
         )
     log.info(
-        "pretrain: %d train / %d val tokens, %d / %d windows",
-        train_info.num_tokens, val_info.num_tokens, len(train_ds), len(val_ds),
+        "pretrain: %d train / %d val tokens, %d / %d windows, on %s",
+        len(train_ids), len(val_ids), len(train_ds), len(val_ds), dev,
     )  # fmt: skip
 
     torch.manual_seed(args.seed)  # as the reference: seed, then build the model
-    model = GPT(cfg).to(device)
+    model = GPT(cfg).to(dev)
     train_loader = make_loader(
         train_ds, args.batch_size, shuffle=True, drop_last=True, seed=args.seed
     )
@@ -286,19 +244,18 @@ def pretrain(
         on_sample=on_sample,
         resume=True,
         tokenizer=tokenizer,
+        sample_prompt=args.sample_prompt,
+        sample_tokens=args.sample_tokens,
         progress=progress,
     )
 
-    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     data_info = {
-        "text_path": str(text_path),
-        "text_sha256": text_sha,
-        "train_chars": len(train_text),
-        "val_chars": len(val_text),
-        "train_tokens": train_info.num_tokens,
-        "val_tokens": val_info.num_tokens,
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
         "train_windows": len(train_ds),
         "val_windows": len(val_ds),
+        "max_length": max_length,
+        "stride": stride,
     }
     final_dir = save_checkpoint(
         out_dir / "final",
@@ -316,10 +273,10 @@ def pretrain(
     )
     loss_png = None
     if args.plot:
-        tokens_per_epoch = len(train_loader) * args.batch_size * args.max_length
+        tokens_per_epoch = len(train_loader) * args.batch_size * max_length
         loss_png = plot_losses(res.metrics, out_dir / "loss.png", tokens_per_epoch=tokens_per_epoch)
     last_dir = res.last_checkpoint
-    if not args.keep_last and last_dir is not None:
+    if not keep_last and last_dir is not None:
         import shutil
 
         shutil.rmtree(last_dir, ignore_errors=True)
@@ -331,13 +288,8 @@ def pretrain(
         final_dir=final_dir,
         last_dir=last_dir,
         loss_png=loss_png,
-        train_tokens_path=train_info.path,
-        val_tokens_path=val_info.path,
-        text_sha256=text_sha,
-        train_chars=len(train_text),
-        val_chars=len(val_text),
-        train_tokens=train_info.num_tokens,
-        val_tokens=val_info.num_tokens,
+        train_tokens=len(train_ids),
+        val_tokens=len(val_ids),
         train_windows=len(train_ds),
         val_windows=len(val_ds),
         steps=res.steps,
@@ -350,7 +302,7 @@ def pretrain(
         final_val_loss=res.final_val_loss,
         resumed_from_step=res.resumed_from_step,
         parameters=count_parameters(model),
-        device=str(device),
+        device=str(dev),
         config=cfg.to_dict(),
         samples=res.samples,
         metrics=res.metrics,

@@ -161,12 +161,12 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     failed, and its failed attempt is not cached."""
     import shutil
 
-    from flows.config import build_config, config_to_dict
+    from flows.config import build_config
     from tasks.cache import StageOutput
     from tasks.catalog import Catalog
     from tasks.stages import RunContext, tokenize_task
 
-    cfg = config_to_dict(build_config("smoke"))
+    cfg = build_config("smoke")
     data = tmp_path / "inputs"
     data.mkdir()
     for name in ("the-verdict.txt", "instruction-data.json"):
@@ -214,7 +214,7 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
             progress=False,
         )
 
-    tokenize_task.fn(ctx("run1"), cfg["tokenize"], cfg["pretrain"], dl)
+    tokenize_task.fn(ctx("run1"), cfg.tokenize, dl)
     cat = Catalog()
     tables = ["sms_messages", "spam_examples", "instructions", "corpus"]
     before = {t: _snapshot(cat, t) for t in tables}
@@ -224,7 +224,7 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     (data / "instruction-data.json").write_text('[{"instruction": "x", "input": 1}]')
     dl2 = StageOutput(**{**dl.to_dict(), "digest": "d2"})
     with pytest.raises(Exception) as info:
-        tokenize_task.fn(ctx("run2"), cfg["tokenize"], cfg["pretrain"], dl2)
+        tokenize_task.fn(ctx("run2"), cfg.tokenize, dl2)
     assert "record 0" in str(info.value)
     # (b) valid input, but the third catalog write fails (disk error)
     shutil.copy(mirror / "instruction-data.json", data / "instruction-data.json")
@@ -238,7 +238,7 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     monkeypatch.setattr(Catalog, "_insert_df", failing)
     dl3 = StageOutput(**{**dl.to_dict(), "digest": "d3"})
     with pytest.raises(CatalogError):
-        tokenize_task.fn(ctx("run3"), cfg["tokenize"], cfg["pretrain"], dl3)
+        tokenize_task.fn(ctx("run3"), cfg.tokenize, dl3)
     monkeypatch.undo()
 
     after = {t: _snapshot(cat, t) for t in tables}

@@ -121,7 +121,7 @@ def test_malicious_resume_state_stops_training(lm_checkpoint: Path, tmp_path: Pa
             model,
             loader,
             None,
-            LMTrainArgs(epochs=1, sample_prompt=None),
+            LMTrainArgs(epochs=1),
             out_dir=out,
             progress=False,
         )

@@ -196,6 +196,7 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
     """The pipeline's judge stage: Skipped with the exact fix (required=false), or a
     failed stage with that message (required=true); responses kept either way."""
     from tasks.cache import StageOutput
+    from gpt.eval.judge import JudgeConfig
     from tasks.stages import RunContext, judge_task
 
     before = _responses(catalog)
@@ -207,14 +208,14 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
         progress=False,
     )
     resp = StageOutput(stage="extract_responses", key="k", root=str(tmp_path), run_id="r1")
-    cfg = {
-        "required": required,
-        "host": f"http://127.0.0.1:{free_port()}",
-        "model": "llama3",
-        "timeout_s": 2.0,
-        "retries": 0,
-        "concurrency": 2,
-    }
+    cfg = JudgeConfig(
+        required=required,
+        host=f"http://127.0.0.1:{free_port()}",
+        model="llama3",
+        timeout_s=2.0,
+        retries=0,
+        concurrency=2,
+    )
     if required:
         with pytest.raises(JudgeError):
             judge_task.fn(ctx, cfg, resp)

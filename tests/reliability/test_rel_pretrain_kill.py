@@ -30,14 +30,21 @@ import json, os, signal, sys
 from pathlib import Path
 out, db, text, tok, run_id, mode = sys.argv[1:7]
 epochs, ckpt, kill = (int(x) for x in sys.argv[7:10])
-from gpt.recipes.pretrain import PretrainArgs, pretrain
+from gpt.data.windows import tokenize_to_npy
+from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
+from gpt.tokenizer import Tokenizer
 from tasks.stages import RunContext, _metrics_sink
 
 args = PretrainArgs(
-    model="tiny", max_length=16, stride=16, batch_size=2, epochs=epochs, eval_every=2,
-    eval_batches=1, checkpoint_every=ckpt, sample_tokens=4, plot=False, device="cpu",
-    seed=123,
+    model=ModelSpec(name="tiny"), batch_size=2, epochs=epochs, eval_every=2,
+    eval_batches=1, checkpoint_every=ckpt, sample_tokens=4, plot=False, seed=123,
 )
+text_str = Path(text).read_text(encoding="utf-8")
+cut = int(0.9 * len(text_str))
+tokenizer = Tokenizer.from_dir(tok)
+toks = Path(out).parent / (Path(out).name + "-tokens")
+train = tokenize_to_npy(text_str[:cut], tokenizer, toks / "train.npy").path
+val = tokenize_to_npy(text_str[cut:], tokenizer, toks / "val.npy").path
 ctx = RunContext(run_id=run_id, db_path=db, artifacts=str(Path(out).parent),
                  datasets=str(Path(out).parent), progress=False)
 sink = _metrics_sink(ctx, "pretrain", run_id)
@@ -47,7 +54,8 @@ def on_metrics(rows):
     if mode == "metrics" and max(r["step"] for r in rows) >= kill:
         os.kill(os.getpid(), signal.SIGKILL)  # right after the rows reached the catalog
 
-res = pretrain(text, tok, out, args, on_metrics=on_metrics, progress=False)
+res = pretrain(train, val, tok, out, args, max_length=16, stride=16, device="cpu",
+               on_metrics=on_metrics, progress=False)
 print(json.dumps({"steps": res.steps, "resumed_from_step": res.resumed_from_step}))
 """
 
@@ -168,7 +176,6 @@ def _tiny_training(out: Path):
         eval_every=50,
         eval_batches=1,
         checkpoint_every=CHECKPOINT_EVERY,
-        sample_prompt=None,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
