@@ -195,8 +195,8 @@ def test_non_json_http_replies_count_as_failures(catalog) -> None:
 def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool) -> None:
     """The pipeline's judge stage: Skipped with the exact fix (required=false), or a
     failed stage with that message (required=true); responses kept either way."""
-    from tasks.cache import StageOutput
     from gpt.eval.judge import JudgeConfig
+    from tasks.cache import StageOutput
     from tasks.stages import RunContext, judge_task
 
     before = _responses(catalog)
