@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "judge",
     "evals",
     "sql",
+    "catalog",
     "bench",
 ]
 

@@ -15,21 +15,19 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.config import DEFAULT_PROFILE, PipelineConfig, build_config, config_to_dict
-from gpt.paths import artifacts_dir, datasets_dir, default_db_path, project_root
-from tasks.catalog import Catalog
-from tasks.stages import (
-    RunContext,
-    baseline_spam_task,
-    download_task,
-    extract_responses_task,
-    finetune_instruct_task,
-    finetune_spam_task,
-    judge_task,
-    load_gpt2_task,
-    pretrain_task,
-    tokenize_task,
+from flows.config import (
+    DEFAULT_PROFILE,
+    STAGES,
+    PipelineConfig,
+    build_config,
+    config_to_dict,
 )
+from gpt.errors import ConfigError
+from gpt.paths import artifacts_dir, datasets_dir, default_db_path, project_root
+from tasks.cache import StageOutput
+from tasks.catalog import Catalog
+from tasks.flow_tasks import skipped_info, stage_task
+from tasks.stages.base import RunContext
 
 
 def git_revision() -> str | None:
@@ -53,6 +51,33 @@ def git_revision() -> str | None:
         return None
 
 
+def make_context(
+    cfg: PipelineConfig,
+    run_id: str,
+    *,
+    mirror: str | None = None,
+    force: list[str] | tuple[str, ...] = (),
+    verify: str = "auto",
+    progress: bool = True,
+) -> RunContext:
+    """The run's context: where its catalog, artifacts and inputs are, and how to run."""
+    unknown = sorted(set(force) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--force {unknown[0]!r}: no such stage; stages: {', '.join(STAGES)}")
+    return RunContext(
+        run_id=run_id,
+        db_path=str(default_db_path()),
+        artifacts=str(artifacts_dir()),
+        datasets=str(datasets_dir()),
+        mirror=mirror or cfg.download.mirror or os.environ.get("GPTFLOW_MIRROR") or None,
+        device=cfg.device,
+        force=tuple(force),
+        verify="full" if verify == "full" else "auto",
+        progress=progress,
+        download=cfg.download,
+    )
+
+
 @flow(name="gptflow-pipeline", log_prints=True, validate_parameters=True)
 def gptflow_pipeline(
     profile: str = DEFAULT_PROFILE,
@@ -60,25 +85,21 @@ def gptflow_pipeline(
     config: PipelineConfig | None = None,
     mirror: str | None = None,
     force: list[str] | None = None,
+    verify: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """The whole pipeline. ``config`` (a full typed config) wins over ``profile`` +
-    ``overrides``; ``force`` names stages to recompute even when cached."""
+    ``overrides``; ``force`` names stages to recompute even when cached; ``verify="full"``
+    re-hashes every file of a cached result before trusting it."""
     log = get_run_logger()
     cfg = config if config is not None else build_config(profile, overrides)
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
-    ctx = RunContext(
-        run_id=run_id,
-        db_path=str(default_db_path()),
-        artifacts=str(artifacts_dir()),
-        datasets=str(datasets_dir()),
-        mirror=mirror or cfg.download.mirror or os.environ.get("GPTFLOW_MIRROR"),
-        device=cfg.device,
-        force=tuple(force or ()),
-        progress=progress,
-    )
-    cat = Catalog(ctx.db_path)
-    cat.start_run(
+    ctx = make_context(cfg, run_id, mirror=mirror, force=force or (), verify=verify,
+                       progress=progress)  # fmt: skip
+    # record where the inputs really came from (the run's mirror, if any)
+    cfg = cfg.replace(download=cfg.download.replace(mirror=ctx.mirror))
+    rec = ctx.recorder
+    rec.start_run(
         run_id,
         flow_run_id=run_id,
         profile=cfg.profile,
@@ -86,21 +107,27 @@ def gptflow_pipeline(
         git_rev=git_revision(),
     )
     log.info("run %s: profile %s, base model %s", run_id, cfg.profile, cfg.load_gpt2.base_model)
+    step = stage_task
     try:
-        dl = download_task(ctx, cfg.download)
-        tok = tokenize_task(ctx, cfg.tokenize, dl)
-        pre = pretrain_task(ctx, cfg.pretrain, tok)
-        base = load_gpt2_task(ctx, cfg.load_gpt2, cfg.download, tok, pre)
-        spam_f = finetune_spam_task.submit(ctx, cfg.finetune_spam, tok, base)
-        base_f = baseline_spam_task.submit(ctx, cfg.baseline_spam, tok)
+        dl = step("download")(ctx, cfg.download)
+        tok = step("tokenize")(ctx, cfg.tokenize, download=dl)
+        pre = step("pretrain")(ctx, cfg.pretrain, tokenize=tok)
+        scratch = cfg.load_gpt2.base_model == "scratch"
+        base = step("load_gpt2")(
+            ctx, cfg.load_gpt2, tokenize=tok, pretrain=pre if scratch else None
+        )
+        spam_f = step("finetune_spam").submit(ctx, cfg.finetune_spam, tokenize=tok, load_gpt2=base)
+        base_f = step("baseline_spam").submit(ctx, cfg.baseline_spam, tokenize=tok)
         spam, baseline = spam_f.result(), base_f.result()
-        inst = finetune_instruct_task(ctx, cfg.finetune_instruct, tok, base)
-        resp = extract_responses_task(ctx, cfg.extract_responses, tok, inst)
-        judged = judge_task(ctx, cfg.judge, resp)
+        inst = step("finetune_instruct")(ctx, cfg.finetune_instruct, tokenize=tok, load_gpt2=base)
+        resp = step("extract_responses")(
+            ctx, cfg.extract_responses, tokenize=tok, finetune_instruct=inst
+        )
+        judged = step("judge")(ctx, cfg.judge, extract_responses=resp)
     except BaseException:
-        cat.end_run(run_id, "failed")
+        rec.end_run(run_id, "failed")
         raise
-    cat.end_run(run_id, "completed")
+    rec.end_run(run_id, "completed")
     outputs = {
         "tokenize": tok,
         "pretrain": pre,
@@ -110,13 +137,21 @@ def gptflow_pipeline(
         "finetune_instruct": inst,
         "extract_responses": resp,
     }
+    judge_info = _judge_info(run_id, judged)
     try:
         from flows.report import publish_report
 
-        publish_report(cat, run_id, cfg, outputs, judged)
+        publish_report(ctx.catalog, run_id, cfg, outputs, judge_info)
     except Exception as exc:  # a report must never fail a finished run
         log.warning("could not publish the run report: %s", exc)
-    return {"run_id": run_id, "status": "completed", "judge": judged}
+    return {"run_id": run_id, "status": "completed", "judge": judge_info}
+
+
+def _judge_info(run_id: str, judged: Any) -> dict[str, Any]:
+    """The judge stage's result for the report (a skipped stage gives its message)."""
+    if isinstance(judged, StageOutput):
+        return {"status": "completed", **judged.data}
+    return skipped_info(judged) or {"status": "unknown"}
 
 
 def stage_statuses(run_id: str) -> dict[str, dict[str, Any]]:
@@ -143,16 +178,19 @@ def run_pipeline(
     base_config: dict[str, Any] | None = None,
     mirror: str | None = None,
     force: list[str] | None = None,
+    verify: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the flow and return {run_id, status, stages}. Raises config errors before any
     work; a failed stage gives status 'failed' with the stage's message."""
     cfg = build_config(profile, overrides, base=base_config)
+    make_context(cfg, "check", force=force or ())  # a bad --force is an error up front
     state = gptflow_pipeline(
         profile=cfg.profile,
         config=cfg,
         mirror=mirror,
         force=force or [],
+        verify=verify,
         progress=progress,
         return_state=True,
     )

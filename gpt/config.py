@@ -15,11 +15,21 @@ from __future__ import annotations
 import math
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
 
 from gpt.errors import ConfigError
 
-__all__ = ["Args", "ArgsError", "format_validation_error"]
+__all__ = ["Args", "ArgsError", "format_validation_error", "operational"]
+
+
+def operational(default: Any = PydanticUndefined, **kwargs: Any) -> Any:
+    """A field that changes how a result is computed (where, how fast, how patiently)
+    but not the result itself — a server address, a timeout, a concurrency limit. Such
+    fields reach the library call like any other but stay out of cache keys."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {})
+    extra["operational"] = True
+    return Field(default, json_schema_extra=extra, **kwargs)
 
 
 class ArgsError(ConfigError, ValueError):
@@ -90,6 +100,30 @@ class Args(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-able dict of every field."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def operational_fields(cls) -> frozenset[str]:
+        """Fields declared with :func:`operational`."""
+        return frozenset(
+            name
+            for name, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("operational")
+        )
+
+    def key_dict(self) -> dict[str, Any]:
+        """The fields that shape the result (for cache keys), nested settings included."""
+        out: dict[str, Any] = {}
+        skip = self.operational_fields()
+        for name in type(self).model_fields:
+            if name in skip:
+                continue
+            value = getattr(self, name)
+            out[name] = (
+                value.key_dict()
+                if isinstance(value, Args)
+                else self.model_dump(mode="json", include={name})[name]
+            )
+        return out
 
     def replace(self, **changes: Any) -> Self:
         """A validated copy with ``changes`` applied."""

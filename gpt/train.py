@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from gpt.config import Args
+from gpt.config import Args, operational
 from gpt.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
@@ -77,7 +77,7 @@ class LMTrainArgs(Args):
     """Final learning rate of the cosine decay (at most ``lr``)."""
     grad_clip: float | None = Field(None, gt=0)
     """Clip the global gradient norm to this value (None = off)."""
-    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every: int = operational(0, ge=0)
     """Also checkpoint to ``out_dir/last`` every this many steps (0 = only at the end of
     each epoch and of training)."""
     seed: int = 123

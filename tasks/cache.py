@@ -1,33 +1,48 @@
-"""Content-addressed stage cache.
+"""Content-addressed stage folders: keys, manifests, verification, atomic commits.
 
-Each stage's cache key is a hash of: the stage name, its config section, the *content*
-digests of its inputs (upstream manifests), and a fingerprint of the source code of the
-library modules it runs (Prefect's TASK_SOURCE only sees the task function itself).
-Outputs live in ``artifacts/stages/<stage>/<key>/`` with a ``manifest.json`` written last.
-A lookup trusts a manifest only when every file it lists still exists with the recorded
-size and sha256 — a cached result whose files were deleted or damaged is recomputed.
+A stage's **key** hashes the stage name, the settings that shape its result, the
+*content digests* of its inputs, and the fingerprint of the code it runs
+(:mod:`tasks.fingerprint`). Its result lives in ``<root>/<stage>/<key>/``:
 
-Because downstream keys use the upstream *content* digest, recomputing a stage that
-produces identical files leaves downstream cached; changed files recompute exactly what
-depends on them.
+- the stage's files (checkpoints, token files, plots, JSON exports),
+- ``rows/<table>.parquet``: the catalog rows the stage produced (the catalog is an index
+  of these folders and can be rebuilt from them),
+- ``manifest.json``, written last: the stage, key, producer run, typed result, and the
+  size, mtime and sha256 of every other file.
+
+A folder counts as a cache hit only when its manifest verifies (:meth:`StageStore.lookup`):
+every listed file is present with its size; small files are always re-hashed, large
+ones when their mtime changed since the manifest was written or when ``verify="full"``.
+The **digest** downstream keys use hashes the files but not ``rows/`` (rows carry
+timestamps), so a recomputation that writes byte-identical files keeps everything
+downstream cached.
+
+Work happens in ``<key>.partial/`` (kept after a crash so training resumes) and is
+renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gpt.fileio import sha256_file
 from gpt.paths import artifacts_dir
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2
+ROWS_DIR = "rows"
+#: Files of a stage folder bigger than this are re-hashed only when their size or mtime
+#: changed since the manifest was written, or with ``verify="full"``.
+SMALL_FILE_BYTES = 16 * 1024 * 1024
+
+Verify = Literal["auto", "full"]
 
 
 def stable_json(value: Any) -> str:
@@ -35,85 +50,109 @@ def stable_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-_FP_CACHE: dict[tuple[str, ...], str] = {}
+def content_digest(files: dict[str, dict[str, Any]], data: dict[str, Any] | None = None) -> str:
+    """Digest of a stage's result: the sha256 of its files except ``rows/`` (or of
+    ``data`` for a stage without files)."""
+    content = {
+        rel: meta["sha256"] for rel, meta in files.items() if not rel.startswith(f"{ROWS_DIR}/")
+    }
+    payload = {"files": content} if content else {"data": data}
+    return hashlib.sha256(stable_json(payload).encode()).hexdigest()
 
 
-def code_fingerprint(modules: list[str] | tuple[str, ...]) -> str:
-    """sha256 over the source files of ``modules`` (e.g. ``gpt.model``); any edit to
-    them changes the fingerprint."""
-    key = tuple(sorted(modules))
-    if key in _FP_CACHE:
-        return _FP_CACHE[key]
-    h = hashlib.sha256()
-    for name in key:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"cannot fingerprint module {name!r}: not found")
-        h.update(name.encode())
-        h.update(Path(spec.origin).read_bytes())
-    _FP_CACHE[key] = h.hexdigest()
-    return _FP_CACHE[key]
+def stage_key(
+    stage: str, settings: dict[str, Any], inputs: dict[str, str | None], code: str
+) -> str:
+    """The cache key of one stage execution (24 hex characters)."""
+    payload = {"stage": stage, "settings": settings, "inputs": inputs, "code": code}
+    return hashlib.sha256(stable_json(payload).encode()).hexdigest()[:24]
 
 
 @dataclass
 class StageOutput:
-    """The small, JSON-able manifest a stage returns and downstream stages take as input.
-
-    ``files`` maps paths relative to ``root`` to their sha256 and size; ``digest`` hashes
-    those (the content fingerprint downstream keys use); ``data`` holds small results
-    (paths, counts, final metrics)."""
+    """A finished stage as downstream stages see it: where its folder is, who produced
+    it, the digest of its content, and its typed result (``out``; ``data`` is the same
+    as a plain dict). Paths in ``out`` are relative to ``root``: use :meth:`path`."""
 
     stage: str
     key: str
     root: str
     run_id: str
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
+    """The run that computed this result (its catalog rows are stored under it)."""
     digest: str = ""
-    created_at: float = 0.0
+    out: Any = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
     cache_hit: bool = False
+    created_at: float = 0.0
 
     def path(self, rel: str) -> Path:
-        """Absolute path of an output file or folder."""
+        """Absolute path of a file or folder of this stage."""
         return Path(self.root) / rel
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StageOutput:
-        return cls(**d)
-
-
-def content_digest(files: dict[str, dict[str, Any]], data: dict[str, Any] | None = None) -> str:
-    """Digest of a stage's outputs: the hashes of its files (timings and other volatile
-    result data stay out, so an identical recomputation keeps downstream keys). A stage
-    without files digests ``data``."""
-    payload = {"files": files} if files else {"data": data}
-    return hashlib.sha256(stable_json(payload).encode()).hexdigest()
+    @property
+    def data(self) -> dict[str, Any]:
+        """The typed result as a plain JSON-able dict."""
+        if self.out is None:
+            return {}
+        if hasattr(self.out, "model_dump"):
+            return self.out.model_dump(mode="json")
+        return dict(self.out)
 
 
-class StageCache:
-    """Content-addressed output folders under ``artifacts/stages``."""
+def _walk(folder: Path) -> list[str]:
+    """Relative paths of every file under ``folder``, except the manifest and the
+    runner's own dot-files at the top level (owner marker, partial rows, leases)."""
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(folder).as_posix()
+        if rel == MANIFEST or rel.startswith("."):
+            continue
+        out.append(rel)
+    return out
 
-    def __init__(self, root: Path | None = None) -> None:
+
+def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{rel: {bytes, mtime_ns, sha256}}`` for every file of a stage folder."""
+    files = {}
+    for rel in _walk(folder):
+        p = folder / rel
+        st = p.stat()
+        files[rel] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)}
+    return files
+
+
+def verify_files(
+    folder: Path, files: dict[str, dict[str, Any]], verify: Verify = "auto"
+) -> str | None:
+    """None when every file matches its manifest entry, else the first problem in words."""
+    for rel, meta in sorted(files.items()):
+        p = folder / rel
+        try:
+            st = p.stat()
+        except OSError:
+            return f"{rel} is missing"
+        if st.st_size != meta["bytes"]:
+            return f"{rel} has {st.st_size} bytes, the manifest says {meta['bytes']}"
+        rehash = (
+            verify == "full"
+            or st.st_size <= SMALL_FILE_BYTES
+            or st.st_mtime_ns != meta.get("mtime_ns")
+        )
+        if rehash and sha256_file(p) != meta["sha256"]:
+            return f"{rel} was changed (sha256 differs from the manifest)"
+    extra = sorted(set(_walk(folder)) - set(files))
+    if extra:
+        return f"{extra[0]} is not in the manifest"
+    return None
+
+
+class StageStore:
+    """Stage folders under ``root`` (default ``artifacts/stages``)."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else artifacts_dir() / "stages"
-
-    def key(
-        self,
-        stage: str,
-        config: dict[str, Any],
-        inputs: dict[str, StageOutput | None],
-        modules: list[str] | tuple[str, ...],
-    ) -> str:
-        """The cache key of one stage execution."""
-        payload = {
-            "stage": stage,
-            "config": config,
-            "inputs": {k: (v.digest if v is not None else None) for k, v in inputs.items()},
-            "code": code_fingerprint(modules),
-        }
-        return hashlib.sha256(stable_json(payload).encode()).hexdigest()[:24]
 
     def final_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -122,57 +161,30 @@ class StageCache:
         """Where a stage computes; kept across crashes so training can resume."""
         return self.root / stage / f"{key}.partial"
 
-    def lookup(self, stage: str, key: str) -> StageOutput | None:
-        """A verified manifest, or None when absent or any listed file is missing/changed."""
-        folder = self.final_dir(stage, key)
-        mpath = folder / MANIFEST
+    def read_manifest(self, folder: Path) -> dict[str, Any] | None:
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError):
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        out = StageOutput.from_dict(manifest)
-        out.root = str(folder)
-        for rel, meta in out.files.items():
-            p = folder / rel
-            try:
-                if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
-                    return None
-            except OSError:
-                return None
-        return out
+        if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+            return None
+        return manifest
 
-    def commit(
-        self, stage: str, key: str, run_id: str, data: dict[str, Any], files: list[str]
-    ) -> StageOutput:
-        """Hash ``files`` (relative to the work dir), write the manifest, and move the work
-        dir into place atomically (replacing an invalid older copy)."""
-        work = self.work_dir(stage, key)
-        final = self.final_dir(stage, key)
-        recorded = {}
-        for rel in sorted(files):
-            p = work / rel
-            recorded[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        out = StageOutput(
-            stage=stage,
-            key=key,
-            root=str(final),
-            run_id=run_id,
-            files=recorded,
-            data=data,
-            digest=content_digest(recorded, data),
-            created_at=time.time(),
-        )
-        tmp = work / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(out.to_dict(), indent=2, default=str))
-        os.replace(tmp, work / MANIFEST)
-        if final.exists():
-            trash = final.with_name(f"{key}.old-{os.getpid()}")
-            os.replace(final, trash)
-            os.replace(work, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(work, final)
-        return out
+    def lookup(
+        self, stage: str, key: str, verify: Verify = "auto"
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """``(manifest, None)`` for a complete, verified result; ``(None, reason)`` when
+        there is none (reason None) or it is incomplete/damaged (reason says what)."""
+        folder = self.final_dir(stage, key)
+        if not folder.exists():
+            return None, None
+        manifest = self.read_manifest(folder)
+        if manifest is None:
+            return None, f"{folder / MANIFEST} is missing or unreadable"
+        problem = verify_files(folder, manifest.get("files", {}), verify)
+        if problem is not None:
+            return None, problem
+        return manifest, None
 
     def fresh_work_dir(self, stage: str, key: str, *, resume: bool) -> Path:
         """The work dir, emptied unless ``resume`` (then a crashed attempt is continued)."""
@@ -181,3 +193,30 @@ class StageCache:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         return work
+
+    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Describe every file of the work dir, write the manifest last, and rename the
+        work dir into place (replacing an older or damaged copy). Returns the manifest."""
+        work = self.work_dir(stage, key)
+        final = self.final_dir(stage, key)
+        files = describe_files(work)
+        manifest = {
+            **manifest,
+            "version": MANIFEST_VERSION,
+            "stage": stage,
+            "key": key,
+            "files": files,
+            "digest": content_digest(files, manifest.get("out")),
+            "created_at": time.time(),
+        }
+        tmp = work / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, work / MANIFEST)
+        if final.exists():
+            trash = final.with_name(f"{key}.old-{os.getpid()}-{time.monotonic_ns()}")
+            os.replace(final, trash)
+            os.replace(work, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(work, final)
+        return manifest

@@ -1,9 +1,12 @@
 """Shared fixtures.
 
 ``mirror`` is a folder laid out like the download mirror (datasets at the top, GPT-2
-tokenizer files under ``gpt2/``). In this workplace it is ``../shared/data``; on a user's
-machine the real inputs are fetched once into a cache folder, or the tests that need
-them are skipped with the reason when that fails (offline).
+tokenizer files under ``gpt2/``): ``GPTFLOW_TEST_MIRROR``, else ``../shared/data`` beside
+the checkout, else the real inputs fetched once into a cache folder. Whatever is found is
+verified with the project's own downloader (every pinned sha256). When the inputs are
+missing or do not verify, the tests that need them fail with the reason under CI
+(``CI=true``: a broken downloader or a checksum mismatch must not pass as skips) and are
+skipped with the reason elsewhere (e.g. a laptop offline).
 """
 
 from __future__ import annotations
@@ -28,23 +31,41 @@ def _find_mirror() -> Path | None:
     return None
 
 
+def in_ci() -> bool:
+    """True under CI (``CI`` set to true/1/yes, as CI services do)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if in_ci():
+        pytest.fail(f"test inputs unusable under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local mirror folder holding the real public inputs."""
+    """A local mirror folder holding the real public inputs, verified."""
+    from gpt.data.download import download_sources
+    from gpt.data.sources import DATASET_SOURCES
+
     found = _find_mirror()
     if found is not None:
+        try:  # the downloader verifies every pinned sha256 on the way
+            download_sources(
+                list(DATASET_SOURCES),
+                dest=tmp_path_factory.mktemp("verified-inputs"),
+                mirror=str(found),
+                progress=False,
+                retries=1,
+            )
+        except Exception as exc:
+            _unavailable(f"the input mirror {found} does not verify: {exc}")
         return found
     cache = Path(os.environ.get("GPTFLOW_TEST_CACHE", Path.home() / ".cache" / "gptflow-inputs"))
     try:
-        from gpt.data.download import download_sources
-
-        download_sources(
-            ["the-verdict", "sms-spam", "instruction-data", "gpt2-tokenizer"], dest=cache
-        )
+        download_sources(list(DATASET_SOURCES), dest=cache, progress=False)
     except Exception as exc:  # offline or blocked: say why
-        pytest.skip(
-            f"real inputs unavailable (no ../shared/data mirror and download failed: {exc})"
-        )
+        _unavailable(f"real inputs unavailable (no ../shared/data mirror; download failed: {exc})")
     return cache
 
 

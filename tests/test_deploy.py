@@ -152,6 +152,7 @@ def test_prefect_deploy_accepts_the_file(prefect_server):
         "profile",
         "overrides",
         "required",
+        "force",
     }
 
 
@@ -244,16 +245,18 @@ def test_judge_flow_scores_then_resumes(prefect_server):
         assert data[0]["run_id"] == "r1" and data[0]["n"] == 3
         assert data[0]["mean_score"] == 77.0
 
-        # a second run: everything is judged already, nothing is sent
+        # a second run: the same responses and judge settings are a cache hit: nothing
+        # is sent, the result is the first run's
         state2 = gptflow_judge(
             responses_run="r1", profile="smoke", overrides=overrides, return_state=True
         )
         assert state2.is_completed(), state2.message
         res2 = state2.result()
-        assert (res2["n_sent"], res2["n_skipped"]) == (0, 3)
+        assert res2["cache_hit"] and res2["status"] == "cached" and res2["n_sent"] == 3
         assert stub.chat_count == 3
         row2 = _stage(str(state2.state_details.flow_run_id))
         assert row2["status"] == "cached" and row2["cache_hit"]
+        assert json.loads(row2["outputs"])["producer_run_id"] == run1
         assert cat.query_df("SELECT count(*) AS n FROM judgments")["n"].iloc[0] == 3
     finally:
         stub.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--profile", choices=available_profiles())
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE")
     p.add_argument("--mirror", help="local folder or http(s) URL mirroring the inputs")
+    _verify_arg(p)
     p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("runs", help="list pipeline runs and their stages")
@@ -65,14 +67,38 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
         choices=STAGES,
         help="recompute this stage even if cached (repeatable)",
     )
+    _verify_arg(p)
 
 
-def _print_result(result: dict) -> None:
+def _verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verify",
+        choices=["auto", "full"],
+        default="auto",
+        help="how cached results are checked before reuse: auto (sizes, hashes of small "
+        "files and of files changed since written) or full (hash every file)",
+    )
+
+
+def _print_result(result: dict, command: str, log_file: Path | None) -> int:
+    """The run's stages, then — for a failed run — one ``gptflow CMD: error:`` line
+    naming the stage and what it said. Returns the exit code."""
     print(f"run {result['run_id']}: {result['status']}")
     for stage, info in result["stages"].items():
         msg = info.get("message")
-        extra = f"  {msg}" if isinstance(msg, str) and msg else ""
+        extra = f"  {msg}" if isinstance(msg, str) and msg and info["status"] != "failed" else ""
         print(f"  {stage:<18} {info['status']:<10}{extra}")
+    if result["status"] == "completed":
+        return 0
+    failed = [(s, i) for s, i in result["stages"].items() if i["status"] == "failed"]
+    if failed:
+        stage, info = failed[0]
+        what = f"stage {stage} failed: {info.get('message') or 'no message recorded'}"
+    else:
+        what = f"the run failed: {result.get('error') or 'no message recorded'}"
+    where = f" (full log: {log_file})" if log_file is not None else ""
+    print(f"gptflow {command}: error: {' '.join(what.split())}{where}", file=sys.stderr)
+    return 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -81,11 +107,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_server()
     from flows.pipeline import run_pipeline
 
+    log_file = quiet_console(verbose=getattr(args, "verbose", False))
     result = run_pipeline(
-        profile=args.profile, overrides=args.set, mirror=args.mirror, force=args.force
+        profile=args.profile,
+        overrides=args.set,
+        mirror=args.mirror,
+        force=args.force,
+        verify=args.verify,
     )
-    _print_result(result)
-    return 0 if result["status"] == "completed" else 1
+    return _print_result(result, "run", log_file)
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
@@ -95,9 +125,14 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     ensure_server()
     from flows.pipeline import run_pipeline
 
+    log_file = quiet_console(verbose=getattr(args, "verbose", False))
     if args.profile:
         result = run_pipeline(
-            profile=args.profile, overrides=args.set, mirror=args.mirror, force=[args.stage]
+            profile=args.profile,
+            overrides=args.set,
+            mirror=args.mirror,
+            force=[args.stage],
+            verify=args.verify,
         )
     else:
         cat = Catalog()
@@ -117,9 +152,68 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             base_config=config,
             mirror=args.mirror,
             force=[args.stage],
+            verify=args.verify,
         )
-    _print_result(result)
-    return 0 if result["status"] == "completed" else 1
+    return _print_result(result, "rerun", log_file)
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats like ``inner`` but without exception tracebacks (they go to the log file)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return self.inner.format(record)
+        copy = logging.makeLogRecord(record.__dict__)
+        copy.exc_info = copy.exc_text = copy.stack_info = None
+        return self.inner.format(copy)
+
+
+class _NoEngineErrors(logging.Filter):
+    """Drops Prefect's own failure reports (the final ``error:`` line says it once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect."):
+            return True
+        if record.levelno >= logging.ERROR:
+            return False
+        return not str(record.msg).startswith("Finished in state Failed")
+
+
+def quiet_console(*, verbose: bool) -> Path | None:
+    """Send everything (tracebacks included) to a log file under ``artifacts/logs/``;
+    keep tracebacks off the terminal unless ``verbose``. Returns the log file."""
+    import time
+
+    import prefect  # noqa: F401  (Prefect configures its loggers on import)
+
+    from gpt.paths import artifacts_dir
+
+    folder = artifacts_dir() / "logs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    log_file = folder / f"gptflow-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    fh = logging.FileHandler(log_file, encoding="utf-8")
+    fh.setLevel(logging.DEBUG)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        if lg is logging.getLogger() or (lg.handlers and not lg.propagate):
+            lg.addHandler(fh)
+        if verbose:
+            continue
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setFormatter(_NoTraceback(h.formatter))
+                h.addFilter(_NoEngineErrors())
+    return log_file
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

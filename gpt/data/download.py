@@ -34,11 +34,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
-from pydantic import Field
 from tqdm.auto import tqdm
 
 from gpt import paths
-from gpt.config import Args
+from gpt.config import Args, operational
 from gpt.data.sources import SOURCES, Source, SourceFile
 from gpt.errors import (
     ChecksumError,
@@ -177,6 +176,7 @@ class _Options:
     timeout: float
     progress: bool
     mirror: _Mirror | None
+    refresh: bool = False
     client: Any = None  # httpx.Client, created lazily
 
 
@@ -700,7 +700,7 @@ def _advice(source: str, f: SourceFile, tried: list[_Tried], opts: _Options, par
 
 
 def _ensure_file(source: str, f: SourceFile, dest: Path, opts: _Options) -> FileResult:
-    found = _present(f, dest)
+    found = None if opts.refresh else _present(f, dest)
     if found is not None:
         log.info("%s: present and verified, skipping", found.path)
         return found
@@ -787,10 +787,13 @@ def download_sources(
     retries: int = 3,
     backoff: float = 1.0,
     timeout: float = 30.0,
+    refresh: bool = False,
 ) -> list[DownloadResult]:
     """Fetch several sources into ``dest`` (default :func:`gpt.paths.datasets_dir`).
 
-    With a mirror (``mirror=`` or ``GPTFLOW_MIRROR``) only the mirror is used. Raises
+    Files already present and verified are skipped unless ``refresh`` (then every file
+    is fetched and verified again). With a mirror (``mirror=`` or ``GPTFLOW_MIRROR``)
+    only the mirror is used. Raises
     DownloadError / ChecksumError / UnsafeArchiveError naming the source, every location
     tried and what failed there, and what to do.
     """
@@ -813,6 +816,7 @@ def download_sources(
         timeout=timeout,
         progress=progress,
         mirror=_resolve_mirror(mirror),
+        refresh=refresh,
     )
     results: list[DownloadResult] = []
     try:
@@ -828,14 +832,14 @@ def download_sources(
 class DownloadArgs(Args):
     """Where inputs come from and how hard to try (the pipeline's ``download`` section)."""
 
-    mirror: str | None = None
+    mirror: str | None = operational(None)
     """Local folder or http(s) base URL laid out like the remote files (``GPTFLOW_MIRROR``
     is used when unset). Only where bytes come from: checksums are verified either way."""
-    retries: int = Field(3, ge=1, le=20)
+    retries: int = operational(3, ge=1, le=20)
     """Attempts per URL, with exponential backoff, before trying the next location."""
-    backoff_s: float = Field(1.0, ge=0)
+    backoff_s: float = operational(1.0, ge=0)
     """Delay before the second attempt; doubles after each further failure."""
-    timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = operational(30.0, gt=0)
     """Connect/read timeout of one HTTP attempt, in seconds."""
 
     def fetch(
@@ -845,8 +849,10 @@ class DownloadArgs(Args):
         *,
         progress: bool = True,
         mirror: str | None = None,
+        refresh: bool = False,
     ) -> list[DownloadResult]:
-        """:func:`download_sources` with these settings (``mirror`` overrides the field)."""
+        """:func:`download_sources` with these settings (``mirror`` overrides the field;
+        ``refresh`` fetches and verifies files again even when present)."""
         return download_sources(
             names,
             dest,
@@ -855,4 +861,5 @@ class DownloadArgs(Args):
             retries=self.retries,
             backoff=self.backoff_s,
             timeout=self.timeout_s,
+            refresh=refresh,
         )

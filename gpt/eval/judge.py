@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import Field
 
-from gpt.config import Args
+from gpt.config import Args, operational
 from gpt.errors import JudgeError, ModelNotPulledError, OllamaUnreachableError
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,12 @@ def _default_host() -> str:
 class JudgeConfig(Args):
     """How to reach and use the Ollama judge (the pipeline's ``judge`` section)."""
 
-    required: bool = False
+    required: bool = operational(False)
     """Whether the pipeline must fail when the judge is unavailable. The library always
     raises :class:`~gpt.errors.JudgeError`; the judge stage with ``required`` false
     records the stage as skipped with the fix (the responses are stored and can be
     judged later)."""
-    host: str = Field(default_factory=_default_host)
+    host: str = operational(default_factory=_default_host)
     """Ollama server URL (default: ``OLLAMA_HOST`` if set, else ``http://localhost:11434``)."""
     model: str = Field("llama3", min_length=1)
     """Judge model name as Ollama knows it (``llama3`` is ``llama3:latest``)."""
@@ -72,17 +72,17 @@ class JudgeConfig(Args):
     """Sampling temperature (0 = greedy, reproducible scores)."""
     num_ctx: int = Field(2048, ge=1)
     """Context window the server allocates for each request."""
-    concurrency: int = Field(4, ge=1, le=64)
+    concurrency: int = operational(4, ge=1, le=64)
     """Maximum number of requests in flight at once."""
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = operational(120.0, gt=0)
     """Per-request timeout in seconds (one attempt)."""
-    retries: int = Field(3, ge=0)
+    retries: int = operational(3, ge=0)
     """Extra attempts after the first on connection errors, timeouts and 5xx replies."""
-    backoff_s: float = Field(1.0, ge=0)
+    backoff_s: float = operational(1.0, ge=0)
     """Delay before the first retry; doubles on each further retry."""
-    auto_pull: bool = False
+    auto_pull: bool = operational(False)
     """Pull a missing model during :func:`preflight` instead of failing."""
-    stream: bool = False
+    stream: bool = operational(False)
     """Ask for a streamed reply (NDJSON chunks) instead of one JSON body."""
 
     def options(self) -> dict[str, Any]:

@@ -56,8 +56,27 @@ class PrepareArgs(Args):
 
 @dataclass
 class PrepareResult:
-    """What the tokenize stage produced (paths relative to its folder)."""
+    """What :func:`prepare_datasets` wrote. The path fields are relative to its output
+    folder and are the one place the layout is named."""
 
+    corpus_text: str = "text/corpus.txt"
+    """The (possibly cut) pretraining text."""
+    train_text: str = "text/train.txt"
+    """Its training part."""
+    val_text: str = "text/val.txt"
+    """Its validation part."""
+    train_tokens: str = "tokens/train.npy"
+    """The training part as a token file (:func:`gpt.data.windows.load_tokens`)."""
+    val_tokens: str = "tokens/val.npy"
+    """The validation part as a token file."""
+    spam_splits: str = "spam/splits.json"
+    """The balanced SMS splits (:func:`load_spam_splits`)."""
+    spam_messages: str = "spam/messages.json"
+    """Every parsed SMS message."""
+    instruct_splits: str = "instruct/splits.json"
+    """The instruction splits (:func:`load_instruct_splits`)."""
+    tokenizer: str = "tokenizer"
+    """A copy of the GPT-2 tokenizer files."""
     files: list[str] = field(default_factory=list)
     corpus: list[dict[str, Any]] = field(default_factory=list)
     spam_counts: dict[str, int] = field(default_factory=dict)
@@ -84,39 +103,42 @@ def prepare_datasets(
     out_dir: Path,
     args: PrepareArgs,
 ) -> PrepareResult:
-    """Parse, split and tokenize; write ``text/{corpus,train,val}.txt``,
-    ``tokens/{train,val}.npy``, ``spam/{splits,messages}.json``, ``instruct/splits.json``
-    and a copy of the tokenizer files (``tokenizer/``) under ``out_dir``."""
+    """Parse, split and tokenize into ``out_dir``: the texts, token files, splits and a
+    copy of the tokenizer files, at the paths the returned :class:`PrepareResult` names."""
     out_dir = Path(out_dir)
     result = PrepareResult()
-    tok_out = out_dir / "tokenizer"
+    tok_out = out_dir / result.tokenizer
     tok_out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         tmp = tok_out / f"{name}.tmp"
         shutil.copyfile(Path(tokenizer_dir) / name, tmp)
         os.replace(tmp, tok_out / name)
-        result.files.append(f"tokenizer/{name}")
+        result.files.append(f"{result.tokenizer}/{name}")
     tok = Tokenizer.from_dir(tok_out)
 
     text = parsing.read_text(text_path)
     if args.text_chars is not None:
         text = text[: args.text_chars]
-    corpus = out_dir / "text" / "corpus.txt"
+    corpus = out_dir / result.corpus_text
     corpus.parent.mkdir(parents=True, exist_ok=True)
-    tmp = corpus.with_name("corpus.txt.tmp")
+    tmp = corpus.with_name(corpus.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, corpus)
-    result.files.append("text/corpus.txt")
+    result.files.append(result.corpus_text)
     text_split = parsing.split_text(text, args.train_ratio)
     train_text, val_text = text_split
     result.manifests["text"] = text_split.manifest.to_dict()
-    for split, part in (("train", train_text), ("val", val_text)):
-        tpath = out_dir / "text" / f"{split}.txt"
+    parts = (
+        ("train", train_text, result.train_text, result.train_tokens),
+        ("val", val_text, result.val_text, result.val_tokens),
+    )
+    for split, part, text_rel, tokens_rel in parts:
+        tpath = out_dir / text_rel
         tpath.parent.mkdir(parents=True, exist_ok=True)
         tmp = tpath.with_name(tpath.name + ".tmp")
         tmp.write_text(part, encoding="utf-8")
         os.replace(tmp, tpath)
-        npy = out_dir / "tokens" / f"{split}.npy"
+        npy = out_dir / tokens_rel
         npy.parent.mkdir(parents=True, exist_ok=True)
         info = tokenize_to_npy(part, tok, npy)
         n_tokens = int(info.num_tokens)
@@ -129,10 +151,10 @@ def prepare_datasets(
                 "windows": windows,
                 "max_length": args.max_length,
                 "stride": args.stride,
-                "path": f"tokens/{split}.npy",
+                "path": tokens_rel,
             }
         )
-        result.files += [f"text/{split}.txt", f"tokens/{split}.npy"]
+        result.files += [text_rel, tokens_rel]
 
     sms = parsing.parse_sms(sms_path)
     spam_splits = parsing.balance_and_split_spam(
@@ -146,12 +168,12 @@ def prepare_datasets(
             for i, r in enumerate(recs)
         ]
         result.spam_counts[split] = len(recs)
-    _write_json(out_dir / "spam" / "splits.json", spam_out)
+    _write_json(out_dir / result.spam_splits, spam_out)
     _write_json(
-        out_dir / "spam" / "messages.json",
+        out_dir / result.spam_messages,
         [{"line_no": r.line_no, "label": r.label, "text": r.text} for r in sms],
     )
-    result.files += ["spam/splits.json", "spam/messages.json"]
+    result.files += [result.spam_splits, result.spam_messages]
     result.manifests["spam"] = spam_splits.manifest.to_dict()
 
     records = parsing.parse_instructions(instructions_path)
@@ -174,8 +196,8 @@ def prepare_datasets(
             for i, r in enumerate(recs)
         ]
         result.instruct_counts[split] = len(recs)
-    _write_json(out_dir / "instruct" / "splits.json", inst_out)
-    result.files.append("instruct/splits.json")
+    _write_json(out_dir / result.instruct_splits, inst_out)
+    result.files.append(result.instruct_splits)
     result.manifests["instruct"] = inst_splits.manifest.to_dict()
     return result
 

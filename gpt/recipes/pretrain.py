@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from gpt.config import Args
+from gpt.config import Args, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
@@ -56,7 +56,7 @@ class PretrainArgs(LMTrainArgs):
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     """Architecture of the model trained from scratch."""
-    checkpoint_every: int = Field(50, ge=0)
+    checkpoint_every: int = operational(50, ge=0)
     """Write a resumable checkpoint every N steps (0 = only at epoch ends)."""
     sample_prompt: str | None = "Every effort moves you"
     """Prompt of the greedy sample generated after each epoch (None = no samples)."""

@@ -408,6 +408,38 @@ class Catalog:
                 total += self._insert_df(con, table, df, cols)
         return total
 
+    def replace_from_parquet(
+        self, items: Sequence[tuple[str, str | Path, Sequence[Mapping[str, Any]]]]
+    ) -> int:
+        """For each ``(table, parquet file, wheres)``: delete the rows matching any of the
+        ``wheres`` and insert the file's rows, all in ONE transaction. The file's columns
+        must be the table's (as written by :mod:`tasks.rows`). Returns the rows inserted."""
+        for table, _, _ in items:
+            self._check_table(table)
+        names = ", ".join(t for t, _, _ in items)
+        total = 0
+        with self._transaction(names) as con:
+            for table, path, wheres in items:
+                cols = self._columns(con, table)
+                src = str(path).replace("'", "''")
+                desc = con.execute(f"SELECT * FROM read_parquet('{src}') LIMIT 0").description
+                have = [d[0] for d in desc]
+                unknown = [c for c in have if c not in cols]
+                if unknown:
+                    raise CatalogError(
+                        f"{path}: columns {unknown} are not in catalog table {table!r}"
+                    )
+                for where in wheres:
+                    self._delete_where(con, table, where, cols)
+                target = ", ".join(_quote_ident(c) for c in have)
+                select = ", ".join(
+                    f"CAST({_quote_ident(c)} AS {cols[c]}) AS {_quote_ident(c)}" for c in have
+                )
+                total += con.execute(
+                    f"INSERT INTO {table} ({target}) SELECT {select} FROM read_parquet('{src}')"
+                ).fetchone()[0]
+        return total
+
     def insert_rows(self, table: str, rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> int:
         """Append rows (one transaction); returns the number inserted."""
         self._check_table(table)

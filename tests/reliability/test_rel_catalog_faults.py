@@ -164,46 +164,36 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     from flows.config import build_config
     from tasks.cache import StageOutput
     from tasks.catalog import Catalog
-    from tasks.stages import RunContext, tokenize_task
+    from tasks.stages.base import RunContext, run_stage
+    from tasks.stages.download import DownloadOut, SourceOut
 
     cfg = build_config("smoke")
     data = tmp_path / "inputs"
     data.mkdir()
     for name in ("the-verdict.txt", "instruction-data.json"):
         shutil.copy(mirror / name, data / name)
+    shutil.copytree(mirror / "gpt2", tmp_path / "gpt2")
     sms = tmp_path / "sms" / "SMSSpamCollection"
     sms.parent.mkdir()
     import zipfile
 
     with zipfile.ZipFile(mirror / "sms+spam+collection.zip") as zf:
         sms.write_bytes(zf.read("SMSSpamCollection"))
-    dl = StageOutput(
-        stage="download",
-        key="",
-        root=str(data),
-        run_id="dl",
-        data={
-            "sources": {
-                "the-verdict": {
-                    "path": str(data / "the-verdict.txt"),
-                    "folder": str(data),
-                    "sha256": ["t"],
-                },
-                "sms-spam": {"path": str(sms), "folder": str(sms.parent), "sha256": ["s"]},
-                "instruction-data": {
-                    "path": str(data / "instruction-data.json"),
-                    "folder": str(data),
-                    "sha256": ["i"],
-                },
-                "gpt2-tokenizer": {
-                    "path": str(mirror / "gpt2" / "encoder.json"),
-                    "folder": str(mirror / "gpt2"),
-                    "sha256": ["g"],
-                },
-            }
-        },
-        digest="d1",
+
+    def src(path: str, folder: str, sha: str) -> SourceOut:
+        return SourceOut(path=path, folder=folder, sha256=[sha])
+
+    out = DownloadOut(
+        sources={
+            "the-verdict": src("inputs/the-verdict.txt", "inputs", "t"),
+            "sms-spam": src("sms/SMSSpamCollection", "sms", "s"),
+            "instruction-data": src("inputs/instruction-data.json", "inputs", "i"),
+            "gpt2-tokenizer": src("gpt2/encoder.json", "gpt2", "g"),
+        }
     )
+
+    def dl(digest: str) -> StageOutput:
+        return StageOutput("download", "", str(tmp_path), "dl", digest=digest, out=out)
 
     def ctx(run_id: str) -> RunContext:
         return RunContext(
@@ -214,7 +204,7 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
             progress=False,
         )
 
-    tokenize_task.fn(ctx("run1"), cfg.tokenize, dl)
+    run_stage(ctx("run1"), "tokenize", cfg.tokenize, download=dl("d1"))
     cat = Catalog()
     tables = ["sms_messages", "spam_examples", "instructions", "corpus"]
     before = {t: _snapshot(cat, t) for t in tables}
@@ -222,23 +212,22 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
 
     # (a) a malformed instruction file: the parse fails before any write
     (data / "instruction-data.json").write_text('[{"instruction": "x", "input": 1}]')
-    dl2 = StageOutput(**{**dl.to_dict(), "digest": "d2"})
     with pytest.raises(Exception) as info:
-        tokenize_task.fn(ctx("run2"), cfg.tokenize, dl2)
+        run_stage(ctx("run2"), "tokenize", cfg.tokenize, download=dl("d2"))
     assert "record 0" in str(info.value)
-    # (b) valid input, but the third catalog write fails (disk error)
+    # (b) valid input, but a catalog write fails half-way through the stage's tables
+    # (corpus is written, then instructions fails)
     shutil.copy(mirror / "instruction-data.json", data / "instruction-data.json")
-    real = Catalog._insert_df
+    real = Catalog._delete_where
 
-    def failing(self, con, table, df, cols):
-        if table == "instructions":  # after sms_messages and spam_examples were written
+    def failing(self, con, table, where, cols):
+        if table == "instructions":
             raise CatalogError("simulated disk error while writing 'instructions'")
-        return real(self, con, table, df, cols)
+        return real(self, con, table, where, cols)
 
-    monkeypatch.setattr(Catalog, "_insert_df", failing)
-    dl3 = StageOutput(**{**dl.to_dict(), "digest": "d3"})
+    monkeypatch.setattr(Catalog, "_delete_where", failing)
     with pytest.raises(CatalogError):
-        tokenize_task.fn(ctx("run3"), cfg.tokenize, dl3)
+        run_stage(ctx("run3"), "tokenize", cfg.tokenize, download=dl("d3"))
     monkeypatch.undo()
 
     after = {t: _snapshot(cat, t) for t in tables}

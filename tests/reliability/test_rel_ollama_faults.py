@@ -196,8 +196,8 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
     """The pipeline's judge stage: Skipped with the exact fix (required=false), or a
     failed stage with that message (required=true); responses kept either way."""
     from gpt.eval.judge import JudgeConfig
-    from tasks.cache import StageOutput
-    from tasks.stages import RunContext, judge_task
+    from tasks.stages.base import RunContext, StageSkipped, run_stage
+    from tasks.stages.judge import responses_input
 
     before = _responses(catalog)
     ctx = RunContext(
@@ -207,7 +207,7 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
         datasets=str(tmp_path / "d"),
         progress=False,
     )
-    resp = StageOutput(stage="extract_responses", key="k", root=str(tmp_path), run_id="r1")
+    resp = responses_input(catalog, "r1")
     cfg = JudgeConfig(
         required=required,
         host=f"http://127.0.0.1:{free_port()}",
@@ -218,11 +218,11 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
     )
     if required:
         with pytest.raises(JudgeError):
-            judge_task.fn(ctx, cfg, resp)
+            run_stage(ctx, "judge", cfg, extract_responses=resp)
         status = "failed"
     else:
-        out = judge_task.fn(ctx, cfg, resp)
-        assert out["status"] == "skipped"
+        with pytest.raises(StageSkipped):
+            run_stage(ctx, "judge", cfg, extract_responses=resp)
         status = "skipped"
     row = catalog.query_df("SELECT status, message FROM stages WHERE run_id = 'flow2'")
     assert row["status"].tolist() == [status]

@@ -3,7 +3,7 @@ checkpoint (steps continue), the catalog's metric rows are not duplicated, and t
 weights equal those of an uninterrupted run, bit for bit.
 
 Each run is a child process running the pretrain stage library (gpt.recipes.pretrain.pretrain)
-with the pipeline's own catalog metrics sink (tasks.stages._metrics_sink), on a tiny
+with the pipeline's own metrics sink (tasks.stages.base.StageRun.metrics_sink), on a tiny
 model over the first 3,000 characters of the-verdict. The reference run and the run
 that gets killed execute concurrently to save wall time. A kill inside the checkpoint
 write itself is covered in-process by ``test_crash_between_checkpoint_renames_resumes``.
@@ -33,7 +33,8 @@ epochs, ckpt, kill = (int(x) for x in sys.argv[7:10])
 from gpt.data.windows import tokenize_to_npy
 from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
 from gpt.tokenizer import Tokenizer
-from tasks.stages import RunContext, _metrics_sink
+from tasks.rows import RowSink
+from tasks.stages.base import RunContext, StageRun
 
 args = PretrainArgs(
     model=ModelSpec(name="tiny"), batch_size=2, epochs=epochs, eval_every=2,
@@ -47,7 +48,9 @@ train = tokenize_to_npy(text_str[:cut], tokenizer, toks / "train.npy").path
 val = tokenize_to_npy(text_str[cut:], tokenizer, toks / "val.npy").path
 ctx = RunContext(run_id=run_id, db_path=db, artifacts=str(Path(out).parent),
                  datasets=str(Path(out).parent), progress=False)
-sink = _metrics_sink(ctx, "pretrain", run_id)
+stage_run = StageRun(ctx=ctx, stage="pretrain", key="k", work=Path(out), final=Path(out),
+                     producer=run_id, rows=RowSink(Path(out), ctx.catalog))
+sink = stage_run.metrics_sink()
 
 def on_metrics(rows):
     sink(rows)
@@ -156,6 +159,20 @@ def test_kill_9_during_pretrain_resumes_exactly(
     losses = m[m["name"] == "loss"].reset_index(drop=True)
     ref_losses = ref_m[ref_m["name"] == "loss"].reset_index(drop=True)
     pd.testing.assert_frame_equal(losses, ref_losses, check_exact=True)  # ... same losses
+    # the rows the stage folder will hold: the interrupted attempt's and the resumed
+    # one's, each (step, split, name) once, equal to the uninterrupted run's
+    from tasks.rows import RowSink
+
+    folder_rows = pd.DataFrame(RowSink(killed).rows()["metrics"])
+    ref_rows = pd.DataFrame(RowSink(ref).rows()["metrics"])
+    assert not folder_rows.duplicated(["step", "split", "name"]).any()
+    order = ["step", "split", "name"]
+    folder_rows = folder_rows[folder_rows["name"] == "loss"]  # (tokens/s are timings)
+    ref_rows = ref_rows[ref_rows["name"] == "loss"]
+    pd.testing.assert_frame_equal(
+        folder_rows.sort_values(order)[[*keys, "value"]].reset_index(drop=True),
+        ref_rows.sort_values(order)[[*keys, "value"]].reset_index(drop=True),
+    )
 
 
 def _tiny_training(out: Path):

@@ -1,0 +1,69 @@
+"""The stages as Prefect tasks: thin wrappers around :func:`tasks.stages.base.run_stage`
+(and the download stage), one task name per stage so the UI shows the DAG."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
+
+from gpt.config import Args
+from gpt.data.download import DownloadArgs
+from gpt.errors import GPTFlowError
+from tasks.cache import StageOutput
+from tasks.stages.base import RunContext, StageSkipped, load_spec, run_stage
+from tasks.stages.download import STAGE as DOWNLOAD
+from tasks.stages.download import run_download
+
+
+def _retry_unexpected_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures only: a gptflow error (bad input, a missing server, a
+    download that failed at every location after the downloader's own retries) fails
+    the same way again."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, GPTFlowError)
+
+
+def skipped_info(value: Any) -> dict[str, Any] | None:
+    """For what a stage task returned: the skip record when the stage was skipped (the
+    task ends in a Completed state named Skipped), else None."""
+    if isinstance(value, State):
+        data = value.data if isinstance(value.data, dict) else {}
+        return {"status": "skipped", "message": value.message, **data}
+    if isinstance(value, dict) and value.get("status") == "skipped":
+        return value
+    return None
+
+
+@cache
+def stage_task(name: str) -> Task:
+    """The Prefect task that runs stage ``name``."""
+    if name == DOWNLOAD:
+
+        def download(ctx: RunContext, args: DownloadArgs) -> StageOutput:
+            return run_download(ctx, args)
+
+        fn = download
+        retries = 2
+    else:
+        spec = load_spec(name)
+        retries = spec.retries
+
+        def fn(ctx: RunContext, args: Args, **inputs: StageOutput | None) -> Any:
+            try:
+                return run_stage(ctx, name, args, **inputs)
+            except StageSkipped as skip:  # shown as a Completed state named "Skipped"
+                info = {"status": "skipped", "stage": name, "message": str(skip)}
+                return Completed(name="Skipped", message=str(skip), data=info)
+
+        fn.__name__ = name
+    return task(
+        name=name,
+        retries=retries,
+        retry_delay_seconds=5,
+        retry_condition_fn=_retry_unexpected_only,
+        cache_policy=NO_CACHE,
+    )(fn)

@@ -1,0 +1,107 @@
+"""Rebuild a catalog from the artifacts alone (``gptflow catalog rebuild``).
+
+The artifacts hold everything the catalog indexes: the run records
+(``artifacts/runs/<run_id>.json``: the ``runs`` and ``stages`` rows) and the stage folders
+(``artifacts/stages/<stage>/<key>/``: ``rows/<table>.parquet`` listed in the manifest).
+Rebuilding replays both into a fresh catalog; every step is idempotent, so it can also
+fill in a catalog that lacks some rows.
+
+Not rebuilt: ``sources`` (download provenance; the next run records it again),
+``benchmarks``, and rows of stages that never finished (their ``.partial`` folders).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpt.errors import CatalogError
+from tasks.cache import StageStore, verify_files
+from tasks.catalog import Catalog
+from tasks.rows import ingest
+from tasks.runlog import typed_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RebuildReport:
+    """What a rebuild read and wrote."""
+
+    runs: int = 0
+    stage_rows: int = 0
+    folders: int = 0
+    rows: int = 0
+    skipped: list[str] = field(default_factory=list)
+    """Stage folders left out, with the reason (damaged, unreadable)."""
+
+
+def _run_records(runs_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(runs_dir.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping unreadable run record %s: %s", path, exc)
+            continue
+        if isinstance(rec, dict) and rec.get("run"):
+            records.append(rec)
+    return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
+
+
+def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -> RebuildReport:
+    """Replay the run records and every committed stage folder under ``artifacts`` into
+    ``catalog`` (created and migrated if needed)."""
+    artifacts = Path(artifacts)
+    report = RebuildReport()
+    catalog.migrate()
+    for rec in _run_records(artifacts / "runs"):
+        run = rec["run"]
+        catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
+        rows = [typed_row(r) for r in rec.get("stages", {}).values()]
+        if rows:
+            catalog.replace_rows("stages", rows, where={"run_id": run["run_id"]})
+        report.runs += 1
+        report.stage_rows += len(rows)
+    store = StageStore(artifacts / "stages")
+    if store.root.is_dir():
+        for folder in sorted(p for p in store.root.glob("*/*") if p.is_dir()):
+            if folder.name.endswith(".partial") or ".old-" in folder.name:
+                continue
+            manifest = store.read_manifest(folder)
+            if manifest is None:
+                report.skipped.append(f"{folder}: no readable manifest")
+                continue
+            if verify:
+                problem = verify_files(folder, manifest.get("files", {}))
+                if problem:
+                    report.skipped.append(f"{folder}: {problem}")
+                    continue
+            meta = manifest.get("rows") or {}
+            if meta:
+                report.rows += ingest(catalog, folder, meta)
+            report.folders += 1
+    return report
+
+
+def rebuild_into(db_path: Path, artifacts: Path, *, replace: bool = False) -> RebuildReport:
+    """Rebuild the catalog file ``db_path``: refused when it exists unless ``replace``
+    (then the new catalog is built beside it and swapped in only when complete)."""
+    db_path = Path(db_path)
+    if db_path.exists() and not replace:
+        raise CatalogError(
+            f"the catalog {db_path} exists; pass --replace to rebuild it from {artifacts} "
+            "(built beside it, swapped in when complete), or --db NEW.duckdb"
+        )
+    tmp = db_path.with_name(f".{db_path.name}.rebuild-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        report = rebuild_catalog(Catalog(tmp), artifacts)
+        os.replace(tmp, db_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    return report

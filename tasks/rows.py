@@ -1,0 +1,238 @@
+"""A stage's catalog rows, kept in its folder: the catalog is an index of the artifacts.
+
+While a stage computes, :class:`RowSink` appends its rows to ``.rows/<table>.jsonl`` in
+the work folder (so a resumed attempt still has the rows of the interrupted one) and,
+for live tables such as training metrics, also writes them to the catalog at once. When
+the stage commits, the rows become ``rows/<table>.parquet`` — typed exactly as the
+catalog stores them, since they are produced by the catalog's own schema in an
+in-memory DuckDB — and are ingested into the catalog in one transaction.
+
+Each table has a *scope*: the columns that identify one stage's rows in it (metrics of
+one run and stage; the responses of one run). Ingesting replaces the rows of that scope,
+so it is idempotent; :func:`ensure_ingested` re-ingests a folder when the catalog lacks
+its rows (another catalog, a deleted or damaged one) and does nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpt.errors import CatalogError
+from tasks.cache import ROWS_DIR
+
+if TYPE_CHECKING:
+    import duckdb
+    import pandas as pd
+
+    from tasks.catalog import Catalog
+
+#: For each table a stage may write: the columns whose values identify that stage's rows.
+SCOPES: dict[str, tuple[str, ...]] = {
+    "metrics": ("run_id", "stage"),
+    "samples": ("run_id", "stage"),
+    "checkpoints": ("run_id", "stage"),
+    "corpus": ("run_id",),
+    "spam_examples": ("run_id",),
+    "instructions": ("run_id",),
+    "sms_messages": ("source_sha256",),
+    "baselines": ("run_id",),
+    "responses": ("run_id",),
+    "judgments": ("run_id", "judge_model", "prompt_version"),
+}
+
+#: Rows sent again after a resume replace earlier ones with the same key.
+ROW_KEYS: dict[str, tuple[str, ...]] = {
+    "metrics": ("run_id", "stage", "step", "split", "name"),
+    "samples": ("run_id", "stage", "epoch", "step"),
+    "judgments": ("run_id", "example_id", "judge_model", "prompt_version"),
+}
+
+PARTIAL_DIR = ".rows"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able value (datetimes as ISO text, numpy scalars as Python numbers)."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat(sep=" ")
+    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _scopes_of(table: str, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct scope values of ``rows`` (usually one: one run, one stage)."""
+    cols = SCOPES[table]
+    seen = {tuple(r.get(c) for c in cols): None for r in rows}
+    return [dict(zip(cols, values, strict=True)) for values in seen]
+
+
+class RowSink:
+    """Collects a stage's rows in its work folder (and, when asked, in the catalog now)."""
+
+    def __init__(self, work: Path, catalog: Catalog | None = None) -> None:
+        self.work = Path(work)
+        self.catalog = catalog
+
+    def _file(self, table: str) -> Path:
+        return self.work / PARTIAL_DIR / f"{table}.jsonl"
+
+    def add(self, table: str, rows: Sequence[Mapping[str, Any]], *, live: bool = False) -> None:
+        """Append ``rows`` to ``table``'s buffer; ``live`` also upserts them into the
+        catalog now (so e.g. training curves can be watched while a stage runs)."""
+        if table not in SCOPES:
+            raise CatalogError(f"stages do not write table {table!r}; known: {sorted(SCOPES)}")
+        if not rows:
+            return
+        path = self._file(table)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({k: _plain(v) for k, v in r.items()}, default=str) + "\n")
+            f.flush()
+        if live and self.catalog is not None:
+            key = ROW_KEYS.get(table)
+            if key:
+                self.catalog.upsert_rows(table, list(rows), key=list(key))
+            else:
+                self.catalog.insert_rows(table, list(rows))
+
+    def rows(self) -> dict[str, list[dict[str, Any]]]:
+        """Every buffered row per table, later rows replacing earlier ones with the same
+        :data:`ROW_KEYS` key."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        folder = self.work / PARTIAL_DIR
+        if not folder.is_dir():
+            return out
+        for path in sorted(folder.glob("*.jsonl")):
+            table = path.stem
+            rows = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # the last line of a killed write
+                    continue
+            key = ROW_KEYS.get(table)
+            if key:
+                rows = list({tuple(r.get(k) for k in key): r for r in rows}.values())
+            if rows:
+                out[table] = rows
+        return out
+
+    def write_parquet(self) -> dict[str, dict[str, Any]]:
+        """Turn the buffers into ``rows/<table>.parquet``; returns
+        ``{table: {"n": rows, "scopes": [scope values]}}`` for the manifest."""
+        written: dict[str, dict[str, Any]] = {}
+        tables = self.rows()
+        if not tables:
+            return written
+        out_dir = self.work / ROWS_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        con = _schema_connection()
+        try:
+            for table, rows in tables.items():
+                scopes = _scopes_of(table, rows)
+                _load_into(con, table, rows)
+                path = out_dir / f"{table}.parquet"
+                tmp = path.with_suffix(".parquet.tmp")
+                con.execute(f"COPY {table} TO '{_sql_path(tmp)}' (FORMAT parquet)")
+                tmp.replace(path)
+                con.execute(f"DELETE FROM {table}")
+                written[table] = {"n": len(rows), "scopes": scopes}
+        finally:
+            con.close()
+        return written
+
+
+def _sql_path(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+@lru_cache(maxsize=1)
+def _schema_statements() -> tuple[str, ...]:
+    from tasks.catalog.schema import MIGRATIONS
+
+    return tuple(stmt for step in MIGRATIONS for stmt in step)
+
+
+def _schema_connection() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB holding the catalog's schema (tables typed as the catalog)."""
+    import duckdb
+
+    con = duckdb.connect()
+    for stmt in _schema_statements():
+        con.execute(stmt)
+    return con
+
+
+def _load_into(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Insert rows the way the catalog does (same normalisation and casts)."""
+    from tasks.catalog import Catalog
+
+    helper = Catalog(path="(in-memory rows)")
+    cols = helper._columns(con, table)
+    df = helper._frame(table, rows, cols)
+    helper._insert_df(con, table, df, cols)
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    """A rows file as a DataFrame (for tests and tools)."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        return con.execute(f"SELECT * FROM read_parquet('{_sql_path(path)}')").df()
+    finally:
+        con.close()
+
+
+def ingest(catalog: Catalog, folder: Path, rows_meta: Mapping[str, Mapping[str, Any]]) -> int:
+    """Replace each table's scope with the folder's rows, all in one transaction."""
+    items = [
+        (table, folder / ROWS_DIR / f"{table}.parquet", [dict(s) for s in meta["scopes"]])
+        for table, meta in sorted(rows_meta.items())
+    ]
+    return catalog.replace_from_parquet(items) if items else 0
+
+
+def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Tables whose scope in the catalog does not hold the folder's row count."""
+    if not rows_meta:
+        return []
+    if not catalog.path.exists():
+        return sorted(rows_meta)
+    out = []
+    for table, meta in sorted(rows_meta.items()):
+        conds, params = [], []
+        for scope in meta["scopes"]:
+            conds.append("(" + " AND ".join(f'"{c}" IS NOT DISTINCT FROM ?' for c in scope) + ")")
+            params += list(scope.values())
+        sql = f"SELECT count(*) AS n FROM {table} WHERE {' OR '.join(conds) or 'false'}"
+        try:
+            n = int(catalog.query_df(sql, params).n.iloc[0])
+        except CatalogError:
+            n = -1  # table missing (an older schema): ingesting migrates first
+        if n != int(meta["n"]):
+            out.append(table)
+    return out
+
+
+def ensure_ingested(
+    catalog: Catalog, folder: Path, rows_meta: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """Ingest the folder's rows when the catalog lacks them; returns the tables ingested."""
+    missing = missing_tables(catalog, rows_meta)
+    if missing:
+        ingest(catalog, folder, rows_meta)
+    return missing

@@ -1,0 +1,144 @@
+"""Run records: what each run did, kept beside the artifacts as well as in the catalog.
+
+Every ``runs`` / ``stages`` row the pipeline writes is also written to
+``artifacts/runs/<run_id>.json`` (atomically, the same values), so that the catalog can
+be rebuilt from the artifacts alone (:mod:`tasks.rebuild`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.catalog.store import _to_json, _to_utc_naive, utcnow
+
+if TYPE_CHECKING:
+    from tasks.catalog import Catalog
+
+RECORD_VERSION = 1
+
+_LOCK = threading.Lock()
+
+
+def _ts(value: dt.datetime | None) -> str | None:
+    value = _to_utc_naive(value)
+    return None if value is None else value.isoformat(sep=" ")
+
+
+def parse_ts(text: str | None) -> dt.datetime | None:
+    """A timestamp written by this module, back as a naive UTC datetime."""
+    return None if text is None else dt.datetime.fromisoformat(text)
+
+
+class RunRecorder:
+    """Writes ``runs`` and ``stages`` rows to the catalog and to the run's record file."""
+
+    def __init__(self, catalog: Catalog, runs_dir: Path) -> None:
+        self.catalog = catalog
+        self.runs_dir = Path(runs_dir)
+
+    def path(self, run_id: str) -> Path:
+        return self.runs_dir / f"{run_id}.json"
+
+    def read(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path(run_id).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def _update(self, run_id: str, fn: Any) -> None:
+        with _LOCK:
+            rec = self.read(run_id) or {"version": RECORD_VERSION, "run": None, "stages": {}}
+            fn(rec)
+            path = self.path(run_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(rec, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ runs
+    def start_run(
+        self,
+        run_id: str,
+        *,
+        flow_run_id: str | None,
+        profile: str | None,
+        config: dict[str, Any] | None,
+        git_rev: str | None,
+    ) -> None:
+        row = {
+            "run_id": run_id,
+            "flow_run_id": flow_run_id,
+            "profile": profile,
+            "config": _to_json(config),
+            "git_rev": git_rev,
+            "started_at": _ts(utcnow()),
+            "ended_at": None,
+            "status": "running",
+        }
+        self._update(run_id, lambda rec: rec.__setitem__("run", row))
+        self.catalog.upsert_rows("runs", [typed_row(row)], key=["run_id"])
+
+    def end_run(self, run_id: str, status: str) -> None:
+        ended = _ts(utcnow())
+
+        def fn(rec: dict[str, Any]) -> None:
+            if rec.get("run"):
+                rec["run"].update(status=status, ended_at=ended)
+
+        self._update(run_id, fn)
+        rec = self.read(run_id) or {}
+        if rec.get("run"):
+            self.catalog.upsert_rows("runs", [typed_row(rec["run"])], key=["run_id"])
+        else:
+            self.catalog.end_run(run_id, status)
+
+    # ------------------------------------------------------------------ stages
+    def record_stage(
+        self,
+        run_id: str,
+        stage: str,
+        *,
+        status: str,
+        started_at: dt.datetime | None = None,
+        ended_at: dt.datetime | None = None,
+        cache_hit: bool | None = None,
+        outputs: dict[str, Any] | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Upsert the (run, stage) row in both places; ``running`` without
+        ``started_at`` starts now, other statuses end now and keep the start."""
+        now = utcnow()
+        prev = ((self.read(run_id) or {}).get("stages") or {}).get(stage) or {}
+        if status == "running":
+            started_at = started_at or now
+        else:
+            ended_at = ended_at or now
+            if started_at is None and prev.get("started_at"):
+                started_at = parse_ts(prev["started_at"])
+        row = {
+            "run_id": run_id,
+            "stage": stage,
+            "status": status,
+            "started_at": _ts(started_at),
+            "ended_at": _ts(ended_at),
+            "cache_hit": cache_hit,
+            "outputs": _to_json(outputs),
+            "message": message,
+        }
+        self._update(run_id, lambda rec: rec["stages"].__setitem__(stage, row))
+        self.catalog.replace_rows(
+            "stages", [typed_row(row)], where={"run_id": run_id, "stage": stage}
+        )
+
+
+def typed_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A record row with its timestamps as datetimes (the catalog's column types)."""
+    return {
+        k: (parse_ts(v) if k in ("started_at", "ended_at") and isinstance(v, str) else v)
+        for k, v in row.items()
+    }

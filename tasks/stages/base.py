@@ -1,0 +1,541 @@
+"""The stage contract and its runner.
+
+A stage is declared once, in its own module under ``tasks/stages/``::
+
+    class PretrainOut(StageOut):
+        checkpoint: str        # paths are relative to the stage folder
+        ...
+
+    @stage("pretrain", resumable=True)
+    def pretrain_stage(run: StageRun, args: PretrainArgs, tokenize: StageOutput) -> PretrainOut:
+        ...
+
+The parameters after ``args`` name the upstream stages whose results it reads (their
+typed results are ``tokenize.out``; files are ``tokenize.path(tokenize.out.train_tokens)``).
+:func:`run_stage` does everything else the same way for every stage:
+
+1. the key: the stage, its settings (:meth:`gpt.config.Args.key_dict`), the content
+   digests of its inputs and the fingerprint of the code its module imports;
+2. a verified cache hit is served — after making sure the current catalog holds the
+   rows stored in its folder — unless the stage is forced;
+3. otherwise one computation per key at a time (:mod:`tasks.lease`): a run that finds
+   the key being computed elsewhere waits and then takes that result;
+4. the body runs in the work folder (resumed after a crash for resumable stages), its
+   rows go to the folder (and, live ones, to the catalog), the folder is committed with
+   its manifest and its rows are ingested;
+5. ``stages`` rows (and the run record) say what happened: ``completed``, ``cached`` or
+   ``failed``, with the reason when a damaged cached result was recomputed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from gpt.config import Args
+from gpt.data.download import DownloadArgs
+from gpt.errors import GPTFlowError
+from tasks.cache import StageOutput, StageStore, Verify, stage_key
+from tasks.catalog import Catalog
+from tasks.catalog.store import checkpoint_digest
+from tasks.fingerprint import code_fingerprint
+from tasks.lease import Lease, LeaseInfo
+from tasks.rows import RowSink, ensure_ingested, ingest
+from tasks.runlog import RunRecorder
+
+OWNER_FILE = ".owner_run"
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays as Python values and NaN/inf as None, nested."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class StageOut(BaseModel):
+    """Base of a stage's typed result: small, JSON-able; paths relative to its folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain(cls, data: Any) -> Any:
+        return plain(data) if isinstance(data, dict) else data
+
+
+class StageSkipped(GPTFlowError):
+    """Raised by a body that cannot run and need not (recorded ``skipped``, flow goes on)."""
+
+
+class StageIncomplete(GPTFlowError):
+    """Raised by a body whose result is usable but not complete (e.g. some judge requests
+    failed): recorded ``completed`` with the message, not committed to the cache, so a
+    rerun continues it."""
+
+    def __init__(self, out: StageOut, message: str) -> None:
+        super().__init__(message)
+        self.out = out
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage needs to know about the run (small and picklable)."""
+
+    run_id: str
+    db_path: str
+    artifacts: str
+    datasets: str
+    mirror: str | None = None
+    device: str = "auto"
+    force: tuple[str, ...] = ()
+    verify: Verify = "auto"
+    progress: bool = True
+    download: DownloadArgs | None = None
+    """How stages fetch files (retries, timeouts); None = the defaults."""
+
+    @property
+    def catalog(self) -> Catalog:
+        return Catalog(self.db_path)
+
+    @property
+    def store(self) -> StageStore:
+        return StageStore(Path(self.artifacts) / "stages")
+
+    @property
+    def recorder(self) -> RunRecorder:
+        return RunRecorder(self.catalog, Path(self.artifacts) / "runs")
+
+
+@dataclass
+class StageSpec:
+    """One stage's declaration (made by :func:`stage`)."""
+
+    name: str
+    fn: Callable[..., StageOut]
+    module: str
+    inputs: tuple[str, ...]
+    out_type: type[StageOut]
+    resumable: bool = False
+    retries: int = 0
+
+
+#: Stages declared so far (a stage module registers itself when imported).
+REGISTRY: dict[str, StageSpec] = {}
+
+
+def stage(name: str, *, resumable: bool = False, retries: int = 0) -> Callable:
+    """Declare the decorated function as stage ``name`` (see the module docstring)."""
+
+    def deco(fn: Callable[..., StageOut]) -> Callable[..., StageOut]:
+        sig = inspect.signature(fn, eval_str=True)
+        params = list(sig.parameters)
+        out_type = sig.return_annotation
+        if len(params) < 2 or not (isinstance(out_type, type) and issubclass(out_type, StageOut)):
+            raise TypeError(f"stage {name}: need fn(run, args, *inputs) -> StageOut subclass")
+        REGISTRY[name] = StageSpec(
+            name=name,
+            fn=fn,
+            module=fn.__module__,
+            inputs=tuple(params[2:]),
+            out_type=out_type,
+            resumable=resumable,
+            retries=retries,
+        )
+        return fn
+
+    return deco
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a task/flow run, else the module logger."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a run (the body called directly in tests)
+        return logging.getLogger("gptflow.stages")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def finite(value: float | None) -> float | None:
+    """``value``, or None when it is missing or not a finite number (JSON has no NaN)."""
+    import math
+
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+class Progress:
+    """A Prefect progress artifact advanced by a training loop (a no-op outside runs)."""
+
+    def __init__(self, key: str, total: int | None) -> None:
+        self.total = total
+        self.id = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self.id = create_progress_artifact(progress=0.0, key=key, description=key)
+        except Exception:
+            self.id = None
+
+    def update(self, done: int) -> None:
+        if self.id is None or not self.total:
+            return
+        try:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.id, progress=min(100.0, 100.0 * done / self.total))
+        except Exception:
+            pass
+
+
+@dataclass
+class StageRun:
+    """What a stage body gets besides its settings and inputs."""
+
+    ctx: RunContext
+    stage: str
+    key: str
+    work: Path
+    """The folder to write into (becomes the stage folder on commit)."""
+    final: Path
+    """Where the folder will be once committed (for rows that name final paths)."""
+    producer: str
+    """The run the rows belong to (the run that started this computation)."""
+    rows: RowSink
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        return self.ctx.device
+
+    @property
+    def progress(self) -> bool:
+        return self.ctx.progress
+
+    def log(self) -> logging.Logger | logging.LoggerAdapter:
+        return logger()
+
+    def metrics_sink(self, progress: Progress | None = None) -> Callable[[list[dict]], None]:
+        """An ``on_metrics`` callback: rows go to the folder and, live, to the catalog."""
+
+        def sink(rows: list[dict[str, Any]]) -> None:
+            if not rows:
+                return
+            t = now()
+            self.rows.add(
+                "metrics",
+                [{"time": t, **r, "run_id": self.producer, "stage": self.stage} for r in rows],
+                live=True,
+            )
+            if progress is not None:
+                progress.update(max(int(r.get("step") or 0) for r in rows))
+
+        return sink
+
+    def sample_sink(self) -> Callable[[dict[str, Any]], None]:
+        """An ``on_sample`` callback (samples are logged too)."""
+
+        def sink(sample: dict[str, Any]) -> None:
+            self.rows.add(
+                "samples",
+                [
+                    {
+                        "run_id": self.producer,
+                        "stage": self.stage,
+                        "epoch": sample.get("epoch"),
+                        "step": sample.get("step"),
+                        "prompt": sample.get("prompt"),
+                        "text": sample.get("text"),
+                        "time": now(),
+                    }
+                ],
+                live=True,
+            )
+            logger().info(
+                "%s sample (epoch %s): %r", self.stage, sample.get("epoch"), sample.get("text")
+            )
+
+        return sink
+
+    def record_checkpoint(self, rel: str) -> None:
+        """A ``checkpoints`` row for the checkpoint folder ``rel`` of this stage."""
+        import json
+
+        folder = self.work / rel
+        cfg_path = folder / "config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+        sha, size = checkpoint_digest(folder)
+        self.rows.add(
+            "checkpoints",
+            [
+                {
+                    "run_id": self.producer,
+                    "stage": self.stage,
+                    "path": str(self.final / rel),
+                    "sha256": sha,
+                    "bytes": size,
+                    "config": cfg,
+                    "created_at": now(),
+                }
+            ],
+        )
+
+
+def _output(manifest: dict[str, Any], spec: StageSpec, folder: Path, hit: bool) -> StageOutput:
+    return StageOutput(
+        stage=spec.name,
+        key=manifest["key"],
+        root=str(folder),
+        run_id=manifest["producer_run_id"],
+        digest=manifest["digest"],
+        out=spec.out_type.model_validate(manifest["out"]),
+        files=manifest["files"],
+        cache_hit=hit,
+        created_at=float(manifest.get("created_at") or 0.0),
+    )
+
+
+def _stage_outputs(result: StageOutput, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the ``stages`` row's ``outputs`` holds."""
+    return {
+        "key": result.key,
+        "root": result.root,
+        "producer_run_id": result.run_id,
+        "digest": result.digest,
+        "device": manifest.get("device"),
+        "wall_s": manifest.get("wall_s"),
+        **result.data,
+    }
+
+
+def load_spec(name: str) -> StageSpec:
+    """The spec of stage ``name`` (importing ``tasks.stages.<name>``)."""
+    if name not in REGISTRY:
+        import importlib
+
+        importlib.import_module(f"tasks.stages.{name}")
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise GPTFlowError(f"tasks.stages.{name} declares no stage {name!r}") from None
+
+
+def key_for(spec: StageSpec, args: Args, inputs: dict[str, StageOutput | None]) -> str:
+    """The cache key of running ``spec`` with ``args`` on ``inputs``."""
+    digests = {k: (v.digest if v is not None else None) for k, v in sorted(inputs.items())}
+    return stage_key(spec.name, args.key_dict(), digests, code_fingerprint(spec.module))
+
+
+def _device_name(setting: str) -> str:
+    from gpt.device import resolve_device
+
+    try:
+        return str(resolve_device(setting))
+    except GPTFlowError:
+        return setting
+
+
+def _ensure_producer_run(ctx: RunContext, producer: str) -> None:
+    """Put the producing run's ``runs`` row into this catalog when it lacks it."""
+    if producer == ctx.run_id:
+        return
+    cat = ctx.catalog
+    have = cat.query_df("SELECT count(*) AS n FROM runs WHERE run_id = ?", [producer]).n.iloc[0]
+    if have:
+        return
+    rec = ctx.recorder.read(producer)
+    if rec and rec.get("run"):
+        from tasks.runlog import typed_row
+
+        cat.upsert_rows("runs", [typed_row(rec["run"])], key=["run_id"])
+
+
+def run_stage(ctx: RunContext, name: str, args: Args, **inputs: StageOutput | None) -> StageOutput:
+    """Serve stage ``name`` from its verified folder or compute it (module docstring)."""
+    spec = load_spec(name)
+    missing = [i for i in spec.inputs if i not in inputs]
+    if missing:
+        raise TypeError(f"stage {name} needs inputs {missing}")
+    log = logger()
+    rec = ctx.recorder
+    store = ctx.store
+    started = now()
+    key = key_for(spec, args, inputs)
+    forced = name in ctx.force
+
+    def serve(manifest: dict[str, Any]) -> StageOutput:
+        folder = store.final_dir(name, key)
+        result = _output(manifest, spec, folder, hit=True)
+        ingested = ensure_ingested(ctx.catalog, folder, manifest.get("rows") or {})
+        _ensure_producer_run(ctx, result.run_id)
+        msg = None
+        if ingested:
+            msg = f"rows of tables {', '.join(ingested)} ingested from the stage folder"
+            log.info("%s: %s", name, msg)
+        rec.record_stage(
+            ctx.run_id,
+            name,
+            status="cached",
+            started_at=started,
+            cache_hit=True,
+            outputs=_stage_outputs(result, manifest),
+            message=msg,
+        )
+        log.info("%s: cache hit (key %s, computed by run %s)", name, key, result.run_id)
+        return result
+
+    reason = None
+    if not forced:
+        manifest, reason = store.lookup(name, key, ctx.verify)
+        if manifest is not None:
+            return serve(manifest)
+        if reason:
+            log.warning("%s: cached result not usable (%s); recomputing", name, reason)
+
+    lease = Lease(store.root / name / f"{key}.lease", ctx.run_id)
+
+    def waiting(info: LeaseInfo) -> None:
+        log.info("%s: key %s is being computed by %s; waiting for it", name, key, info.describe())
+        rec.record_stage(
+            ctx.run_id,
+            name,
+            status="waiting",
+            started_at=started,
+            message=f"waiting for {info.describe()}",
+        )
+
+    waited = lease.acquire(on_wait=waiting)
+    try:
+        if waited and not forced:
+            manifest, reason2 = store.lookup(name, key, ctx.verify)
+            if manifest is not None:
+                return serve(manifest)
+            reason = reason2 or reason
+        return _compute(ctx, spec, args, inputs, key, started, forced, reason)
+    finally:
+        lease.release()
+
+
+def _compute(
+    ctx: RunContext,
+    spec: StageSpec,
+    args: Args,
+    inputs: dict[str, StageOutput | None],
+    key: str,
+    started: datetime,
+    forced: bool,
+    reason: str | None,
+) -> StageOutput:
+    log = logger()
+    rec = ctx.recorder
+    store = ctx.store
+    name = spec.name
+    rec.record_stage(ctx.run_id, name, status="running", started_at=started, cache_hit=False)
+    log.info("%s: computing (key %s)", name, key)
+    t0 = time.perf_counter()
+    try:
+        work = store.fresh_work_dir(name, key, resume=spec.resumable and not forced)
+        owner = work / OWNER_FILE
+        producer = (owner.read_text().strip() if owner.exists() else "") or ctx.run_id
+        if producer != ctx.run_id:
+            log.info("%s: resuming the attempt of run %s", name, producer)
+        owner.write_text(producer)
+        run = StageRun(
+            ctx=ctx,
+            stage=name,
+            key=key,
+            work=work,
+            final=store.final_dir(name, key),
+            producer=producer,
+            rows=RowSink(work, ctx.catalog),
+        )
+        try:
+            out = spec.fn(run, args, **{i: inputs[i] for i in spec.inputs})
+        except StageSkipped as skip:
+            rec.record_stage(
+                ctx.run_id, name, status="skipped", started_at=started, message=str(skip)
+            )
+            raise
+        except StageIncomplete as part:
+            result = StageOutput(stage=name, key=key, root=str(work), run_id=producer, out=part.out)
+            rec.record_stage(
+                ctx.run_id,
+                name,
+                status="completed",
+                started_at=started,
+                cache_hit=False,
+                outputs={"key": key, "producer_run_id": producer, **result.data},
+                message=str(part),
+            )
+            return result
+        if not isinstance(out, spec.out_type):
+            raise TypeError(f"stage {name} returned {type(out).__name__}, not {spec.out_type}")
+        rows_meta = run.rows.write_parquet()
+        # rows reach the catalog before the folder is committed: a failed ingestion fails
+        # the stage and leaves nothing in the cache
+        ingest(ctx.catalog, work, rows_meta)
+        manifest = store.commit(
+            name,
+            key,
+            {
+                "producer_run_id": producer,
+                "out": out.model_dump(mode="json"),
+                "args": args.to_dict(),
+                "inputs": {
+                    k: None if v is None else {"key": v.key, "digest": v.digest, "run_id": v.run_id}
+                    for k, v in sorted(inputs.items())
+                },
+                "code": code_fingerprint(spec.module),
+                "rows": rows_meta,
+                "device": _device_name(ctx.device),
+                "wall_s": round(time.perf_counter() - t0, 3),
+                "resumed_by_run_id": ctx.run_id if producer != ctx.run_id else None,
+            },
+        )
+        result = _output(manifest, spec, store.final_dir(name, key), hit=False)
+    except StageSkipped:
+        raise
+    except BaseException as exc:
+        rec.record_stage(
+            ctx.run_id,
+            name,
+            status="failed",
+            started_at=started,
+            cache_hit=False,
+            message=f"{type(exc).__name__}: {exc}"[:4000],
+        )
+        raise
+    notes = list(run.notes)
+    if reason:
+        notes.insert(0, f"recomputed: the cached result was not usable ({reason})")
+    rec.record_stage(
+        ctx.run_id,
+        name,
+        status="completed",
+        started_at=started,
+        cache_hit=False,
+        outputs=_stage_outputs(result, manifest),
+        message="; ".join(notes) or None,
+    )
+    log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
+    return result

@@ -1,0 +1,30 @@
+"""baseline_spam: majority-class and logistic-regression baselines on exactly the spam
+finetune's splits (:func:`gpt.eval.baseline.run_baselines`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from gpt.eval.baseline import BaselineArgs, run_baselines
+from gpt.recipes.prepare import load_spam_splits
+from tasks.cache import StageOutput
+from tasks.stages.base import StageOut, StageRun, stage
+
+
+class BaselineOut(StageOut):
+    """One row per (baseline, split): accuracy, precision, recall, F1, confusion matrix."""
+
+    baselines_json: str
+    """The same rows as a JSON file."""
+    rows: list[dict[str, Any]]
+
+
+@stage("baseline_spam")
+def baseline_spam(run: StageRun, args: BaselineArgs, tokenize: StageOutput) -> BaselineOut:
+    splits = load_spam_splits(tokenize.path(tokenize.out.spam_splits))
+    rows = run_baselines(splits, args)
+    run.rows.add("baselines", [{"run_id": run.producer, **r} for r in rows])
+    rel = "baselines.json"
+    (run.work / rel).write_text(json.dumps(rows, indent=1, default=str), encoding="utf-8")
+    return BaselineOut(baselines_json=rel, rows=json.loads(json.dumps(rows, default=str)))

@@ -1,0 +1,42 @@
+"""extract_responses: greedy responses of the instruction-finetuned model for the test
+split (:func:`gpt.recipes.instruct.extract_responses`); ``responses`` rows and the
+reference's JSON export."""
+
+from __future__ import annotations
+
+from gpt.recipes.instruct import ExtractArgs, export_responses_json, extract_responses
+from gpt.recipes.prepare import load_instruct_splits
+from tasks.cache import StageOutput
+from tasks.stages.base import StageOut, StageRun, stage
+
+
+class ExtractOut(StageOut):
+    """The responses, as a JSON export (instruction, input, output, model_response)."""
+
+    responses_json: str
+    n: int
+    new_tokens: int
+    generation_s: float
+
+
+@stage("extract_responses")
+def extract(
+    run: StageRun, args: ExtractArgs, tokenize: StageOutput, finetune_instruct: StageOutput
+) -> ExtractOut:
+    test = load_instruct_splits(tokenize.path(tokenize.out.instruct_splits))["test"]
+    rows = extract_responses(
+        finetune_instruct.path(finetune_instruct.out.checkpoint),
+        test,
+        args,
+        device=run.device,
+        progress=run.progress,
+    )
+    run.rows.add("responses", [{"run_id": run.producer, **r} for r in rows])
+    rel = "responses.json"
+    export_responses_json(rows, run.work / rel)
+    return ExtractOut(
+        responses_json=rel,
+        n=len(rows),
+        new_tokens=sum(r["new_tokens"] for r in rows),
+        generation_s=round(sum(r["seconds"] for r in rows), 3),
+    )

@@ -1,0 +1,68 @@
+"""finetune_instruct: instruction finetuning on the Alpaca-formatted train split
+(:func:`gpt.recipes.instruct.finetune_instruct`); resumable after a crash."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from gpt.recipes.instruct import InstructArgs, finetune_instruct
+from gpt.recipes.prepare import load_instruct_splits
+from tasks.cache import StageOutput
+from tasks.stages.base import Progress, StageOut, StageRun, finite, stage
+
+
+class InstructOut(StageOut):
+    """The instruction-finetuned model and how its training went."""
+
+    checkpoint: str
+    """Checkpoint folder of the finetuned model."""
+    steps: int
+    tokens_seen: int
+    tokens_per_s: float
+    final_train_loss: float | None
+    final_val_loss: float | None
+    resumed_from_step: int | None
+    max_length: int
+    n_train: int
+    n_val: int
+    samples: list[dict[str, Any]]
+    timings: dict[str, float]
+
+
+@stage("finetune_instruct", resumable=True)
+def finetune_instruct_stage(
+    run: StageRun, args: InstructArgs, tokenize: StageOutput, load_gpt2: StageOutput
+) -> InstructOut:
+    splits = load_instruct_splits(tokenize.path(tokenize.out.instruct_splits))
+    steps = math.ceil(len(splits["train"]) / args.batch_size) * args.epochs
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    res = finetune_instruct(
+        load_gpt2.path(load_gpt2.out.instruct_base),
+        splits["train"],
+        splits["val"],
+        args,
+        out_dir=run.work / "instruct",
+        device=run.device,
+        on_metrics=run.metrics_sink(Progress("finetune-instruct-progress", steps)),
+        on_sample=run.sample_sink(),
+        progress=run.progress,
+    )
+    folder = Path(res["checkpoint"]).relative_to(run.work).as_posix()
+    run.record_checkpoint(folder)
+    return InstructOut(
+        checkpoint=folder,
+        steps=res["steps"],
+        tokens_seen=res["tokens_seen"],
+        tokens_per_s=res["tokens_per_s"],
+        final_train_loss=finite(res["final_train_loss"]),
+        final_val_loss=finite(res["final_val_loss"]),
+        resumed_from_step=res["resumed_from_step"],
+        max_length=res["max_length"],
+        n_train=res["n_train"],
+        n_val=res["n_val"],
+        samples=res["samples"],
+        timings=res["timings"],
+    )
