@@ -4,9 +4,10 @@ judge, without rerunning the pipeline (the ``judge-rescore`` deployment runs it)
 - Picks the latest run holding ``responses`` unless ``responses_run`` names one.
 - Builds the judge settings from the profile's ``judge`` section + ``--set`` overrides;
   the ``required`` parameter wins over the profile.
-- Resumes: only examples without a judgment by this model + prompt version are sent.
+- Resumes: only judgments not yet made by each model + prompt version + repeat are sent.
 - Records a ``judge`` stage row under the flow run id (the catalog run id) and a table
-  artifact of the ``eval_summary`` row.
+  artifact of the ``eval_summary`` rows (one per judge model), plus one of the
+  ``judge_agreement`` rows when several models judge.
 - With ``required`` false an unreachable Ollama (or a missing model) ends the task
   Completed, named ``Skipped``, with the fix recorded; with ``required`` true the flow
   fails with that message.
@@ -29,17 +30,18 @@ from prefect.states import Completed
 from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
 from gpt.errors import DataError, GPTFlowError, JudgeError
 from gpt.eval.judge import JudgeConfig
+from gpt.eval.judge import judge_fix as _availability_fix
 from gpt.paths import default_db_path
 from tasks.catalog import Catalog, utcnow
 
 STAGE = "judge"
 
 
-def judge_fix(model: str) -> str:
-    """The exact commands that make the judge available, then the rerun."""
+def judge_fix(cfg: JudgeConfig) -> str:
+    """The exact commands that make the judges available, then the rerun."""
     return (
-        f"start Ollama with `ollama serve`, pull the judge with `ollama pull {model}`, then "
-        "rerun `prefect deployment run 'gptflow-judge/judge-rescore'` (or `gptflow rerun judge`)"
+        f"{_availability_fix(cfg)}, then rerun "
+        "`prefect deployment run 'gptflow-judge/judge-rescore'` (or `gptflow rerun judge`)"
     )
 
 
@@ -99,8 +101,8 @@ def rescore_task(
     try:
         summary = judge_run(cat, responses_run, cfg, progress=False)
     except JudgeError as exc:
-        msg = f"{exc} — fix: {judge_fix(cfg.model)}"
-        outputs = {"responses_run_id": responses_run, "judge_model": cfg.model}
+        msg = f"{exc} — fix: {judge_fix(cfg)}"
+        outputs = {"responses_run_id": responses_run, "judge_models": list(cfg.models)}
         if cfg.required:
             cat.record_stage(
                 run_id, STAGE, status="failed", started_at=started, message=msg, outputs=outputs
@@ -119,7 +121,8 @@ def rescore_task(
         cat.record_stage(run_id, STAGE, status="failed", started_at=started, message=str(exc))
         raise
     info = dataclasses.asdict(summary)
-    info["summary"] = {k: _jsonable(v) for k, v in info["summary"].items()}
+    for key in ("summary", "agreement"):
+        info[key] = [{k: _jsonable(v) for k, v in row.items()} for row in info[key]]
     sent = info["n_sent"]
     cat.record_stage(
         run_id,
@@ -132,7 +135,7 @@ def rescore_task(
     log.info(
         "judged run %s with %s: %d sent (%d scored, %d unparsed, %d failed), %d already judged",
         responses_run,
-        cfg.model,
+        ", ".join(cfg.models),
         sent,
         info["n_scored"],
         info["n_unparsed"],
@@ -175,7 +178,12 @@ def gptflow_judge(
         config=config_to_dict(cfg),
         git_rev=_git_revision(),
     )
-    log.info("run %s: judging the responses of run %s with %s", run_id, target, cfg.judge.model)
+    log.info(
+        "run %s: judging the responses of run %s with %s",
+        run_id,
+        target,
+        ", ".join(cfg.judge.models),
+    )
     try:
         state = rescore_task(
             run_id, target, cfg.judge.model_dump(mode="json"), str(cat.path), return_state=True
@@ -188,16 +196,23 @@ def gptflow_judge(
         cat.end_run(run_id, "completed")
         return {**result, "run_id": run_id}
     cat.end_run(run_id, "completed")
-    row = result.get("summary") or {}
-    if row:
+    rows = result.get("summary") or []
+    if rows:
         create_table_artifact(
             key="eval-summary",
-            table=[row],
+            table=rows,
             description=(
-                f"Judge scores of run `{target}` by `{result['judge_model']}` "
-                f"(prompt {result['prompt_version']}): {result['n_sent']} sent this run, "
-                f"{result['n_skipped']} already judged."
+                f"Judge scores of run `{target}` by "
+                f"{', '.join(f'`{m}`' for m in result['judge_models'])} "
+                f"(prompt {result['prompt_version']}, {result['repeats']} repeat(s)): "
+                f"{result['n_sent']} sent this run, {result['n_skipped']} already judged."
             ),
+        )
+    if result.get("agreement"):
+        create_table_artifact(
+            key="judge-agreement",
+            table=result["agreement"],
+            description=f"Agreement between the judge models on run `{target}`.",
         )
     # ``result["run_id"]`` is the judged run (also ``responses_run_id``); report ours.
     return {**result, "run_id": run_id}

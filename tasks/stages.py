@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError, JudgeError
 from gpt.eval.baseline import BaselineArgs
-from gpt.eval.judge import JudgeConfig
+from gpt.eval.judge import JudgeConfig, judge_fix
 from gpt.recipes.base import LoadGPT2Args
 from gpt.recipes.classifier import SpamArgs
 from gpt.recipes.instruct import ExtractArgs, InstructArgs
@@ -713,10 +713,7 @@ def judge_task(ctx: RunContext, jcfg: JudgeConfig, resp: StageOutput) -> dict[st
     try:
         summary = judge_run(cat, producer, jcfg, progress=ctx.progress)
     except JudgeError as exc:
-        fix = (
-            "start Ollama with `ollama serve`, pull the judge with "
-            f"`ollama pull {jcfg.model}`, then run `gptflow rerun judge`"
-        )
+        fix = f"{judge_fix(jcfg)}, then run `gptflow rerun judge`"
         msg = f"{exc} — fix: {fix}"
         if jcfg.required:
             cat.record_stage(

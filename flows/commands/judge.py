@@ -14,18 +14,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score a JSON file of responses with the local Ollama judge",
         description=(
             "Store a JSON list of objects with instruction, input, output and a response "
-            "field as the responses of a run, score them with an Ollama model (default "
-            "llama3) and print the run's eval_summary. A rerun only sends the examples not "
-            "yet scored by that judge and prompt version."
+            "field as the responses of a run, score them with one or more Ollama models "
+            "(default llama3) on one or more Ollama servers, and print the run's "
+            "eval_summary (and judge_agreement with several models). A rerun only sends "
+            "the judgments not yet made by that model, prompt version and repeat."
         ),
     )
     parser.add_argument(
         "--responses", required=True, type=Path, help="JSON list of response records"
     )
     parser.add_argument("--run", default=None, help="run id (default: judge-<file stem>)")
-    parser.add_argument("--model", default=None, help="Ollama judge model (default: llama3)")
     parser.add_argument(
-        "--host", default=None, help="Ollama URL (default: OLLAMA_HOST or http://localhost:11434)"
+        "--model",
+        action="append",
+        default=None,
+        help="Ollama judge model; repeat for several judges (default: llama3)",
+    )
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="Ollama URL; repeat to spread the requests over several servers "
+        "(default: OLLAMA_HOST or http://localhost:11434)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="scorings per example and model (default: 1)"
     )
     parser.add_argument(
         "--response-key",
@@ -33,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="field holding the response to score (default: model_response)",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=None, help="requests in flight (default: 4)"
+        "--concurrency", type=int, default=None, help="requests in flight per host (default: 4)"
     )
     parser.add_argument(
         "--auto-pull", action="store_true", help="pull the judge model if it is missing"
@@ -49,13 +62,20 @@ def run(args: argparse.Namespace) -> int:
     """Import the responses, judge them, print the summary; 1 when requests failed."""
     import logging
 
+    import pandas as pd
+
     from gpt.eval.judge import JudgeConfig
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
     from tasks.judging import import_responses, judge_run, summarize
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
-    given = {"model": args.model, "host": args.host, "concurrency": args.concurrency}
+    given = {
+        "models": args.model,
+        "hosts": args.host,
+        "repeats": args.repeats,
+        "concurrency": args.concurrency,
+    }
     cfg = JudgeConfig(
         required=True,
         auto_pull=bool(args.auto_pull),
@@ -68,17 +88,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"stored {n} responses from {args.responses} under run {run_id!r}")
     result = judge_run(catalog, run_id, cfg, progress=not args.no_progress)
     print(
-        f"judge {result.judge_model} (prompt {result.prompt_version}): "
-        f"sent {result.n_sent}, skipped {result.n_skipped} already judged, "
-        f"scored {result.n_scored}, unparsed {result.n_unparsed}, failed {result.n_failed} "
-        f"in {result.seconds:.1f}s"
+        f"judge {', '.join(result.judge_models)} (prompt {result.prompt_version}, "
+        f"{result.repeats} repeat(s)): sent {result.n_sent}, skipped {result.n_skipped} "
+        f"already judged, scored {result.n_scored}, unparsed {result.n_unparsed}, "
+        f"failed {result.n_failed} in {result.seconds:.1f}s"
     )
+    for down in result.hosts_down:
+        print(f"judge host down: {down}", file=sys.stderr)
     summary = summarize(catalog, run_id)
     summary = summary[
-        (summary["judge_model"] == result.judge_model)
+        summary["judge_model"].isin(result.judge_models)
         & (summary["prompt_version"] == result.prompt_version)
     ]
     print(format_df(summary, "table"))
+    if result.agreement:
+        print("judge_agreement")
+        print(format_df(pd.DataFrame(result.agreement), "table"))
     if result.n_failed:
         print(
             f"{result.n_failed} request(s) failed after retries (see `gptflow evals --run "
