@@ -16,7 +16,9 @@ It answers the real ``ollama`` Python client exactly as an Ollama server would:
 Knobs: the models present, the models pullable, a reply function, a fixed latency per
 chat request, failing the first N chat requests with 500, hanging, dying (listening
 socket and open connections closed) after N chat requests, or :meth:`OllamaStub.kill`.
-Every request is logged in :attr:`OllamaStub.requests`.
+Every request is logged in :attr:`OllamaStub.requests`; counters: ``chat_count`` (chat
+requests received), ``answered`` (replies written in full), ``max_in_flight`` (most chat
+requests handled at once).
 
 The reply function gets the request body and returns either a ``str`` — the model's
 output verbatim, free text whether or not ``format`` was asked for (a model or server
@@ -165,18 +167,28 @@ class _Handler(BaseHTTPRequestHandler):
             stub._stop.wait(stub.hang_s)
             self.close_connection = True
             return  # close without a reply
-        if stub.latency_s:
-            time.sleep(stub.latency_s)
+        with stub._lock:
+            stub.in_flight += 1
+            stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
         try:
+            if stub.latency_s:
+                time.sleep(stub.latency_s)
             text = stub._content(body)
         except ValueError as exc:
             self._send_json(500, {"error": f"ollama stub: {exc}"})
             return
+        finally:
+            with stub._lock:
+                stub.in_flight -= 1
         if stub.killed.is_set():
             self.close_connection = True
             return
+        self._send_reply(name, body, text)
         with stub._lock:
-            stub.answered += 1
+            stub.answered += 1  # only replies written in full
+
+    def _send_reply(self, name: str, body: dict[str, Any], text: str) -> None:
+        stub = self.server.stub
         base = {"model": _norm(name), "created_at": _now()}
         stats = {
             "done_reason": "stop",
@@ -326,6 +338,8 @@ class OllamaStub:
         self.requests: list[LoggedRequest] = []
         self.chat_count = 0
         self.answered = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.killed = threading.Event()
         self._conns: set[Any] = set()
         self.pulled: list[str] = []
