@@ -142,7 +142,7 @@ def test_config_lists_one_name_and_old_keys() -> None:
     # a config stored by an older gptflow (runs.config, read by `gptflow rerun`)
     old = JudgeConfig.model_validate({"host": "http://h:1", "model": "llama3.1"})
     assert (old.hosts, old.models) == (("http://h:1",), ("llama3.1",))
-    with pytest.raises(ArgsError, match="judge.models only"):
+    with pytest.raises(ArgsError, match=r"judge\.models only"):
         JudgeConfig.model_validate({"model": "a", "models": ["b"]})
     with pytest.raises(ArgsError, match="distinct"):
         JudgeConfig(models=["a", "a"])
