@@ -151,7 +151,9 @@ def test_parse_override_string_fallback() -> None:
 
 
 def test_string_fallback_reaches_the_config() -> None:
-    cfg = build_config("smoke", ["pretrain.sample_prompt=Once upon a time", "judge.models=llama3.1"])
+    cfg = build_config(
+        "smoke", ["pretrain.sample_prompt=Once upon a time", "judge.models=llama3.1"]
+    )
     assert cfg.pretrain.sample_prompt == "Once upon a time"
     assert cfg.judge.models == ("llama3.1",)
     with pytest.raises(ConfigError) as info:  # text where a number belongs

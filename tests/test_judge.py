@@ -208,14 +208,11 @@ def test_free_text_replies_are_read_by_the_fallback(
     n = len(REPLIES)
     import_responses(catalog, "ft", _write_json(tmp_path / "r.json", _records(n)))
     with OllamaStub(reply=_reply_from_table(REPLIES)) as stub:
-        result = judge_run(
-            catalog, "ft", _cfg(stub.host, structured=structured), progress=False
-        )
+        result = judge_run(catalog, "ft", _cfg(stub.host, structured=structured), progress=False)
         bodies = stub.chat_requests()
     assert all(("format" in b) is structured for b in bodies)
     rows = catalog.query_df(
-        "SELECT score, raw_reply, parse_rule FROM judgments WHERE run_id = 'ft' "
-        "ORDER BY example_id"
+        "SELECT score, raw_reply, parse_rule FROM judgments WHERE run_id = 'ft' ORDER BY example_id"
     )
     assert rows["raw_reply"].tolist() == REPLIES
     assert rows["score"].tolist() == [parse_score(r) for r in REPLIES]
