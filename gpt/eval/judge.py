@@ -332,6 +332,8 @@ async def _judge_item(pool: HostPool, cfg: JudgeConfig, item: _Item) -> Judgment
     live host without using up an attempt (at most ``dead_after`` moves per host); with
     no other host it is retried like the rest.
     """
+    import ollama
+
     attempt = 0
     moves = 0
     max_moves = len(pool.hosts) * cfg.dead_after
@@ -361,6 +363,8 @@ async def _judge_item(pool: HostPool, cfg: JudgeConfig, item: _Item) -> Judgment
                     connection = is_connection_error(exc)
                     if connection:
                         await pool.connection_failed(host, _describe(exc))
+                    elif isinstance(exc, ollama.ResponseError):
+                        pool.answered(host, content=False)  # an HTTP error is still a reply
                     if connection and moves < max_moves and pool.live_for(item.model, besides=host):
                         moves += 1
                         error = f"{_describe(exc)} ({host.url})"

@@ -4,10 +4,11 @@ requests over them.
 :func:`check_host` asks one server for its models (pulling missing ones on request).
 
 :class:`HostPool` hands out request slots: at most ``per_host`` requests in flight on
-each host, the least busy live host that serves the wanted model first. A host that
-fails ``dead_after`` requests in a row with a connection error (refused, reset, closed
-mid-reply) is taken out of rotation for the rest of the call; the requests it was
-serving go to the other hosts (see :func:`gpt.eval.judge.score_examples_async`).
+each host, the least busy live host that serves the wanted model first (hosts with
+recent connection errors last). A host that fails ``dead_after`` requests in a row with
+a connection error (refused, reset, closed mid-reply) is taken out of rotation for the
+rest of the call; the requests it was serving go to the other hosts (see
+:func:`gpt.eval.judge.score_examples_async`).
 Timeouts and 5xx replies do not mark a host dead: the server is there, the model is
 slow or failing, and the request's own retries handle it.
 """
@@ -67,11 +68,11 @@ class Host:
     sent: int = 0
     """Slots handed out so far (spreads ties evenly)."""
     failures: int = 0
-    """Connection errors in a row (reset by any reply)."""
+    """Connection errors in a row (reset by any reply, HTTP errors included)."""
     dead: str | None = None
     """Why the host was taken out of rotation; ``None`` while it is live."""
     answered: int = 0
-    """Replies received."""
+    """Replies received (HTTP errors not counted)."""
 
     def serves(self, model: str) -> bool:
         return self.dead is None and (self.models is None or model in self.models)
@@ -111,7 +112,8 @@ class HostPool:
                     raise self._no_live(model)
                 free = [h for h in live if h.in_flight < self.per_host]
                 if free:
-                    host = min(free, key=lambda h: (h.in_flight, h.sent))
+                    # hosts with recent connection errors last, then the least busy
+                    host = min(free, key=lambda h: (h.failures, h.in_flight, h.sent))
                     host.in_flight += 1
                     host.sent += 1
                     return host
@@ -123,10 +125,12 @@ class HostPool:
             host.in_flight -= 1
             self._cond.notify_all()
 
-    def answered(self, host: Host) -> None:
-        """The host replied: its run of connection errors ends."""
+    def answered(self, host: Host, *, content: bool = True) -> None:
+        """The host replied (``content`` false: with an HTTP error): its run of connection
+        errors ends."""
         host.failures = 0
-        host.answered += 1
+        if content:
+            host.answered += 1
 
     async def connection_failed(self, host: Host, detail: str) -> None:
         """Count a connection error; the ``dead_after``-th in a row marks the host dead."""
