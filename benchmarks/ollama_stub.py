@@ -7,20 +7,33 @@ It answers the real ``ollama`` Python client exactly as an Ollama server would:
 - ``POST /api/show``   → model details, or 404 ``{"error": "model 'X' not found"}``
 - ``POST /api/chat``   → one JSON body (``"stream": false``) or NDJSON chunks ending with a
   ``"done": true`` line; a missing model gives 404
-  ``{"error": "model \"X\" not found, try pulling it first"}``
+  ``{"error": "model \"X\" not found, try pulling it first"}``. With ``format`` (a JSON
+  schema or ``"json"``) the reply content is JSON, as Ollama's structured output makes it.
 - ``POST /api/pull``   → NDJSON status lines (manifest, per-layer progress, ``success``),
   after which the model is listed; an unknown model streams
   ``{"error": "pull model manifest: file does not exist"}``
 
-Knobs: the models present, the models pullable, a reply function (request → text),
-a fixed latency per chat request, failing the first N chat requests with 500, hanging.
-Every request is logged in :attr:`OllamaStub.requests`.
+Knobs: the models present, the models pullable, a reply function, a fixed latency per
+chat request, failing the first N chat requests with 500, hanging, dying (listening
+socket and open connections closed) after N chat requests, or :meth:`OllamaStub.kill`.
+Every request is logged in :attr:`OllamaStub.requests`; counters: ``chat_count`` (chat
+requests received), ``answered`` (replies written in full), ``max_in_flight`` (most chat
+requests handled at once).
+
+The reply function gets the request body and returns either a ``str`` — the model's
+output verbatim, free text whether or not ``format`` was asked for (a model or server
+that ignores ``format``) — or a ``dict`` — the model's verdict, e.g. ``{"score": 85,
+"reason": "…"}``: sent as JSON when the request has ``format`` (checked against the
+schema, as Ollama's constrained decoding guarantees), else as the free text
+``Score: 85`` (plus `` — reason``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -140,6 +153,10 @@ class _Handler(BaseHTTPRequestHandler):
         with stub._lock:
             stub.chat_count += 1
             nth = stub.chat_count
+        if stub.die_after is not None and nth > stub.die_after:
+            threading.Thread(target=stub.kill, daemon=True).start()
+            self.close_connection = True
+            return  # dies with this request in flight: no reply
         if nth <= stub.fail_first:
             self._send_json(500, {"error": "llama runner process has terminated: exit status 2"})
             return
@@ -150,9 +167,28 @@ class _Handler(BaseHTTPRequestHandler):
             stub._stop.wait(stub.hang_s)
             self.close_connection = True
             return  # close without a reply
-        if stub.latency_s:
-            time.sleep(stub.latency_s)
-        text = stub.reply(body)
+        with stub._lock:
+            stub.in_flight += 1
+            stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+        try:
+            if stub.latency_s:
+                time.sleep(stub.latency_s)
+            text = stub._content(body)
+        except ValueError as exc:
+            self._send_json(500, {"error": f"ollama stub: {exc}"})
+            return
+        finally:
+            with stub._lock:
+                stub.in_flight -= 1
+        if stub.killed.is_set():
+            self.close_connection = True
+            return
+        self._send_reply(name, body, text)
+        with stub._lock:
+            stub.answered += 1  # only replies written in full
+
+    def _send_reply(self, name: str, body: dict[str, Any], text: str) -> None:
+        stub = self.server.stub
         base = {"model": _norm(name), "created_at": _now()}
         stats = {
             "done_reason": "stop",
@@ -232,6 +268,8 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         # Bound the handler threads: block the accept loop while all slots are busy.
         self.stub._slots.acquire()
+        with self.stub._lock:
+            self.stub._conns.add(request)
         try:
             super().process_request(request, client_address)
         except Exception:
@@ -242,12 +280,32 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self.stub._lock:
+                self.stub._conns.discard(request)
             self.stub._slots.release()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not self.stub.killed.is_set():  # a killed server's broken pipes are expected
+            super().handle_error(request, client_address)
 
-def default_reply(request: dict[str, Any]) -> str:
+
+def default_reply(request: dict[str, Any]) -> dict[str, Any]:
     """A fixed, valid score."""
-    return "50"
+    return {"score": 50}
+
+
+def _check_schema(verdict: dict[str, Any], schema: Any) -> None:
+    """Raise ValueError when ``verdict`` does not match the request's JSON schema."""
+    if not isinstance(schema, dict):
+        return  # "json": any JSON object
+    import jsonschema
+
+    try:
+        jsonschema.validate(verdict, schema)
+    except jsonschema.ValidationError as exc:
+        raise ValueError(
+            f"reply {verdict} does not match the format schema: {exc.message}"
+        ) from None
 
 
 class OllamaStub:
@@ -261,11 +319,12 @@ class OllamaStub:
         *,
         models: list[str] | None = None,
         pullable: list[str] | None = None,
-        reply: Callable[[dict[str, Any]], str] = default_reply,
+        reply: Callable[[dict[str, Any]], str | dict[str, Any]] = default_reply,
         latency_s: float = 0.0,
         fail_first: int = 0,
         hang: bool = False,
         hang_s: float = 30.0,
+        die_after: int | None = None,
         max_threads: int = 32,
     ) -> None:
         self.models = [_norm(m) for m in (["llama3"] if models is None else models)]
@@ -275,8 +334,14 @@ class OllamaStub:
         self.fail_first = fail_first
         self.hang = hang
         self.hang_s = hang_s
+        self.die_after = die_after
         self.requests: list[LoggedRequest] = []
         self.chat_count = 0
+        self.answered = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.killed = threading.Event()
+        self._conns: set[Any] = set()
         self.pulled: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -297,9 +362,24 @@ class OllamaStub:
 
     def stop(self) -> None:
         self._stop.set()
+        if not self.killed.is_set():
+            self._server.shutdown()
+            self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def kill(self) -> None:
+        """Die like a crashed server: stop listening (new connections are refused) and
+        drop every open connection, in-flight requests included, without a reply."""
+        if self.killed.is_set():
+            return
+        self.killed.set()
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> OllamaStub:
         return self.start()
@@ -310,6 +390,18 @@ class OllamaStub:
     # -- state
     def has_model(self, name: str) -> bool:
         return _norm(name) in self.models
+
+    def _content(self, body: dict[str, Any]) -> str:
+        """The reply's ``message.content`` for a chat request (see the module docstring)."""
+        verdict = self.reply(body)
+        if isinstance(verdict, str):
+            return verdict
+        fmt = body.get("format")
+        if fmt:
+            _check_schema(verdict, fmt)
+            return json.dumps(verdict)
+        reason = verdict.get("reason")
+        return f"Score: {verdict['score']}" + (f" — {reason}" if reason else "")
 
     def chat_requests(self) -> list[dict[str, Any]]:
         """Bodies of the ``/api/chat`` requests received so far."""

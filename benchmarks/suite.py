@@ -681,7 +681,11 @@ def bench_judge(quick: bool = False, *, latency_s: float = 0.2) -> BenchResult:
 
         def side(concurrency: int, key: str) -> Callable[[], None]:
             cfg = JudgeConfig(
-                host=stub.host, model="llama3", concurrency=concurrency, retries=0, timeout_s=30
+                hosts=[stub.host],
+                models=["llama3"],
+                concurrency=concurrency,
+                retries=0,
+                timeout_s=30,
             )
 
             def fn() -> None:
@@ -691,7 +695,7 @@ def bench_judge(quick: bool = False, *, latency_s: float = 0.2) -> BenchResult:
             return fn
 
         cpu = torch.device("cpu")
-        warm = JudgeConfig(host=stub.host, model="llama3", concurrency=8, retries=0)
+        warm = JudgeConfig(hosts=[stub.host], models=["llama3"], concurrency=8, retries=0)
         score_examples(examples[:8], warm, progress=False)
         times = _interleaved(
             {"baseline": side(1, "baseline"), "optimized": side(8, "optimized")},

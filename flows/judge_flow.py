@@ -86,7 +86,12 @@ def gptflow_judge(
         config=config_to_dict(cfg),
         git_rev=git_revision(),
     )
-    log.info("run %s: judging the responses of run %s with %s", run_id, target, cfg.judge.model)
+    log.info(
+        "run %s: judging the responses of run %s with %s",
+        run_id,
+        target,
+        ", ".join(cfg.judge.models),
+    )
     try:
         judged = stage_task("judge")(ctx, cfg.judge, extract_responses=responses_input(cat, target))
     except BaseException:
@@ -97,16 +102,23 @@ def gptflow_judge(
     if skipped is not None or not isinstance(judged, StageOutput):  # the reason and the fix
         return {**(skipped or {}), "run_id": run_id, "responses_run_id": target}
     out = judged.data
-    row = {k: _plain(v) for k, v in (out.get("summary") or {}).items()}
-    if row:
+    rows = [{k: _plain(v) for k, v in row.items()} for row in out.get("summary") or []]
+    if rows:
         create_table_artifact(
             key="eval-summary",
-            table=[row],
+            table=rows,
             description=(
-                f"Judge scores of run `{target}` by `{out['judge_model']}` "
-                f"(prompt {out['prompt_version']})"
+                f"Judge scores of run `{target}` by "
+                f"{', '.join(f'`{m}`' for m in out['judge_models'])} "
+                f"(prompt {out['prompt_version']}, {out['repeats']} repeat(s))"
                 + (" — cached result" if judged.cache_hit else f": {out['n_sent']} sent")
             ),
+        )
+    if out.get("agreement"):
+        create_table_artifact(
+            key="judge-agreement",
+            table=[{k: _plain(v) for k, v in row.items()} for row in out["agreement"]],
+            description=f"Agreement between the judge models on run `{target}`.",
         )
     return {
         **out,

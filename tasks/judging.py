@@ -1,7 +1,8 @@
 """Catalog glue for the judge: responses in, judgments out (no Prefect needed).
 
 - :func:`import_responses` — validate a JSON list of responses and store it as ``responses``.
-- :func:`judge_run` — score a run's responses, resuming where an earlier call stopped.
+- :func:`judge_run` — score a run's responses with each judge model and repeat, resuming
+  where an earlier call stopped.
 - :func:`summarize` — the run's ``eval_summary`` rows.
 """
 
@@ -25,25 +26,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Key of one row in ``judgments``.
-JUDGMENT_KEY = ["run_id", "example_id", "judge_model", "prompt_version"]
+JUDGMENT_KEY = ["run_id", "example_id", "judge_model", "prompt_version", "repeat"]
 
 
 @dataclass
 class JudgeSummary:
-    """What one :func:`judge_run` call did, plus the run's ``eval_summary`` row."""
+    """What one :func:`judge_run` call did, plus the run's ``eval_summary`` rows.
+
+    The counts are of judgments: one per example, judge model and repeat.
+    """
 
     run_id: str
     """Run whose responses were judged."""
-    judge_model: str
-    """Ollama model used."""
+    judge_models: list[str]
+    """Ollama models used."""
     prompt_version: str
     """Scoring prompt version used."""
+    repeats: int
+    """Judgments per example and model."""
+    hosts: list[str]
+    """Ollama servers configured."""
     n_responses: int
     """Responses stored for the run."""
     n_skipped: int
-    """Already judged (without error) by this judge + prompt version: not sent again."""
+    """Already judged (without error) by this model + prompt version + repeat: not sent."""
     n_sent: int
-    """Sent to the judge in this call."""
+    """Sent to the judges in this call."""
     n_scored: int
     """Of those sent, replies holding a valid 0..100 score."""
     n_unparsed: int
@@ -52,8 +60,12 @@ class JudgeSummary:
     """Of those sent, requests that failed after all retries (error recorded)."""
     seconds: float
     """Wall time of this call."""
-    summary: dict[str, Any] = field(default_factory=dict)
-    """The ``eval_summary`` row for (run, judge, prompt version) after this call."""
+    hosts_down: list[str] = field(default_factory=list)
+    """``url: why`` of each host found down by the preflight or taken out of rotation."""
+    summary: list[dict[str, Any]] = field(default_factory=list)
+    """The ``eval_summary`` rows of (run, each judge model, prompt version) after this call."""
+    agreement: list[dict[str, Any]] = field(default_factory=list)
+    """The ``judge_agreement`` rows between these judge models (two or more models)."""
 
 
 def _load_responses(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
@@ -75,6 +87,36 @@ def _isna(v: Any) -> bool:
         return False
 
 
+def _plain(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as JSON-able dicts (numpy scalars unwrapped, NULL/NaN as ``None``)."""
+    return [
+        {k: None if _isna(v) else (v.item() if hasattr(v, "item") else v) for k, v in r.items()}
+        for r in df.to_dict("records")
+    ]
+
+
+def _pending(
+    catalog: Catalog, run_id: str, responses: list[dict[str, Any]], cfg: JudgeConfig
+) -> set[tuple[int, str, int]]:
+    """(example_id, model, repeat) not yet judged without error."""
+    done = catalog.query_df(
+        'SELECT example_id, judge_model, "repeat" FROM judgments '
+        "WHERE run_id = ? AND prompt_version = ? AND error IS NULL",
+        [run_id, PROMPT_VERSION],
+    )
+    judged = {
+        (int(e), str(m), int(r))
+        for e, m, r in zip(done["example_id"], done["judge_model"], done["repeat"], strict=True)
+    }
+    wanted = {
+        (int(r["example_id"]), model, rep)
+        for r in responses
+        for model in cfg.models
+        for rep in range(cfg.repeats)
+    }
+    return wanted - judged
+
+
 def judge_run(
     catalog: Catalog,
     run_id: str,
@@ -83,13 +125,16 @@ def judge_run(
     progress: bool = True,
     save_every: int = 16,
 ) -> JudgeSummary:
-    """Score the run's responses not yet judged by ``cfg.model`` + :data:`PROMPT_VERSION`.
+    """Score the run's responses with each of ``cfg.models``, ``cfg.repeats`` times, at
+    :data:`PROMPT_VERSION`, sending only what is not judged yet.
 
-    Examples with a judgment free of ``error`` are skipped (a rerun sends only what is
-    missing or failed). Preflight runs before any request, so an unreachable server or a
-    missing model raises :class:`~gpt.errors.JudgeError` with the stored responses left
-    untouched. Judgments are upserted by (run_id, example_id, judge_model, prompt_version)
-    every ``save_every`` results, so an interrupted call loses at most that many.
+    Judgments free of ``error`` are kept (a rerun sends only what is missing or failed;
+    raising ``repeats`` or adding a model sends only the new judgments). Preflight runs
+    before any request, so no reachable host or a model on no host raises
+    :class:`~gpt.errors.JudgeError` with the stored responses left untouched; hosts that
+    are down are left out. Judgments are upserted by (run_id, example_id, judge_model,
+    prompt_version, repeat) every ``save_every`` results, so an interrupted call loses
+    at most that many.
     """
     start = time.perf_counter()
     responses = _load_responses(catalog, run_id)
@@ -98,60 +143,80 @@ def judge_run(
             f"run {run_id!r} has no responses in the catalog {catalog.path} — run the "
             "response-extraction stage or `gptflow judge --responses FILE.json` first"
         )
-    done = catalog.query_df(
-        "SELECT example_id FROM judgments WHERE run_id = ? AND judge_model = ? "
-        "AND prompt_version = ? AND error IS NULL",
-        [run_id, cfg.model, PROMPT_VERSION],
-    )
-    done_ids = {int(i) for i in done["example_id"]}
-    todo = [r for r in responses if int(r["example_id"]) not in done_ids]
+    pending = _pending(catalog, run_id, responses, cfg)
+    n_wanted = len(responses) * len(cfg.models) * cfg.repeats
     log.info(
-        "judge %s: %d responses, %d already judged by %s/%s, %d to send",
+        "judge %s: %d responses x %d model(s) x %d repeat(s), %d already judged (%s), %d to send",
         run_id,
         len(responses),
-        len(responses) - len(todo),
-        cfg.model,
+        len(cfg.models),
+        cfg.repeats,
+        n_wanted - len(pending),
         PROMPT_VERSION,
-        len(todo),
+        len(pending),
     )
     judgments: list[Judgment] = []
-    if todo:
-        preflight(cfg, progress=progress)
-        pending: list[Judgment] = []
+    hosts_down: list[str] = []
+    if pending:
+        statuses = preflight(cfg, progress=progress)
+        hosts_down += [f"{s.url}: {s.error}" for s in statuses if not s.up]
+        routes = {s.url: s.models for s in statuses if s.up}
+        buffer: list[Judgment] = []
 
         def flush() -> None:
-            if pending:
-                rows = [{"run_id": run_id, **j.as_row()} for j in pending]
+            if buffer:
+                rows = [{"run_id": run_id, **j.as_row()} for j in buffer]
                 catalog.upsert_rows("judgments", rows, key=JUDGMENT_KEY)
-                pending.clear()
+                buffer.clear()
 
         def on_result(judgment: Judgment) -> None:
             # Save as we go so an interrupted run resumes where it stopped.
-            pending.append(judgment)
-            if len(pending) >= save_every:
+            buffer.append(judgment)
+            if len(buffer) >= save_every:
                 flush()
 
+        pending_ids = {eid for eid, _, _ in pending}
+        todo = [r for r in responses if r["example_id"] in pending_ids]
         try:
-            judgments = score_examples(todo, cfg, progress=progress, on_result=on_result)
+            judgments = score_examples(
+                todo,
+                cfg,
+                progress=progress,
+                on_result=on_result,
+                pending=pending,
+                routes=routes,
+                hosts_down=hosts_down,
+            )
         finally:
             flush()
     n_failed = sum(j.error is not None for j in judgments)
     n_scored = sum(j.score is not None for j in judgments)
     rows = summarize(catalog, run_id)
-    rows = rows[(rows["judge_model"] == cfg.model) & (rows["prompt_version"] == PROMPT_VERSION)]
-    summary = {k: (None if _isna(v) else v) for k, v in rows.iloc[0].items()} if len(rows) else {}
+    rows = rows[rows["judge_model"].isin(cfg.models) & (rows["prompt_version"] == PROMPT_VERSION)]
+    agreement = catalog.query_df(
+        "SELECT * FROM judge_agreement WHERE run_id = ? AND prompt_version = ? "
+        "ORDER BY judge_a, judge_b",
+        [run_id, PROMPT_VERSION],
+    )
+    agreement = agreement[
+        agreement["judge_a"].isin(cfg.models) & agreement["judge_b"].isin(cfg.models)
+    ]
     return JudgeSummary(
         run_id=run_id,
-        judge_model=cfg.model,
+        judge_models=list(cfg.models),
         prompt_version=PROMPT_VERSION,
+        repeats=cfg.repeats,
+        hosts=list(cfg.hosts),
         n_responses=len(responses),
-        n_skipped=len(responses) - len(todo),
-        n_sent=len(todo),
+        n_skipped=n_wanted - len(pending),
+        n_sent=len(pending),
         n_scored=n_scored,
         n_unparsed=len(judgments) - n_scored - n_failed,
         n_failed=n_failed,
         seconds=time.perf_counter() - start,
-        summary=summary,
+        hosts_down=hosts_down,
+        summary=_plain(rows),
+        agreement=_plain(agreement),
     )
 
 

@@ -50,7 +50,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
 ROW_KEYS: dict[str, tuple[str, ...]] = {
     "metrics": ("run_id", "stage", "step", "split", "name"),
     "samples": ("run_id", "stage", "epoch", "step"),
-    "judgments": ("run_id", "example_id", "judge_model", "prompt_version"),
+    "judgments": ("run_id", "example_id", "judge_model", "prompt_version", "repeat"),
 }
 
 PARTIAL_DIR = ".rows"

@@ -140,20 +140,22 @@ def test_parse_override_string_fallback() -> None:
         ["pretrain", "sample_prompt"],
         "Hello world",
     )
-    assert parse_override("judge.host = http://127.0.0.1:1 ") == (
-        ["judge", "host"],
+    assert parse_override("judge.hosts = http://127.0.0.1:1 ") == (
+        ["judge", "hosts"],
         "http://127.0.0.1:1",
     )
-    assert parse_override('judge.model="12"') == (["judge", "model"], "12")
+    assert parse_override('judge.models="12"') == (["judge", "models"], "12")
     assert parse_override("pretrain.epochs=3") == (["pretrain", "epochs"], 3)
     deep = "[" * 100_000  # not JSON (and too deep to try): kept as text
-    assert parse_override(f"judge.model={deep}") == (["judge", "model"], deep)
+    assert parse_override(f"judge.models={deep}") == (["judge", "models"], deep)
 
 
 def test_string_fallback_reaches_the_config() -> None:
-    cfg = build_config("smoke", ["pretrain.sample_prompt=Once upon a time", "judge.model=llama3.1"])
+    cfg = build_config(
+        "smoke", ["pretrain.sample_prompt=Once upon a time", "judge.models=llama3.1"]
+    )
     assert cfg.pretrain.sample_prompt == "Once upon a time"
-    assert cfg.judge.model == "llama3.1"
+    assert cfg.judge.models == ("llama3.1",)
     with pytest.raises(ConfigError) as info:  # text where a number belongs
         build_config("smoke", ["pretrain.epochs=many"])
     assert "pretrain.epochs" in str(info.value)

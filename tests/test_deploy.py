@@ -215,7 +215,7 @@ def test_judge_flow_scores_then_resumes(prefect_server):
 
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 77").start()
     try:
-        overrides = [f"judge.host={stub.host}", "judge.retries=0"]
+        overrides = [f"judge.hosts={stub.host}", "judge.retries=0"]
         state = gptflow_judge(profile="smoke", overrides=overrides, return_state=True)
         assert state.is_completed(), state.message
         res = state.result()
@@ -270,7 +270,7 @@ def test_judge_flow_unreachable_judge(prefect_server):
     cat.migrate()
     cat.replace_rows("responses", _responses("r1", 2), where={"run_id": "r1"})
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    overrides = [f"judge.host={dead}", "judge.retries=0", "judge.timeout_s=3"]
+    overrides = [f"judge.hosts={dead}", "judge.retries=0", "judge.timeout_s=3"]
 
     state = gptflow_judge(profile="smoke", overrides=overrides, required=False, return_state=True)
     assert state.is_completed(), state.message

@@ -18,8 +18,10 @@ from benchmarks.ollama_stub import OllamaStub
 from gpt.errors import DataError, ModelNotPulledError, OllamaUnreachableError
 from gpt.eval.judge import (
     PROMPT_VERSION,
+    REPLY_SCHEMA,
     JudgeConfig,
     build_prompt,
+    parse_reply,
     parse_score,
     preflight,
     score_examples,
@@ -66,10 +68,10 @@ def _examples(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def _reply_from_table(table: list[str]):
+def _reply_from_table(table: list):
     """Stub reply function: find ``resp-<i>`` in the prompt and answer ``table[i]``."""
 
-    def reply(body: dict[str, Any]) -> str:
+    def reply(body: dict[str, Any]) -> Any:
         content = body["messages"][-1]["content"]
         i = int(re.search(r"model response `resp-(\d+)`", content).group(1))
         return table[i]
@@ -99,41 +101,23 @@ def catalog():
 
 def _cfg(host: str, **kw: Any) -> JudgeConfig:
     kw.setdefault("backoff_s", 0.01)
-    return JudgeConfig(host=host, **kw)
+    return JudgeConfig(hosts=[host], **kw)
 
 
 # --------------------------------------------------------------------------- pure parts
 
 
-@pytest.mark.parametrize(
-    ("reply", "expected"),
-    [
-        ("85", 85),
-        (" 0\n", 0),
-        ("100", 100),
-        ("Score: 85/100", 85),
-        ("I'd give it 85.", 85),
-        ("105", None),
-        ("I'd say 105", None),
-        ("-5", None),
-        ("85.5", None),
-        ("eighty", None),
-        ("", None),
-        (None, None),
-    ],
-)
-def test_parse_score(reply: str | None, expected: int | None) -> None:
-    assert parse_score(reply) == expected
-
-
-def test_prompt_template_formats_alpaca_and_asks_for_integer() -> None:
+def test_prompt_template_formats_alpaca_and_asks_for_json() -> None:
     with_input = build_prompt("Sort the list.", "3, 1, 2", "1, 2, 3", "1 2 3")
     assert "### Instruction:\nSort the list." in with_input
     assert "### Input:\n3, 1, 2" in with_input
     assert "correct output `1, 2, 3`" in with_input
     assert "model response `1 2 3`" in with_input
     assert "0 to 100" in with_input
-    assert with_input.endswith("Respond with the integer number only.")
+    assert with_input.endswith(
+        'Answer with a JSON object: {"score": <integer from 0 to 100>, '
+        '"reason": "<one short sentence>"}.'
+    )
     assert "### Input:" not in build_prompt("Say hi.", "", "hi", "hi")
     assert re.fullmatch(r"v\d+", PROMPT_VERSION)
 
@@ -141,43 +125,68 @@ def test_prompt_template_formats_alpaca_and_asks_for_integer() -> None:
 def test_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
     cfg = JudgeConfig()
-    assert cfg.host == "http://localhost:11434"
+    assert cfg.hosts == ("http://localhost:11434",)
     assert cfg.options() == {"seed": 123, "temperature": 0.0, "num_ctx": 2048}
-    assert (cfg.model, cfg.concurrency, cfg.auto_pull) == ("llama3", 4, False)
+    assert cfg.options(repeat=2)["seed"] == 125
+    assert (cfg.models, cfg.repeats, cfg.structured) == (("llama3",), 1, True)
+    assert (cfg.concurrency, cfg.auto_pull) == (4, False)
     monkeypatch.setenv("OLLAMA_HOST", "http://judge.example:1234")
-    assert JudgeConfig().host == "http://judge.example:1234"
+    assert JudgeConfig().hosts == ("http://judge.example:1234",)
+
+
+def test_config_lists_one_name_and_old_keys() -> None:
+    from gpt.config import ArgsError
+
+    assert JudgeConfig(models="phi3").models == ("phi3",)  # --set judge.models=phi3
+    assert JudgeConfig(models=["a", "b"]).model_dump(mode="json")["models"] == ["a", "b"]
+    # a config stored by an older gptflow (runs.config, read by `gptflow rerun`)
+    old = JudgeConfig.model_validate({"host": "http://h:1", "model": "llama3.1"})
+    assert (old.hosts, old.models) == (("http://h:1",), ("llama3.1",))
+    with pytest.raises(ArgsError, match=r"judge\.models only"):
+        JudgeConfig.model_validate({"model": "a", "models": ["b"]})
+    with pytest.raises(ArgsError, match="distinct"):
+        JudgeConfig(models=["a", "a"])
+    with pytest.raises(ArgsError, match="hosts"):
+        JudgeConfig(hosts=[])
 
 
 # --------------------------------------------------------------------------- catalog flow
+
+
+#: What the stub's model means for each ``resp-<i>``: sent as JSON when asked (``format``).
+VERDICTS = [{"score": s, "reason": f"Reason {i}."} for i, s in enumerate(
+    [85, 40, 72, 13, 100, 0, 55, 91, 64, 7])]  # fmt: skip
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_scores_parsed_and_aggregated(catalog, tmp_path: Path, stream: bool) -> None:
     from tasks.judging import import_responses, judge_run, summarize
 
-    n = len(REPLIES)
+    n = len(VERDICTS)
     path = _write_json(tmp_path / "resp.json", _records(n))
     assert import_responses(catalog, "r1", path) == n
-    with OllamaStub(reply=_reply_from_table(REPLIES)) as stub:
+    with OllamaStub(reply=_reply_from_table(VERDICTS)) as stub:
         result = judge_run(catalog, "r1", _cfg(stub.host, stream=stream), progress=False)
         bodies = stub.chat_requests()
 
-    expected = [parse_score(r) for r in REPLIES]
-    assert all(s is not None for s in expected)
+    expected = [v["score"] for v in VERDICTS]
     assert (result.n_sent, result.n_scored, result.n_failed, result.n_skipped) == (n, n, 0, 0)
-    # Every request carried the configured options and the stream flag.
+    # Every request carried the options, the stream flag and the reply's JSON schema.
     assert len(bodies) == n
     assert all(b["options"] == {"seed": 123, "temperature": 0.0, "num_ctx": 2048} for b in bodies)
     assert all(b["stream"] is stream and b["model"] == "llama3" for b in bodies)
+    assert all(b["format"] == REPLY_SCHEMA for b in bodies)
 
     rows = catalog.query_df(
-        "SELECT example_id, score, raw_reply, judge_model, prompt_version, error "
-        "FROM judgments WHERE run_id = 'r1' ORDER BY example_id"
+        "SELECT example_id, score, raw_reply, parse_rule, judge_model, prompt_version, error, "
+        "host FROM judgments WHERE run_id = 'r1' ORDER BY example_id"
     )
     assert rows["score"].tolist() == expected
-    assert rows["raw_reply"].tolist() == REPLIES
+    assert [json.loads(r) for r in rows["raw_reply"]] == VERDICTS  # kept verbatim
+    assert set(rows["parse_rule"]) == {"json"}
     assert set(rows["judge_model"]) == {"llama3"}
     assert set(rows["prompt_version"]) == {PROMPT_VERSION}
+    assert set(rows["host"]) == {stub.host}
     assert rows["error"].isna().all()
 
     summary = summarize(catalog, "r1").iloc[0]
@@ -185,7 +194,30 @@ def test_scores_parsed_and_aggregated(catalog, tmp_path: Path, stream: bool) -> 
     assert summary["mean_score"] == pytest.approx(statistics.mean(expected))
     assert summary["median_score"] == pytest.approx(statistics.median(expected))
     assert (summary["min_score"], summary["max_score"]) == (min(expected), max(expected))
-    assert result.summary["mean_score"] == pytest.approx(statistics.mean(expected))
+    assert result.summary[0]["mean_score"] == pytest.approx(statistics.mean(expected))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_free_text_replies_are_read_by_the_fallback(
+    catalog, tmp_path: Path, structured: bool
+) -> None:
+    """With ``structured`` off no ``format`` is sent; a model that ignores it (the stub's
+    free-text replies) is read by the text rules either way."""
+    from tasks.judging import import_responses, judge_run
+
+    n = len(REPLIES)
+    import_responses(catalog, "ft", _write_json(tmp_path / "r.json", _records(n)))
+    with OllamaStub(reply=_reply_from_table(REPLIES)) as stub:
+        result = judge_run(catalog, "ft", _cfg(stub.host, structured=structured), progress=False)
+        bodies = stub.chat_requests()
+    assert all(("format" in b) is structured for b in bodies)
+    rows = catalog.query_df(
+        "SELECT score, raw_reply, parse_rule FROM judgments WHERE run_id = 'ft' ORDER BY example_id"
+    )
+    assert rows["raw_reply"].tolist() == REPLIES
+    assert rows["score"].tolist() == [parse_score(r) for r in REPLIES]
+    assert rows["parse_rule"].tolist() == [parse_reply(r).rule for r in REPLIES]
+    assert result.n_scored == n
 
 
 def test_malformed_replies_give_null_score_and_keep_raw(catalog, tmp_path: Path) -> None:
@@ -210,7 +242,8 @@ def test_malformed_replies_give_null_score_and_keep_raw(catalog, tmp_path: Path)
     assert ex["raw_reply"].tolist() == replies
     assert [None if pd.isna(s) else int(s) for s in ex["score"]] == [None, None, 85, None, None, 70]
     summary = catalog.query_df("SELECT * FROM eval_summary WHERE run_id = 'bad'").iloc[0]
-    assert (summary["n"], summary["n_scored"], summary["n_failed"]) == (6, 2, 4)
+    assert (summary["n"], summary["n_scored"], summary["n_unparsed"]) == (6, 2, 4)
+    assert summary["n_failed"] == 0  # every request was answered
     assert summary["mean_score"] == pytest.approx((85 + 70) / 2)
 
 
@@ -311,11 +344,11 @@ def test_rerun_scores_only_missing(catalog, tmp_path: Path) -> None:
     with OllamaStub() as stub:  # nothing left: no request at all
         third = judge_run(catalog, "rr", _cfg(stub.host), progress=False)
         assert stub.requests == []
-    assert third.n_sent == 0 and third.summary["n_scored"] == n
+    assert third.n_sent == 0 and third.summary[0]["n_scored"] == n
 
     # A different judge model is a separate set of judgments.
     with OllamaStub(models=["llama3", "phi3"]) as stub:
-        other = judge_run(catalog, "rr", _cfg(stub.host, model="phi3"), progress=False)
+        other = judge_run(catalog, "rr", _cfg(stub.host, models=["phi3"]), progress=False)
         assert stub.chat_count == n
     assert other.n_sent == n
 
@@ -351,7 +384,7 @@ def test_auto_pull_pulls_through_api(catalog, tmp_path: Path) -> None:
     assert result.n_scored == 2
 
     with OllamaStub(models=[], pullable=[]) as stub, pytest.raises(ModelNotPulledError) as info:
-        preflight(_cfg(stub.host, model="nosuch", auto_pull=True), progress=False)
+        preflight(_cfg(stub.host, models=["nosuch"], auto_pull=True), progress=False)
     assert "pulling model 'nosuch'" in str(info.value)
     assert "file does not exist" in str(info.value)
 
@@ -441,3 +474,20 @@ def test_cli_judge_and_evals(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err
     assert rc == 1
     assert "gptflow judge: error: Ollama is not reachable at" in err
+
+
+def test_eval_summary_separates_unparsed_from_failed(catalog) -> None:
+    """A reply without a score is not a failed request (observation 2 of issue 12)."""
+    rows = [
+        {"example_id": 0, "score": 80, "raw_reply": '{"score": 80}', "error": None},
+        {"example_id": 1, "score": None, "raw_reply": "I cannot judge this.", "error": None},
+        {"example_id": 2, "score": None, "raw_reply": "70 or 80", "error": None},
+        {"example_id": 3, "score": None, "raw_reply": None, "error": "timed out (attempt 2/2)"},
+    ]
+    catalog.replace_rows(
+        "judgments",
+        [{**r, "judge_model": "llama3", "prompt_version": PROMPT_VERSION} for r in rows],
+        where={"run_id": "s"},
+    )
+    row = catalog.query_df("SELECT * FROM eval_summary WHERE run_id = 's'").iloc[0]
+    assert (row["n"], row["n_scored"], row["n_unparsed"], row["n_failed"]) == (4, 1, 2, 1)

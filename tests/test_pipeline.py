@@ -42,7 +42,7 @@ def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
     from flows.pipeline import run_pipeline
     from tasks.catalog import Catalog
 
-    res = run_pipeline("smoke", [f"judge.host={ollama.host}"], progress=False)
+    res = run_pipeline("smoke", [f"judge.hosts={ollama.host}"], progress=False)
     assert res["status"] == "completed", res
     run1 = res["run_id"]
     stages = res["stages"]
@@ -109,7 +109,7 @@ def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
     assert any(str(a.flow_run_id) == run1 for a in tables)
 
     # A second identical run: every stage a cache hit, nothing recomputed or re-sent.
-    res2 = run_pipeline("smoke", [f"judge.host={ollama.host}"], progress=False)
+    res2 = run_pipeline("smoke", [f"judge.hosts={ollama.host}"], progress=False)
     assert res2["status"] == "completed"
     assert all(s["cache_hit"] for s in res2["stages"].values()), res2["stages"]
     assert ollama.chat_count == requests_after_first
@@ -117,7 +117,7 @@ def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
 
     # Rerun one stage: only it recomputes; deterministic outputs keep downstream cached.
     res3 = run_pipeline(
-        "smoke", [f"judge.host={ollama.host}"], force=["finetune_spam"], progress=False
+        "smoke", [f"judge.hosts={ollama.host}"], force=["finetune_spam"], progress=False
     )
     assert res3["status"] == "completed"
     recomputed = {n for n, s in res3["stages"].items() if not s["cache_hit"]}
@@ -162,7 +162,7 @@ def test_deleted_cached_files_are_recomputed(prefect_server, env):
     from gpt.paths import artifacts_dir
 
     # another judge model: nothing is judged by it yet, so the judge must reach Ollama
-    over = ["judge.host=http://127.0.0.1:9", "judge.model=judge-b"]
+    over = ["judge.hosts=http://127.0.0.1:9", "judge.models=judge-b"]
     res = run_pipeline("smoke", over, progress=False)
     assert res["status"] == "completed"
     assert res["stages"]["pretrain"]["cache_hit"] is True
@@ -181,7 +181,7 @@ def test_required_judge_fails_the_flow(prefect_server, env):
 
     res = run_pipeline(
         "smoke",
-        ["judge.host=http://127.0.0.1:9", "judge.model=judge-b", "judge.required=true"],
+        ["judge.hosts=http://127.0.0.1:9", "judge.models=judge-b", "judge.required=true"],
         progress=False,
     )
     assert res["status"] == "failed"
@@ -215,8 +215,8 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
     over = [
         "load_gpt2.base_model=gpt2",
         "load_gpt2.instruct_size=124M",
-        "judge.host=http://127.0.0.1:9",
-        "judge.model=judge-c",
+        "judge.hosts=http://127.0.0.1:9",
+        "judge.models=judge-c",
     ]
     res = run_pipeline("smoke", over, mirror=str(fake), progress=False)
     assert res["status"] == "completed", res

@@ -148,7 +148,7 @@ def bench_pipeline_rerun(mirror: str | None, quick: bool = False) -> Any:
             for _ in range(2):
                 t0 = time.perf_counter()
                 res = run_pipeline(
-                    "smoke", [f"judge.host={stub.host}"], mirror=mirror, progress=False
+                    "smoke", [f"judge.hosts={stub.host}"], mirror=mirror, progress=False
                 )
                 times.append(time.perf_counter() - t0)
                 results.append(res)

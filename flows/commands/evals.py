@@ -13,9 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="show judge scores: eval_summary, then per-example rows",
         description=(
             "Print the eval_summary view (per run, judge model and prompt version: n, "
-            "n scored, n failed, mean, median, min, max), then the per-example rows of "
-            "eval_examples (instruction, input, reference output, response, score, raw "
-            "reply); with --worst N only the N lowest-scored examples (unscored first)."
+            "n scored, n unparsed, n failed, mean, median, min, max), then the "
+            "per-example rows of eval_examples (instruction, input, reference output, "
+            "response, repeat, score, raw reply); with --worst N only the N lowest-scored "
+            "examples (unscored first)."
         ),
     )
     parser.add_argument("--run", default=None, help="only this run (default: every run)")
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 _EXAMPLE_COLS = (
-    "run_id, example_id, judge_model, prompt_version, score, raw_reply, "
+    "run_id, example_id, judge_model, prompt_version, repeat, score, raw_reply, "
     "instruction, input, output, response"
 )
 
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         order = "ORDER BY score ASC NULLS FIRST, run_id, example_id LIMIT ?"
         params = [*params, args.worst]
     else:
-        order = "ORDER BY run_id, judge_model, prompt_version, example_id"
+        order = "ORDER BY run_id, judge_model, prompt_version, example_id, repeat"
     examples = catalog.query_df(
         f"SELECT {_EXAMPLE_COLS} FROM eval_examples {where} {order}", params
     )

@@ -14,18 +14,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score a JSON file of responses with the local Ollama judge",
         description=(
             "Store a JSON list of objects with instruction, input, output and a response "
-            "field as the responses of a run, score them with an Ollama model (default "
-            "llama3) and print the run's eval_summary. A rerun only sends the examples not "
-            "yet scored by that judge and prompt version."
+            "field as the responses of a run, score them with one or more Ollama models "
+            "(default llama3) on one or more Ollama servers, and print the run's "
+            "eval_summary (and judge_agreement with several models). A rerun only sends "
+            "the judgments not yet made by that model, prompt version and repeat."
         ),
     )
     parser.add_argument(
         "--responses", required=True, type=Path, help="JSON list of response records"
     )
     parser.add_argument("--run", default=None, help="run id (default: judge-<file stem>)")
-    parser.add_argument("--model", default=None, help="Ollama judge model (default: llama3)")
     parser.add_argument(
-        "--host", default=None, help="Ollama URL (default: OLLAMA_HOST or http://localhost:11434)"
+        "--model",
+        action="append",
+        default=None,
+        help="Ollama judge model; repeat for several judges (default: llama3)",
+    )
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="Ollama URL; repeat to spread the requests over several servers "
+        "(default: OLLAMA_HOST or http://localhost:11434)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="scorings per example and model (default: 1)"
     )
     parser.add_argument(
         "--response-key",
@@ -33,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="field holding the response to score (default: model_response)",
     )
     parser.add_argument(
-        "--concurrency", type=int, default=None, help="requests in flight (default: 4)"
+        "--concurrency", type=int, default=None, help="requests in flight per host (default: 4)"
     )
     parser.add_argument(
         "--auto-pull", action="store_true", help="pull the judge model if it is missing"
@@ -49,13 +62,24 @@ def run(args: argparse.Namespace) -> int:
     """Import the responses, judge them, print the summary; 1 when requests failed."""
     import logging
 
+    import pandas as pd
+
+    from flows.pipeline import git_revision
     from gpt.eval.judge import JudgeConfig
+    from gpt.paths import artifacts_dir, datasets_dir
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
-    from tasks.judging import import_responses, judge_run, summarize
+    from tasks.judging import import_responses, summarize
+    from tasks.stages.base import RunContext, run_stage
+    from tasks.stages.judge import responses_input
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
-    given = {"model": args.model, "host": args.host, "concurrency": args.concurrency}
+    given = {
+        "models": args.model,
+        "hosts": args.host,
+        "repeats": args.repeats,
+        "concurrency": args.concurrency,
+    }
     cfg = JudgeConfig(
         required=True,
         auto_pull=bool(args.auto_pull),
@@ -66,22 +90,57 @@ def run(args: argparse.Namespace) -> int:
     catalog = Catalog(args.db)
     n = import_responses(catalog, run_id, args.responses, response_key=args.response_key)
     print(f"stored {n} responses from {args.responses} under run {run_id!r}")
-    result = judge_run(catalog, run_id, cfg, progress=not args.no_progress)
-    print(
-        f"judge {result.judge_model} (prompt {result.prompt_version}): "
-        f"sent {result.n_sent}, skipped {result.n_skipped} already judged, "
-        f"scored {result.n_scored}, unparsed {result.n_unparsed}, failed {result.n_failed} "
-        f"in {result.seconds:.1f}s"
+    ctx = RunContext(
+        run_id=run_id,
+        db_path=str(catalog.path),
+        artifacts=str(artifacts_dir()),
+        datasets=str(datasets_dir()),
+        progress=not args.no_progress,
     )
+    rec = ctx.recorder
+    new_run = catalog.query_df("SELECT count(*) AS n FROM runs WHERE run_id = ?", [run_id]).n[0]
+    if not new_run:  # a judge-only run: its config is the judge section
+        rec.start_run(
+            run_id,
+            flow_run_id=None,
+            profile=None,
+            config={"judge": cfg.to_dict()},
+            git_rev=git_revision(),
+        )
+    try:
+        result = run_stage(ctx, "judge", cfg, extract_responses=responses_input(catalog, run_id))
+    except BaseException:
+        if not new_run:
+            rec.end_run(run_id, "failed")
+        raise
+    if not new_run:
+        rec.end_run(run_id, "completed")
+    out = result.out
+    how = (
+        "cached: the same responses were judged with these settings before"
+        if result.cache_hit
+        else f"sent {out.n_sent}, skipped {out.n_skipped} already judged"
+    )
+    print(
+        f"judge {', '.join(out.judge_models)} (prompt {out.prompt_version}, "
+        f"{out.repeats} repeat(s)): {how}; scored {out.n_scored}, unparsed {out.n_unparsed}, "
+        f"failed {out.n_failed}"
+    )
+    for down in out.hosts_down:
+        print(f"judge host down: {down}", file=sys.stderr)
     summary = summarize(catalog, run_id)
     summary = summary[
-        (summary["judge_model"] == result.judge_model)
-        & (summary["prompt_version"] == result.prompt_version)
+        summary["judge_model"].isin(out.judge_models)
+        & (summary["prompt_version"] == out.prompt_version)
     ]
     print(format_df(summary, "table"))
-    if result.n_failed:
+    if out.agreement:
+        print("judge_agreement")
+        print(format_df(pd.DataFrame(out.agreement), "table"))
+    failed = int(summary["n_failed"].sum()) if "n_failed" in summary else 0
+    if failed:
         print(
-            f"{result.n_failed} request(s) failed after retries (see `gptflow evals --run "
+            f"{failed} request(s) failed after retries (see `gptflow evals --run "
             f"{run_id}`); run the same command again to retry only those",
             file=sys.stderr,
         )

@@ -285,8 +285,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     jcfg = JudgeConfig()
     try:
-        preflight(jcfg)
-        _check(True, "ollama", f"{jcfg.host}, model {jcfg.model} present")
+        hosts = preflight(jcfg)
+        _check(
+            True,
+            "ollama",
+            "; ".join(
+                f"{h.url}: {', '.join(h.models) or 'no judge model'}" if h.up else f"{h.url}: down"
+                for h in hosts
+            ),
+        )
     except Exception as exc:  # the judge is optional unless judge.required
         _check(None, "ollama", str(exc))
     mirror = os.environ.get("GPTFLOW_MIRROR")

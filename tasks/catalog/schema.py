@@ -164,8 +164,104 @@ _V2_LATER_STAGES = [
     LEFT JOIN judgments j ON j.run_id = r.run_id AND j.example_id = r.example_id""",
 ]
 
+_V3_JUDGE_RELIABILITY = [
+    # Every judgment of an example by a judge model is one repeat (0 for older rows); the
+    # host that answered and the parse rule that read the score are kept for inspection.
+    "ALTER TABLE judgments ADD COLUMN IF NOT EXISTS repeat INTEGER DEFAULT 0",
+    "ALTER TABLE judgments ADD COLUMN IF NOT EXISTS parse_rule VARCHAR",
+    "ALTER TABLE judgments ADD COLUMN IF NOT EXISTS host VARCHAR",
+    # A reply without a score (n_unparsed) is not a failed request (n_failed).
+    """CREATE OR REPLACE VIEW eval_summary AS
+    SELECT run_id, judge_model, prompt_version,
+           count(*) AS n,
+           count(score) AS n_scored,
+           count(*) FILTER (WHERE score IS NULL AND error IS NULL) AS n_unparsed,
+           count(*) FILTER (WHERE error IS NOT NULL) AS n_failed,
+           avg(score) AS mean_score,
+           median(score) AS median_score,
+           min(score) AS min_score,
+           max(score) AS max_score,
+           count(DISTINCT example_id) AS n_examples,
+           max(repeat) + 1 AS repeats
+    FROM judgments
+    GROUP BY run_id, judge_model, prompt_version""",
+    """CREATE OR REPLACE VIEW eval_examples AS
+    SELECT r.run_id, r.example_id, r.instruction, r.input, r.output, r.response,
+           j.judge_model, j.prompt_version, j.score, j.raw_reply,
+           j.repeat, j.parse_rule, j.error
+    FROM responses r
+    LEFT JOIN judgments j ON j.run_id = r.run_id AND j.example_id = r.example_id""",
+    # Per example and judge model: the spread of the scores over the repeats.
+    """CREATE OR REPLACE VIEW judge_spread AS
+    SELECT run_id, prompt_version, judge_model, example_id,
+           count(*) AS n_repeats,
+           count(score) AS n_scored,
+           avg(score) AS mean_score,
+           stddev_samp(score) AS stddev_score,
+           min(score) AS min_score,
+           max(score) AS max_score,
+           max(score) - min(score) AS range_score
+    FROM judgments
+    GROUP BY run_id, prompt_version, judge_model, example_id""",
+    # Agreement of each pair of judge models on the examples both scored (per-example
+    # mean over repeats): Spearman's rho (Pearson on average ranks), Kendall's tau-b
+    # (sum of sign products over example pairs), and Cohen's kappa with quadratic weights
+    # on 10-point bins (0-9, ..., 90-100); with quadratic weights it reduces to
+    # 1 - mean((a-b)^2) / (var(a) + var(b) + (mean(a) - mean(b))^2), population moments.
+    """CREATE OR REPLACE VIEW judge_agreement AS
+    WITH s AS (
+        SELECT run_id, prompt_version, judge_model, example_id, mean_score AS score
+        FROM judge_spread WHERE mean_score IS NOT NULL),
+    pairs AS (
+        SELECT a.run_id, a.prompt_version, a.judge_model AS judge_a, b.judge_model AS judge_b,
+               a.example_id, a.score AS sa, b.score AS sb,
+               least(floor(a.score / 10), 9) AS ba, least(floor(b.score / 10), 9) AS bb
+        FROM s a JOIN s b
+          ON a.run_id = b.run_id AND a.prompt_version = b.prompt_version
+         AND a.example_id = b.example_id AND a.judge_model < b.judge_model),
+    ranked AS (
+        SELECT *,
+               rank() OVER (PARTITION BY run_id, prompt_version, judge_a, judge_b ORDER BY sa)
+               + (count(*) OVER (PARTITION BY run_id, prompt_version, judge_a, judge_b, sa)
+                  - 1) / 2.0 AS ra,
+               rank() OVER (PARTITION BY run_id, prompt_version, judge_a, judge_b ORDER BY sb)
+               + (count(*) OVER (PARTITION BY run_id, prompt_version, judge_a, judge_b, sb)
+                  - 1) / 2.0 AS rb
+        FROM pairs),
+    stats AS (
+        SELECT run_id, prompt_version, judge_a, judge_b,
+               count(*) AS n,
+               corr(ra, rb) AS rho,
+               avg((ba - bb) * (ba - bb)) AS observed,
+               var_pop(ba) + var_pop(bb) + (avg(ba) - avg(bb)) * (avg(ba) - avg(bb))
+                   AS expected,
+               avg(sa - sb) AS mean_diff,
+               avg(abs(sa - sb)) AS mean_abs_diff
+        FROM ranked
+        GROUP BY run_id, prompt_version, judge_a, judge_b),
+    kendall AS (
+        SELECT x.run_id, x.prompt_version, x.judge_a, x.judge_b,
+               sum(sign(x.sa - y.sa) * sign(x.sb - y.sb)) AS s_ab,
+               sum(abs(sign(x.sa - y.sa))) AS s_aa,
+               sum(abs(sign(x.sb - y.sb))) AS s_bb
+        FROM pairs x JOIN pairs y
+          ON x.run_id = y.run_id AND x.prompt_version = y.prompt_version
+         AND x.judge_a = y.judge_a AND x.judge_b = y.judge_b AND x.example_id < y.example_id
+        GROUP BY x.run_id, x.prompt_version, x.judge_a, x.judge_b)
+    SELECT st.run_id, st.prompt_version, st.judge_a, st.judge_b, st.n,
+           CASE WHEN isnan(st.rho) THEN NULL ELSE st.rho END AS spearman,
+           k.s_ab / NULLIF(sqrt(k.s_aa * k.s_bb), 0) AS kendall_tau,
+           1 - st.observed / NULLIF(st.expected, 0) AS qwk,
+           st.mean_diff,
+           st.mean_abs_diff
+    FROM stats st
+    LEFT JOIN kendall k
+      ON k.run_id = st.run_id AND k.prompt_version = st.prompt_version
+     AND k.judge_a = st.judge_a AND k.judge_b = st.judge_b""",
+]
+
 #: Append-only list of schema steps; step ``i`` (0-based) brings the schema to ``i + 1``.
-MIGRATIONS: list[list[str]] = [_V1_CORE, _V2_LATER_STAGES]
+MIGRATIONS: list[list[str]] = [_V1_CORE, _V2_LATER_STAGES, _V3_JUDGE_RELIABILITY]
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -191,4 +287,6 @@ KNOWN_TABLES = frozenset(
 )
 
 #: Views created by the migrations.
-KNOWN_VIEWS = frozenset({"spam_accuracy", "eval_summary", "eval_examples"})
+KNOWN_VIEWS = frozenset(
+    {"spam_accuracy", "eval_summary", "eval_examples", "judge_spread", "judge_agreement"}
+)

@@ -17,6 +17,7 @@ from typing import Any
 
 from gpt.errors import DataError, JudgeError
 from gpt.eval.judge import PROMPT_VERSION, JudgeConfig
+from gpt.eval.judge import judge_fix as availability_fix
 from tasks.cache import StageOutput, stable_json
 from tasks.catalog import Catalog
 from tasks.judging import judge_run
@@ -25,11 +26,11 @@ from tasks.stages.base import StageIncomplete, StageOut, StageRun, StageSkipped,
 STAGE = "judge"
 
 
-def judge_fix(model: str) -> str:
-    """The exact commands that make the judge available, then the rerun."""
+def judge_fix(cfg: JudgeConfig) -> str:
+    """The exact commands that make the judges available, then the rerun."""
     return (
-        f"start Ollama with `ollama serve`, pull the judge with `ollama pull {model}`, then "
-        "`gptflow rerun judge` (or run the `gptflow-judge/judge-rescore` deployment)"
+        f"{availability_fix(cfg)}, then `gptflow rerun judge` (or run the "
+        "`prefect deployment run 'gptflow-judge/judge-rescore'` deployment)"
     )
 
 
@@ -37,8 +38,9 @@ class JudgeOut(StageOut):
     """What the judge did for one run's responses."""
 
     responses_run_id: str
-    judge_model: str
+    judge_models: list[str]
     prompt_version: str
+    repeats: int
     n_responses: int
     n_skipped: int
     """Already judged before this stage ran (not sent again)."""
@@ -46,8 +48,12 @@ class JudgeOut(StageOut):
     n_scored: int
     n_unparsed: int
     n_failed: int
-    summary: dict[str, Any]
-    """The run's ``eval_summary`` row for this judge and prompt version."""
+    summary: list[dict[str, Any]]
+    """The run's ``eval_summary`` rows, one per judge model (this prompt version)."""
+    agreement: list[dict[str, Any]]
+    """``judge_agreement`` rows between the judge models (two or more models)."""
+    hosts_down: list[str]
+    """``url: why`` of each server found down or taken out of rotation."""
 
 
 _RESPONSE_COLS = "example_id, instruction, input, output, response"
@@ -55,7 +61,7 @@ _RESPONSE_COLS = "example_id, instruction, input, output, response"
 
 def responses_input(catalog: Catalog, run_id: str) -> StageOutput:
     """The responses a run holds in the catalog, as the judge stage's input (its digest
-    hashes their text, so re-imported, changed responses get a new key)."""
+    hashes the run and their text, so re-imported, changed responses get a new key)."""
     df = catalog.query_df(
         f"SELECT {_RESPONSE_COLS} FROM responses WHERE run_id = ? ORDER BY example_id", [run_id]
     )
@@ -65,7 +71,8 @@ def responses_input(catalog: Catalog, run_id: str) -> StageOutput:
             "response-extraction stage or `gptflow judge --responses FILE.json` first"
         )
     rows = df.astype(object).where(df.notna(), None).to_dict("records")
-    digest = hashlib.sha256(stable_json(rows).encode()).hexdigest()
+    # judgments belong to a run's responses: the run is part of what is judged
+    digest = hashlib.sha256(stable_json({"run_id": run_id, "rows": rows}).encode()).hexdigest()
     return StageOutput(
         stage="extract_responses", key="catalog", root="", run_id=run_id, digest=digest
     )
@@ -76,27 +83,29 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
     cat = run.ctx.catalog
     responses_run = extract_responses.run_id
     if STAGE in run.ctx.force:  # score everything again
-        cat.replace_rows(
-            "judgments",
-            [],
-            where={
-                "run_id": responses_run,
-                "judge_model": args.model,
-                "prompt_version": PROMPT_VERSION,
-            },
-        )
+        for model in args.models:
+            cat.replace_rows(
+                "judgments",
+                [],
+                where={
+                    "run_id": responses_run,
+                    "judge_model": model,
+                    "prompt_version": PROMPT_VERSION,
+                },
+            )
     try:
         s = judge_run(cat, responses_run, args, progress=run.progress)
     except JudgeError as exc:
-        msg = f"{exc} — fix: {judge_fix(args.model)}"
+        msg = f"{exc} — fix: {judge_fix(args)}"
         if args.required:
             raise JudgeError(msg) from None
         run.log().warning("judge skipped: %s", msg)
         raise StageSkipped(msg) from None
-    where = "run_id = ? AND judge_model = ? AND prompt_version = ?"
+    models = ", ".join("?" for _ in args.models)
     judgments = cat.query_df(
-        f"SELECT * FROM judgments WHERE {where} ORDER BY example_id",
-        [responses_run, args.model, PROMPT_VERSION],
+        f"SELECT * FROM judgments WHERE run_id = ? AND prompt_version = ? "
+        f"AND judge_model IN ({models}) ORDER BY judge_model, example_id, repeat",
+        [responses_run, PROMPT_VERSION, *args.models],
     )
     responses = cat.query_df(
         "SELECT * FROM responses WHERE run_id = ? ORDER BY example_id", [responses_run]
@@ -105,8 +114,9 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
         run.rows.add(table, df.astype(object).where(df.notna(), None).to_dict("records"))
     out = JudgeOut(
         responses_run_id=responses_run,
-        judge_model=s.judge_model,
+        judge_models=s.judge_models,
         prompt_version=s.prompt_version,
+        repeats=s.repeats,
         n_responses=s.n_responses,
         n_skipped=s.n_skipped,
         n_sent=s.n_sent,
@@ -114,17 +124,19 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
         n_unparsed=s.n_unparsed,
         n_failed=s.n_failed,
         summary=s.summary,
+        agreement=s.agreement,
+        hosts_down=s.hosts_down,
     )
     run.log().info(
         "judged run %s with %s: %d sent (%d scored, %d unparsed, %d failed), %d already judged",
-        responses_run, s.judge_model, s.n_sent, s.n_scored, s.n_unparsed, s.n_failed,
+        responses_run, ", ".join(s.judge_models), s.n_sent, s.n_scored, s.n_unparsed, s.n_failed,
         s.n_skipped,
     )  # fmt: skip
     failed = int(judgments["error"].notna().sum() if "error" in judgments.columns else s.n_failed)
     if failed:
         raise StageIncomplete(
             out,
-            f"{failed} of {s.n_responses} requests failed after retries (errors are in "
+            f"{failed} of {len(judgments)} judgments failed after retries (errors are in "
             "`judgments.error`); `gptflow rerun judge` sends only those",
         )
     return out

@@ -49,8 +49,8 @@ def _cfg(host: str, **kw):
     from gpt.eval.judge import JudgeConfig
 
     base = {
-        "host": host,
-        "model": "llama3",
+        "hosts": [host],
+        "models": ["llama3"],
         "timeout_s": 2.0,
         "retries": 1,
         "backoff_s": 0.01,
@@ -92,7 +92,7 @@ def test_hang_past_the_timeout_counts_failures(catalog) -> None:
     j = _judgments(catalog)
     assert len(j) == N and j["score"].isna().all() and j["raw_reply"].isna().all()
     assert all("timed out" in e for e in j["error"])
-    assert s.summary["n_failed"] == N
+    assert s.summary[0]["n_failed"] == N
     pd.testing.assert_frame_equal(_responses(catalog), before)
 
 
@@ -210,8 +210,8 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
     resp = responses_input(catalog, "r1")
     cfg = JudgeConfig(
         required=required,
-        host=f"http://127.0.0.1:{free_port()}",
-        model="llama3",
+        hosts=[f"http://127.0.0.1:{free_port()}"],
+        models=["llama3"],
         timeout_s=2.0,
         retries=0,
         concurrency=2,
