@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
+from flows.run_logs import route_library_logs
 from gpt.errors import DataError, GPTFlowError, JudgeError
 from gpt.eval.judge import JudgeConfig
 from gpt.paths import default_db_path
@@ -163,6 +164,7 @@ def gptflow_judge(
     ``overrides`` (``judge.field=value``) set the judge; ``required`` false turns an
     unavailable judge into a Skipped stage instead of a failed flow."""
     log = get_run_logger()
+    route_library_logs()  # [h12] the judge's own INFO lines reach this run's logs
     cfg = build_config(profile, [*(overrides or []), f"judge.required={json.dumps(required)}"])
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
     cat = Catalog(default_db_path())

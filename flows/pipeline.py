@@ -16,6 +16,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import DEFAULT_PROFILE, PipelineConfig, build_config, config_to_dict
+from flows.run_logs import route_library_logs
+from flows.run_setup import preflight_required_judge, resolve_mirror
 from gpt.paths import artifacts_dir, datasets_dir, default_db_path, project_root
 from tasks.catalog import Catalog
 from tasks.stages import (
@@ -65,14 +67,16 @@ def gptflow_pipeline(
     """The whole pipeline. ``config`` (a full typed config) wins over ``profile`` +
     ``overrides``; ``force`` names stages to recompute even when cached."""
     log = get_run_logger()
+    route_library_logs()  # [h12] library INFO lines reach this run's logs (also for workers)
     cfg = config if config is not None else build_config(profile, overrides)
+    cfg = resolve_mirror(cfg, mirror)  # [h12] runs.config records the mirror the run used
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
     ctx = RunContext(
         run_id=run_id,
         db_path=str(default_db_path()),
         artifacts=str(artifacts_dir()),
         datasets=str(datasets_dir()),
-        mirror=mirror or cfg.download.mirror or os.environ.get("GPTFLOW_MIRROR"),
+        mirror=cfg.download.mirror,
         device=cfg.device,
         force=tuple(force or ()),
         progress=progress,
@@ -87,13 +91,14 @@ def gptflow_pipeline(
     )
     log.info("run %s: profile %s, base model %s", run_id, cfg.profile, cfg.load_gpt2.base_model)
     try:
+        preflight_required_judge(cat, run_id, cfg)  # [h12] judge.required: check before compute
         dl = download_task(ctx, cfg.download)
         tok = tokenize_task(ctx, cfg.tokenize, dl)
         pre = pretrain_task(ctx, cfg.pretrain, tok)
         base = load_gpt2_task(ctx, cfg.load_gpt2, cfg.download, tok, pre)
         spam_f = finetune_spam_task.submit(ctx, cfg.finetune_spam, tok, base)
         base_f = baseline_spam_task.submit(ctx, cfg.baseline_spam, tok)
-        spam, baseline = spam_f.result(), base_f.result()
+        spam_f.result(), base_f.result()  # resolve both: a failed one fails the flow
         inst = finetune_instruct_task(ctx, cfg.finetune_instruct, tok, base)
         resp = extract_responses_task(ctx, cfg.extract_responses, tok, inst)
         judged = judge_task(ctx, cfg.judge, resp)
@@ -101,19 +106,10 @@ def gptflow_pipeline(
         cat.end_run(run_id, "failed")
         raise
     cat.end_run(run_id, "completed")
-    outputs = {
-        "tokenize": tok,
-        "pretrain": pre,
-        "load_gpt2": base,
-        "finetune_spam": spam,
-        "baseline_spam": baseline,
-        "finetune_instruct": inst,
-        "extract_responses": resp,
-    }
     try:
         from flows.report import publish_report
 
-        publish_report(cat, run_id, cfg, outputs, judged)
+        publish_report(cat, run_id)  # [h12] the report reads everything from the catalog
     except Exception as exc:  # a report must never fail a finished run
         log.warning("could not publish the run report: %s", exc)
     return {"run_id": run_id, "status": "completed", "judge": judged}
