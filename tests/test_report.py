@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.report import build_report, to_html, to_markdown
-from flows.report import fmt
+from flows.report import build_report, fmt, to_html, to_markdown
 from flows.report.blocks import Para, Report, Table, join, text, with_code_spans
 
 PNG = b"\x89PNG\r\n\x1a\n"
