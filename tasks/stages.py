@@ -235,13 +235,19 @@ def _checkpoint_recorder(ctx: RunContext, stage: str, rels: list[str]) -> Callab
 
 
 def _link_artifact(stage: str, path: Path) -> None:
+    """[h12] A note naming the checkpoint folder and its machine: a ``file://`` link
+    would point at the viewer's own disk, not the worker's."""
     try:
-        from prefect.artifacts import create_link_artifact
+        import socket
 
-        create_link_artifact(
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(
             key=f"{stage.replace('_', '-')}-checkpoint",
-            link=path.resolve().as_uri(),
-            link_text=str(path),
+            markdown=(
+                f"`{stage}` checkpoint folder, on the machine `{socket.gethostname()}` "
+                f"that ran the stage: `{path.resolve()}`"
+            ),
             description=f"{stage} checkpoint folder",
         )
     except Exception:
