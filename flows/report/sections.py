@@ -164,7 +164,7 @@ def generic_table(df: pd.DataFrame, *, drop: tuple[str, ...] = ()) -> Table:
             else:
                 cells.append(fmt.shorten(v, 100))
         rows.append(tuple(cells))
-    return Table(tuple(cols), tuple(rows), align)
+    return Table(tuple(c.replace("_", " ") for c in cols), tuple(rows), align)
 
 
 # --------------------------------------------------------------------------- sections
