@@ -63,6 +63,8 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
                 "or score a responses file with `gptflow judge --responses FILE.json`"
             )
         run_id = str(latest["run_id"].iloc[0])
+    elif cat.query_df("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).empty:
+        return f"there is no run {run_id!r} in the catalog {cat.path} (see `gptflow runs`)"
     judge = cat.query_df(
         "SELECT status, message, outputs FROM stages WHERE run_id = ? AND stage = 'judge'",
         [run_id],
