@@ -12,6 +12,8 @@ from gpt.errors import GPTFlowError
 #: Sub-command modules under ``flows.commands``, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "run",
+    "deploy",
+    "report",
     "download",
     "generate",
     "classify",

@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 
 from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
 from flows.pipeline import git_revision, make_context
+from flows.run_logs import route_library_logs
 from gpt.errors import DataError
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
@@ -72,6 +73,7 @@ def gptflow_judge(
     unavailable judge into a skipped stage instead of a failed flow; ``force`` scores
     every example again."""
     log = get_run_logger()
+    route_library_logs()  # the judge's own INFO lines reach this run's logs
     cfg = build_config(profile, [*(overrides or []), f"judge.required={json.dumps(required)}"])
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
     ctx = make_context(cfg, run_id, force=["judge"] if force else [], progress=False)

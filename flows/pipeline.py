@@ -22,6 +22,8 @@ from flows.config import (
     build_config,
     config_to_dict,
 )
+from flows.run_logs import route_library_logs
+from flows.run_setup import preflight_required_judge
 from gpt.errors import ConfigError
 from gpt.paths import artifacts_dir, datasets_dir, default_db_path, project_root
 from tasks.cache import StageOutput
@@ -92,6 +94,7 @@ def gptflow_pipeline(
     ``overrides``; ``force`` names stages to recompute even when cached; ``verify="full"``
     re-hashes every file of a cached result before trusting it."""
     log = get_run_logger()
+    route_library_logs()  # library INFO lines reach this run's logs (also for workers)
     cfg = config if config is not None else build_config(profile, overrides)
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
     ctx = make_context(cfg, run_id, mirror=mirror, force=force or (), verify=verify,
@@ -109,6 +112,7 @@ def gptflow_pipeline(
     log.info("run %s: profile %s, base model %s", run_id, cfg.profile, cfg.load_gpt2.base_model)
     step = stage_task
     try:
+        preflight_required_judge(rec, run_id, cfg)  # judge.required: check before compute
         dl = step("download")(ctx, cfg.download)
         tok = step("tokenize")(ctx, cfg.tokenize, download=dl)
         pre = step("pretrain")(ctx, cfg.pretrain, tokenize=tok)
@@ -118,7 +122,7 @@ def gptflow_pipeline(
         )
         spam_f = step("finetune_spam").submit(ctx, cfg.finetune_spam, tokenize=tok, load_gpt2=base)
         base_f = step("baseline_spam").submit(ctx, cfg.baseline_spam, tokenize=tok)
-        spam, baseline = spam_f.result(), base_f.result()
+        spam_f.result(), base_f.result()  # resolve both: a failed one fails the flow
         inst = step("finetune_instruct")(ctx, cfg.finetune_instruct, tokenize=tok, load_gpt2=base)
         resp = step("extract_responses")(
             ctx, cfg.extract_responses, tokenize=tok, finetune_instruct=inst
@@ -128,20 +132,11 @@ def gptflow_pipeline(
         rec.end_run(run_id, "failed")
         raise
     rec.end_run(run_id, "completed")
-    outputs = {
-        "tokenize": tok,
-        "pretrain": pre,
-        "load_gpt2": base,
-        "finetune_spam": spam,
-        "baseline_spam": baseline,
-        "finetune_instruct": inst,
-        "extract_responses": resp,
-    }
     judge_info = _judge_info(run_id, judged)
     try:
         from flows.report import publish_report
 
-        publish_report(ctx.catalog, run_id, cfg, outputs, judge_info)
+        publish_report(ctx.catalog, run_id)  # the report reads everything from the catalog
     except Exception as exc:  # a report must never fail a finished run
         log.warning("could not publish the run report: %s", exc)
     return {"run_id": run_id, "status": "completed", "judge": judge_info}

@@ -98,6 +98,9 @@ def _server_env(api_url: str) -> dict[str, str]:
         DO_NOT_TRACK="1",
         PREFECT_CLI_PROMPT="false",
         PREFECT_API_URL=api_url,
+        # the UI's own calls: without this, a server on another port than 4200 serves a UI
+        # that asks port 4200 and shows "Oops. Something went wrong."
+        PREFECT_UI_API_URL=api_url,
     )
     return env
 

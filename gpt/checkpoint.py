@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from gpt.errors import CheckpointError, ConfigError
+from gpt.fileio import match_umask
 from gpt.fileio import sha256_file as _sha256
 from gpt.model import GPT, GPTConfig
 
@@ -219,6 +220,7 @@ def save_checkpoint(
             )
         except SafetensorError as exc:  # an I/O error inside the Rust writer
             raise OSError(f"writing {WEIGHTS} failed: {exc}") from exc
+        match_umask(tmp / WEIGHTS)  # safetensors writes 0600; outputs share one mode
         files.append(tmp / WEIGHTS)
 
         config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
@@ -255,6 +257,7 @@ def save_checkpoint(
                     save_file(tensors, str(tmp / TRAINER_TENSORS))
                 except SafetensorError as exc:
                     raise OSError(f"writing {TRAINER_TENSORS} failed: {exc}") from exc
+                match_umask(tmp / TRAINER_TENSORS)
                 files.append(tmp / TRAINER_TENSORS)
 
         if tokenizer_dir is not None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -37,3 +41,64 @@ def link_or_copy_tree(src: str | Path, dst: str | Path) -> Path:
     shutil.copytree(src, tmp, copy_function=link)
     os.replace(tmp, dst)
     return dst
+
+
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where it is shown, so no thread sees it
+    change; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def match_umask(path: str | Path) -> None:
+    """Give a file written by a tool that makes private files (safetensors, ``mkstemp``)
+    the mode every other output has (:func:`default_file_mode`)."""
+    os.chmod(path, default_file_mode())
+
+
+@contextlib.contextmanager
+def atomic_open(
+    path: str | Path, mode: str = "wb", *, encoding: str | None = None, fsync: bool = True
+) -> Iterator[IO[Any]]:
+    """Open a hidden temp file beside ``path`` for writing; on a clean exit it is flushed,
+    fsync'ed and renamed onto ``path``, otherwise removed (``path`` is never half-written).
+    The file is created like a plain ``open()`` would (0o666 less the umask), unlike
+    ``tempfile.mkstemp``'s 0600."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        if mode == "w":
+            fh: IO[Any] = os.fdopen(fd, "w", encoding=encoding or "utf-8")
+        else:
+            fh = os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        with fh:
+            yield fh
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,9 +1,12 @@
 """Deployments and the judge-only flow.
 
 - ``prefect.yaml`` parses, each entrypoint loads as a Prefect flow with Prefect's own
-  loader, and ``prefect --no-prompt deploy --all`` accepts it against a local server;
-  the deployments read back from the API carry the names, cron schedules, parameters and
-  pull step written in the file.
+  loader, and the README's commands (``prefect work-pool create … --overwrite``, twice,
+  and ``prefect --no-prompt deploy --all``) succeed against a local server; the
+  deployments read back from the API carry the names, cron schedules, parameters and
+  pull step written in the file, whatever GPTFLOW_HOME the deploying shell had.
+- The pull step, through Prefect's step runner, enters GPTFLOW_HOME or the checkout, and
+  refuses a folder that is no checkout with the fix.
 - ``gptflow-judge`` against a loopback Ollama stand-in: judgments written, a second run
   sends nothing; an unreachable judge gives a Skipped stage (required false) or a failed
   flow run (required true), with the fix recorded.
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -34,8 +38,10 @@ def _free_port() -> int:
 PREFECT_YAML = REPO / "prefect.yaml"
 
 
-def _cli(args: list[str], server: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def _cli(
+    args: list[str], server: dict, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
     env.update(
         PREFECT_API_URL=server["url"],
         PREFECT_HOME=str(server["home"]),
@@ -70,9 +76,8 @@ def test_prefect_yaml_parses_and_entrypoints_load():
     assert spec["name"] == "gptflow"
     assert not spec.get("build") and not spec.get("push")
     (step,) = spec["pull"]
-    assert step == {
-        "prefect.deployments.steps.set_working_directory": {"directory": "{{ $GPTFLOW_HOME }}"}
-    }
+    assert step == {"flows.deployment.enter_checkout": {}}
+    assert "{{" not in json.dumps(spec)  # nothing for `prefect deploy` to fill in
     deps = {d["name"]: d for d in spec["deployments"]}
     assert set(deps) == {"nightly", "smoke", "judge-rescore"}
     expected_flow = {
@@ -91,29 +96,60 @@ def test_prefect_yaml_parses_and_entrypoints_load():
         assert set(dep.get("parameters", {})) <= set(loaded.parameters.properties), name
 
 
-def test_pull_step_resolves_from_the_environment(prefect_server, tmp_path, monkeypatch):
-    """The worker-side templating Prefect applies to pull steps turns the placeholder
-    into GPTFLOW_HOME and the step changes into that folder (the server fixture keeps
-    Prefect's step machinery off its ephemeral mode)."""
+def _run_pull_steps() -> Path:
+    """Run the file's pull steps; the folder they changed into (checked against the
+    ``directory`` output Prefect passes on)."""
     import asyncio
 
     from prefect.deployments.steps.core import run_steps
 
-    monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path))
     before = os.getcwd()
     try:
         out = asyncio.run(run_steps(_spec()["pull"], print_function=lambda *a: None))
-        assert Path(os.getcwd()).resolve() == tmp_path.resolve()
+        cwd = Path.cwd()
     finally:
         os.chdir(before)
-    assert isinstance(out, dict)
+    assert Path(out["directory"]) == cwd
+    return cwd
+
+
+def test_pull_step_enters_the_checkout(prefect_server, tmp_path, monkeypatch):
+    """Prefect's own step runner, as a flow-run process uses it: GPTFLOW_HOME from the
+    worker's environment wins; without it, the checkout gptflow is imported from; a folder
+    that is no checkout is refused with the fix (not a ScriptError about /tmp/…)."""
+    from prefect.deployments.steps.core import StepExecutionError
+
+    other = tmp_path / "clone"
+    (other / "flows").mkdir(parents=True)
+    (other / "flows" / "pipeline.py").write_text("")
+    monkeypatch.setenv("GPTFLOW_HOME", str(other))
+    monkeypatch.chdir(tmp_path)
+    assert _run_pull_steps() == other.resolve()
+
+    monkeypatch.delenv("GPTFLOW_HOME")
+    assert _run_pull_steps() == REPO
+
+    monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path / "nothing"))
+    with pytest.raises(StepExecutionError) as err:
+        _run_pull_steps()
+    msg = str(err.value.__cause__ or err.value)
+    assert "is not a gptflow checkout" in msg and 'export GPTFLOW_HOME="$PWD"' in msg, msg
 
 
 def test_prefect_deploy_accepts_the_file(prefect_server):
     from prefect.client.orchestration import get_client
 
-    _cli(["work-pool", "create", "gptflow", "--type", "process"], prefect_server)
-    proc = _cli(["--no-prompt", "deploy", "--all"], prefect_server, timeout=300)
+    # The README's commands; creating the pool again (after editing prefect.yaml) must
+    # succeed. Deployed from a shell whose GPTFLOW_HOME is set: what is stored must not
+    # depend on it.
+    for _ in range(2):
+        _cli(["work-pool", "create", "gptflow", "--type", "process", "--overwrite"], prefect_server)
+    proc = _cli(
+        ["--no-prompt", "deploy", "--all"],
+        prefect_server,
+        timeout=300,
+        env={"GPTFLOW_HOME": "/somewhere/the/deploying/shell/was"},
+    )
     for name in (
         "gptflow-pipeline/nightly",
         "gptflow-pipeline/smoke",
@@ -137,9 +173,7 @@ def test_prefect_deploy_accepts_the_file(prefect_server):
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [
         ("0 3 * * *", "UTC", True)
     ]
-    assert nightly.pull_steps == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $GPTFLOW_HOME }}"}}
-    ]
+    assert nightly.pull_steps == [{"flows.deployment.enter_checkout": {}}]
     smoke = deps["gptflow-pipeline/smoke"]
     assert smoke.parameters == {"profile": "smoke"}
     assert smoke.schedules == []
@@ -198,7 +232,6 @@ def _task_state_names(flow_run_id) -> list[str]:
 
 
 def test_judge_flow_scores_then_resumes(prefect_server):
-    import json
 
     from prefect.client.orchestration import get_client
 

@@ -5,6 +5,7 @@ identical run that is all cache hits, and a single-stage rerun."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,9 @@ def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
     acc = q("SELECT * FROM spam_accuracy WHERE run_id=? ORDER BY split", run1)
     assert len(acc) == 3 and acc.logreg_bow.notna().all() and acc.finetuned.notna().all()
     assert q("SELECT count(*) n FROM checkpoints WHERE run_id=?", run1).n[0] >= 3
+    # the mirror the run used (GPTFLOW_MIRROR here) is recorded with its config
+    config = json.loads(q("SELECT config FROM runs WHERE run_id=?", run1).config[0])
+    assert config["download"]["mirror"] == os.environ["GPTFLOW_MIRROR"]
     # responses and judgments (the stub always answers 42)
     assert q("SELECT count(*) n FROM responses WHERE run_id=?", run1).n[0] == 12
     summ = q("SELECT * FROM eval_summary WHERE run_id=?", run1)
@@ -104,8 +108,11 @@ def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
         tables = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["spam-accuracy"]))
         )
-    assert "## Spam accuracy" in report and "| spam train | 40 |" in report
-    assert "| judge | completed |" in report and "42" in report
+    assert "## Spam classifier: finetuned vs baselines" in report
+    assert "| spam messages | train | 40 |" in report
+    assert "| judge | completed |" in report and "| 42 |" in report
+    # five plots: three training curves, the confusion matrices, the score histogram
+    assert report.count("](data:image/png;base64,") == 5
     assert any(str(a.flow_run_id) == run1 for a in tables)
 
     # A second identical run: every stage a cache hit, nothing recomputed or re-sent.
@@ -176,7 +183,9 @@ def test_deleted_cached_files_are_recomputed(prefect_server, env):
     assert res2["stages"]["tokenize"]["cache_hit"] is True
 
 
-def test_required_judge_fails_the_flow(prefect_server, env):
+def test_required_judge_fails_the_flow_before_any_compute(prefect_server, env):
+    """judge.required: the judge's preflight runs when the flow starts, so a missing
+    Ollama fails the run before any stage downloads or trains."""
     from flows.pipeline import run_pipeline
 
     res = run_pipeline(
@@ -185,8 +194,11 @@ def test_required_judge_fails_the_flow(prefect_server, env):
         progress=False,
     )
     assert res["status"] == "failed"
+    assert set(res["stages"]) == {"judge"}, res["stages"]
     assert res["stages"]["judge"]["status"] == "failed"
-    assert "ollama serve" in res["stages"]["judge"]["message"]
+    msg = res["stages"]["judge"]["message"]
+    assert "ollama serve" in msg and "nothing was computed" in msg, msg
+    assert "ollama serve" in res["error"]
 
 
 def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, tmp_path, mirror):

@@ -192,12 +192,12 @@ def run(args: argparse.Namespace) -> int:
     import datetime as dt
     import json
     import logging
-    import tempfile
     import traceback
 
     import torch
 
     from benchmarks import suite as bench
+    from gpt.fileio import atomic_open
     from gpt.paths import artifacts_dir
     from tasks.catalog import Catalog
 
@@ -267,12 +267,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = artifacts_dir() / "bench"
     paths = [out_dir / f"{stamp}.json"] + ([args.json] if args.json else [])
     for path in paths:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
+        with atomic_open(Path(path), "w") as f:
             f.write(text)
-        os.replace(tmp, path)
     if rows:
         catalog = Catalog(args.db)
         catalog.insert_rows(

@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("eval_summary\n" + format_df(summary, "table") + "\n\n")
         title = f"worst {args.worst} examples" if args.worst is not None else "examples"
         sys.stdout.write(title + "\n" + format_df(examples, "table") + "\n")
-    if summary.empty and args.run is not None:
-        print(f"no judgments for run {args.run!r}", file=sys.stderr)
+    if summary.empty:
+        from tasks.catalog.status import why_no_scores
+
+        print(f"no judge scores: {why_no_scores(catalog, args.run)}", file=sys.stderr)
     return 0

@@ -32,7 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _verify_arg(p)
     p.set_defaults(func=cmd_rerun)
 
-    p = sub.add_parser("runs", help="list pipeline runs and their stages")
+    p = sub.add_parser(
+        "runs",
+        help="list pipeline runs and their stages (or one run's stages, one per line)",
+    )
+    p.add_argument("run", nargs="?", help="show this run's stages, one line each")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(func=cmd_runs)
@@ -217,20 +221,56 @@ def quiet_console(*, verbose: bool) -> Path | None:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    """Runs with a stage summary that names every stage not completed/cached, and the
+    reasons (whole) under the table; with RUN, that run's stages one per line."""
+    from flows.report import fmt
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
+    from tasks.catalog.status import stage_rows, stages_summary
 
     cat = Catalog()
-    df = cat.query_df(
-        """
-        SELECT r.run_id, r.profile, r.status, r.started_at, r.ended_at,
-               string_agg(s.stage || ':' || s.status, ' ' ORDER BY s.started_at) AS stages
-        FROM runs r LEFT JOIN stages s USING (run_id)
-        GROUP BY ALL ORDER BY r.started_at DESC LIMIT ?
-        """,
-        [args.limit],
-    )
-    print(format_df(df, args.format))
+    if args.run:
+        runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [args.run])
+        if runs.empty:
+            raise ConfigError(f"no run {args.run!r} in the catalog {cat.path} (see `gptflow runs`)")
+    else:
+        runs = cat.query_df("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [args.limit])
+    stages = stage_rows(cat, [str(r) for r in runs["run_id"]], STAGES)
+    if args.format == "json":
+        out = []
+        for r in runs.to_dict("records"):
+            mine = stages[stages["run_id"] == r["run_id"]]
+            row = json.loads(
+                format_df(runs[runs["run_id"] == r["run_id"]].drop(columns="config"), "json")
+            )[0]
+            row["stages"] = json.loads(
+                format_df(mine[["stage", "status", "cache_hit", "message"]], "json")
+            )
+            out.append(row)
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    if args.run:
+        view = stages.assign(
+            cached=stages["cache_hit"].map(fmt.yes_no),
+            time=stages["seconds"].map(fmt.duration),
+            message=stages["message"].map(lambda m: m if isinstance(m, str) else ""),
+        )[["stage", "status", "cached", "time", "message"]]
+        print(format_df(view, args.format, uncut={"message"}))
+        return 0
+    view = runs[["run_id", "profile", "status"]].copy()
+    view["started"] = runs["started_at"].map(fmt.timestamp)
+    view["took"] = [
+        fmt.duration((e - s).total_seconds())
+        if not (fmt.is_missing(s) or fmt.is_missing(e))
+        else ""
+        for s, e in zip(runs["started_at"], runs["ended_at"], strict=True)
+    ]
+    view["stages"] = [stages_summary(stages[stages["run_id"] == r]) for r in runs["run_id"]]
+    print(format_df(view, args.format, uncut={"run_id", "stages"}))
+    if args.format == "table":
+        notes = stages[~stages["status"].isin(["completed", "cached"]) & stages["message"].notna()]
+        for r in notes.to_dict("records"):
+            print(f"{r['run_id']}: {r['stage']} {r['status']}: {r['message']}")
     return 0
 
 

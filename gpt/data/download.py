@@ -46,7 +46,7 @@ from gpt.errors import (
     DownloadError,
     UnsafeArchiveError,
 )
-from gpt.fileio import sha256_file
+from gpt.fileio import current_umask, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def _extract_to_temp(zip_path: Path, parent: Path, name: str, max_bytes: int) ->
                 link_ids.add(id(info))
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".extract", dir=parent))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the final folder is an ordinary one
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; this is a plain folder
         try:
             for info, p in names:
                 if id(info) in link_ids:

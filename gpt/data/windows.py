@@ -10,8 +10,6 @@ array, so memory grows with the number of tokens, not with windows × length.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gpt.errors import ConfigError, DataError
+from gpt.fileio import atomic_open
 from gpt.fileio import sha256_file as _sha256
 
 __all__ = [
@@ -80,17 +79,8 @@ def save_tokens(ids: Sequence[int] | np.ndarray, path: Path, *, vocab_size: int)
             f"{path}: token id out of range [0, {vocab_size}) (min {arr.min()}, max {arr.max()})"
         )
     data = arr.astype(np.uint16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, data, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.save(f, data, allow_pickle=False)
     return TokenFileInfo(
         path=path, num_tokens=int(data.size), vocab_size=int(vocab_size), sha256=_sha256(path)
     )

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gpt.config import Args
 from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
+from gpt.fileio import atomic_open
 from gpt.train import LMTrainArgs
 
 log = logging.getLogger(__name__)
@@ -527,14 +526,6 @@ def export_responses_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         }
         for r in rows
     ]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=4, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=4, ensure_ascii=False)
     return path

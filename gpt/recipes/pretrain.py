@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from gpt.config import Args, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
+from gpt.fileio import atomic_open
 from gpt.model import GPTConfig, get_config
 from gpt.train import LMTrainArgs, train_lm
 
@@ -143,15 +142,8 @@ def plot_losses(
         top.set_xlabel("epochs")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb", fsync=False) as f:
+        fig.savefig(f, format="png")
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
@@ -53,9 +54,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def format_df(df: pd.DataFrame, fmt: str = "table", *, max_width: int = 60) -> str:
+def format_df(
+    df: pd.DataFrame,
+    fmt: str = "table",
+    *,
+    max_width: int = 60,
+    uncut: Collection[str] = (),
+) -> str:
     """Render a query result as ``table`` (aligned text, long cells cut to ``max_width``
-    characters), ``csv`` or ``json`` (a list of row objects)."""
+    characters, except in the ``uncut`` columns), ``csv`` or ``json`` (a list of row
+    objects)."""
     import pandas as pd
 
     if fmt == "csv":
@@ -72,11 +80,12 @@ def format_df(df: pd.DataFrame, fmt: str = "table", *, max_width: int = 60) -> s
     headers = [str(c) for c in df.columns]
     numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
     rows: list[list[str]] = []
+    keep = [str(c) in uncut for c in df.columns]
     for row in df.itertuples(index=False, name=None):
         cells = []
-        for v in row:
+        for v, whole in zip(row, keep, strict=True):
             s = _cell(v).replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
-            if len(s) > max_width:
+            if len(s) > max_width and not whole:
                 s = s[: max_width - 3] + "..."
             cells.append(s)
         rows.append(cells)

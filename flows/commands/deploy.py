@@ -1,0 +1,49 @@
+"""``gptflow deploy``: the work pools and deployments of ``prefect.yaml``, as often as
+you like (after every edit of the file)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "deploy",
+        help="create the work pools prefect.yaml names (when missing), then deploy all",
+        description=(
+            "Create each work pool the deployments in prefect.yaml name (type process) "
+            "unless it exists, then run `prefect --no-prompt deploy --all` in the checkout. "
+            "Safe to run again: existing pools are kept, deployments are updated. Uses "
+            "PREFECT_API_URL, else gptflow's local server (started if needed)."
+        ),
+    )
+    p.set_defaults(func=cmd_deploy)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.server import ensure_server
+
+    api_url = ensure_server()
+    from flows.deployment import (
+        deploy_all,
+        ensure_work_pools,
+        read_prefect_yaml,
+        work_pools,
+    )
+    from gpt.paths import project_root
+
+    root = project_root()
+    spec = read_prefect_yaml(root)
+    pools = work_pools(spec)
+    for name, created in ensure_work_pools(pools).items():
+        print(f"work pool {name!r}: {'created' if created else 'exists'} (type process)")
+    deploy_all(root)
+    names = ", ".join(str(d.get("name")) for d in spec["deployments"])
+    print(f"deployments {names} are on {api_url}, running code from {root}")
+    print(
+        "start a worker (own terminal, from the clone, venv active):\n"
+        f"  export PREFECT_API_URL={api_url}\n"
+        '  export GPTFLOW_HOME="$PWD"\n'
+        f"  prefect worker start --pool {pools[0]}"
+    )
+    return 0

@@ -1,0 +1,73 @@
+"""``gptflow report [RUN] [--html FILE] [--markdown FILE]``: a run's report (the same one
+the pipeline attaches to its Prefect flow run), as one self-contained HTML file, as
+Markdown, or as text on the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="a run's report: --html FILE (self-contained, plots inside) or --markdown FILE",
+        description=(
+            "Build the report of RUN (default: the latest run) from the catalog: stages, "
+            "data, training curves, spam classifier vs baselines with confusion matrices, "
+            "judge scores, gates, checkpoints, config. --html writes one HTML file with "
+            "its plots inside (open it anywhere, no server needed); --markdown writes the "
+            "Markdown the Prefect artifact holds. Without either, prints the text with "
+            "plots left out."
+        ),
+    )
+    p.add_argument("run", nargs="?", default=None, help="run id (default: the latest run)")
+    p.add_argument("--html", metavar="FILE", help="write the report as one HTML file")
+    p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
+    p.add_argument(
+        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
+    )
+    p.set_defaults(func=cmd_report)
+
+
+def _latest_run(cat) -> str:
+    from gpt.errors import CatalogError
+
+    df = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
+    if df.empty:
+        raise CatalogError(f"the catalog {cat.path} holds no runs yet: run `gptflow run` first")
+    return str(df["run_id"].iloc[0])
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows.report import build_report, to_html, to_markdown
+    from gpt.errors import CatalogError
+    from gpt.fileio import atomic_open
+    from tasks.catalog import Catalog
+
+    cat = Catalog(args.db)
+    if not cat.path.exists():
+        raise CatalogError(f"the catalog {cat.path} does not exist yet: run `gptflow run` first")
+    run_id = args.run or _latest_run(cat)
+    report = build_report(cat, run_id)
+    written = []
+    for target, render in ((args.html, to_html), (args.markdown, to_markdown)):
+        if target:
+            path = Path(target)
+            try:
+                with atomic_open(path, "w", encoding="utf-8") as fh:
+                    fh.write(render(report))
+            except OSError as exc:
+                raise CatalogError(f"cannot write the report to {path}: {exc.strerror}") from None
+            written.append(str(path))
+    if written:
+        n = len(report.images())
+        print(f"report of run {run_id} ({n} plots) written to {', '.join(written)}")
+        return 0
+    md = to_markdown(report)
+    md = re.sub(r"!\[([^\]]*)\]\(data:image/png;base64,[^)]*\)", r"[plot: \1 — see --html]", md)
+    sys.stdout.write(md)
+    return 0

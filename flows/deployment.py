@@ -1,0 +1,143 @@
+"""Prefect deployments of gptflow: the pull step that puts a flow run in the checkout, and
+an idempotent "create the work pools, then deploy everything" for ``gptflow deploy``.
+
+Why a pull step of our own: Prefect's ``set_working_directory`` with
+``"{{ $GPTFLOW_HOME }}"`` is filled in by ``prefect deploy`` whenever GPTFLOW_HOME is set
+in the *deploying* shell (it templates ``$VAR`` placeholders of pull steps at deploy
+time, Prefect 3.9.1), and left as a placeholder otherwise, to become ``""`` on a worker
+without it — the run then crashes with ``ScriptError … /tmp/…/flows/pipeline.py``. The
+step below has nothing to template: it runs in the flow-run process, takes GPTFLOW_HOME
+from the *worker's* environment when set, else the checkout holding this package (an
+editable install, as ``make`` sets up), and refuses with the fix when that folder is not
+a gptflow checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gpt.errors import GPTFlowError
+from gpt.paths import project_root
+
+#: The file holding the deployments, at the checkout's root.
+PREFECT_YAML = "prefect.yaml"
+#: A file every gptflow checkout has (the pipeline's entrypoint).
+MARKER = Path("flows") / "pipeline.py"
+
+
+class DeploymentError(GPTFlowError):
+    """A deployment cannot be created or a flow run cannot find its code."""
+
+
+def enter_checkout() -> dict[str, str]:
+    """Prefect pull step (``flows.deployment.enter_checkout``): change into the gptflow
+    checkout and return ``{"directory": path}`` like ``set_working_directory``."""
+    root = project_root()
+    source = "GPTFLOW_HOME" if os.environ.get("GPTFLOW_HOME") else "the checkout gptflow runs from"
+    if not (root / MARKER).is_file():
+        raise DeploymentError(
+            f"{root} ({source}) is not a gptflow checkout: it has no {MARKER.as_posix()}. "
+            "Start the worker with GPTFLOW_HOME set to the clone's absolute path "
+            '(`export GPTFLOW_HOME="$PWD"` in the clone, then `prefect worker start --pool '
+            "gptflow`), from the clone's virtual environment"
+        )
+    os.chdir(root)
+    return {"directory": str(root)}
+
+
+def read_prefect_yaml(root: Path | None = None) -> dict[str, Any]:
+    """The deployments file of the checkout, parsed."""
+    import yaml
+
+    path = (root or project_root()) / PREFECT_YAML
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DeploymentError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise DeploymentError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("deployments"), list):
+        raise DeploymentError(f"{path} has no `deployments:` list")
+    return spec
+
+
+def work_pools(spec: dict[str, Any]) -> list[str]:
+    """The work pools the deployments of ``spec`` name, in file order."""
+    names: list[str] = []
+    for dep in spec["deployments"]:
+        pool = (dep.get("work_pool") or {}).get("name")
+        if not pool:
+            raise DeploymentError(
+                f"deployment {dep.get('name')!r} in {PREFECT_YAML} names no work_pool.name"
+            )
+        if pool not in names:
+            names.append(pool)
+    return names
+
+
+def _job_template(pool_type: str) -> dict[str, Any]:
+    """The default job template of a worker type, as ``prefect work-pool create`` uses."""
+    from prefect.workers.base import BaseWorker
+
+    worker = BaseWorker.get_worker_class_from_type(pool_type)
+    if worker is None:
+        raise DeploymentError(f"no Prefect worker of type {pool_type!r} is installed")
+    return worker.get_default_base_job_template()
+
+
+def ensure_work_pools(names: list[str], pool_type: str = "process") -> dict[str, bool]:
+    """Create each missing work pool (type ``pool_type``); leave existing ones as they are.
+    Returns ``{name: created}``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    created: dict[str, bool] = {}
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_work_pool(name)
+                created[name] = False
+                continue
+            except ObjectNotFound:
+                pass
+            try:
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name, type=pool_type, base_job_template=_job_template(pool_type)
+                    )
+                )
+                created[name] = True
+            except ObjectAlreadyExists:  # created meanwhile by someone else
+                created[name] = False
+    return created
+
+
+def deploy_all(root: Path | None = None) -> str:
+    """``prefect --no-prompt deploy --all`` in the checkout; returns its output."""
+    root = root or project_root()
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_CLI_PROMPT": "false"},
+    )
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip()[-3000:]
+        raise DeploymentError(f"`prefect deploy --all` in {root} failed:\n{tail}")
+    return proc.stdout
+
+
+__all__ = [
+    "DeploymentError",
+    "deploy_all",
+    "ensure_work_pools",
+    "enter_checkout",
+    "read_prefect_yaml",
+    "work_pools",
+]
