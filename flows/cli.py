@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "generate",
     "classify",
     "convert_gpt2",
+    "export",
     "judge",
     "evals",
     "sql",
