@@ -122,6 +122,11 @@ class LoadGPT2Config(_Section):
     """GPT-2 release size the spam classifier starts from when base_model is 'gpt2'."""
     instruct_size: Literal["124M", "355M", "774M", "1558M"] = "355M"
     """GPT-2 release size the instruction finetune starts from when base_model is 'gpt2'."""
+    source: Literal["openai", "hf"] = "openai"
+    """Where the GPT-2 weights come from: 'openai' = OpenAI's TensorFlow release (needs
+    TensorFlow, as in the reference); 'hf' = the same weights in the Hugging Face
+    safetensors layout (openai-community/gpt2*, no TensorFlow). Same downloader, mirror
+    (gpt2-hf/<size>/) and checksum rules."""
     sample_prompt: str = "Every effort moves you"
     """Prompt of the greedy sample recorded for the base model."""
     sample_tokens: int = Field(25, gt=0)

@@ -47,6 +47,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     ),
     "load_gpt2": (
         "gpt.weights.openai",
+        "gpt.weights.hf",
         "gpt.model",
         "gpt.checkpoint",
         "gpt.generate",
@@ -550,16 +551,19 @@ def load_gpt2_task(
 
     from gpt.data.download import download_sources
     from gpt.data.sources import gpt2_source_name
+    from gpt.weights.hf import convert_hf_checkpoint
     from gpt.weights.openai import convert_openai_checkpoint
 
     sizes = sorted({cfg["spam_size"], cfg["instruct_size"]})
+    source = cfg.get("source", "openai")
 
     def body_gpt2(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         results = download_sources(
-            [gpt2_source_name(s) for s in sizes],
+            [gpt2_source_name(s, source) for s in sizes],
             dest=ctx.datasets,
             mirror=dl_cfg.get("mirror") or ctx.mirror,
             progress=ctx.progress,
+            trusted=ctx.catalog.source_digests(),  # files without a published sha256
         )
         for res in results:
             for f in res.files:
@@ -568,7 +572,10 @@ def load_gpt2_task(
         info: dict[str, Any] = {"base_model": "gpt2", "sizes": {}}
         for size, res in zip(sizes, results, strict=True):
             rel = f"gpt2-{size}"
-            convert_openai_checkpoint(res.folder, work / rel)
+            if source == "hf":
+                convert_hf_checkpoint(res.folder, work / rel, tok.data["tokenizer_dir"])
+            else:
+                convert_openai_checkpoint(res.folder, work / rel)
             loaded = load_checkpoint(work / rel)
             sample = greedy_sample(loaded.model, tok.data["tokenizer_dir"], cfg)
             ppl = perplexity_on_tokens(loaded.model, tok.path("tokens/val.npy"))
