@@ -88,6 +88,9 @@ class LMTrainArgs:
     fused: bool | None = None
     """Fused AdamW kernel: None = use it when this torch supports it for the parameters'
     device, True = require it, False = plain implementation."""
+    compile: bool = False
+    """Run the training steps through ``torch.compile`` (the first steps pay the
+    compilation; whether it pays off is measured by ``gptflow bench``)."""
     sample_prompt: str | None = "Every effort moves you"
     """Prompt for the greedy sample after each epoch (None = no samples)."""
     sample_tokens: int = 50
@@ -494,6 +497,7 @@ def train_lm(
         if on_sample is not None:
             on_sample(row)
 
+    step_model = torch.compile(model) if args.compile else model
     interval_tokens, interval_seconds = 0, 0.0
     current_lr = lr_at(prog.step, args, total_steps)
     model.train()
@@ -517,7 +521,7 @@ def train_lm(
                 current_lr = lr_at(prog.step, args, total_steps)
                 t0 = time.perf_counter()
                 loss, _ = train_step(
-                    model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
+                    step_model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
                 )
                 dt = time.perf_counter() - t0
                 prog.step += 1
