@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install -q -e ".[dev]"
+	# the book's package for `gptflow bench --vs-book`, without its conflicting pins
+	$(VENV)/bin/python -m pip install -q --no-deps "llms-from-scratch==1.0.19"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "generate",
     "classify",
     "convert_gpt2",
+    "export",
     "judge",
     "evals",
     "sql",

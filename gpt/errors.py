@@ -32,6 +32,11 @@ class CheckpointError(GPTFlowError):
     """A checkpoint folder/file is missing, corrupt, unsafe or does not fit the model."""
 
 
+class ExportError(GPTFlowError):
+    """A checkpoint cannot be written in another library's format as asked (names what
+    cannot be expressed there and the way out)."""
+
+
 class CatalogError(GPTFlowError):
     """The DuckDB catalog refused an operation (read-only, lock timeout, bad schema)."""
 

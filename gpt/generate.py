@@ -3,8 +3,10 @@ prompts of different lengths (left padding + key-padding mask + per-row position
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -35,6 +37,13 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@functools.cache
+def _compiled_hidden() -> Callable[..., Any]:
+    """``GPT.hidden`` through ``torch.compile`` (dynamic shapes: the prompt and the cache
+    grow every step), created once per process; torch keeps a compiled graph per model."""
+    return torch.compile(GPT.hidden, dynamic=True)
+
+
 def _as_prompts(idx: Sequence[Sequence[int]] | torch.Tensor) -> list[list[int]]:
     if isinstance(idx, torch.Tensor):
         if idx.dim() == 1:
@@ -56,6 +65,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -63,7 +73,8 @@ def generate(
     of different lengths are left-padded with ``pad_id`` and masked, so each row gets the
     same tokens as generating it alone (greedy). Inputs longer than the context keep their
     last ``context_length`` tokens. ``generator`` seeds sampling. The model runs in eval
-    mode (its training flag is restored afterwards).
+    mode (its training flag is restored afterwards). ``compile`` runs the model through
+    ``torch.compile`` (the first call pays the compilation; see ``gptflow bench``).
     """
     prompts = _as_prompts(idx)
     if not prompts:
@@ -74,6 +85,7 @@ def generate(
         return [[] for _ in prompts]
     ctx = model.cfg.context_length
     device = model.tok_emb.weight.device
+    hidden = functools.partial(_compiled_hidden(), model) if compile else model.hidden
     was_training = model.training
     model.eval()
     try:
@@ -95,16 +107,14 @@ def generate(
             if cache is not None and cache.length + step_input.shape[1] <= ctx:
                 am = mask if padded else None
                 # head on the last position only (prefill of long prompts stays cheap)
-                logits = model.out_head(
-                    model.hidden(step_input, kv_cache=cache, attn_mask=am)[:, -1]
-                )
+                logits = model.out_head(hidden(step_input, kv_cache=cache, attn_mask=am)[:, -1])
             else:
                 if cache is not None:  # context full: recompute on the cropped window
                     cache = None
                 window, wmask = tokens[:, -ctx:], mask[:, -ctx:]
                 am = wmask if bool((~wmask).any()) else None
                 pos = positions_from_mask(wmask) if am is not None else None
-                logits = model.out_head(model.hidden(window, pos=pos, attn_mask=am)[:, -1])
+                logits = model.out_head(hidden(window, pos=pos, attn_mask=am)[:, -1])
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)

@@ -87,6 +87,9 @@ class LMTrainArgs(Args):
     fused: bool | None = None
     """Fused AdamW kernel: None = use it when this torch supports it for the parameters'
     device, True = require it, False = plain implementation."""
+    compile: bool = False
+    """Run the training steps through ``torch.compile`` (the first steps pay the
+    compilation; whether it pays off is measured by ``gptflow bench``)."""
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> Self:
@@ -470,6 +473,7 @@ def train_lm(
         if on_sample is not None:
             on_sample(row)
 
+    step_model = torch.compile(model) if args.compile else model
     interval_tokens, interval_seconds = 0, 0.0
     current_lr = lr_at(prog.step, args, total_steps)
     model.train()
@@ -493,7 +497,7 @@ def train_lm(
                 current_lr = lr_at(prog.step, args, total_steps)
                 t0 = time.perf_counter()
                 loss, _ = train_step(
-                    model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
+                    step_model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
                 )
                 dt = time.perf_counter() - t0
                 prog.step += 1

@@ -1,10 +1,9 @@
-"""``gptflow bench [--quick] [--only NAME ...] [--json PATH]``: run the benchmark suite,
-print a table, store the rows in the catalog's ``benchmarks`` table and a JSON file
-under ``artifacts/bench/``.
+"""``gptflow bench [--quick] [--only NAME ...] [--vs-book] [--json PATH]``: run the
+benchmark suite, print a table, store the rows in the catalog's ``benchmarks`` table and a
+JSON file under ``artifacts/bench/`` (render it as the README table with
+``python -m benchmarks.render FILE``).
 
-The benchmarks themselves live in :mod:`benchmarks.suite`; ``pipeline_rerun`` is here because
-it needs Prefect (a first ``smoke`` run vs a second identical one, in a throw-away
-artifacts/catalog folder so the first run really computes).
+The benchmarks live in :mod:`benchmarks` (registry: :mod:`benchmarks.suite`).
 """
 
 from __future__ import annotations
@@ -14,15 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-ALL = [
-    "train_step",
-    "generate",
-    "generate_batched",
-    "spam_finetune",
-    "judge",
-    "windowing",
-    "pipeline_rerun",
-]
+from benchmarks.names import ALL, SUITE, VS_BOOK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,9 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="run the performance benchmarks (baseline vs optimized, same process)",
         description=(
-            "Run each benchmark's baseline and optimized side interleaved in this process, "
-            "print a table, append the rows to the catalog's benchmarks table and write "
-            "artifacts/bench/<timestamp>.json. --quick shrinks every workload (~1-2 min)."
+            "Run each benchmark's baseline and optimized side interleaved in this process "
+            "after a warm-up, several repeats each, print a table, append the rows to the "
+            "catalog's benchmarks table and write artifacts/bench/<timestamp>.json. "
+            "--quick shrinks every workload (a smoke check). --vs-book adds the side-by-side "
+            "comparisons with the book's own package (pip install --no-deps "
+            "llms-from-scratch==1.0.19)."
         ),
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke check)")
@@ -44,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         default=None,
         help=f"run only these benchmarks ({', '.join(ALL)})",
+    )
+    parser.add_argument(
+        "--vs-book",
+        action="store_true",
+        help=f"also run the comparisons with the book's package ({', '.join(VS_BOOK)})",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument(
@@ -58,6 +57,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
     )
     parser.set_defaults(func=run)
+
+
+def selected(only: list[str] | None, vs_book: bool) -> list[str]:
+    """The benchmarks to run: ``--only`` (else the suite), plus the book comparisons with
+    ``--vs-book``; registry order, no duplicates."""
+    chosen = set(only) if only else set(SUITE)
+    if vs_book:
+        chosen |= set(VS_BOOK)
+    return [n for n in ALL if n in chosen]
 
 
 def _tokenizer_dir(mirror: str | None) -> Path | None:
@@ -86,9 +94,19 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _range(r: dict[str, Any]) -> str:
+    sp = r.get("spread") or {}
+    parts = []
+    for side in ("baseline", "optimized"):
+        s = sp.get(side)
+        if s:
+            parts.append(f"{_fmt(s['min'])}-{_fmt(s['max'])} (n={s['n']})")
+    return " / ".join(parts) or "-"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of benchmark rows."""
-    head = ["name", "baseline", "optimized", "ratio", "unit", "target", "met"]
+    """A plain-text table of benchmark rows (medians; min-max of each side's repeats)."""
+    head = ["name", "baseline", "optimized", "ratio", "unit", "min-max", "target", "met"]
     cells = [
         [
             r["name"],
@@ -96,6 +114,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _fmt(r["optimized"]),
             (_fmt(r["ratio"]) + "x") if r["ratio"] is not None else "-",
             r["unit"],
+            _range(r),
             r["target"],
             _fmt(r["met"]),
         ]
@@ -115,75 +134,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(c) for c in cells)])
 
 
-def bench_pipeline_rerun(mirror: str | None, quick: bool = False) -> Any:
-    """First ``smoke`` pipeline run vs a second identical run (all cache hits), in a
-    fresh artifacts/datasets/catalog folder against the local Prefect server."""
-    import tempfile
-    import time
-
-    from benchmarks.suite import BenchResult, BenchSkipped, _load_ollama_stub
-
-    mirror = mirror or os.environ.get("GPTFLOW_MIRROR")
-    if not mirror:
-        raise BenchSkipped(
-            "pipeline_rerun needs the inputs offline: pass --mirror FOLDER or set GPTFLOW_MIRROR"
-        )
-    if not mirror.startswith(("http://", "https://")) and not Path(mirror).is_dir():
-        raise BenchSkipped(f"pipeline_rerun: mirror folder {mirror} does not exist")
-    from flows.server import ensure_server
-
-    ensure_server()  # the user's server, before the env points elsewhere
-    from flows.pipeline import run_pipeline
-
-    stub = _load_ollama_stub()(models=["llama3"], reply=lambda req: "Score: 80")
-    stub.start()
-    keys = ("GPTFLOW_ARTIFACTS", "GPTFLOW_DATASETS", "GPTFLOW_DB")
-    old = {k: os.environ.get(k) for k in keys}
-    results, times = [], []
-    try:
-        with tempfile.TemporaryDirectory(prefix="gptflow-bench-pipe-") as tmp:
-            os.environ["GPTFLOW_ARTIFACTS"] = str(Path(tmp) / "artifacts")
-            os.environ["GPTFLOW_DATASETS"] = str(Path(tmp) / "datasets")
-            os.environ["GPTFLOW_DB"] = str(Path(tmp) / "catalog.duckdb")
-            for _ in range(2):
-                t0 = time.perf_counter()
-                res = run_pipeline(
-                    "smoke", [f"judge.hosts={stub.host}"], mirror=mirror, progress=False
-                )
-                times.append(time.perf_counter() - t0)
-                results.append(res)
-                if res["status"] != "completed":
-                    raise RuntimeError(
-                        f"the smoke run failed ({res.get('error')}); stages: {res.get('stages')}"
-                    )
-    finally:
-        stub.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    stages2 = results[1]["stages"]
-    recomputed = sorted(s for s, info in stages2.items() if not info.get("cache_hit"))
-    fraction = times[1] / times[0]
-    return BenchResult(
-        name="pipeline_rerun",
-        baseline=times[0],
-        optimized=times[1],
-        ratio=times[0] / times[1],
-        unit="s",
-        details={
-            "profile": "smoke",
-            "second_run_fraction": fraction,
-            "stages": len(stages2),
-            "recomputed": recomputed,
-            "n_recomputed": len(recomputed),
-            "run_ids": [r["run_id"] for r in results],
-            "quick": quick,
-        },
-        target="second run <= 10% of the first, 0 stages recomputed",
-        met=fraction <= 0.10 and not recomputed,
-    )
+def _mfu_note(rows: list[dict[str, Any]]) -> str | None:
+    for r in rows:
+        if r["name"] == "train_step":
+            d = r["details"]
+            peak = d.get("mfu_vs_nominal_peak")
+            return (
+                f"train_step MFU: {_fmt(peak) if peak is not None else 'n/a'} of the nominal "
+                f"peak ({d.get('nominal_peak_formula')}), {_fmt(d.get('mfu_vs_measured_matmul'))} "
+                f"of plain-matmul GFLOP/s measured in the same rounds"
+            )
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,14 +166,14 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.only or ALL
+    names = selected(args.only, args.vs_book)
     mirror = args.mirror or os.environ.get("GPTFLOW_MIRROR")
     tok_dir = _tokenizer_dir(mirror)
     hw = bench.hardware()
     print(
-        f"gptflow bench{' --quick' if args.quick else ''}: {hw['cpu']}, {hw['cores']} cores, "
-        f"torch {hw['torch']} ({hw['threads']} threads), device {hw['device']}"
-        + (f" {hw.get('cuda_name')}" if hw.get("cuda_name") else ""),
+        f"gptflow bench{' --quick' if args.quick else ''}: {hw['cpu']}, {hw['cores']} cores "
+        f"({hw['cpu_isa']}), torch {hw['torch']} ({hw['threads']} threads), device "
+        f"{hw['device']}" + (f" {hw.get('cuda_name')}" if hw.get("cuda_name") else ""),
         flush=True,
     )
     rows: list[dict[str, Any]] = []
@@ -223,10 +184,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = dt.datetime.now(dt.UTC)
         print(f"  running {name} ...", flush=True)
         try:
-            if name == "pipeline_rerun":
-                res = bench_pipeline_rerun(mirror, args.quick)
-            else:
-                res = bench.run_benchmark(name, args.quick, tokenizer_dir=tok_dir)
+            res = bench.run_benchmark(name, args.quick, tokenizer_dir=tok_dir, mirror=mirror)
         except bench.BenchSkipped as exc:
             notes.append(f"{name}: skipped: {exc}")
             print(f"  {name}: skipped: {exc}", flush=True)
@@ -250,6 +208,17 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(format_table(rows))
+    book = [r for r in rows if r["name"] in VS_BOOK]
+    if book:
+        print("\nside by side with the book's package (same inputs, same weights):")
+        for r in book:
+            print(
+                f"  {r['name']:<20} {_fmt(r['ratio'])}x  target {r['target']}: "
+                f"{'met' if r['met'] else 'not met'}"
+            )
+    mfu = _mfu_note(rows)
+    if mfu:
+        print(mfu)
     if args.quick:
         print("note: --quick runs tiny shapes; the targets are meant for the full run")
     for n in notes:
@@ -259,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
     payload = {
         "time": now.isoformat(),
         "quick": bool(args.quick),
+        "command": "gptflow bench"
+        + (" --quick" if args.quick else "")
+        + (" --vs-book" if args.vs_book else "")
+        + (f" --only {' '.join(args.only)}" if args.only else ""),
         "hardware": hw,
         "results": rows,
         "notes": notes,
@@ -285,6 +258,9 @@ def run(args: argparse.Namespace) -> int:
                         **r["details"],
                         "target": r["target"],
                         "met": r["met"],
+                        "method": r["method"],
+                        "spread": r["spread"],
+                        "workload": r["workload"],
                         "quick": bool(args.quick),
                     },
                     "time": now,

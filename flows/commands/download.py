@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from gpt.data.sources import DATASET_SOURCES, GPT2_SIZES
+from gpt.data.sources import DATASET_SOURCES, GPT2_SIZES, GPT2_WEIGHT_SOURCES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=list(GPT2_SIZES),
         default=None,
         help=f"also fetch this GPT-2 release ({', '.join(GPT2_SIZES)}; repeatable)",
+    )
+    parser.add_argument(
+        "--gpt2-source",
+        choices=list(GPT2_WEIGHT_SOURCES),
+        default="openai",
+        help="GPT-2 weights: OpenAI's TensorFlow release (openai) or the HF safetensors (hf)",
+    )
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="catalog holding first-download digests (default: GPTFLOW_DB or artifacts/)",
     )
     parser.add_argument("--mirror", metavar="DIR_OR_URL", default=None, help="use only this mirror")
     parser.add_argument(
@@ -74,15 +85,26 @@ def run(args: argparse.Namespace) -> int:
         return 0
     names = list(args.only) if args.only else list(DATASET_SOURCES)
     for size in args.gpt2_size or []:
-        name = gpt2_source_name(size)
+        name = gpt2_source_name(size, args.gpt2_source)
         if name not in names:
             names.append(name)
     for name in names:
         get_source(name)  # ConfigError listing the known names
-    results = download_sources(names, args.dest, mirror=args.mirror, progress=not args.no_progress)
+    from tasks.catalog import Catalog
+
+    catalog = Catalog(args.db)
+    results = download_sources(
+        names,
+        args.dest,
+        mirror=args.mirror,
+        progress=not args.no_progress,
+        trusted=catalog.source_digests(),  # files with no published sha256: first use
+    )
     rows = []
     for res in results:
         for f in res.files:
+            key = f"{res.name}:{f.relpath}" if len(res.files) > 1 else res.name  # as the pipeline
+            catalog.record_source(key, f.url or "", f.sha256, f.bytes)
             rows.append(
                 [
                     res.name,

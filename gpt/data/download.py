@@ -16,6 +16,7 @@ is deleted, and a ``.part`` kept after a cut transfer is only resumed, then veri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -664,7 +665,9 @@ def _try_location(
             time.sleep(delay)
 
 
-def _advice(source: str, f: SourceFile, tried: list[_Tried], opts: _Options, part: Path) -> str:
+def _advice(
+    source: str, f: SourceFile, tried: list[_Tried], opts: _Options, part: Path, tofu: bool
+) -> str:
     lines = [f"could not fetch {f.path!r} of source {source!r}; every location failed:"]
     for t in tried:
         extra = f" (after {t.attempts} attempts)" if t.attempts > 1 else ""
@@ -681,6 +684,14 @@ def _advice(source: str, f: SourceFile, tried: list[_Tried], opts: _Options, par
             "The bytes received differ from the expected ones: the upstream file may have "
             "changed, or a proxy altered the transfer."
         )
+        if tofu:
+            lines.append(
+                "No published sha256 exists for this file: the expected one is the sha256 "
+                "recorded at its first verified download (trust on first use; gptflow keeps "
+                f"it in the catalog's sources table as {source}:{f.path}), and a later "
+                "download that differs is refused. If the upstream file was replaced on "
+                "purpose, delete that record and download again."
+            )
     if opts.mirror is not None:
         where = opts.mirror.location(f.path)
         lines.append(
@@ -699,7 +710,21 @@ def _advice(source: str, f: SourceFile, tried: list[_Tried], opts: _Options, par
     return "\n".join(lines)
 
 
-def _ensure_file(source: str, f: SourceFile, dest: Path, opts: _Options) -> FileResult:
+def _with_trusted(
+    f: SourceFile, trusted: Mapping[str, tuple[str, int]] | None
+) -> tuple[SourceFile, bool]:
+    """``f`` expecting the digest recorded at its first verified download, when it has no
+    published sha256 and ``trusted`` holds one for its path; the flag says so. Archives
+    are excluded (their bytes legitimately differ between hosts; members are verified)."""
+    if f.sha256 is not None or f.is_archive or not trusted or f.path not in trusted:
+        return f, False
+    sha, nbytes = trusted[f.path]
+    return dataclasses.replace(f, sha256=sha, size=f.size if f.size is not None else nbytes), True
+
+
+def _ensure_file(
+    source: str, f: SourceFile, dest: Path, opts: _Options, tofu: bool = False
+) -> FileResult:
     found = None if opts.refresh else _present(f, dest)
     if found is not None:
         log.info("%s: present and verified, skipping", found.path)
@@ -737,7 +762,7 @@ def _ensure_file(source: str, f: SourceFile, dest: Path, opts: _Options) -> File
             },
         )
         return FileResult(f.path, final, sha, size, loc, False, fetched, extracted)
-    msg = _advice(source, f, tried, opts, part)
+    msg = _advice(source, f, tried, opts, part, tofu)
     if any(t.kind == "unsafe" for t in tried):
         raise UnsafeArchiveError(msg)
     if tried and all(t.kind == "checksum" for t in tried):
@@ -758,12 +783,14 @@ def download_source(
     retries: int = 3,
     backoff: float = 1.0,
     timeout: float = 30.0,
+    trusted: Mapping[str, tuple[str, int]] | None = None,
 ) -> DownloadResult:
     """Fetch (or skip, when present and verified) every file of one source.
 
     ``name`` is a registry name or a :class:`Source` (e.g. one with test URLs);
     ``sources`` overrides the registry used to look names up. ``retries`` is the number
     of attempts per URL, with exponential backoff starting at ``backoff`` seconds.
+    ``trusted``: see :func:`download_sources`.
     """
     return download_sources(
         [name],
@@ -774,6 +801,7 @@ def download_source(
         retries=retries,
         backoff=backoff,
         timeout=timeout,
+        trusted=trusted,
     )[0]
 
 
@@ -788,6 +816,7 @@ def download_sources(
     backoff: float = 1.0,
     timeout: float = 30.0,
     refresh: bool = False,
+    trusted: Mapping[str, tuple[str, int]] | None = None,
 ) -> list[DownloadResult]:
     """Fetch several sources into ``dest`` (default :func:`gpt.paths.datasets_dir`).
 
@@ -796,6 +825,12 @@ def download_sources(
     only the mirror is used. Raises
     DownloadError / ChecksumError / UnsafeArchiveError naming the source, every location
     tried and what failed there, and what to do.
+
+    ``trusted`` (trust on first use): file path -> ``(sha256, bytes)`` recorded at an
+    earlier verified download, for files with no published sha256. Such a file is then
+    held to the recorded digest like a published one: a download that differs raises
+    ChecksumError saying so (and nothing replaces the verified copy). Record each
+    returned :class:`FileResult`'s ``sha256``/``bytes`` after a first download.
     """
     if retries < 1:
         raise ConfigError(f"retries must be >= 1, got {retries}")
@@ -821,7 +856,10 @@ def download_sources(
     results: list[DownloadResult] = []
     try:
         for src in resolved:
-            files = tuple(_ensure_file(src.name, f, out_dir, opts) for f in src.files)
+            files = tuple(
+                _ensure_file(src.name, eff, out_dir, opts, tofu)
+                for eff, tofu in (_with_trusted(f, trusted) for f in src.files)
+            )
             results.append(DownloadResult(src.name, files))
     finally:
         if opts.client is not None:
@@ -850,9 +888,11 @@ class DownloadArgs(Args):
         progress: bool = True,
         mirror: str | None = None,
         refresh: bool = False,
+        trusted: Mapping[str, tuple[str, int]] | None = None,
     ) -> list[DownloadResult]:
         """:func:`download_sources` with these settings (``mirror`` overrides the field;
-        ``refresh`` fetches and verifies files again even when present)."""
+        ``refresh`` fetches and verifies files again even when present; ``trusted``
+        holds files without a published sha256 to their first verified download)."""
         return download_sources(
             names,
             dest,
@@ -862,4 +902,5 @@ class DownloadArgs(Args):
             backoff=self.backoff_s,
             timeout=self.timeout_s,
             refresh=refresh,
+            trusted=trusted,
         )

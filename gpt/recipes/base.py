@@ -33,6 +33,11 @@ class LoadGPT2Args(Args):
     """GPT-2 release size the spam classifier starts from when base_model is 'gpt2'."""
     instruct_size: GPT2Size = "355M"
     """GPT-2 release size the instruction finetune starts from when base_model is 'gpt2'."""
+    source: Literal["openai", "hf"] = "openai"
+    """Where the GPT-2 weights come from: 'openai' = OpenAI's TensorFlow release (read with
+    TensorFlow, as in the reference); 'hf' = the same weights in the Hugging Face
+    safetensors layout (openai-community/gpt2*, no TensorFlow). Same downloader, mirror
+    (``gpt2-hf/<size>/``) and checksum rules."""
     sample_prompt: str = "Every effort moves you"
     """Prompt of the greedy sample recorded for each base model."""
     sample_tokens: int = Field(25, ge=1)
@@ -78,12 +83,14 @@ def prepare_bases(
 
     ``scratch``: ``pretrain_checkpoint`` is linked (or copied) to ``out_dir/scratch``.
     ``gpt2``: ``releases`` maps each size of :meth:`LoadGPT2Args.sizes` to the folder of
-    OpenAI's release files, converted to ``out_dir/gpt2-<size>``.
+    its release files (OpenAI's TensorFlow files, or the Hugging Face safetensors with
+    ``source = "hf"``), converted to ``out_dir/gpt2-<size>``.
     """
     from gpt.checkpoint import load_checkpoint
     from gpt.device import resolve_device
     from gpt.eval.metrics import greedy_sample, perplexity_on_tokens
     from gpt.fileio import link_or_copy_tree
+    from gpt.weights.hf import convert_hf_checkpoint
     from gpt.weights.openai import convert_openai_checkpoint
 
     out_dir = Path(out_dir)
@@ -100,7 +107,10 @@ def prepare_bases(
         if missing:
             raise ConfigError(f"GPT-2 release folder(s) for {missing} were not given")
         for size in args.sizes():
-            convert_openai_checkpoint(releases[size], out_dir / f"gpt2-{size}")
+            if args.source == "hf":
+                convert_hf_checkpoint(releases[size], out_dir / f"gpt2-{size}", tokenizer_dir)
+            else:
+                convert_openai_checkpoint(releases[size], out_dir / f"gpt2-{size}")
     dev = resolve_device(device)
     result = BaseResult(spam=args.folder("spam"), instruct=args.folder("instruct"))
     for folder in dict.fromkeys([result.spam, result.instruct]):

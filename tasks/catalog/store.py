@@ -591,6 +591,22 @@ class Catalog:
         }
         self.upsert_rows("sources", [row], key=["name"])
 
+    def source_digests(self) -> dict[str, tuple[str, int]]:
+        """sha256 and size of every recorded downloaded file, keyed by its path relative to
+        the datasets folder (rows named ``<source>:<path>``): the trust-on-first-use record
+        that ``gpt.data.download.download_sources(trusted=...)`` holds later downloads to.
+        Empty while the catalog file does not exist yet."""
+        if not self.path.exists():
+            return {}
+        df = self.query_df(
+            "SELECT name, sha256, bytes FROM sources "
+            "WHERE position(':' IN name) > 0 AND sha256 IS NOT NULL"
+        )
+        return {
+            str(name).split(":", 1)[1]: (str(sha), int(nbytes))
+            for name, sha, nbytes in zip(df["name"], df["sha256"], df["bytes"], strict=True)
+        }
+
     def record_checkpoint(
         self,
         run_id: str,
