@@ -7,18 +7,27 @@ On a DuckLake, DuckDB must still read the lake's Parquet files and reach its met
 database, so the extensions are loaded and the lake attached ``READ_ONLY`` first (its
 metadata connection then runs read-only PostgreSQL transactions), then external access is
 disabled except for ``data_path`` (``allowed_directories``) and the configuration is
-locked. ``allowed_directories`` would also let ``COPY … TO`` write under ``data_path``, so
-on a lake only SELECT-type statements are accepted (``SELECT``, ``FROM …``, ``WITH``,
-``VALUES``, ``DESCRIBE``, ``SHOW``, ``SUMMARIZE``, ``PRAGMA table_info``).
+locked. That leaves two ways to write, both closed before the query runs:
+
+* ``allowed_directories`` lets ``COPY … TO`` / ``EXPORT`` write under ``data_path``: only
+  queries are accepted (``SELECT``, ``FROM …``, ``WITH``, ``VALUES``, ``DESCRIBE``,
+  ``SHOW``, ``SUMMARIZE``);
+* DuckLake's maintenance table functions (``ducklake_flush_inlined_data``,
+  ``ducklake_merge_adjacent_files``, …) write Parquet files even on a read-only attach:
+  the query's parse tree (``json_serialize_sql``) is searched for function calls, and only
+  DuckLake's read-only ones pass; so do none of the postgres/sqlite scanner's functions
+  (direct access to the metadata database) nor ``query()`` (SQL hidden in a string).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
-from tasks.catalog.connections import new_lake_connection, open_file, process_lock
+from tasks.catalog.connections import LAKE_ALIAS, new_lake_connection, open_file, process_lock
 from tasks.catalog.settings import CatalogSettings, lock_timeout_from_env
 from tasks.catalog.store import _is_write_refusal
 
@@ -29,6 +38,23 @@ if TYPE_CHECKING:
 _REFUSED = (
     "the catalog is opened read-only by `gptflow sql`; statements that write (INSERT, "
     "UPDATE, DELETE, CREATE, DROP, COPY, ATTACH, ...) are refused."
+)
+
+
+#: DuckLake functions that only read (with or without the ``ducklake_`` prefix).
+LAKE_READ_FUNCTIONS = frozenset(
+    {
+        "snapshots",
+        "current_snapshot",
+        "last_committed_snapshot",
+        "list_files",
+        "options",
+        "settings",
+        "table_info",
+        "table_changes",
+        "table_insertions",
+        "table_deletions",
+    }
 )
 
 
@@ -89,6 +115,50 @@ def lock_down(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None
     con.execute("SET lock_configuration = true")
 
 
+def _function_calls(tree: Any) -> Iterator[tuple[str, str, str]]:
+    """(catalog, schema, name) of every function call in a serialised parse tree."""
+    if isinstance(tree, dict):
+        if isinstance(tree.get("function_name"), str):
+            yield (
+                str(tree.get("catalog") or ""),
+                str(tree.get("schema") or ""),
+                tree["function_name"].lower(),
+            )
+        for value in tree.values():
+            yield from _function_calls(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _function_calls(value)
+
+
+def _refused_function(catalog: str, schema: str, name: str) -> bool:
+    on_lake = LAKE_ALIAS in (catalog.lower(), schema.lower()) or name.startswith("ducklake_")
+    if on_lake:
+        return name.removeprefix("ducklake_") not in LAKE_READ_FUNCTIONS
+    return name.startswith(("postgres_", "sqlite_")) or name == "query"
+
+
+def _check_lake_query(con: duckdb.DuckDBPyConnection, stmt: Any, where: str) -> None:
+    """Refuse anything but a query that calls no writing function (see the module doc)."""
+    import duckdb
+
+    kind = str(stmt.type).rsplit(".", 1)[-1]
+    tree: dict[str, Any] = {}
+    if stmt.type == duckdb.StatementType.SELECT:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [stmt.query]).fetchone()[0])
+    if stmt.type != duckdb.StatementType.SELECT or tree.get("error"):
+        raise CatalogError(
+            f"{_REFUSED} {where} is unchanged. On a shared DuckLake only queries (SELECT, "
+            f"DESCRIBE, SHOW, SUMMARIZE) run; this is a {kind} statement"
+        )
+    for catalog, schema, name in _function_calls(tree):
+        if _refused_function(catalog, schema, name):
+            raise CatalogError(
+                f"{_REFUSED} {where} is unchanged. {name}() may write to the lake or reach "
+                "past it, so `gptflow sql` does not run it; run maintenance with a writer"
+            )
+
+
 def _lake_sql(settings: CatalogSettings, sql: str) -> pd.DataFrame:
     import duckdb
 
@@ -101,12 +171,7 @@ def _lake_sql(settings: CatalogSettings, sql: str) -> pd.DataFrame:
         except duckdb.Error as exc:
             raise CatalogError(f"query failed on {where}: {exc}") from exc
         for stmt in statements:
-            if stmt.type != duckdb.StatementType.SELECT:
-                kind = str(stmt.type).rsplit(".", 1)[-1]
-                raise CatalogError(
-                    f"{_REFUSED} {where} is unchanged. On a shared DuckLake only queries "
-                    f"(SELECT, DESCRIBE, SHOW, SUMMARIZE) run; this is a {kind} statement"
-                )
+            _check_lake_query(con, stmt, where)
         return _run(con, sql, where)
     finally:
         con.close()

@@ -193,6 +193,10 @@ class CatalogSettings(_Model):
             raise ValueError("give either a catalog url (DuckLake) or a DuckDB file path, not both")
         return self
 
+    def __repr_args__(self):  # type: ignore[override]
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name == "url" and isinstance(value, str) else value
+
     # ------------------------------------------------------------------ derived
     @property
     def is_lake(self) -> bool:
