@@ -367,7 +367,9 @@ def test_concurrent_migrations_on_a_fresh_lake(
 
     con = new_lake_connection(lake, read_only=True)
     try:
-        versions = [r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1")]
+        versions = [
+            r[0] for r in con.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+        ]
         objects = con.execute(
             "SELECT table_name, table_type FROM information_schema.tables "
             "WHERE table_catalog = current_database() AND table_schema = 'main'"

@@ -16,11 +16,7 @@ Timestamps are stored as naive ``TIMESTAMP`` values in UTC.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
-import json
 import logging
-import math
 import os
 import re
 import threading
@@ -28,14 +24,23 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gpt.errors import CatalogError, CheckpointError
+from gpt.errors import CatalogError
 from tasks.catalog.connections import lake_cursor, open_file, process_lock, retry_on_conflict
+from tasks.catalog.lineage import LineageRecords
 from tasks.catalog.schema import KNOWN_TABLES, MIGRATIONS, SCHEMA_VERSION, migration_step
 from tasks.catalog.settings import (
     DEFAULT_LOCK_TIMEOUT,
     CatalogSettings,
     S3Settings,
     lock_timeout_from_env,
+)
+from tasks.catalog.values import (
+    as_frame,
+    checkpoint_digest,
+    quote_ident,
+    to_json,
+    to_utc_naive,
+    utcnow,
 )
 
 if TYPE_CHECKING:
@@ -55,55 +60,7 @@ _lock_timeout_from_env = lock_timeout_from_env
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "MIGRATIONS", "Catalog", "checkpoint_digest", "utcnow"]
 
 
-def utcnow() -> dt.datetime:
-    """Now, in UTC, as a naive datetime (how the catalog stores timestamps)."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
-def _to_utc_naive(value: Any) -> Any:
-    """A timestamp-like value converted to naive UTC (strings parsed; naive = UTC)."""
-    import pandas as pd
-
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if value is pd.NaT:
-        return None
-    ts = pd.Timestamp(value)
-    if ts is pd.NaT:
-        return None
-    if ts.tzinfo is not None:
-        ts = ts.tz_convert("UTC").tz_localize(None)
-    return ts.to_pydatetime()
-
-
-def _to_json(value: Any) -> str | None:
-    """A JSON column value: dicts/lists/numbers serialised; valid JSON strings kept."""
-    if value is None:
-        return None
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, str):
-        try:
-            json.loads(value)
-        except ValueError:
-            return json.dumps(value)
-        return value
-    return json.dumps(value, default=str, sort_keys=True)
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _as_frame(rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """Rows materialised once (a generator is consumed here, before any transaction, so
-    a re-run transaction sees the same rows and a failing generator writes nothing)."""
-    import pandas as pd
-
-    return rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-
-
-class Catalog:
+class Catalog(LineageRecords):
     """The project's catalog: a DuckDB file or a shared DuckLake.
 
     ``Catalog(path)`` is the DuckDB file at ``path``; ``Catalog(url=..., data_path=...)``
@@ -347,10 +304,10 @@ class Catalog:
         for col in df.columns:
             dtype = cols[col].upper()
             if dtype == "JSON":
-                df[col] = pd.Series([_to_json(v) for v in df[col]], index=df.index, dtype=object)
+                df[col] = pd.Series([to_json(v) for v in df[col]], index=df.index, dtype=object)
             elif dtype.startswith("TIMESTAMP"):
                 df[col] = pd.Series(
-                    [_to_utc_naive(v) for v in df[col]], index=df.index, dtype=object
+                    [to_utc_naive(v) for v in df[col]], index=df.index, dtype=object
                 )
         return df
 
@@ -372,7 +329,7 @@ class Catalog:
                 f"replace_rows on {table!r} needs a non-empty `where` (e.g. run_id and "
                 "stage); use a where that names the rows to replace"
             )
-        cond = " AND ".join(f"{_quote_ident(k)} IS NOT DISTINCT FROM ?" for k in where)
+        cond = " AND ".join(f"{quote_ident(k)} IS NOT DISTINCT FROM ?" for k in where)
         con.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
 
     def _insert_df(
@@ -388,9 +345,9 @@ class Catalog:
         view = f"_gptflow_in_{os.getpid()}_{threading.get_ident()}"
         con.register(view, df)
         try:
-            target = ", ".join(_quote_ident(c) for c in names)
+            target = ", ".join(quote_ident(c) for c in names)
             select = ", ".join(
-                f"CAST({_quote_ident(c)} AS {cols[c]}) AS {_quote_ident(c)}" for c in names
+                f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in names
             )
             con.execute(f"INSERT INTO {table} ({target}) SELECT {select} FROM {view}")
         finally:
@@ -422,7 +379,7 @@ class Catalog:
         Returns the number of rows inserted.
         """
         self._check_table(table)
-        rows = _as_frame(df)
+        rows = as_frame(df)
         return self.write(table, lambda con: self._replace_in(con, table, rows, where))
 
     def replace_many(
@@ -433,7 +390,7 @@ class Catalog:
         every table gets its new rows or none changes. Returns the rows inserted."""
         for table, _, _ in items:
             self._check_table(table)
-        frames = [(table, _as_frame(rows), where) for table, rows, where in items]
+        frames = [(table, as_frame(rows), where) for table, rows, where in items]
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
             return sum(self._replace_in(con, t, rows, where) for t, rows, where in frames)
@@ -443,7 +400,7 @@ class Catalog:
     def insert_rows(self, table: str, rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> int:
         """Append rows (one transaction); returns the number inserted."""
         self._check_table(table)
-        frame = _as_frame(rows)
+        frame = as_frame(rows)
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
             cols = self._columns(con, table)
@@ -462,7 +419,7 @@ class Catalog:
         key = list(key)
         if not key:
             raise CatalogError(f"upsert_rows on {table!r} needs at least one key column")
-        frame = _as_frame(rows)
+        frame = as_frame(rows)
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
             cols = self._columns(con, table)
@@ -479,7 +436,7 @@ class Catalog:
             con.register(view, df[key])
             try:
                 cond = " AND ".join(
-                    f"t.{_quote_ident(k)} IS NOT DISTINCT FROM CAST(k.{_quote_ident(k)} AS {cols[k]})"
+                    f"t.{quote_ident(k)} IS NOT DISTINCT FROM CAST(k.{quote_ident(k)} AS {cols[k]})"
                     for k in key
                 )
                 con.execute(
@@ -506,183 +463,6 @@ class Catalog:
                         f"methods (replace_rows, insert_rows, ...) to change it: {exc}"
                     ) from exc
                 raise CatalogError(f"query on the catalog {self.location} failed: {exc}") from exc
-
-    # ------------------------------------------------------------------ lineage helpers
-    def start_run(
-        self,
-        run_id: str,
-        *,
-        flow_run_id: str | None = None,
-        profile: str | None = None,
-        config: dict[str, Any] | None = None,
-        git_rev: str | None = None,
-    ) -> None:
-        """Record a run as ``running`` (started now); rerunning the id replaces the row."""
-        row = {
-            "run_id": run_id,
-            "flow_run_id": None if flow_run_id is None else str(flow_run_id),
-            "profile": profile,
-            "config": config,
-            "git_rev": git_rev,
-            "started_at": utcnow(),
-            "ended_at": None,
-            "status": "running",
-        }
-        self.upsert_rows("runs", [row], key=["run_id"])
-
-    def end_run(self, run_id: str, status: str) -> None:
-        """Set a run's final ``status`` and ``ended_at`` (now)."""
-        ended = utcnow()
-
-        def body(con: duckdb.DuckDBPyConnection) -> None:
-            n = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
-            if n:
-                con.execute(
-                    "UPDATE runs SET status = ?, ended_at = ? WHERE run_id = ?",
-                    [status, ended, run_id],
-                )
-            else:
-                log.warning("end_run: run %s was never started; recording it now", run_id)
-                con.execute(
-                    "INSERT INTO runs (run_id, status, ended_at) VALUES (?, ?, ?)",
-                    [run_id, status, ended],
-                )
-
-        self.write("runs", body)
-
-    def record_stage(
-        self,
-        run_id: str,
-        stage: str,
-        *,
-        status: str,
-        started_at: dt.datetime | None = None,
-        ended_at: dt.datetime | None = None,
-        cache_hit: bool | None = None,
-        outputs: dict[str, Any] | None = None,
-        message: str | None = None,
-    ) -> None:
-        """Upsert the (run, stage) row. ``running`` defaults ``started_at`` to now; other
-        statuses default ``ended_at`` to now and keep an earlier ``started_at``."""
-        now = utcnow()
-        if status == "running":
-            started_at = started_at or now
-        else:
-            ended_at = ended_at or now
-
-        def body(con: duckdb.DuckDBPyConnection) -> None:
-            started = started_at
-            if started is None:
-                prev = con.execute(
-                    "SELECT started_at FROM stages WHERE run_id = ? AND stage = ?",
-                    [run_id, stage],
-                ).fetchone()
-                started = prev[0] if prev else None
-            con.execute("DELETE FROM stages WHERE run_id = ? AND stage = ?", [run_id, stage])
-            con.execute(
-                "INSERT INTO stages (run_id, stage, status, started_at, ended_at, cache_hit, "
-                "outputs, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    run_id,
-                    stage,
-                    status,
-                    _to_utc_naive(started),
-                    _to_utc_naive(ended_at),
-                    cache_hit,
-                    _to_json(outputs),
-                    message,
-                ],
-            )
-
-        self.write("stages", body)
-
-    def record_source(self, name: str, url: str, sha256: str, bytes: int) -> None:
-        """Upsert a downloaded source by ``name`` (``fetched_at`` now)."""
-        row = {
-            "name": name,
-            "url": url,
-            "sha256": sha256,
-            "bytes": int(bytes),
-            "fetched_at": utcnow(),
-        }
-        self.upsert_rows("sources", [row], key=["name"])
-
-    def record_checkpoint(
-        self,
-        run_id: str,
-        stage: str,
-        path: str | Path,
-        *,
-        config: dict[str, Any] | None = None,
-    ) -> None:
-        """Record a checkpoint (upsert by run, stage, path) with its sha256 and bytes.
-
-        For a folder holding ``model.safetensors`` that file is hashed; otherwise every
-        file (sorted by relative path; path and contents hashed); a file is hashed as is.
-        """
-        sha, size = checkpoint_digest(path)
-        row = {
-            "run_id": run_id,
-            "stage": stage,
-            "path": str(Path(path)),
-            "sha256": sha,
-            "bytes": size,
-            "config": config,
-            "created_at": utcnow(),
-        }
-        self.upsert_rows("checkpoints", [row], key=["run_id", "stage", "path"])
-
-    def record_metrics(
-        self,
-        run_id: str,
-        stage: str,
-        rows: Sequence[Mapping[str, Any]] | pd.DataFrame,
-        *,
-        replace: bool = False,
-    ) -> int:
-        """Append metric rows (keys: step, epoch, seen, split, name, value[, time]).
-
-        ``replace=True`` first deletes the (run, stage)'s metrics, in the same transaction.
-        """
-        import pandas as pd
-
-        df = _as_frame(rows)
-        if len(df) == 0 and not replace:
-            return 0
-        df["run_id"] = run_id
-        df["stage"] = stage
-        now = utcnow()
-        if "time" not in df.columns:
-            df["time"] = [now] * len(df)
-        else:
-            df["time"] = [now if v is None or v is pd.NaT else v for v in df["time"]]
-        if replace:
-            return self.replace_rows("metrics", df, where={"run_id": run_id, "stage": stage})
-        return self.insert_rows("metrics", df)
-
-
-def checkpoint_digest(path: str | Path) -> tuple[str, int]:
-    """(sha256 hex, bytes) of a checkpoint file or folder (see ``record_checkpoint``)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist; cannot record it in the catalog")
-    if p.is_dir() and (p / "model.safetensors").is_file():
-        p = p / "model.safetensors"
-    h = hashlib.sha256()
-    if p.is_file():
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest(), p.stat().st_size
-    total = 0
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        rel = f.relative_to(p).as_posix().encode()
-        h.update(rel + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-        total += f.stat().st_size
-    return h.hexdigest(), total
 
 
 def _is_write_refusal(exc: BaseException) -> bool:
