@@ -25,7 +25,6 @@ from tasks.catalog import Catalog
 from tasks.catalog.connections import (
     CONFLICT_RETRIES,
     LAKE_ALIAS,
-    close_lake_connections,
     is_conflict,
     new_lake_connection,
     retry_on_conflict,
@@ -36,14 +35,6 @@ from tasks.catalog.schema import KNOWN_TABLES, KNOWN_VIEWS, MIGRATIONS, SCHEMA_V
 from tasks.catalog.settings import CatalogSettings, S3Settings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_lake_connections():
-    """Each test starts without this process's cached lake connections."""
-    close_lake_connections()
-    yield
-    close_lake_connections()
 
 
 @pytest.fixture
@@ -77,12 +68,19 @@ def _data_files(settings: CatalogSettings) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def _snapshot_id(settings: CatalogSettings) -> int:
-    con = new_lake_connection(settings, read_only=True)
-    try:
-        return con.execute(f"SELECT max(snapshot_id) FROM {LAKE_ALIAS}.snapshots()").fetchone()[0]
-    finally:
-        con.close()
+def _lake_state(settings: CatalogSettings) -> tuple:
+    """Everything `gptflow sql` must leave alone: the data files, the latest snapshot and
+    every table's rows."""
+    cat = Catalog(settings=settings)
+    snapshot = cat.query_df(f"SELECT max(snapshot_id) AS s FROM {LAKE_ALIAS}.snapshots()")
+    tables = {t: cat.query_df(f"SELECT * FROM {t} ORDER BY ALL") for t in sorted(KNOWN_TABLES)}
+    return _data_files(settings), int(snapshot["s"][0]), tables
+
+
+def _assert_same_state(now: tuple, before: tuple) -> None:
+    assert now[:2] == before[:2]
+    for table, df in before[2].items():
+        pd.testing.assert_frame_equal(now[2][table], df, obj=table)
 
 
 # ----------------------------------------------------------------------------- no server
@@ -474,6 +472,27 @@ def test_a_migration_losing_a_create_race_is_rerun(
     assert versions["version"].tolist() == list(range(1, SCHEMA_VERSION + 1))
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_opens_its_own_lake_connection(lake: CatalogSettings) -> None:
+    """A child forked after the parent used the lake writes through its own connection;
+    the parent's (cached) connection keeps working and sees the child's row."""
+    cat = Catalog(settings=lake)
+    cat.insert_rows("samples", [{"run_id": "parent", "text": "p"}])
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if its write committed
+        code = 1
+        try:
+            Catalog(settings=lake).insert_rows("samples", [{"run_id": "child", "text": "c"}])
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    cat.insert_rows("samples", [{"run_id": "parent2", "text": "q"}])
+    got = cat.query_df("SELECT run_id FROM samples ORDER BY run_id")["run_id"].tolist()
+    assert got == ["child", "parent", "parent2"]
+
+
 # ----------------------------------------------------------------------------- sql, views
 
 
@@ -575,7 +594,10 @@ def test_sql_and_eval_views_on_the_lake_match_the_file(
 
 
 @pytest.fixture(scope="module")
-def seeded_lake(postgres_server, tmp_path_factory: pytest.TempPathFactory) -> CatalogSettings:
+def seeded_lake(
+    postgres_server, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[CatalogSettings, tuple]:
+    """A lake holding the seed rows (one table in a Parquet file), and its state."""
     db = postgres_server.create_database()
     settings = CatalogSettings(
         url=postgres_server.ducklake_url(db),
@@ -588,8 +610,7 @@ def seeded_lake(postgres_server, tmp_path_factory: pytest.TempPathFactory) -> Ca
         [{"idx": i, "label": "ham", "text": f"m{i}"} for i in range(50)],  # a Parquet file
         where={"run_id": "r1", "split": "train"},
     )
-    close_lake_connections()
-    return settings
+    return settings, _lake_state(settings)
 
 
 @pytest.mark.parametrize(
@@ -618,35 +639,29 @@ def seeded_lake(postgres_server, tmp_path_factory: pytest.TempPathFactory) -> Ca
     ],
 )
 def test_sql_refuses_writes_on_the_lake(
-    seeded_lake: CatalogSettings,
+    seeded_lake: tuple[CatalogSettings, tuple],
     stmt: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
+    settings, baseline = seeded_lake
     monkeypatch.chdir(tmp_path)
-    stmt = stmt.format(data=seeded_lake.data_path, alias=LAKE_ALIAS)
-    cat = Catalog(settings=seeded_lake)
-    before = {t: cat.query_df(f"SELECT * FROM {t} ORDER BY ALL") for t in ("metrics", "runs")}
-    files, snapshot = _data_files(seeded_lake), _snapshot_id(seeded_lake)
-    _use_lake(monkeypatch, seeded_lake)
+    stmt = stmt.format(data=settings.data_path, alias=LAKE_ALIAS)
+    _use_lake(monkeypatch, settings)
     assert cli_main(["sql", stmt]) == 1
     err = capsys.readouterr().err
     assert "gptflow sql: error: the catalog is opened read-only by `gptflow sql`" in err
-    with pytest.raises(CatalogError, match="opened read-only"):
-        run_readonly_sql(None, stmt, settings=seeded_lake)
-    assert _data_files(seeded_lake) == files and _snapshot_id(seeded_lake) == snapshot
-    for t, df in before.items():
-        pd.testing.assert_frame_equal(df, cat.query_df(f"SELECT * FROM {t} ORDER BY ALL"))
+    _assert_same_state(_lake_state(settings), baseline)
     assert not Path("out.csv").exists()
 
 
 def test_sql_reads_the_lake(
-    seeded_lake: CatalogSettings,
+    seeded_lake: tuple[CatalogSettings, tuple],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _use_lake(monkeypatch, seeded_lake)
+    _use_lake(monkeypatch, seeded_lake[0])
     assert _sql_json(["SELECT count(*) AS n, sum(idx) AS s FROM spam_examples"], capsys) == [
         {"n": 50, "s": 1225}
     ]

@@ -8,7 +8,7 @@ secret, ATTACH), and retrying the write conflicts several writers cause.
 * **DuckLake.** Metadata in PostgreSQL, data as Parquet under ``data_path``; any number of
   processes attach at once. Loading the extensions and attaching cost ~0.3 s, so each
   process keeps one in-memory DuckDB with the lake attached (per lake, per read-only/
-  read-write, re-created after ``fork``) and every operation runs on a fresh cursor of it.
+  read-write; a forked child opens its own) and every operation runs on a fresh cursor.
   Each transaction reads the lake's latest snapshot. DuckLake retries snapshot-id clashes
   itself, but not update/delete conflicts ("Transaction conflict …") nor a table created
   by two writers at once ("… created by another transaction already"):
@@ -73,9 +73,24 @@ CONFLICT_RETRIES: collections.Counter[str] = collections.Counter()
 _PROCESS_LOCKS: dict[str, threading.RLock] = {}
 _PROCESS_LOCKS_GUARD = threading.Lock()
 
-# (pid, lake key, read_only) → an in-memory DuckDB with the lake attached.
-_LAKES: dict[tuple[int, str, bool], duckdb.DuckDBPyConnection] = {}
+# (lake key, read_only) → an in-memory DuckDB with the lake attached.
+_LAKES: dict[tuple[str, bool], duckdb.DuckDBPyConnection] = {}
 _LAKES_GUARD = threading.Lock()
+# Connections a forked child inherited from its parent: never used nor closed there
+# (closing would end the parent's PostgreSQL sessions, which share the sockets).
+_INHERITED: list[duckdb.DuckDBPyConnection] = []
+
+
+def _after_fork_in_child() -> None:
+    global _LAKES_GUARD, _PROCESS_LOCKS_GUARD
+    _INHERITED.extend(_LAKES.values())
+    _LAKES.clear()
+    _LAKES_GUARD = threading.Lock()  # another thread of the parent may have held these
+    _PROCESS_LOCKS_GUARD = threading.Lock()
+    _PROCESS_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def process_lock(key: str | Path) -> threading.RLock:
@@ -213,23 +228,13 @@ def new_lake_connection(settings: CatalogSettings, *, read_only: bool) -> duckdb
 
 
 def _lake_base(settings: CatalogSettings, *, read_only: bool) -> duckdb.DuckDBPyConnection:
-    key = (os.getpid(), settings.lake_key(), read_only)
+    key = (settings.lake_key(), read_only)
     with _LAKES_GUARD:
         base = _LAKES.get(key)
         if base is None:
             base = new_lake_connection(settings, read_only=read_only)
             _LAKES[key] = base
         return base
-
-
-def close_lake_connections() -> None:
-    """Close this process's cached lake connections (tests; before a fork)."""
-    with _LAKES_GUARD:
-        mine = [k for k in _LAKES if k[0] == os.getpid()]
-        for k in mine:
-            with contextlib.suppress(Exception):
-                _LAKES[k].close()
-        _LAKES.clear()
 
 
 @contextlib.contextmanager
