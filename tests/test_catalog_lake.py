@@ -197,6 +197,19 @@ def test_missing_extension_names_the_package(monkeypatch: pytest.MonkeyPatch, tm
     assert "pip install 'gptflow[lake]'" in msg and "duckdb-extension-ducklake==1.5.5" in msg
 
 
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_missing_postgres_fails_under_ci_and_skips_elsewhere(
+    ci: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import _servers
+
+    monkeypatch.setattr(_servers, "pg_binary", lambda name: None)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match="PostgreSQL binaries"), _servers.postgres_server():
+        pass
+
+
 def test_extensions_load_from_the_packages(tmp_path: Path) -> None:
     con = duckdb.connect(config={"extension_directory": str(tmp_path / "ext")})
     try:
@@ -388,6 +401,13 @@ def test_concurrent_migrations_on_a_fresh_lake(
         ref.close()
     strip_nullable = [c[:3] for c in lake_columns]
     assert strip_nullable == [c[:3] for c in file_columns]
+
+
+def test_reading_a_lake_nobody_created_yet_says_so(lake: CatalogSettings) -> None:
+    with pytest.raises(CatalogError, match="has not been created yet; run the pipeline"):
+        Catalog(settings=lake).query_df("SELECT count(*) FROM runs")
+    with pytest.raises(CatalogError, match="has not been created yet"):
+        run_readonly_sql(None, "SELECT 1", settings=lake)
 
 
 def test_a_write_losing_a_conflict_is_rerun(
@@ -636,6 +656,7 @@ def seeded_lake(
         "SET enable_external_access = true",
         "SELECT 1; DELETE FROM metrics",
         "CREATE TABLE memory.main.t AS SELECT 1 AS a",
+        "PRAGMA enable_profiling",
     ],
 )
 def test_sql_refuses_writes_on_the_lake(
@@ -669,6 +690,8 @@ def test_sql_reads_the_lake(
     assert set(KNOWN_TABLES) | set(KNOWN_VIEWS) <= tables
     snaps = _sql_json([f"SELECT count(*) AS n FROM ducklake_snapshots('{LAKE_ALIAS}')"], capsys)
     assert snaps[0]["n"] >= 1  # DuckLake's read-only functions stay available
+    info = _sql_json(["PRAGMA table_info('runs')"], capsys)  # rewritten to a SELECT: allowed
+    assert {r["name"]: r["type"] for r in info}["config"] == "JSON"
     described = _sql_json(["DESCRIBE runs"], capsys)
     assert {r["column_name"]: r["column_type"] for r in described}["config"] == "JSON"
     with pytest.raises(CatalogError, match="Permission"):  # outside data_path: no file access

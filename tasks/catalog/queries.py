@@ -11,7 +11,7 @@ locked. That leaves two ways to write, both closed before the query runs:
 
 * ``allowed_directories`` lets ``COPY … TO`` / ``EXPORT`` write under ``data_path``: only
   queries are accepted (``SELECT``, ``FROM …``, ``WITH``, ``VALUES``, ``DESCRIBE``,
-  ``SHOW``, ``SUMMARIZE``);
+  ``SHOW``, ``SUMMARIZE``, ``PRAGMA table_info``);
 * DuckLake's maintenance table functions (``ducklake_flush_inlined_data``,
   ``ducklake_merge_adjacent_files``, …) write Parquet files even on a read-only attach:
   the query's parse tree (``json_serialize_sql``) is searched for function calls, and only
@@ -146,10 +146,16 @@ def _check_lake_query(con: duckdb.DuckDBPyConnection, stmt: Any, where: str) -> 
     tree: dict[str, Any] = {}
     if stmt.type == duckdb.StatementType.SELECT:
         tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [stmt.query]).fetchone()[0])
-    if stmt.type != duckdb.StatementType.SELECT or tree.get("error"):
+    if stmt.type != duckdb.StatementType.SELECT:
         raise CatalogError(
             f"{_REFUSED} {where} is unchanged. On a shared DuckLake only queries (SELECT, "
             f"DESCRIBE, SHOW, SUMMARIZE) run; this is a {kind} statement"
+        )
+    if tree.get("error"):
+        raise CatalogError(
+            f"{_REFUSED} {where} is unchanged. On a shared DuckLake only plain queries run, "
+            f"and this one cannot be checked ({tree.get('error_message')}); write it as a "
+            "plain SELECT"
         )
     for catalog, schema, name in _function_calls(tree):
         if _refused_function(catalog, schema, name):

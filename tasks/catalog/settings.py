@@ -145,7 +145,8 @@ class CatalogSettings(_Model):
     url: str | None = None
     """None: the DuckDB file at ``path``. ``ducklake:postgres:dbname=… host=… port=…
     user=…``: a DuckLake with its metadata in PostgreSQL, written by several machines at
-    once (``ducklake:sqlite:FILE`` also works, for several processes on one host)."""
+    once. Other DuckLake metadata stores (``ducklake:sqlite:FILE``, a ``.ducklake``
+    DuckDB file) are accepted but not tested here."""
     path: Path | None = None
     """The DuckDB file when ``url`` is None (None: ``GPTFLOW_DB`` or
     ``artifacts/gptflow.duckdb``, resolved when the catalog is opened)."""
