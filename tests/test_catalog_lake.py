@@ -154,6 +154,14 @@ def test_conflict_retries_are_bounded() -> None:
     with pytest.raises(CatalogError, match=r"kept conflicting with other writers: \d+ attempts"):
         retry_on_conflict(always, timeout=0.5, what="writing corpus", where="somewhere")
     assert len(calls) >= 2
+    n = len(calls)
+
+    def nested() -> None:  # an exhausted inner retry is not re-run by an outer one
+        retry_on_conflict(always, timeout=0, what="inner", where="somewhere")
+
+    with pytest.raises(CatalogError, match="inner on the catalog somewhere kept conflicting"):
+        retry_on_conflict(nested, timeout=30, what="outer", where="somewhere")
+    assert len(calls) == n + 1
 
     def flaky() -> str:
         calls.append(2)

@@ -251,10 +251,17 @@ def lake_cursor(
 
 
 # ---------------------------------------------------------------------- conflicts
+class ConflictTimeoutError(CatalogError):
+    """A transaction kept losing write conflicts until its time bound ran out."""
+
+
 def is_conflict(exc: BaseException | None) -> bool:
-    """``exc`` (or an exception it was raised from) is a retryable write conflict."""
+    """``exc`` (or an exception it was raised from) is a retryable write conflict; an
+    exhausted retry (:class:`ConflictTimeoutError`) is not retried again by an outer one."""
     seen = 0
     while exc is not None and seen < 10:
+        if isinstance(exc, ConflictTimeoutError):
+            return False
         if _CONFLICT_RE.search(str(exc)):
             return True
         exc = exc.__cause__ or exc.__context__
@@ -278,7 +285,7 @@ def retry_on_conflict(fn: Callable[[], T], *, timeout: float, what: str, where: 
             if not is_conflict(exc):
                 raise
             if time.monotonic() >= deadline or attempt >= MAX_ATTEMPTS:
-                raise CatalogError(
+                raise ConflictTimeoutError(
                     f"{what} on the catalog {where} kept conflicting with other writers: "
                     f"{attempt} attempts in {time.monotonic() - start:.1f} s; each was rolled "
                     "back, so nothing of it was written. Retry later, or raise "
