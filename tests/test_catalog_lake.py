@@ -641,46 +641,50 @@ def seeded_lake(
     return settings, _lake_state(settings)
 
 
-@pytest.mark.parametrize(
-    "stmt",
-    [
-        "INSERT INTO metrics (run_id, value) VALUES ('evil', 1)",
-        "DELETE FROM metrics",
-        "UPDATE metrics SET value = 0",
-        "CREATE TABLE evil (a INTEGER)",
-        "DROP TABLE metrics",
-        "DROP VIEW eval_summary",
-        "COPY metrics TO 'out.csv'",
-        "COPY metrics TO '{data}main/spam_examples/evil.parquet' (FORMAT parquet)",
-        "EXPORT DATABASE '{data}exported'",
-        f"CALL {LAKE_ALIAS}.set_option('data_inlining_row_limit', 0)",
-        f"SELECT * FROM ducklake_expire_snapshots('{LAKE_ALIAS}', older_than => now())",
-        f"SELECT * FROM ducklake_flush_inlined_data('{LAKE_ALIAS}')",
-        f"SELECT count(*) FROM ducklake_merge_adjacent_files('{LAKE_ALIAS}')",
-        f"SELECT * FROM query('SELECT * FROM ducklake_flush_inlined_data(''{LAKE_ALIAS}'')')",
-        f"SELECT * FROM postgres_execute('__ducklake_metadata_{LAKE_ALIAS}', 'CREATE TABLE x (a INT)')",
-        "SELECT * FROM runs WHERE run_id IN (SELECT 'x' FROM ducklake_rewrite_data_files('{alias}'))",
-        "ATTACH ':memory:' AS scratch",
-        "SET enable_external_access = true",
-        "SELECT 1; DELETE FROM metrics",
-        "CREATE TABLE memory.main.t AS SELECT 1 AS a",
-        "PRAGMA enable_profiling",
-    ],
-)
+#: Statements that would write (or reach past the lake); `gptflow sql` must refuse each.
+_WRITES = [
+    "INSERT INTO metrics (run_id, value) VALUES ('evil', 1)",
+    "DELETE FROM metrics",
+    "UPDATE metrics SET value = 0",
+    "CREATE TABLE evil (a INTEGER)",
+    "DROP TABLE metrics",
+    "DROP VIEW eval_summary",
+    "COPY metrics TO 'out.csv'",
+    "COPY metrics TO '{data}main/spam_examples/evil.parquet' (FORMAT parquet)",
+    "EXPORT DATABASE '{data}exported'",
+    f"CALL {LAKE_ALIAS}.set_option('data_inlining_row_limit', 0)",
+    f"SELECT * FROM ducklake_expire_snapshots('{LAKE_ALIAS}', older_than => now())",
+    f"SELECT * FROM ducklake_flush_inlined_data('{LAKE_ALIAS}')",
+    f"SELECT count(*) FROM ducklake_merge_adjacent_files('{LAKE_ALIAS}')",
+    f"SELECT * FROM query('SELECT * FROM ducklake_flush_inlined_data(''{LAKE_ALIAS}'')')",
+    f"SELECT * FROM postgres_execute('__ducklake_metadata_{LAKE_ALIAS}', 'CREATE TABLE x (a INT)')",
+    "SELECT * FROM runs WHERE run_id IN (SELECT 'x' FROM ducklake_rewrite_data_files('{alias}'))",
+    "ATTACH ':memory:' AS scratch",
+    "SET enable_external_access = true",
+    "SELECT 1; DELETE FROM metrics",
+    "CREATE TABLE memory.main.t AS SELECT 1 AS a",
+    "PRAGMA enable_profiling",
+]
+
+
 def test_sql_refuses_writes_on_the_lake(
     seeded_lake: tuple[CatalogSettings, tuple],
-    stmt: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
 ) -> None:
     settings, baseline = seeded_lake
     monkeypatch.chdir(tmp_path)
-    stmt = stmt.format(data=settings.data_path, alias=LAKE_ALIAS)
     _use_lake(monkeypatch, settings)
-    assert cli_main(["sql", stmt]) == 1
-    err = capsys.readouterr().err
-    assert "gptflow sql: error: the catalog is opened read-only by `gptflow sql`" in err
+    for stmt in _WRITES:
+        stmt = stmt.format(data=settings.data_path, alias=LAKE_ALIAS)
+        assert cli_main(["sql", stmt]) == 1, stmt
+        err = capsys.readouterr().err
+        assert "gptflow sql: error: the catalog is opened read-only by `gptflow sql`" in err, (
+            stmt,
+            err,
+        )
+    # the data files, the latest snapshot and every table's rows are as they were
     _assert_same_state(_lake_state(settings), baseline)
     assert not Path("out.csv").exists()
 
