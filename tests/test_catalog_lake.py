@@ -218,7 +218,8 @@ def test_missing_postgres_fails_under_ci_and_skips_elsewhere(
         pass
 
 
-def test_extensions_load_from_the_packages(tmp_path: Path) -> None:
+def test_extensions_load_from_the_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     con = duckdb.connect(config={"extension_directory": str(tmp_path / "ext")})
     try:
         assert load_extension(con, "ducklake") == "package"
@@ -233,6 +234,51 @@ def test_extensions_load_from_the_packages(tmp_path: Path) -> None:
     finally:
         con.close()
     assert {"ducklake", "postgres_scanner"} <= loaded
+    assert not (tmp_path / "ext").exists()  # nothing copied into DuckDB's extension folder
+    (link,) = (tmp_path / "cache" / "gptflow" / "duckdb-extensions").glob("*/postgres_scanner.*")
+    assert link.is_symlink() and link.resolve().name == "postgres.duckdb_extension"
+
+
+_LOADER = textwrap.dedent(
+    """
+    import os, sys, time, duckdb
+    from tasks.catalog.extensions import load_extension
+    con = duckdb.connect(config={"extension_directory": sys.argv[1],
+                                 "autoinstall_known_extensions": False})
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.002)
+    print([load_extension(con, e) for e in ("ducklake", "postgres_scanner", "httpfs")])
+    """
+)
+
+
+def test_processes_loading_extensions_at_once_on_a_fresh_machine(tmp_path: Path) -> None:
+    """Three processes load the extensions at the same moment into empty folders: each
+    gets them (copying into DuckDB's extension folder made some load a half-copied file)."""
+    env = {**_child_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOADER, str(tmp_path / "ext"), str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        go.touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    assert all(out.strip() == "['package', 'package', 'package']" for out, _ in outs)
 
 
 # ----------------------------------------------------------------------------- writers

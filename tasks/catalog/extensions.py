@@ -6,8 +6,13 @@ that access (and air-gapped ones) get them from the ``duckdb-extension-<name>`` 
 the Python package registry (``pip install 'gptflow[lake]'``), which exist for DuckDB
 1.5.5 — hence the pin. Order, per extension:
 
-1. the package is installed: ``INSTALL '<its file>'`` (a copy into DuckDB's extension
-   directory, skipped when that copy is already there), then ``LOAD <name>``;
+1. the package is installed: ``LOAD '<its file>'`` straight from the package. DuckDB
+   derives the extension's name from the file name, and ``-postgres`` ships
+   ``postgres.duckdb_extension`` for ``postgres_scanner``: such a file is loaded through a
+   correctly named symbolic link under ``~/.cache/gptflow/duckdb-extensions/``. Nothing is
+   copied into DuckDB's extension directory — copying there (``INSTALL '<file>'``, what
+   ``duckdb_extensions.import_extension`` does) races when several processes start at once
+   on a fresh machine (one loads a half-copied file);
 2. otherwise ``INSTALL <name>`` from DuckDB's repository, then ``LOAD <name>``;
 3. neither works: a :class:`~gpt.errors.CatalogError` naming the package to install.
 """
@@ -15,6 +20,8 @@ the Python package registry (``pip install 'gptflow[lake]'``), which exist for D
 from __future__ import annotations
 
 import importlib.util
+import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +59,28 @@ def packaged_file(name: str, version: str) -> Path | None:
     return files[0] if files else None
 
 
+def _links_dir(version: str) -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "gptflow" / "duckdb-extensions" / version
+
+
+def loadable_path(file: Path, name: str, version: str) -> Path:
+    """``file`` itself when its name is ``<name>.duckdb_extension``, else a symbolic link
+    of that name to it (created atomically, so concurrent processes never see half of
+    one)."""
+    if file.name == f"{name}.duckdb_extension":
+        return file
+    folder = _links_dir(version)
+    link = folder / f"{name}.duckdb_extension"
+    if link.is_symlink() and link.resolve() == file.resolve():
+        return link
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
+    tmp.symlink_to(file)
+    os.replace(tmp, link)
+    return link
+
+
 def _installed(con: duckdb.DuckDBPyConnection, name: str) -> tuple[bool, bool]:
     row = con.execute(
         "SELECT installed, loaded FROM duckdb_extensions() WHERE extension_name = ?", [name]
@@ -72,11 +101,10 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> str:
     file = packaged_file(name, version)
     if file is not None:
         try:
-            if not installed:
-                con.execute("INSTALL '" + file.as_posix().replace("'", "''") + "'")
-            con.execute(f"LOAD {name}")
+            path = loadable_path(file, name, version).as_posix()
+            con.execute("LOAD '" + path.replace("'", "''") + "'")
             return "package"
-        except duckdb.Error as exc:
+        except (duckdb.Error, OSError) as exc:
             raise CatalogError(
                 f"the DuckDB extension {name!r} from the package {package} ({file}) does not "
                 f"load into DuckDB {version}: {exc}. Install the package matching the DuckDB "
