@@ -210,7 +210,7 @@ def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]])
     """Tables whose scope in the catalog does not hold the folder's row count."""
     if not rows_meta:
         return []
-    if not catalog.path.exists():
+    if not catalog.exists():
         return sorted(rows_meta)
     out = []
     for table, meta in sorted(rows_meta.items()):

@@ -14,7 +14,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.catalog.store import _to_json, _to_utc_naive, utcnow
+from tasks.catalog.values import to_json as _to_json
+from tasks.catalog.values import to_utc_naive as _to_utc_naive
+from tasks.catalog.values import utcnow
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog

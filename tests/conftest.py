@@ -81,6 +81,28 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPTFLOW_DB", str(tmp_path / "catalog.duckdb"))
     monkeypatch.setenv("GPTFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("GPTFLOW_DATASETS", str(tmp_path / "datasets"))
+    for name in list(os.environ):  # never a shared catalog the developer has configured
+        if name.startswith("GPTFLOW_CATALOG_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster for the session (``tests/_servers.py``); skipped
+    when PostgreSQL is not installed, except under CI where that fails."""
+    from _servers import postgres_server as start
+
+    with start() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 endpoint with one bucket for the session (``tests/_servers.py``)."""
+    from _servers import moto_s3_server
+
+    with moto_s3_server() as server:
+        yield server
 
 
 def _free_port() -> int:

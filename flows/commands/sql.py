@@ -26,19 +26,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="output format (default: table)",
     )
     parser.add_argument(
-        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
+        "--db",
+        default=None,
+        help=(
+            "DuckDB catalog file (default: the DuckLake named by GPTFLOW_CATALOG_URL, else "
+            "GPTFLOW_DB, else artifacts/gptflow.duckdb)"
+        ),
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the query and print it in the chosen format."""
-    from gpt.paths import default_db_path
     from tasks.catalog.present import format_df
     from tasks.catalog.queries import run_readonly_sql
 
-    db = args.db if args.db else default_db_path()
-    df = run_readonly_sql(db, args.query)
+    df = run_readonly_sql(args.db or None, args.query)
     text = format_df(df, args.format)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0

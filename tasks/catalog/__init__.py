@@ -1,11 +1,14 @@
-"""The DuckDB catalog: ``schema`` (migrations, tables, views), ``store`` (connections,
-transactional writes, lineage records), ``queries`` (read-only SQL for people) and
-``present`` (tables/CSV/JSON for the command line).
+"""The catalog: ``settings`` (which catalog: the DuckDB file or a shared DuckLake),
+``schema`` (migrations, tables, views), ``store`` (transactional writes, lineage records),
+``connections`` (opening either backend, retrying lock and write conflicts),
+``extensions`` (DuckDB extensions from their packages), ``queries`` (read-only SQL for
+people) and ``present`` (tables/CSV/JSON for the command line).
 
-Only the store is re-exported here, so code that writes the catalog (the stages) does not
-import the presentation modules.
+Only the store and its settings are re-exported here, so code that writes the catalog (the
+stages) does not import the presentation modules.
 """
 
+from tasks.catalog.settings import CatalogSettings, S3Settings
 from tasks.catalog.store import Catalog, checkpoint_digest, utcnow
 
-__all__ = ["Catalog", "checkpoint_digest", "utcnow"]
+__all__ = ["Catalog", "CatalogSettings", "S3Settings", "checkpoint_digest", "utcnow"]

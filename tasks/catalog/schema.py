@@ -3,6 +3,8 @@ views they create. Never edit a released step; add a new one."""
 
 from __future__ import annotations
 
+import re
+
 _V1_CORE = [
     """CREATE TABLE IF NOT EXISTS runs (
         run_id VARCHAR PRIMARY KEY,
@@ -290,3 +292,25 @@ KNOWN_TABLES = frozenset(
 KNOWN_VIEWS = frozenset(
     {"spam_accuracy", "eval_summary", "eval_examples", "judge_spread", "judge_agreement"}
 )
+
+
+# ----------------------------------------------------------------------------- backends
+# The one place where the two backends' DDL differs. DuckLake (1.5.5) accepts the same
+# tables, types (JSON included) and views as a DuckDB file, except PRIMARY KEY / UNIQUE
+# constraints ("not supported in DuckLake"). On a lake the released steps run with those
+# clauses removed; keys are upheld by the writers either way (``upsert_rows`` and
+# ``record_stage`` delete and insert by key in one transaction), the file's constraints
+# are a second guard. The released steps themselves stay byte-for-byte unchanged.
+_TABLE_KEY_RE = re.compile(r",\s*PRIMARY KEY\s*\([^)]*\)", re.IGNORECASE)
+_COLUMN_KEY_RE = re.compile(r"\s+PRIMARY KEY\b(?!\s*\()", re.IGNORECASE)
+
+
+def lake_ddl(stmt: str) -> str:
+    """``stmt`` as a DuckLake accepts it (PRIMARY KEY constraints dropped)."""
+    return _COLUMN_KEY_RE.sub("", _TABLE_KEY_RE.sub("", stmt))
+
+
+def migration_step(step: int, *, lake: bool = False) -> list[str]:
+    """The statements of migration step ``step`` (0-based) for one backend."""
+    stmts = MIGRATIONS[step]
+    return [lake_ddl(s) for s in stmts] if lake else list(stmts)

@@ -1,0 +1,296 @@
+"""Opening the catalog: the DuckDB file (lock retries) or a DuckLake (extensions, S3
+secret, ATTACH), and retrying the write conflicts several writers cause.
+
+* **DuckDB file.** One process at a time may hold the file open, and while a writer holds
+  it even read-only opens from other processes fail (FACTS.md §7). So every operation opens
+  the file, runs one transaction and closes it, and opening is retried with jittered
+  backoff on the lock error, in writers and readers alike, for ``lock_timeout`` seconds.
+* **DuckLake.** Metadata in PostgreSQL, data as Parquet under ``data_path``; any number of
+  processes attach at once. Loading the extensions and attaching cost ~0.3 s, so each
+  process keeps one in-memory DuckDB with the lake attached (per lake, per read-only/
+  read-write; a forked child opens its own) and every operation runs on a fresh cursor.
+  Each transaction reads the lake's latest snapshot. DuckLake retries snapshot-id clashes
+  itself, but not update/delete conflicts ("Transaction conflict …") nor a table created
+  by two writers at once ("… created by another transaction already"):
+  :func:`retry_on_conflict` re-runs the whole transaction for those.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gpt.errors import CatalogError
+from tasks.catalog.extensions import load_extension
+from tasks.catalog.settings import CatalogSettings, redact
+
+if TYPE_CHECKING:
+    import duckdb
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The name the lake is attached under (and made the default database with ``USE``), so
+#: queries name tables and views without a prefix, exactly as on the DuckDB file.
+LAKE_ALIAS = "gptflow_lake"
+
+_LOCK_RE = re.compile(r"Could not set lock|Conflicting lock", re.IGNORECASE)
+_PID_RE = re.compile(r"PID (\d+)")
+
+#: Errors that mean "another writer got there first; the whole transaction can be re-run":
+#: DuckLake's own conflicts, a lake initialised by two processes at once, and PostgreSQL
+#: serialisation failures surfacing through the metadata connection.
+_CONFLICT_RE = re.compile(
+    r"Transaction conflict"
+    r"|created by another transaction"
+    r"|write-write conflict"
+    r"|Conflict on tuple deletion"
+    r"|could not serialize access"
+    r"|deadlock detected"
+    r"|Failed to initialize DuckLake.*(?:duplicate key|already exists)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+#: At most this many attempts of one transaction, whatever the time bound says.
+MAX_ATTEMPTS = 500
+
+#: Conflicts retried in this process, by operation (for logs, tests and benchmarks).
+CONFLICT_RETRIES: collections.Counter[str] = collections.Counter()
+
+# One lock per catalog within this process: DuckDB refuses two connections with different
+# configurations (read-only vs read-write) to one file in a process, and serialising
+# in-process operations avoids write-write conflicts between threads too.
+_PROCESS_LOCKS: dict[str, threading.RLock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
+
+# (lake key, read_only) → an in-memory DuckDB with the lake attached.
+_LAKES: dict[tuple[str, bool], duckdb.DuckDBPyConnection] = {}
+_LAKES_GUARD = threading.Lock()
+# Connections a forked child inherited from its parent: never used nor closed there
+# (closing would end the parent's PostgreSQL sessions, which share the sockets).
+_INHERITED: list[duckdb.DuckDBPyConnection] = []
+
+
+def _after_fork_in_child() -> None:
+    global _LAKES_GUARD, _PROCESS_LOCKS_GUARD
+    _INHERITED.extend(_LAKES.values())
+    _LAKES.clear()
+    _LAKES_GUARD = threading.Lock()  # another thread of the parent may have held these
+    _PROCESS_LOCKS_GUARD = threading.Lock()
+    _PROCESS_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def process_lock(key: str | Path) -> threading.RLock:
+    """The in-process lock of one catalog (a file path or a lake key)."""
+    with _PROCESS_LOCKS_GUARD:
+        return _PROCESS_LOCKS.setdefault(str(key), threading.RLock())
+
+
+def _backoff(delay: float, deadline: float) -> float:
+    """Sleep a jittered ``delay`` (never past ``deadline``); returns the next delay."""
+    sleep = min(delay * (0.5 + random.random()), max(deadline - time.monotonic(), 0.0))
+    time.sleep(max(sleep, 0.0))
+    return min(delay * 1.6, 1.0)
+
+
+# ---------------------------------------------------------------------- the DuckDB file
+def open_file(
+    path: Path, *, read_only: bool, timeout: float, config: dict[str, Any] | None = None
+) -> duckdb.DuckDBPyConnection:
+    """``duckdb.connect`` retried with jittered exponential backoff on the lock error."""
+    import duckdb
+
+    deadline = time.monotonic() + max(0.0, timeout)
+    delay = 0.02
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config or {})
+        except duckdb.IOException as exc:
+            msg = str(exc)
+            if not _LOCK_RE.search(msg):
+                if read_only and "does not exist" in msg:
+                    raise CatalogError(
+                        f"the catalog {path} does not exist yet; run the pipeline first "
+                        "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
+                    ) from exc
+                raise CatalogError(f"cannot open the catalog {path}: {msg}") from exc
+            if time.monotonic() >= deadline:
+                m = _PID_RE.search(msg)
+                holder = f"PID {m.group(1)}" if m else "an unknown process"
+                raise CatalogError(
+                    f"the catalog {path} is locked by another process ({holder}) and stayed "
+                    f"locked for {timeout:g} s; DuckDB lets one process at a time open the "
+                    "file. Wait for that process to finish (or stop it), or raise "
+                    "GPTFLOW_DB_LOCK_TIMEOUT, then retry"
+                ) from exc
+            log.debug("catalog %s locked (%s); retrying", path, msg)
+            delay = _backoff(delay, deadline)
+
+
+# ---------------------------------------------------------------------- DuckLake
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _create_s3_secret(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None:
+    s3 = settings.s3
+    if s3.key_id is None:
+        return
+    endpoint, use_ssl = s3.duckdb_endpoint()
+    bucket = "/".join(str(settings.data_path).split("/")[:3]) + "/"
+    parts = [
+        "TYPE s3",
+        f"KEY_ID {_sql_str(s3.key_id)}",
+        f"SECRET {_sql_str(s3.secret.get_secret_value() if s3.secret else '')}",
+        f"REGION {_sql_str(s3.region)}",
+        f"URL_STYLE {_sql_str(s3.url_style)}",
+        f"USE_SSL {'true' if use_ssl else 'false'}",
+        f"SCOPE {_sql_str(bucket)}",
+    ]
+    if endpoint:
+        parts.append(f"ENDPOINT {_sql_str(endpoint)}")
+    con.execute(f"CREATE OR REPLACE SECRET gptflow_catalog_s3 ({', '.join(parts)})")
+
+
+def _attach(con: duckdb.DuckDBPyConnection, settings: CatalogSettings, *, read_only: bool) -> None:
+    """ATTACH the lake, retrying the race of several processes creating a fresh lake."""
+    import duckdb
+
+    assert settings.url is not None and settings.data_path is not None
+    options = [f"DATA_PATH {_sql_str(settings.data_path)}"]
+    if read_only:
+        options.append("READ_ONLY")
+    sql = f"ATTACH {_sql_str(settings.url)} AS {LAKE_ALIAS} ({', '.join(options)})"
+    deadline = time.monotonic() + settings.lock_timeout
+    delay = 0.05
+    while True:
+        try:
+            con.execute(sql)
+            return
+        except duckdb.Error as exc:
+            msg = redact(str(exc))
+            if is_conflict(exc) and time.monotonic() < deadline:
+                CONFLICT_RETRIES["attach"] += 1
+                log.debug(
+                    "attaching %s raced another process (%s); retrying", settings.location(), msg
+                )
+                delay = _backoff(delay, deadline)
+                continue
+            if "creating a new DuckLake is explicitly disabled" in msg:
+                raise CatalogError(
+                    f"the DuckLake catalog {settings.location()} has not been created yet; "
+                    "run the pipeline (any write creates it) first"
+                ) from exc
+            if "does not match existing data path" in msg:
+                raise CatalogError(
+                    f"the DuckLake catalog {redact(settings.url)} keeps its data elsewhere than "
+                    f"data_path {settings.data_path}: {msg}. Set GPTFLOW_CATALOG_DATA_PATH / "
+                    "catalog.data_path to the path it recorded"
+                ) from exc
+            raise CatalogError(
+                f"cannot attach the DuckLake catalog {settings.location()}: {msg}"
+            ) from exc
+
+
+def new_lake_connection(settings: CatalogSettings, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB with the extensions loaded and the lake attached (as
+    :data:`LAKE_ALIAS`, the default database). The caller owns and closes it."""
+    import duckdb
+
+    con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False})
+    try:
+        load_extension(con, "ducklake")
+        kind = settings.metadata_kind
+        if kind in ("postgres", "sqlite"):
+            load_extension(con, f"{kind}_scanner")
+        if settings.on_s3:
+            load_extension(con, "httpfs")
+            _create_s3_secret(con, settings)
+        _attach(con, settings, read_only=read_only)
+        con.execute(f"USE {LAKE_ALIAS}")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _lake_base(settings: CatalogSettings, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+    key = (settings.lake_key(), read_only)
+    with _LAKES_GUARD:
+        base = _LAKES.get(key)
+        if base is None:
+            base = new_lake_connection(settings, read_only=read_only)
+            _LAKES[key] = base
+        return base
+
+
+@contextlib.contextmanager
+def lake_cursor(
+    settings: CatalogSettings, *, read_only: bool
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A cursor on this process's connection to the lake, with the lake as default."""
+    cur = _lake_base(settings, read_only=read_only).cursor()
+    try:
+        cur.execute(f"USE {LAKE_ALIAS}")
+        yield cur
+    finally:
+        cur.close()
+
+
+# ---------------------------------------------------------------------- conflicts
+class ConflictTimeoutError(CatalogError):
+    """A transaction kept losing write conflicts until its time bound ran out."""
+
+
+def is_conflict(exc: BaseException | None) -> bool:
+    """``exc`` (or an exception it was raised from) is a retryable write conflict; an
+    exhausted retry (:class:`ConflictTimeoutError`) is not retried again by an outer one."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ConflictTimeoutError):
+            return False
+        if _CONFLICT_RE.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def retry_on_conflict(fn: Callable[[], T], *, timeout: float, what: str, where: str) -> T:
+    """Run ``fn`` (one whole transaction), re-running it with jittered exponential backoff
+    while it fails with a write conflict; after ``timeout`` seconds (or
+    :data:`MAX_ATTEMPTS`) a :class:`CatalogError` says so. Other errors pass through."""
+    start = time.monotonic()
+    deadline = start + max(0.0, timeout)
+    delay = 0.02
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_conflict(exc):
+                raise
+            if time.monotonic() >= deadline or attempt >= MAX_ATTEMPTS:
+                raise ConflictTimeoutError(
+                    f"{what} on the catalog {where} kept conflicting with other writers: "
+                    f"{attempt} attempts in {time.monotonic() - start:.1f} s; each was rolled "
+                    "back, so nothing of it was written. Retry later, or raise "
+                    f"GPTFLOW_DB_LOCK_TIMEOUT (now {timeout:g} s). Last error: {redact(str(exc))}"
+                ) from exc
+            CONFLICT_RETRIES[what] += 1
+            log.debug("%s on %s conflicted (attempt %d): %s", what, where, attempt, exc)
+            delay = _backoff(delay, deadline)

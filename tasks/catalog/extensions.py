@@ -1,0 +1,124 @@
+"""Loading the DuckDB extensions a DuckLake catalog needs (ducklake, postgres_scanner,
+httpfs, sqlite_scanner).
+
+DuckDB normally downloads extensions from its own host on ``INSTALL``; machines without
+that access (and air-gapped ones) get them from the ``duckdb-extension-<name>`` packages on
+the Python package registry (``pip install 'gptflow[lake]'``), which exist for DuckDB
+1.5.5 — hence the pin. Order, per extension:
+
+1. the package is installed: ``LOAD '<its file>'`` straight from the package. DuckDB
+   derives the extension's name from the file name, and ``-postgres`` ships
+   ``postgres.duckdb_extension`` for ``postgres_scanner``: such a file is loaded through a
+   correctly named symbolic link under ``~/.cache/gptflow/duckdb-extensions/``. Nothing is
+   copied into DuckDB's extension directory — copying there (``INSTALL '<file>'``, what
+   ``duckdb_extensions.import_extension`` does) races when several processes start at once
+   on a fresh machine (one loads a half-copied file);
+2. otherwise ``INSTALL <name>`` from DuckDB's repository, then ``LOAD <name>``;
+3. neither works: a :class:`~gpt.errors.CatalogError` naming the package to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gpt.errors import CatalogError
+
+if TYPE_CHECKING:
+    import duckdb
+
+#: DuckDB extension name → the registry package that ships it (``-postgres`` ships the
+#: file ``postgres.duckdb_extension``, which registers itself as ``postgres_scanner``).
+PACKAGES: dict[str, str] = {
+    "ducklake": "duckdb-extension-ducklake",
+    "postgres_scanner": "duckdb-extension-postgres",
+    "httpfs": "duckdb-extension-httpfs",
+    "sqlite_scanner": "duckdb-extension-sqlite",
+}
+
+
+def _module(package: str) -> str:
+    return package.replace("-", "_")
+
+
+def packaged_file(name: str, version: str) -> Path | None:
+    """The extension file inside its registry package for DuckDB ``version`` (e.g.
+    ``v1.5.5``), or None when the package (or that version's file) is not installed."""
+    package = PACKAGES.get(name)
+    if package is None:
+        return None
+    spec = importlib.util.find_spec(_module(package))
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    folder = root / "extensions" / version
+    files = sorted(folder.glob("*.duckdb_extension")) if folder.is_dir() else []
+    return files[0] if files else None
+
+
+def _links_dir(version: str) -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "gptflow" / "duckdb-extensions" / version
+
+
+def loadable_path(file: Path, name: str, version: str) -> Path:
+    """``file`` itself when its name is ``<name>.duckdb_extension``, else a symbolic link
+    of that name to it (created atomically, so concurrent processes never see half of
+    one)."""
+    if file.name == f"{name}.duckdb_extension":
+        return file
+    folder = _links_dir(version)
+    link = folder / f"{name}.duckdb_extension"
+    if link.is_symlink() and link.resolve() == file.resolve():
+        return link
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.{uuid.uuid4().hex}.tmp"
+    tmp.symlink_to(file)
+    os.replace(tmp, link)
+    return link
+
+
+def _installed(con: duckdb.DuckDBPyConnection, name: str) -> tuple[bool, bool]:
+    row = con.execute(
+        "SELECT installed, loaded FROM duckdb_extensions() WHERE extension_name = ?", [name]
+    ).fetchone()
+    return (bool(row[0]), bool(row[1])) if row else (False, False)
+
+
+def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> str:
+    """Make extension ``name`` available on ``con``; returns where it came from
+    (``loaded``, ``package``, ``repository``)."""
+    import duckdb
+
+    installed, loaded = _installed(con, name)
+    if loaded:
+        return "loaded"
+    version = con.execute("PRAGMA version").fetchone()[0]
+    package = PACKAGES.get(name, f"duckdb-extension-{name}")
+    file = packaged_file(name, version)
+    if file is not None:
+        try:
+            path = loadable_path(file, name, version).as_posix()
+            con.execute("LOAD '" + path.replace("'", "''") + "'")
+            return "package"
+        except (duckdb.Error, OSError) as exc:
+            raise CatalogError(
+                f"the DuckDB extension {name!r} from the package {package} ({file}) does not "
+                f"load into DuckDB {version}: {exc}. Install the package matching the DuckDB "
+                f"version: pip install '{package}=={version.lstrip('v')}'"
+            ) from exc
+    try:
+        if not installed:
+            con.execute(f"INSTALL {name}")
+        con.execute(f"LOAD {name}")
+        return "repository"
+    except duckdb.Error as exc:
+        raise CatalogError(
+            f"the DuckDB extension {name!r} is needed for a DuckLake catalog but is not "
+            f"installed and could not be downloaded ({exc}). Install it from the package "
+            f"registry: pip install 'gptflow[lake]' (or pip install "
+            f"'{package}=={version.lstrip('v')}')"
+        ) from exc

@@ -1,0 +1,250 @@
+"""Where the catalog lives: one typed declaration, resolved from the environment in one
+place (:meth:`CatalogSettings.from_env`).
+
+* ``url`` unset (the default): the embedded DuckDB file at ``path`` (``GPTFLOW_DB``, else
+  ``artifacts/gptflow.duckdb``). One process at a time writes it.
+* ``url = "ducklake:postgres:dbname=… host=… port=… user=…"`` with a ``data_path`` (a
+  local/shared folder or ``s3://bucket/prefix/``): a DuckLake whose metadata lives in
+  PostgreSQL and whose rows are Parquet files under ``data_path``. Several processes on
+  several machines write it at once.
+
+Environment variables (read only by :meth:`CatalogSettings.from_env`):
+
+=============================== ==========================================================
+``GPTFLOW_CATALOG_URL``          ``url`` (unset: the DuckDB file)
+``GPTFLOW_CATALOG_DATA_PATH``    ``data_path``
+``GPTFLOW_DB``                   ``path`` of the DuckDB file
+``GPTFLOW_DB_LOCK_TIMEOUT``      ``lock_timeout`` (seconds)
+``GPTFLOW_CATALOG_S3_ENDPOINT``  ``s3.endpoint`` (else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``)
+``GPTFLOW_CATALOG_S3_KEY_ID``    ``s3.key_id`` (else ``AWS_ACCESS_KEY_ID``)
+``GPTFLOW_CATALOG_S3_SECRET``    ``s3.secret`` (else ``AWS_SECRET_ACCESS_KEY``)
+``GPTFLOW_CATALOG_S3_REGION``    ``s3.region`` (else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``)
+``GPTFLOW_CATALOG_S3_USE_SSL``   ``s3.use_ssl`` (``true``/``false``)
+``GPTFLOW_CATALOG_S3_URL_STYLE`` ``s3.url_style`` (``path`` or ``vhost``)
+=============================== ==========================================================
+
+Keep passwords out of ``url``: libpq reads ``PGPASSWORD`` and ``~/.pgpass``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gpt.errors import CatalogError
+from gpt.paths import default_db_path
+
+#: Default bound, in seconds, on waiting for other writers (file lock, lake conflicts).
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+_PASSWORD_RE = re.compile(r"(password\s*=\s*)(\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with any ``password=…`` value replaced (for messages and logs)."""
+    return _PASSWORD_RE.sub(r"\1***", text)
+
+
+def lock_timeout_from_env(environ: Mapping[str, str] | None = None) -> float:
+    """``GPTFLOW_DB_LOCK_TIMEOUT`` in seconds, or :data:`DEFAULT_LOCK_TIMEOUT`."""
+    env = os.environ if environ is None else environ
+    value = env.get("GPTFLOW_DB_LOCK_TIMEOUT")
+    if not value:
+        return DEFAULT_LOCK_TIMEOUT
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise CatalogError(
+            f"GPTFLOW_DB_LOCK_TIMEOUT={value!r} is not a number of seconds; unset it or "
+            "set e.g. GPTFLOW_DB_LOCK_TIMEOUT=60"
+        ) from exc
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False
+    )
+
+
+class S3Settings(_Model):
+    """How DuckDB's httpfs reaches an S3 ``data_path`` (an S3 secret scoped to it)."""
+
+    endpoint: str | None = None
+    """``host:port`` or ``http(s)://host:port`` of an S3-compatible server; None: AWS.
+    An ``http://`` URL turns ``use_ssl`` off."""
+    key_id: str | None = None
+    """Access key id; None: no secret is created (public or pre-configured access)."""
+    secret: SecretStr | None = None
+    """Secret access key (never printed)."""
+    region: str = "us-east-1"
+    """Bucket region."""
+    use_ssl: bool = True
+    """HTTPS to the endpoint."""
+    url_style: Literal["path", "vhost"] = "vhost"
+    """``path`` for most S3-compatible servers (MinIO, moto), ``vhost`` for AWS."""
+
+    def duckdb_endpoint(self) -> tuple[str | None, bool]:
+        """(``host:port`` without scheme, use_ssl) as DuckDB's secret wants them."""
+        if self.endpoint is None:
+            return None, self.use_ssl
+        if "://" in self.endpoint:
+            parts = urlsplit(self.endpoint)
+            return parts.netloc, parts.scheme == "https"
+        return self.endpoint, self.use_ssl
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
+        """S3 settings from ``GPTFLOW_CATALOG_S3_*``, falling back to the AWS variables."""
+        env = os.environ if environ is None else environ
+
+        def first(*names: str) -> str | None:
+            for name in names:
+                if env.get(name):
+                    return env[name]
+            return None
+
+        endpoint = first("GPTFLOW_CATALOG_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+        values: dict[str, object] = {
+            "endpoint": endpoint,
+            "key_id": first("GPTFLOW_CATALOG_S3_KEY_ID", "AWS_ACCESS_KEY_ID"),
+            "secret": first("GPTFLOW_CATALOG_S3_SECRET", "AWS_SECRET_ACCESS_KEY"),
+            "region": first("GPTFLOW_CATALOG_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
+            or "us-east-1",
+            # a custom endpoint is nearly always path-style; AWS itself is vhost-style
+            "url_style": env.get("GPTFLOW_CATALOG_S3_URL_STYLE")
+            or ("path" if endpoint else "vhost"),
+        }
+        ssl = env.get("GPTFLOW_CATALOG_S3_USE_SSL")
+        if ssl:
+            values["use_ssl"] = ssl
+        elif endpoint and endpoint.startswith("http://"):
+            values["use_ssl"] = False
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise CatalogError(f"invalid GPTFLOW_CATALOG_S3_* setting: {exc}") from exc
+
+
+class CatalogSettings(_Model):
+    """Which catalog to use: the embedded DuckDB file (default) or a shared DuckLake."""
+
+    url: str | None = None
+    """None: the DuckDB file at ``path``. ``ducklake:postgres:dbname=… host=… port=…
+    user=…``: a DuckLake with its metadata in PostgreSQL, written by several machines at
+    once. Other DuckLake metadata stores (``ducklake:sqlite:FILE``, a ``.ducklake``
+    DuckDB file) are accepted but not tested here."""
+    path: Path | None = None
+    """The DuckDB file when ``url`` is None (None: ``GPTFLOW_DB`` or
+    ``artifacts/gptflow.duckdb``, resolved when the catalog is opened)."""
+    data_path: str | None = None
+    """Where a DuckLake keeps its Parquet files: a folder every writer sees, or
+    ``s3://bucket/prefix/``. Required with ``url``; must match what the lake recorded."""
+    lock_timeout: float = Field(DEFAULT_LOCK_TIMEOUT, ge=0)
+    """Seconds to keep retrying while other writers hold the file lock or (DuckLake)
+    keep winning write conflicts, before a CatalogError."""
+    s3: S3Settings = S3Settings()
+    """Credentials and endpoint for an ``s3://`` data_path."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if not v.startswith("ducklake:"):
+            raise ValueError(
+                f"catalog url {redact(v)!r} is not a DuckLake URL; use "
+                "'ducklake:postgres:dbname=NAME host=HOST port=PORT user=USER' (or leave it "
+                "unset for the DuckDB file)"
+            )
+        return v
+
+    @field_validator("data_path")
+    @classmethod
+    def _norm_data_path(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if "://" not in v:
+            v = str(Path(v).expanduser().resolve())
+        return v if v.endswith("/") else v + "/"
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> CatalogSettings:
+        if self.url is not None and self.data_path is None:
+            raise ValueError(
+                f"the DuckLake catalog {redact(self.url)} needs a data_path (a shared folder "
+                "or s3://bucket/prefix/); set GPTFLOW_CATALOG_DATA_PATH or catalog.data_path"
+            )
+        if self.url is not None and self.path is not None:
+            raise ValueError("give either a catalog url (DuckLake) or a DuckDB file path, not both")
+        return self
+
+    def __repr_args__(self):  # type: ignore[override]
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name == "url" and isinstance(value, str) else value
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_lake(self) -> bool:
+        """True for a DuckLake, False for the DuckDB file."""
+        return self.url is not None
+
+    @property
+    def metadata_kind(self) -> str:
+        """``postgres``, ``sqlite`` or ``duckdb``: where a DuckLake keeps its metadata."""
+        assert self.url is not None
+        rest = self.url[len("ducklake:") :]
+        for kind in ("postgres", "sqlite"):
+            if rest.startswith(kind + ":"):
+                return kind
+        return "duckdb"
+
+    @property
+    def on_s3(self) -> bool:
+        """The lake's data files are on S3 (httpfs and an S3 secret are needed)."""
+        return bool(self.data_path and self.data_path.startswith(("s3://", "s3a://")))
+
+    def file_path(self) -> Path:
+        """The DuckDB file (``path`` or the default)."""
+        return Path(self.path).expanduser() if self.path is not None else default_db_path()
+
+    def location(self) -> str:
+        """What to name in messages: the file, or the lake URL (password hidden)."""
+        if self.url is None:
+            return str(self.file_path())
+        return f"{redact(self.url)} (data {self.data_path})"
+
+    def lake_key(self) -> str:
+        """Identifies one lake (process-wide connection caching and locking)."""
+        return f"{self.url}|{self.data_path}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CatalogSettings:
+        """The catalog the environment selects (see the module docstring)."""
+        env = os.environ if environ is None else environ
+        url = env.get("GPTFLOW_CATALOG_URL") or None
+        values: dict[str, object] = {"url": url, "lock_timeout": lock_timeout_from_env(env)}
+        if url:
+            values["data_path"] = env.get("GPTFLOW_CATALOG_DATA_PATH") or None
+            values["s3"] = S3Settings.from_env(env)
+        elif env.get("GPTFLOW_DB"):
+            values["path"] = Path(env["GPTFLOW_DB"]).expanduser().resolve()
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise CatalogError(f"invalid catalog setting: {exc}") from exc
