@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "convert_gpt2",
     "judge",
     "evals",
+    "compare",
     "sql",
     "bench",
 ]

@@ -101,6 +101,10 @@ def gptflow_pipeline(
         cat.end_run(run_id, "failed")
         raise
     cat.end_run(run_id, "completed")
+    # issue 12: regression gates, evaluated and stored before the report shows them
+    from tasks.gates import raise_for_gates, run_gates
+
+    gate_results = run_gates(cat, run_id, cfg.gates)
     outputs = {
         "tokenize": tok,
         "pretrain": pre,
@@ -116,6 +120,8 @@ def gptflow_pipeline(
         publish_report(cat, run_id, cfg, outputs, judged)
     except Exception as exc:  # a report must never fail a finished run
         log.warning("could not publish the run report: %s", exc)
+    # issue 12: a failed gate fails the flow run, after every result is stored
+    raise_for_gates(run_id, gate_results, cfg.gates)
     return {"run_id": run_id, "status": "completed", "judge": judged}
 
 

@@ -586,6 +586,15 @@ def finetune_spam_task(
             on_metrics=_metrics_sink(ctx, "finetune_spam", producer),
             progress=ctx.progress,
         )
+        # issue 12: per-example predictions go to the catalog, not into the manifest
+        ctx.catalog.replace_rows(
+            "predictions",
+            [
+                {"run_id": producer, "stage": "finetune_spam", "model": "finetuned", **r}
+                for r in res.pop("predictions")
+            ],
+            where={"run_id": producer, "stage": "finetune_spam"},
+        )
         return res, ["classifier/model.safetensors", "classifier/config.json"]
 
     return execute_stage(
@@ -601,16 +610,25 @@ def finetune_spam_task(
 @task(name="baseline_spam", cache_policy=NO_CACHE)
 def baseline_spam_task(ctx: RunContext, args: BaselineArgs, tok: StageOutput) -> StageOutput:
     """Majority-class and logistic-regression baselines on the same spam splits."""
-    from gpt.eval.baseline import run_baselines
+    from gpt.eval.baseline import evaluate_baselines
     from gpt.recipes.prepare import load_spam_splits
 
     def body(work: Path, producer: str) -> tuple[dict[str, Any], list[str]]:
         splits = load_spam_splits(tok.path("spam/splits.json"))
-        rows = run_baselines(splits, args)
-        ctx.catalog.replace_rows(
-            "baselines",
-            [{"run_id": producer, **r} for r in rows],
-            where={"run_id": producer},
+        result = evaluate_baselines(splits, args)  # issue 12: rows + per-example predictions
+        rows = result.rows
+        ctx.catalog.replace_many(
+            [
+                ("baselines", [{"run_id": producer, **r} for r in rows], {"run_id": producer}),
+                (
+                    "predictions",
+                    [
+                        {"run_id": producer, "stage": "baseline_spam", **r}
+                        for r in result.predictions
+                    ],
+                    {"run_id": producer, "stage": "baseline_spam"},
+                ),
+            ]
         )
         (work / "baselines.json").write_text(json.dumps(rows, indent=1, default=str))
         return {"rows": rows}, ["baselines.json"]
