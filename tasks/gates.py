@@ -21,8 +21,9 @@ from gpt.eval.gates import (
     spam_drop_gate,
 )
 from tasks.catalog import utcnow
-from tasks.catalog.compare import judge_ci, judge_pairs, spam_accuracies
+from tasks.catalog.compare import judge_ci, judge_pairs
 from tasks.catalog.lookup import previous_completed_run
+from tasks.catalog.rundata import RunData
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
@@ -49,9 +50,11 @@ def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResul
     """Every enabled gate's verdict on ``run_id`` (nothing stored)."""
     prev = previous_completed_run(cat, run_id, passed_only=args.compare_to == "last_passed")
     results: list[GateResult] = []
-    acc = spam_accuracies(cat, run_id)
+    me = RunData(cat, run_id)
+    before = RunData(cat, prev) if prev else None
+    acc = me.accuracies
     if args.spam_test_max_drop is not None:
-        prev_acc = spam_accuracies(cat, prev).get("finetuned", {}) if prev else {}
+        prev_acc = before.accuracies.get("finetuned", {}) if before else {}
         results.append(
             spam_drop_gate(
                 acc.get("finetuned", {}).get(GATE_SPLIT),
@@ -61,7 +64,7 @@ def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResul
             )
         )
     if args.judge_mean_must_not_drop:
-        results += _judge_gates(cat, run_id, prev, args)
+        results += _judge_gates(me, before, args)
     if args.finetuned_beats_best_baseline:
         baselines = {
             m: a[GATE_SPLIT] for m, a in acc.items() if m != "finetuned" and GATE_SPLIT in a
@@ -70,11 +73,12 @@ def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResul
     return results
 
 
-def _judge_gates(cat: Catalog, run_id: str, prev: str | None, args: GatesArgs) -> list[GateResult]:
-    if prev is None:
+def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[GateResult]:
+    if before is None:
         return [judge_mean_gate(None, "judge", None)]
+    prev = before.run_id
     notes: list[str] = []
-    pairs = judge_pairs(cat, prev, run_id, notes)
+    pairs = judge_pairs(before, me, notes)
     cis = judge_ci(
         pairs, n_resamples=args.bootstrap_resamples, confidence=args.confidence, seed=args.seed
     )

@@ -38,13 +38,8 @@ from gpt.eval.stats import (
     mcnemar_from_correct,
     paired_bootstrap_ci,
 )
-from tasks.catalog.lookup import (
-    latest_completed_runs,
-    producer,
-    resolve_run,
-    responses_run,
-    run_info,
-)
+from tasks.catalog.lookup import latest_completed_runs, previous_completed_run, resolve_run
+from tasks.catalog.rundata import RunData, split_key
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
@@ -94,8 +89,6 @@ def pick_runs(cat: Catalog, a: str | None, b: str | None) -> tuple[str, str]:
     if a is not None and b is not None:
         return resolve_run(cat, a), resolve_run(cat, b)
     if a is not None:
-        from tasks.catalog.lookup import previous_completed_run
-
         run_b = resolve_run(cat, a)
         prev = previous_completed_run(cat, run_b)
         if prev is None:
@@ -148,82 +141,6 @@ def _show(v: Any) -> str:
 # --------------------------------------------------------------------------- metrics
 
 
-def _final_losses(cat: Catalog, run: str, stage: str) -> list[tuple[str, str, float]]:
-    df = cat.query_df(
-        "SELECT split, arg_max(value, step) AS v FROM metrics "
-        "WHERE run_id = ? AND stage = ? AND name = 'loss' GROUP BY split ORDER BY split",
-        [producer(cat, run, stage), stage],
-    )
-    return [(stage, f"final {s} loss", float(v)) for s, v in zip(df["split"], df["v"], strict=True)]
-
-
-def spam_accuracies(cat: Catalog, run: str) -> dict[str, dict[str, float]]:
-    """``{model: {split: accuracy}}`` of the finetuned classifier (model ``finetuned``)
-    and each baseline, read through the producing runs."""
-    out: dict[str, dict[str, float]] = {}
-    ft = cat.query_df(
-        "SELECT split, arg_max(value, time) AS v FROM metrics WHERE run_id = ? "
-        "AND stage = 'finetune_spam' AND name = 'final_accuracy' GROUP BY split",
-        [producer(cat, run, "finetune_spam")],
-    )
-    for s, v in zip(ft["split"], ft["v"], strict=True):
-        out.setdefault("finetuned", {})[str(s)] = float(v)
-    bl = cat.query_df(
-        "SELECT model, split, accuracy FROM baselines WHERE run_id = ?",
-        [producer(cat, run, "baseline_spam")],
-    )
-    for m, s, v in zip(bl["model"], bl["split"], bl["accuracy"], strict=True):
-        out.setdefault(str(m), {})[str(s)] = float(v)
-    return out
-
-
-_SPLIT_ORDER = {"train": 0, "val": 1, "validation": 1, "test": 2}
-
-
-def _split_key(s: str) -> tuple[int, str]:
-    return (_SPLIT_ORDER.get(s, 9), s)
-
-
-def judge_scores(cat: Catalog, run: str) -> pd.DataFrame:
-    """Per judge model, prompt version and example: the mean of its scored judgments
-    (repeats averaged) and how many there were; read through the responses' run."""
-    return cat.query_df(
-        "SELECT judge_model, prompt_version, example_id, avg(score) AS score, "
-        "count(score) AS n_scores FROM judgments WHERE run_id = ? "
-        "GROUP BY judge_model, prompt_version, example_id HAVING count(score) > 0 "
-        "ORDER BY judge_model, prompt_version, example_id",
-        [responses_run(cat, run)],
-    )
-
-
-def headline_metrics(cat: Catalog, run: str) -> pd.DataFrame:
-    """section, metric, value: every stage's headline numbers for one run."""
-    rows: list[tuple[str, str, float]] = []
-    rows += _final_losses(cat, run, "pretrain")
-    ppl = cat.query_df(
-        "SELECT name, arg_max(value, time) AS v FROM metrics WHERE run_id = ? "
-        "AND stage = 'load_gpt2' AND starts_with(name, 'perplexity') GROUP BY name ORDER BY name",
-        [producer(cat, run, "load_gpt2")],
-    )
-    rows += [
-        ("load_gpt2", f"val {n}", float(v)) for n, v in zip(ppl["name"], ppl["v"], strict=True)
-    ]
-    for model, by_split in sorted(spam_accuracies(cat, run).items()):
-        section = "finetune_spam" if model == "finetuned" else "baseline_spam"
-        for split in sorted(by_split, key=_split_key):
-            rows.append((section, f"{model} {split} accuracy", by_split[split]))
-    rows += _final_losses(cat, run, "finetune_instruct")
-    scores = judge_scores(cat, run)
-    for (jm, pv), g in scores.groupby(["judge_model", "prompt_version"], sort=True):
-        rows += [
-            ("judge", f"{jm} {pv} mean", float(g["score"].mean())),
-            ("judge", f"{jm} {pv} median", float(g["score"].median())),
-            ("judge", f"{jm} {pv} n", float(len(g))),
-        ]
-    df = pd.DataFrame(rows, columns=["section", "metric", "value"])
-    return df
-
-
 def metrics_side_by_side(ma: pd.DataFrame, mb: pd.DataFrame) -> pd.DataFrame:
     """Outer join of two runs' headline metrics with ``diff = b − a``."""
     m = ma.merge(mb, on=["section", "metric"], how="outer", suffixes=("_a", "_b"))
@@ -243,24 +160,6 @@ def metrics_side_by_side(ma: pd.DataFrame, mb: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- spam
-
-
-def spam_predictions(cat: Catalog, run: str, model: str = "finetuned") -> pd.DataFrame:
-    """split, example_id, label, prediction, prob_spam, text of one model in a run."""
-    stage = "finetune_spam" if model == "finetuned" else "baseline_spam"
-    preds = cat.query_df(
-        "SELECT split, example_id, label, prediction, prob_spam FROM predictions "
-        "WHERE run_id = ? AND stage = ? AND model = ? ORDER BY split, example_id",
-        [producer(cat, run, stage), stage, model],
-    )
-    texts = cat.query_df(
-        "SELECT split, idx AS example_id, text FROM spam_examples WHERE run_id = ?",
-        [producer(cat, run, "tokenize")],
-    )
-    if texts.empty:
-        preds["text"] = None
-        return preds
-    return preds.merge(texts, on=["split", "example_id"], how="left")
 
 
 def _pair_spam(pa: pd.DataFrame, pb: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -292,20 +191,20 @@ def _mcnemar_row(
     }
 
 
-def finetuned_vs_best_baseline(cat: Catalog, run: str, label: str) -> list[dict[str, Any]]:
+def finetuned_vs_best_baseline(run: RunData, label: str) -> list[dict[str, Any]]:
     """McNemar's exact test, per split, of the best baseline (first) vs the finetuned
     classifier (second) of one run; best = highest accuracy on that split."""
-    acc = spam_accuracies(cat, run)
-    ft = spam_predictions(cat, run, "finetuned")
+    acc = run.accuracies
+    ft = run.predictions("finetuned")
     rows: list[dict[str, Any]] = []
     if ft.empty:
         return rows
-    for split in sorted(ft["split"].unique(), key=_split_key):
+    for split in sorted(ft["split"].unique(), key=split_key):
         cands = {m: a[split] for m, a in acc.items() if m != "finetuned" and split in a}
         if not cands:
             continue
         best = max(sorted(cands), key=lambda m: cands[m])
-        bl = spam_predictions(cat, run, best)
+        bl = run.predictions(best)
         m = ft[ft["split"] == split].merge(
             bl[bl["split"] == split], on=["split", "example_id"], suffixes=("_f", "_b")
         )
@@ -325,10 +224,10 @@ def finetuned_vs_best_baseline(cat: Catalog, run: str, label: str) -> list[dict[
 
 
 def spam_comparison(
-    cat: Catalog, run_a: str, run_b: str, notes: list[str]
+    run_a: RunData, run_b: RunData, notes: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(flips, McNemar tests) of the finetuned classifiers of two runs."""
-    pa, pb = spam_predictions(cat, run_a), spam_predictions(cat, run_b)
+    pa, pb = run_a.predictions(), run_b.predictions()
     tests: list[dict[str, Any]] = []
     flips = pd.DataFrame(
         columns=[
@@ -355,7 +254,7 @@ def spam_comparison(
             )
         ok_a = pairs["prediction_a"] == pairs["label_a"]
         ok_b = pairs["prediction_b"] == pairs["label_b"]
-        for split in sorted(pairs["split"].unique(), key=_split_key):
+        for split in sorted(pairs["split"].unique(), key=split_key):
             sel = pairs["split"] == split
             tests.append(
                 _mcnemar_row("A vs B (finetuned)", str(split), "A", "B", ok_a[sel], ok_b[sel])
@@ -367,12 +266,12 @@ def spam_comparison(
             for p, y in zip(f["prediction_b"], f["label_a"], strict=True)
         ]
         f["text"] = f["text_b"].where(f["text_b"].notna(), f["text_a"])
-        f["_s"] = f["split"].map(lambda s: _split_key(s)[0])
+        f["_s"] = f["split"].map(lambda s: split_key(s)[0])
         flips = f.sort_values(["_s", "split", "example_id"])[list(flips.columns)].reset_index(
             drop=True
         )
     for name, run in (("A", run_a), ("B", run_b)):
-        tests += finetuned_vs_best_baseline(cat, run, name)
+        tests += finetuned_vs_best_baseline(run, name)
     cols = [
         "test",
         "split",
@@ -391,23 +290,12 @@ def spam_comparison(
 # --------------------------------------------------------------------------- judge
 
 
-def _responses(cat: Catalog, run: str, suffix: str) -> pd.DataFrame:
-    """example_id and the response texts of a run, text columns suffixed."""
-    df = cat.query_df(
-        "SELECT example_id, instruction, input, output, response FROM responses WHERE run_id = ?",
-        [responses_run(cat, run)],
-    )
-    return df.rename(columns={c: f"{c}{suffix}" for c in df.columns if c != "example_id"})
-
-
-def judge_pairs(
-    cat: Catalog, run_a: str, run_b: str, notes: list[str] | None = None
-) -> pd.DataFrame:
+def judge_pairs(run_a: RunData, run_b: RunData, notes: list[str] | None = None) -> pd.DataFrame:
     """Per judge model + prompt version scored in both runs, the examples scored in both
     (same instruction, input and reference where the responses are stored): judge_model,
     prompt_version, example_id, score_a, score_b, delta and the texts."""
     notes = notes if notes is not None else []
-    sa, sb = judge_scores(cat, run_a), judge_scores(cat, run_b)
+    sa, sb = run_a.judge_scores, run_b.judge_scores
     for name, s in (("A", sa), ("B", sb)):
         if s.empty:
             notes.append(f"judge: run {name} has no judge scores")
@@ -417,8 +305,10 @@ def judge_pairs(
         for jm, pv in sorted(only):
             notes.append(f"judge: {jm} {pv} scored only one of the runs; not compared")
     m = sa.merge(sb, on=keys, suffixes=("_a", "_b"))
-    m = m.merge(_responses(cat, run_a, "_a"), on="example_id", how="left")
-    m = m.merge(_responses(cat, run_b, "_b"), on="example_id", how="left")
+    for run, suffix in ((run_a, "_a"), (run_b, "_b")):
+        r = run.responses
+        r = r.rename(columns={c: f"{c}{suffix}" for c in r.columns if c != "example_id"})
+        m = m.merge(r, on="example_id", how="left")
     same = pd.Series(True, index=m.index)
     for col in ("instruction", "input", "output"):
         a, b = m[f"{col}_a"], m[f"{col}_b"]
@@ -472,9 +362,8 @@ def _verdict(ci: BootstrapCI) -> str:
 
 
 def judge_comparison(
-    cat: Catalog,
-    run_a: str,
-    run_b: str,
+    run_a: RunData,
+    run_b: RunData,
     notes: list[str],
     *,
     n_resamples: int,
@@ -483,7 +372,7 @@ def judge_comparison(
     top: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(summary, per-example deltas, largest regressions) of the judge's scores."""
-    pairs = judge_pairs(cat, run_a, run_b, notes)
+    pairs = judge_pairs(run_a, run_b, notes)
     cis = judge_ci(pairs, n_resamples=n_resamples, confidence=confidence, seed=seed)
     summary = pd.DataFrame(
         [
@@ -542,17 +431,18 @@ def compare_runs(
 ) -> Comparison:
     """Compare two runs (ids as stored; see :func:`pick_runs` for references)."""
     notes: list[str] = []
-    info_a, info_b = run_info(cat, run_a), run_info(cat, run_b)
+    da, db = RunData(cat, run_a), RunData(cat, run_b)
+    info_a, info_b = da.info, db.info
     if info_a["config"] is None or info_b["config"] is None:
         which = [n for n, i in (("A", info_a), ("B", info_b)) if i["config"] is None]
         notes.append(f"config: run {' and '.join(which)} recorded no config")
         cfg = config_diff(None, None)
     else:
         cfg = config_diff(info_a["config"], info_b["config"])
-    metrics = metrics_side_by_side(headline_metrics(cat, run_a), headline_metrics(cat, run_b))
-    flips, tests = spam_comparison(cat, run_a, run_b, notes)
+    metrics = metrics_side_by_side(da.headline(), db.headline())
+    flips, tests = spam_comparison(da, db, notes)
     judge, deltas, worst = judge_comparison(
-        cat, run_a, run_b, notes, n_resamples=n_resamples, confidence=confidence, seed=seed, top=top
+        da, db, notes, n_resamples=n_resamples, confidence=confidence, seed=seed, top=top
     )
     return Comparison(
         run_a=info_a,
@@ -574,12 +464,8 @@ __all__ = [
     "compare_runs",
     "config_diff",
     "flatten",
-    "headline_metrics",
     "judge_ci",
     "judge_pairs",
-    "judge_scores",
     "pick_runs",
-    "spam_accuracies",
     "spam_comparison",
-    "spam_predictions",
 ]

@@ -81,22 +81,6 @@ def producers(cat: Catalog, run_id: str) -> dict[str, str]:
     return {str(s): str(p) for s, p in zip(df["stage"], df["producer_run_id"], strict=True)}
 
 
-def producer(cat: Catalog, run_id: str, stage: str) -> str:
-    """The run whose rows hold ``stage``'s results for ``run_id`` (the run itself when it
-    has no row for that stage)."""
-    return producers(cat, run_id).get(stage, run_id)
-
-
-def responses_run(cat: Catalog, run_id: str) -> str:
-    """The run whose responses (and judgments) belong to ``run_id``: the one its judge
-    stage scored, else the producer of its extract_responses stage, else itself."""
-    p = producers(cat, run_id)
-    judged = p.get("judge")
-    if judged and judged != run_id:  # a skipped judge records no responses run
-        return judged
-    return p.get("extract_responses") or run_id
-
-
 def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:
     """The ``runs`` row of a run (config parsed), or only its id when it has none."""
     df = cat.query_df(
@@ -115,10 +99,8 @@ def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:
 __all__ = [
     "latest_completed_runs",
     "previous_completed_run",
-    "producer",
     "producers",
     "resolve_run",
-    "responses_run",
     "run_ids_like",
     "run_info",
 ]
