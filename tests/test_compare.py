@@ -262,7 +262,7 @@ def test_compare_sections_by_hand(cat: Catalog) -> None:
     assert flips["example_id"].tolist() == [5, 6, 7, 9]
     assert flips["change"].tolist() == ["broken", "broken", "broken", "fixed"]
     assert flips["text"].tolist() == ["message 5", "message 6", "message 7", "message 9"]
-    tests = {r["test"]: r for r in comp.spam_tests.to_dict("records")}
+    tests = {r["comparison"]: r for r in comp.spam_tests.to_dict("records")}
     ab = tests["A vs B (finetuned)"]
     assert (ab["n"], ab["only_first_right"], ab["only_second_right"]) == (10, 3, 1)
     assert ab["p_value"] == pytest.approx(0.625)
@@ -342,7 +342,7 @@ def test_cli_compare_formats(cat: Catalog, capsys: pytest.CaptureFixture[str]) -
     assert data["judge"][0]["mean_diff"] == pytest.approx(-80 / 3)
     assert main(["compare", "r1", "r2", "--db", db, "--format", "csv"]) == 0
     out = capsys.readouterr().out
-    assert "# spam_tests\ntest,split,first,second,n," in out
+    assert "# spam_tests\ncomparison,split,first,second,n," in out
     assert main(["compare", "r1", "zzz", "--db", db]) == 1
     assert "no run 'zzz'" in capsys.readouterr().err
 

@@ -138,6 +138,7 @@ def test_gates_fail_the_worse_run_and_say_by_how_much(runs) -> None:
 
 def test_cli_compare_on_real_runs(runs, capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
+    from tasks.catalog import Catalog
 
     db = str(runs["db"])
     r1, r2, r3 = (runs[k]["run_id"] for k in ("r1", "r2", "r3"))
@@ -159,6 +160,8 @@ def test_cli_compare_on_real_runs(runs, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["compare", "--db", db]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"A  {r2}") and f"B  {r3}" in out
+    g3 = Catalog(db).query_df("SELECT passed FROM gates WHERE run_id = ?", [r3])["passed"]
+    assert f"gates: {int((~g3).sum())} of {len(g3)} failed" in out.splitlines()[1]
     for path in ("finetune_spam.lr", "finetune_spam.epochs", "finetune_instruct.lr"):
         assert path in out
     assert "drop (interval below 0)" in out
@@ -167,7 +170,9 @@ def test_cli_compare_on_real_runs(runs, capsys: pytest.CaptureFixture[str]) -> N
     data = json.loads(capsys.readouterr().out)
     assert len(data["spam_flips"]) > 0
     (test_row,) = [
-        t for t in data["spam_tests"] if t["test"] == "A vs B (finetuned)" and t["split"] == "test"
+        t
+        for t in data["spam_tests"]
+        if t["comparison"] == "A vs B (finetuned)" and t["split"] == "test"
     ]
     flips_test = [f for f in data["spam_flips"] if f["split"] == "test"]
     assert test_row["only_first_right"] + test_row["only_second_right"] == len(flips_test)

@@ -149,9 +149,12 @@ def _run_line(tag: str, info: dict[str, Any]) -> str:
         return f"{tag}  {info['run_id']}  (no pipeline run recorded: judge-only or imported)"
     started = str(info.get("started_at") or "?")[:19]
     git = str(info.get("git_rev") or "?")[:12]
+    gates = ""
+    if info.get("gates_evaluated"):
+        gates = f", gates: {info['gates_failed']} of {info['gates_evaluated']} failed"
     return (
         f"{tag}  {info['run_id']}  profile {info.get('profile')}, {info.get('status')}, "
-        f"started {started}, git {git}"
+        f"started {started}, git {git}{gates}"
     )
 
 

@@ -73,6 +73,8 @@ def _print_result(result: dict) -> None:
         msg = info.get("message")
         extra = f"  {msg}" if isinstance(msg, str) and msg else ""
         print(f"  {stage:<18} {info['status']:<10}{extra}")
+    if result.get("error"):  # e.g. a failed regression gate after every stage completed
+        print(f"  error: {result['error']}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ class Comparison:
     """split, example_id, label, prediction_a, prediction_b, prob_spam_a, prob_spam_b,
     change ('fixed' / 'broken' for B), text."""
     spam_tests: pd.DataFrame
-    """McNemar's exact tests: test, split, first, second, n, acc_first, acc_second,
+    """McNemar's exact tests: comparison, split, first, second, n, acc_first, acc_second,
     only_first_right, only_second_right, p_value."""
     judge: pd.DataFrame
     """Per judge model + prompt version: n_paired, mean_a, mean_b, mean_diff, ci_low,
@@ -173,12 +173,12 @@ def _pair_spam(pa: pd.DataFrame, pb: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def _mcnemar_row(
-    test: str, split: str, first: str, second: str, ok1: pd.Series, ok2: pd.Series
+    comparison: str, split: str, first: str, second: str, ok1: pd.Series, ok2: pd.Series
 ) -> dict[str, Any]:
     r = mcnemar_from_correct(ok1.tolist(), ok2.tolist())
     n = len(ok1)
     return {
-        "test": test,
+        "comparison": comparison,
         "split": split,
         "first": first,
         "second": second,
@@ -273,7 +273,7 @@ def spam_comparison(
     for name, run in (("A", run_a), ("B", run_b)):
         tests += finetuned_vs_best_baseline(run, name)
     cols = [
-        "test",
+        "comparison",
         "split",
         "first",
         "second",

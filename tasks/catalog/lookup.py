@@ -82,7 +82,8 @@ def producers(cat: Catalog, run_id: str) -> dict[str, str]:
 
 
 def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:
-    """The ``runs`` row of a run (config parsed), or only its id when it has none."""
+    """The ``runs`` row of a run (config parsed) with how many gates were evaluated and
+    failed, or only its id when it has no row."""
     df = cat.query_df(
         "SELECT run_id, profile, status, started_at, ended_at, git_rev, config FROM runs "
         "WHERE run_id = ?",
@@ -93,6 +94,13 @@ def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:
     row = df.iloc[0].to_dict()
     cfg = row.get("config")
     row["config"] = json.loads(cfg) if isinstance(cfg, str) else None
+    gates = cat.query_df(
+        "SELECT count(*) AS n, count(*) FILTER (WHERE passed = false) AS failed FROM gates "
+        "WHERE run_id = ?",
+        [run_id],
+    )
+    row["gates_evaluated"] = int(gates["n"].iloc[0])
+    row["gates_failed"] = int(gates["failed"].iloc[0])
     return row
 
 
