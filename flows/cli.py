@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "export",
     "judge",
     "evals",
+    "compare",
     "sql",
     "catalog",
     "bench",

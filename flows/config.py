@@ -20,6 +20,7 @@ from gpt.data.download import DownloadArgs
 from gpt.device import DeviceName
 from gpt.errors import ConfigError
 from gpt.eval.baseline import BaselineArgs
+from gpt.eval.gates import GatesArgs
 from gpt.eval.judge import JudgeConfig
 from gpt.recipes.base import LoadGPT2Args
 from gpt.recipes.classifier import SpamArgs
@@ -68,6 +69,8 @@ class PipelineConfig(Args):
     """Greedy responses on the instruction test split."""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     """The Ollama judge."""
+    gates: GatesArgs = Field(default_factory=GatesArgs)
+    """Regression gates checked at the end of the run (``gates`` table)."""
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

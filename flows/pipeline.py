@@ -29,6 +29,7 @@ from gpt.paths import artifacts_dir, datasets_dir, default_db_path, project_root
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
+from tasks.gates import raise_for_gates, run_gates
 from tasks.stages.base import RunContext
 
 
@@ -133,12 +134,16 @@ def gptflow_pipeline(
         raise
     rec.end_run(run_id, "completed")
     judge_info = _judge_info(run_id, judged)
+    # regression gates, evaluated and stored before the report shows them
+    gate_results = run_gates(ctx.catalog, run_id, cfg.gates, recorder=rec)
     try:
         from flows.report import publish_report
 
         publish_report(ctx.catalog, run_id)  # the report reads everything from the catalog
     except Exception as exc:  # a report must never fail a finished run
         log.warning("could not publish the run report: %s", exc)
+    # a failed gate fails the flow run (automations fire), after every result is stored
+    raise_for_gates(run_id, gate_results, cfg.gates)
     return {"run_id": run_id, "status": "completed", "judge": judge_info}
 
 

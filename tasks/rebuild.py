@@ -64,6 +64,8 @@ def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -
         rows = [typed_row(r) for r in rec.get("stages", {}).values()]
         if rows:
             catalog.replace_rows("stages", rows, where={"run_id": run["run_id"]})
+        for table, table_rows in (rec.get("rows") or {}).items():  # e.g. its gates
+            catalog.replace_rows(table, table_rows, where={"run_id": run["run_id"]})
         report.runs += 1
         report.stage_rows += len(rows)
     store = StageStore(artifacts / "stages")

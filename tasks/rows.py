@@ -44,6 +44,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "baselines": ("run_id",),
     "responses": ("run_id",),
     "judgments": ("run_id", "judge_model", "prompt_version"),
+    "predictions": ("run_id", "stage"),
 }
 
 #: Rows sent again after a resume replace earlier ones with the same key.

@@ -99,6 +99,14 @@ class RunRecorder:
         else:
             self.catalog.end_run(run_id, status)
 
+    # ------------------------------------------------------------------ run-level rows
+    def record_run_rows(self, run_id: str, table: str, rows: list[dict[str, Any]]) -> None:
+        """Replace the run's rows in ``table`` (e.g. its regression gates), in the record
+        and in the catalog."""
+        plain = [{k: _plain_value(v) for k, v in r.items()} for r in rows]
+        self._update(run_id, lambda rec: rec.setdefault("rows", {}).__setitem__(table, plain))
+        self.catalog.replace_rows(table, plain, where={"run_id": run_id})
+
     # ------------------------------------------------------------------ stages
     def record_stage(
         self,
@@ -136,6 +144,14 @@ class RunRecorder:
         self.catalog.replace_rows(
             "stages", [typed_row(row)], where={"run_id": run_id, "stage": stage}
         )
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return _ts(value)
+    if hasattr(value, "item") and not isinstance(value, (str, bytes, list, dict)):
+        return value.item()
+    return value
 
 
 def typed_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,13 @@ import pytest
 
 from gpt.data.parsing import balance_and_split_spam, parse_sms
 from gpt.errors import ConfigError, DataError
-from gpt.eval.baseline import BaselineArgs, binary_metrics, run_baselines
+from gpt.eval.baseline import (
+    BaselineArgs,
+    binary_metrics,
+    evaluate_baselines,
+    prediction_rows,
+    run_baselines,
+)
 
 Splits = dict[str, tuple[list[str], list[int]]]
 
@@ -74,6 +80,64 @@ def test_logreg_baselines_on_real_split(splits: Splits) -> None:
         r = by[("majority", split)]
         assert r["tp"] == r["fp"] == 0 and r["precision"] == 0.0 and r["f1"] == 0.0
         assert r["accuracy"] == pytest.approx(labels.count(0) / len(labels))
+
+
+def test_baseline_predictions_per_example(splits: Splits) -> None:
+    """Every model scores every message: ids follow the split order, labels are the
+    split's, predictions reproduce the metrics rows, and the spam probability is the
+    fitted model's own predict_proba."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    small = {k: (texts[:60], labels[:60]) for k, (texts, labels) in splits.items()}
+    res = evaluate_baselines(small, BaselineArgs(seed=7))
+    assert res.rows == run_baselines(small, BaselineArgs(seed=7))
+    preds = pd.DataFrame(res.predictions)
+    assert set(preds.columns) == {
+        "model",
+        "split",
+        "example_id",
+        "label",
+        "prediction",
+        "prob_spam",
+    }
+    assert len(preds) == 3 * 3 * 60
+    by_row = {(r["model"], r["split"]): r for r in res.rows}
+    for (model, split), g in preds.groupby(["model", "split"]):
+        assert g["example_id"].tolist() == list(range(60))
+        assert g["label"].tolist() == ["spam" if y else "ham" for y in small[split][1]]
+        y = (g["label"] == "spam").astype(int).tolist()
+        p = (g["prediction"] == "spam").astype(int).tolist()
+        assert binary_metrics(y, p) == {
+            k: v
+            for k, v in by_row[(model, split)].items()
+            if k not in ("model", "split", "settings")
+        }
+        assert ((g["prob_spam"] >= 0) & (g["prob_spam"] <= 1)).all()
+        if model != "majority":  # a logistic regression predicts spam iff P(spam) > 0.5
+            assert ((g["prob_spam"] > 0.5) == (g["prediction"] == "spam")).all()
+    # the majority model: P(spam) is 1 for the majority class, else 0
+    maj = preds[preds["model"] == "majority"]
+    train_labels = small["train"][1]
+    majority_is_spam = sum(train_labels) * 2 > len(train_labels)
+    assert set(maj["prob_spam"]) == {1.0 if majority_is_spam else 0.0}
+    # independent refit of the bag-of-words model: the same probabilities
+    ref = LogisticRegression(C=1.0, max_iter=1000, random_state=7)
+    vec = CountVectorizer(lowercase=True)
+    ref.fit(vec.fit_transform(small["train"][0]), train_labels)
+    want = ref.predict_proba(vec.transform(small["test"][0]))[:, 1]
+    got = preds[(preds["model"] == "logreg_bow") & (preds["split"] == "test")]["prob_spam"]
+    assert got.to_numpy() == pytest.approx(want, abs=1e-9)
+
+
+def test_prediction_rows_checks_lengths() -> None:
+    rows = prediction_rows("val", [0, 1], [1, 1], [0.7, None])
+    assert rows == [
+        {"split": "val", "example_id": 0, "label": "ham", "prediction": "spam", "prob_spam": 0.7},
+        {"split": "val", "example_id": 1, "label": "spam", "prediction": "spam", "prob_spam": None},
+    ]
+    with pytest.raises(DataError, match="equally many"):
+        prediction_rows("val", [0, 1], [1], [0.5, 0.5])
 
 
 def test_binary_metrics_against_hand_counts() -> None:

@@ -141,6 +141,18 @@ def test_finetune_metrics_checkpoint_and_classify(
         last = [r for r in per_epoch if r["split"] == split and r["name"] == "accuracy"][-1]
         assert last["value"] == pytest.approx(final[(split, "final_accuracy")])
     assert set(res["timings"]) >= {"load_s", "prefix_cache_s", "train_s", "eval_s", "total_s"}
+    # per-example predictions of the final model: every message of every split, in order
+    preds = res["predictions"]
+    assert len(preds) == sum(len(t) for t, _ in sms_slice.values())
+    for split, (texts, labels) in sms_slice.items():
+        rows = [p for p in preds if p["split"] == split]
+        assert [p["example_id"] for p in rows] == list(range(len(texts)))
+        assert [p["label"] for p in rows] == ["spam" if y else "ham" for y in labels]
+        assert all((p["prediction"] == "spam") == (p["prob_spam"] > 0.5) for p in rows)
+        tp = sum(p["label"] == p["prediction"] == "spam" for p in rows)
+        ok = sum(p["label"] == p["prediction"] for p in rows)
+        assert tp == final[(split, "final_tp")]
+        assert ok / len(rows) == pytest.approx(final[(split, "final_accuracy")])
 
     # the checkpoint: a classifier with labels; classify() reproduces the test metrics
     loaded = load_checkpoint(tmp_path / "clf")
@@ -150,6 +162,10 @@ def test_finetune_metrics_checkpoint_and_classify(
     texts, labels = sms_slice["test"]
     out = classify(tmp_path / "clf", texts)
     assert all(lab in ("ham", "spam") and 0.0 <= p <= 1.0 for lab, p in out)
+    # the stored predictions are the saved classifier's
+    test_preds = [p for p in preds if p["split"] == "test"]
+    assert [lab for lab, _ in out] == [p["prediction"] for p in test_preds]
+    assert [q for _, q in out] == pytest.approx([p["prob_spam"] for p in test_preds], abs=1e-5)
     assert all((lab == "spam") == (p > 0.5) for lab, p in out)
     acc = sum(int((lab == "spam") == bool(y)) for (lab, _), y in zip(out, labels, strict=True))
     assert acc / len(labels) == pytest.approx(final[("test", "final_accuracy")])

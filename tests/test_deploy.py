@@ -96,6 +96,17 @@ def test_prefect_yaml_parses_and_entrypoints_load():
         assert set(dep.get("parameters", {})) <= set(loaded.parameters.properties), name
 
 
+def test_nightly_enforces_the_regression_gates():
+    """The scheduled run fails its flow run when a regression gate fails."""
+    from flows.config import build_config
+
+    nightly = next(d for d in _spec()["deployments"] if d["name"] == "nightly")
+    cfg = build_config(nightly["parameters"]["profile"], nightly["parameters"]["overrides"])
+    assert cfg.judge.required is True
+    assert cfg.gates.enabled is True and cfg.gates.fail_run is True
+    assert cfg.gates.spam_test_max_drop == 1.0 and cfg.gates.judge_mean_must_not_drop
+
+
 def _run_pull_steps() -> Path:
     """Run the file's pull steps; the folder they changed into (checked against the
     ``directory`` output Prefect passes on)."""
@@ -169,7 +180,10 @@ def test_prefect_deploy_accepts_the_file(prefect_server):
     nightly = deps["gptflow-pipeline/nightly"]
     assert nightly.entrypoint == "flows/pipeline.py:gptflow_pipeline"
     assert nightly.work_pool_name == "gptflow"
-    assert nightly.parameters == {"profile": "cpu", "overrides": ["judge.required=true"]}
+    assert nightly.parameters == {
+        "profile": "cpu",
+        "overrides": ["judge.required=true", "gates.fail_run=true"],
+    }
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [
         ("0 3 * * *", "UTC", True)
     ]

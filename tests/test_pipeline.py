@@ -204,7 +204,9 @@ def test_required_judge_fails_the_flow_before_any_compute(prefect_server, env):
 def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, tmp_path, mirror):
     """base_model='gpt2' takes the real path: download a size's seven release files from
     the mirror, import the TF checkpoint, finetune from it. The release here is a tiny
-    random checkpoint in OpenAI's exact layout (the real one can't be had offline)."""
+    random checkpoint in OpenAI's exact layout (the real one can't be had offline), as the
+    1558M size: the 124M files have published digests a fake release cannot match, the
+    1558M ones are held to their first verified download instead (trust on first use)."""
     pytest.importorskip("tensorflow", reason="tensorflow reads OpenAI's checkpoint")
     import numpy as np
     from test_openai_import import openai_arrays, write_openai_checkpoint
@@ -217,7 +219,7 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
     fake.mkdir()
     for name in ("the-verdict.txt", "sms+spam+collection.zip", "instruction-data.json"):
         (fake / name).symlink_to(mirror / name)
-    release = fake / "gpt2" / "124M"
+    release = fake / "gpt2" / "1558M"
     hp = {"n_vocab": 50257, "n_ctx": 256, "n_embd": 16, "n_head": 2, "n_layer": 2}
     arrays = openai_arrays(hp, seed=7)
     write_openai_checkpoint(release, hp, arrays)
@@ -226,7 +228,8 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
         (release / name).symlink_to(mirror / "gpt2" / name)
     over = [
         "load_gpt2.base_model=gpt2",
-        "load_gpt2.instruct_size=124M",
+        "load_gpt2.spam_size=1558M",
+        "load_gpt2.instruct_size=1558M",
         "judge.hosts=http://127.0.0.1:9",
         "judge.models=judge-c",
     ]
@@ -235,7 +238,7 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
     assert res["stages"]["load_gpt2"]["status"] == "completed"
     assert res["stages"]["finetune_spam"]["status"] == "completed"
     cat = Catalog()
-    src = cat.query_df("SELECT name FROM sources WHERE name LIKE 'gpt2-124M:%'")
+    src = cat.query_df("SELECT name FROM sources WHERE name LIKE 'gpt2-1558M:%'")
     assert len(src) == 7
     ck = cat.query_df(
         "SELECT path FROM checkpoints WHERE run_id=? AND stage='load_gpt2'", [res["run_id"]]
@@ -244,7 +247,7 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
     np.testing.assert_array_equal(loaded.model.tok_emb.weight.detach().numpy(), arrays["model/wte"])
     np.testing.assert_array_equal(loaded.model.pos_emb.weight.detach().numpy(), arrays["model/wpe"])
     ppl = cat.query_df(
-        "SELECT value FROM metrics WHERE run_id=? AND stage='load_gpt2' AND name='perplexity_124M'",
+        "SELECT value FROM metrics WHERE run_id=? AND stage='load_gpt2' AND name='perplexity_1558M'",
         [res["run_id"]],
     ).value[0]
     assert np.isfinite(ppl) and ppl > 1

@@ -210,25 +210,36 @@ def test_report_content(catalog):
     assert "**No scores:** the judge stage was skipped" in body
     # checkpoints named by path, in words
     assert "/stages/pretrain/k1/final`" in body and "on the machine that ran" in body
-    assert "## Gates" not in body  # no gates table in this catalog
+    assert "## Gates" in body and "No gates were evaluated for this run." in body
 
 
-def test_gates_section_when_the_table_exists(catalog):
-    import duckdb
-
-    with duckdb.connect(str(catalog.path)) as con:
-        con.execute(
-            "CREATE TABLE gates (run_id VARCHAR, gate VARCHAR, passed BOOLEAN, value DOUBLE, "
-            "threshold DOUBLE, compared_to_run VARCHAR, message VARCHAR)"
-        )
-        con.execute(
-            "INSERT INTO gates VALUES ('new', 'spam_test_accuracy', false, 0.875, 0.89, 'old', "
-            "'spam test accuracy fell 2.5 points below run old (limit 1)'), "
-            "('new', 'beats_baseline', true, 0.875, 0.9, NULL, NULL)"
-        )
+def test_gates_section_when_the_run_has_gates(catalog):
+    catalog.replace_rows(
+        "gates",
+        [
+            {
+                "run_id": "new",
+                "gate": "spam_test_accuracy",
+                "scope": "test",
+                "passed": False,
+                "value": 0.875,
+                "threshold": 0.89,
+                "compared_to_run": "old",
+                "message": "spam test accuracy fell 2.5 points below run old (limit 1)",
+            },
+            {
+                "run_id": "new",
+                "gate": "beats_baseline",
+                "passed": True,
+                "value": 0.875,
+                "threshold": 0.9,
+            },
+        ],
+        where={"run_id": "new"},
+    )
     body = _without_images(to_markdown(build_report(catalog, "new")))
     assert "## Gates" in body and "1 of 2 gates passed." in body
-    assert "| spam\\_test\\_accuracy | **FAILED** | 0.875 | 0.89 | `old` |" in body
+    assert "| spam\\_test\\_accuracy (test) | **FAILED** | 0.875 | 0.89 | `old` |" in body
     assert "| beats\\_baseline | passed | 0.875 | 0.9 | — |   |" in body
 
 

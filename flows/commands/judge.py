@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         rec.start_run(
             run_id,
             flow_run_id=None,
-            profile=None,
+            profile="judge",  # a judge-only run (`gptflow judge`)
             config={"judge": cfg.to_dict()},
             git_rev=git_revision(),
         )

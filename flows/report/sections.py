@@ -532,7 +532,9 @@ def gates_section(d: RunData) -> list[Block]:
     """Regression gates of this run (the ``gates`` table, when the catalog has it)."""
     if not d.has("gates"):
         return []
-    df = d.cat.query_df("SELECT * FROM gates WHERE run_id = ? ORDER BY gate", [d.run_id])
+    from tasks.gates import GATES_QUERY
+
+    df = d.cat.query_df(GATES_QUERY, [d.run_id])
     if df.empty:
         return [Heading("Gates"), Para(text("No gates were evaluated for this run."))]
     rows = []
@@ -540,9 +542,11 @@ def gates_section(d: RunData) -> list[Block]:
         passed = r.get("passed")
         verdict = fmt.MISSING if fmt.is_missing(passed) else ("passed" if passed else "FAILED")
         ref = r.get("compared_to_run")
+        scope = r.get("scope")
+        gate = str(r.get("gate")) + (f" ({scope})" if not fmt.is_missing(scope) else "")
         rows.append(
             (
-                str(r.get("gate")),
+                gate,
                 join(bold(verdict)) if verdict == "FAILED" else verdict,
                 fmt.number(r.get("value")),
                 fmt.number(r.get("threshold")),

@@ -7,7 +7,9 @@ Labels follow the classifier: ham = 0, spam = 1 (spam is the positive class).
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -17,6 +19,9 @@ from gpt.errors import DataError
 log = logging.getLogger(__name__)
 
 Splits = dict[str, tuple[list[str], list[int]]]
+
+#: Names of the labels 0 and 1, as ``spam_examples.label`` stores them.
+LABEL_NAMES = ("ham", "spam")
 
 
 class BaselineArgs(Args):
@@ -59,6 +64,43 @@ def binary_metrics(y_true: list[int], y_pred: list[int]) -> dict[str, float | in
     }
 
 
+def prediction_rows(
+    split: str,
+    labels: Sequence[int],
+    predictions: Sequence[int],
+    prob_spam: Sequence[float | None],
+) -> list[dict[str, Any]]:
+    """One row per message of a split: ``{split, example_id, label, prediction,
+    prob_spam}`` with ``example_id`` = the message's index in the split (the ``idx`` of
+    ``spam/splits.json``) and labels named ``ham``/``spam``."""
+    if not len(labels) == len(predictions) == len(prob_spam):
+        raise DataError(
+            f"split {split!r}: {len(labels)} labels, {len(predictions)} predictions and "
+            f"{len(prob_spam)} probabilities; they must be equally many"
+        )
+    return [
+        {
+            "split": split,
+            "example_id": i,
+            "label": LABEL_NAMES[int(y)],
+            "prediction": LABEL_NAMES[int(p)],
+            "prob_spam": None if q is None else float(q),
+        }
+        for i, (y, p, q) in enumerate(zip(labels, predictions, prob_spam, strict=True))
+    ]
+
+
+@dataclass
+class BaselineResult:
+    """What :func:`evaluate_baselines` computed."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """One metrics row per (model, split), as :func:`run_baselines` returns them."""
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    """One row per (model, split, message): ``{model, split, example_id, label,
+    prediction, prob_spam}`` (:func:`prediction_rows` plus the model)."""
+
+
 def _check_splits(splits: Splits, train_split: str) -> None:
     if train_split not in splits:
         raise DataError(f"spam splits have no {train_split!r} split (have {sorted(splits)})")
@@ -78,6 +120,23 @@ def run_baselines(splits: Splits, args: BaselineArgs | None = None) -> list[dict
     Returns one row per (model, split): ``{model, split, accuracy, precision, recall,
     f1, tn, fp, fn, tp, settings}`` with model in majority / logreg_bow / logreg_tfidf.
     """
+    return evaluate_baselines(splits, args).rows
+
+
+def _spam_probabilities(model: Any, texts: list[str]) -> list[float | None]:
+    """P(spam) per text from ``predict_proba`` (None for a model without it)."""
+    if not hasattr(model, "predict_proba"):
+        return [None] * len(texts)
+    classes = [int(c) for c in model.classes_]
+    if 1 not in classes:
+        return [0.0] * len(texts)
+    col = classes.index(1)
+    return [float(p[col]) for p in model.predict_proba(texts)]
+
+
+def evaluate_baselines(splits: Splits, args: BaselineArgs | None = None) -> BaselineResult:
+    """:func:`run_baselines`' rows plus every model's per-message predictions with the
+    probability of spam (``predict_proba``)."""
     from sklearn.dummy import DummyClassifier
     from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -111,13 +170,19 @@ def run_baselines(splits: Splits, args: BaselineArgs | None = None) -> list[dict
         )
         models.append((f"logreg_{feat}", pipe, settings))
 
-    rows: list[dict] = []
+    result = BaselineResult()
     for name, model, settings in models:
         model.fit(list(x_train), list(y_train))  # type: ignore[attr-defined]
         settings = {**settings, "train_split": args.train_split, "n_train": len(x_train)}
         for split, (texts, labels) in splits.items():
             pred = [int(p) for p in model.predict(list(texts))]  # type: ignore[attr-defined]
             metrics = binary_metrics(list(labels), pred)
-            rows.append({"model": name, "split": split, **metrics, "settings": dict(settings)})
+            result.rows.append(
+                {"model": name, "split": split, **metrics, "settings": dict(settings)}
+            )
+            probs = _spam_probabilities(model, list(texts))
+            result.predictions += [
+                {"model": name, **r} for r in prediction_rows(split, list(labels), pred, probs)
+            ]
             log.info("baseline %s %s accuracy %.4f", name, split, metrics["accuracy"])
-    return rows
+    return result

@@ -341,9 +341,14 @@ def finetune_classifier(
     Emits metrics rows ``{step, epoch, seen, split, name, value}`` through
     ``on_metrics`` (per-epoch ``loss``/``accuracy`` per split, then ``final_*`` rows),
     saves a classifier checkpoint to ``out_dir`` and returns a JSON-able summary.
+
+    The summary's ``predictions`` lists, per split and message, the final model's
+    ``{split, example_id, label, prediction, prob_spam}`` (``example_id`` = the message's
+    index in its split; labels ``ham``/``spam``), as
+    :func:`gpt.eval.baseline.prediction_rows` builds them.
     """
     from gpt.checkpoint import load_checkpoint, save_checkpoint
-    from gpt.eval.baseline import binary_metrics
+    from gpt.eval.baseline import binary_metrics, prediction_rows
 
     args = args or SpamArgs()
     _check_splits(splits)
@@ -414,10 +419,12 @@ def finetune_classifier(
 
     t0 = time.perf_counter()
     final: dict[str, dict[str, float | int]] = {}
+    predictions: list[dict[str, Any]] = []
     for split, data in datasets.items():
-        _, preds, _ = _evaluate(model, data, n_frozen, args.cache_chunk, device)
+        _, preds, probs = _evaluate(model, data, n_frozen, args.cache_chunk, device)
         m = binary_metrics(data.labels.tolist(), preds)
         final[split] = m
+        predictions += prediction_rows(split, data.labels.tolist(), preds, probs)
         emit([_row(step, args.epochs, seen, split, f"final_{k}", v) for k, v in m.items()])
     timings["final_eval_s"] = time.perf_counter() - t0
 
@@ -450,6 +457,7 @@ def finetune_classifier(
         "examples_seen": seen,
         "step_losses": losses,
         "final": final,
+        "predictions": predictions,
         "timings": timings,
         "prefix_cache_build_s": timings["prefix_cache_s"],
         "args": args.to_dict(),

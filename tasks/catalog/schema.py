@@ -262,8 +262,86 @@ _V3_JUDGE_RELIABILITY = [
      AND k.judge_a = st.judge_a AND k.judge_b = st.judge_b""",
 ]
 
+_V4_EVALUATION = [
+    # Per-example spam predictions of the finetuned classifier (stage finetune_spam,
+    # model 'finetuned') and of each baseline (stage baseline_spam); example_id is the
+    # message's index in its split (spam_examples.idx); labels 'ham' / 'spam'.
+    """CREATE TABLE IF NOT EXISTS predictions (
+        run_id VARCHAR,
+        stage VARCHAR,
+        model VARCHAR,
+        split VARCHAR,
+        example_id INTEGER,
+        label VARCHAR,
+        prediction VARCHAR,
+        prob_spam DOUBLE)""",
+    # Regression gates evaluated at the end of a run; passed NULL = not evaluated.
+    """CREATE TABLE IF NOT EXISTS gates (
+        run_id VARCHAR,
+        gate VARCHAR,
+        scope VARCHAR,
+        passed BOOLEAN,
+        value DOUBLE,
+        threshold DOUBLE,
+        compared_to_run VARCHAR,
+        message VARCHAR,
+        evaluated_at TIMESTAMP)""",
+    # The run whose rows a run's stage reads: the judge's belong to the run whose
+    # responses it scored (outputs.responses_run_id); a cached stage's to the run that
+    # computed them (outputs.producer_run_id); otherwise the run itself.
+    """CREATE OR REPLACE VIEW stage_producers AS
+    SELECT run_id, stage,
+           coalesce(outputs->>'responses_run_id', outputs->>'producer_run_id', run_id)
+               AS producer_run_id
+    FROM stages""",
+    # spam_accuracy again, resolving each run's finetune_spam / baseline_spam rows
+    # through the stage's producing run (a run without a stage row reads its own rows).
+    """CREATE OR REPLACE VIEW spam_accuracy AS
+    WITH ft_rows AS (
+        SELECT run_id, split, arg_max(value, time) AS finetuned
+        FROM metrics
+        WHERE stage = 'finetune_spam' AND name = 'final_accuracy'
+        GROUP BY run_id, split),
+    bl_rows AS (
+        SELECT run_id, split,
+               max(accuracy) FILTER (WHERE model = 'logreg_bow') AS logreg_bow,
+               max(accuracy) FILTER (WHERE model = 'logreg_tfidf') AS logreg_tfidf,
+               max(accuracy) FILTER (WHERE model = 'majority') AS majority
+        FROM baselines
+        GROUP BY run_id, split),
+    src AS (
+        SELECT run_id, stage, producer_run_id FROM stage_producers
+        WHERE stage IN ('finetune_spam', 'baseline_spam')
+        UNION
+        SELECT DISTINCT r.run_id, 'finetune_spam', r.run_id FROM ft_rows r
+        WHERE NOT EXISTS (SELECT 1 FROM stages s
+                          WHERE s.run_id = r.run_id AND s.stage = 'finetune_spam')
+        UNION
+        SELECT DISTINCT r.run_id, 'baseline_spam', r.run_id FROM bl_rows r
+        WHERE NOT EXISTS (SELECT 1 FROM stages s
+                          WHERE s.run_id = r.run_id AND s.stage = 'baseline_spam')),
+    ft AS (
+        SELECT s.run_id, r.split, r.finetuned
+        FROM src s JOIN ft_rows r ON r.run_id = s.producer_run_id
+        WHERE s.stage = 'finetune_spam'),
+    bl AS (
+        SELECT s.run_id, r.split, r.logreg_bow, r.logreg_tfidf, r.majority
+        FROM src s JOIN bl_rows r ON r.run_id = s.producer_run_id
+        WHERE s.stage = 'baseline_spam'),
+    k AS (SELECT run_id, split FROM ft UNION SELECT run_id, split FROM bl)
+    SELECT k.run_id, k.split, ft.finetuned, bl.logreg_bow, bl.logreg_tfidf, bl.majority
+    FROM k
+    LEFT JOIN ft ON ft.run_id = k.run_id AND ft.split IS NOT DISTINCT FROM k.split
+    LEFT JOIN bl ON bl.run_id = k.run_id AND bl.split IS NOT DISTINCT FROM k.split""",
+]
+
 #: Append-only list of schema steps; step ``i`` (0-based) brings the schema to ``i + 1``.
-MIGRATIONS: list[list[str]] = [_V1_CORE, _V2_LATER_STAGES, _V3_JUDGE_RELIABILITY]
+MIGRATIONS: list[list[str]] = [
+    _V1_CORE,
+    _V2_LATER_STAGES,
+    _V3_JUDGE_RELIABILITY,
+    _V4_EVALUATION,
+]
 
 #: The schema version this code writes.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -285,12 +363,21 @@ KNOWN_TABLES = frozenset(
         "responses",
         "judgments",
         "benchmarks",
+        "predictions",
+        "gates",
     }
 )
 
 #: Views created by the migrations.
 KNOWN_VIEWS = frozenset(
-    {"spam_accuracy", "eval_summary", "eval_examples", "judge_spread", "judge_agreement"}
+    {
+        "spam_accuracy",
+        "eval_summary",
+        "eval_examples",
+        "judge_spread",
+        "judge_agreement",
+        "stage_producers",
+    }
 )
 
 

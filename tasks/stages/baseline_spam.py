@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gpt.eval.baseline import BaselineArgs, run_baselines
+from gpt.eval.baseline import BaselineArgs, evaluate_baselines
 from gpt.recipes.prepare import load_spam_splits
 from tasks.cache import StageOutput
 from tasks.stages.base import StageOut, StageRun, stage
@@ -23,8 +23,13 @@ class BaselineOut(StageOut):
 @stage("baseline_spam")
 def baseline_spam(run: StageRun, args: BaselineArgs, tokenize: StageOutput) -> BaselineOut:
     splits = load_spam_splits(tokenize.path(tokenize.out.spam_splits))
-    rows = run_baselines(splits, args)
+    result = evaluate_baselines(splits, args)  # metrics rows + per-example predictions
+    rows = result.rows
     run.rows.add("baselines", [{"run_id": run.producer, **r} for r in rows])
+    run.rows.add(
+        "predictions",
+        [{"run_id": run.producer, "stage": run.stage, **r} for r in result.predictions],
+    )
     rel = "baselines.json"
     (run.work / rel).write_text(json.dumps(rows, indent=1, default=str), encoding="utf-8")
     return BaselineOut(baselines_json=rel, rows=json.loads(json.dumps(rows, default=str)))

@@ -42,6 +42,13 @@ def finetune_spam(
         on_metrics=run.metrics_sink(),
         progress=run.progress,
     )
+    run.rows.add(  # per-example predictions: rows for the catalog, not the result
+        "predictions",
+        [
+            {"run_id": run.producer, "stage": run.stage, "model": "finetuned", **r}
+            for r in res.pop("predictions")
+        ],
+    )
     folder = Path(res["checkpoint"]).relative_to(run.work).as_posix()
     run.record_checkpoint(folder)
     return SpamOut(

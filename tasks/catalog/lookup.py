@@ -1,0 +1,114 @@
+"""Finding runs and the rows that belong to them.
+
+A cached stage's rows belong to the run that computed them: ``stage_producers`` (a view
+over ``stages``) names, per run and stage, the run whose rows to read. A run without a
+stage row (e.g. one made by ``gptflow judge --responses FILE --run NAME``) reads its own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from gpt.errors import CatalogError
+
+if TYPE_CHECKING:
+    from tasks.catalog import Catalog
+
+#: Tables a run id may appear in (to recognise runs that have no ``runs`` row).
+_RUN_TABLES = ("runs", "stages", "responses", "judgments", "metrics", "predictions", "baselines")
+
+
+def run_ids_like(cat: Catalog, ref: str) -> list[str]:
+    """Run ids equal to ``ref``, else those starting with it, from every table that
+    holds run rows."""
+    union = " UNION ".join(f"SELECT DISTINCT run_id FROM {t}" for t in _RUN_TABLES)
+    df = cat.query_df(
+        f"SELECT run_id FROM ({union}) WHERE run_id = ? OR starts_with(run_id, ?) ORDER BY run_id",
+        [ref, ref],
+    )
+    ids = [str(x) for x in df["run_id"]]
+    return [ref] if ref in ids else ids
+
+
+def resolve_run(cat: Catalog, ref: str) -> str:
+    """The run id ``ref`` names (the full id or a unique prefix of it)."""
+    ids = run_ids_like(cat, ref)
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise CatalogError(
+            f"no run {ref!r} in the catalog {cat.path}; list the runs with `gptflow runs` "
+            "(or `gptflow evals` for runs made by `gptflow judge`)"
+        )
+    shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+    raise CatalogError(f"run {ref!r} is ambiguous in {cat.path}: it starts {shown}; give more")
+
+
+def latest_completed_runs(cat: Catalog, n: int = 2) -> list[str]:
+    """The ``n`` most recently started completed runs, newest first."""
+    df = cat.query_df(
+        "SELECT run_id FROM runs WHERE status = 'completed' "
+        "ORDER BY started_at DESC NULLS LAST, run_id DESC LIMIT ?",
+        [n],
+    )
+    return [str(x) for x in df["run_id"]]
+
+
+def previous_completed_run(cat: Catalog, run_id: str, *, passed_only: bool = False) -> str | None:
+    """The latest completed run of ``run_id``'s profile started before it (with
+    ``passed_only``: of those, the latest none of whose gates failed)."""
+    gate_filter = (
+        "AND NOT EXISTS (SELECT 1 FROM gates g WHERE g.run_id = r.run_id AND g.passed = false)"
+        if passed_only
+        else ""
+    )
+    df = cat.query_df(
+        "SELECT r.run_id FROM runs r, (SELECT profile, started_at FROM runs WHERE run_id = ?) me "
+        "WHERE r.status = 'completed' AND r.run_id <> ? "
+        "AND r.profile IS NOT DISTINCT FROM me.profile AND r.started_at < me.started_at "
+        f"{gate_filter} ORDER BY r.started_at DESC LIMIT 1",
+        [run_id, run_id],
+    )
+    return str(df["run_id"].iloc[0]) if len(df) else None
+
+
+def producers(cat: Catalog, run_id: str) -> dict[str, str]:
+    """``{stage: run whose rows the stage's results are}`` for every stage of the run."""
+    df = cat.query_df(
+        "SELECT stage, producer_run_id FROM stage_producers WHERE run_id = ?", [run_id]
+    )
+    return {str(s): str(p) for s, p in zip(df["stage"], df["producer_run_id"], strict=True)}
+
+
+def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:
+    """The ``runs`` row of a run (config parsed) with how many gates were evaluated and
+    failed, or only its id when it has no row."""
+    df = cat.query_df(
+        "SELECT run_id, profile, status, started_at, ended_at, git_rev, config FROM runs "
+        "WHERE run_id = ?",
+        [run_id],
+    )
+    if df.empty:
+        return {"run_id": run_id, "config": None}
+    row = df.iloc[0].to_dict()
+    cfg = row.get("config")
+    row["config"] = json.loads(cfg) if isinstance(cfg, str) else None
+    gates = cat.query_df(
+        "SELECT count(*) AS n, count(*) FILTER (WHERE passed = false) AS failed FROM gates "
+        "WHERE run_id = ?",
+        [run_id],
+    )
+    row["gates_evaluated"] = int(gates["n"].iloc[0])
+    row["gates_failed"] = int(gates["failed"].iloc[0])
+    return row
+
+
+__all__ = [
+    "latest_completed_runs",
+    "previous_completed_run",
+    "producers",
+    "resolve_run",
+    "run_ids_like",
+    "run_info",
+]

@@ -1,0 +1,138 @@
+"""Regression gates at the end of a pipeline run: evaluate, store in ``gates``, and fail
+the flow run (after everything is stored) when a gate failed and ``gates.fail_run``.
+
+The rules are :mod:`gpt.eval.gates`; the numbers come from the catalog through
+:mod:`tasks.catalog.compare`, so cached stages count as the run's own results.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from gpt.eval.gates import (
+    GATE_SPLIT,
+    GateFailedError,
+    GateResult,
+    GatesArgs,
+    baseline_gate,
+    failed,
+    judge_mean_gate,
+    spam_drop_gate,
+)
+from tasks.catalog import utcnow
+from tasks.catalog.compare import judge_ci, judge_pairs
+from tasks.catalog.lookup import previous_completed_run
+from tasks.catalog.rundata import RunData
+from tasks.runlog import RunRecorder
+
+if TYPE_CHECKING:
+    from tasks.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+#: Columns of the ``gates`` table, for the report: ``SELECT`` them ``WHERE run_id = ?``.
+GATES_QUERY = (
+    "SELECT gate, scope, passed, value, threshold, compared_to_run, message FROM gates "
+    "WHERE run_id = ? ORDER BY gate, scope"
+)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow run
+        return log
+
+
+def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResult]:
+    """Every enabled gate's verdict on ``run_id`` (nothing stored)."""
+    prev = previous_completed_run(cat, run_id, passed_only=args.compare_to == "last_passed")
+    results: list[GateResult] = []
+    me = RunData(cat, run_id)
+    before = RunData(cat, prev) if prev else None
+    acc = me.accuracies
+    if args.spam_test_max_drop is not None:
+        prev_acc = before.accuracies.get("finetuned", {}) if before else {}
+        results.append(
+            spam_drop_gate(
+                acc.get("finetuned", {}).get(GATE_SPLIT),
+                prev_acc.get(GATE_SPLIT),
+                args.spam_test_max_drop,
+                prev,
+            )
+        )
+    if args.judge_mean_must_not_drop:
+        results += _judge_gates(me, before, args)
+    if args.finetuned_beats_best_baseline:
+        baselines = {
+            m: a[GATE_SPLIT] for m, a in acc.items() if m != "finetuned" and GATE_SPLIT in a
+        }
+        results.append(baseline_gate(acc.get("finetuned", {}).get(GATE_SPLIT), baselines))
+    return results
+
+
+def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[GateResult]:
+    if before is None:
+        return [judge_mean_gate(None, "judge", None)]
+    prev = before.run_id
+    notes: list[str] = []
+    pairs = judge_pairs(before, me, notes)
+    cis = judge_ci(
+        pairs, n_resamples=args.bootstrap_resamples, confidence=args.confidence, seed=args.seed
+    )
+    if not cis:
+        why = "; ".join(notes) or "no examples scored by the same judge in both runs"
+        why = why.replace("run A", f"run {prev}").replace("run B", "this run")
+        return [judge_mean_gate(None, "judge", prev, why)]
+    return [judge_mean_gate(ci, f"{jm} {pv}", prev) for (jm, pv), ci in cis.items()]
+
+
+def record_gates(
+    cat: Catalog, run_id: str, results: list[GateResult], recorder: RunRecorder | None = None
+) -> None:
+    """Replace the run's rows in ``gates`` with ``results`` (one transaction); with a
+    ``recorder`` they are kept in the run's record too (so a rebuilt catalog has them)."""
+    now = utcnow()
+    rows = [{"run_id": run_id, **r.to_dict(), "evaluated_at": now} for r in results]
+    if recorder is not None:
+        recorder.record_run_rows(run_id, "gates", rows)
+    else:
+        cat.replace_rows("gates", rows, where={"run_id": run_id})
+
+
+def run_gates(
+    cat: Catalog, run_id: str, args: GatesArgs, *, recorder: RunRecorder | None = None
+) -> list[GateResult]:
+    """Evaluate and store the gates of a finished run; never raises for a failed gate
+    (see :func:`raise_for_gates`). When the gates are not enforced (``fail_run`` false)
+    an error while evaluating them is logged, not raised."""
+    logger = _logger()
+    if not args.enabled:
+        return []
+    try:
+        results = evaluate_gates(cat, run_id, args)
+        record_gates(cat, run_id, results, recorder)
+    except Exception as exc:
+        if args.fail_run:
+            raise
+        logger.warning("could not evaluate the regression gates: %s", exc)
+        return []
+    for r in results:
+        state = {True: "passed", False: "FAILED", None: "not evaluated"}[r.passed]
+        level = logging.WARNING if r.passed is False else logging.INFO
+        logger.log(level, "gate %s [%s] %s: %s", r.gate, r.scope, state, r.message)
+    return results
+
+
+def raise_for_gates(run_id: str, results: list[GateResult], args: GatesArgs) -> None:
+    """Raise :class:`~gpt.eval.gates.GateFailedError` naming every failed gate when
+    ``args.fail_run`` is set (call it after everything else is stored)."""
+    bad = failed(results)
+    if bad and args.enabled and args.fail_run:
+        raise GateFailedError(run_id, bad)
+
+
+__all__ = ["GATES_QUERY", "evaluate_gates", "raise_for_gates", "record_gates", "run_gates"]
