@@ -580,7 +580,8 @@ def train_lm(
         from gpt.generate import generate
 
         prompt_ids = tokenizer.encode(sample_prompt)
-        new = generate(engine.eval_module, [prompt_ids], sample_tokens)[0]  # type: ignore[arg-type]
+        with engine.unsharded() as module:
+            new = generate(module, [prompt_ids], sample_tokens)[0]  # type: ignore[arg-type]
         row = {
             "epoch": prog.epoch + 1,
             "step": prog.step,

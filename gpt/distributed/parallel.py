@@ -10,6 +10,7 @@ either strategy, resumes under any of them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Iterator, Sequence
@@ -101,6 +102,20 @@ class TrainEngine:
             self.train_module = self.eval_module = sharded
         else:
             self.train_module = self.eval_module = model
+
+    @contextlib.contextmanager
+    def unsharded(self) -> Iterator[nn.Module]:
+        """``eval_module`` with the root's own parameters gathered, for code that calls
+        its submodules or methods other than ``forward`` (e.g. generation, which runs
+        ``hidden``). Collective under FSDP: every rank must enter it."""
+        if self._sharded is None:
+            yield self.eval_module
+            return
+        self._sharded.unshard()  # type: ignore[operator]
+        try:
+            yield self._sharded
+        finally:
+            self._sharded.reshard()  # type: ignore[operator]
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (sharded ones under FSDP)."""
