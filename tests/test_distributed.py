@@ -206,6 +206,33 @@ def test_one_process_runs_in_this_process(tmp_path: Path) -> None:
         )  # fmt: skip
 
 
+def test_event_channel_forwards_complete_lines_once(tmp_path: Path) -> None:
+    """What rank 0's callbacks write is forwarded in order, once, and a line still being
+    written waits for its newline."""
+    from gpt.distributed.launch import _EventForwarder
+    from gpt.distributed.worker import EventChannel
+
+    events = tmp_path / "events.jsonl"
+    got: list[tuple[str, Any]] = []
+    fwd = _EventForwarder(
+        events,
+        {"on_metrics": lambda rows: got.append(("m", rows)), "on_sample": lambda s: got.append(("s", s))},
+    )  # fmt: skip
+    fwd.pump()  # no file yet
+    EventChannel(events, "on_metrics")([{"step": 1, "value": float("nan")}])
+    EventChannel(events, "on_sample")({"text": "hi", "path": tmp_path})
+    with open(events, "a", encoding="utf-8") as f:
+        f.write('{"callback": "on_metrics", "args": [[{"step": 2}]')  # no newline yet
+    fwd.pump()
+    assert [g[0] for g in got] == ["m", "s"] and got[1][1] == {"text": "hi", "path": tmp_path}
+    assert got[0][1][0]["step"] == 1 and got[0][1][0]["value"] != got[0][1][0]["value"]
+    with open(events, "a", encoding="utf-8") as f:
+        f.write("]}\n")
+    fwd.pump()
+    fwd.pump()
+    assert got[2] == ("m", [{"step": 2}]) and len(got) == 3
+
+
 # --------------------------------------------------------------------------- pretrain
 
 
@@ -297,8 +324,10 @@ def test_killed_two_process_run_resumes_equal(
 
 @pytest.mark.slow
 def test_batch_that_does_not_split_is_a_config_error(
-    lm_tokens, tokenizer_dir: Path, tmp_path: Path
+    lm_tokens, tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The rank's ConfigError comes back as a ConfigError (torchrun's failure as its
+    cause); with ``echo`` the ranks' output reached this process's stderr."""
     kwargs = _lm_kwargs(lm_tokens, tokenizer_dir, tmp_path / "out")
     kwargs["args"] = LM_ARGS.replace(batch_size=3)
     with pytest.raises(ConfigError, match="batch_size=3 cannot be split evenly over 2") as info:
@@ -308,8 +337,10 @@ def test_batch_that_does_not_split_is_a_config_error(
             DistributedArgs(nproc=2),
             workdir=tmp_path / "work",
             timeout_s=300,
+            echo=True,
         )
     assert isinstance(info.value.__cause__, DistributedError)
+    assert "gpt.errors.ConfigError: batch_size=3" in capsys.readouterr().err
     assert not (tmp_path / "out" / "last").exists()
 
 

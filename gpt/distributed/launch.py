@@ -178,6 +178,7 @@ def run_distributed(
     callbacks: dict[str, Callable[..., Any] | None] | None = None,
     timeout_s: float | None = None,
     poll_s: float = 0.2,
+    echo: bool = False,
 ) -> Any:
     """Call ``target(**kwargs, **callbacks)`` on ``args.world_size`` processes and return
     rank 0's result.
@@ -188,7 +189,8 @@ def run_distributed(
     that are callables (e.g. ``{"on_metrics": sink, "on_sample": sink}``; None values
     are dropped); under torchrun only rank 0 gets them, and each call reaches the
     callable here, in this process, within ``poll_s`` seconds, with JSON-decoded
-    arguments.
+    arguments. ``echo``: copy torchrun's stderr (every rank's log lines, rank 0's
+    progress bars) to this process's stderr as it comes.
 
     With ``args.world_size == 1`` the function runs in this process (no torchrun,
     no process group; ``workdir`` unused). Otherwise ``workdir`` (created; files of an
@@ -227,6 +229,20 @@ def run_distributed(
     cmd = launch_command(args, workdir)
     log.info("running %s: %s", what, " ".join(cmd))
     forwarder = _EventForwarder(workdir / EVENTS, cbs)
+    echoed = 0
+
+    def pump() -> None:
+        nonlocal echoed
+        forwarder.pump()
+        if echo:
+            with open(workdir / STDERR, "rb") as f:
+                f.seek(echoed)
+                data = f.read()
+            echoed += len(data)
+            if data:
+                sys.stderr.write(data.decode("utf-8", errors="replace"))
+                sys.stderr.flush()
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with open(workdir / STDOUT, "wb") as out, open(workdir / STDERR, "wb") as err:
         proc = subprocess.Popen(
@@ -235,7 +251,7 @@ def run_distributed(
         (workdir / PID).write_text(str(proc.pid), encoding="utf-8")
         try:
             while proc.poll() is None:
-                forwarder.pump()
+                pump()
                 if deadline is not None and time.monotonic() > deadline:
                     _stop(proc, workdir)
                     raise DistributedError(
@@ -243,7 +259,7 @@ def run_distributed(
                         f"last lines of {workdir / STDERR}:\n{_tail(workdir / STDERR)}"
                     )
                 time.sleep(poll_s)
-            forwarder.pump()
+            pump()
         except BaseException:
             _stop(proc, workdir)
             raise
