@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 
 LAST = "last"
 _STATE_VERSION = 1
-IGNORE_INDEX = -100
 
 
 class LMTrainArgs(Args):
@@ -384,67 +383,6 @@ def _load_resume(
     return prog, rng, ts.get("epoch_rng")
 
 
-@torch.no_grad()
-def _evaluate_sharded(
-    module: nn.Module, loader: Any, max_batches: int, device: torch.device
-) -> float:
-    """:func:`evaluate_lm` under a process group: every rank iterates the same batches
-    (so shuffling generators advance alike), runs its shard of each and the per-batch
-    loss sums are all-reduced; the result is the average of per-batch mean losses."""
-    n = len(loader)
-    if n == 0:
-        return float("nan")
-    limit = min(max_batches, n)
-    was_training = module.training
-    module.eval()
-    sums, counts = [], []
-    try:
-        for i, (x, y) in enumerate(loader):
-            if i >= limit:
-                break
-            counts.append(int((y != IGNORE_INDEX).sum()))
-            xs, ys = gd.shard(x).to(device), gd.shard(y).to(device)
-            logits = module(xs)
-            sums.append(
-                F.cross_entropy(logits.flatten(0, 1).float(), ys.flatten(), reduction="sum")
-            )
-    finally:
-        module.train(was_training)
-    total = gd.all_reduce_sum(torch.stack(sums).double())
-    means = [float(s) / c if c else float("nan") for s, c in zip(total, counts, strict=True)]
-    return sum(means) / len(means)
-
-
-def _sharded_step(
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    params: list[nn.Parameter],
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    device: torch.device,
-    *,
-    lr: float,
-    grad_clip: float | None,
-) -> float:
-    """One data-parallel optimizer step on this rank's shard of a global batch; returns
-    the global batch's loss (token-weighted mean, as a single process computes it)."""
-    world = gd.world_size()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    count = int((targets != IGNORE_INDEX).sum())
-    xs, ys = gd.shard(inputs).to(device), gd.shard(targets).to(device)
-    logits = module(xs)
-    total = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="sum")
-    # DDP/FSDP average the ranks' gradients: scale so that average is d(sum / count)
-    (total * (world / max(count, 1))).backward()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    loss = gd.all_reduce_sum(total.detach().reshape(1).double())
-    return float(loss) / count if count else float("nan")
-
-
 def train_lm(
     model: nn.Module,
     train_loader: DataLoader[Any],
@@ -552,7 +490,7 @@ def train_lm(
     def eval_loss(loader: Any) -> float:
         if world == 1:
             return evaluate_lm(engine.eval_module, loader, args.eval_batches)
-        return _evaluate_sharded(engine.eval_module, loader, args.eval_batches, device)
+        return gd.evaluate_lm_sharded(engine.eval_module, loader, args.eval_batches, device)
 
     def evaluate() -> list[dict[str, Any]]:
         train_loss = eval_loss(train_loader)
@@ -626,7 +564,7 @@ def train_lm(
                         model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
                     )
                 else:
-                    loss = _sharded_step(
+                    loss = gd.lm_step_sharded(
                         engine.train_module, optimizer, params, x, y, device,
                         lr=current_lr, grad_clip=args.grad_clip,
                     )  # fmt: skip

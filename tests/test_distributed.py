@@ -38,6 +38,7 @@ LM_ARGS = PretrainArgs(
     eval_every=3,
     eval_batches=2,
     checkpoint_every=4,
+    grad_clip=1.0,
     log_every=1,
     sample_tokens=4,
     plot=False,

@@ -303,7 +303,6 @@ def _train_loop(
     from tqdm.auto import tqdm
 
     world = gd.world_size()
-    gd.require_divisible(args.batch_size, "finetune_spam.batch_size")
     step_module: nn.Module = _StepModule(model, n_frozen)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -422,6 +421,12 @@ def finetune_classifier(
 
     args = args or SpamArgs()
     _check_splits(splits)
+    gd.require_divisible(args.batch_size, "finetune_spam.batch_size")
+    if gd.strategy() == "fsdp":
+        raise ConfigError(
+            "the spam finetune supports distributed.strategy 'ddp' only (it trains a small "
+            "suffix; the frozen prefix runs outside the model's forward); use 'ddp'"
+        )
     timings: dict[str, float] = {}
     all_rows: list[dict[str, Any]] = []
 
