@@ -345,6 +345,33 @@ def test_batch_that_does_not_split_is_a_config_error(
     assert not (tmp_path / "out" / "last").exists()
 
 
+@pytest.mark.slow
+def test_two_nodes_meet_at_the_rendezvous_endpoint(tmp_path: Path) -> None:
+    """nnodes = 2 on this machine (two launches, one process each) through a c10d
+    rendezvous at rdzv_endpoint: the ranks exchange data; the node that got global rank
+    0 returns the result, the other None."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = DistributedArgs(nproc=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id="t")
+
+    def node(i: int) -> Any:
+        return run_distributed(
+            "gpt.distributed.context:all_gather_objects",
+            {"obj": {"node": "same spec"}},
+            args,
+            workdir=tmp_path / f"node{i}",
+            timeout_s=300,
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(node, range(2)))
+    assert sorted(results, key=lambda r: r is None) == [[{"node": "same spec"}] * 2, None]
+
+
 # --------------------------------------------------------------------------- finetunes
 
 
