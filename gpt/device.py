@@ -14,10 +14,14 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA if available, else Apple MPS if available, else the CPU. An explicit
-    device that is not available raises :class:`ConfigError` naming the fix."""
+    device that is not available raises :class:`ConfigError` naming the fix. Under a
+    torch.distributed process group, ``cuda`` (and ``auto`` on a CUDA machine) means
+    this rank's GPU, ``cuda:LOCAL_RANK``."""
+    from gpt.distributed.context import device_for_rank
+
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return device_for_rank(torch.device("cuda"))
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             return torch.device("mps")
@@ -34,4 +38,4 @@ def resolve_device(name: str = "auto") -> torch.device:
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
             raise ConfigError(f"device {name!r} requested but MPS is not available; use 'auto'")
-    return dev
+    return device_for_rank(dev)

@@ -51,3 +51,8 @@ class OllamaUnreachableError(JudgeError):
 
 class ModelNotPulledError(JudgeError):
     """The judge model is not present on the Ollama server."""
+
+
+class DistributedError(GPTFlowError):
+    """A multi-process (torchrun) run failed or could not start; names the command and
+    carries the tail of the child's stderr."""

@@ -9,6 +9,18 @@ dropout, and the loaders' generators) both as they were when the current epoch s
 and at the checkpoint. A resumed run re-creates the epoch's batch order from the
 epoch-start states, skips the batches already done and then puts the checkpoint-time
 states back, so on CPU it continues bit for bit like an uninterrupted run.
+
+Under a torch.distributed process group (see :mod:`gpt.distributed`) the same loop is
+data parallel: every rank iterates the same seeded global batch order and trains on its
+contiguous shard of each global batch (``batch_size`` must divide by the world size),
+through DDP or FSDP2. The loss is token-weighted over the global batch — the sum of the
+per-token losses of a shard divided by the global count of non-ignored targets, with
+the gradient scaled so the ranks' average is the gradient of the single-process loss —
+so per-step losses and weights match a single process up to float rounding. Evaluation
+shards each batch the same way and all-reduces the sums; rank 0 alone emits metrics
+and samples and writes checkpoints (the others wait); checkpoints keep the
+single-process layout plus each rank's RNG state, and every rank resumes from the
+same ``last``.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gpt import distributed as gd
 from gpt.config import Args, operational
 from gpt.errors import CheckpointError, ConfigError, DataError
 
@@ -84,6 +97,9 @@ class LMTrainArgs(Args):
     """Seed of torch's global RNG (dropout) at the start of a fresh run."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps in total (None = run all epochs)."""
+    log_every: int = Field(0, ge=0)
+    """Also emit a train ``step_loss`` row (the optimizer step's own loss) every this
+    many steps (0 = never)."""
     fused: bool | None = None
     """Fused AdamW kernel: None = use it when this torch supports it for the parameters'
     device, True = require it, False = plain implementation."""
@@ -313,14 +329,17 @@ def _has_checkpoint(last: Path) -> bool:
 
 def _load_resume(
     last: Path,
-    model: nn.Module,
+    engine: gd.TrainEngine,
     optimizer: torch.optim.Optimizer,
     steps_per_epoch: int,
+    seed: int,
 ) -> tuple[_Progress, dict[str, Any], dict[str, Any] | None]:
+    """Load ``last`` into the engine's model and the optimizer (every rank) and return
+    the progress, this rank's checkpoint-time RNG states and the epoch-start states."""
     from gpt.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(last, map_location=_device_of(model), with_optimizer=True)
-    cfg = getattr(model, "cfg", None)
+    ck = load_checkpoint(last, map_location=engine.device, with_optimizer=True)
+    cfg = getattr(engine.model, "cfg", None)
     if cfg is not None and ck.config != cfg:
         raise CheckpointError(
             f"{last} holds a model with config {ck.config.to_dict()}, not the model being "
@@ -338,8 +357,7 @@ def _load_resume(
             f"training loader now has {steps_per_epoch} batches (data or batch size changed); "
             "delete it or pass resume=False"
         )
-    model.load_state_dict(ck.model.state_dict())
-    optimizer.load_state_dict(ck.optimizer_state)
+    engine.load_state(ck.model.state_dict(), optimizer, ck.optimizer_state)
     prog = _Progress(
         step=int(ts["step"]),
         epoch=int(ts["epoch"]),
@@ -350,7 +368,22 @@ def _load_resume(
         samples=list(ts.get("samples", [])),
         finished=bool(ts.get("finished", False)),
     )
-    return prog, ts["rng"], ts.get("epoch_rng")
+    rng = dict(ts["rng"])
+    world, rank = gd.world_size(), gd.rank()
+    saved_world = int(ts.get("world_size", 1))
+    per_rank = ts.get("rank_rng") or [{k: rng[k] for k in ("torch", "cuda") if k in rng}]
+    if saved_world != world:
+        log.warning(
+            "%s was written by %d process(es), resuming with %d: the batch order is the "
+            "same, dropout masks are not",
+            last, saved_world, world,
+        )  # fmt: skip
+    if rank < len(per_rank):
+        rng.update(per_rank[rank])
+    else:
+        rng["torch"] = torch.Generator().manual_seed(seed + 7919 * prog.step + rank).get_state()
+        rng.pop("cuda", None)
+    return prog, rng, ts.get("epoch_rng")
 
 
 def train_lm(
@@ -372,7 +405,8 @@ def train_lm(
 
     At each evaluation step four rows ``{step, epoch, seen, split, name, value}`` go to
     ``on_metrics`` (as one list): train ``loss``, val ``loss``, train ``lr`` and train
-    ``tokens_per_s`` (training tokens per second since the previous evaluation).
+    ``tokens_per_s`` (training tokens per second since the previous evaluation); with
+    ``args.log_every`` a train ``step_loss`` row joins them every that many steps.
     ``step`` counts optimizer steps from 1, ``epoch`` is 1-based, ``seen`` is the number of
     training tokens processed. After each epoch, when ``tokenizer`` and ``sample_prompt``
     are set and ``sample_tokens`` > 0, a greedy sample ``{epoch, step, prompt, text}`` of
@@ -385,30 +419,45 @@ def train_lm(
     after it by the interrupted run are, so persist them keyed by step). Exact resume
     needs loaders from :func:`gpt.data.windows.make_loader` (or any loader whose shuffling uses
     torch's global RNG); the data must be the same.
+
+    Under a process group (module docstring) the loaders yield global batches, callbacks
+    fire on rank 0 only and ``out_dir`` must be one folder every rank sees.
     """
     if len(train_loader) == 0:
         raise DataError(
             "the training loader yields no batches (too few tokens for one window/batch); "
             "use more text, a shorter max_length or a smaller batch_size"
         )
+    world, main = gd.world_size(), gd.is_main()
+    gd.require_divisible(args.batch_size, "batch_size")
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
     stop_at = min(total_steps, args.max_steps) if args.max_steps else total_steps
     device = _device_of(model)
-    optimizer = make_optimizer(model, args)
+    engine = gd.TrainEngine(model, device)
+    optimizer = make_optimizer(engine.train_module, args)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     last = Path(out_dir) / LAST if out_dir is not None else None
 
     prog = _Progress()
     resumed_from: int | None = None
     saved_rng: dict[str, Any] | None = None
     epoch_rng: dict[str, Any] | None = None
-    if resume and last is not None and _has_checkpoint(last):
-        prog, saved_rng, epoch_rng = _load_resume(last, model, optimizer, steps_per_epoch)
+    found = False
+    if resume and last is not None:
+        with gd.main_first():  # rank 0 may first put back a ``last`` a kill left aside
+            found = _has_checkpoint(last)
+        found = bool(gd.all_gather_objects(found)[0])
+    if found:
+        assert last is not None
+        prog, saved_rng, epoch_rng = _load_resume(
+            last, engine, optimizer, steps_per_epoch, args.seed
+        )
         resumed_from = prog.step
         _restore_rng(saved_rng, train_loader, val_loader)
         log.info("resuming from %s at step %d (epoch %d)", last, prog.step, prog.epoch + 1)
     else:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
 
     hparams = {**args.to_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
 
@@ -417,6 +466,9 @@ def train_lm(
             return
         from gpt.checkpoint import save_checkpoint
 
+        carrier, opt_state = engine.full_state(optimizer)  # collective under FSDP
+        rng = _capture_rng(train_loader, val_loader)
+        per_rank = gd.all_gather_objects({k: rng[k] for k in ("torch", "cuda") if k in rng})
         state = {
             "version": _STATE_VERSION,
             "step": prog.step,
@@ -429,18 +481,23 @@ def train_lm(
             "finished": prog.finished,
             "metrics": prog.metrics,
             "samples": prog.samples,
-            "rng": _capture_rng(train_loader, val_loader),
+            "rng": rng,
             "epoch_rng": epoch_start if prog.position > 0 else None,
+            "world_size": world,
+            "rank_rng": per_rank if world > 1 else None,
         }
-        save_checkpoint(last, model, hparams=hparams, optimizer=optimizer, extra_state=state)
+        if main:
+            save_checkpoint(last, carrier, hparams=hparams, optimizer=opt_state, extra_state=state)
+        gd.barrier()
+
+    def eval_loss(loader: Any) -> float:
+        if world == 1:
+            return evaluate_lm(engine.eval_module, loader, args.eval_batches)
+        return gd.evaluate_lm_sharded(engine.eval_module, loader, args.eval_batches, device)
 
     def evaluate() -> list[dict[str, Any]]:
-        train_loss = evaluate_lm(model, train_loader, args.eval_batches)
-        val_loss = (
-            evaluate_lm(model, val_loader, args.eval_batches)
-            if val_loader is not None
-            else float("nan")
-        )
+        train_loss = eval_loss(train_loader)
+        val_loss = eval_loss(val_loader) if val_loader is not None else float("nan")
         base = {"step": prog.step, "epoch": prog.epoch + 1, "seen": prog.tokens_seen}
         tps = interval_tokens / interval_seconds if interval_seconds > 0 else float("nan")
         rows = [
@@ -449,19 +506,23 @@ def train_lm(
             {**base, "split": "train", "name": "lr", "value": current_lr},
             {**base, "split": "train", "name": "tokens_per_s", "value": tps},
         ]
-        log.info(
-            "epoch %d step %d: train loss %.3f, val loss %.3f, %.0f tokens/s",
-            prog.epoch + 1, prog.step, train_loss, val_loss, tps,
-        )  # fmt: skip
+        if main:
+            log.info(
+                "epoch %d step %d: train loss %.3f, val loss %.3f, %.0f tokens/s",
+                prog.epoch + 1, prog.step, train_loss, val_loss, tps,
+            )  # fmt: skip
         return rows
 
     def sample() -> None:
         if tokenizer is None or not sample_prompt or sample_tokens <= 0:
             return
+        if not main and engine.strategy != "fsdp":  # FSDP forwards are collective
+            return
         from gpt.generate import generate
 
         prompt_ids = tokenizer.encode(sample_prompt)
-        new = generate(model, [prompt_ids], sample_tokens)[0]
+        with engine.unsharded() as module:
+            new = generate(module, [prompt_ids], sample_tokens)[0]  # type: ignore[arg-type]
         row = {
             "epoch": prog.epoch + 1,
             "step": prog.step,
@@ -469,15 +530,21 @@ def train_lm(
             "text": tokenizer.decode(prompt_ids + new),
         }
         prog.samples.append(row)
-        log.info("sample after epoch %d: %r", row["epoch"], row["text"])
-        if on_sample is not None:
-            on_sample(row)
+        if main:
+            log.info("sample after epoch %d: %r", row["epoch"], row["text"])
+            if on_sample is not None:
+                on_sample(row)
 
     step_model = torch.compile(model) if args.compile else model
     interval_tokens, interval_seconds = 0, 0.0
     current_lr = lr_at(prog.step, args, total_steps)
-    model.train()
-    bar = tqdm(total=stop_at, initial=min(prog.step, stop_at), desc="train", disable=not progress)
+    engine.train_module.train()
+    bar = tqdm(
+        total=stop_at,
+        initial=min(prog.step, stop_at),
+        desc="train",
+        disable=not progress or not main,
+    )
     try:
         while prog.step < stop_at and prog.epoch < args.epochs:
             if prog.position > 0:  # resuming inside an epoch: replay its batch order
@@ -493,12 +560,18 @@ def train_lm(
                 it = iter(train_loader)
             stopped = False
             for x, y in it:
-                x, y = x.to(device), y.to(device)
                 current_lr = lr_at(prog.step, args, total_steps)
                 t0 = time.perf_counter()
-                loss, _ = train_step(
-                    step_model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
-                )
+                if world == 1:
+                    x, y = x.to(device), y.to(device)
+                    loss, _ = train_step(
+                        step_model, optimizer, x, y, lr=current_lr, grad_clip=args.grad_clip
+                    )
+                else:
+                    loss = gd.lm_step_sharded(
+                        engine.train_module, optimizer, params, x, y, device,
+                        lr=current_lr, grad_clip=args.grad_clip,
+                    )  # fmt: skip
                 dt = time.perf_counter() - t0
                 prog.step += 1
                 prog.position += 1
@@ -509,11 +582,16 @@ def train_lm(
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 is_last = prog.step >= stop_at
+                rows: list[dict[str, Any]] = []
+                if args.log_every and prog.step % args.log_every == 0:
+                    base = {"step": prog.step, "epoch": prog.epoch + 1, "seen": prog.tokens_seen}
+                    rows.append({**base, "split": "train", "name": "step_loss", "value": loss})
                 if (prog.step - 1) % args.eval_every == 0 or is_last:
-                    rows = evaluate()
+                    rows += evaluate()
                     interval_tokens, interval_seconds = 0, 0.0
+                if rows:
                     prog.metrics.extend(rows)
-                    if on_metrics is not None:
+                    if on_metrics is not None and main:
                         on_metrics(rows)
                 if prog.position < steps_per_epoch and (
                     is_last or (args.checkpoint_every and prog.step % args.checkpoint_every == 0)
@@ -533,6 +611,7 @@ def train_lm(
             save(None)
     finally:
         bar.close()
+    engine.finish()
     prog.finished = prog.finished or prog.step >= stop_at or prog.epoch >= args.epochs
 
     def final(split: str) -> float:

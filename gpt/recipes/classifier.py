@@ -11,6 +11,15 @@ trains only the trainable suffix on them; with the same batch order the per-step
 equal the full-forward method's (``prefix_cache=False``), which shares the same loop.
 
 Labels: ham = 0, spam = 1.
+
+Under a torch.distributed process group (``gpt.distributed.run_distributed``) the
+finetune is data parallel with DDP: every rank draws the same seeded batch order and
+trains on its contiguous shard of each global batch (``batch_size`` must divide by the
+world size); the loss is the global batch's mean, so per-step losses and weights match
+one process up to float rounding. The prefix cache and the evaluations are computed on
+contiguous shards of the rows and gathered; rank 0 alone emits rows and writes the
+checkpoint. (FSDP is not offered: only a small suffix trains, and the prefix cache
+calls blocks outside the root module's forward.)
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from gpt import distributed as gd
 from gpt.config import Args
 from gpt.device import resolve_device
 from gpt.errors import CheckpointError, ConfigError, DataError
@@ -209,11 +219,15 @@ class _SplitData:
 def _build_cache(
     model: nn.Module, data: _SplitData, n_frozen: int, chunk: int, device: torch.device
 ) -> torch.Tensor:
-    parts = []
+    """Prefix activations of every row (under a process group: each rank computes its
+    contiguous shard of the rows, then the shards are gathered)."""
+    ids = gd.shard(data.ids)
+    dtype = model.tok_emb.weight.dtype
+    parts = [torch.empty((0, ids.shape[1], model.cfg.emb_dim), device=device, dtype=dtype)]
     with torch.no_grad():
-        for s in range(0, data.ids.shape[0], chunk):
-            parts.append(_prefix(model, data.ids[s : s + chunk].to(device), n_frozen))
-    return torch.cat(parts)
+        for s in range(0, ids.shape[0], chunk):
+            parts.append(_prefix(model, ids[s : s + chunk].to(device), n_frozen))
+    return gd.all_gather_rows(torch.cat(parts))
 
 
 def _batch_logits(
@@ -231,14 +245,17 @@ def _batch_logits(
 def _evaluate(
     model: nn.Module, data: _SplitData, n_frozen: int, chunk: int, device: torch.device
 ) -> tuple[float, list[int], list[float]]:
-    """Mean loss, predictions and spam probabilities over a whole split."""
+    """Mean loss, predictions and spam probabilities over a whole split (under a
+    process group: each rank scores its contiguous shard of the rows; the results are
+    gathered in row order)."""
     was_training = model.training
     model.eval()
     total, preds, probs = 0.0, [], []
     n = data.ids.shape[0]
+    rows = gd.shard(torch.arange(n))
     with torch.no_grad():
-        for s in range(0, n, chunk):
-            index = torch.arange(s, min(s + chunk, n))
+        for s in range(0, len(rows), chunk):
+            index = rows[s : s + chunk]
             logits = _batch_logits(model, data, index, n_frozen, device)
             labels = data.labels[index].to(device)
             total += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -246,7 +263,29 @@ def _evaluate(
             preds += logits.argmax(-1).tolist()
             probs += p[:, 1].tolist()
     _set_modes(model, n_frozen, train=was_training)
+    if gd.is_distributed():
+        parts = gd.all_gather_objects((total, preds, probs))
+        total = sum(p[0] for p in parts)
+        preds = [x for p in parts for x in p[1]]
+        probs = [x for p in parts for x in p[2]]
     return total / n, preds, probs
+
+
+class _StepModule(nn.Module):
+    """The training forward as one module (pooled logits of given rows), so DDP can
+    wrap it: the loop calls the suffix directly when the prefix is cached."""
+
+    def __init__(self, model: nn.Module, n_frozen: int) -> None:
+        super().__init__()
+        self.model = model
+        self.n_frozen = n_frozen
+
+    def forward(
+        self, inputs: torch.Tensor, last: torch.Tensor | None, cached: bool
+    ) -> torch.Tensor:
+        full = not cached
+        logits = self.model(inputs) if full else _suffix_logits(self.model, inputs, self.n_frozen)
+        return _pool(logits, last)
 
 
 def _train_loop(
@@ -263,6 +302,16 @@ def _train_loop(
     step, examples seen and the seconds spent evaluating."""
     from tqdm.auto import tqdm
 
+    world = gd.world_size()
+    step_module: nn.Module = _StepModule(model, n_frozen)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_module = DistributedDataParallel(
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     order_gen = torch.Generator().manual_seed(args.seed)
@@ -275,21 +324,29 @@ def _train_loop(
     step, seen, eval_s = 0, 0, 0.0
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
         for epoch in range(1, args.epochs + 1):
             _set_modes(model, n_frozen, train=True)
             perm = torch.randperm(n, generator=order_gen)
-            bar = tqdm(range(n_batches), desc=f"spam epoch {epoch}", disable=not progress)
+            bar = tqdm(
+                range(n_batches),
+                desc=f"spam epoch {epoch}",
+                disable=not progress or not gd.is_main(),
+            )
             for b in bar:
                 index = perm[b * args.batch_size : (b + 1) * args.batch_size]
-                logits = _batch_logits(model, train, index, n_frozen, device)
-                loss = F.cross_entropy(logits, train.labels[index].to(device))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if world == 1:
+                    logits = _batch_logits(model, train, index, n_frozen, device)
+                    loss = F.cross_entropy(logits, train.labels[index].to(device))
+                    loss.backward()
+                    step_loss = loss.item()
+                else:
+                    step_loss = _sharded_backward(step_module, train, index, device)
                 opt.step()
                 step += 1
                 seen += len(index)
-                losses.append(loss.item())
+                losses.append(step_loss)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if args.log_every and step % args.log_every == 0:
                     emit([_row(step, epoch, seen, "train", "step_loss", losses[-1])])
@@ -307,6 +364,23 @@ def _train_loop(
                 emit(rows)
                 eval_s += time.perf_counter() - t0
     return losses, step, seen, eval_s
+
+
+def _sharded_backward(
+    step_module: nn.Module, data: _SplitData, index: torch.Tensor, device: torch.device
+) -> float:
+    """Forward/backward of this rank's shard of the global batch ``index``, scaled so
+    the ranks' averaged gradient is that of the global batch's mean loss; returns that
+    mean loss."""
+    world = gd.world_size()
+    mine = gd.shard(index)
+    cached = data.cache is not None
+    inputs = data.cache[mine] if cached else data.ids[mine].to(device)  # type: ignore[index]
+    last = data.last[mine].to(device) if data.last is not None else None
+    logits = step_module(inputs, last, cached)
+    total = F.cross_entropy(logits, data.labels[mine].to(device), reduction="sum")
+    (total * (world / len(index))).backward()
+    return float(gd.all_reduce_sum(total.detach().reshape(1).double())) / len(index)
 
 
 def _accuracy(preds: list[int], labels: list[int]) -> float:
@@ -352,12 +426,18 @@ def finetune_classifier(
 
     args = args or SpamArgs()
     _check_splits(splits)
+    gd.require_divisible(args.batch_size, "finetune_spam.batch_size")
+    if gd.strategy() == "fsdp":
+        raise ConfigError(
+            "the spam finetune supports distributed.strategy 'ddp' only (it trains a small "
+            "suffix; the frozen prefix runs outside the model's forward); use 'ddp'"
+        )
     timings: dict[str, float] = {}
     all_rows: list[dict[str, Any]] = []
 
     def emit(rows: list[dict[str, Any]]) -> None:
         all_rows.extend(rows)
-        if on_metrics is not None and rows:
+        if on_metrics is not None and rows and gd.is_main():
             on_metrics(rows)
 
     t_start = time.perf_counter()
@@ -439,13 +519,15 @@ def finetune_classifier(
         "pool": args.pool,
         "base_checkpoint": str(base_checkpoint_dir),
     }
-    save_checkpoint(
-        Path(out_dir),
-        model,
-        hparams=hparams,
-        tokenizer_dir=Path(tok_dir) if tok_dir else None,
-        meta=classifier_meta,
-    )
+    if gd.is_main():
+        save_checkpoint(
+            Path(out_dir),
+            model,
+            hparams=hparams,
+            tokenizer_dir=Path(tok_dir) if tok_dir else None,
+            meta=classifier_meta,
+        )
+    gd.barrier()
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     return {

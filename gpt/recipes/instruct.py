@@ -326,7 +326,13 @@ def finetune_instruct(
     sample ``{epoch, step, prompt, text}`` for the first validation record (text = the
     response only) goes to ``on_sample``. Training state lives in ``out_dir/"train"``
     (resumable); the finished model replaces it as the checkpoint in ``out_dir``.
+
+    Under a torch.distributed process group (``gpt.distributed.run_distributed``) the
+    training is data parallel (``batch_size`` is the global batch; the loss is
+    token-weighted over it, as in one process) and rank 0 alone emits rows and samples
+    and writes checkpoints.
     """
+    from gpt import distributed as gd
     from gpt.checkpoint import load_checkpoint, save_checkpoint
     from gpt.tokenizer import Tokenizer
     from gpt.train import train_lm
@@ -409,17 +415,19 @@ def finetune_instruct(
 
     t0 = time.perf_counter()
     model.cpu()
-    save_checkpoint(
-        out_dir,
-        model,
-        hparams={**args.to_dict(), "max_length": max_length},
-        tokenizer_dir=Path(tok_dir) if tok_dir else None,
-        meta={
-            "task": "instruct",
-            "prompt_format": "alpaca",
-            "base_checkpoint": str(base_checkpoint_dir),
-        },
-    )
+    if gd.is_main():
+        save_checkpoint(
+            out_dir,
+            model,
+            hparams={**args.to_dict(), "max_length": max_length},
+            tokenizer_dir=Path(tok_dir) if tok_dir else None,
+            meta={
+                "task": "instruct",
+                "prompt_format": "alpaca",
+                "base_checkpoint": str(base_checkpoint_dir),
+            },
+        )
+    gd.barrier()
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     return {

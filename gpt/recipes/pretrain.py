@@ -6,6 +6,10 @@ the-verdict, 256-token windows, batch 2, AdamW 4e-4, 10 epochs).
 ``out_dir/last``, so a rerun after an interruption continues where it stopped), writes
 the final checkpoint folder ``out_dir/final`` (tokenizer files included) and a loss curve
 ``out_dir/loss.png``, and returns a small JSON-able summary.
+
+Under a torch.distributed process group (``gpt.distributed.run_distributed``) the
+training is data parallel over the ranks (``batch_size`` is the global batch) and rank 0
+alone writes ``final``, ``loss.png`` and the checkpoints; the others wait for it.
 """
 
 from __future__ import annotations
@@ -147,6 +151,43 @@ def plot_losses(
     return path
 
 
+def _write_outputs(
+    model: torch.nn.Module,
+    args: PretrainArgs,
+    res: Any,
+    out_dir: Path,
+    tokenizer_dir: Path,
+    data_info: dict[str, Any],
+    steps_per_epoch: int,
+    keep_last: bool,
+) -> None:
+    """The final checkpoint, the loss plot, and (unless ``keep_last``) the removal of the
+    resumable state: what one process (rank 0) writes after training."""
+    from gpt.checkpoint import save_checkpoint
+
+    save_checkpoint(
+        out_dir / "final",
+        model,
+        hparams={**args.to_dict(), "steps_per_epoch": steps_per_epoch},
+        tokenizer_dir=tokenizer_dir,
+        meta={
+            "stage": "pretrain",
+            **data_info,
+            "steps": res.steps,
+            "tokens_seen": res.tokens_seen,
+            "final_train_loss": res.final_train_loss,
+            "final_val_loss": res.final_val_loss,
+        },
+    )
+    if args.plot:
+        tokens_per_epoch = steps_per_epoch * args.batch_size * data_info["max_length"]
+        plot_losses(res.metrics, out_dir / "loss.png", tokens_per_epoch=tokens_per_epoch)
+    if not keep_last and res.last_checkpoint is not None:
+        import shutil
+
+        shutil.rmtree(res.last_checkpoint, ignore_errors=True)
+
+
 def pretrain(
     train_tokens: Path,
     val_tokens: Path,
@@ -171,7 +212,7 @@ def pretrain(
     ``out_dir`` continues from ``out_dir/last``; ``keep_last=False`` deletes that
     resumable state (weights + optimizer, ~12 bytes/parameter) once ``final`` is written.
     """
-    from gpt.checkpoint import save_checkpoint
+    from gpt import distributed as gd
     from gpt.model import GPT, count_parameters
     from gpt.tokenizer import Tokenizer
 
@@ -249,29 +290,15 @@ def pretrain(
         "max_length": max_length,
         "stride": stride,
     }
-    final_dir = save_checkpoint(
-        out_dir / "final",
-        model,
-        hparams={**args.to_dict(), "steps_per_epoch": len(train_loader)},
-        tokenizer_dir=tokenizer_dir,
-        meta={
-            "stage": "pretrain",
-            **data_info,
-            "steps": res.steps,
-            "tokens_seen": res.tokens_seen,
-            "final_train_loss": res.final_train_loss,
-            "final_val_loss": res.final_val_loss,
-        },
-    )
-    loss_png = None
-    if args.plot:
-        tokens_per_epoch = len(train_loader) * args.batch_size * max_length
-        loss_png = plot_losses(res.metrics, out_dir / "loss.png", tokens_per_epoch=tokens_per_epoch)
+    final_dir = (out_dir / "final").expanduser().resolve()
+    loss_png = out_dir / "loss.png" if args.plot else None
     last_dir = res.last_checkpoint
-    if not keep_last and last_dir is not None:
-        import shutil
-
-        shutil.rmtree(last_dir, ignore_errors=True)
+    if gd.is_main():
+        _write_outputs(
+            model, args, res, out_dir, tokenizer_dir, data_info, len(train_loader), keep_last
+        )
+    gd.barrier()
+    if not keep_last:
         last_dir = None
 
     wall = time.perf_counter() - t_start
