@@ -21,6 +21,7 @@ from pathlib import Path
 from gpt.errors import CatalogError
 from tasks.cache import StageStore, verify_files
 from tasks.catalog import Catalog
+from tasks.distributed import SCRATCH_SUFFIX
 from tasks.rows import ingest
 from tasks.runlog import typed_row
 
@@ -71,7 +72,7 @@ def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -
     store = StageStore(artifacts / "stages")
     if store.root.is_dir():
         for folder in sorted(p for p in store.root.glob("*/*") if p.is_dir()):
-            if folder.name.endswith(".partial") or ".old-" in folder.name:
+            if folder.name.endswith((".partial", SCRATCH_SUFFIX)) or ".old-" in folder.name:
                 continue
             manifest = store.read_manifest(folder)
             if manifest is None:

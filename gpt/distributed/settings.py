@@ -67,6 +67,17 @@ class DistributedArgs(Args):
         """Whether the stage runs under torchrun (more than one process)."""
         return self.world_size > 1
 
+    def check_batch(self, batch_size: int, what: str) -> None:
+        """ValueError unless the global batch ``batch_size`` (the setting named ``what``)
+        splits evenly over the processes: checked with the settings, before any process
+        starts."""
+        if batch_size % self.world_size:
+            raise ValueError(
+                f"{what}={batch_size} cannot be split evenly over distributed.nproc × "
+                f"distributed.nnodes = {self.world_size} processes; use a batch_size "
+                f"divisible by {self.world_size} or change distributed.nproc"
+            )
+
     @model_validator(mode="after")
     def _layout(self) -> Self:
         if self.rdzv_endpoint is not None and not _ENDPOINT.match(self.rdzv_endpoint):

@@ -30,16 +30,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from gpt import distributed as gd
-from gpt.config import Args
+from gpt.config import Args, operational
 from gpt.device import resolve_device
+from gpt.distributed.settings import DistributedArgs
 from gpt.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,26 @@ class SpamArgs(Args):
     """Messages per forward pass while building the prefix cache / evaluating."""
     log_every: int = Field(0, ge=0)
     """Emit a ``step_loss`` metrics row every this many steps (0 = never)."""
+    distributed: DistributedArgs = operational(default_factory=DistributedArgs)
+    """How many processes train (``nproc = 1``: the calling process, as before; more:
+    under torchrun with DDP — ``strategy = "fsdp"`` is refused here, see
+    :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays the global batch
+    and must split evenly over the processes. Read by the caller that launches the
+    training (the pipeline's stage, through :func:`gpt.distributed.run_distributed`).
+    Operational: with ``drop_rate = 0`` (the default), N processes give the per-step
+    losses, weights and predictions of 1 process within ~1e-5 (float rounding), so the
+    layout is not part of the cache key; with dropout, another layout gives an equally
+    valid but different sample, served from the same cache entry."""
+
+    @model_validator(mode="after")
+    def _distributed_layout(self) -> Self:
+        self.distributed.check_batch(self.batch_size, "batch_size")
+        if self.distributed.strategy != "ddp":
+            raise ValueError(
+                f"distributed.strategy={self.distributed.strategy!r}: the spam finetune "
+                "supports 'ddp' only (it trains a small suffix of the model)"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- model

@@ -13,15 +13,16 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gpt.config import Args
+from gpt.config import Args, operational
 from gpt.device import resolve_device
+from gpt.distributed.settings import DistributedArgs
 from gpt.errors import ConfigError, DataError
 from gpt.fileio import atomic_open
 from gpt.train import LMTrainArgs
@@ -63,6 +64,21 @@ class InstructArgs(LMTrainArgs):
     sample_tokens: int = Field(35, ge=0)
     """Length of the greedy sample (the response to the first validation record)
     generated after each epoch (0 = no samples)."""
+    distributed: DistributedArgs = operational(default_factory=DistributedArgs)
+    """How many processes train (``nproc = 1``: the calling process, as before; more:
+    under torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays
+    the global batch and must split evenly over the processes. Read by the caller that
+    launches the training (the pipeline's stage, through
+    :func:`gpt.distributed.run_distributed`). Operational: with ``drop_rate = 0`` (the
+    default), N processes give the per-step losses and final weights of 1 process with
+    the same global batch within ~1e-5 (float rounding), so the layout is not part of
+    the cache key; with dropout, another layout gives an equally valid but different
+    sample, served from the same cache entry."""
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> Self:
+        self.distributed.check_batch(self.batch_size, "batch_size")
+        return self
 
     def train_args(self) -> LMTrainArgs:
         """The :class:`LMTrainArgs` part."""

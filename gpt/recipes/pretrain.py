@@ -21,14 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gpt.config import Args, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
+from gpt.distributed.settings import DistributedArgs
 from gpt.errors import ConfigError, DataError
 from gpt.fileio import atomic_open
 from gpt.model import GPTConfig, get_config
@@ -67,6 +68,21 @@ class PretrainArgs(LMTrainArgs):
     """New tokens in each sample."""
     plot: bool = True
     """Write ``loss.png`` (train/val loss against tokens seen)."""
+    distributed: DistributedArgs = operational(default_factory=DistributedArgs)
+    """How many processes train (``nproc = 1``: the calling process, as before; more:
+    under torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays
+    the global batch and must split evenly over the processes. Read by the caller that
+    launches the training (the pipeline's stage, through
+    :func:`gpt.distributed.run_distributed`). Operational: with dropout off, N processes
+    give the per-step losses and final weights of 1 process with the same global batch
+    within ~1e-5 (float rounding), so the layout is not part of the cache key; with
+    dropout on, the masks depend on the layout and another layout gives an equally valid
+    but different sample, served from the same cache entry."""
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> Self:
+        self.distributed.check_batch(self.batch_size, "batch_size")
+        return self
 
     def train_args(self) -> LMTrainArgs:
         """The :class:`LMTrainArgs` part."""

@@ -1,15 +1,16 @@
 """finetune_instruct: instruction finetuning on the Alpaca-formatted train split
-(:func:`gpt.recipes.instruct.finetune_instruct`); resumable after a crash."""
+(:func:`gpt.recipes.instruct.finetune_instruct`), in one process or under torchrun
+(``finetune_instruct.distributed``); resumable after a crash."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from gpt.recipes.instruct import InstructArgs, finetune_instruct
 from gpt.recipes.prepare import load_instruct_splits
 from tasks.cache import StageOutput
+from tasks.distributed import relative_to_work, train
 from tasks.stages.base import Progress, StageOut, StageRun, finite, stage
 
 
@@ -39,18 +40,25 @@ def finetune_instruct_stage(
     steps = math.ceil(len(splits["train"]) / args.batch_size) * args.epochs
     if args.max_steps:
         steps = min(steps, args.max_steps)
-    res = finetune_instruct(
-        load_gpt2.path(load_gpt2.out.instruct_base),
-        splits["train"],
-        splits["val"],
-        args,
-        out_dir=run.work / "instruct",
-        device=run.device,
-        on_metrics=run.metrics_sink(Progress("finetune-instruct-progress", steps)),
-        on_sample=run.sample_sink(),
-        progress=run.progress,
+    res: dict[str, Any] = train(
+        run,
+        finetune_instruct,
+        {
+            "base_checkpoint_dir": load_gpt2.path(load_gpt2.out.instruct_base),
+            "train_records": splits["train"],
+            "val_records": splits["val"],
+            "args": args,
+            "out_dir": run.work / "instruct",
+            "device": run.device,
+            "progress": run.progress,
+        },
+        args.distributed,
+        callbacks={
+            "on_metrics": run.metrics_sink(Progress("finetune-instruct-progress", steps)),
+            "on_sample": run.sample_sink(),
+        },
     )
-    folder = Path(res["checkpoint"]).relative_to(run.work).as_posix()
+    folder = relative_to_work(run, res["checkpoint"])
     run.record_checkpoint(folder)
     return InstructOut(
         checkpoint=folder,

@@ -1,14 +1,15 @@
 """finetune_spam: the spam classifier on the base model, with frozen-prefix caching
-(:func:`gpt.recipes.classifier.finetune_classifier`)."""
+(:func:`gpt.recipes.classifier.finetune_classifier`), in one process or under torchrun
+(``finetune_spam.distributed``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from gpt.recipes.classifier import SpamArgs, finetune_classifier
 from gpt.recipes.prepare import load_spam_splits
 from tasks.cache import StageOutput
+from tasks.distributed import relative_to_work, train
 from tasks.stages.base import StageOut, StageRun, stage
 
 
@@ -32,15 +33,20 @@ def finetune_spam(
     run: StageRun, args: SpamArgs, tokenize: StageOutput, load_gpt2: StageOutput
 ) -> SpamOut:
     splits = load_spam_splits(tokenize.path(tokenize.out.spam_splits))
-    res: dict[str, Any] = finetune_classifier(
-        load_gpt2.path(load_gpt2.out.spam_base),
-        splits,
-        args,
-        out_dir=run.work / "classifier",
-        tokenizer_dir=tokenize.path(tokenize.out.tokenizer),
-        device=run.device,
-        on_metrics=run.metrics_sink(),
-        progress=run.progress,
+    res: dict[str, Any] = train(
+        run,
+        finetune_classifier,
+        {
+            "base_checkpoint_dir": load_gpt2.path(load_gpt2.out.spam_base),
+            "splits": splits,
+            "args": args,
+            "out_dir": run.work / "classifier",
+            "tokenizer_dir": tokenize.path(tokenize.out.tokenizer),
+            "device": run.device,
+            "progress": run.progress,
+        },
+        args.distributed,
+        callbacks={"on_metrics": run.metrics_sink()},
     )
     run.rows.add(  # per-example predictions: rows for the catalog, not the result
         "predictions",
@@ -49,7 +55,7 @@ def finetune_spam(
             for r in res.pop("predictions")
         ],
     )
-    folder = Path(res["checkpoint"]).relative_to(run.work).as_posix()
+    folder = relative_to_work(run, res["checkpoint"])
     run.record_checkpoint(folder)
     return SpamOut(
         classifier=folder,

@@ -1,12 +1,14 @@
 """pretrain: a GPT from scratch on the token files the tokenize stage wrote
-(:func:`gpt.recipes.pretrain.pretrain`); resumable after a crash."""
+(:func:`gpt.recipes.pretrain.pretrain`), in one process or under torchrun
+(``pretrain.distributed``); resumable after a crash."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gpt.recipes.pretrain import PretrainArgs, pretrain
+from gpt.recipes.pretrain import PretrainArgs, PretrainResult, pretrain
 from tasks.cache import StageOutput
+from tasks.distributed import relative_to_work, train
 from tasks.stages.base import Progress, StageOut, StageRun, finite, stage
 
 
@@ -38,25 +40,32 @@ def pretrain_stage(run: StageRun, args: PretrainArgs, tokenize: StageOutput) -> 
     steps = (n_train // args.batch_size) * args.epochs
     if args.max_steps:
         steps = min(steps, args.max_steps)
-    res = pretrain(
-        tokenize.path(tok.train_tokens),
-        tokenize.path(tok.val_tokens),
-        tokenize.path(tok.tokenizer),
-        run.work,
-        args,
-        max_length=tok.max_length,
-        stride=tok.stride,
-        device=run.device,
-        keep_last=False,  # the resumable state is not needed once the stage commits
-        on_metrics=run.metrics_sink(Progress("pretrain-progress", steps)),
-        on_sample=run.sample_sink(),
-        progress=run.progress,
+    res: PretrainResult = train(
+        run,
+        pretrain,
+        {
+            "train_tokens": tokenize.path(tok.train_tokens),
+            "val_tokens": tokenize.path(tok.val_tokens),
+            "tokenizer_dir": tokenize.path(tok.tokenizer),
+            "out_dir": run.work,
+            "args": args,
+            "max_length": tok.max_length,
+            "stride": tok.stride,
+            "device": run.device,
+            "keep_last": False,  # the resumable state is not needed once the stage commits
+            "progress": run.progress,
+        },
+        args.distributed,
+        callbacks={
+            "on_metrics": run.metrics_sink(Progress("pretrain-progress", steps)),
+            "on_sample": run.sample_sink(),
+        },
     )
-    checkpoint = res.final_dir.relative_to(run.work).as_posix()
+    checkpoint = relative_to_work(run, res.final_dir)
     run.record_checkpoint(checkpoint)
     return PretrainOut(
         checkpoint=checkpoint,
-        loss_png=res.loss_png.relative_to(run.work).as_posix() if res.loss_png else None,
+        loss_png=relative_to_work(run, res.loss_png) if res.loss_png else None,
         steps=res.steps,
         epochs=res.epochs,
         tokens_seen=res.tokens_seen,
