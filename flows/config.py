@@ -27,6 +27,7 @@ from gpt.recipes.classifier import SpamArgs
 from gpt.recipes.instruct import ExtractArgs, InstructArgs
 from gpt.recipes.prepare import PrepareArgs
 from gpt.recipes.pretrain import PretrainArgs
+from tasks.catalog.settings import CatalogArgs
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -51,6 +52,12 @@ class PipelineConfig(Args):
     ``cpu``, ``cuda`` or ``mps``. Recorded in ``runs.config`` and in each stage's
     outputs; not part of the cache keys (the same computation on another device is the
     same result up to floating-point rounding; use ``--force`` to recompute)."""
+    catalog: CatalogArgs = Field(default_factory=CatalogArgs)
+    """Which catalog the run's stages write: the DuckDB file (default) or a shared
+    DuckLake (``url`` + ``data_path``). Unset fields come from the environment
+    (``GPTFLOW_CATALOG_URL``, ``GPTFLOW_CATALOG_DATA_PATH``, ``GPTFLOW_DB``,
+    ``GPTFLOW_DB_LOCK_TIMEOUT``); S3 credentials always do. Not part of any cache key
+    (the catalog indexes results, it does not shape them)."""
     download: DownloadArgs = Field(default_factory=DownloadArgs)
     """Where the inputs come from."""
     tokenize: PrepareArgs = Field(default_factory=PrepareArgs)

@@ -44,7 +44,7 @@ def latest_responses_run(catalog: Catalog) -> str:
     )
     if df.empty:
         raise DataError(
-            f"the catalog {catalog.path} holds no responses to judge — run the pipeline "
+            f"the catalog {catalog.location} holds no responses to judge — run the pipeline "
             "(`gptflow run`) or import some with `gptflow judge --responses FILE.json` first"
         )
     return str(df["run_id"].iloc[0])

@@ -25,7 +25,7 @@ from flows.config import (
 from flows.run_logs import route_library_logs
 from flows.run_setup import preflight_required_judge
 from gpt.errors import ConfigError
-from gpt.paths import artifacts_dir, datasets_dir, default_db_path, project_root
+from gpt.paths import artifacts_dir, datasets_dir, project_root
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
@@ -69,7 +69,7 @@ def make_context(
         raise ConfigError(f"--force {unknown[0]!r}: no such stage; stages: {', '.join(STAGES)}")
     return RunContext(
         run_id=run_id,
-        db_path=str(default_db_path()),
+        catalog_settings=cfg.catalog.resolve().pinned().without_secrets(),
         artifacts=str(artifacts_dir()),
         datasets=str(datasets_dir()),
         mirror=mirror or cfg.download.mirror or os.environ.get("GPTFLOW_MIRROR") or None,
@@ -154,9 +154,10 @@ def _judge_info(run_id: str, judged: Any) -> dict[str, Any]:
     return skipped_info(judged) or {"status": "unknown"}
 
 
-def stage_statuses(run_id: str) -> dict[str, dict[str, Any]]:
-    """Status and message of each stage of a run, from the catalog."""
-    df = Catalog().query_df(
+def stage_statuses(run_id: str, catalog: Catalog | None = None) -> dict[str, dict[str, Any]]:
+    """Status and message of each stage of a run, from ``catalog`` (default: the one
+    the environment selects)."""
+    df = (catalog or Catalog()).query_df(
         "SELECT stage, status, cache_hit, message FROM stages WHERE run_id = ? ORDER BY started_at",
         [run_id],
     )
@@ -184,7 +185,7 @@ def run_pipeline(
     """Run the flow and return {run_id, status, stages}. Raises config errors before any
     work; a failed stage gives status 'failed' with the stage's message."""
     cfg = build_config(profile, overrides, base=base_config)
-    make_context(cfg, "check", force=force or ())  # a bad --force is an error up front
+    ctx = make_context(cfg, "check", force=force or ())  # a bad --force: an error up front
     state = gptflow_pipeline(
         profile=cfg.profile,
         config=cfg,
@@ -198,7 +199,7 @@ def run_pipeline(
     status = "completed" if state.is_completed() else "failed"
     result: dict[str, Any] = {"run_id": run_id, "status": status}
     try:
-        result["stages"] = stage_statuses(run_id)
+        result["stages"] = stage_statuses(run_id, ctx.catalog)
     except Exception:
         result["stages"] = {}
     if status == "failed":

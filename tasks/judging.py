@@ -140,7 +140,7 @@ def judge_run(
     responses = _load_responses(catalog, run_id)
     if not responses:
         raise DataError(
-            f"run {run_id!r} has no responses in the catalog {catalog.path} — run the "
+            f"run {run_id!r} has no responses in the catalog {catalog.location} — run the "
             "response-extraction stage or `gptflow judge --responses FILE.json` first"
         )
     pending = _pending(catalog, run_id, responses, cfg)

@@ -8,6 +8,16 @@ fill in a catalog that lacks some rows.
 
 Not rebuilt: ``sources`` (download provenance; the next run records it again),
 ``benchmarks``, and rows of stages that never finished (their ``.partial`` folders).
+
+Two kinds of target (:func:`rebuild_into`):
+
+* **the DuckDB file**: a new file is built beside the old one and swapped in only when
+  complete (an existing file is refused unless ``replace``);
+* **a DuckLake** (``ducklake:postgres:…`` + data path): there is no file to swap, and
+  every step is idempotent, so the rebuild fills the lake in place. A lake whose rebuilt
+  tables hold rows is refused unless ``replace``, which first empties those tables, one
+  transaction per table. ``sources`` and ``benchmarks`` are kept (they cannot be rebuilt
+  and other machines may rely on the download digests); so is the schema.
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from pathlib import Path
 
 from gpt.errors import CatalogError
 from tasks.cache import StageStore, verify_files
-from tasks.catalog import Catalog
+from tasks.catalog import Catalog, CatalogSettings
+from tasks.catalog.schema import KNOWN_TABLES
+from tasks.catalog.values import quote_ident
 from tasks.distributed import SCRATCH_SUFFIX
 from tasks.rows import ingest
 from tasks.runlog import typed_row
@@ -90,9 +102,26 @@ def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -
     return report
 
 
-def rebuild_into(db_path: Path, artifacts: Path, *, replace: bool = False) -> RebuildReport:
-    """Rebuild the catalog file ``db_path``: refused when it exists unless ``replace``
-    (then the new catalog is built beside it and swapped in only when complete)."""
+#: Tables a rebuild leaves alone: their rows are not in the artifacts.
+KEPT_TABLES = frozenset({"sources", "benchmarks"})
+
+#: Tables a rebuild fills (and ``replace`` empties first on a lake).
+REBUILT_TABLES = tuple(sorted(KNOWN_TABLES - KEPT_TABLES))
+
+
+def rebuild_into(
+    target: CatalogSettings | str | Path, artifacts: Path, *, replace: bool = False
+) -> RebuildReport:
+    """Rebuild the catalog ``target`` (settings, or the path of a DuckDB file) from
+    ``artifacts`` (module docstring: what ``replace`` means for each kind)."""
+    settings = target if isinstance(target, CatalogSettings) else CatalogSettings(path=target)
+    if settings.is_lake:
+        return _rebuild_lake(settings, Path(artifacts), replace=replace)
+    return _rebuild_file(settings.file_path(), Path(artifacts), replace=replace)
+
+
+def _rebuild_file(db_path: Path, artifacts: Path, *, replace: bool) -> RebuildReport:
+    """Build the DuckDB file beside ``db_path``; swap it in when complete."""
     db_path = Path(db_path)
     if db_path.exists() and not replace:
         raise CatalogError(
@@ -108,3 +137,34 @@ def rebuild_into(db_path: Path, artifacts: Path, *, replace: bool = False) -> Re
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)
     return report
+
+
+def rows_per_table(catalog: Catalog, tables: tuple[str, ...] = REBUILT_TABLES) -> dict[str, int]:
+    """Row counts of ``tables`` in ``catalog`` (those holding rows only)."""
+    sql = " UNION ALL ".join(
+        f"SELECT '{t}' AS t, count(*) AS n FROM {quote_ident(t)}" for t in tables
+    )
+    df = catalog.query_df(sql)
+    return {str(t): int(n) for t, n in zip(df["t"], df["n"], strict=True) if n}
+
+
+def _rebuild_lake(settings: CatalogSettings, artifacts: Path, *, replace: bool) -> RebuildReport:
+    """Fill the DuckLake in place (idempotent steps); with ``replace`` empty the rebuilt
+    tables first, one transaction each."""
+    catalog = Catalog(settings=settings)
+    catalog.migrate()
+    filled = rows_per_table(catalog)
+    if filled and not replace:
+        held = ", ".join(f"{t} ({n})" for t, n in sorted(filled.items()))
+        raise CatalogError(
+            f"the catalog {catalog.location} already holds rows in {held}; pass --replace "
+            f"to empty those tables and rebuild them from {artifacts} (sources and "
+            "benchmarks are kept), or name an empty lake"
+        )
+    for table in sorted(filled):
+        catalog.write(
+            f"{table} (emptied for the rebuild)",
+            lambda con, t=table: con.execute(f"DELETE FROM {quote_ident(t)}").fetchall(),
+        )
+        log.info("emptied %s of %s for the rebuild", table, catalog.location)
+    return rebuild_catalog(catalog, artifacts)

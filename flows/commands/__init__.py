@@ -5,7 +5,20 @@ so that ``gptflow --help`` stays fast."""
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+#: What ``--db`` means for every command that reads the catalog (``Catalog(args.db)``
+#: resolves it: the file when given, else the environment's choice).
+DB_HELP = (
+    "DuckDB catalog file to use (default: the DuckLake named by GPTFLOW_CATALOG_URL and "
+    "GPTFLOW_CATALOG_DATA_PATH, else GPTFLOW_DB, else artifacts/gptflow.duckdb)"
+)
+
+
+def add_db_arg(parser: argparse.ArgumentParser, help: str = DB_HELP) -> None:
+    """The ``--db`` option of a command that reads or writes the catalog."""
+    parser.add_argument("--db", default=None, metavar="FILE", help=help)
 
 
 def from_argv(text: str) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.names import ALL, SUITE, VS_BOOK
+from flows.commands import add_db_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,9 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
-    parser.add_argument(
-        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
-    )
+    add_db_arg(parser)
     parser.set_defaults(func=run)
 
 
@@ -268,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 for r in rows
             ],
         )
-        print(f"wrote {len(rows)} row(s) to {catalog.path} (benchmarks) and {paths[0]}")
+        print(f"wrote {len(rows)} row(s) to {catalog.location} (benchmarks) and {paths[0]}")
     else:
         print(f"no benchmark ran; wrote {paths[0]}")
     return 1 if crashed else 0

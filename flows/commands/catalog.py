@@ -17,8 +17,25 @@ def register(sub: argparse._SubParsersAction) -> None:
             "artifacts are the source of truth; the catalog is an index of them."
         ),
     )
+    where = r.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db",
+        type=Path,
+        metavar="FILE",
+        help="DuckDB catalog file to write (default: the environment's catalog: the DuckLake "
+        "named by GPTFLOW_CATALOG_URL, else GPTFLOW_DB, else artifacts/gptflow.duckdb)",
+    )
+    where.add_argument(
+        "--url",
+        metavar="DUCKLAKE_URL",
+        help="fill this DuckLake instead, e.g. 'ducklake:postgres:dbname=lake host=H "
+        "port=5432 user=U' (password: PGPASSWORD or ~/.pgpass)",
+    )
     r.add_argument(
-        "--db", type=Path, help="catalog to write (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
+        "--data-path",
+        metavar="PATH",
+        help="the DuckLake's data folder or s3://bucket/prefix/ (default: "
+        "GPTFLOW_CATALOG_DATA_PATH); S3 credentials come from the environment",
     )
     r.add_argument(
         "--artifacts", type=Path, help="artifacts folder (default: GPTFLOW_ARTIFACTS or artifacts/)"
@@ -26,20 +43,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--replace",
         action="store_true",
-        help="rebuild an existing catalog (built beside it, swapped in when complete)",
+        help="rebuild an existing catalog: a file is built beside it and swapped in when "
+        "complete; a lake's rebuilt tables are emptied first (sources, benchmarks kept)",
     )
     r.set_defaults(func=cmd_rebuild)
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from gpt.paths import artifacts_dir, default_db_path
+    from gpt.paths import artifacts_dir
+    from tasks.catalog import CatalogArgs
     from tasks.rebuild import rebuild_into
 
-    db = (args.db or default_db_path()).expanduser().resolve()
+    target = CatalogArgs(url=args.url, data_path=args.data_path, path=args.db).resolve()
     art = (args.artifacts or artifacts_dir()).expanduser().resolve()
-    report = rebuild_into(db, art, replace=args.replace)
+    report = rebuild_into(target, art, replace=args.replace)
     print(
-        f"rebuilt {db} from {art}: {report.runs} runs ({report.stage_rows} stage rows), "
+        f"rebuilt {target.location()} from {art}: {report.runs} runs "
+        f"({report.stage_rows} stage rows), "
         f"{report.folders} stage folders ({report.rows} rows)"
     )
     for line in report.skipped:

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from flows.commands import write_line
+from flows.commands import add_db_arg, write_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,9 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default: {DEFAULT_SEED})"
     )
-    parser.add_argument(
-        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
-    )
+    add_db_arg(parser)
     parser.set_defaults(func=run)
 
 
@@ -77,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.confidence < 1:
         raise ConfigError(f"--confidence must lie between 0 and 1, got {args.confidence}")
     cat = Catalog(args.db)
-    if cat.path.exists():
+    if cat.exists():
         cat.migrate()  # an older catalog gains the views the comparison reads
     run_a, run_b = pick_runs(cat, args.run_a, args.run_b)
     comp = compare_runs(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flows.commands import add_db_arg
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evals`` sub-command."""
@@ -29,9 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="table",
         help="output format (default: table)",
     )
-    parser.add_argument(
-        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
-    )
+    add_db_arg(parser)
     parser.set_defaults(func=run)
 
 

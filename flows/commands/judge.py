@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from flows.commands import add_db_arg
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``judge`` sub-command."""
@@ -52,9 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--auto-pull", action="store_true", help="pull the judge model if it is missing"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument(
-        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
-    )
+    add_db_arg(parser)
     parser.set_defaults(func=run)
 
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"stored {n} responses from {args.responses} under run {run_id!r}")
     ctx = RunContext(
         run_id=run_id,
-        db_path=str(catalog.path),
+        catalog_settings=catalog.settings.pinned().without_secrets(),
         artifacts=str(artifacts_dir()),
         datasets=str(datasets_dir()),
         progress=not args.no_progress,

@@ -8,6 +8,8 @@ import argparse
 import re
 import sys
 
+from flows.commands import add_db_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,9 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", nargs="?", default=None, help="run id (default: the latest run)")
     p.add_argument("--html", metavar="FILE", help="write the report as one HTML file")
     p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
-    p.add_argument(
-        "--db", default=None, help="catalog file (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
-    )
+    add_db_arg(p)
     p.set_defaults(func=cmd_report)
 
 
@@ -36,7 +36,7 @@ def _latest_run(cat) -> str:
 
     df = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
     if df.empty:
-        raise CatalogError(f"the catalog {cat.path} holds no runs yet: run `gptflow run` first")
+        raise CatalogError(f"the catalog {cat.location} holds no runs yet: run `gptflow run` first")
     return str(df["run_id"].iloc[0])
 
 
@@ -49,8 +49,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tasks.catalog import Catalog
 
     cat = Catalog(args.db)
-    if not cat.path.exists():
-        raise CatalogError(f"the catalog {cat.path} does not exist yet: run `gptflow run` first")
+    if not cat.exists():
+        raise CatalogError(
+            f"the catalog {cat.location} does not exist yet: run `gptflow run` first"
+        )
     run_id = args.run or _latest_run(cat)
     report = build_report(cat, run_id)
     written = []

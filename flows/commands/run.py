@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from flows.commands import add_db_arg
 from flows.profiles import DEFAULT_PROFILE, STAGES, available_profiles
 from gpt.errors import ConfigError
 
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", nargs="?", help="show this run's stages, one line each")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    add_db_arg(p)
     p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("server", help="manage the local Prefect server")
@@ -228,11 +230,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
 
-    cat = Catalog()
+    cat = Catalog(args.db)
     if args.run:
         runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [args.run])
         if runs.empty:
-            raise ConfigError(f"no run {args.run!r} in the catalog {cat.path} (see `gptflow runs`)")
+            raise ConfigError(
+                f"no run {args.run!r} in the catalog {cat.location} (see `gptflow runs`)"
+            )
     else:
         runs = cat.query_df("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [args.limit])
     stages = stage_rows(cat, [str(r) for r in runs["run_id"]], STAGES)
@@ -300,7 +304,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
     from flows import server
-    from gpt.paths import artifacts_dir, datasets_dir, default_db_path
+    from gpt.errors import GPTFlowError
+    from gpt.paths import artifacts_dir, datasets_dir
 
     good = True
     good &= _check(sys.version_info >= (3, 11), "python", sys.version.split()[0])
@@ -349,6 +354,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "gpt-2 weights",
         f"present: {', '.join(sizes)}" if sizes else f"none under {ds / 'gpt2'} yet",
     )
-    db = default_db_path()
-    _check(True if db.exists() else None, "catalog", str(db) + ("" if db.exists() else " (new)"))
+    from tasks.catalog.settings import CatalogSettings
+
+    try:
+        cat = CatalogSettings.from_env()
+    except GPTFlowError as exc:
+        good &= _check(False, "catalog", str(exc))
+    else:
+        there = cat.exists()
+        _check(True if there else None, "catalog", cat.location() + ("" if there else " (new)"))
     return 0 if good else 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flows.commands import add_db_arg
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sql`` sub-command."""
@@ -25,14 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="table",
         help="output format (default: table)",
     )
-    parser.add_argument(
-        "--db",
-        default=None,
-        help=(
-            "DuckDB catalog file (default: the DuckLake named by GPTFLOW_CATALOG_URL, else "
-            "GPTFLOW_DB, else artifacts/gptflow.duckdb)"
-        ),
-    )
+    add_db_arg(parser)
     parser.set_defaults(func=run)
 
 

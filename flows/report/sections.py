@@ -64,7 +64,9 @@ class RunData:
 
         runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [run_id])
         if runs.empty:
-            raise CatalogError(f"no run {run_id!r} in the catalog {cat.path} (see `gptflow runs`)")
+            raise CatalogError(
+                f"no run {run_id!r} in the catalog {cat.location} (see `gptflow runs`)"
+            )
         from flows.profiles import STAGES
 
         stages = cat.query_df(

@@ -9,7 +9,7 @@ Only the store and its settings are re-exported here, so code that writes the ca
 stages) does not import the presentation modules.
 """
 
-from tasks.catalog.settings import CatalogSettings, S3Settings
+from tasks.catalog.settings import CatalogArgs, CatalogSettings, S3Settings
 from tasks.catalog.store import Catalog, checkpoint_digest, utcnow
 
-__all__ = ["Catalog", "CatalogSettings", "S3Settings", "checkpoint_digest", "utcnow"]
+__all__ = ["Catalog", "CatalogArgs", "CatalogSettings", "S3Settings", "checkpoint_digest", "utcnow"]

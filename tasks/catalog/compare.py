@@ -100,7 +100,7 @@ def pick_runs(cat: Catalog, a: str | None, b: str | None) -> tuple[str, str]:
     latest = latest_completed_runs(cat, 2)
     if len(latest) < 2:
         raise CatalogError(
-            f"the catalog {cat.path} holds {len(latest)} completed run(s); comparing needs "
+            f"the catalog {cat.location} holds {len(latest)} completed run(s); comparing needs "
             "two: run the pipeline again or name two runs (`gptflow compare RUN_A RUN_B`)"
         )
     return latest[1], latest[0]

@@ -38,11 +38,11 @@ def resolve_run(cat: Catalog, ref: str) -> str:
         return ids[0]
     if not ids:
         raise CatalogError(
-            f"no run {ref!r} in the catalog {cat.path}; list the runs with `gptflow runs` "
+            f"no run {ref!r} in the catalog {cat.location}; list the runs with `gptflow runs` "
             "(or `gptflow evals` for runs made by `gptflow judge`)"
         )
     shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
-    raise CatalogError(f"run {ref!r} is ambiguous in {cat.path}: it starts {shown}; give more")
+    raise CatalogError(f"run {ref!r} is ambiguous in {cat.location}: it starts {shown}; give more")
 
 
 def latest_completed_runs(cat: Catalog, n: int = 2) -> list[str]:

@@ -24,6 +24,11 @@ Environment variables (read only by :meth:`CatalogSettings.from_env`):
 =============================== ==========================================================
 
 Keep passwords out of ``url``: libpq reads ``PGPASSWORD`` and ``~/.pgpass``.
+
+The pipeline's ``catalog`` section (:class:`CatalogArgs`: ``url``, ``data_path``, ``path``,
+``lock_timeout``, in a profile or with ``--set catalog.url=…``) overrides these per run;
+what it leaves unset comes from the environment above. S3 credentials never come from a
+config: each machine reads its own (:meth:`CatalogSettings.with_env_s3`).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from pydantic import (
     model_validator,
 )
 
+from gpt.config import Args
 from gpt.errors import CatalogError
 from gpt.paths import default_db_path
 
@@ -229,6 +235,30 @@ class CatalogSettings(_Model):
             return str(self.file_path())
         return f"{redact(self.url)} (data {self.data_path})"
 
+    def exists(self) -> bool:
+        """Whether there is a catalog to read: the file exists (a lake always counts)."""
+        return self.is_lake or self.file_path().exists()
+
+    def with_env_s3(self, environ: Mapping[str, str] | None = None) -> CatalogSettings:
+        """These settings with the S3 part read from this machine's environment (a lake;
+        the DuckDB file needs none): settings that crossed machines or a JSON dump (where
+        the secret is masked) never carry credentials that are used."""
+        if not self.is_lake:
+            return self
+        return self.model_copy(update={"s3": S3Settings.from_env(environ)})
+
+    def without_secrets(self) -> CatalogSettings:
+        """These settings without S3 credentials (what a run's context carries)."""
+        return self.model_copy(update={"s3": S3Settings()})
+
+    def pinned(self) -> CatalogSettings:
+        """The DuckDB file's path resolved now (``GPTFLOW_DB`` / ``GPTFLOW_ARTIFACTS``
+        read once), so the run keeps writing one file whatever the environment later
+        says; a lake is returned as it is."""
+        if self.is_lake:
+            return self
+        return self.model_copy(update={"path": self.file_path().expanduser().resolve()})
+
     def lake_key(self) -> str:
         """Identifies one lake (process-wide connection caching and locking)."""
         return f"{self.url}|{self.data_path}"
@@ -248,3 +278,72 @@ class CatalogSettings(_Model):
             return cls.model_validate(values)
         except ValidationError as exc:
             raise CatalogError(f"invalid catalog setting: {exc}") from exc
+
+
+class CatalogArgs(Args):
+    """The pipeline's ``catalog`` section: which catalog a run writes. Every field left
+    unset (None) comes from the environment of the machine running the flow
+    (:meth:`CatalogSettings.from_env`); the resolved catalog is the one every stage of
+    the run writes. Only non-secret fields live here: put a PostgreSQL password in
+    ``PGPASSWORD`` or ``~/.pgpass`` and S3 credentials in the environment
+    (``GPTFLOW_CATALOG_S3_*`` / ``AWS_*``) of each machine."""
+
+    url: str | None = None
+    """``ducklake:postgres:dbname=… host=… port=… user=…``: the run writes a DuckLake
+    shared by several machines (needs ``data_path``). None: ``GPTFLOW_CATALOG_URL``, else
+    the DuckDB file."""
+    data_path: str | None = None
+    """Where the DuckLake keeps its Parquet files: a folder every writer sees, or
+    ``s3://bucket/prefix/``. None: ``GPTFLOW_CATALOG_DATA_PATH``."""
+    path: Path | None = None
+    """The DuckDB file (when no ``url`` is set here). None: ``GPTFLOW_DB``, else
+    ``artifacts/gptflow.duckdb``."""
+    lock_timeout: float | None = Field(None, ge=0)
+    """Seconds to keep retrying while other writers hold the file lock or win DuckLake
+    write conflicts. None: ``GPTFLOW_DB_LOCK_TIMEOUT``, else 60."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        v = CatalogSettings._check_url(v)
+        if v is not None and _PASSWORD_RE.search(v):
+            raise ValueError(
+                "keep the password out of catalog.url (the config is recorded with every "
+                "run); set PGPASSWORD or use ~/.pgpass on each machine"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CatalogArgs:
+        if self.url is not None and self.path is not None:
+            raise ValueError(
+                "set either catalog.url (a DuckLake) or catalog.path (a DuckDB file), not both"
+            )
+        return self
+
+    def resolve(self, environ: Mapping[str, str] | None = None) -> CatalogSettings:
+        """The catalog these settings select, completed from ``environ`` (default: this
+        process's environment), S3 settings included."""
+        env = os.environ if environ is None else environ
+        base = CatalogSettings.from_env(env)
+        values: dict[str, object] = {
+            "lock_timeout": base.lock_timeout if self.lock_timeout is None else self.lock_timeout
+        }
+        if self.path is not None:
+            values["path"] = Path(self.path).expanduser().resolve()
+        elif self.url is not None or base.is_lake:
+            values["url"] = self.url or base.url
+            values["data_path"] = self.data_path or env.get("GPTFLOW_CATALOG_DATA_PATH") or None
+            values["s3"] = S3Settings.from_env(env)
+        else:
+            values["path"] = base.path
+        if self.data_path is not None and "url" not in values:
+            raise CatalogError(
+                f"catalog.data_path={self.data_path!r} is set but the catalog is the DuckDB "
+                "file; set catalog.url (or GPTFLOW_CATALOG_URL) to use a DuckLake"
+            )
+        try:
+            return CatalogSettings.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+            raise CatalogError(f"invalid catalog setting: {problems}") from None

@@ -59,12 +59,12 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
         latest = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
         if latest.empty:
             return (
-                f"the catalog {cat.path} holds no runs yet: run the pipeline (`gptflow run`) "
+                f"the catalog {cat.location} holds no runs yet: run the pipeline (`gptflow run`) "
                 "or score a responses file with `gptflow judge --responses FILE.json`"
             )
         run_id = str(latest["run_id"].iloc[0])
     elif cat.query_df("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).empty:
-        return f"there is no run {run_id!r} in the catalog {cat.path} (see `gptflow runs`)"
+        return f"there is no run {run_id!r} in the catalog {cat.location} (see `gptflow runs`)"
     judge = cat.query_df(
         "SELECT status, message, outputs FROM stages WHERE run_id = ? AND stage = 'judge'",
         [run_id],

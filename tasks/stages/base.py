@@ -44,7 +44,7 @@ from gpt.config import Args
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError
 from tasks.cache import StageOutput, StageStore, Verify, stage_key
-from tasks.catalog import Catalog
+from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.store import checkpoint_digest
 from tasks.fingerprint import code_fingerprint
 from tasks.lease import Lease, LeaseInfo
@@ -99,7 +99,10 @@ class RunContext:
     """What every stage needs to know about the run (small and picklable)."""
 
     run_id: str
-    db_path: str
+    catalog_settings: CatalogSettings
+    """The catalog every stage of the run writes (the pipeline's resolved ``catalog``
+    section). Its S3 part is not used: each machine reads its own credentials
+    (:meth:`~tasks.catalog.CatalogSettings.with_env_s3`)."""
     artifacts: str
     datasets: str
     mirror: str | None = None
@@ -112,7 +115,8 @@ class RunContext:
 
     @property
     def catalog(self) -> Catalog:
-        return Catalog(self.db_path)
+        """The run's catalog, with this machine's S3 credentials (for a lake on S3)."""
+        return Catalog(settings=self.catalog_settings.with_env_s3())
 
     @property
     def store(self) -> StageStore:

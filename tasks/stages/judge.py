@@ -67,7 +67,7 @@ def responses_input(catalog: Catalog, run_id: str) -> StageOutput:
     )
     if df.empty:
         raise DataError(
-            f"run {run_id!r} has no responses in the catalog {catalog.path} — run the "
+            f"run {run_id!r} has no responses in the catalog {catalog.location} — run the "
             "response-extraction stage or `gptflow judge --responses FILE.json` first"
         )
     rows = df.astype(object).where(df.notna(), None).to_dict("records")

@@ -198,7 +198,7 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     def ctx(run_id: str) -> RunContext:
         return RunContext(
             run_id=run_id,
-            db_path=str(Catalog().path),
+            catalog_settings=Catalog().settings,
             artifacts=str(tmp_path / "artifacts"),
             datasets=str(data),
             progress=False,

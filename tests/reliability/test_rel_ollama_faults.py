@@ -202,7 +202,7 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
     before = _responses(catalog)
     ctx = RunContext(
         run_id="flow2",
-        db_path=str(catalog.path),
+        catalog_settings=catalog.settings,
         artifacts=str(tmp_path / "a"),
         datasets=str(tmp_path / "d"),
         progress=False,

@@ -33,6 +33,7 @@ epochs, ckpt, kill = (int(x) for x in sys.argv[7:10])
 from gpt.data.windows import tokenize_to_npy
 from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
 from gpt.tokenizer import Tokenizer
+from tasks.catalog import CatalogSettings
 from tasks.rows import RowSink
 from tasks.stages.base import RunContext, StageRun
 
@@ -46,7 +47,7 @@ tokenizer = Tokenizer.from_dir(tok)
 toks = Path(out).parent / (Path(out).name + "-tokens")
 train = tokenize_to_npy(text_str[:cut], tokenizer, toks / "train.npy").path
 val = tokenize_to_npy(text_str[cut:], tokenizer, toks / "val.npy").path
-ctx = RunContext(run_id=run_id, db_path=db, artifacts=str(Path(out).parent),
+ctx = RunContext(run_id=run_id, catalog_settings=CatalogSettings(path=Path(db)), artifacts=str(Path(out).parent),
                  datasets=str(Path(out).parent), progress=False)
 stage_run = StageRun(ctx=ctx, stage="pretrain", key="k", work=Path(out), final=Path(out),
                      producer=run_id, rows=RowSink(Path(out), ctx.catalog))
