@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from gpt import distributed as gd
@@ -98,15 +98,17 @@ class SpamArgs(Args):
     layout is not part of the cache key; with dropout, another layout gives an equally
     valid but different sample, served from the same cache entry."""
 
-    @model_validator(mode="after")
-    def _distributed_layout(self) -> Self:
-        self.distributed.check_batch(self.batch_size, "batch_size")
-        if self.distributed.strategy != "ddp":
+    @field_validator("distributed")
+    @classmethod
+    def _distributed_layout(cls, v: DistributedArgs, info: ValidationInfo) -> DistributedArgs:
+        if "batch_size" in info.data:  # else batch_size itself was invalid
+            v.check_batch(info.data["batch_size"], "batch_size")
+        if v.strategy != "ddp":
             raise ValueError(
-                f"distributed.strategy={self.distributed.strategy!r}: the spam finetune "
-                "supports 'ddp' only (it trains a small suffix of the model)"
+                f"strategy={v.strategy!r}: the spam finetune supports 'ddp' only (it trains "
+                "a small suffix of the model)"
             )
-        return self
+        return v
 
 
 # --------------------------------------------------------------------------- model

@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from gpt.config import Args, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
@@ -79,10 +79,12 @@ class PretrainArgs(LMTrainArgs):
     dropout on, the masks depend on the layout and another layout gives an equally valid
     but different sample, served from the same cache entry."""
 
-    @model_validator(mode="after")
-    def _batch_splits(self) -> Self:
-        self.distributed.check_batch(self.batch_size, "batch_size")
-        return self
+    @field_validator("distributed")
+    @classmethod
+    def _batch_splits(cls, v: DistributedArgs, info: ValidationInfo) -> DistributedArgs:
+        if "batch_size" in info.data:  # else batch_size itself was invalid
+            v.check_batch(info.data["batch_size"], "batch_size")
+        return v
 
     def train_args(self) -> LMTrainArgs:
         """The :class:`LMTrainArgs` part."""
