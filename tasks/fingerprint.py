@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +24,11 @@ PROJECT_PACKAGES = ("gpt", "tasks")
 
 #: The checkout holding those packages.
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+#: ``ast.parse`` is not thread-safe in CPython before 3.13 (gh-106905: a thread switch
+#: inside it breaks its recursion bookkeeping, "SystemError: AST constructor recursion
+#: depth mismatch"), and a flow computes the keys of parallel stages in parallel threads.
+_PARSE_LOCK = threading.Lock()
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -59,7 +65,9 @@ def imported_modules(name: str, root: Path = SOURCE_ROOT) -> set[str]:
 @lru_cache(maxsize=4096)
 def _imports(name: str, root: Path, path: Path, size: int, mtime_ns: int) -> frozenset[str]:
     """:func:`imported_modules` for one version of a file (cached by size and mtime)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    source = path.read_text(encoding="utf-8")
+    with _PARSE_LOCK:
+        tree = ast.parse(source, filename=str(path))
     is_package = path.name == "__init__.py"
     found: set[str] = set()
 

@@ -96,3 +96,42 @@ def test_closure_follows_lazy_imports(tree: Path) -> None:
 def test_no_hand_kept_module_lists() -> None:
     source = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "tasks").rglob("*.py"))
     assert "STAGE_MODULES" not in source
+
+
+def test_keys_computed_in_parallel_threads(tree: Path) -> None:
+    """The flow computes the keys of finetune_spam and baseline_spam in two threads at
+    once. CPython 3.11's ast.parse is not thread-safe (gh-106905): a thread switch inside
+    it — here forced by a gc callback — raised "SystemError: AST constructor recursion
+    depth mismatch" and failed a run's stage at random."""
+    import gc
+    import threading
+    import time
+
+    from tasks.fingerprint import _imports
+
+    errors: list[BaseException] = []
+
+    def switch(phase: str, info: dict) -> None:
+        time.sleep(0.0001)  # let the other thread run in the middle of a parse
+
+    def work(stage: str) -> None:
+        try:
+            for _ in range(2):
+                _imports.cache_clear()
+                _fp(stage, tree)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(switch)
+    gc.set_threshold(200)
+    try:
+        threads = [threading.Thread(target=work, args=(s,)) for s in ("finetune_spam", "judge")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        gc.callbacks.remove(switch)
+        gc.set_threshold(*threshold)
+    assert not errors, errors[0]
