@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 #: The flow a placed stage runs in (``flows/stage_flow.py``).
 STAGE_FLOW = "gptflow-stage"
 #: Seconds between two looks at a placed stage's flow run.
-POLL_S = float(os.environ.get("GPTFLOW_PLACEMENT_POLL_S", "2"))
+POLL_S = float(os.environ.get("GPTFLOW_PLACEMENT_POLL_S", "1"))
 REPORT = "report.json"
 REPORT_VERSION = 1
 
@@ -299,7 +299,7 @@ def check_placement(placement: dict[str, str]) -> None:
     if not placement:
         return
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
     with get_client(sync_client=True) as client:
         for pool in sorted(set(placement.values())):
@@ -318,7 +318,10 @@ def check_placement(placement: dict[str, str]) -> None:
                     f"{dep.work_pool_name!r}, not {pool!r}: fix it in prefect.yaml and run "
                     "`gptflow deploy`"
                 )
-            workers = client.read_workers_for_work_pool(pool)
+            try:
+                workers = client.read_workers_for_work_pool(pool)
+            except PrefectHTTPStatusError:  # the pool is gone: the warning below says so
+                workers = []
             if not any(str(w.status).upper().endswith("ONLINE") for w in workers):
                 logger().warning(
                     "work pool %r has no worker online: %s will wait until one starts "
