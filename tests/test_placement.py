@@ -200,3 +200,43 @@ def test_a_placed_run_that_left_no_report_is_retryable(upstream):
         collect(ctx, "baseline_spam", "k" * 24, _flow_run(str(uuid.uuid4())))
     row = ctx.recorder.read(ctx.run_id)["stages"]["baseline_spam"]
     assert row["status"] == "failed" and json.loads(row["outputs"])["pool"] == "gpu"
+
+
+def _report(ctx, child: str, **fields) -> None:
+    from tasks.placement import REPORT, placed_dir
+
+    folder = placed_dir(ctx.artifacts, child)
+    folder.mkdir(parents=True)
+    (folder / REPORT).write_text(json.dumps({"stage": "baseline_spam", **fields}))
+
+
+def test_a_stage_skipped_or_incomplete_on_the_worker_comes_back_as_such(upstream):
+    """A skip (e.g. the judge without Ollama) is a skip in the flow; an incomplete result
+    (not committed, so a rerun continues it) comes back from the report, not the store."""
+    from tasks.placement import collect, output_to_json
+    from tasks.stages.base import StageSkipped
+
+    _, ctx, _, tok = upstream
+    skipped = str(uuid.uuid4())
+    row = {"status": "skipped", "started_at": "2026-01-01 00:00:00", "outputs": None}
+    _report(ctx, skipped, key="k" * 24, outcome="skipped", message="no judge", row=row)
+    with pytest.raises(StageSkipped, match="no judge"):
+        collect(ctx, "baseline_spam", "k" * 24, _flow_run(skipped))
+    assert ctx.recorder.read(ctx.run_id)["stages"]["baseline_spam"]["status"] == "skipped"
+
+    partial = str(uuid.uuid4())
+    row = {"status": "completed", "outputs": '{"key": "kk"}', "message": "2 requests failed"}
+    _report(
+        ctx,
+        partial,
+        key="k" * 24,
+        outcome="done",
+        committed=False,
+        result=output_to_json(tok),  # any typed result: the report's is used as is
+        row=row,
+    )
+    got = collect(ctx, "baseline_spam", "k" * 24, _flow_run(partial))
+    assert got.out == tok.out and got.digest == tok.digest
+    rec = ctx.recorder.read(ctx.run_id)["stages"]["baseline_spam"]
+    assert rec["status"] == "completed" and rec["message"] == "2 requests failed"
+    assert json.loads(rec["outputs"])["flow_run_id"] == partial
