@@ -9,10 +9,11 @@ is an error naming the field, never silently ignored.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from flows.profiles import DEFAULT_PROFILE, PROFILES_DIR, STAGES, available_profiles
 from gpt.config import Args, ArgsError
@@ -39,6 +40,12 @@ __all__ = [
     "config_to_dict",
     "parse_override",
 ]
+
+
+#: The stage that cannot be placed on a work pool (see ``PipelineConfig.placement``).
+UNPLACEABLE = "download"
+#: What a work pool name in ``placement`` may look like.
+POOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class PipelineConfig(Args):
@@ -78,6 +85,33 @@ class PipelineConfig(Args):
     """The Ollama judge."""
     gates: GatesArgs = Field(default_factory=GatesArgs)
     """Regression gates checked at the end of the run (``gates`` table)."""
+    placement: dict[str, str] = Field(default_factory=dict)
+    """Stages that run on a Prefect work pool instead of in the flow's own process:
+    ``{stage: pool}``, e.g. ``{pretrain = "gpu", finetune_instruct = "gpu"}``. A placed
+    stage runs as a flow run of the deployment ``gptflow-stage/<pool>`` on a worker of
+    that pool, which must see the same artifacts folder (shared storage); its cache key,
+    lease, rows and result are the same as in-process. Not part of any cache key (where a
+    stage runs does not change its result). ``download`` always runs in the flow."""
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, value: dict[str, str]) -> dict[str, str]:
+        for stage_name, pool in value.items():
+            if stage_name not in STAGES:
+                raise ValueError(
+                    f"placement names no stage {stage_name!r}; stages: {', '.join(STAGES)}"
+                )
+            if stage_name == UNPLACEABLE:
+                raise ValueError(
+                    f"placement: {UNPLACEABLE} runs in the flow's own process (its files are "
+                    "the inputs every stage reads); place the stages after it"
+                )
+            if not isinstance(pool, str) or not POOL_NAME.fullmatch(pool):
+                raise ValueError(
+                    f"placement.{stage_name}: {pool!r} is not a work pool name (letters, "
+                    "digits, '-', '_' and '.')"
+                )
+        return value
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import os
 import subprocess
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import (
@@ -30,6 +30,7 @@ from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
 from tasks.gates import raise_for_gates, run_gates
+from tasks.placement import check_placement
 from tasks.stages.base import RunContext
 
 
@@ -111,9 +112,13 @@ def gptflow_pipeline(
         git_rev=git_revision(),
     )
     log.info("run %s: profile %s, base model %s", run_id, cfg.profile, cfg.load_gpt2.base_model)
-    step = stage_task
+
+    def step(name: str) -> Task:  # a placed stage runs on a worker of its work pool
+        return stage_task(name, cfg.placement.get(name))
+
     try:
         preflight_required_judge(rec, run_id, cfg)  # judge.required: check before compute
+        check_placement(cfg.placement)  # each pool's stage deployment exists
         dl = step("download")(ctx, cfg.download)
         tok = step("tokenize")(ctx, cfg.tokenize, download=dl)
         pre = step("pretrain")(ctx, cfg.pretrain, tokenize=tok)

@@ -14,6 +14,7 @@ from gpt.config import Args
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError
 from tasks.cache import StageOutput
+from tasks.placement import run_placed
 from tasks.stages.base import RunContext, StageSkipped, load_spec, run_stage
 from tasks.stages.download import STAGE as DOWNLOAD
 from tasks.stages.download import run_download
@@ -39,8 +40,9 @@ def skipped_info(value: Any) -> dict[str, Any] | None:
 
 
 @cache
-def stage_task(name: str) -> Task:
-    """The Prefect task that runs stage ``name``."""
+def stage_task(name: str, pool: str | None = None) -> Task:
+    """The Prefect task that runs stage ``name``: in this process, or with ``pool`` on a
+    worker of that work pool (:mod:`tasks.placement`)."""
     if name == DOWNLOAD:
 
         def download(ctx: RunContext, args: DownloadArgs) -> StageOutput:
@@ -54,6 +56,8 @@ def stage_task(name: str) -> Task:
 
         def fn(ctx: RunContext, args: Args, **inputs: StageOutput | None) -> Any:
             try:
+                if pool is not None:
+                    return run_placed(ctx, pool, name, args, **inputs)
                 return run_stage(ctx, name, args, **inputs)
             except StageSkipped as skip:  # shown as a Completed state named "Skipped"
                 info = {"status": "skipped", "stage": name, "message": str(skip)}

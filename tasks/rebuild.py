@@ -6,8 +6,10 @@ The artifacts hold everything the catalog indexes: the run records
 Rebuilding replays both into a fresh catalog; every step is idempotent, so it can also
 fill in a catalog that lacks some rows.
 
-Not rebuilt: ``sources`` (download provenance; the next run records it again),
-``benchmarks``, and rows of stages that never finished (their ``.partial`` folders).
+Rows of results that a recomputation replaced (a forced stage, a damaged folder) were
+kept beside the folder (``<key>.history/``) and are replayed too. Not rebuilt:
+``sources`` (download provenance; the next run records it again), ``benchmarks``, and
+rows of stages that never finished (their ``.partial`` folders).
 
 Two kinds of target (:func:`rebuild_into`):
 
@@ -47,6 +49,8 @@ class RebuildReport:
     runs: int = 0
     stage_rows: int = 0
     folders: int = 0
+    history: int = 0
+    """Replaced results whose rows were kept (``<key>.history/``)."""
     rows: int = 0
     skipped: list[str] = field(default_factory=list)
     """Stage folders left out, with the reason (damaged, unreadable)."""
@@ -84,7 +88,8 @@ def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -
     store = StageStore(artifacts / "stages")
     if store.root.is_dir():
         for folder in sorted(p for p in store.root.glob("*/*") if p.is_dir()):
-            if folder.name.endswith((".partial", SCRATCH_SUFFIX)) or ".old-" in folder.name:
+            skip = (".partial", ".history", SCRATCH_SUFFIX)
+            if folder.name.endswith(skip) or ".old-" in folder.name:
                 continue
             manifest = store.read_manifest(folder)
             if manifest is None:
@@ -99,6 +104,16 @@ def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -
             if meta:
                 report.rows += ingest(catalog, folder, meta)
             report.folders += 1
+        # rows of results a recomputation replaced (another producer's: history)
+        for entry in sorted(store.root.glob("*/*.history/*/manifest.json")):
+            try:
+                old = json.loads(entry.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                report.skipped.append(f"{entry.parent}: unreadable manifest")
+                continue
+            if old.get("rows"):
+                report.rows += ingest(catalog, entry.parent, old["rows"])
+                report.history += 1
     return report
 
 

@@ -79,14 +79,21 @@ def test_prefect_yaml_parses_and_entrypoints_load():
     assert step == {"flows.deployment.enter_checkout": {}}
     assert "{{" not in json.dumps(spec)  # nothing for `prefect deploy` to fill in
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) == {"nightly", "smoke", "judge-rescore"}
     expected_flow = {
         "nightly": "gptflow-pipeline",
         "smoke": "gptflow-pipeline",
         "judge-rescore": "gptflow-judge",
     }
+    # the stage deployments (README "Stages on work pools"): one per pool, named after it
+    stage_deps = {n: d for n, d in deps.items() if d["entrypoint"].startswith("flows/stage_flow")}
+    assert set(stage_deps) == {"gpu", "judge"}
+    for name, dep in stage_deps.items():
+        assert dep["work_pool"]["name"] == name and not dep.get("parameters")
+        expected_flow[name] = "gptflow-stage"
+    assert set(deps) == set(expected_flow)
     for name, dep in deps.items():
-        assert dep["work_pool"]["name"] == "gptflow"
+        if name not in stage_deps:
+            assert dep["work_pool"]["name"] == "gptflow"
         path, _, func = dep["entrypoint"].partition(":")
         assert (REPO / path).is_file(), dep["entrypoint"]
         loaded = load_flow_from_entrypoint(str(REPO / path) + ":" + func)
@@ -154,7 +161,8 @@ def test_prefect_deploy_accepts_the_file(prefect_server):
     # succeed. Deployed from a shell whose GPTFLOW_HOME is set: what is stored must not
     # depend on it.
     for _ in range(2):
-        _cli(["work-pool", "create", "gptflow", "--type", "process", "--overwrite"], prefect_server)
+        for pool in ("gptflow", "gpu", "judge"):
+            _cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], prefect_server)
     proc = _cli(
         ["--no-prompt", "deploy", "--all"],
         prefect_server,
@@ -165,6 +173,8 @@ def test_prefect_deploy_accepts_the_file(prefect_server):
         "gptflow-pipeline/nightly",
         "gptflow-pipeline/smoke",
         "gptflow-judge/judge-rescore",
+        "gptflow-stage/gpu",
+        "gptflow-stage/judge",
     ):
         assert name in proc.stdout, proc.stdout
 
@@ -195,6 +205,10 @@ def test_prefect_deploy_accepts_the_file(prefect_server):
     assert judge.entrypoint == "flows/judge_flow.py:gptflow_judge"
     assert judge.parameters == {"profile": "cpu", "required": True}
     assert [s.schedule.cron for s in judge.schedules] == ["0 5 * * 0"]
+    with get_client(sync_client=True) as client:
+        gpu = client.read_deployment_by_name("gptflow-stage/gpu")
+    assert gpu.entrypoint == "flows/stage_flow.py:gptflow_stage" and gpu.work_pool_name == "gpu"
+    assert gpu.pull_steps == [{"flows.deployment.enter_checkout": {}}]
     assert set(judge.parameter_openapi_schema["properties"]) == {
         "responses_run",
         "profile",

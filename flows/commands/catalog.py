@@ -59,8 +59,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     report = rebuild_into(target, art, replace=args.replace)
     print(
         f"rebuilt {target.location()} from {art}: {report.runs} runs "
-        f"({report.stage_rows} stage rows), "
-        f"{report.folders} stage folders ({report.rows} rows)"
+        f"({report.stage_rows} stage rows), {report.folders} stage folders, "
+        f"{report.history} replaced results ({report.rows} rows)"
     )
     for line in report.skipped:
         print(f"  skipped {line}")

@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Create each work pool the deployments in prefect.yaml name (type process) "
             "unless it exists, then run `prefect --no-prompt deploy --all` in the checkout. "
+            "The pipeline's deployments and the gptflow-stage/<pool> ones that run the "
+            "stages a run's placement puts on a pool. "
             "Safe to run again: existing pools are kept, deployments are updated. Uses "
             "PREFECT_API_URL, else gptflow's local server (started if needed)."
         ),
@@ -46,4 +48,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         '  export GPTFLOW_HOME="$PWD"\n'
         f"  prefect worker start --pool {pools[0]}"
     )
+    stage_pools = [p for p in pools if p != pools[0]]
+    if stage_pools:
+        print(
+            f"stages placed on a pool ({', '.join(stage_pools)}; placement.<stage>=<pool>) "
+            "run on a worker of that pool, started the same way on a machine that shares "
+            "the artifacts folder, e.g.\n"
+            f"  prefect worker start --pool {stage_pools[0]}"
+        )
     return 0

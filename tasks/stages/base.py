@@ -319,6 +319,18 @@ def _output(manifest: dict[str, Any], spec: StageSpec, folder: Path, hit: bool) 
     )
 
 
+def committed_output(
+    ctx: RunContext, name: str, key: str, *, cache_hit: bool = False
+) -> tuple[StageOutput | None, str | None]:
+    """The committed, verified result of stage ``name`` under ``key`` as downstream
+    stages see it; ``(None, reason)`` when there is none (reason None) or it is damaged."""
+    spec = load_spec(name)
+    manifest, reason = ctx.store.lookup(name, key, ctx.verify)
+    if manifest is None:
+        return None, reason
+    return _output(manifest, spec, ctx.store.final_dir(name, key), hit=cache_hit), None
+
+
 def _stage_outputs(result: StageOutput, manifest: dict[str, Any]) -> dict[str, Any]:
     """What the ``stages`` row's ``outputs`` holds."""
     return {
@@ -374,8 +386,16 @@ def _ensure_producer_run(ctx: RunContext, producer: str) -> None:
         cat.upsert_rows("runs", [typed_row(rec["run"])], key=["run_id"])
 
 
-def run_stage(ctx: RunContext, name: str, args: Args, **inputs: StageOutput | None) -> StageOutput:
-    """Serve stage ``name`` from its verified folder or compute it (module docstring)."""
+def run_stage(
+    ctx: RunContext,
+    name: str,
+    args: Args,
+    *,
+    cached_only: bool = False,
+    **inputs: StageOutput | None,
+) -> StageOutput | None:
+    """Serve stage ``name`` from its verified folder or compute it (module docstring).
+    With ``cached_only``, serve a cache hit or return None (nothing is computed)."""
     spec = load_spec(name)
     missing = [i for i in spec.inputs if i not in inputs]
     if missing:
@@ -415,6 +435,8 @@ def run_stage(ctx: RunContext, name: str, args: Args, **inputs: StageOutput | No
             return serve(manifest)
         if reason:
             log.warning("%s: cached result not usable (%s); recomputing", name, reason)
+    if cached_only:
+        return None
 
     lease = Lease(store.root / name / f"{key}.lease", ctx.run_id)
 

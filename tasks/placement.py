@@ -1,0 +1,476 @@
+"""Stages placed on Prefect work pools (``PipelineConfig.placement``).
+
+A placed stage runs as a flow run of the deployment ``gptflow-stage/<pool>``
+(:mod:`flows.stage_flow`), started by the flow's stage task with Prefect's
+``run_deployment`` and picked up by a worker of that pool. Both sides call the same
+:func:`tasks.stages.base.run_stage`, so the cache key, the lease, the cache hit and the
+rows are exactly those of the stage run in-process. Nothing comes back through Prefect's
+results (a child's return value is unreadable without result storage both machines
+reach): the worker commits the stage folder to the shared artifacts store and writes a
+small report; the flow reads the report, checks the key, and reads the committed
+manifest itself.
+
+Why one deployment per *pool* and the stage as a parameter: Prefect 3.9.1's
+``run_deployment`` cannot move a flow run to another pool (``work_queue_name`` is looked
+up — and created — inside the deployment's own pool; ``job_variables`` only change the
+job), so the pool must be chosen by choosing the deployment, and a deployment per pool is
+the fewest that can do it.
+
+Files, under the artifacts folder (shared by every machine, at the same path or URL):
+
+- ``runs/placed/<child flow run id>/<run_id>.json``: the run record the placed stage
+  writes (its catalog rows go to the catalog as usual). The run's own record file keeps
+  one writer, the flow, which copies the stage's final row into it.
+- ``runs/placed/<child flow run id>/report.json``: who ran the stage (host, worker, pid),
+  the key it computed and how it ended.
+
+Without a placement nothing here is called: an unplaced run makes no extra API call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from gpt.config import Args
+from gpt.errors import GPTFlowError
+from tasks.cache import StageOutput
+from tasks.catalog import Catalog
+from tasks.fingerprint import code_fingerprint
+from tasks.runlog import RunRecorder, parse_ts
+from tasks.stages.base import (
+    RunContext,
+    StageSkipped,
+    committed_output,
+    key_for,
+    load_spec,
+    logger,
+    run_stage,
+)
+
+log = logging.getLogger(__name__)
+
+#: The flow a placed stage runs in (``flows/stage_flow.py``).
+STAGE_FLOW = "gptflow-stage"
+#: Seconds between two looks at a placed stage's flow run.
+POLL_S = float(os.environ.get("GPTFLOW_PLACEMENT_POLL_S", "1"))
+REPORT = "report.json"
+REPORT_VERSION = 1
+
+
+class PlacementError(GPTFlowError):
+    """A placed stage cannot run or its result cannot be used (not retried)."""
+
+
+class PlacedStageCrashed(RuntimeError):
+    """A placed stage's flow run ended without a report (its process or worker died), or
+    failed with an unexpected error: the stage task retries it like an in-process one."""
+
+
+def deployment_name(pool: str) -> str:
+    """The deployment that runs placed stages on work pool ``pool``."""
+    return f"{STAGE_FLOW}/{pool}"
+
+
+def placed_dir(artifacts: str | Path, flow_run_id: str) -> Path:
+    """The folder of the record and report of one placed stage's flow run."""
+    return Path(artifacts) / "runs" / "placed" / flow_run_id
+
+
+# --------------------------------------------------------------------------- JSON forms
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model in a field annotation such as ``DownloadArgs | None``."""
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    for option in options:
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return option
+    return None
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def context_to_json(ctx: RunContext) -> dict[str, Any]:
+    """The fields of the run's context as JSON (settings models as dicts)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(RunContext):
+        value = getattr(ctx, f.name)
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def context_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """``RunContext`` keyword arguments from :func:`context_to_json`'s output."""
+    hints = typing.get_type_hints(RunContext)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise PlacementError(
+            f"the flow sent run context fields {unknown} this worker's gptflow does not "
+            "know: run the same gptflow version on the flow's machine and the workers"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        model = _model_in(hints[name])
+        if model is not None and value is not None:
+            value = model.model_validate(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return kwargs
+
+
+def _out_type(stage: str) -> type[BaseModel]:
+    if stage == "download":
+        from tasks.stages.download import DownloadOut
+
+        return DownloadOut
+    return load_spec(stage).out_type
+
+
+def output_to_json(output: StageOutput | None) -> dict[str, Any] | None:
+    """A stage's result as JSON: where its folder is, who made it, its digest and its
+    typed result (the list of files stays in the folder's manifest)."""
+    if output is None:
+        return None
+    return {
+        "stage": output.stage,
+        "key": output.key,
+        "root": output.root,
+        "run_id": output.run_id,
+        "digest": output.digest,
+        "out": output.data,
+        "cache_hit": output.cache_hit,
+        "created_at": output.created_at,
+    }
+
+
+def output_from_json(data: dict[str, Any] | None) -> StageOutput | None:
+    """The inverse of :func:`output_to_json` (``out`` typed again)."""
+    if data is None:
+        return None
+    return StageOutput(
+        stage=data["stage"],
+        key=data["key"],
+        root=data["root"],
+        run_id=data["run_id"],
+        digest=data["digest"],
+        out=_out_type(data["stage"]).model_validate(data["out"]),
+        cache_hit=bool(data.get("cache_hit")),
+        created_at=float(data.get("created_at") or 0.0),
+    )
+
+
+# --------------------------------------------------------------------------- the worker side
+
+
+class PlacedRecorder(RunRecorder):
+    """The recorder of a placed stage: its rows of run ``run_id`` go to the catalog as
+    usual, but its record file to the flow run's own folder (the run's record file has
+    a single writer, the flow); other runs' records are read where they always are."""
+
+    def __init__(self, catalog: Catalog, runs_dir: Path, own: Path, run_id: str) -> None:
+        super().__init__(catalog, runs_dir)
+        self.own = own
+        self.run_id = run_id
+
+    def path(self, run_id: str) -> Path:
+        if run_id == self.run_id:
+            return self.own / f"{run_id}.json"
+        return super().path(run_id)
+
+
+@dataclass(frozen=True)
+class PlacedContext(RunContext):
+    """The run's context as a placed stage's flow run sees it."""
+
+    flow_run_id: str = ""
+    """The placed stage's own flow run (names its record folder)."""
+
+    @property
+    def folder(self) -> Path:
+        return placed_dir(self.artifacts, self.flow_run_id)
+
+    @property
+    def recorder(self) -> RunRecorder:
+        return PlacedRecorder(self.catalog, Path(self.artifacts) / "runs", self.folder, self.run_id)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_placed_here(
+    ctx: PlacedContext,
+    name: str,
+    args: Args,
+    inputs: dict[str, StageOutput | None],
+    *,
+    key: str,
+    code: str,
+) -> dict[str, Any]:
+    """Run stage ``name`` in this (worker's) process, as the flow asked: refuse when this
+    machine computes another key than the flow did, else :func:`run_stage`. Writes the
+    report the flow reads back, and returns it. Raises what the stage raised (a skip is
+    reported, not raised)."""
+    spec = load_spec(name)
+    report: dict[str, Any] = {
+        "version": REPORT_VERSION,
+        "stage": name,
+        "run_id": ctx.run_id,
+        "flow_run_id": ctx.flow_run_id,
+        "expected_key": key,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "worker": os.environ.get("PREFECT__WORKER_NAME"),
+        "started": time.time(),
+    }
+    path = ctx.folder / REPORT
+    mine = key_for(spec, args, inputs)
+    report["key"] = mine
+    if mine != key:
+        here = code_fingerprint(spec.module)
+        why = (
+            f"the code differs (fingerprint of {spec.module} here {here[:12]}, on the "
+            f"flow's machine {code[:12]})"
+            if here != code
+            else "the settings read differently here (another gptflow version)"
+        )
+        message = (
+            f"stage {name}: this worker ({report['host']}) computes key {mine}, the flow "
+            f"computed {key}: {why}. Run the same gptflow commit on the flow's machine "
+            "and on every worker"
+        )
+        _write_json(path, {**report, "outcome": "refused", "message": message})
+        raise PlacementError(message)
+    try:
+        result = run_stage(ctx, name, args, **inputs)
+    except StageSkipped as skip:
+        report.update(outcome="skipped", message=str(skip))
+    except BaseException as exc:
+        report.update(
+            outcome="failed",
+            message=f"{type(exc).__name__}: {exc}"[:4000],
+            retryable=not isinstance(exc, GPTFlowError),
+        )
+        raise
+    else:
+        assert result is not None
+        report.update(
+            outcome="done",
+            committed=Path(result.root) == ctx.store.final_dir(name, key),
+            result=output_to_json(result),
+        )
+    finally:
+        report["row"] = ((ctx.recorder.read(ctx.run_id) or {}).get("stages") or {}).get(name)
+        report["ended"] = time.time()
+        if "outcome" in report:
+            _write_json(path, report)
+    return report
+
+
+# --------------------------------------------------------------------------- the flow side
+
+
+def check_placement(placement: dict[str, str]) -> None:
+    """Before any compute: each pool named in ``placement`` has its stage deployment
+    (else :class:`PlacementError` with the fix); a pool without a worker online is
+    logged (its stages wait until one starts)."""
+    if not placement:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    with get_client(sync_client=True) as client:
+        for pool in sorted(set(placement.values())):
+            stages = ", ".join(s for s, p in placement.items() if p == pool)
+            try:
+                dep = client.read_deployment_by_name(deployment_name(pool))
+            except ObjectNotFound:
+                raise PlacementError(
+                    f"placement puts {stages} on work pool {pool!r}, but the server has no "
+                    f"deployment {deployment_name(pool)}: add it to prefect.yaml (a copy of "
+                    "the gptflow-stage entries with this pool) and run `gptflow deploy`"
+                ) from None
+            if dep.work_pool_name != pool:
+                raise PlacementError(
+                    f"deployment {deployment_name(pool)} is on work pool "
+                    f"{dep.work_pool_name!r}, not {pool!r}: fix it in prefect.yaml and run "
+                    "`gptflow deploy`"
+                )
+            try:
+                workers = client.read_workers_for_work_pool(pool)
+            except PrefectHTTPStatusError:  # the pool is gone: the warning below says so
+                workers = []
+            if not any(str(w.status).upper().endswith("ONLINE") for w in workers):
+                logger().warning(
+                    "work pool %r has no worker online: %s will wait until one starts "
+                    "(`prefect worker start --pool %s` on a machine sharing the artifacts)",
+                    pool,
+                    stages,
+                    pool,
+                )
+
+
+def run_placed(
+    ctx: RunContext, pool: str, name: str, args: Args, **inputs: StageOutput | None
+) -> StageOutput:
+    """Stage ``name`` for the flow, computed on a worker of ``pool`` (a cache hit is served
+    here: it needs no worker). Returns what :func:`run_stage` would; raises
+    :class:`StageSkipped` for a skipped stage."""
+    cached = run_stage(ctx, name, args, cached_only=True, **inputs)
+    if cached is not None:
+        return cached
+    from prefect.deployments import run_deployment
+
+    spec = load_spec(name)
+    key = key_for(spec, args, inputs)
+    ctx.recorder.record_stage(
+        ctx.run_id,
+        name,
+        status="running",
+        message=f"placed on work pool {pool}: waiting for a worker",
+    )
+    logger().info("%s: running on work pool %s (key %s)", name, pool, key)
+    flow_run = run_deployment(
+        deployment_name(pool),
+        parameters={
+            "stage": name,
+            "settings": args.to_dict(),
+            "context": context_to_json(ctx),
+            "inputs": {k: output_to_json(v) for k, v in sorted(inputs.items())},
+            "key": key,
+            "code": code_fingerprint(spec.module),
+        },
+        flow_run_name=f"{name}-{ctx.run_id[:8]}",
+        tags=["gptflow", f"stage:{name}"],
+        poll_interval=POLL_S,
+        timeout=None,
+    )
+    return collect(ctx, name, key, flow_run)
+
+
+def _where(flow_run: Any, report: dict[str, Any] | None) -> dict[str, Any]:
+    """Where a placed stage ran, for its ``stages`` row."""
+    labels = getattr(flow_run, "labels", None) or {}
+    report = report or {}
+    return {
+        "pool": flow_run.work_pool_name,
+        "worker": labels.get("prefect.worker.name") or report.get("worker"),
+        "host": report.get("host"),
+        "pid": report.get("pid"),
+        "flow_run_id": str(flow_run.id),
+    }
+
+
+def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
+    """Read a finished placed stage back through the artifacts store: its report, then
+    its committed folder under ``key`` (the key the flow computed; a report of another
+    key is refused). Records the stage's final row, with where it ran, in the run's
+    record and the catalog."""
+    rec = ctx.recorder
+    folder = placed_dir(ctx.artifacts, str(flow_run.id))
+    try:
+        report = json.loads((folder / REPORT).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        report = None
+    where = _where(flow_run, report)
+    state = flow_run.state
+    desc = f"work pool {where['pool']}, worker {where['worker']}, flow run {flow_run.id}"
+    if report is None:
+        message = (
+            f"{name} on {desc} ended {state.name if state else 'without a state'} without a "
+            f"report in {folder} ({state.message if state else ''}); does the worker see the "
+            f"artifacts folder {ctx.artifacts}?"
+        )
+        rec.record_stage(ctx.run_id, name, status="failed", outputs=where, message=message)
+        raise PlacedStageCrashed(message)
+    row = report.get("row") or {}
+    raw = row.get("outputs")
+    outputs = {**((json.loads(raw) if isinstance(raw, str) else raw) or {}), **where}
+
+    def record(status: str, message: str | None) -> None:
+        rec.record_stage(
+            ctx.run_id,
+            name,
+            status=status,
+            started_at=parse_ts(row.get("started_at")),
+            ended_at=parse_ts(row.get("ended_at")),
+            cache_hit=row.get("cache_hit"),
+            outputs=outputs,
+            message=message,
+        )
+
+    outcome = report.get("outcome")
+    message = report.get("message")
+    if outcome == "refused" or report.get("key") != key:
+        message = message or (
+            f"stage {name}: the worker computed key {report.get('key')}, the flow {key}: "
+            "run the same gptflow commit on the flow's machine and every worker"
+        )
+        record("failed", message)
+        raise PlacementError(message)
+    if outcome == "skipped":
+        record("skipped", message)
+        raise StageSkipped(message or f"{name} skipped on {desc}")
+    if outcome != "done":
+        message = f"{name} failed on {desc}: {message}"
+        record("failed", message)
+        if report.get("retryable"):
+            raise PlacedStageCrashed(message)
+        raise PlacementError(message)
+    hit = bool(row.get("cache_hit"))
+    if report.get("committed"):
+        result, reason = committed_output(ctx, name, key, cache_hit=hit)
+        if result is None:
+            message = (
+                f"{name} finished on {desc}, but its result under key {key} is "
+                f"{reason or 'not in ' + str(ctx.store.final_dir(name, key))}: does the "
+                f"worker write to the same artifacts folder ({ctx.artifacts})?"
+            )
+            record("failed", message)
+            raise PlacementError(message)
+    else:  # an incomplete result (StageIncomplete): not committed, described by the report
+        result = output_from_json(report["result"])
+        assert result is not None
+    record(row.get("status") or ("cached" if hit else "completed"), row.get("message"))
+    logger().info("%s: done on %s", name, desc)
+    return result
+
+
+__all__ = [
+    "STAGE_FLOW",
+    "PlacedContext",
+    "PlacedStageCrashed",
+    "PlacementError",
+    "check_placement",
+    "collect",
+    "context_from_json",
+    "context_to_json",
+    "deployment_name",
+    "output_from_json",
+    "output_to_json",
+    "placed_dir",
+    "run_placed",
+    "run_placed_here",
+]
