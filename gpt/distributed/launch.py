@@ -206,10 +206,10 @@ def run_distributed(
     clash = sorted(set(cbs) & set(kwargs))
     if clash:
         raise ConfigError(f"{clash} given both as kwargs and as callbacks")
-    fn_path = target if isinstance(target, str) else target_path(target)
-    if not args.is_distributed:
-        fn = import_target(fn_path) if isinstance(target, str) else target
+    if not args.is_distributed:  # a plain call: the function need not be importable
+        fn = import_target(target) if isinstance(target, str) else target
         return fn(**kwargs, **cbs)
+    fn_path = target if isinstance(target, str) else target_path(target)
 
     resolve_backend(args.backend, str(kwargs.get("device", "auto")))  # fail early, here
     what = f"{fn_path} on {args.world_size} processes ({args.nnodes} node(s) × {args.nproc})"

@@ -50,7 +50,7 @@ from pydantic import (
     model_validator,
 )
 
-from gpt.config import Args
+from gpt.config import Args, operational
 from gpt.errors import CatalogError
 from gpt.paths import default_db_path
 
@@ -284,21 +284,22 @@ class CatalogArgs(Args):
     """The pipeline's ``catalog`` section: which catalog a run writes. Every field left
     unset (None) comes from the environment of the machine running the flow
     (:meth:`CatalogSettings.from_env`); the resolved catalog is the one every stage of
-    the run writes. Only non-secret fields live here: put a PostgreSQL password in
+    the run writes. All fields are operational: the catalog indexes results, it does not
+    shape them. Only non-secret fields live here: put a PostgreSQL password in
     ``PGPASSWORD`` or ``~/.pgpass`` and S3 credentials in the environment
     (``GPTFLOW_CATALOG_S3_*`` / ``AWS_*``) of each machine."""
 
-    url: str | None = None
+    url: str | None = operational(None)
     """``ducklake:postgres:dbname=… host=… port=… user=…``: the run writes a DuckLake
     shared by several machines (needs ``data_path``). None: ``GPTFLOW_CATALOG_URL``, else
     the DuckDB file."""
-    data_path: str | None = None
+    data_path: str | None = operational(None)
     """Where the DuckLake keeps its Parquet files: a folder every writer sees, or
     ``s3://bucket/prefix/``. None: ``GPTFLOW_CATALOG_DATA_PATH``."""
-    path: Path | None = None
+    path: Path | None = operational(None)
     """The DuckDB file (when no ``url`` is set here). None: ``GPTFLOW_DB``, else
     ``artifacts/gptflow.duckdb``."""
-    lock_timeout: float | None = Field(None, ge=0)
+    lock_timeout: float | None = operational(None, ge=0)
     """Seconds to keep retrying while other writers hold the file lock or win DuckLake
     write conflicts. None: ``GPTFLOW_DB_LOCK_TIMEOUT``, else 60."""
 
