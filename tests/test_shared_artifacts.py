@@ -85,7 +85,20 @@ def test_artifacts_root_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         ObjectRoot("s3:///prefix")
 
 
+def test_missing_bucket_is_a_clear_error(s3_root) -> None:
+    """A root in a bucket that does not exist: a miss to read, and a one-line error naming
+    the bucket at the first write (nothing is created)."""
+    from tasks.cache import open_stage_store
+    from tasks.storage import StorageError
+
+    store = open_stage_store("s3://no-such-bucket-here/gptflow")
+    assert store.lookup("tokenize", "k") == (None, None)
+    with pytest.raises(StorageError, match="does the bucket 'no-such-bucket-here' exist"):
+        store.lease("tokenize", "k", "run").acquire(timeout_s=5)
+
+
 # ---------------------------------------------------------------------------- stage folders
+@pytest.mark.slow
 def test_stage_folder_published_and_read_back_verified(
     s3_root, s3_server, mirror, tmp_path, monkeypatch
 ) -> None:
@@ -333,7 +346,7 @@ def test_run_record_updates_from_two_writers_lose_nothing(s3_root) -> None:
 @pytest.mark.slow
 @pytest.mark.prefect
 def test_smoke_pipeline_on_s3_then_all_hits_elsewhere(
-    prefect_server, s3_root, mirror, tmp_path, monkeypatch
+    prefect_server, s3_root, mirror, tmp_path, monkeypatch, capsys
 ) -> None:
     """The smoke profile through the Prefect server with GPTFLOW_ARTIFACTS=s3://…; a second
     run from an empty local cache and catalog (another machine) is all cache hits, and
@@ -341,7 +354,6 @@ def test_smoke_pipeline_on_s3_then_all_hits_elsewhere(
     from benchmarks.ollama_stub import OllamaStub
     from flows.pipeline import run_pipeline
     from tasks.catalog import Catalog
-    from tasks.rebuild import rebuild_catalog
 
     monkeypatch.setenv("GPTFLOW_MIRROR", str(mirror))
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 42")
@@ -350,7 +362,7 @@ def test_smoke_pipeline_on_s3_then_all_hits_elsewhere(
         res = run_pipeline("smoke", [f"judge.hosts={stub.host}"], progress=False)
         assert res["status"] == "completed", res
         assert not any(s["cache_hit"] for n, s in res["stages"].items() if n != "download")
-        cat = Catalog()
+        cat = Catalog(os.environ["GPTFLOW_DB"])  # machine a's catalog
         ck = cat.query_df("SELECT path FROM checkpoints WHERE run_id=?", [res["run_id"]])
         assert len(ck) >= 3 and all(p.startswith(f"{s3_root}/stages/") for p in ck.path)
 
@@ -367,12 +379,16 @@ def test_smoke_pipeline_on_s3_then_all_hits_elsewhere(
     summ = cat_b.query_df("SELECT * FROM eval_summary WHERE run_id=?", [res["run_id"]])
     assert summ.n_scored[0] == 12 and summ.mean_score[0] == 42
 
-    rebuilt = Catalog(tmp_path / "rebuilt.duckdb")
-    report = rebuild_catalog(rebuilt, s3_root)
-    assert report.runs == 2 and not report.skipped, report
-    assert report.folders == len(res["stages"]) - 1  # every stage folder (download has none)
+    from flows.cli import main
+
+    db = tmp_path / "rebuilt.duckdb"
+    assert main(["catalog", "rebuild", "--db", str(db), "--artifacts", s3_root]) == 0
+    out = capsys.readouterr().out
+    n_folders = len(res["stages"]) - 1  # every stage folder (download has none)
+    assert f"2 runs ({len(res['stages']) + len(res2['stages'])} stage rows)" in out, out
+    assert f"{n_folders} stage folders" in out and "skipped" not in out, out
     for table in ("metrics", "responses", "judgments", "spam_examples", "checkpoints"):
         sql = f"SELECT count(*) n FROM {table}"
-        assert rebuilt.query_df(sql).n[0] == cat.query_df(sql).n[0], table
-    n_stages = rebuilt.query_df("SELECT count(*) n FROM stages").n[0]
+        assert Catalog(db).query_df(sql).n[0] == cat.query_df(sql).n[0], table
+    n_stages = Catalog(db).query_df("SELECT count(*) n FROM stages").n[0]
     assert n_stages == len(res["stages"]) + len(res2["stages"])
