@@ -226,6 +226,7 @@ class StageStore:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
         os.replace(tmp, work / MANIFEST)
         if final.exists():
+            self._keep_history(stage, key, final)
             trash = final.with_name(f"{key}.old-{os.getpid()}-{time.monotonic_ns()}")
             os.replace(final, trash)
             os.replace(work, final)
@@ -233,6 +234,31 @@ class StageStore:
         else:
             os.replace(work, final)
         return manifest
+
+    def history_dir(self, stage: str, key: str) -> Path:
+        """Where the rows of results this key's folder replaced are kept."""
+        return self.root / stage / f"{key}.history"
+
+    def _keep_history(self, stage: str, key: str, final: Path) -> None:
+        """A recomputation (forced, or of a damaged folder) replaces a result another run
+        produced; that run's catalog rows stay history, so keep their Parquet files and
+        manifest (not the large files) for ``gptflow catalog rebuild``."""
+        old = self.read_manifest(final)
+        if old is None or not old.get("rows"):
+            return
+        dest = self.history_dir(stage, key) / f"{old['producer_run_id']}-{int(old['created_at'])}"
+        if dest.exists():
+            return
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (final / ROWS_DIR).is_dir():
+            shutil.copytree(final / ROWS_DIR, tmp / ROWS_DIR)
+        else:
+            tmp.mkdir(parents=True)
+        (tmp / MANIFEST).write_text(
+            json.dumps({k: v for k, v in old.items() if k != "files"}, indent=1, default=str)
+        )
+        os.replace(tmp, dest)
 
 
 def open_stage_store(artifacts: str | Path) -> StageStore:

@@ -7,8 +7,10 @@ Rebuilding replays both into a fresh catalog; every step is idempotent, so it ca
 fill in a catalog that lacks some rows. The artifacts may be on an object store
 (``s3://…``): then only the ``rows/`` files of each published folder are downloaded.
 
-Not rebuilt: ``sources`` (download provenance; the next run records it again),
-``benchmarks``, and rows of stages that never finished (their ``.partial`` folders).
+Rows of results that a recomputation replaced (a forced stage, a damaged folder) were
+kept beside the folder (``<key>.history/``) and are replayed too. Not rebuilt:
+``sources`` (download provenance; the next run records it again), ``benchmarks``, and
+rows of stages that never finished (their ``.partial`` folders).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class RebuildReport:
     runs: int = 0
     stage_rows: int = 0
     folders: int = 0
+    history: int = 0
+    """Replaced results whose rows were kept (``<key>.history/``)."""
     rows: int = 0
     skipped: list[str] = field(default_factory=list)
     """Stage folders left out, with the reason (damaged, unreadable)."""
@@ -103,7 +107,7 @@ def rebuild_catalog(
     store = StageStore(Path(artifacts) / "stages")
     if store.root.is_dir():
         for folder in sorted(p for p in store.root.glob("*/*") if p.is_dir()):
-            if folder.name.endswith(".partial") or ".old-" in folder.name:
+            if folder.name.endswith((".partial", ".history")) or ".old-" in folder.name:
                 continue
             manifest = store.read_manifest(folder)
             if manifest is None:
@@ -118,6 +122,16 @@ def rebuild_catalog(
             if meta:
                 report.rows += ingest(catalog, folder, meta)
             report.folders += 1
+        # rows of results a recomputation replaced (another producer's: history)
+        for entry in sorted(store.root.glob("*/*.history/*/manifest.json")):
+            try:
+                old = json.loads(entry.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                report.skipped.append(f"{entry.parent}: unreadable manifest")
+                continue
+            if old.get("rows"):
+                report.rows += ingest(catalog, entry.parent, old["rows"])
+                report.history += 1
     return report
 
 
@@ -142,6 +156,15 @@ def _replay_remote_folders(catalog: Catalog, url: str, report: RebuildReport) ->
                     continue
                 report.rows += ingest(catalog, Path(tmp), meta)
         report.folders += 1
+    for prefix, old in store.history():  # rows of results a recomputation replaced
+        with tempfile.TemporaryDirectory(prefix="gptflow-rebuild-") as tmp:
+            try:
+                store.fetch_history_rows(prefix, old, Path(tmp))
+                report.rows += ingest(catalog, Path(tmp), old["rows"])
+            except (OSError, CatalogError) as exc:
+                report.skipped.append(f"{store.remote.url_of(prefix)}: {exc}")
+                continue
+        report.history += 1
 
 
 def rebuild_into(db_path: Path, artifacts: str | Path, *, replace: bool = False) -> RebuildReport:

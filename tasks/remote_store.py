@@ -84,6 +84,14 @@ def _parse_manifest(data: bytes) -> dict[str, Any] | None:
     return manifest
 
 
+def _parse_history(data: bytes) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("rows") else None
+
+
 def _install(tmp: Path, final: Path, key: str) -> None:
     """Move the complete folder ``tmp`` to ``final``, replacing an older copy."""
     if final.exists():
@@ -204,7 +212,7 @@ class ObjectStageStore(StageStore):
         folders: dict[tuple[str, str], dict[str, Entry]] = {}
         for name, entry in listing.items():
             parts = name.split("/", 2)
-            if len(parts) == 3 and not parts[1].endswith(".lease"):
+            if len(parts) == 3 and not parts[1].endswith((".lease", ".history")):
                 folders.setdefault((parts[0], parts[1]), {})[parts[2]] = entry
         for (stage, key), objects in sorted(folders.items()):
             url = self.published(stage, key)
@@ -219,7 +227,44 @@ class ObjectStageStore(StageStore):
             problem = remote_problem(url, objects, manifest.get("files", {}))
             yield stage, key, (None if problem else manifest), problem
 
+    def history(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(prefix, manifest)`` of every kept history entry (rows of replaced results:
+        ``<stage>/<key>.history/<producer>-<time>/``)."""
+        for name in sorted(self.remote.list()):
+            parts = name.split("/")
+            if len(parts) == 4 and parts[1].endswith(".history") and parts[3] == MANIFEST:
+                got = self.remote.get(name)
+                old = None if got is None else _parse_history(got.data)
+                if old is not None:
+                    yield name.removesuffix(f"/{MANIFEST}"), old
+
+    def fetch_history_rows(self, prefix: str, manifest: dict[str, Any], dest: Path) -> None:
+        """Download the ``rows/`` files of the history entry ``prefix`` into ``dest``."""
+        tables = sorted(manifest.get("rows") or {})
+        pairs = [
+            (f"{prefix}/{ROWS_DIR}/{t}.parquet", dest / ROWS_DIR / f"{t}.parquet") for t in tables
+        ]
+        self.remote.download(pairs)
+
     # ------------------------------------------------------------------ writing
+    def _keep_history(self, stage: str, key: str, old: dict[str, Entry]) -> None:
+        """Before a recomputation replaces a published result, keep the replaced run's
+        rows (their Parquet objects, copied on the server) and its manifest (without the
+        file list) under ``<key>.history/`` for ``gptflow catalog rebuild``, as a local
+        store does."""
+        got = self.remote.get(f"{stage}/{key}/{MANIFEST}")
+        manifest = None if got is None else _parse_manifest(got.data)
+        if manifest is None or not manifest.get("rows"):
+            return
+        dest = f"{stage}/{key}.history/{manifest['producer_run_id']}-{int(manifest['created_at'])}"
+        if self.remote.get(f"{dest}/{MANIFEST}") is not None:
+            return
+        for name in sorted(old):
+            if name.startswith(f"{ROWS_DIR}/"):
+                self.remote.copy(f"{stage}/{key}/{name}", f"{dest}/{name}")
+        body = {k: v for k, v in manifest.items() if k != "files"}
+        self.remote.create(f"{dest}/{MANIFEST}", json.dumps(body, indent=1, default=str).encode())
+
     def _confirm_lease(self, stage: str, key: str) -> None:
         lease = _HELD.get((self.remote.url, stage, key, threading.get_ident()))
         if lease is not None and lease.etag is not None:
@@ -234,6 +279,7 @@ class ObjectStageStore(StageStore):
         files = describe_files(work)
         old = self.remote.list(rel)
         if old:  # an older or damaged version: unpublish it (manifest first), then clear it
+            self._keep_history(stage, key, old)
             self.remote.delete([f"{rel}/{MANIFEST}", *(f"{rel}/{n}" for n in old if n != MANIFEST)])
         self.remote.upload([(work / f, f"{rel}/{f}") for f in sorted(files)])
         listing = self.remote.list(rel)

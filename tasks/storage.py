@@ -303,6 +303,14 @@ class ObjectRoot:
         self.delete([rel])
         return True
 
+    def copy(self, src: str, dst: str) -> None:
+        """Server-side copy of ``src`` to ``dst`` (both under this root)."""
+        self._call(
+            "copy_object",
+            Key=self.key(dst),
+            CopySource={"Bucket": self.bucket, "Key": self.key(src)},
+        )
+
     def delete(self, rels: Sequence[str]) -> None:
         """Delete the objects ``rels`` (missing ones are fine), in the given order."""
         keys = [self.key(r) for r in rels]

@@ -255,3 +255,98 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
         cat.query_df("SELECT config FROM runs WHERE run_id=?", [res["run_id"]]).config[0]
     )
     assert cfg["load_gpt2"]["base_model"] == "gpt2"
+
+
+def test_cli_user_error_is_one_line_without_traceback(prefect_server, env, tmp_path):
+    """Observation 7 of issue 11: an empty --mirror folder ends `gptflow run` with one
+    `gptflow run: error:` line naming the stage and the fix; the traceback is in the log
+    file, not on the terminal."""
+    import subprocess
+    import sys
+
+    empty = tmp_path / "empty-mirror"
+    empty.mkdir()
+    sub_env = {
+        **os.environ,
+        "GPTFLOW_DB": str(tmp_path / "err.duckdb"),  # keep the module's catalog clean
+        "GPTFLOW_ARTIFACTS": str(tmp_path / "artifacts"),
+        "GPTFLOW_DATASETS": str(tmp_path / "datasets"),
+        "PREFECT_API_URL": prefect_server["url"],
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--profile", "smoke", "--mirror", str(empty)],
+        env=sub_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("gptflow run: error: stage download"), (
+        proc.stderr
+    )
+    assert "put the file at" in errors[0] and str(empty) in errors[0]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    log_file = Path(errors[0].rsplit("(full log: ", 1)[1].rstrip(")"))
+    assert "Traceback" in log_file.read_text(encoding="utf-8")
+
+
+def test_catalog_rebuilt_from_the_artifacts_is_identical(prefect_server, env, capsys):
+    """After every run above (first runs, cache hits, a forced rerun, a recomputed
+    damaged stage, the GPT-2 import, a skipped judge): delete the catalog, rebuild it
+    from the artifacts, and the evaluation tables and views read the same. (Runs below
+    this test write another catalog from the same artifacts.)"""
+    import pandas as pd
+
+    from flows.cli import main
+    from tasks.catalog import Catalog
+
+    queries = {
+        "spam_accuracy": "SELECT * FROM spam_accuracy ORDER BY ALL",
+        "eval_summary": "SELECT * FROM eval_summary ORDER BY ALL",
+        "metrics": "SELECT * FROM metrics ORDER BY ALL",
+        "responses": "SELECT * FROM responses ORDER BY ALL",
+        "judgments": "SELECT * FROM judgments ORDER BY ALL",
+        "stages": "SELECT * FROM stages ORDER BY ALL",
+        "runs": "SELECT * FROM runs ORDER BY ALL",
+        "predictions": "SELECT * FROM predictions ORDER BY ALL",
+        "baselines": "SELECT * FROM baselines ORDER BY ALL",
+        "samples": "SELECT * FROM samples ORDER BY ALL",
+        "checkpoints": "SELECT * FROM checkpoints ORDER BY ALL",
+    }
+    live = Catalog()
+    before = {name: live.query_df(sql) for name, sql in queries.items()}
+    assert all(len(df) for df in before.values()), {k: len(v) for k, v in before.items()}
+    db = Path(os.environ["GPTFLOW_DB"])
+    assert main(["catalog", "rebuild"]) == 1  # the catalog exists: refused, nothing touched
+    assert "pass --replace" in capsys.readouterr().err
+    db.unlink()
+    assert main(["catalog", "rebuild"]) == 0
+    assert "rebuilt" in capsys.readouterr().out
+    rebuilt = Catalog()
+    for name, sql in queries.items():
+        pd.testing.assert_frame_equal(rebuilt.query_df(sql), before[name], obj=name)
+
+
+def test_a_second_catalog_gets_the_rows_of_cached_stages(prefect_server, env, ollama, monkeypatch):
+    """Observation 2 of issue 11: the same artifacts with a new, empty catalog. Every
+    stage is a cache hit, the stages' rows are ingested from their folders, and the judge
+    stage — a hit too — brings its scores, so nothing is sent to Ollama."""
+    from flows.pipeline import run_pipeline
+    from tasks.catalog import Catalog
+
+    first = Catalog()
+    run1 = first.query_df("SELECT run_id FROM runs ORDER BY started_at LIMIT 1").run_id[0]
+    monkeypatch.setenv("GPTFLOW_DB", str(env / "b.duckdb"))
+    res = run_pipeline("smoke", [f"judge.hosts={ollama.host}"], progress=False)
+    assert res["status"] == "completed", res
+    assert all(s["cache_hit"] for s in res["stages"].values()), res["stages"]
+    assert ollama.chat_count == 0
+    b = Catalog()
+    q = lambda sql, *p: b.query_df(sql, list(p))  # noqa: E731
+    summ = q("SELECT * FROM eval_summary WHERE run_id = ?", run1)
+    assert summ.n[0] == 12 and summ.n_scored[0] == 12 and summ.mean_score[0] == 42
+    acc = q("SELECT * FROM spam_accuracy WHERE run_id = ? ORDER BY split", res["run_id"])
+    assert len(acc) == 3 and acc.finetuned.notna().all() and acc.logreg_bow.notna().all()
+    assert q("SELECT count(*) n FROM responses WHERE run_id = ?", run1).n[0] == 12
+    assert q("SELECT count(*) n FROM runs WHERE run_id = ?", run1).n[0] == 1  # lineage

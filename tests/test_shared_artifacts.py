@@ -159,6 +159,20 @@ def test_stage_folder_published_and_read_back_verified(
     ctx_f = _ctx(tmp_path, s3_root, "run-f", mirror, db="b.duckdb")
     assert _tokenize(ctx_f).cache_hit is True
 
+    # each replaced result kept its rows (history): a rebuild from S3 has all four runs'
+    from tasks.rebuild import rebuild_catalog
+
+    rebuilt = Catalog(tmp_path / "rebuilt.duckdb")
+    report = rebuild_catalog(rebuilt, s3_root)
+    assert (report.folders, report.history, report.skipped) == (1, 3, []), report
+    got = rebuilt.query_df("SELECT run_id, count(*) n FROM instructions GROUP BY 1 ORDER BY 1")
+    assert dict(zip(got.run_id, got.n, strict=True)) == {
+        "run-a": 36,
+        "run-c": 36,
+        "run-d": 36,
+        "run-e": 36,
+    }
+
 
 def _child(mode: str, run_id: str, url: str, tmp_path: Path, mirror: Path, cache: str, *extra):
     env = {**os.environ, "GPTFLOW_CACHE": str(tmp_path / cache), "PYTHONPATH": str(REPO)}

@@ -44,7 +44,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     report = rebuild_into(db, art, replace=args.replace)
     print(
         f"rebuilt {db} from {art}: {report.runs} runs ({report.stage_rows} stage rows), "
-        f"{report.folders} stage folders ({report.rows} rows)"
+        f"{report.folders} stage folders, {report.history} replaced results "
+        f"({report.rows} rows)"
     )
     for line in report.skipped:
         print(f"  skipped {line}")
