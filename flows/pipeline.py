@@ -25,7 +25,7 @@ from flows.config import (
 from flows.run_logs import route_library_logs
 from flows.run_setup import preflight_required_judge
 from gpt.errors import ConfigError
-from gpt.paths import artifacts_dir, datasets_dir, default_db_path, project_root
+from gpt.paths import artifacts_root, datasets_dir, default_db_path, project_root
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
@@ -71,7 +71,7 @@ def make_context(
     return RunContext(
         run_id=run_id,
         db_path=str(default_db_path()),
-        artifacts=str(artifacts_dir()),
+        artifacts=artifacts_root(),
         datasets=str(datasets_dir()),
         mirror=mirror or cfg.download.mirror or os.environ.get("GPTFLOW_MIRROR") or None,
         device=cfg.device,

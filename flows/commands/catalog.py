@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--db", type=Path, help="catalog to write (default: GPTFLOW_DB or artifacts/gptflow.duckdb)"
     )
     r.add_argument(
-        "--artifacts", type=Path, help="artifacts folder (default: GPTFLOW_ARTIFACTS or artifacts/)"
+        "--artifacts",
+        help="artifacts folder or object-store URL, e.g. s3://bucket/prefix "
+        "(default: GPTFLOW_ARTIFACTS or artifacts/)",
     )
     r.add_argument(
         "--replace",
@@ -32,11 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from gpt.paths import artifacts_dir, default_db_path
+    from gpt.paths import artifacts_root, default_db_path, is_remote, local_path
     from tasks.rebuild import rebuild_into
 
     db = (args.db or default_db_path()).expanduser().resolve()
-    art = (args.artifacts or artifacts_dir()).expanduser().resolve()
+    art: str | Path = args.artifacts or artifacts_root()
+    if not is_remote(art):
+        art = local_path(art)
     report = rebuild_into(db, art, replace=args.replace)
     print(
         f"rebuilt {db} from {art}: {report.runs} runs ({report.stage_rows} stage rows), "
