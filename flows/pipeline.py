@@ -25,7 +25,7 @@ from flows.config import (
 from flows.run_logs import route_library_logs
 from flows.run_setup import preflight_required_judge
 from gpt.errors import ConfigError
-from gpt.paths import artifacts_dir, datasets_dir, project_root
+from gpt.paths import artifacts_root, datasets_dir, project_root
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
@@ -71,7 +71,7 @@ def make_context(
     return RunContext(
         run_id=run_id,
         catalog_settings=cfg.catalog.resolve().pinned().without_secrets(),
-        artifacts=str(artifacts_dir()),
+        artifacts=artifacts_root(),
         datasets=str(datasets_dir()),
         mirror=mirror or cfg.download.mirror or os.environ.get("GPTFLOW_MIRROR") or None,
         device=cfg.device,

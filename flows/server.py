@@ -54,6 +54,12 @@ def server_paths() -> ServerPaths:
     )
 
 
+def bind_host() -> str:
+    """The address the managed server listens on: loopback, or ``GPTFLOW_PREFECT_HOST``
+    (e.g. ``0.0.0.0`` for a server that workers on other machines reach)."""
+    return os.environ.get("GPTFLOW_PREFECT_HOST") or DEFAULT_HOST
+
+
 def local_api_url() -> str:
     """The API URL of the managed local server (``GPTFLOW_PREFECT_PORT`` picks the port)."""
     port = int(os.environ.get("GPTFLOW_PREFECT_PORT", DEFAULT_PORT))
@@ -99,8 +105,9 @@ def _server_env(api_url: str) -> dict[str, str]:
         PREFECT_CLI_PROMPT="false",
         PREFECT_API_URL=api_url,
         # the UI's own calls: without this, a server on another port than 4200 serves a UI
-        # that asks port 4200 and shows "Oops. Something went wrong."
-        PREFECT_UI_API_URL=api_url,
+        # that asks port 4200 and shows "Oops. Something went wrong." (a user's own value
+        # wins: a server reached from other machines needs its public address here)
+        PREFECT_UI_API_URL=os.environ.get("PREFECT_UI_API_URL") or api_url,
     )
     return env
 
@@ -154,7 +161,7 @@ def start_server(api_url: str | None = None, *, wait_s: float = 90.0) -> str:
     log.info("starting a local Prefect server on %s (log: %s)", api_url, paths.logfile)
     with open(paths.logfile, "ab") as logf:
         proc = subprocess.Popen(
-            _prefect_cmd("server", "start", "--host", DEFAULT_HOST, "--port", port),
+            _prefect_cmd("server", "start", "--host", bind_host(), "--port", port),
             env=env,
             stdout=logf,
             stderr=subprocess.STDOUT,

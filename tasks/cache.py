@@ -30,10 +30,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gpt.fileio import sha256_file
-from gpt.paths import artifacts_dir
+from gpt.paths import artifacts_dir, is_remote, local_path, url_protocol
+from tasks.lease import Lease
+
+if TYPE_CHECKING:
+    from tasks.object_lease import ObjectLease
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
@@ -161,6 +165,15 @@ class StageStore:
         """Where a stage computes; kept across crashes so training can resume."""
         return self.root / stage / f"{key}.partial"
 
+    def published(self, stage: str, key: str) -> str | None:
+        """Where the folder is published when that is not :meth:`final_dir` (the URL on an
+        object store); None here."""
+        return None
+
+    def lease(self, stage: str, key: str, run_id: str) -> Lease | ObjectLease:
+        """The lease that makes one run at a time compute ``key`` (:mod:`tasks.lease`)."""
+        return Lease(self.root / stage / f"{key}.lease", run_id)
+
     def read_manifest(self, folder: Path) -> dict[str, Any] | None:
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -246,3 +259,27 @@ class StageStore:
             json.dumps({k: v for k, v in old.items() if k != "files"}, indent=1, default=str)
         )
         os.replace(tmp, dest)
+
+
+def open_stage_store(artifacts: str | Path) -> StageStore:
+    """The stage store of an artifacts root: ``<root>/stages`` in a local folder, or on
+    an object store (``s3://…``, :mod:`tasks.remote_store`)."""
+    if is_remote(artifacts):
+        from tasks.remote_store import ObjectStageStore
+
+        return ObjectStageStore(str(artifacts))
+    return StageStore(local_root(artifacts) / "stages")
+
+
+def local_root(artifacts: str | Path) -> Path:
+    """A local artifacts root as a path (a ``file://`` URL's path; a plain path as is)."""
+    if url_protocol(str(artifacts)) in ("file", "local"):
+        return local_path(artifacts)
+    return Path(artifacts)
+
+
+def root_child(artifacts: str | Path, name: str) -> str | Path:
+    """``<root>/<name>``: an URL for an object-store root, else a local path."""
+    if is_remote(artifacts):
+        return f"{str(artifacts).rstrip('/')}/{name}"
+    return local_root(artifacts) / name

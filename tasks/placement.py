@@ -45,7 +45,8 @@ from pydantic import BaseModel
 
 from gpt.config import Args
 from gpt.errors import GPTFlowError
-from tasks.cache import StageOutput
+from gpt.paths import is_remote
+from tasks.cache import StageOutput, root_child
 from tasks.catalog import Catalog
 from tasks.fingerprint import code_fingerprint
 from tasks.runlog import RunRecorder, parse_ts
@@ -83,9 +84,10 @@ def deployment_name(pool: str) -> str:
     return f"{STAGE_FLOW}/{pool}"
 
 
-def placed_dir(artifacts: str | Path, flow_run_id: str) -> Path:
-    """The folder of the record and report of one placed stage's flow run."""
-    return Path(artifacts) / "runs" / "placed" / flow_run_id
+def placed_dir(artifacts: str | Path, flow_run_id: str) -> str | Path:
+    """The folder of the record and report of one placed stage's flow run (a URL when
+    the artifacts are on an object store)."""
+    return root_child(root_child(root_child(artifacts, "runs"), "placed"), flow_run_id)
 
 
 # --------------------------------------------------------------------------- JSON forms
@@ -205,19 +207,44 @@ class PlacedContext(RunContext):
     """The placed stage's own flow run (names its record folder)."""
 
     @property
-    def folder(self) -> Path:
+    def folder(self) -> str | Path:
         return placed_dir(self.artifacts, self.flow_run_id)
 
     @property
     def recorder(self) -> RunRecorder:
-        return PlacedRecorder(self.catalog, Path(self.artifacts) / "runs", self.folder, self.run_id)
+        if is_remote(self.artifacts):  # an object store: records are updated by CAS
+            return super().recorder
+        return PlacedRecorder(
+            self.catalog, root_child(self.artifacts, "runs"), Path(self.folder), self.run_id
+        )
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
+def _write_json(folder: str | Path, name: str, value: dict[str, Any]) -> None:
+    """``folder/name`` as JSON: a local file written atomically, or an object."""
+    data = json.dumps(value, indent=1, sort_keys=True, default=str)
+    if is_remote(folder):
+        from tasks.storage import open_root
+
+        open_root(str(folder)).put(name, data.encode("utf-8"))
+        return
+    path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _read_json(folder: str | Path, name: str) -> dict[str, Any] | None:
+    """``folder/name`` as JSON, or None when absent or unreadable."""
+    try:
+        if is_remote(folder):
+            from tasks.storage import open_root
+
+            got = open_root(str(folder)).get(name)
+            return None if got is None else json.loads(got.data)
+        return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 def run_placed_here(
@@ -245,7 +272,6 @@ def run_placed_here(
         "worker": os.environ.get("PREFECT__WORKER_NAME"),
         "started": time.time(),
     }
-    path = ctx.folder / REPORT
     mine = key_for(spec, args, inputs)
     report["key"] = mine
     if mine != key:
@@ -261,7 +287,7 @@ def run_placed_here(
             f"computed {key}: {why}. Run the same gptflow commit on the flow's machine "
             "and on every worker"
         )
-        _write_json(path, {**report, "outcome": "refused", "message": message})
+        _write_json(ctx.folder, REPORT, {**report, "outcome": "refused", "message": message})
         raise PlacementError(message)
     try:
         result = run_stage(ctx, name, args, **inputs)
@@ -285,7 +311,7 @@ def run_placed_here(
         report["row"] = ((ctx.recorder.read(ctx.run_id) or {}).get("stages") or {}).get(name)
         report["ended"] = time.time()
         if "outcome" in report:
-            _write_json(path, report)
+            _write_json(ctx.folder, REPORT, report)
     return report
 
 
@@ -390,10 +416,7 @@ def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
     record and the catalog."""
     rec = ctx.recorder
     folder = placed_dir(ctx.artifacts, str(flow_run.id))
-    try:
-        report = json.loads((folder / REPORT).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        report = None
+    report = _read_json(folder, REPORT)
     where = _where(flow_run, report)
     state = flow_run.state
     desc = f"work pool {where['pool']}, worker {where['worker']}, flow run {flow_run.id}"

@@ -4,7 +4,8 @@ The artifacts hold everything the catalog indexes: the run records
 (``artifacts/runs/<run_id>.json``: the ``runs`` and ``stages`` rows) and the stage folders
 (``artifacts/stages/<stage>/<key>/``: ``rows/<table>.parquet`` listed in the manifest).
 Rebuilding replays both into a fresh catalog; every step is idempotent, so it can also
-fill in a catalog that lacks some rows.
+fill in a catalog that lacks some rows. The artifacts may be on an object store
+(``s3://…``): then only the ``rows/`` files of each published folder are downloaded.
 
 Rows of results that a recomputation replaced (a forced stage, a damaged folder) were
 kept beside the folder (``<key>.history/``) and are replayed too. Not rebuilt:
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt.errors import CatalogError
-from tasks.cache import StageStore, verify_files
+from gpt.paths import is_remote
+from tasks.cache import StageStore, local_root, root_child, verify_files
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.schema import KNOWN_TABLES
 from tasks.catalog.values import quote_ident
@@ -56,6 +58,11 @@ class RebuildReport:
     """Stage folders left out, with the reason (damaged, unreadable)."""
 
 
+def _sorted_records(records: list[dict]) -> list[dict]:
+    records = [r for r in records if isinstance(r, dict) and r.get("run")]
+    return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
+
+
 def _run_records(runs_dir: Path) -> list[dict]:
     records = []
     for path in sorted(runs_dir.glob("*.json")):
@@ -64,18 +71,40 @@ def _run_records(runs_dir: Path) -> list[dict]:
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("skipping unreadable run record %s: %s", path, exc)
             continue
-        if isinstance(rec, dict) and rec.get("run"):
-            records.append(rec)
-    return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
+        records.append(rec)
+    return _sorted_records(records)
 
 
-def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -> RebuildReport:
-    """Replay the run records and every committed stage folder under ``artifacts`` into
-    ``catalog`` (created and migrated if needed)."""
-    artifacts = Path(artifacts)
+def _remote_run_records(url: str) -> list[dict]:
+    from tasks.storage import ObjectRoot
+
+    root = ObjectRoot(url)
+    records = []
+    for name in sorted(root.list()):
+        if "/" in name or not name.endswith(".json"):
+            continue
+        got = root.get(name)
+        try:
+            records.append(json.loads(got.data) if got is not None else None)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.warning("skipping unreadable run record %s: %s", root.url_of(name), exc)
+    return _sorted_records(records)
+
+
+def rebuild_catalog(
+    catalog: Catalog, artifacts: str | Path, *, verify: bool = True
+) -> RebuildReport:
+    """Replay the run records and every committed stage folder under ``artifacts`` (a
+    folder or an object-store URL) into ``catalog`` (created and migrated if needed)."""
     report = RebuildReport()
     catalog.migrate()
-    for rec in _run_records(artifacts / "runs"):
+    remote = is_remote(artifacts)
+    if remote:
+        records = _remote_run_records(str(root_child(artifacts, "runs")))
+    else:
+        artifacts = local_root(artifacts)
+        records = _run_records(artifacts / "runs")
+    for rec in records:
         run = rec["run"]
         catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
         rows = [typed_row(r) for r in rec.get("stages", {}).values()]
@@ -85,7 +114,10 @@ def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -
             catalog.replace_rows(table, table_rows, where={"run_id": run["run_id"]})
         report.runs += 1
         report.stage_rows += len(rows)
-    store = StageStore(artifacts / "stages")
+    if remote:
+        _replay_remote_folders(catalog, str(artifacts), report)
+        return report
+    store = StageStore(Path(artifacts) / "stages")
     if store.root.is_dir():
         for folder in sorted(p for p in store.root.glob("*/*") if p.is_dir()):
             skip = (".partial", ".history", SCRATCH_SUFFIX)
@@ -117,6 +149,38 @@ def rebuild_catalog(catalog: Catalog, artifacts: Path, *, verify: bool = True) -
     return report
 
 
+def _replay_remote_folders(catalog: Catalog, url: str, report: RebuildReport) -> None:
+    """Ingest the rows of every published stage folder whose objects match its manifest
+    (only ``rows/`` is downloaded, into a temporary folder, and checked by sha256)."""
+    import tempfile
+
+    from tasks.remote_store import ObjectStageStore
+
+    store = ObjectStageStore(url)
+    for stage, key, manifest, problem in store.published_folders():
+        if manifest is None:
+            report.skipped.append(problem or f"{store.published(stage, key)}: unusable")
+            continue
+        meta = manifest.get("rows") or {}
+        if meta:
+            with tempfile.TemporaryDirectory(prefix="gptflow-rebuild-") as tmp:
+                problem = store.fetch_rows(stage, key, manifest, Path(tmp))
+                if problem:
+                    report.skipped.append(problem)
+                    continue
+                report.rows += ingest(catalog, Path(tmp), meta)
+        report.folders += 1
+    for prefix, old in store.history():  # rows of results a recomputation replaced
+        with tempfile.TemporaryDirectory(prefix="gptflow-rebuild-") as tmp:
+            try:
+                store.fetch_history_rows(prefix, old, Path(tmp))
+                report.rows += ingest(catalog, Path(tmp), old["rows"])
+            except (OSError, CatalogError) as exc:
+                report.skipped.append(f"{store.remote.url_of(prefix)}: {exc}")
+                continue
+        report.history += 1
+
+
 #: Tables a rebuild leaves alone: their rows are not in the artifacts.
 KEPT_TABLES = frozenset({"sources", "benchmarks"})
 
@@ -125,17 +189,17 @@ REBUILT_TABLES = tuple(sorted(KNOWN_TABLES - KEPT_TABLES))
 
 
 def rebuild_into(
-    target: CatalogSettings | str | Path, artifacts: Path, *, replace: bool = False
+    target: CatalogSettings | str | Path, artifacts: str | Path, *, replace: bool = False
 ) -> RebuildReport:
     """Rebuild the catalog ``target`` (settings, or the path of a DuckDB file) from
     ``artifacts`` (module docstring: what ``replace`` means for each kind)."""
     settings = target if isinstance(target, CatalogSettings) else CatalogSettings(path=target)
     if settings.is_lake:
-        return _rebuild_lake(settings, Path(artifacts), replace=replace)
-    return _rebuild_file(settings.file_path(), Path(artifacts), replace=replace)
+        return _rebuild_lake(settings, artifacts, replace=replace)
+    return _rebuild_file(settings.file_path(), artifacts, replace=replace)
 
 
-def _rebuild_file(db_path: Path, artifacts: Path, *, replace: bool) -> RebuildReport:
+def _rebuild_file(db_path: Path, artifacts: str | Path, *, replace: bool) -> RebuildReport:
     """Build the DuckDB file beside ``db_path``; swap it in when complete."""
     db_path = Path(db_path)
     if db_path.exists() and not replace:
@@ -163,7 +227,9 @@ def rows_per_table(catalog: Catalog, tables: tuple[str, ...] = REBUILT_TABLES) -
     return {str(t): int(n) for t, n in zip(df["t"], df["n"], strict=True) if n}
 
 
-def _rebuild_lake(settings: CatalogSettings, artifacts: Path, *, replace: bool) -> RebuildReport:
+def _rebuild_lake(
+    settings: CatalogSettings, artifacts: str | Path, *, replace: bool
+) -> RebuildReport:
     """Fill the DuckLake in place (idempotent steps); with ``replace`` empty the rebuilt
     tables first, one transaction each."""
     catalog = Catalog(settings=settings)

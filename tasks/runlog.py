@@ -2,7 +2,9 @@
 
 Every ``runs`` / ``stages`` row the pipeline writes is also written to
 ``artifacts/runs/<run_id>.json`` (atomically, the same values), so that the catalog can
-be rebuilt from the artifacts alone (:mod:`tasks.rebuild`).
+be rebuilt from the artifacts alone (:mod:`tasks.rebuild`). On an object-store root
+(``s3://…/runs``) a record is updated by compare-and-swap (a write conditional on the
+ETag read), so stages of one run recorded from several machines lose nothing.
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import random
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpt.paths import is_remote
 from tasks.catalog.values import to_json as _to_json
 from tasks.catalog.values import to_utc_naive as _to_utc_naive
 from tasks.catalog.values import utcnow
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
+    from tasks.storage import ObjectRoot
 
 RECORD_VERSION = 1
 
@@ -39,20 +46,59 @@ def parse_ts(text: str | None) -> dt.datetime | None:
 class RunRecorder:
     """Writes ``runs`` and ``stages`` rows to the catalog and to the run's record file."""
 
-    def __init__(self, catalog: Catalog, runs_dir: Path) -> None:
+    def __init__(self, catalog: Catalog, runs_dir: str | Path) -> None:
         self.catalog = catalog
-        self.runs_dir = Path(runs_dir)
+        self.remote: ObjectRoot | None = None
+        if is_remote(runs_dir):
+            from tasks.storage import ObjectRoot
+
+            self.remote = ObjectRoot(str(runs_dir))
+        self.runs_dir = Path(runs_dir) if self.remote is None else Path()
 
     def path(self, run_id: str) -> Path:
         return self.runs_dir / f"{run_id}.json"
 
     def read(self, run_id: str) -> dict[str, Any] | None:
+        if self.remote is not None:
+            got = self.remote.get(f"{run_id}.json")
+            try:
+                return None if got is None else json.loads(got.data)
+            except (ValueError, UnicodeDecodeError):
+                return None
         try:
             return json.loads(self.path(run_id).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
 
+    def _update_remote(self, run_id: str, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Read, change, write back only if nobody wrote in between; else again."""
+        assert self.remote is not None
+        name = f"{run_id}.json"
+        for _ in range(50):
+            got = self.remote.get(name)
+            try:
+                rec = json.loads(got.data) if got is not None else None
+            except (ValueError, UnicodeDecodeError):
+                rec = None
+            rec = rec or {"version": RECORD_VERSION, "run": None, "stages": {}}
+            fn(rec)
+            body = json.dumps(rec, indent=1, sort_keys=True).encode()
+            if got is None:
+                written = self.remote.create(name, body)
+            else:
+                written = self.remote.replace_if(name, body, got.etag)
+            if written is not None:
+                return
+            time.sleep(random.uniform(0.01, 0.1))  # another writer won: read again
+        from tasks.storage import StorageError
+
+        raise StorageError(f"could not update the run record {self.remote.url_of(name)}")
+
     def _update(self, run_id: str, fn: Any) -> None:
+        if self.remote is not None:
+            with _LOCK:
+                self._update_remote(run_id, fn)
+            return
         with _LOCK:
             rec = self.read(run_id) or {"version": RECORD_VERSION, "run": None, "stages": {}}
             fn(rec)

@@ -77,12 +77,14 @@ def tokenizer_dir(mirror: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test writes its catalog, artifacts and downloads under its own tmp folder."""
+    """Each test writes its catalog, artifacts, downloads and cache under its own tmp
+    folder."""
     monkeypatch.setenv("GPTFLOW_DB", str(tmp_path / "catalog.duckdb"))
     monkeypatch.setenv("GPTFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("GPTFLOW_DATASETS", str(tmp_path / "datasets"))
-    for name in list(os.environ):  # never a shared catalog the developer has configured
-        if name.startswith("GPTFLOW_CATALOG_"):
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    for name in list(os.environ):  # never a shared catalog/store the developer configured
+        if name.startswith(("GPTFLOW_CATALOG_", "GPTFLOW_ARTIFACTS_S3_")):
             monkeypatch.delenv(name)
 
 

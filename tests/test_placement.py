@@ -240,3 +240,51 @@ def test_a_stage_skipped_or_incomplete_on_the_worker_comes_back_as_such(upstream
     rec = ctx.recorder.read(ctx.run_id)["stages"]["baseline_spam"]
     assert rec["status"] == "completed" and rec["message"] == "2 requests failed"
     assert json.loads(rec["outputs"])["flow_run_id"] == partial
+
+
+@pytest.mark.slow
+def test_a_placed_stage_round_trips_through_an_object_store(
+    s3_server, mirror, tmp_path, monkeypatch
+):
+    """Artifacts on S3 (the several-machines case): the worker's report and its stage
+    row travel through the object store, and the flow side reads the committed result
+    back into its own local cache."""
+    from gpt.data.download import DownloadArgs
+    from tasks.catalog import Catalog
+    from tasks.placement import collect, run_placed_here
+    from tasks.stages.base import RunContext, key_for, load_spec, run_stage
+    from tasks.stages.download import run_download
+
+    for name, value in (
+        ("ENDPOINT", s3_server.endpoint),
+        ("KEY_ID", s3_server.key_id),
+        ("SECRET", s3_server.secret),
+        ("REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(f"GPTFLOW_ARTIFACTS_S3_{name}", value)
+    root = f"s3://{s3_server.bucket}/placed-{uuid.uuid4().hex[:8]}"
+    cfg = build_config("smoke")
+    ctx = RunContext(
+        run_id="parent-s3",
+        catalog_settings=Catalog().settings,
+        artifacts=root,
+        datasets=str(tmp_path / "datasets"),
+        mirror=str(mirror),
+        progress=False,
+        download=DownloadArgs(retries=1),
+    )
+    ctx.recorder.start_run(ctx.run_id, flow_run_id=None, profile="smoke", config={}, git_rev=None)
+    tok = run_stage(ctx, "tokenize", cfg.tokenize, download=run_download(ctx, cfg.download))
+    key = key_for(load_spec("baseline_spam"), cfg.baseline_spam, {"tokenize": tok})
+    child = str(uuid.uuid4())
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "worker-cache"))  # another machine
+    report = run_placed_here(
+        _placed(ctx, child), "baseline_spam", cfg.baseline_spam, {"tokenize": tok}, key=key, code=""
+    )
+    assert report["outcome"] == "done" and report["committed"]
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "flow-cache"))  # back on the flow's
+    result = collect(ctx, "baseline_spam", key, _flow_run(child, worker="gpu-box"))
+    assert result.key == key and Path(result.root).is_dir()
+    assert str(tmp_path / "flow-cache") in result.root  # a verified local copy
+    outputs = json.loads(ctx.recorder.read(ctx.run_id)["stages"]["baseline_spam"]["outputs"])
+    assert outputs["worker"] == "gpu-box" and outputs["digest"] == result.digest

@@ -38,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "GPTFLOW_CATALOG_DATA_PATH); S3 credentials come from the environment",
     )
     r.add_argument(
-        "--artifacts", type=Path, help="artifacts folder (default: GPTFLOW_ARTIFACTS or artifacts/)"
+        "--artifacts",
+        help="artifacts folder or object-store URL, e.g. s3://bucket/prefix "
+        "(default: GPTFLOW_ARTIFACTS or artifacts/)",
     )
     r.add_argument(
         "--replace",
@@ -50,12 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from gpt.paths import artifacts_dir
+    from gpt.paths import artifacts_root, is_remote, local_path
     from tasks.catalog import CatalogArgs
     from tasks.rebuild import rebuild_into
 
     target = CatalogArgs(url=args.url, data_path=args.data_path, path=args.db).resolve()
-    art = (args.artifacts or artifacts_dir()).expanduser().resolve()
+    art: str | Path = args.artifacts or artifacts_root()
+    if not is_remote(art):
+        art = local_path(art)
     report = rebuild_into(target, art, replace=args.replace)
     print(
         f"rebuilt {target.location()} from {art}: {report.runs} runs "

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     from flows.pipeline import git_revision
     from gpt.eval.judge import JudgeConfig
-    from gpt.paths import artifacts_dir, datasets_dir
+    from gpt.paths import artifacts_root, datasets_dir
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
     from tasks.judging import import_responses, summarize
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = RunContext(
         run_id=run_id,
         catalog_settings=catalog.settings.pinned().without_secrets(),
-        artifacts=str(artifacts_dir()),
+        artifacts=artifacts_root(),
         datasets=str(datasets_dir()),
         progress=not args.no_progress,
     )

@@ -43,11 +43,11 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from gpt.config import Args
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError
-from tasks.cache import StageOutput, StageStore, Verify, stage_key
+from tasks.cache import StageOutput, StageStore, Verify, open_stage_store, root_child, stage_key
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.store import checkpoint_digest
 from tasks.fingerprint import code_fingerprint
-from tasks.lease import Lease, LeaseInfo
+from tasks.lease import LeaseInfo
 from tasks.rows import RowSink, ensure_ingested, ingest
 from tasks.runlog import RunRecorder
 
@@ -120,11 +120,11 @@ class RunContext:
 
     @property
     def store(self) -> StageStore:
-        return StageStore(Path(self.artifacts) / "stages")
+        return open_stage_store(self.artifacts)
 
     @property
     def recorder(self) -> RunRecorder:
-        return RunRecorder(self.catalog, Path(self.artifacts) / "runs")
+        return RunRecorder(self.catalog, root_child(self.artifacts, "runs"))
 
 
 @dataclass
@@ -227,6 +227,9 @@ class StageRun:
     """The run the rows belong to (the run that started this computation)."""
     rows: RowSink
     notes: list[str] = field(default_factory=list)
+    published: str | None = None
+    """The folder's URL when the artifacts root is an object store (``final`` is then
+    its local copy)."""
 
     @property
     def device(self) -> str:
@@ -295,7 +298,7 @@ class StageRun:
                 {
                     "run_id": self.producer,
                     "stage": self.stage,
-                    "path": str(self.final / rel),
+                    "path": f"{self.published}/{rel}" if self.published else str(self.final / rel),
                     "sha256": sha,
                     "bytes": size,
                     "config": cfg,
@@ -438,7 +441,7 @@ def run_stage(
     if cached_only:
         return None
 
-    lease = Lease(store.root / name / f"{key}.lease", ctx.run_id)
+    lease = store.lease(name, key, ctx.run_id)
 
     def waiting(info: LeaseInfo) -> None:
         log.info("%s: key %s is being computed by %s; waiting for it", name, key, info.describe())
@@ -494,6 +497,7 @@ def _compute(
             final=store.final_dir(name, key),
             producer=producer,
             rows=RowSink(work, ctx.catalog),
+            published=store.published(name, key),
         )
         try:
             out = spec.fn(run, args, **{i: inputs[i] for i in spec.inputs})

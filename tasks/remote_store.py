@@ -1,0 +1,315 @@
+"""Stage folders on object storage, used through verified local copies.
+
+Stage bodies and the library compute in a local folder (libraries write files, torch
+loads local paths), so for an object-store root (:mod:`tasks.storage`) a stage folder
+has two places:
+
+- **published**: ``<root>/stages/<stage>/<key>/`` on the object store, the shared truth;
+- **local**: ``<cache>/stages/<stage>/<key>/`` (:func:`gpt.paths.remote_cache_dir`), a
+  verified copy that downstream stages read (``StageOutput.root``), beside the work
+  folder ``<key>.partial/`` (kept after a crash so training resumes on this machine).
+
+**Commit** uploads every file of the work folder, lists them back to record each
+object's ETag in the manifest, and publishes ``manifest.json`` last with a conditional
+put (``If-None-Match: *``): a reader never takes a folder without its manifest, and a
+folder whose objects changed after publishing no longer matches it. An older or damaged
+version is deleted first (its manifest first), under the stage's lease.
+
+**Lookup** reads the manifest and lists the folder (two requests): every listed file must
+be there with its size and ETag, and nothing else. The local copy is used when it holds
+the same manifest and verifies like a local folder; otherwise the folder is downloaded
+into a fresh local folder, every file checked against the manifest (size and sha256)
+and given the manifest's mtime (so later checks of big files are quick), the manifest
+written last, and the folder moved into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gpt.fileio import sha256_file
+from gpt.paths import remote_cache_dir
+from tasks.cache import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    ROWS_DIR,
+    StageStore,
+    Verify,
+    content_digest,
+    describe_files,
+    verify_files,
+)
+from tasks.object_lease import ObjectLease
+from tasks.storage import Entry, ObjectRoot, StorageError
+
+#: Leases held by this process, per (stage root, stage, key, thread): a commit checks
+#: that its run still holds the lease before publishing.
+_HELD: dict[tuple[str, str, str, int], ObjectLease] = {}
+
+
+def remote_problem(
+    url: str, listing: dict[str, Entry], files: dict[str, dict[str, Any]]
+) -> str | None:
+    """None when the published objects match the manifest's files (present, same size,
+    same ETag when recorded, nothing else), else the first problem in words."""
+    for rel, meta in sorted(files.items()):
+        entry = listing.get(rel)
+        if entry is None:
+            return f"{url}/{rel} is missing"
+        if entry.size != meta["bytes"]:
+            return f"{url}/{rel} has {entry.size} bytes, the manifest says {meta['bytes']}"
+        if meta.get("etag") and entry.etag != meta["etag"]:
+            return f"{url}/{rel} was changed after it was published (ETag differs)"
+    extra = sorted(set(listing) - set(files) - {MANIFEST})
+    if extra:
+        return f"{url}/{extra[0]} is not in the manifest"
+    return None
+
+
+def _parse_manifest(data: bytes) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        return None
+    return manifest
+
+
+def _parse_history(data: bytes) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("rows") else None
+
+
+def _install(tmp: Path, final: Path, key: str) -> None:
+    """Move the complete folder ``tmp`` to ``final``, replacing an older copy."""
+    if final.exists():
+        trash = final.with_name(f"{key}.old-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(final, trash)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process installed the same folder meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process installed it first: theirs verified too
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ObjectStageStore(StageStore):
+    """Stage folders published under ``<url>/stages`` (module docstring). ``root`` is the
+    local side: the work folders and verified copies."""
+
+    def __init__(self, url: str, cache: Path | None = None) -> None:
+        self.url = url.rstrip("/")
+        super().__init__((cache or remote_cache_dir(self.url)) / "stages")
+        self.remote = ObjectRoot(f"{self.url}/stages")
+
+    # ------------------------------------------------------------------ names
+    def published(self, stage: str, key: str) -> str:
+        """The URL of the published folder."""
+        return self.remote.url_of(f"{stage}/{key}")
+
+    def lease(self, stage: str, key: str, run_id: str) -> ObjectLease:
+        lease = ObjectLease(self.remote, f"{stage}/{key}.lease", run_id)
+        _HELD[(self.remote.url, stage, key, threading.get_ident())] = lease
+        return lease
+
+    # ------------------------------------------------------------------ reading
+    def remote_manifest(
+        self, stage: str, key: str
+    ) -> tuple[dict[str, Any] | None, dict[str, Entry], str | None]:
+        """``(manifest, listing, None)`` for a published folder whose objects match its
+        manifest; ``(None, listing, reason)`` otherwise (reason None: nothing there)."""
+        rel = f"{stage}/{key}"
+        url = self.published(stage, key)
+        got = self.remote.get(f"{rel}/{MANIFEST}")
+        listing = self.remote.list(rel)
+        if got is None:
+            if listing:
+                return (
+                    None,
+                    listing,
+                    (f"{url} has {len(listing)} files but no {MANIFEST} (an unfinished commit)"),
+                )
+            return None, listing, None
+        manifest = _parse_manifest(got.data)
+        if manifest is None:
+            return None, listing, f"{url}/{MANIFEST} is unreadable"
+        problem = remote_problem(url, listing, manifest.get("files", {}))
+        return (None, listing, problem) if problem else (manifest, listing, None)
+
+    def lookup(
+        self, stage: str, key: str, verify: Verify = "auto"
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """``(manifest, None)`` when the published folder verifies and a verified local
+        copy is at :meth:`final_dir`; ``(None, reason)`` otherwise (reason None: none)."""
+        manifest, _, reason = self.remote_manifest(stage, key)
+        if manifest is None:
+            return None, reason
+        local = self.final_dir(stage, key)
+        files = manifest.get("files", {})
+        if self.read_manifest(local) == manifest and verify_files(local, files, verify) is None:
+            return manifest, None
+        problem = self._download(stage, key, manifest)
+        return (None, problem) if problem else (manifest, None)
+
+    def _download(self, stage: str, key: str, manifest: dict[str, Any]) -> str | None:
+        """Fetch the published folder into a fresh local folder, verify every file
+        (size, sha256) and move it into place; the problem in words, or None."""
+        rel = f"{stage}/{key}"
+        files: dict[str, dict[str, Any]] = manifest.get("files", {})
+        tmp = self.root / stage / f"{key}.dl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            self.remote.download([(f"{rel}/{f}", tmp / f) for f in sorted(files)])
+            for f, meta in sorted(files.items()):
+                p = tmp / f
+                size = p.stat().st_size if p.exists() else -1
+                if size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+                    return (
+                        f"{self.published(stage, key)}/{f} does not match its manifest "
+                        f"({'sha256 differs' if size == meta['bytes'] else 'size differs'})"
+                    )
+                mtime = int(meta.get("mtime_ns") or time.time_ns())
+                os.utime(p, ns=(mtime, mtime))
+            (tmp / MANIFEST).write_text(
+                json.dumps(manifest, indent=1, sort_keys=True, default=str), encoding="utf-8"
+            )
+            _install(tmp, self.final_dir(stage, key), key)
+            return None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def fetch_rows(self, stage: str, key: str, manifest: dict[str, Any], dest: Path) -> str | None:
+        """Download only the ``rows/`` files of a published folder into ``dest`` and
+        verify them (for a catalog rebuild); the problem in words, or None."""
+        rel = f"{stage}/{key}"
+        rows = {f: m for f, m in manifest.get("files", {}).items() if f.startswith(f"{ROWS_DIR}/")}
+        self.remote.download([(f"{rel}/{f}", dest / f) for f in sorted(rows)])
+        for f, meta in sorted(rows.items()):
+            if sha256_file(dest / f) != meta["sha256"]:
+                return f"{self.published(stage, key)}/{f} does not match its manifest"
+        return None
+
+    def published_folders(self) -> Iterator[tuple[str, str, dict[str, Any] | None, str | None]]:
+        """``(stage, key, manifest, problem)`` for every published folder (one listing of
+        the whole store); manifest None with the problem for a damaged one."""
+        listing = self.remote.list()
+        folders: dict[tuple[str, str], dict[str, Entry]] = {}
+        for name, entry in listing.items():
+            parts = name.split("/", 2)
+            if len(parts) == 3 and not parts[1].endswith((".lease", ".history")):
+                folders.setdefault((parts[0], parts[1]), {})[parts[2]] = entry
+        for (stage, key), objects in sorted(folders.items()):
+            url = self.published(stage, key)
+            if MANIFEST not in objects:
+                yield stage, key, None, f"{url}: no {MANIFEST} (an unfinished commit)"
+                continue
+            got = self.remote.get(f"{stage}/{key}/{MANIFEST}")
+            manifest = None if got is None else _parse_manifest(got.data)
+            if manifest is None:
+                yield stage, key, None, f"{url}: no readable manifest"
+                continue
+            problem = remote_problem(url, objects, manifest.get("files", {}))
+            yield stage, key, (None if problem else manifest), problem
+
+    def history(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(prefix, manifest)`` of every kept history entry (rows of replaced results:
+        ``<stage>/<key>.history/<producer>-<time>/``)."""
+        for name in sorted(self.remote.list()):
+            parts = name.split("/")
+            if len(parts) == 4 and parts[1].endswith(".history") and parts[3] == MANIFEST:
+                got = self.remote.get(name)
+                old = None if got is None else _parse_history(got.data)
+                if old is not None:
+                    yield name.removesuffix(f"/{MANIFEST}"), old
+
+    def fetch_history_rows(self, prefix: str, manifest: dict[str, Any], dest: Path) -> None:
+        """Download the ``rows/`` files of the history entry ``prefix`` into ``dest``."""
+        tables = sorted(manifest.get("rows") or {})
+        pairs = [
+            (f"{prefix}/{ROWS_DIR}/{t}.parquet", dest / ROWS_DIR / f"{t}.parquet") for t in tables
+        ]
+        self.remote.download(pairs)
+
+    # ------------------------------------------------------------------ writing
+    def _keep_history(self, stage: str, key: str, old: dict[str, Entry]) -> None:
+        """Before a recomputation replaces a published result, keep the replaced run's
+        rows (their Parquet objects, copied on the server) and its manifest (without the
+        file list) under ``<key>.history/`` for ``gptflow catalog rebuild``, as a local
+        store does."""
+        got = self.remote.get(f"{stage}/{key}/{MANIFEST}")
+        manifest = None if got is None else _parse_manifest(got.data)
+        if manifest is None or not manifest.get("rows"):
+            return
+        dest = f"{stage}/{key}.history/{manifest['producer_run_id']}-{int(manifest['created_at'])}"
+        if self.remote.get(f"{dest}/{MANIFEST}") is not None:
+            return
+        for name in sorted(old):
+            if name.startswith(f"{ROWS_DIR}/"):
+                self.remote.copy(f"{stage}/{key}/{name}", f"{dest}/{name}")
+        body = {k: v for k, v in manifest.items() if k != "files"}
+        self.remote.create(f"{dest}/{MANIFEST}", json.dumps(body, indent=1, default=str).encode())
+
+    def _confirm_lease(self, stage: str, key: str) -> None:
+        lease = _HELD.get((self.remote.url, stage, key, threading.get_ident()))
+        if lease is not None and lease.etag is not None:
+            lease.confirm()
+
+    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Upload the work folder, publish its manifest last (conditional put), and move
+        the work folder into place as the local copy. Returns the manifest."""
+        rel = f"{stage}/{key}"
+        work = self.work_dir(stage, key)
+        self._confirm_lease(stage, key)
+        files = describe_files(work)
+        old = self.remote.list(rel)
+        if old:  # an older or damaged version: unpublish it (manifest first), then clear it
+            self._keep_history(stage, key, old)
+            self.remote.delete([f"{rel}/{MANIFEST}", *(f"{rel}/{n}" for n in old if n != MANIFEST)])
+        self.remote.upload([(work / f, f"{rel}/{f}") for f in sorted(files)])
+        listing = self.remote.list(rel)
+        for f, meta in files.items():
+            entry = listing.get(f)
+            if entry is None or entry.size != meta["bytes"]:
+                raise StorageError(
+                    f"uploading {self.published(stage, key)}/{f} did not store it whole; "
+                    "nothing was published, rerun the stage"
+                )
+            meta["etag"] = entry.etag
+        full = {
+            **manifest,
+            "version": MANIFEST_VERSION,
+            "stage": stage,
+            "key": key,
+            "files": files,
+            "digest": content_digest(files, manifest.get("out")),
+            "created_at": time.time(),
+        }
+        body = json.dumps(full, indent=1, sort_keys=True, default=str)
+        self._confirm_lease(stage, key)
+        if self.remote.create(f"{rel}/{MANIFEST}", body.encode()) is None:
+            raise StorageError(
+                f"{self.published(stage, key)} was published by another run while this one "
+                "was committing it (its lease was taken over); the other result stands, rerun "
+                "to use it"
+            )
+        tmp = work / (MANIFEST + ".tmp")
+        tmp.write_text(body, encoding="utf-8")
+        os.replace(tmp, work / MANIFEST)
+        _install(work, self.final_dir(stage, key), key)
+        return json.loads(body)
