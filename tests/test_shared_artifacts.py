@@ -129,7 +129,7 @@ def test_stage_folder_published_and_read_back_verified(
     for rel, meta in first.files.items():
         assert Path(hit.root, rel).read_bytes() == Path(first.root, rel).read_bytes(), rel
         assert Path(hit.root, rel).stat().st_mtime_ns == meta["mtime_ns"]
-    n = Catalog(ctx_b.db_path).query_df("SELECT count(*) n FROM instructions WHERE run_id='run-a'")
+    n = ctx_b.catalog.query_df("SELECT count(*) n FROM instructions WHERE run_id='run-a'")
     assert n.n[0] == 36  # the rows came with the folder
 
     from tasks.storage import ObjectRoot
