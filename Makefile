@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= -n 3 --dist loadfile
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint format bench clean-venv
+.PHONY: setup run test lint format bench clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 needed (set PY=python3.11)")'
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# the book's package for `gptflow bench --vs-book`, without its conflicting pins
 	$(VENV)/bin/python -m pip install -q --no-deps "llms-from-scratch==1.0.19"
 	touch $(STAMP)
+
+# set-up only (a worker machine, or before `source .venv/bin/activate`)
+setup: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/gptflow run $(ARGS)
