@@ -486,3 +486,22 @@ def test_manifest_lists_every_file_of_the_folder(smoke) -> None:
     )
     assert sorted(manifest["files"]) == on_disk
     assert {"final/manifest.json", "final/meta.json", "rows/metrics.parquet"} <= set(on_disk)
+
+
+def test_progress_outside_a_prefect_run_asks_no_server(monkeypatch) -> None:
+    """Stages run outside a flow (tests, library use) must not make Prefect start a
+    temporary server for a progress artifact (15-30 s and a logging error at exit)."""
+    import prefect.artifacts
+
+    from tasks.stages.base import Progress
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        prefect.artifacts, "create_progress_artifact", lambda **kw: calls.append("create") or 1
+    )
+    monkeypatch.setattr(
+        prefect.artifacts, "update_progress_artifact", lambda *a, **kw: calls.append("update")
+    )
+    bar = Progress("pretrain-steps", total=10)
+    bar.update(5)
+    assert calls == [] and bar.id is None

@@ -188,12 +188,22 @@ def finite(value: float | None) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
+def _in_prefect_run() -> bool:
+    """True inside a Prefect flow or task run (where an artifact has a run to belong to)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
 class Progress:
     """A Prefect progress artifact advanced by a training loop (a no-op outside runs)."""
 
     def __init__(self, key: str, total: int | None) -> None:
         self.total = total
         self.id = None
+        if not _in_prefect_run():
+            # outside a flow/task run Prefect would start a temporary server just for this
+            return
         try:
             from prefect.artifacts import create_progress_artifact
 
