@@ -27,8 +27,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.core import BenchResult, BenchSkipped, spread
+from benchmarks.s3_stub import moto_executable, moto_s3
 
 __all__ = ["bench_shared_artifacts"]
 
@@ -56,41 +55,10 @@ def smoke_folders(stages: Path) -> list[tuple[str, str, Path]]:
 @contextlib.contextmanager
 def moto_endpoint() -> Iterator[str]:
     """A loopback moto S3 server with the bucket ``bench`` (stopped afterwards)."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(exe).exists():
+    if moto_executable() is None:
         raise BenchSkipped("shared_artifacts needs an S3 endpoint: --endpoint, or moto[server]")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        import boto3
-
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=url,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                s3.create_bucket(Bucket="bench")
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {url}") from None
-                time.sleep(0.2)
+    with moto_s3("bench") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _sides(stores: dict[str, Any], folders: list[tuple[str, str, Path]]) -> dict:

@@ -35,7 +35,7 @@ from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -112,6 +112,33 @@ class LMTrainArgs(Args):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
+
+
+class DistributedLMArgs(LMTrainArgs):
+    """:class:`LMTrainArgs` plus the process layout of the training stages that run
+    :func:`train_lm` (pretraining, the instruction finetune)."""
+
+    distributed: gd.DistributedArgs = operational(default_factory=gd.DistributedArgs)
+    """How many processes train (``nproc = 1``: the calling process, as before; more:
+    under torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays
+    the global batch and must split evenly over the processes. Read by the caller that
+    launches the training (the pipeline's stage, through
+    :func:`gpt.distributed.run_distributed`). Operational: with dropout off, N processes
+    give the per-step losses and final weights of 1 process with the same global batch
+    within ~1e-5 (float rounding), so the layout is not part of the cache key; with
+    dropout on, the masks depend on the layout and another layout gives an equally valid
+    but different sample, served from the same cache entry."""
+
+    @field_validator("distributed")
+    @classmethod
+    def _batch_splits(cls, v: gd.DistributedArgs, info: ValidationInfo) -> gd.DistributedArgs:
+        if "batch_size" in info.data:  # else batch_size itself was invalid
+            v.check_batch(info.data["batch_size"], "batch_size")
+        return v
+
+    def train_args(self) -> LMTrainArgs:
+        """The :class:`LMTrainArgs` part."""
+        return LMTrainArgs(**{k: getattr(self, k) for k in LMTrainArgs.model_fields})
 
 
 @dataclass

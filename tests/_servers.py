@@ -15,9 +15,7 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -175,40 +173,9 @@ class S3Server:
 @contextlib.contextmanager
 def moto_s3_server() -> Iterator[S3Server]:
     """``moto_server`` on a free loopback port with a fresh bucket; stopped afterwards."""
-    moto = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(moto).exists():
-        _missing("moto_server not found (pip install 'moto[server]')")
-    import boto3
+    from benchmarks.s3_stub import moto_executable, moto_s3
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-            region_name="us-east-1",
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                s3.create_bucket(Bucket="gptflow-lake")
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-                time.sleep(0.2)
+    if moto_executable() is None:
+        _missing("moto_server not found (pip install 'moto[server]')")
+    with moto_s3("gptflow-lake") as endpoint:
         yield S3Server(endpoint, "gptflow-lake")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

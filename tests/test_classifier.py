@@ -221,3 +221,23 @@ def test_cli_classify(tmp_path: Path, tokenizer_dir: Path) -> None:
     with redirect_stderr(err):
         assert main(["classify", "--checkpoint", str(lm), "hello"]) == 1
     assert "not a spam classifier" in err.getvalue() and str(lm) in err.getvalue()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_last_block_at_the_pooled_position_equals_the_full_block(attention: str) -> None:
+    """The cached path runs the last trainable block at the pooled position only; its
+    output, and the gradients it sends back, equal the full block's at that position."""
+    from gpt.recipes.classifier import _block_at
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny", attention=attention, drop_rate=0.0)
+    block = GPT(cfg).blocks[-1]
+    x = torch.randn(5, 12, cfg.emb_dim, requires_grad=True)
+    where = torch.tensor([11, 3, 0, 7, 11])  # last position, padded rows, the first token
+    full = block(x)[torch.arange(5), where]
+    fast = _block_at(block, x, where)
+    assert torch.allclose(fast, full, atol=1e-5), (fast - full).abs().max()
+    g_full = torch.autograd.grad(full.square().sum(), [x, *block.parameters()])
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, *block.parameters()])
+    for a, b in zip(g_fast, g_full, strict=True):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

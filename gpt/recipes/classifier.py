@@ -167,11 +167,59 @@ def _prefix(model: nn.Module, idx: torch.Tensor, n_frozen: int) -> torch.Tensor:
     return x
 
 
-def _suffix_logits(model: nn.Module, x: torch.Tensor, n_frozen: int) -> torch.Tensor:
-    """Class logits [B, T, C] from hidden states after the frozen prefix."""
-    for i, block in enumerate(list(model.blocks)[n_frozen:], start=n_frozen):
+def _suffix_logits(
+    model: nn.Module, x: torch.Tensor, n_frozen: int, last_index: torch.Tensor | None
+) -> torch.Tensor:
+    """Pooled class logits [B, C] from hidden states [B, T, D] after the frozen prefix.
+    Only the pooled position's output is needed, so without active dropout the last block
+    runs at that position alone (:func:`_block_at`); the blocks before it, and the last
+    one while dropout is on (its masks then match the full forward's draw for draw), run
+    at every position."""
+    b, t, _ = x.shape
+    where = (
+        last_index
+        if last_index is not None
+        else torch.full((b,), t - 1, dtype=torch.long, device=x.device)
+    )
+    blocks = list(model.blocks)[n_frozen:]
+    last = blocks[-1] if blocks else None
+    if last is not None and last.training and last.att.drop_rate > 0:
+        last = None
+    for i, block in enumerate(blocks[: -1 if last is not None else None], start=n_frozen):
         x = block(x, layer=i)
-    return model.out_head(model.final_norm(x))
+    if last is not None:
+        h = _block_at(last, x, where)
+    else:
+        h = x[torch.arange(b, device=x.device), where]
+    return model.out_head(model.final_norm(h))
+
+
+def _block_at(block: nn.Module, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """A transformer block's output [B, D] at position ``where[r]`` of each row ``r`` only:
+    the numbers of ``block(x)[r, where[r]]`` (causal attention reads the keys and values
+    of positions 0..p for position p; LayerNorm and the MLP work per position) at a
+    fraction of the cost — one query instead of T, and the projections, MLP and residuals
+    at one position. Keys and values are still computed at every position."""
+    att = block.att
+    b, t, d = x.shape
+    rows = torch.arange(b, device=x.device)
+    h = block.norm1(x)
+    w, bias = att.qkv.weight, att.qkv.bias
+    q = F.linear(h[rows, where], w[:d], None if bias is None else bias[:d])
+    kv = F.linear(h, w[d:], None if bias is None else bias[d:])
+    q = q.view(b, att.n_heads, 1, att.head_dim)
+    kv = kv.view(b, t, 2, att.n_heads, att.head_dim).permute(2, 0, 3, 1, 4)
+    k, v = kv[0], kv[1]  # [B, H, T, hd]
+    visible = torch.arange(t, device=x.device)[None, :] <= where[:, None]  # causal, [B, T]
+    mask = visible[:, None, None, :]
+    p_drop = att.drop_rate if att.training else 0.0
+    if att.attention == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+    else:
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(att.head_dim))
+        out = att.attn_drop(torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)) @ v
+    y = x[rows, where] + block.drop_shortcut(att.out_proj(out.reshape(b, d)))
+    return y + block.drop_shortcut(block.ff(block.norm2(y)))
 
 
 def _pool(logits: torch.Tensor, last_index: torch.Tensor | None) -> torch.Tensor:
@@ -259,10 +307,8 @@ def _batch_logits(
     """Pooled class logits [B, C] for the rows ``index`` of a split."""
     last = data.last[index].to(device) if data.last is not None else None
     if data.cache is not None:
-        logits = _suffix_logits(model, data.cache[index], n_frozen)
-    else:
-        logits = model(data.ids[index].to(device))
-    return _pool(logits, last)
+        return _suffix_logits(model, data.cache[index], n_frozen, last)
+    return _pool(model(data.ids[index].to(device)), last)
 
 
 def _evaluate(
@@ -306,9 +352,9 @@ class _StepModule(nn.Module):
     def forward(
         self, inputs: torch.Tensor, last: torch.Tensor | None, cached: bool
     ) -> torch.Tensor:
-        full = not cached
-        logits = self.model(inputs) if full else _suffix_logits(self.model, inputs, self.n_frozen)
-        return _pool(logits, last)
+        if cached:
+            return _suffix_logits(self.model, inputs, self.n_frozen, last)
+        return _pool(self.model(inputs), last)
 
 
 def _train_loop(

@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gpt.config import Args, operational
+from gpt.config import Args
 from gpt.device import resolve_device
-from gpt.distributed.settings import DistributedArgs
 from gpt.errors import ConfigError, DataError
 from gpt.fileio import atomic_open
-from gpt.train import LMTrainArgs
+from gpt.train import DistributedLMArgs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ MetricsCallback = Callable[[list[dict[str, Any]]], None]
 SampleCallback = Callable[[dict[str, Any]], None]
 
 
-class InstructArgs(LMTrainArgs):
+class InstructArgs(DistributedLMArgs):
     """Settings of the instruction finetune: every :class:`~gpt.train.LMTrainArgs` field
     (defaults here: the reference recipe — AdamW 5e-5, batch 8, 2 epochs), plus the
     data and sample settings below."""
@@ -64,27 +63,6 @@ class InstructArgs(LMTrainArgs):
     sample_tokens: int = Field(35, ge=0)
     """Length of the greedy sample (the response to the first validation record)
     generated after each epoch (0 = no samples)."""
-    distributed: DistributedArgs = operational(default_factory=DistributedArgs)
-    """How many processes train (``nproc = 1``: the calling process, as before; more:
-    under torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays
-    the global batch and must split evenly over the processes. Read by the caller that
-    launches the training (the pipeline's stage, through
-    :func:`gpt.distributed.run_distributed`). Operational: with ``drop_rate = 0`` (the
-    default), N processes give the per-step losses and final weights of 1 process with
-    the same global batch within ~1e-5 (float rounding), so the layout is not part of
-    the cache key; with dropout, another layout gives an equally valid but different
-    sample, served from the same cache entry."""
-
-    @field_validator("distributed")
-    @classmethod
-    def _batch_splits(cls, v: DistributedArgs, info: ValidationInfo) -> DistributedArgs:
-        if "batch_size" in info.data:  # else batch_size itself was invalid
-            v.check_batch(info.data["batch_size"], "batch_size")
-        return v
-
-    def train_args(self) -> LMTrainArgs:
-        """The :class:`LMTrainArgs` part."""
-        return LMTrainArgs(**{k: getattr(self, k) for k in LMTrainArgs.model_fields})
 
 
 class ExtractArgs(Args):

@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from gpt.config import Args, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
-from gpt.distributed.settings import DistributedArgs
 from gpt.errors import ConfigError, DataError
 from gpt.fileio import atomic_open
 from gpt.model import GPTConfig, get_config
-from gpt.train import LMTrainArgs, train_lm
+from gpt.train import DistributedLMArgs, train_lm
 
 __all__ = ["ModelSpec", "PretrainArgs", "PretrainResult", "plot_losses", "pretrain"]
 
@@ -53,7 +52,7 @@ class ModelSpec(Args):
         return get_config(self.name, **self.overrides)
 
 
-class PretrainArgs(LMTrainArgs):
+class PretrainArgs(DistributedLMArgs):
     """Pretraining settings: the model, the per-epoch sample and the loss plot, plus every
     :class:`LMTrainArgs` field (whose defaults are the reference recipe). The windows
     (length, stride) come from the token files' producer (the tokenize stage)."""
@@ -68,27 +67,6 @@ class PretrainArgs(LMTrainArgs):
     """New tokens in each sample."""
     plot: bool = True
     """Write ``loss.png`` (train/val loss against tokens seen)."""
-    distributed: DistributedArgs = operational(default_factory=DistributedArgs)
-    """How many processes train (``nproc = 1``: the calling process, as before; more:
-    under torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays
-    the global batch and must split evenly over the processes. Read by the caller that
-    launches the training (the pipeline's stage, through
-    :func:`gpt.distributed.run_distributed`). Operational: with dropout off, N processes
-    give the per-step losses and final weights of 1 process with the same global batch
-    within ~1e-5 (float rounding), so the layout is not part of the cache key; with
-    dropout on, the masks depend on the layout and another layout gives an equally valid
-    but different sample, served from the same cache entry."""
-
-    @field_validator("distributed")
-    @classmethod
-    def _batch_splits(cls, v: DistributedArgs, info: ValidationInfo) -> DistributedArgs:
-        if "batch_size" in info.data:  # else batch_size itself was invalid
-            v.check_batch(info.data["batch_size"], "batch_size")
-        return v
-
-    def train_args(self) -> LMTrainArgs:
-        """The :class:`LMTrainArgs` part."""
-        return LMTrainArgs(**{k: getattr(self, k) for k in LMTrainArgs.model_fields})
 
 
 @dataclass
