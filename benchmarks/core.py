@@ -164,6 +164,12 @@ class Timings:
         """Median seconds of ``side``."""
         return float(statistics.median(self.seconds[side]))
 
+    def rates(self, amount: float) -> tuple[dict[str, list[float]], float, float]:
+        """``amount`` of work (tokens, examples) per second: every call's rate per side,
+        then the baseline's and the optimized side's rate at their median time."""
+        per_call = {k: [amount / s for s in v] for k, v in self.seconds.items()}
+        return per_call, amount / self.median("baseline"), amount / self.median("optimized")
+
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
     """Wall seconds of one call, device work included."""

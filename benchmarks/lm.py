@@ -247,8 +247,7 @@ def bench_generate(quick: bool = False) -> BenchResult:
         warmup=0,
         device=device,
     )
-    tps = {k: [new / s for s in v] for k, v in t.seconds.items()}
-    tb, to = new / t.median("baseline"), new / t.median("optimized")
+    tps, tb, to = t.rates(new)
     same = sum(a == b for a, b in zip(outs["baseline"], outs["optimized"], strict=False))
     return BenchResult(
         name="generate",
@@ -302,8 +301,7 @@ def bench_generate_batched(quick: bool = False) -> BenchResult:
 
     t = interleaved({"baseline": base, "optimized": opt}, repeats=3, warmup=1, device=device)
     total = new * len(prompts)
-    tps = {k: [total / s for s in v] for k, v in t.seconds.items()}
-    tb, to = total / t.median("baseline"), total / t.median("optimized")
+    tps, tb, to = t.rates(total)
     rows_equal = sum(a == b for a, b in zip(outs["baseline"], outs["optimized"], strict=True))
     return BenchResult(
         name="generate_batched",
@@ -367,8 +365,7 @@ def bench_train_step_compile(quick: bool = False) -> BenchResult:
     t = interleaved(
         {"baseline": base, "optimized": comp}, repeats=3 if quick else 5, warmup=1, device=device
     )
-    tps = {k: [tokens / s for s in v] for k, v in t.seconds.items()}
-    tb, to = tokens / t.median("baseline"), tokens / t.median("optimized")
+    tps, tb, to = t.rates(tokens)
     return BenchResult(
         name="train_step_compile",
         baseline=tb,
@@ -420,8 +417,7 @@ def bench_generate_compile(quick: bool = False) -> BenchResult:
         warmup=1,
         device=device,
     )
-    tps = {k: [new / s for s in v] for k, v in t.seconds.items()}
-    tb, to = new / t.median("baseline"), new / t.median("optimized")
+    tps, tb, to = t.rates(new)
     return BenchResult(
         name="generate_compile",
         baseline=tb,

@@ -196,8 +196,7 @@ def bench_judge(quick: bool = False, *, latency_s: float = 0.2) -> BenchResult:
         )
     finally:
         stub.stop()
-    eps = {k: [n / s for s in v] for k, v in t.seconds.items()}
-    tb, to = n / t.median("baseline"), n / t.median("optimized")
+    eps, tb, to = t.rates(n)
     return BenchResult(
         name="judge",
         baseline=tb,

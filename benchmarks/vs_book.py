@@ -174,8 +174,7 @@ def bench_vs_book_train_step(quick: bool = False) -> BenchResult:
         {"baseline": book_step, "optimized": our_step}, repeats=3, warmup=1, device=device
     )
     tokens = batch * seq
-    tps = {k: [tokens / s for s in v] for k, v in t.seconds.items()}
-    tb, to = tokens / t.median("baseline"), tokens / t.median("optimized")
+    tps, tb, to = t.rates(tokens)
     ratio = to / tb
     return BenchResult(
         name="vs_book_train_step",
@@ -238,8 +237,7 @@ def bench_vs_book_generate(quick: bool = False) -> BenchResult:
         warmup=0,
         device=device,
     )
-    tps = {k: [new / s for s in v] for k, v in t.seconds.items()}
-    tb, to = new / t.median("baseline"), new / t.median("optimized")
+    tps, tb, to = t.rates(new)
     ratio = to / tb
     return BenchResult(
         name="vs_book_generate",
