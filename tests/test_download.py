@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from helpers_http import Fault, LoopbackServer, serve
 
+from gpt.data.archives import safe_extract_zip
 from gpt.data.download import (
     download_source,
     download_sources,
-    safe_extract_zip,
     sha256_file,
 )
 from gpt.data.sources import (
