@@ -227,7 +227,7 @@ def test_cli_classify(tmp_path: Path, tokenizer_dir: Path) -> None:
 def test_last_block_at_the_pooled_position_equals_the_full_block(attention: str) -> None:
     """The cached path runs the last trainable block at the pooled position only; its
     output, and the gradients it sends back, equal the full block's at that position."""
-    from gpt.recipes.classifier import _block_at
+    from gpt.recipes.classifier_model import block_at as _block_at
 
     torch.manual_seed(0)
     cfg = get_config("tiny", attention=attention, drop_rate=0.0)

@@ -42,6 +42,15 @@ from gpt.config import Args, operational
 from gpt.device import resolve_device
 from gpt.distributed.settings import DistributedArgs
 from gpt.errors import CheckpointError, ConfigError, DataError
+from gpt.recipes.classifier_model import (
+    build_classifier,
+    n_frozen_blocks,
+    pool,
+    prefix_hidden,
+    set_dropout,
+    set_modes,
+    suffix_logits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,131 +120,6 @@ class SpamArgs(Args):
         return v
 
 
-# --------------------------------------------------------------------------- model
-
-
-def _set_dropout(module: nn.Module, p: float) -> None:
-    """Set every dropout probability inside ``module`` (incl. the fused SDPA one)."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-        if hasattr(m, "drop_rate") and isinstance(m.drop_rate, float):
-            m.drop_rate = p
-
-
-def build_classifier(
-    base_model: nn.Module,
-    num_classes: int = 2,
-    trainable_blocks: int = 1,
-    train_final_norm: bool = True,
-    *,
-    seed: int = 123,
-) -> nn.Module:
-    """Turn a GPT into a classifier in place: a fresh seeded ``Linear(emb, num_classes)``
-    head, everything frozen except the last ``trainable_blocks`` blocks, the final norm
-    (if ``train_final_norm``) and the head. Returns the model."""
-    n_layers = len(base_model.blocks)
-    if trainable_blocks > n_layers:
-        raise ConfigError(
-            f"trainable_blocks={trainable_blocks} but the model has only {n_layers} blocks"
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        base_model.replace_head(num_classes)
-    for p in base_model.parameters():
-        p.requires_grad_(False)
-    for block in list(base_model.blocks)[n_layers - trainable_blocks :]:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    if train_final_norm:
-        for p in base_model.final_norm.parameters():
-            p.requires_grad_(True)
-    for p in base_model.out_head.parameters():
-        p.requires_grad_(True)
-    return base_model
-
-
-def _n_frozen(model: nn.Module, trainable_blocks: int) -> int:
-    return len(model.blocks) - trainable_blocks
-
-
-def _prefix(model: nn.Module, idx: torch.Tensor, n_frozen: int) -> torch.Tensor:
-    """Hidden states after the embeddings and the first ``n_frozen`` blocks."""
-    x = model.embed(idx)
-    for i, block in enumerate(list(model.blocks)[:n_frozen]):
-        x = block(x, layer=i)
-    return x
-
-
-def _suffix_logits(
-    model: nn.Module, x: torch.Tensor, n_frozen: int, last_index: torch.Tensor | None
-) -> torch.Tensor:
-    """Pooled class logits [B, C] from hidden states [B, T, D] after the frozen prefix.
-    Only the pooled position's output is needed, so without active dropout the last block
-    runs at that position alone (:func:`_block_at`); the blocks before it, and the last
-    one while dropout is on (its masks then match the full forward's draw for draw), run
-    at every position."""
-    b, t, _ = x.shape
-    where = (
-        last_index
-        if last_index is not None
-        else torch.full((b,), t - 1, dtype=torch.long, device=x.device)
-    )
-    blocks = list(model.blocks)[n_frozen:]
-    last = blocks[-1] if blocks else None
-    if last is not None and last.training and last.att.drop_rate > 0:
-        last = None
-    for i, block in enumerate(blocks[: -1 if last is not None else None], start=n_frozen):
-        x = block(x, layer=i)
-    if last is not None:
-        h = _block_at(last, x, where)
-    else:
-        h = x[torch.arange(b, device=x.device), where]
-    return model.out_head(model.final_norm(h))
-
-
-def _block_at(block: nn.Module, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """A transformer block's output [B, D] at position ``where[r]`` of each row ``r`` only:
-    the numbers of ``block(x)[r, where[r]]`` (causal attention reads the keys and values
-    of positions 0..p for position p; LayerNorm and the MLP work per position) at a
-    fraction of the cost — one query instead of T, and the projections, MLP and residuals
-    at one position. Keys and values are still computed at every position."""
-    att = block.att
-    b, t, d = x.shape
-    rows = torch.arange(b, device=x.device)
-    h = block.norm1(x)
-    w, bias = att.qkv.weight, att.qkv.bias
-    q = F.linear(h[rows, where], w[:d], None if bias is None else bias[:d])
-    kv = F.linear(h, w[d:], None if bias is None else bias[d:])
-    q = q.view(b, att.n_heads, 1, att.head_dim)
-    kv = kv.view(b, t, 2, att.n_heads, att.head_dim).permute(2, 0, 3, 1, 4)
-    k, v = kv[0], kv[1]  # [B, H, T, hd]
-    visible = torch.arange(t, device=x.device)[None, :] <= where[:, None]  # causal, [B, T]
-    mask = visible[:, None, None, :]
-    p_drop = att.drop_rate if att.training else 0.0
-    if att.attention == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
-    else:
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(att.head_dim))
-        out = att.attn_drop(torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)) @ v
-    y = x[rows, where] + block.drop_shortcut(att.out_proj(out.reshape(b, d)))
-    return y + block.drop_shortcut(block.ff(block.norm2(y)))
-
-
-def _pool(logits: torch.Tensor, last_index: torch.Tensor | None) -> torch.Tensor:
-    """[B, T, C] -> [B, C] at the last position or at per-row ``last_index``."""
-    if last_index is None:
-        return logits[:, -1, :]
-    return logits[torch.arange(logits.shape[0], device=logits.device), last_index]
-
-
-def _set_modes(model: nn.Module, n_frozen: int, train: bool) -> None:
-    """Frozen prefix always in eval mode (no dropout); the suffix in ``train`` mode."""
-    model.train(train)
-    for m in (model.tok_emb, model.pos_emb, model.drop_emb, *list(model.blocks)[:n_frozen]):
-        m.eval()
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -297,7 +181,7 @@ def _build_cache(
     parts = [torch.empty((0, ids.shape[1], model.cfg.emb_dim), device=device, dtype=dtype)]
     with torch.no_grad():
         for s in range(0, ids.shape[0], chunk):
-            parts.append(_prefix(model, ids[s : s + chunk].to(device), n_frozen))
+            parts.append(prefix_hidden(model, ids[s : s + chunk].to(device), n_frozen))
     return gd.all_gather_rows(torch.cat(parts))
 
 
@@ -307,8 +191,8 @@ def _batch_logits(
     """Pooled class logits [B, C] for the rows ``index`` of a split."""
     last = data.last[index].to(device) if data.last is not None else None
     if data.cache is not None:
-        return _suffix_logits(model, data.cache[index], n_frozen, last)
-    return _pool(model(data.ids[index].to(device)), last)
+        return suffix_logits(model, data.cache[index], n_frozen, last)
+    return pool(model(data.ids[index].to(device)), last)
 
 
 def _evaluate(
@@ -331,7 +215,7 @@ def _evaluate(
             p = torch.softmax(logits.float(), dim=-1)
             preds += logits.argmax(-1).tolist()
             probs += p[:, 1].tolist()
-    _set_modes(model, n_frozen, train=was_training)
+    set_modes(model, n_frozen, train=was_training)
     if gd.is_distributed():
         parts = gd.all_gather_objects((total, preds, probs))
         total = sum(p[0] for p in parts)
@@ -353,8 +237,8 @@ class _StepModule(nn.Module):
         self, inputs: torch.Tensor, last: torch.Tensor | None, cached: bool
     ) -> torch.Tensor:
         if cached:
-            return _suffix_logits(self.model, inputs, self.n_frozen, last)
-        return _pool(self.model(inputs), last)
+            return suffix_logits(self.model, inputs, self.n_frozen, last)
+        return pool(self.model(inputs), last)
 
 
 def _train_loop(
@@ -395,7 +279,7 @@ def _train_loop(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
         for epoch in range(1, args.epochs + 1):
-            _set_modes(model, n_frozen, train=True)
+            set_modes(model, n_frozen, train=True)
             perm = torch.randperm(n, generator=order_gen)
             bar = tqdm(
                 range(n_batches),
@@ -523,8 +407,8 @@ def finetune_classifier(
             f"{base_checkpoint_dir} has only {cfg.n_layers} blocks"
         )
     model.cfg = cfg.replace(drop_rate=args.drop_rate)
-    _set_dropout(model, args.drop_rate)
-    n_frozen = _n_frozen(model, args.trainable_blocks)
+    set_dropout(model, args.drop_rate)
+    n_frozen = n_frozen_blocks(model, args.trainable_blocks)
     build_classifier(
         model, len(LABELS), args.trainable_blocks, args.train_final_norm, seed=args.seed
     )
@@ -554,7 +438,7 @@ def finetune_classifier(
 
     t0 = time.perf_counter()
     if args.prefix_cache:
-        _set_modes(model, n_frozen, train=False)
+        set_modes(model, n_frozen, train=False)
         for data in datasets.values():
             data.cache = _build_cache(model, data, n_frozen, args.cache_chunk, device)
     timings["prefix_cache_s"] = time.perf_counter() - t0
@@ -666,7 +550,7 @@ def classify(
                 if info["pool"] == "last_real"
                 else None
             )
-            probs = torch.softmax(_pool(model(ids), last).float(), dim=-1)
+            probs = torch.softmax(pool(model(ids), last).float(), dim=-1)
             for row in probs:
                 k = int(row.argmax())
                 out.append((labels[k], float(row[1])))
