@@ -42,7 +42,15 @@ from tqdm.auto import tqdm
 
 from gpt import distributed as gd
 from gpt.config import Args, operational
-from gpt.errors import CheckpointError, ConfigError, DataError
+from gpt.errors import ConfigError, DataError
+from gpt.train_state import (
+    Progress,
+    capture_rng,
+    has_checkpoint,
+    load_resume,
+    progress_state,
+    restore_rng,
+)
 
 __all__ = [
     "LMTrainArgs",
@@ -59,7 +67,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAST = "last"
-_STATE_VERSION = 1
 
 
 class LMTrainArgs(Args):
@@ -291,126 +298,7 @@ def train_step(
     return float(loss.detach()), norm
 
 
-# --------------------------------------------------------------------------- RNG states
-
-
-def _loader_generators(loader: Any) -> tuple[torch.Generator | None, torch.Generator | None]:
-    """The loader's own generator and, if different, its sampler's."""
-    gen = getattr(loader, "generator", None)
-    sampler = getattr(loader, "sampler", None)
-    sgen = getattr(sampler, "generator", None)
-    return gen, (sgen if sgen is not gen else None)
-
-
-def _capture_rng(train_loader: Any, val_loader: Any) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    for name, loader in (("train", train_loader), ("val", val_loader)):
-        gen, sgen = _loader_generators(loader)
-        if gen is not None:
-            state[f"{name}_loader"] = gen.get_state()
-        if sgen is not None:
-            state[f"{name}_sampler"] = sgen.get_state()
-    return state
-
-
-def _restore_rng(state: dict[str, Any], train_loader: Any, val_loader: Any) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for name, loader in (("train", train_loader), ("val", val_loader)):
-        gen, sgen = _loader_generators(loader)
-        for key, g in ((f"{name}_loader", gen), (f"{name}_sampler", sgen)):
-            if key in state:
-                if g is None:
-                    raise CheckpointError(
-                        f"the checkpoint holds the {key} RNG state but the {name} loader "
-                        "has no generator; build it with gpt.data.windows.make_loader"
-                    )
-                g.set_state(state[key])
-
-
 # --------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class _Progress:
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-    tokens_seen: int = 0
-    train_seconds: float = 0.0
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    finished: bool = False
-
-
-def _has_checkpoint(last: Path) -> bool:
-    """Whether ``last`` holds something to resume from; a ``last`` that a save killed
-    mid-swap left aside (``.last.old-*``) is put back first."""
-    from gpt.checkpoint import recover_checkpoint
-
-    return last.exists() or recover_checkpoint(last) is not None
-
-
-def _load_resume(
-    last: Path,
-    engine: gd.TrainEngine,
-    optimizer: torch.optim.Optimizer,
-    steps_per_epoch: int,
-    seed: int,
-) -> tuple[_Progress, dict[str, Any], dict[str, Any] | None]:
-    """Load ``last`` into the engine's model and the optimizer (every rank) and return
-    the progress, this rank's checkpoint-time RNG states and the epoch-start states."""
-    from gpt.checkpoint import load_checkpoint
-
-    ck = load_checkpoint(last, map_location=engine.device, with_optimizer=True)
-    cfg = getattr(engine.model, "cfg", None)
-    if cfg is not None and ck.config != cfg:
-        raise CheckpointError(
-            f"{last} holds a model with config {ck.config.to_dict()}, not the model being "
-            f"trained ({cfg.to_dict()}); delete {last} or pass resume=False"
-        )
-    ts = ck.trainer_state
-    if not ts or ts.get("version") != _STATE_VERSION or ck.optimizer_state is None:
-        raise CheckpointError(
-            f"{last} has no usable trainer_state.json/optimizer.pt to resume from; "
-            "delete it or pass resume=False"
-        )
-    if ts["steps_per_epoch"] != steps_per_epoch:
-        raise CheckpointError(
-            f"{last} was written with {ts['steps_per_epoch']} steps per epoch but the "
-            f"training loader now has {steps_per_epoch} batches (data or batch size changed); "
-            "delete it or pass resume=False"
-        )
-    engine.load_state(ck.model.state_dict(), optimizer, ck.optimizer_state)
-    prog = _Progress(
-        step=int(ts["step"]),
-        epoch=int(ts["epoch"]),
-        position=int(ts["position"]),
-        tokens_seen=int(ts["tokens_seen"]),
-        train_seconds=float(ts["train_seconds"]),
-        metrics=list(ts.get("metrics", [])),
-        samples=list(ts.get("samples", [])),
-        finished=bool(ts.get("finished", False)),
-    )
-    rng = dict(ts["rng"])
-    world, rank = gd.world_size(), gd.rank()
-    saved_world = int(ts.get("world_size", 1))
-    per_rank = ts.get("rank_rng") or [{k: rng[k] for k in ("torch", "cuda") if k in rng}]
-    if saved_world != world:
-        log.warning(
-            "%s was written by %d process(es), resuming with %d: the batch order is the "
-            "same, dropout masks are not",
-            last, saved_world, world,
-        )  # fmt: skip
-    if rank < len(per_rank):
-        rng.update(per_rank[rank])
-    else:
-        rng["torch"] = torch.Generator().manual_seed(seed + 7919 * prog.step + rank).get_state()
-        rng.pop("cuda", None)
-    return prog, rng, ts.get("epoch_rng")
 
 
 def train_lm(
@@ -466,22 +354,22 @@ def train_lm(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     last = Path(out_dir) / LAST if out_dir is not None else None
 
-    prog = _Progress()
+    prog = Progress()
     resumed_from: int | None = None
     saved_rng: dict[str, Any] | None = None
     epoch_rng: dict[str, Any] | None = None
     found = False
     if resume and last is not None:
         with gd.main_first():  # rank 0 may first put back a ``last`` a kill left aside
-            found = _has_checkpoint(last)
+            found = has_checkpoint(last)
         found = bool(gd.all_gather_objects(found)[0])
     if found:
         assert last is not None
-        prog, saved_rng, epoch_rng = _load_resume(
+        prog, saved_rng, epoch_rng = load_resume(
             last, engine, optimizer, steps_per_epoch, args.seed
         )
         resumed_from = prog.step
-        _restore_rng(saved_rng, train_loader, val_loader)
+        restore_rng(saved_rng, train_loader, val_loader)
         log.info("resuming from %s at step %d (epoch %d)", last, prog.step, prog.epoch + 1)
     else:
         torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
@@ -494,25 +382,17 @@ def train_lm(
         from gpt.checkpoint import save_checkpoint
 
         carrier, opt_state = engine.full_state(optimizer)  # collective under FSDP
-        rng = _capture_rng(train_loader, val_loader)
+        rng = capture_rng(train_loader, val_loader)
         per_rank = gd.all_gather_objects({k: rng[k] for k in ("torch", "cuda") if k in rng})
-        state = {
-            "version": _STATE_VERSION,
-            "step": prog.step,
-            "epoch": prog.epoch,
-            "position": prog.position,
-            "tokens_seen": prog.tokens_seen,
-            "train_seconds": prog.train_seconds,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps,
-            "finished": prog.finished,
-            "metrics": prog.metrics,
-            "samples": prog.samples,
-            "rng": rng,
-            "epoch_rng": epoch_start if prog.position > 0 else None,
-            "world_size": world,
-            "rank_rng": per_rank if world > 1 else None,
-        }
+        state = progress_state(
+            prog,
+            rng=rng,
+            epoch_start=epoch_start,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            world=world,
+            per_rank=per_rank,
+        )
         if main:
             save_checkpoint(last, carrier, hparams=hparams, optimizer=opt_state, extra_state=state)
         gd.barrier()
@@ -577,13 +457,13 @@ def train_lm(
             if prog.position > 0:  # resuming inside an epoch: replay its batch order
                 assert saved_rng is not None and epoch_rng is not None
                 epoch_start = epoch_rng
-                _restore_rng(epoch_start, train_loader, val_loader)
+                restore_rng(epoch_start, train_loader, val_loader)
                 it = iter(train_loader)
                 for _ in range(prog.position):
                     next(it)
-                _restore_rng(saved_rng, train_loader, val_loader)
+                restore_rng(saved_rng, train_loader, val_loader)
             else:
-                epoch_start = _capture_rng(train_loader, val_loader)
+                epoch_start = capture_rng(train_loader, val_loader)
                 it = iter(train_loader)
             stopped = False
             for x, y in it:
