@@ -52,6 +52,32 @@ class LeaseInfo:
         return f"run {self.run_id} (host {self.host}, pid {self.pid})"
 
 
+class WaitTurn:
+    """The waiting part of a lease's ``acquire``, one call per look at a live holder:
+    tell ``on_wait`` about each new holder once, give up after ``timeout_s``, sleep."""
+
+    def __init__(
+        self,
+        where: str,
+        poll_s: float,
+        on_wait: Callable[[LeaseInfo], None] | None,
+        timeout_s: float | None,
+    ) -> None:
+        self.where = where
+        self.poll_s = poll_s
+        self.on_wait = on_wait
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.announced: str | None = None
+
+    def __call__(self, info: LeaseInfo) -> None:
+        if self.on_wait is not None and self.announced != info.token:
+            self.on_wait(info)
+            self.announced = info.token
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError(f"lease {self.where} still held by {info.describe()}")
+        time.sleep(self.poll_s)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -166,8 +192,7 @@ class Lease:
         """Take the lease, waiting while someone else holds it. Returns True when the
         caller had to wait (so it should look for the other run's result first)."""
         waited = False
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        announced = None
+        wait = WaitTurn(str(self.path), self.poll_s, on_wait, timeout_s)
         while not self._try_create():
             info = self.read()
             if info is None:
@@ -176,12 +201,7 @@ class Lease:
                 self._break(info)
                 continue
             waited = True
-            if on_wait is not None and announced != info.token:
-                on_wait(info)
-                announced = info.token
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"lease {self.path} still held by {info.describe()}")
-            time.sleep(self.poll_s)
+            wait(info)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lease")
         self._thread.start()

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from gpt.errors import GPTFlowError
-from tasks.lease import DEFAULT_POLL_S, DEFAULT_TTL_S, LeaseInfo, _pid_alive
+from tasks.lease import DEFAULT_POLL_S, DEFAULT_TTL_S, LeaseInfo, WaitTurn, _pid_alive
 from tasks.storage import Fetched, ObjectRoot
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ class ObjectLease:
         """Take the lease, waiting while someone else holds it. Returns True when the
         caller had to wait (so it should look for the other run's result first)."""
         waited = False
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        announced = None
+        wait = WaitTurn(self.url, self.poll_s, on_wait, timeout_s)
         seen: tuple[str, float] | None = None  # (etag, first seen) for clockless staleness
         self._acquired_at = time.time()
         while True:
@@ -166,12 +165,7 @@ class ObjectLease:
                     break
                 continue  # another breaker (or a late renewal) won: look again
             waited = True
-            if on_wait is not None and announced != info.token:
-                on_wait(info)
-                announced = info.token
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"lease {self.url} still held by {info.describe()}")
-            time.sleep(self.poll_s)
+            wait(info)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lease")
         self._thread.start()
