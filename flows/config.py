@@ -163,7 +163,9 @@ def build_config(
 ) -> PipelineConfig:
     """Defaults, then the profile (or ``base``, e.g. a stored run's config), then each
     ``--set`` override, validated as a whole."""
-    values = base if base is not None else load_profile_dict(profile)
+    # a stored config (a past run's) may use names since renamed: map them; profiles and
+    # overrides must use the current names
+    values = PipelineConfig.upgrade(base) if base is not None else load_profile_dict(profile)
     values = _deep_merge(values, {"profile": values.get("profile", profile)})
     for item in overrides or []:
         path, value = parse_override(item)

@@ -13,7 +13,7 @@ silently. Instances are frozen (hashable settings, no mutation after validation)
 from __future__ import annotations
 
 import math
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticUndefined
@@ -71,6 +71,11 @@ class Args(BaseModel):
         strict=False,
     )
 
+    renamed: ClassVar[dict[str, str]] = {}
+    """Old field names → their new names. Input that uses an old name fails with
+    "renamed to …" (one name per setting); :meth:`upgrade` maps stored settings (a past
+    run's ``runs.config``) to the new names."""
+
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
@@ -88,6 +93,32 @@ class Args(BaseModel):
             raise ArgsError(
                 format_validation_error(exc, f"invalid {cls.__name__}"), _problems(exc)
             ) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in cls.renamed.items():
+                if old in data:
+                    msg = f"renamed to {new}; use {new}"
+                    raise ArgsError(f"{old}: {msg}", [(old, msg)])
+        return data
+
+    @classmethod
+    def upgrade(cls, data: Any) -> Any:
+        """``data`` (stored settings, possibly written before a field was renamed) with
+        every old name of this class and its nested settings replaced by the new one."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for old, new in cls.renamed.items():
+            if old in out and new not in out:
+                out[new] = out.pop(old)
+        for name, f in cls.model_fields.items():
+            sub = f.annotation
+            if name in out and isinstance(sub, type) and issubclass(sub, Args):
+                out[name] = sub.upgrade(out[name])
+        return out
 
     @model_validator(mode="after")
     def _finite(self) -> Self:

@@ -52,7 +52,7 @@ def runs(prefect_server, mirror: Path, tmp_path_factory: pytest.TempPathFactory)
             mp.setenv("GPTFLOW_ARTIFACTS", str(home / "artifacts"))
             mp.setenv("GPTFLOW_DATASETS", str(home / "datasets"))
             mp.setenv("GPTFLOW_MIRROR", str(mirror))
-            over = [f"judge.host={stub.host}", *BASE]
+            over = [f"judge.hosts={stub.host}", *BASE]
             r1 = run_pipeline("smoke", over, progress=False)
             r2 = run_pipeline("smoke", over, progress=False)
             judge.good = False

@@ -98,7 +98,7 @@ def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, 
 
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 42").start()
     try:
-        overrides = json.dumps([f"judge.host={stub.host}"])
+        overrides = json.dumps([f"judge.hosts={stub.host}"])
         _run(
             [sys.executable, "-m", "prefect", "deployment", "run", "gptflow-pipeline/smoke",
              "--param", f"mirror={mirror}", "--param", f"overrides={overrides}"],

@@ -139,11 +139,13 @@ def test_config_lists_one_name_and_old_keys() -> None:
 
     assert JudgeConfig(models="phi3").models == ("phi3",)  # --set judge.models=phi3
     assert JudgeConfig(models=["a", "b"]).model_dump(mode="json")["models"] == ["a", "b"]
-    # a config stored by an older gptflow (runs.config, read by `gptflow rerun`)
-    old = JudgeConfig.model_validate({"host": "http://h:1", "model": "llama3.1"})
-    assert (old.hosts, old.models) == (("http://h:1",), ("llama3.1",))
-    with pytest.raises(ArgsError, match=r"judge\.models only"):
-        JudgeConfig.model_validate({"model": "a", "models": ["b"]})
+    # one name per setting: the old names fail, naming the new one
+    for old_name, new_name in (("host", "hosts"), ("model", "models")):
+        with pytest.raises(ArgsError, match=rf"{old_name}: renamed to {new_name}"):
+            JudgeConfig.model_validate({old_name: "x"})
+    # a config stored by an older gptflow (runs.config, read by `gptflow rerun`) is upgraded
+    old = JudgeConfig.model_validate(JudgeConfig.upgrade({"host": "http://h:1", "model": "m"}))
+    assert (old.hosts, old.models) == (("http://h:1",), ("m",))
     with pytest.raises(ArgsError, match="distinct"):
         JudgeConfig(models=["a", "a"])
     with pytest.raises(ArgsError, match="hosts"):

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from gpt.config import Args, operational
 from gpt.errors import JudgeError
@@ -90,6 +90,8 @@ def _as_tuple(value: Any) -> Any:
 class JudgeConfig(Args):
     """How to reach and use the Ollama judges (the pipeline's ``judge`` section)."""
 
+    renamed: ClassVar[dict[str, str]] = {"host": "hosts", "model": "models"}
+
     required: bool = operational(False)
     """Whether the pipeline must fail when the judge is unavailable. The library always
     raises :class:`~gpt.errors.JudgeError`; the judge stage with ``required`` false
@@ -133,21 +135,6 @@ class JudgeConfig(Args):
     instead of failing."""
     stream: bool = operational(False)
     """Ask for a streamed reply (NDJSON chunks) instead of one JSON body."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_keys(cls, data: Any) -> Any:
-        """Configs stored before ``hosts``/``models`` (runs.config of older runs, read by
-        ``gptflow rerun``) named one ``host`` and one ``model``."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for old, new in (("host", "hosts"), ("model", "models")):
-            if old in data:
-                if new in data:
-                    raise ValueError(f"give judge.{new} only (judge.{old} is its old name)")
-                data[new] = _as_tuple(data.pop(old))
-        return data
 
     @field_validator("hosts", "models", mode="before")
     @classmethod
