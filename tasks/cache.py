@@ -17,24 +17,28 @@ The **digest** downstream keys use hashes the files but not ``rows/`` (rows carr
 timestamps), so a recomputation that writes byte-identical files keeps everything
 downstream cached.
 
-Work happens in ``<key>.partial/`` (kept after a crash so training resumes) and is
-renamed into place only when complete.
+Work happens in ``<key>.<owner>.partial/``, named by the lease of the run computing it
+(:mod:`tasks.lease`); it is kept after a crash so training resumes (the next holder of
+the lease takes it over by renaming it) and is renamed into place only when complete,
+by a run that still holds the lease.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gpt.fileio import sha256_file
 from gpt.paths import artifacts_dir, is_remote, local_path, url_protocol
-from tasks.lease import Lease
+from tasks.lease import Lease, LeaseBase, LeaseLost
 
 if TYPE_CHECKING:
     from tasks.object_lease import ObjectLease
@@ -161,9 +165,10 @@ class StageStore:
     def final_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def work_dir(self, stage: str, key: str) -> Path:
-        """Where a stage computes; kept across crashes so training can resume."""
-        return self.root / stage / f"{key}.partial"
+    def work_dir(self, stage: str, key: str, lease: LeaseBase) -> Path:
+        """Where the holder of ``lease`` computes; kept across crashes so training can
+        resume. Named by the holder: a run whose lease was broken no longer finds it."""
+        return self.root / stage / f"{key}.{lease.owner}.partial"
 
     def published(self, stage: str, key: str) -> str | None:
         """Where the folder is published when that is not :meth:`final_dir` (the URL on an
@@ -199,18 +204,54 @@ class StageStore:
             return None, problem
         return manifest, None
 
-    def fresh_work_dir(self, stage: str, key: str, *, resume: bool) -> Path:
-        """The work dir, emptied unless ``resume`` (then a crashed attempt is continued)."""
-        work = self.work_dir(stage, key)
-        if work.exists() and not resume:
-            shutil.rmtree(work)
+    def fresh_work_dir(self, stage: str, key: str, lease: LeaseBase, *, resume: bool) -> Path:
+        """The work dir of the holder of ``lease``: with ``resume``, the folder of the
+        latest earlier attempt (a crashed run, or one whose lease was broken) taken over
+        by renaming it; otherwise empty. Other earlier folders are removed."""
+        work = self.work_dir(stage, key, lease)
+        folder = self.root / stage
+        earlier = [*folder.glob(f"{key}.*.partial"), *folder.glob(f"{key}.partial")]
+        earlier = sorted((p for p in earlier if p != work), key=_mtime, reverse=True)
+        for old in earlier:
+            with contextlib.suppress(FileNotFoundError):
+                if resume and not work.exists():
+                    os.rename(old, work)
+                    continue
+                trash = old.with_name(f"{key}.old-{uuid.uuid4().hex[:12]}")
+                os.rename(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         return work
 
-    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    def held_work_dir(self, stage: str, key: str, lease: LeaseBase) -> Path:
+        """The work dir of ``lease``'s holder, checked before publishing it: raises
+        :class:`LeaseLost` when the lease is no longer this run's, or when the next
+        holder took the folder over (renamed it) — then that run's result stands."""
+        lease.confirm()
+        work = self.work_dir(stage, key, lease)
+        if not work.is_dir():
+            raise LeaseLost(
+                f"the work folder {work} was taken over by the next holder of the lease "
+                f"{lease.where} (this run stalled past the lease TTL); it must not publish"
+            )
+        return work
+
+    def commit(
+        self, stage: str, key: str, manifest: dict[str, Any], lease: LeaseBase
+    ) -> dict[str, Any]:
         """Describe every file of the work dir, write the manifest last, and rename the
-        work dir into place (replacing an older or damaged copy). Returns the manifest."""
-        work = self.work_dir(stage, key)
+        work dir into place (replacing an older or damaged copy). Returns the manifest.
+        Refuses (:class:`LeaseLost`) when this run no longer holds ``lease``."""
+        try:
+            return self._commit(stage, key, manifest, lease)
+        except FileNotFoundError:  # the folder vanished: taken over by the next holder?
+            self.held_work_dir(stage, key, lease)
+            raise
+
+    def _commit(
+        self, stage: str, key: str, manifest: dict[str, Any], lease: LeaseBase
+    ) -> dict[str, Any]:
+        work = self.held_work_dir(stage, key, lease)
         final = self.final_dir(stage, key)
         files = describe_files(work)
         manifest = {
@@ -225,11 +266,16 @@ class StageStore:
         tmp = work / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
         os.replace(tmp, work / MANIFEST)
+        self.held_work_dir(stage, key, lease)
         if final.exists():
             self._keep_history(stage, key, final)
             trash = final.with_name(f"{key}.old-{os.getpid()}-{time.monotonic_ns()}")
             os.replace(final, trash)
-            os.replace(work, final)
+            try:
+                os.replace(work, final)
+            except FileNotFoundError:  # taken over since the check: leave things as found
+                os.replace(trash, final)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(work, final)
@@ -259,6 +305,13 @@ class StageStore:
             json.dumps({k: v for k, v in old.items() if k != "files"}, indent=1, default=str)
         )
         os.replace(tmp, dest)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def open_stage_store(artifacts: str | Path) -> StageStore:

@@ -7,13 +7,16 @@ has two places:
 - **published**: ``<root>/stages/<stage>/<key>/`` on the object store, the shared truth;
 - **local**: ``<cache>/stages/<stage>/<key>/`` (:func:`gpt.paths.remote_cache_dir`), a
   verified copy that downstream stages read (``StageOutput.root``), beside the work
-  folder ``<key>.partial/`` (kept after a crash so training resumes on this machine).
+  work folder ``<key>.<owner>.partial/`` (kept after a crash so training resumes on
+  this machine).
 
 **Commit** uploads every file of the work folder, lists them back to record each
 object's ETag in the manifest, and publishes ``manifest.json`` last with a conditional
 put (``If-None-Match: *``): a reader never takes a folder without its manifest, and a
 folder whose objects changed after publishing no longer matches it. An older or damaged
-version is deleted first (its manifest first), under the stage's lease.
+version is deleted first (its manifest first), under the stage's lease: the commit
+checks that this run still holds it before touching anything published and again just
+before publishing the manifest.
 
 **Lookup** reads the manifest and lists the folder (two requests): every listed file must
 be there with its size and ETag, and nothing else. The local copy is used when it holds
@@ -28,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,12 +49,9 @@ from tasks.cache import (
     describe_files,
     verify_files,
 )
+from tasks.lease import LeaseBase
 from tasks.object_lease import ObjectLease
 from tasks.storage import Entry, ObjectRoot, StorageError
-
-#: Leases held by this process, per (stage root, stage, key, thread): a commit checks
-#: that its run still holds the lease before publishing.
-_HELD: dict[tuple[str, str, str, int], ObjectLease] = {}
 
 
 def remote_problem(
@@ -124,9 +123,7 @@ class ObjectStageStore(StageStore):
         return self.remote.url_of(f"{stage}/{key}")
 
     def lease(self, stage: str, key: str, run_id: str) -> ObjectLease:
-        lease = ObjectLease(self.remote, f"{stage}/{key}.lease", run_id)
-        _HELD[(self.remote.url, stage, key, threading.get_ident())] = lease
-        return lease
+        return ObjectLease(self.remote, f"{stage}/{key}.lease", run_id)
 
     # ------------------------------------------------------------------ reading
     def remote_manifest(
@@ -265,19 +262,17 @@ class ObjectStageStore(StageStore):
         body = {k: v for k, v in manifest.items() if k != "files"}
         self.remote.create(f"{dest}/{MANIFEST}", json.dumps(body, indent=1, default=str).encode())
 
-    def _confirm_lease(self, stage: str, key: str) -> None:
-        lease = _HELD.get((self.remote.url, stage, key, threading.get_ident()))
-        if lease is not None and lease.etag is not None:
-            lease.confirm()
-
-    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    def commit(
+        self, stage: str, key: str, manifest: dict[str, Any], lease: LeaseBase
+    ) -> dict[str, Any]:
         """Upload the work folder, publish its manifest last (conditional put), and move
-        the work folder into place as the local copy. Returns the manifest."""
+        the work folder into place as the local copy. Returns the manifest. Refuses
+        (:class:`~tasks.lease.LeaseLost`) when this run no longer holds ``lease``."""
         rel = f"{stage}/{key}"
-        work = self.work_dir(stage, key)
-        self._confirm_lease(stage, key)
+        work = self.held_work_dir(stage, key, lease)
         files = describe_files(work)
         old = self.remote.list(rel)
+        lease.confirm()
         if old:  # an older or damaged version: unpublish it (manifest first), then clear it
             self._keep_history(stage, key, old)
             self.remote.delete([f"{rel}/{MANIFEST}", *(f"{rel}/{n}" for n in old if n != MANIFEST)])
@@ -301,7 +296,7 @@ class ObjectStageStore(StageStore):
             "created_at": time.time(),
         }
         body = json.dumps(full, indent=1, sort_keys=True, default=str)
-        self._confirm_lease(stage, key)
+        lease.confirm()
         if self.remote.create(f"{rel}/{MANIFEST}", body.encode()) is None:
             raise StorageError(
                 f"{self.published(stage, key)} was published by another run while this one "

@@ -47,7 +47,7 @@ from tasks.cache import StageOutput, StageStore, Verify, open_stage_store, root_
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.store import checkpoint_digest
 from tasks.fingerprint import code_fingerprint
-from tasks.lease import LeaseInfo
+from tasks.lease import LeaseBase, LeaseInfo
 from tasks.rows import RowSink, ensure_ingested, ingest
 from tasks.runlog import RunRecorder
 
@@ -470,7 +470,7 @@ def run_stage(
             if manifest is not None:
                 return serve(manifest)
             reason = reason2 or reason
-        return _compute(ctx, spec, args, inputs, key, started, forced, reason)
+        return _compute(ctx, spec, args, inputs, key, lease, started, forced, reason)
     finally:
         lease.release()
 
@@ -481,6 +481,7 @@ def _compute(
     args: Args,
     inputs: dict[str, StageOutput | None],
     key: str,
+    lease: LeaseBase,
     started: datetime,
     forced: bool,
     reason: str | None,
@@ -493,7 +494,7 @@ def _compute(
     log.info("%s: computing (key %s)", name, key)
     t0 = time.perf_counter()
     try:
-        work = store.fresh_work_dir(name, key, resume=spec.resumable and not forced)
+        work = store.fresh_work_dir(name, key, lease, resume=spec.resumable and not forced)
         owner = work / OWNER_FILE
         producer = (owner.read_text().strip() if owner.exists() else "") or ctx.run_id
         if producer != ctx.run_id:
@@ -551,6 +552,7 @@ def _compute(
                 "wall_s": round(time.perf_counter() - t0, 3),
                 "resumed_by_run_id": ctx.run_id if producer != ctx.run_id else None,
             },
+            lease,
         )
         result = _output(manifest, spec, store.final_dir(name, key), hit=False)
     except StageSkipped:
