@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         get_source(name)  # ConfigError listing the known names
     from tasks.catalog import Catalog
+    from tasks.lease import file_leases
 
     catalog = Catalog(args.db)
     results = download_sources(
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         progress=not args.no_progress,
         trusted=catalog.source_digests(),  # files with no published sha256: first use
+        lease=file_leases(f"gptflow-download-{os.getpid()}"),  # one writer per file
     )
     rows = []
     for res in results:

@@ -24,7 +24,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -167,6 +168,12 @@ class _Mirror:
         return str(self.folder / relpath)
 
 
+#: A lease on one destination file, held while it is fetched (e.g.
+#: :func:`tasks.lease.file_leases`): one writer per ``.part`` file across processes and
+#: machines sharing the folder; the others wait, then find the file verified.
+FileLease = Callable[[Path], AbstractContextManager[Any]]
+
+
 @dataclass
 class _Options:
     retries: int
@@ -176,6 +183,7 @@ class _Options:
     mirror: _Mirror | None
     refresh: bool = False
     client: Any = None  # httpx.Client, created lazily
+    lease: FileLease | None = None
 
 
 def _resolve_mirror(mirror: str | Path | None) -> _Mirror | None:
@@ -568,6 +576,21 @@ def _with_trusted(
 def _ensure_file(
     source: str, f: SourceFile, dest: Path, opts: _Options, tofu: bool = False
 ) -> FileResult:
+    """The file present and verified, else fetched under its lease (``opts.lease``; a
+    run that waited there finds the file the other one fetched)."""
+    found = None if opts.refresh else _present(f, dest)
+    if found is not None:
+        log.info("%s: present and verified, skipping", found.path)
+        return found
+    if opts.lease is None:
+        return _fetch_file(source, f, dest, opts, tofu)
+    with opts.lease(dest / f.path):
+        return _fetch_file(source, f, dest, opts, tofu)
+
+
+def _fetch_file(
+    source: str, f: SourceFile, dest: Path, opts: _Options, tofu: bool = False
+) -> FileResult:
     found = None if opts.refresh else _present(f, dest)
     if found is not None:
         log.info("%s: present and verified, skipping", found.path)
@@ -660,6 +683,7 @@ def download_sources(
     timeout: float = 30.0,
     refresh: bool = False,
     trusted: Mapping[str, tuple[str, int]] | None = None,
+    lease: FileLease | None = None,
 ) -> list[DownloadResult]:
     """Fetch several sources into ``dest`` (default :func:`gpt.paths.datasets_dir`).
 
@@ -674,6 +698,9 @@ def download_sources(
     held to the recorded digest like a published one: a download that differs raises
     ChecksumError saying so (and nothing replaces the verified copy). Record each
     returned :class:`FileResult`'s ``sha256``/``bytes`` after a first download.
+
+    ``lease``: taken on each destination file while it is fetched (:data:`FileLease`);
+    give one whenever another process may download into the same folder.
     """
     if retries < 1:
         raise ConfigError(f"retries must be >= 1, got {retries}")
@@ -695,6 +722,7 @@ def download_sources(
         progress=progress,
         mirror=_resolve_mirror(mirror),
         refresh=refresh,
+        lease=lease,
     )
     results: list[DownloadResult] = []
     try:
@@ -732,10 +760,12 @@ class DownloadArgs(Args):
         mirror: str | None = None,
         refresh: bool = False,
         trusted: Mapping[str, tuple[str, int]] | None = None,
+        lease: FileLease | None = None,
     ) -> list[DownloadResult]:
         """:func:`download_sources` with these settings (``mirror`` overrides the field;
         ``refresh`` fetches and verifies files again even when present; ``trusted``
-        holds files without a published sha256 to their first verified download)."""
+        holds files without a published sha256 to their first verified download;
+        ``lease`` is held on each file while it is fetched)."""
         return download_sources(
             names,
             dest,
@@ -746,4 +776,5 @@ class DownloadArgs(Args):
             timeout=self.timeout_s,
             refresh=refresh,
             trusted=trusted,
+            lease=lease,
         )

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from gpt.data.download import DownloadArgs
 from gpt.data.sources import DATASET_SOURCES
 from tasks.cache import StageOutput, content_digest
-from tasks.lease import Lease
+from tasks.lease import file_leases
 from tasks.stages.base import RunContext, StageOut, now
 
 STAGE = "download"
@@ -46,16 +46,15 @@ def run_download(ctx: RunContext, args: DownloadArgs) -> StageOutput:
     root = Path(ctx.datasets)
     rec.record_stage(ctx.run_id, STAGE, status="running", started_at=started)
     try:
-        # one download into a datasets folder at a time (a second run waits, then finds
-        # the files present and verified)
-        with Lease(root / ".download.lease", ctx.run_id).hold():
-            results = args.fetch(
-                list(DATASET_SOURCES),
-                root,
-                mirror=ctx.mirror,
-                progress=ctx.progress,
-                refresh=STAGE in ctx.force,
-            )
+        # one writer per file (a second run waits, then finds it present and verified)
+        results = args.fetch(
+            list(DATASET_SOURCES),
+            root,
+            mirror=ctx.mirror,
+            progress=ctx.progress,
+            refresh=STAGE in ctx.force,
+            lease=file_leases(ctx.run_id),
+        )
         cat = ctx.catalog
         for res in results:
             for f in res.files:

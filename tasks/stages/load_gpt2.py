@@ -11,6 +11,7 @@ from gpt.data.download import DownloadArgs
 from gpt.data.sources import gpt2_source_name
 from gpt.recipes.base import LoadGPT2Args, prepare_bases
 from tasks.cache import StageOutput
+from tasks.lease import file_leases
 from tasks.stages.base import StageOut, StageRun, stage
 
 
@@ -37,6 +38,7 @@ def fetch_releases(run: StageRun, args: LoadGPT2Args, download: DownloadArgs) ->
         mirror=run.ctx.mirror,
         progress=run.progress,
         trusted=cat.source_digests(),  # files without a published sha256: trust on first use
+        lease=file_leases(run.ctx.run_id),  # one writer per file across runs
     )
     for res in results:
         for f in res.files:
