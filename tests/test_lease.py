@@ -149,7 +149,7 @@ def test_a_stalled_renewal_never_overwrites_the_lease_a_breaker_took(
     try:
         assert breaker.acquire(timeout_s=20) is True  # waited out the TTL, then broke it
         resume.set()
-        _until(lambda: owner.lost or breaker.read().token != breaker.token)
+        _until(lambda: breaker.read().token != breaker.token or owner.lost)
         assert breaker.read().token == breaker.token  # not written over
         assert owner.lost
         with pytest.raises(LeaseLost, match="must not publish"):
@@ -166,8 +166,8 @@ def test_a_stalled_renewal_never_overwrites_the_lease_a_breaker_took(
 # --------------------------------------------------------------------------- commits
 _OWNER = r"""
 import sys
-from tasks.cache import StageStore
-store = StageStore(sys.argv[1])
+from tasks.cache import open_stage_store
+store = open_stage_store(sys.argv[1])
 lease = store.lease("s", "k", "owner")
 lease.acquire()
 work = store.fresh_work_dir("s", "k", lease, resume=True)
@@ -183,19 +183,43 @@ lease.release()
 """
 
 
+def _artifacts_root(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> str:
+    """A fresh artifacts root: a local folder, or an ``s3://`` prefix on the session's
+    moto endpoint (work folders in a local cache under ``tmp_path``)."""
+    if backend == "file":
+        return str(tmp_path / "artifacts")
+    s3 = request.getfixturevalue("s3_server")
+    for name, value in (("ENDPOINT", s3.endpoint), ("KEY_ID", s3.key_id),
+                        ("SECRET", s3.secret), ("REGION", "us-east-1")):  # fmt: skip
+        monkeypatch.setenv(f"GPTFLOW_ARTIFACTS_S3_{name}", value)
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    return f"s3://{s3.bucket}/lease-{tmp_path.name}"
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
 @pytest.mark.parametrize("breaker_commits", ["before the owner wakes", "after the owner woke"])
 def test_a_stopped_owner_never_commits_over_the_breaker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breaker_commits: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    backend: str,
+    breaker_commits: str,
 ) -> None:
     """An owner process stopped (SIGSTOP) past its lease's TTL loses the lease to a
     breaker, which takes over its work folder; resumed (SIGCONT), the owner's commit is
     refused, and the breaker's result is the one published — whether the breaker
-    committed before the owner woke or only after."""
+    committed before the owner woke or only after; for a local artifacts folder and an
+    object store alike."""
+    from tasks.cache import open_stage_store
+
+    root = _artifacts_root(backend, tmp_path, monkeypatch, request)
     monkeypatch.setenv("GPTFLOW_LEASE_TTL_S", "1")
     monkeypatch.setenv("GPTFLOW_LEASE_POLL_S", "0.05")
-    store = StageStore(tmp_path / "stages")
+    store = open_stage_store(root)
     proc = subprocess.Popen(
-        [sys.executable, "-c", _OWNER, str(store.root)],
+        [sys.executable, "-c", _OWNER, root],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
@@ -278,13 +302,13 @@ def test_two_downloads_of_one_file_at_once_end_with_one_verified_file(
     www = tmp_path / "www"
     (www / "gpt2" / "355M").mkdir(parents=True)
     shutil.copy(mirror / "the-verdict.txt", www / "the-verdict.txt")
-    weights = os.urandom(48 * 1024)
+    weights = os.urandom(32 * 1024)
     (www / "gpt2" / "355M" / "model.ckpt.index").write_bytes(weights)
     dest = tmp_path / "datasets"
     paths = ["/m/the-verdict.txt", "/m/gpt2/355M/model.ckpt.index"]
     with serve(www) as server:
         for p in paths:
-            server.set_fault(p, Fault(throttle=0.15))  # ~1-2 s per file
+            server.set_fault(p, Fault(throttle=0.1))  # ~1 s per file
         args = ["--only", "the-verdict", "--only", "gpt2-test", "--mirror", server.url("/m"),
                 "--dest", str(dest), "--no-progress"]  # fmt: skip
         env = {**os.environ, "GPTFLOW_LEASE_POLL_S": "0.1"}
