@@ -75,6 +75,22 @@ def tokenizer_dir(mirror: Path) -> Path:
     return mirror / "gpt2"
 
 
+@pytest.fixture
+def release_mirror(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """A mirror folder holding a GPT-2 1558M release (``gpt2/1558M/``) whose weight files,
+    which have no published sha256 (trust on first use), are small stand-ins; the
+    tokenizer files are the real ones."""
+    mirror = tmp_path / "release-mirror"
+    release = mirror / "gpt2" / "1558M"
+    release.mkdir(parents=True)
+    for name in ("checkpoint", "hparams.json", "model.ckpt.data-00000-of-00001",
+                 "model.ckpt.index", "model.ckpt.meta"):  # fmt: skip
+        (release / name).write_bytes(f"{name} v1".encode())
+    for name in ("encoder.json", "vocab.bpe"):
+        (release / name).symlink_to(tokenizer_dir / name)
+    return mirror
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test writes its catalog, artifacts, downloads and cache under its own tmp

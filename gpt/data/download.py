@@ -16,7 +16,6 @@ is deleted, and a ``.part`` kept after a cut transfer is only resumed, then veri
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -37,6 +36,7 @@ from gpt import paths
 from gpt.config import Args, operational
 from gpt.data.archives import extract_to_temp, install_dir
 from gpt.data.sources import SOURCES, Source, SourceFile
+from gpt.data.trust import held_to, retrust_paths, trust_records
 from gpt.errors import (
     ChecksumError,
     ConfigError,
@@ -531,9 +531,11 @@ def _advice(
             lines.append(
                 "No published sha256 exists for this file: the expected one is the sha256 "
                 "recorded at its first verified download (trust on first use; gptflow keeps "
-                f"it in the catalog's sources table as {source}:{f.path}), and a later "
+                f"it beside the file in {_sidecar(Path(f.path)).as_posix()}, in the catalog's "
+                f"sources table as {source}:{f.path} and in the run records), and a later "
                 "download that differs is refused. If the upstream file was replaced on "
-                "purpose, delete that record and download again."
+                f"purpose, accept it with `--retrust {source}` (gptflow download or gptflow "
+                "run): it is fetched again and its new digest recorded."
             )
     if opts.mirror is not None:
         where = opts.mirror.location(f.path)
@@ -554,21 +556,67 @@ def _advice(
 
 
 def _with_trusted(
-    f: SourceFile, trusted: Mapping[str, tuple[str, int]] | None
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    trusted: Mapping[str, tuple[str, int]] | None,
+    retrust: Collection[str] = (),
 ) -> tuple[SourceFile, bool]:
-    """``f`` expecting the digest recorded at its first verified download, when it has no
-    published sha256 and ``trusted`` holds one for its path; the flag says so. Archives
-    are excluded (their bytes legitimately differ between hosts; members are verified)."""
-    if f.sha256 is not None or f.is_archive or not trusted or f.path not in trusted:
-        return f, False
-    sha, nbytes = trusted[f.path]
-    return dataclasses.replace(f, sha256=sha, size=f.size if f.size is not None else nbytes), True
+    """``f`` expecting the digest recorded at its first verified download (trust on first
+    use, :mod:`gpt.data.trust`): ``trusted``'s and the download record's beside the file;
+    the flag says so."""
+    final = dest / f.path
+    records = trust_records(f, trusted, _read_sidecar(final), str(_sidecar(final)))
+    return held_to(source, f, records, retrust)
+
+
+def expected_digests(
+    names: Sequence[str | Source],
+    dest: str | Path | None = None,
+    *,
+    sources: Mapping[str, Source] | None = None,
+    trusted: Mapping[str, tuple[str, int]] | None = None,
+    retrust: Collection[str] = (),
+) -> dict[str, str | None]:
+    """Path -> the sha256 a download of each file of ``names`` into ``dest`` is held to,
+    without fetching anything: the published one, else the trust record's (beside the
+    file, or in ``trusted``). None where only a download tells (a file trusted on first
+    use that has no record yet or is named in ``retrust``, an archive)."""
+    resolved = _resolve(names, sources)
+    out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
+    again = (
+        retrust_paths(retrust, [*resolved, *(sources or SOURCES).values()]) if retrust else set()
+    )
+    out: dict[str, str | None] = {}
+    for src in resolved:
+        for f in src.files:
+            held, _ = _with_trusted(src.name, f, out_dir, trusted, again)
+            out[f.path] = None if held.is_archive else held.sha256
+    return out
+
+
+def _resolve(names: Iterable[str | Source], sources: Mapping[str, Source] | None) -> list[Source]:
+    registry = SOURCES if sources is None else sources
+    resolved: list[Source] = []
+    for n in names:
+        if isinstance(n, Source):
+            resolved.append(n)
+        elif n in registry:
+            resolved.append(registry[n])
+        else:
+            raise ConfigError(f"unknown source {n!r}; known sources: {', '.join(registry)}")
+    return resolved
 
 
 def _ensure_file(
-    source: str, f: SourceFile, dest: Path, opts: _Options, tofu: bool = False
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    opts: _Options,
+    tofu: bool = False,
+    again: bool = False,
 ) -> FileResult:
-    found = None if opts.refresh else _present(f, dest)
+    found = None if opts.refresh or again else _present(f, dest)
     if found is not None:
         log.info("%s: present and verified, skipping", found.path)
         return found
@@ -627,6 +675,7 @@ def download_source(
     backoff: float = 1.0,
     timeout: float = 30.0,
     trusted: Mapping[str, tuple[str, int]] | None = None,
+    retrust: Collection[str] = (),
 ) -> DownloadResult:
     """Fetch (or skip, when present and verified) every file of one source.
 
@@ -645,6 +694,7 @@ def download_source(
         backoff=backoff,
         timeout=timeout,
         trusted=trusted,
+        retrust=retrust,
     )[0]
 
 
@@ -660,6 +710,7 @@ def download_sources(
     timeout: float = 30.0,
     refresh: bool = False,
     trusted: Mapping[str, tuple[str, int]] | None = None,
+    retrust: Collection[str] = (),
 ) -> list[DownloadResult]:
     """Fetch several sources into ``dest`` (default :func:`gpt.paths.datasets_dir`).
 
@@ -669,23 +720,22 @@ def download_sources(
     DownloadError / ChecksumError / UnsafeArchiveError naming the source, every location
     tried and what failed there, and what to do.
 
-    ``trusted`` (trust on first use): file path -> ``(sha256, bytes)`` recorded at an
-    earlier verified download, for files with no published sha256. Such a file is then
-    held to the recorded digest like a published one: a download that differs raises
-    ChecksumError saying so (and nothing replaces the verified copy). Record each
-    returned :class:`FileResult`'s ``sha256``/``bytes`` after a first download.
+    ``trusted`` (trust on first use, :mod:`gpt.data.trust`): file path -> ``(sha256,
+    bytes)`` recorded at an earlier verified download (the catalog's record), for files
+    with no published sha256. Such a file is held to that digest and to the one in the
+    download record beside it, like a published one: a download that differs raises
+    ChecksumError saying so (and nothing replaces the verified copy), and records that
+    disagree are refused. Record each returned :class:`FileResult`'s ``sha256``/``bytes``
+    after a first download. ``retrust`` names sources or files (``--retrust NAME``)
+    whose trust-on-first-use files are fetched again and accepted whatever their digest:
+    the caller records the new one.
     """
     if retries < 1:
         raise ConfigError(f"retries must be >= 1, got {retries}")
-    registry = SOURCES if sources is None else sources
-    resolved: list[Source] = []
-    for n in names:
-        if isinstance(n, Source):
-            resolved.append(n)
-        elif n in registry:
-            resolved.append(registry[n])
-        else:
-            raise ConfigError(f"unknown source {n!r}; known sources: {', '.join(registry)}")
+    resolved = _resolve(names, sources)
+    again = (
+        retrust_paths(retrust, [*resolved, *(sources or SOURCES).values()]) if retrust else set()
+    )
     out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = _Options(
@@ -700,8 +750,10 @@ def download_sources(
     try:
         for src in resolved:
             files = tuple(
-                _ensure_file(src.name, eff, out_dir, opts, tofu)
-                for eff, tofu in (_with_trusted(f, trusted) for f in src.files)
+                _ensure_file(src.name, eff, out_dir, opts, tofu, eff.path in again)
+                for eff, tofu in (
+                    _with_trusted(src.name, f, out_dir, trusted, again) for f in src.files
+                )
             )
             results.append(DownloadResult(src.name, files))
     finally:
@@ -732,10 +784,12 @@ class DownloadArgs(Args):
         mirror: str | None = None,
         refresh: bool = False,
         trusted: Mapping[str, tuple[str, int]] | None = None,
+        retrust: Collection[str] = (),
     ) -> list[DownloadResult]:
         """:func:`download_sources` with these settings (``mirror`` overrides the field;
         ``refresh`` fetches and verifies files again even when present; ``trusted``
-        holds files without a published sha256 to their first verified download)."""
+        holds files without a published sha256 to their first verified download;
+        ``retrust`` accepts a new download of the ones it names)."""
         return download_sources(
             names,
             dest,
@@ -746,4 +800,5 @@ class DownloadArgs(Args):
             timeout=self.timeout_s,
             refresh=refresh,
             trusted=trusted,
+            retrust=retrust,
         )
