@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from _ci import in_ci, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,15 +32,10 @@ def _find_mirror() -> Path | None:
     return None
 
 
-def in_ci() -> bool:
-    """True under CI (``CI`` set to true/1/yes, as CI services do)."""
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
 def _unavailable(reason: str) -> None:
     if in_ci():
         pytest.fail(f"test inputs unusable under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    unavailable(reason)
 
 
 @pytest.fixture(scope="session")
