@@ -314,6 +314,7 @@ def test_catalog_rebuilt_from_the_artifacts_is_identical(prefect_server, env, ca
         "baselines": "SELECT * FROM baselines ORDER BY ALL",
         "samples": "SELECT * FROM samples ORDER BY ALL",
         "checkpoints": "SELECT * FROM checkpoints ORDER BY ALL",
+        "sources": "SELECT * FROM sources ORDER BY ALL",  # restored from the run records
     }
     live = Catalog()
     before = {name: live.query_df(sql) for name, sql in queries.items()}
