@@ -117,8 +117,8 @@ def retrust_paths(names: Iterable[str], sources: Iterable[Source] | None = None)
             files = [f for f in (by_path[path][1],) if is_trusted_on_first_use(f)]
         if not files:
             raise ConfigError(
-                f"--retrust {name}: every file of it has a published sha256 (it is verified "
-                "against that, never trusted on first use): nothing to retrust"
+                f"--retrust {name}: every file of it is verified against a published sha256 "
+                "(an archive: its members), never trusted on first use: nothing to retrust"
             )
         out.update(f.path for f in files)
     return out
