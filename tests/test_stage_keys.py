@@ -137,6 +137,29 @@ def test_an_accepted_new_weight_file_changes_the_load_gpt2_key(
     assert key_changes(first.summary(), accepted.summary()) == [f"input files ({index})"]
 
 
+def test_a_weight_file_replaced_in_datasets_is_refused_or_changes_the_key(
+    tmp_path: Path, release_mirror: Path
+) -> None:
+    """A weight file replaced in the datasets folder is never keyed (nor used) silently:
+    the key computation refuses it; accepted with --retrust, its digest is in the key."""
+    import hashlib
+
+    args = LoadGPT2Args(base_model="gpt2", spam_size="1558M", instruct_size="1558M")
+    spec = load_spec("load_gpt2")
+    inputs = {"tokenize": _fake("tokenize"), "pretrain": None}
+    root = tmp_path / "w"
+    first = key_parts(spec, args, inputs, _ctx(root, "r1", mirror=str(release_mirror)))
+    data = "gpt2/1558M/model.ckpt.data-00000-of-00001"
+    (root / "datasets" / data).write_bytes(b"other weights, same release")
+    with pytest.raises(ChecksumError, match="--retrust gpt2-1558M"):
+        key_parts(spec, args, inputs, _ctx(root, "r2", mirror=str(release_mirror)))
+    ctx = _ctx(root, "r3", mirror=str(release_mirror), retrust=("gpt2-1558M",))
+    accepted = key_parts(spec, args, inputs, ctx)
+    assert accepted.key != first.key
+    assert accepted.files[data] == hashlib.sha256(b"other weights, same release").hexdigest()
+    assert key_for(spec, args, inputs, _ctx(root, "r4", mirror=str(release_mirror))) == accepted.key
+
+
 def test_a_fresh_datasets_folder_is_refused_a_changed_weight_file(
     tmp_path: Path, release_mirror: Path
 ) -> None:

@@ -12,6 +12,7 @@ result emptier than the catalog it replaces.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -73,6 +74,21 @@ def test_retrust_accepts_the_changed_file_and_records_it(tmp_path: Path) -> None
     # a file's own name (as the catalog names it, or its path) works as well
     for name in (f"gpt2-test:{REL}", REL):
         download_sources([src], dest, mirror=mirror, retrust=[name], **FAST)
+
+
+def test_a_file_changed_in_the_datasets_folder_is_refused_until_retrusted(tmp_path: Path) -> None:
+    """Replaced in place (same size, other bytes): neither used nor fetched over."""
+    mirror, dest = tmp_path / "mirror", tmp_path / "datasets"
+    src = _tofu(mirror, b"index v1" * 50)
+    download_sources([src], dest, mirror=mirror, **FAST)
+    (dest / REL).write_bytes(b"index v3" * 50)
+    with pytest.raises(ChecksumError, match="changed since its verified download") as err:
+        download_sources([src], dest, mirror=mirror, **FAST)
+    assert "\n" not in str(err.value) and "--retrust gpt2-test" in str(err.value)
+    assert (dest / REL).read_bytes() == b"index v3" * 50
+    res = download_sources([src], dest, mirror=mirror, retrust=["gpt2-test"], **FAST)[0]
+    assert res.files[0].sha256 == hashlib.sha256(b"index v3" * 50).hexdigest()
+    assert download_sources([src], dest, mirror=mirror, **FAST)[0].skipped  # trusted now
 
 
 def test_records_that_disagree_are_refused(tmp_path: Path) -> None:

@@ -570,6 +570,31 @@ def _with_trusted(
     return held_to(source, f, records, retrust)
 
 
+def _stat_verified(held: SourceFile, final: Path) -> bool:
+    """True when ``final`` is absent, or is the file its download record describes (same
+    size and mtime) and that record holds ``held``'s digest: no hashing needed."""
+    try:
+        st = final.stat()
+    except FileNotFoundError:
+        return True
+    rec = _read_sidecar(final) or {}
+    return (
+        rec.get("sha256") == held.sha256
+        and rec.get("bytes") == st.st_size
+        and rec.get("mtime_ns") == st.st_mtime_ns
+    )
+
+
+def _changed_here(held: SourceFile, dest: Path) -> str | None:
+    """The sha256 of the file in ``dest`` when it is present and differs from the digest
+    ``held`` is held to (changed since its verified download), else None."""
+    final = dest / held.path
+    if _stat_verified(held, final):
+        return None
+    sha = sha256_file(final)
+    return None if sha == held.sha256 else sha
+
+
 def expected_digests(
     names: Sequence[str | Source],
     dest: str | Path | None = None,
@@ -578,10 +603,12 @@ def expected_digests(
     trusted: Mapping[str, tuple[str, int]] | None = None,
     retrust: Collection[str] = (),
 ) -> dict[str, str | None]:
-    """Path -> the sha256 a download of each file of ``names`` into ``dest`` is held to,
-    without fetching anything: the published one, else the trust record's (beside the
-    file, or in ``trusted``). None where only a download tells (a file trusted on first
-    use that has no record yet or is named in ``retrust``, an archive)."""
+    """Path -> the sha256 of each file of ``names`` as a download into ``dest`` provides
+    it, without fetching or hashing: the published one (a present file that differs is
+    fetched again), else the trust record's (beside the file, or in ``trusted``) when the
+    file is absent or unchanged since its download. None where only the downloader can
+    tell: a file trusted on first use that has no record yet, is named in ``retrust`` or
+    was changed in ``dest`` since its download; an archive."""
     resolved = _resolve(names, sources)
     out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
     again = (
@@ -590,8 +617,11 @@ def expected_digests(
     out: dict[str, str | None] = {}
     for src in resolved:
         for f in src.files:
-            held, _ = _with_trusted(src.name, f, out_dir, trusted, again)
-            out[f.path] = None if held.is_archive else held.sha256
+            held, tofu = _with_trusted(src.name, f, out_dir, trusted, again)
+            known = not held.is_archive and f.path not in again
+            if tofu and not _stat_verified(held, out_dir / f.path):
+                known = False
+            out[f.path] = held.sha256 if known else None
     return out
 
 
@@ -659,6 +689,62 @@ def _ensure_file(
     if tried and all(t.kind == "checksum" for t in tried):
         raise ChecksumError(msg)
     raise DownloadError(msg)
+
+
+def _ensure_held(
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    opts: _Options,
+    trusted: Mapping[str, tuple[str, int]] | None,
+    again: bool,
+) -> FileResult:
+    """:func:`_ensure_file` for a file held to its published or trusted digest. A file
+    trusted on first use that was changed in ``dest`` since its verified download is
+    refused (never fetched over, never used) unless ``again`` (``--retrust``) accepts it
+    as it is; ``again`` on an unchanged or absent file fetches it and accepts the bytes."""
+    try:
+        held, tofu = _with_trusted(source, f, dest, trusted)
+    except ChecksumError:
+        if not again:
+            raise
+        held, tofu = f, False  # the records disagree: --retrust settles it
+    local = _changed_here(held, dest) if tofu and not opts.refresh else None
+    if local is not None and again:
+        return _accept_present(source, f, dest, local)
+    if local is not None:
+        raise ChecksumError(
+            f"{dest / f.path} of source {source!r} changed since its verified download "
+            f"(sha256 {local[:16]}…, trusted on first use as {held.sha256[:16]}…; no "
+            "published sha256 exists for it): delete it to download it again, or accept "
+            f"the file now there with `--retrust {source}` (gptflow download or gptflow run)"
+        )
+    if again:
+        return _ensure_file(source, f, dest, opts, False, again=True)
+    return _ensure_file(source, held, dest, opts, tofu)
+
+
+def _accept_present(source: str, f: SourceFile, dest: Path, sha: str) -> FileResult:
+    """Trust the file now in ``dest`` (``--retrust`` of a file changed there): its download
+    record takes its digest."""
+    final = dest / f.path
+    st = final.stat()
+    accepted = _now()
+    _write_json_atomic(
+        _sidecar(final),
+        {
+            "source": source,
+            "path": f.path,
+            "url": None,
+            "accepted": "--retrust: the file found in the datasets folder",
+            "sha256": sha,
+            "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "fetched_at": accepted.isoformat(),
+        },
+    )
+    log.warning("%s: changed since its download; its new sha256 %s is trusted", final, sha)
+    return FileResult(f.path, final, sha, st.st_size, None, True, accepted)
 
 
 # --------------------------------------------------------------------------- public API
@@ -750,10 +836,8 @@ def download_sources(
     try:
         for src in resolved:
             files = tuple(
-                _ensure_file(src.name, eff, out_dir, opts, tofu, eff.path in again)
-                for eff, tofu in (
-                    _with_trusted(src.name, f, out_dir, trusted, again) for f in src.files
-                )
+                _ensure_held(src.name, f, out_dir, opts, trusted, f.path in again)
+                for f in src.files
             )
             results.append(DownloadResult(src.name, files))
     finally:
