@@ -189,6 +189,12 @@ def _distributions() -> dict[str, list[str]]:
 
 def distribution_version(dist: str) -> str | None:
     """The release version of an installed distribution (None when it is not installed)."""
+    return _installed_version(dist)
+
+
+@lru_cache(maxsize=256)
+def _installed_version(dist: str) -> str | None:
+    """:func:`distribution_version`, once per process."""
     try:
         version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

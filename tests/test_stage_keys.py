@@ -122,9 +122,13 @@ def test_an_accepted_new_weight_file_changes_the_load_gpt2_key(
     index = "gpt2/1558M/model.ckpt.index"
     assert index in first.files and (root / "datasets" / index).exists()  # first use: fetched
 
-    # known from the trust records now: no download is needed to compute the key
+    # known from the trust records now: computing the key downloads and hashes nothing
+    import gpt.data.download as download
+
     hidden = release_mirror.rename(tmp_path / "away")
-    assert key_for(spec, args, inputs, _ctx(root, "r2", mirror=str(hidden))) == first.key
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(download, "sha256_file", lambda p: pytest.fail(f"{p} was hashed"))
+        assert key_for(spec, args, inputs, _ctx(root, "r2", mirror=str(hidden))) == first.key
     hidden.rename(release_mirror)
 
     # upstream replaces the file: still held to the trusted one until it is accepted
