@@ -63,11 +63,15 @@ def make_context(
     force: list[str] | tuple[str, ...] = (),
     verify: str = "auto",
     progress: bool = True,
+    retrust: list[str] | tuple[str, ...] = (),
 ) -> RunContext:
     """The run's context: where its catalog, artifacts and inputs are, and how to run."""
+    from gpt.data.trust import retrust_paths
+
     unknown = sorted(set(force) - set(STAGES))
     if unknown:
         raise ConfigError(f"--force {unknown[0]!r}: no such stage; stages: {', '.join(STAGES)}")
+    retrust_paths(retrust)  # an unknown or pinned name: an error up front
     return RunContext(
         run_id=run_id,
         catalog_settings=cfg.catalog.resolve().pinned().without_secrets(),
@@ -79,6 +83,7 @@ def make_context(
         verify="full" if verify == "full" else "auto",
         progress=progress,
         download=cfg.download,
+        retrust=tuple(retrust),
     )
 
 
@@ -91,16 +96,18 @@ def gptflow_pipeline(
     force: list[str] | None = None,
     verify: str = "auto",
     progress: bool = True,
+    retrust: list[str] | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline. ``config`` (a full typed config) wins over ``profile`` +
     ``overrides``; ``force`` names stages to recompute even when cached; ``verify="full"``
-    re-hashes every file of a cached result before trusting it."""
+    re-hashes every file of a cached result before trusting it; ``retrust`` accepts a
+    changed download of the trust-on-first-use files it names."""
     log = get_run_logger()
     route_library_logs()  # library INFO lines reach this run's logs (also for workers)
     cfg = config if config is not None else build_config(profile, overrides)
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
     ctx = make_context(cfg, run_id, mirror=mirror, force=force or (), verify=verify,
-                       progress=progress)  # fmt: skip
+                       progress=progress, retrust=retrust or ())  # fmt: skip
     # record where the inputs really came from (the run's mirror, if any)
     cfg = cfg.replace(download=cfg.download.replace(mirror=ctx.mirror))
     rec = ctx.recorder
@@ -186,11 +193,13 @@ def run_pipeline(
     force: list[str] | None = None,
     verify: str = "auto",
     progress: bool = True,
+    retrust: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the flow and return {run_id, status, stages}. Raises config errors before any
     work; a failed stage gives status 'failed' with the stage's message."""
     cfg = build_config(profile, overrides, base=base_config)
-    ctx = make_context(cfg, "check", force=force or ())  # a bad --force: an error up front
+    # a bad --force or --retrust: an error up front
+    ctx = make_context(cfg, "check", force=force or (), retrust=retrust or ())
     state = gptflow_pipeline(
         profile=cfg.profile,
         config=cfg,
@@ -198,6 +207,7 @@ def run_pipeline(
         force=force or [],
         verify=verify,
         progress=progress,
+        retrust=retrust or [],
         return_state=True,
     )
     run_id = str(state.state_details.flow_run_id)

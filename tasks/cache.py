@@ -1,8 +1,10 @@
 """Content-addressed stage folders: keys, manifests, verification, atomic commits.
 
 A stage's **key** hashes the stage name, the settings that shape its result, the
-*content digests* of its inputs, and the fingerprint of the code it runs
-(:mod:`tasks.fingerprint`). Its result lives in ``<root>/<stage>/<key>/``:
+*content digests* of its inputs, the fingerprint of the code it runs and the versions of
+the third-party packages that code imports (:mod:`tasks.fingerprint`), and the sha256 of
+the files it reads from the datasets folder (:class:`KeyParts`). Its result lives in
+``<root>/<stage>/<key>/``:
 
 - the stage's files (checkpoints, token files, plots, JSON exports),
 - ``rows/<table>.parquet``: the catalog rows the stage produced (the catalog is an index
@@ -68,12 +70,79 @@ def content_digest(files: dict[str, dict[str, Any]], data: dict[str, Any] | None
     return hashlib.sha256(stable_json(payload).encode()).hexdigest()
 
 
-def stage_key(
-    stage: str, settings: dict[str, Any], inputs: dict[str, str | None], code: str
-) -> str:
-    """The cache key of one stage execution (24 hex characters)."""
-    payload = {"stage": stage, "settings": settings, "inputs": inputs, "code": code}
-    return hashlib.sha256(stable_json(payload).encode()).hexdigest()[:24]
+def _short(value: Any) -> str:
+    return hashlib.sha256(stable_json(value).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """Everything a stage's key hashes, part by part, so that a recomputation can say
+    which part changed (:func:`key_changes`)."""
+
+    stage: str
+    settings: dict[str, Any]
+    """The settings that shape the result (:meth:`gpt.config.Args.key_dict`)."""
+    inputs: dict[str, str | None]
+    """Upstream stage -> the content digest of its result."""
+    code: str
+    """The fingerprint of the code the stage runs."""
+    packages: dict[str, str | None] = field(default_factory=dict)
+    """Distribution -> version of the third-party packages that code imports."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Path under the datasets folder -> sha256 of each file the stage reads there."""
+
+    @property
+    def key(self) -> str:
+        """The cache key (24 hex characters)."""
+        payload = {
+            "stage": self.stage,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "code": self.code,
+            "packages": self.packages,
+            "files": self.files,
+        }
+        return hashlib.sha256(stable_json(payload).encode()).hexdigest()[:24]
+
+    def summary(self) -> dict[str, Any]:
+        """The parts as kept in the manifest and the stage's outputs: settings as a short
+        digest, the others as they are (small)."""
+        return {
+            "settings": _short(self.settings),
+            "inputs": self.inputs,
+            "code": self.code[:16],
+            "packages": self.packages,
+            "files": self.files,
+        }
+
+
+#: The key's parts as :func:`key_changes` names them.
+KEY_PART_NAMES = {
+    "settings": "settings",
+    "inputs": "inputs",
+    "code": "code",
+    "packages": "packages",
+    "files": "input files",
+}
+
+
+def key_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What differs between two :meth:`KeyParts.summary` values, one phrase per changed
+    part, e.g. ``"packages (scikit-learn 1.4.2 -> 1.5.0)"`` or ``"inputs (tokenize)"``.
+    A part the older summary lacks counts as unchanged (it was not recorded then)."""
+    out = []
+    for part, label in KEY_PART_NAMES.items():
+        if part not in before or before[part] == after.get(part):
+            continue
+        old, new = before[part], after.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if part == "packages":
+                names = [f"{k} {old.get(k) or 'absent'} -> {new.get(k) or 'absent'}" for k in names]
+            out.append(f"{label} ({', '.join(names)})")
+        else:
+            out.append(label)
+    return out
 
 
 @dataclass

@@ -153,6 +153,19 @@ class RunRecorder:
         self._update(run_id, lambda rec: rec.setdefault("rows", {}).__setitem__(table, plain))
         self.catalog.replace_rows(table, plain, where={"run_id": run_id})
 
+    # ------------------------------------------------------------------ sources
+    def record_sources(self, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """The downloaded files the run used (``sources`` rows: name, url, sha256, bytes,
+        fetched_at), in the run's record as well as the catalog: the record keeps the
+        trust-on-first-use digests when the catalog is lost (``gptflow catalog rebuild``
+        restores ``sources`` from it)."""
+        plain = [{k: _plain_value(v) for k, v in r.items()} for r in rows]
+        self._update(
+            run_id,
+            lambda rec: rec.setdefault("sources", {}).update({r["name"]: r for r in plain}),
+        )
+        self.catalog.upsert_rows("sources", [typed_row(r) for r in plain], key=["name"])
+
     # ------------------------------------------------------------------ stages
     def record_stage(
         self,
@@ -203,6 +216,9 @@ def _plain_value(value: Any) -> Any:
 def typed_row(row: dict[str, Any]) -> dict[str, Any]:
     """A record row with its timestamps as datetimes (the catalog's column types)."""
     return {
-        k: (parse_ts(v) if k in ("started_at", "ended_at") and isinstance(v, str) else v)
-        for k, v in row.items()
+        k: (parse_ts(v) if k in _TIMESTAMPS and isinstance(v, str) else v) for k, v in row.items()
     }
+
+
+#: The timestamp columns of the rows a record holds.
+_TIMESTAMPS = ("started_at", "ended_at", "fetched_at")

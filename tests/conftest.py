@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from _ci import in_ci, unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,15 +32,10 @@ def _find_mirror() -> Path | None:
     return None
 
 
-def in_ci() -> bool:
-    """True under CI (``CI`` set to true/1/yes, as CI services do)."""
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
 def _unavailable(reason: str) -> None:
     if in_ci():
         pytest.fail(f"test inputs unusable under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    unavailable(reason)
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +69,22 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tokenizer_dir(mirror: Path) -> Path:
     """Folder holding GPT-2's ``encoder.json`` and ``vocab.bpe``."""
     return mirror / "gpt2"
+
+
+@pytest.fixture
+def release_mirror(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """A mirror folder holding a GPT-2 1558M release (``gpt2/1558M/``) whose weight files,
+    which have no published sha256 (trust on first use), are small stand-ins; the
+    tokenizer files are the real ones."""
+    mirror = tmp_path / "release-mirror"
+    release = mirror / "gpt2" / "1558M"
+    release.mkdir(parents=True)
+    for name in ("checkpoint", "hparams.json", "model.ckpt.data-00000-of-00001",
+                 "model.ckpt.index", "model.ckpt.meta"):  # fmt: skip
+        (release / name).write_bytes(f"{name} v1".encode())
+    for name in ("encoder.json", "vocab.bpe"):
+        (release / name).symlink_to(tokenizer_dir / name)
+    return mirror
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _ci import require_module
 
 # ratio = optimized / baseline for throughputs, baseline / optimized for times and memory
 THROUGHPUT = {
@@ -102,7 +103,7 @@ def test_bench_quick_writes_consistent_rows(
 def test_bench_vs_book_quick_prints_the_three_ratios(
     mirror: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    pytest.importorskip("llms_from_scratch", reason="pip install --no-deps llms-from-scratch")
+    require_module("llms_from_scratch", 'pip install --no-deps "llms-from-scratch==1.0.19"')
     from benchmarks.render import render
     from flows.cli import main
 

@@ -265,6 +265,11 @@ def test_unknown_hash_is_recorded_and_checked(
     assert first.sha256 == _sha(bytes(range(256)) * 100) and first.bytes == 25_600
     assert download_source(src, dest, **FAST).skipped  # recorded hash, same size & mtime
     (dest / "sub" / "blob.bin").write_bytes(b"changed")
+    # no published hash: a file changed since its download is refused, never fetched over
+    with pytest.raises(ChecksumError, match="changed since its verified download"):
+        download_source(src, dest, **FAST)
+    assert (dest / "sub" / "blob.bin").read_bytes() == b"changed"
+    (dest / "sub" / "blob.bin").unlink()
     again = download_source(src, dest, **FAST)
     assert not again.skipped and again.sha256 == first.sha256
 

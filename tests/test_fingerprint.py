@@ -3,13 +3,22 @@
 Each stage's code fingerprint is computed over a copy of the source tree, the copy is
 edited, and the fingerprint is computed again: editing any module in a stage's import
 closure (its wrapper in ``tasks/`` included) changes it; editing the run report, the
-command line or another stage's wrapper does not.
+command line or another stage's wrapper does not. The closure is checked against what
+a stage really loads: every stage of the smoke pipeline runs in a fresh interpreter
+(``_stage_probe.py``), and every project module it loaded must be in its closure, so
+that editing it changes the key (an edit test over the closure alone could not see a
+module the closure misses).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +26,7 @@ from flows.profiles import STAGES
 from tasks.fingerprint import code_fingerprint, module_closure
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 CACHED = [s for s in STAGES if s != "download"]  # download is content-addressed by bytes
 
 
@@ -140,3 +150,79 @@ def test_keys_computed_in_parallel_threads(tree: Path) -> None:
         gc.callbacks.remove(switch)
         gc.set_threshold(*threshold)
     assert not errors, errors[0]
+
+
+# --------------------------------------------------------------------------- loaded modules
+
+
+@pytest.fixture(scope="module")
+def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    """The project modules each stage of the smoke pipeline loads, each stage run in its
+    own fresh interpreter on its upstream stages' results (download runs here)."""
+    from benchmarks.ollama_stub import OllamaStub
+    from flows.config import build_config
+    from tasks.catalog import CatalogSettings
+    from tasks.stages.base import RunContext, load_spec
+    from tasks.stages.download import run_download
+
+    root = tmp_path_factory.mktemp("probe")
+    context = {
+        "run_id": "probe",
+        "db": str(root / "catalog.duckdb"),
+        "artifacts": str(root / "artifacts"),
+        "datasets": str(root / "datasets"),
+        "mirror": str(mirror),
+        "progress": False,
+        "device": "cpu",
+    }
+    fields = {k: v for k, v in context.items() if k != "db"}
+    ctx = RunContext(catalog_settings=CatalogSettings(path=context["db"]), **fields)
+    ctx.recorder.start_run("probe", flow_run_id=None, profile="smoke", config={}, git_rev=None)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    loaded: dict[str, list] = {}
+    with OllamaStub(reply=lambda req: {"score": 50, "reason": "fine"}) as stub:
+        cfg = build_config("smoke", [f"judge.hosts={stub.host}"])
+        dl = run_download(ctx, cfg.download)
+        results: dict[str, Any] = {
+            "download": {"stage": "download", "key": dl.key, "root": dl.root,
+                         "run_id": dl.run_id, "digest": dl.digest, "out": dl.data}
+        }  # fmt: skip
+        for stage in CACHED:  # in the order of the DAG
+            inputs = {i: results.get(i) for i in load_spec(stage).inputs}
+            if stage == "load_gpt2" and cfg.load_gpt2.base_model != "scratch":
+                inputs["pretrain"] = None
+            request = {"stage": stage, "settings": getattr(cfg, stage).to_dict(),
+                       "context": context, "inputs": inputs}  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, str(TESTS / "_stage_probe.py")],
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=REPO,
+                env=env,
+            )
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
+            assert proc.returncode == 0 and line, f"{stage}: {proc.stderr[-3000:]}"
+            probe = json.loads(line.removeprefix("PROBE "))
+            results[stage], loaded[stage] = probe["result"], probe["loaded"]
+    return loaded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", CACHED)
+def test_every_module_a_stage_loads_is_in_its_closure_and_keyed(
+    loaded_by_stage: dict[str, list], tree: Path, stage: str
+) -> None:
+    loaded = loaded_by_stage[stage]
+    assert f"tasks.stages.{stage}" in loaded  # the stage ran in the probe
+    assert not [m for m in loaded if m.startswith("flows")], loaded
+    closure = set(module_closure(f"tasks.stages.{stage}", tree))
+    missing = sorted(set(loaded) - closure)
+    assert not missing, f"{stage} loads {missing}, which its key's closure leaves out"
+    for module in loaded:
+        rel = module.replace(".", "/")
+        rel = f"{rel}/__init__.py" if (tree / rel).is_dir() else f"{rel}.py"
+        before = _fp(stage, tree)
+        _edit(tree, rel)
+        assert _fp(stage, tree) != before, f"editing {rel} left the key of {stage} unchanged"

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _ci import require_module
 
 from gpt.errors import CheckpointError
 
-tf = pytest.importorskip("tensorflow", reason="tensorflow is needed to write/read TF checkpoints")
+tf = require_module("tensorflow", "it writes and reads the TF checkpoints (make setup)")
 
 HP = {"n_vocab": 61, "n_ctx": 24, "n_embd": 16, "n_head": 4, "n_layer": 2}
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from _ci import require_module
 
 pytestmark = pytest.mark.prefect
 
@@ -207,7 +208,7 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
     random checkpoint in OpenAI's exact layout (the real one can't be had offline), as the
     1558M size: the 124M files have published digests a fake release cannot match, the
     1558M ones are held to their first verified download instead (trust on first use)."""
-    pytest.importorskip("tensorflow", reason="tensorflow reads OpenAI's checkpoint")
+    require_module("tensorflow", "tensorflow reads OpenAI's checkpoint (make setup)")
     import numpy as np
     from test_openai_import import openai_arrays, write_openai_checkpoint
 
@@ -313,6 +314,7 @@ def test_catalog_rebuilt_from_the_artifacts_is_identical(prefect_server, env, ca
         "baselines": "SELECT * FROM baselines ORDER BY ALL",
         "samples": "SELECT * FROM samples ORDER BY ALL",
         "checkpoints": "SELECT * FROM checkpoints ORDER BY ALL",
+        "sources": "SELECT * FROM sources ORDER BY ALL",  # restored from the run records
     }
     live = Catalog()
     before = {name: live.query_df(sql) for name, sql in queries.items()}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _ci import require_module
 
 from gpt.data.download import download_sources
 from gpt.data.sources import (
@@ -122,7 +123,7 @@ def test_hf_layout_through_the_downloader_imports_to_transformers_logits(
 ) -> None:
     """A tiny GPT-2 written by transformers itself, laid out as the gpt2-hf/<size>/ mirror
     entry, fetched by the verified downloader and imported without TensorFlow."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", "a dev dependency: pip install -e '.[dev]'")
     from gpt.checkpoint import load_checkpoint
     from gpt.weights.hf import convert_hf_checkpoint
 

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE")
     p.add_argument("--mirror", help="local folder or http(s) URL mirroring the inputs")
     _verify_arg(p)
+    _retrust_arg(p)
     p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser(
@@ -74,6 +75,18 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
         help="recompute this stage even if cached (repeatable)",
     )
     _verify_arg(p)
+    _retrust_arg(p)
+
+
+def _retrust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--retrust",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="accept a changed download of the files of this source (or file) that have no "
+        "published sha256: fetch them again and record the new digest (repeatable)",
+    )
 
 
 def _verify_arg(p: argparse.ArgumentParser) -> None:
@@ -120,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         force=args.force,
         verify=args.verify,
+        retrust=args.retrust,
     )
     return _print_result(result, "run", log_file)
 
@@ -139,6 +153,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             mirror=args.mirror,
             force=[args.stage],
             verify=args.verify,
+            retrust=args.retrust,
         )
     else:
         cat = Catalog()
@@ -159,6 +174,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             mirror=args.mirror,
             force=[args.stage],
             verify=args.verify,
+            retrust=args.retrust,
         )
     return _print_result(result, "rerun", log_file)
 

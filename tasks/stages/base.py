@@ -14,8 +14,11 @@ The parameters after ``args`` name the upstream stages whose results it reads (t
 typed results are ``tokenize.out``; files are ``tokenize.path(tokenize.out.train_tokens)``).
 :func:`run_stage` does everything else the same way for every stage:
 
-1. the key: the stage, its settings (:meth:`gpt.config.Args.key_dict`), the content
-   digests of its inputs and the fingerprint of the code its module imports;
+1. the key (:class:`tasks.cache.KeyParts`): the stage, its settings
+   (:meth:`gpt.config.Args.key_dict`), the content digests of its inputs, the
+   fingerprint of the code its module imports, the versions of the third-party packages
+   that code imports, and the sha256 of the files it reads from the datasets folder
+   (declared by ``@stage(reads=...)``);
 2. a verified cache hit is served — after making sure the current catalog holds the
    rows stored in its folder — unless the stage is forced;
 3. otherwise one computation per key at a time (:mod:`tasks.lease`): a run that finds
@@ -24,7 +27,9 @@ typed results are ``tokenize.out``; files are ``tokenize.path(tokenize.out.train
    rows go to the folder (and, live ones, to the catalog), the folder is committed with
    its manifest and its rows are ingested;
 5. ``stages`` rows (and the run record) say what happened: ``completed``, ``cached`` or
-   ``failed``, with the reason when a damaged cached result was recomputed.
+   ``failed``, with the reason when a damaged cached result was recomputed, and which
+   parts of the key changed since the stage's previous result. The key's parts are kept
+   in the manifest and the row's outputs (``key_parts``).
 """
 
 from __future__ import annotations
@@ -43,10 +48,18 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from gpt.config import Args
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError
-from tasks.cache import StageOutput, StageStore, Verify, open_stage_store, root_child, stage_key
+from tasks.cache import (
+    KeyParts,
+    StageOutput,
+    StageStore,
+    Verify,
+    key_changes,
+    open_stage_store,
+    root_child,
+)
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.store import checkpoint_digest
-from tasks.fingerprint import code_fingerprint
+from tasks.fingerprint import code_fingerprint, package_versions
 from tasks.lease import LeaseBase, LeaseInfo
 from tasks.rows import RowSink, ensure_ingested, ingest
 from tasks.runlog import RunRecorder
@@ -112,6 +125,9 @@ class RunContext:
     progress: bool = True
     download: DownloadArgs | None = None
     """How stages fetch files (retries, timeouts); None = the defaults."""
+    retrust: tuple[str, ...] = ()
+    """Sources or files (``--retrust NAME``) whose trust-on-first-use files are fetched
+    again and accepted with a new digest (:mod:`gpt.data.trust`)."""
 
     @property
     def catalog(self) -> Catalog:
@@ -138,14 +154,24 @@ class StageSpec:
     out_type: type[StageOut]
     resumable: bool = False
     retries: int = 0
+    reads: Callable[[RunContext, Any], dict[str, str]] | None = None
+    """``reads(ctx, args)``: path -> sha256 of each file the stage reads from the
+    datasets folder with these settings (part of its key)."""
 
 
 #: Stages declared so far (a stage module registers itself when imported).
 REGISTRY: dict[str, StageSpec] = {}
 
 
-def stage(name: str, *, resumable: bool = False, retries: int = 0) -> Callable:
-    """Declare the decorated function as stage ``name`` (see the module docstring)."""
+def stage(
+    name: str,
+    *,
+    resumable: bool = False,
+    retries: int = 0,
+    reads: Callable[[RunContext, Any], dict[str, str]] | None = None,
+) -> Callable:
+    """Declare the decorated function as stage ``name`` (see the module docstring).
+    ``reads``: the files it reads from the datasets folder (see :class:`StageSpec`)."""
 
     def deco(fn: Callable[..., StageOut]) -> Callable[..., StageOut]:
         sig = inspect.signature(fn, eval_str=True)
@@ -161,6 +187,7 @@ def stage(name: str, *, resumable: bool = False, retries: int = 0) -> Callable:
             out_type=out_type,
             resumable=resumable,
             retries=retries,
+            reads=reads,
         )
         return fn
 
@@ -240,6 +267,8 @@ class StageRun:
     published: str | None = None
     """The folder's URL when the artifacts root is an object store (``final`` is then
     its local copy)."""
+    files: dict[str, str] = field(default_factory=dict)
+    """The datasets files in the key (path -> sha256): what the body must read."""
 
     @property
     def device(self) -> str:
@@ -353,6 +382,7 @@ def _stage_outputs(result: StageOutput, manifest: dict[str, Any]) -> dict[str, A
         "digest": result.digest,
         "device": manifest.get("device"),
         "wall_s": manifest.get("wall_s"),
+        "key_parts": manifest.get("key_parts"),
         **result.data,
     }
 
@@ -369,10 +399,64 @@ def load_spec(name: str) -> StageSpec:
         raise GPTFlowError(f"tasks.stages.{name} declares no stage {name!r}") from None
 
 
-def key_for(spec: StageSpec, args: Args, inputs: dict[str, StageOutput | None]) -> str:
-    """The cache key of running ``spec`` with ``args`` on ``inputs``."""
-    digests = {k: (v.digest if v is not None else None) for k, v in sorted(inputs.items())}
-    return stage_key(spec.name, args.key_dict(), digests, code_fingerprint(spec.module))
+def key_parts(
+    spec: StageSpec,
+    args: Args,
+    inputs: dict[str, StageOutput | None],
+    ctx: RunContext | None = None,
+) -> KeyParts:
+    """Everything the key of running ``spec`` with ``args`` on ``inputs`` hashes. A stage
+    that reads files from the datasets folder needs ``ctx`` (where they are)."""
+    files: dict[str, str] = {}
+    if spec.reads is not None:
+        if ctx is None:
+            raise TypeError(f"the key of stage {spec.name} needs the run's context")
+        files = dict(sorted(spec.reads(ctx, args).items()))
+    return KeyParts(
+        stage=spec.name,
+        settings=args.key_dict(),
+        inputs={k: (v.digest if v is not None else None) for k, v in sorted(inputs.items())},
+        code=code_fingerprint(spec.module),
+        packages=package_versions(spec.module),
+        files=files,
+    )
+
+
+def key_for(
+    spec: StageSpec,
+    args: Args,
+    inputs: dict[str, StageOutput | None],
+    ctx: RunContext | None = None,
+) -> str:
+    """The cache key of running ``spec`` with ``args`` on ``inputs`` (:func:`key_parts`)."""
+    return key_parts(spec, args, inputs, ctx).key
+
+
+def why_recomputed(ctx: RunContext, name: str, parts: KeyParts) -> str | None:
+    """Which parts of the key changed since the stage's previous result in the catalog
+    (another run's), in words; None when there is none to compare with."""
+    try:
+        df = ctx.catalog.query_df(
+            "SELECT run_id, outputs FROM stages WHERE stage = ? AND run_id <> ? "
+            "AND status IN ('completed', 'cached') "
+            "AND json_extract(outputs, '$.key_parts') IS NOT NULL "
+            "ORDER BY ended_at DESC LIMIT 1",
+            [name, ctx.run_id],
+        )
+    except GPTFlowError:
+        return None
+    if df.empty:
+        return None
+    import json
+
+    outputs = df["outputs"].iloc[0]
+    outputs = json.loads(outputs) if isinstance(outputs, str) else outputs
+    if outputs.get("key") == parts.key:
+        return None
+    changed = key_changes(outputs["key_parts"], parts.summary())
+    if not changed:
+        return None
+    return f"recomputed: {'; '.join(changed)} changed since run {df['run_id'].iloc[0]}"
 
 
 def _device_name(setting: str) -> str:
@@ -417,7 +501,13 @@ def run_stage(
     rec = ctx.recorder
     store = ctx.store
     started = now()
-    key = key_for(spec, args, inputs)
+    try:
+        parts = key_parts(spec, args, inputs, ctx)
+    except BaseException as exc:  # e.g. an input file refused by its trust record
+        message = f"{type(exc).__name__}: {exc}"[:4000]
+        rec.record_stage(ctx.run_id, name, status="failed", started_at=started, message=message)
+        raise
+    key = parts.key
     forced = name in ctx.force
 
     def serve(manifest: dict[str, Any]) -> StageOutput:
@@ -470,7 +560,7 @@ def run_stage(
             if manifest is not None:
                 return serve(manifest)
             reason = reason2 or reason
-        return _compute(ctx, spec, args, inputs, key, lease, started, forced, reason)
+        return _compute(ctx, spec, args, inputs, parts, lease, started, forced, reason)
     finally:
         lease.release()
 
@@ -480,7 +570,7 @@ def _compute(
     spec: StageSpec,
     args: Args,
     inputs: dict[str, StageOutput | None],
-    key: str,
+    parts: KeyParts,
     lease: LeaseBase,
     started: datetime,
     forced: bool,
@@ -490,6 +580,8 @@ def _compute(
     rec = ctx.recorder
     store = ctx.store
     name = spec.name
+    key = parts.key
+    changed = None if forced else why_recomputed(ctx, name, parts)
     rec.record_stage(ctx.run_id, name, status="running", started_at=started, cache_hit=False)
     log.info("%s: computing (key %s)", name, key)
     t0 = time.perf_counter()
@@ -509,6 +601,7 @@ def _compute(
             producer=producer,
             rows=RowSink(work, ctx.catalog),
             published=store.published(name, key),
+            files=parts.files,
         )
         try:
             out = spec.fn(run, args, **{i: inputs[i] for i in spec.inputs})
@@ -546,7 +639,8 @@ def _compute(
                     k: None if v is None else {"key": v.key, "digest": v.digest, "run_id": v.run_id}
                     for k, v in sorted(inputs.items())
                 },
-                "code": code_fingerprint(spec.module),
+                "code": parts.code,
+                "key_parts": parts.summary(),
                 "rows": rows_meta,
                 "device": _device_name(ctx.device),
                 "wall_s": round(time.perf_counter() - t0, 3),
@@ -570,6 +664,8 @@ def _compute(
     notes = list(run.notes)
     if reason:
         notes.insert(0, f"recomputed: the cached result was not usable ({reason})")
+    elif changed:
+        notes.insert(0, changed)
     rec.record_stage(
         ctx.run_id,
         name,
