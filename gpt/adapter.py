@@ -48,6 +48,7 @@ __all__ = [
     "adapt",
     "adapter_payload",
     "base_digest",
+    "base_of",
     "build_adapted_model",
     "model_size",
 ]
@@ -76,6 +77,12 @@ def _own_state(model: GPT) -> dict[str, torch.Tensor]:
     """The state dict as a checkpoint stores it (a tied head once, as the embedding)."""
     tied = model.is_tied
     return {k: v for k, v in model.state_dict().items() if not (tied and k == "out_head.weight")}
+
+
+def base_of(model: nn.Module) -> dict[str, Any] | None:
+    """The base checkpoint a LoRA model adapts: ``{"path", "sha256", "new"}`` (None when
+    it was not adapted from a checkpoint)."""
+    return getattr(model, _BASE_ATTR, None)
 
 
 def adapt(
@@ -112,7 +119,7 @@ def adapter_payload(
     mods = lora_modules(model)
     if not mods:
         return None
-    base = getattr(model, _BASE_ATTR, None)
+    base = base_of(model)
     if base is None:
         raise CheckpointError(
             f"cannot save {target}: the model has LoRA layers but no base checkpoint to "

@@ -574,6 +574,10 @@ def load_checkpoint(
         optimizer_state = _load_optimizer(path / OPTIMIZER, map_location)
 
     tok = path / TOKENIZER_DIR
+    if adapter is not None and not (tok / TOKENIZER_FILES[0]).is_file():
+        from gpt.adapter import base_of
+
+        tok = Path(base_of(model)["path"]) / TOKENIZER_DIR  # a LoRA folder: its base's
     tokenizer_dir = tok if all((tok / n).is_file() for n in TOKENIZER_FILES) else None
     return LoadedCheckpoint(
         model=model,

@@ -163,7 +163,7 @@ class LoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}, parts={self.parts}"
 
-    def _pieces(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    def pieces(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(offset, size, A_i, B_i)`` per part."""
         out, row = [], 0
         for i, (off, size) in enumerate(self.parts):
@@ -180,7 +180,7 @@ class LoRALinear(nn.Linear):
             x = F.dropout(x, self.dropout, training=True)
         pieces: list[torch.Tensor] = []
         at = start
-        for off, size, a, b in self._pieces():
+        for off, size, a, b in self.pieces():
             lo, hi = max(off, start), min(off + size, stop)
             if lo >= hi:
                 continue
@@ -205,7 +205,7 @@ class LoRALinear(nn.Linear):
     def merged_weight(self) -> torch.Tensor:
         """``W + (alpha / rank) · B A`` (a new tensor; the base weight is unchanged)."""
         w = self.weight.detach().clone()
-        for off, size, a, b in self._pieces():
+        for off, size, a, b in self.pieces():
             w[off : off + size] += self.scale * (b @ a).to(w.dtype)
         return w
 
