@@ -14,8 +14,8 @@ from gpt.adapter import adapt
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.errors import CheckpointError, ConfigError
 from gpt.lora import (
-    LoRALinear,
     LoraArgs,
+    LoRALinear,
     apply_lora,
     count_trainable,
     linear_rows,
@@ -210,9 +210,10 @@ def test_lora_checkpoint_holds_the_adapter_and_its_base(base: Path, tmp_path: Pa
     ).stat().st_size / 10
     info = json.loads((ckpt / "config.json").read_text())["adapter"]
     assert info["base"]["path"] == str(base.resolve())
-    assert info["base"]["sha256"] == __import__("hashlib").sha256(
-        (base / "manifest.json").read_bytes()
-    ).hexdigest()
+    assert (
+        info["base"]["sha256"]
+        == __import__("hashlib").sha256((base / "manifest.json").read_bytes()).hexdigest()
+    )
     merged = load_checkpoint(ckpt)
     assert not lora_modules(merged.model) and merged.tokenizer_dir is not None
     assert torch.allclose(merged.model(x), want, atol=1e-5)
