@@ -107,11 +107,6 @@ class LoraArgs(Args):
             return tuple(n for n in known if n in value)  # one order: one cache key
         return value
 
-    @property
-    def scale(self) -> float:
-        """``alpha / rank``."""
-        return self.alpha / self.rank
-
 
 def _off(value: Any) -> Any:
     return None if value is False else value
