@@ -7,6 +7,7 @@ model. Under CI a missing ``peft`` / ``transformers`` fails instead of skipping.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -151,3 +152,21 @@ def test_peft_export_refuses_a_full_checkpoint(base: Path, tmp_path: Path) -> No
     with pytest.raises(ExportError, match="not a LoRA adapter"):
         export_peft(base, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_cli_export_peft(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from flows.cli import main
+
+    model = load_checkpoint(base).model
+    adapt(model, LoraArgs(rank=2), base_dir=base, seed=1)
+    ckpt = save_checkpoint(tmp_path / "lora", model)
+    out, base_hf = tmp_path / "peft", tmp_path / "base-hf"
+    args = ["export", str(ckpt), "--format", "peft", "--out", str(out), "--base-out", str(base_hf)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (peft LoRA adapter, CAUSAL_LM)" in printed
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_hf) and cfg["r"] == 2
+    assert (base_hf / "model.safetensors").exists()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "x"), "--base-out", "y"]) == 1
+    assert "--base-out goes with --format peft" in capsys.readouterr().err
