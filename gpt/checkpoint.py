@@ -5,6 +5,8 @@ Layout of a checkpoint folder::
     manifest.json              sha256 + size of every other file (checked on load)
     config.json                GPTConfig fields + "kind" ("lm" | "classifier") (+ num_classes, labels)
     model.safetensors          weights (a tied output head is stored once, as tok_emb.weight)
+    adapter.safetensors        instead of model.safetensors in a LoRA checkpoint: the adapter
+                               only; config.json's "adapter" names the base (gpt.adapter)
     hparams.json               training hyperparameters ({} when none)
     meta.json                  free-form provenance ({} when none)
     optimizer.pt               optimizer state_dict (optional; read with weights_only=True)
@@ -58,6 +60,7 @@ TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_tensors.safetensors"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
+ADAPTER = "adapter.safetensors"  # in place of model.safetensors in a LoRA folder (gpt.adapter)
 _TENSOR_REF = "__tensor__"
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -88,6 +91,8 @@ class LoadedCheckpoint:
     """Classifier label names in output order, if saved."""
     path: Path | None = None
     """The checkpoint folder."""
+    adapter: dict[str, Any] | None = None
+    """A LoRA checkpoint's ``adapter`` settings and base identity (:mod:`gpt.adapter`)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -208,22 +213,32 @@ def save_checkpoint(
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
+        from gpt.adapter import ADAPTER_WEIGHTS, adapter_payload
+
         tied = gpt.is_tied
-        state = {
-            k: v.detach().cpu().contiguous()
-            for k, v in gpt.state_dict().items()
-            if not (tied and k == "out_head.weight")
-        }
+        adapter = adapter_payload(gpt, target)  # LoRA: the adapter alone (gpt.adapter)
+        weights = WEIGHTS if adapter is None else ADAPTER_WEIGHTS
+        state = (
+            {
+                k: v.detach().cpu().contiguous()
+                for k, v in gpt.state_dict().items()
+                if not (tied and k == "out_head.weight")
+            }
+            if adapter is None
+            else adapter[0]
+        )
         try:
             save_file(
-                state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": str(tied).lower()}
+                state, str(tmp / weights), metadata={"format": "pt", "tied": str(tied).lower()}
             )
         except SafetensorError as exc:  # an I/O error inside the Rust writer
-            raise OSError(f"writing {WEIGHTS} failed: {exc}") from exc
-        match_umask(tmp / WEIGHTS)  # safetensors writes 0600; outputs share one mode
-        files.append(tmp / WEIGHTS)
+            raise OSError(f"writing {weights} failed: {exc}") from exc
+        match_umask(tmp / weights)  # safetensors writes 0600; outputs share one mode
+        files.append(tmp / weights)
 
         config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
+        if adapter is not None:
+            config["adapter"] = adapter[1]
         if kind == "classifier":
             config["num_classes"] = num_classes
             lab = labels if labels is not None else (meta or {}).get("labels")
@@ -416,7 +431,8 @@ def verify_checkpoint(dir: str | Path) -> dict[str, Any]:
             f"{path / MANIFEST} is not a {CHECKPOINT_FORMAT} manifest; re-save the checkpoint"
         )
     entries = manifest.get("files")
-    if not isinstance(entries, dict) or WEIGHTS not in entries or CONFIG not in entries:
+    has_weights = isinstance(entries, dict) and (WEIGHTS in entries or ADAPTER in entries)
+    if not has_weights or CONFIG not in entries:
         raise CheckpointError(f"{path / MANIFEST} does not list {WEIGHTS} and {CONFIG}")
     for rel, info in entries.items():
         f = path / rel
@@ -493,12 +509,18 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     with_optimizer: bool = False,
     verify: bool = True,
+    merge: bool = True,
+    base: str | Path | None = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint folder written by :func:`save_checkpoint`.
 
     Every file is checked against manifest.json first (``verify``); weights come from
     safetensors, the optimizer state through ``torch.load(weights_only=True)``. Any
     missing, corrupt or unsafe file raises :class:`CheckpointError` naming it.
+
+    A LoRA checkpoint (:mod:`gpt.adapter`) is put on its base checkpoint (found where
+    it was, or at ``base``; refused unless it is the same base) and merged into it,
+    unless ``merge=False`` (resuming training needs the adapter apart).
     """
     path = Path(dir).expanduser()
     _require_dir(path)
@@ -507,6 +529,7 @@ def load_checkpoint(
     raw = read_checkpoint_config(path)
     kind = raw.pop("kind", "lm")
     raw.pop("tied_head", None)
+    adapter = raw.pop("adapter", None)
     num_classes = raw.pop("num_classes", None)
     labels = raw.pop("labels", None)
     try:
@@ -518,6 +541,64 @@ def load_checkpoint(
     if kind == "classifier" and not (isinstance(num_classes, int) and num_classes > 0):
         raise CheckpointError(f"{path / CONFIG}: classifier checkpoint needs num_classes")
 
+    if adapter is not None:
+        from gpt.adapter import build_adapted_model
+
+        model = build_adapted_model(
+            path,
+            adapter,
+            cfg,
+            _load_safetensors(path / ADAPTER, map_location),
+            num_classes=int(num_classes) if kind == "classifier" else None,
+            map_location=map_location,
+            merge=merge,
+            base=base,
+        )
+    else:
+        model = _load_model(path, cfg, kind, num_classes, map_location)
+
+    hparams = _read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
+    meta = _read_json(path / META) if (path / META).exists() else {}
+
+    trainer_state = None
+    if (path / TRAINER_STATE).exists():
+        tensors = (
+            _load_safetensors(path / TRAINER_TENSORS, "cpu")
+            if (path / TRAINER_TENSORS).exists()
+            else {}
+        )
+        trainer_state = _join_tensors(_read_json(path / TRAINER_STATE), tensors)
+
+    optimizer_state = None
+    if with_optimizer and (path / OPTIMIZER).exists():
+        optimizer_state = _load_optimizer(path / OPTIMIZER, map_location)
+
+    tok = path / TOKENIZER_DIR
+    if adapter is not None and not (tok / TOKENIZER_FILES[0]).is_file():
+        from gpt.adapter import base_of
+
+        tok = Path(base_of(model)["path"]) / TOKENIZER_DIR  # a LoRA folder: its base's
+    tokenizer_dir = tok if all((tok / n).is_file() for n in TOKENIZER_FILES) else None
+    return LoadedCheckpoint(
+        model=model,
+        config=cfg,
+        hparams=hparams,
+        optimizer_state=optimizer_state,
+        trainer_state=trainer_state,
+        kind=kind,
+        tokenizer_dir=tokenizer_dir,
+        meta=meta,
+        num_classes=num_classes,
+        labels=labels,
+        path=path,
+        adapter=adapter,
+    )
+
+
+def _load_model(
+    path: Path, cfg: GPTConfig, kind: str, num_classes: Any, map_location: str | torch.device
+) -> GPT:
+    """The model of a full checkpoint folder (model.safetensors), in eval mode."""
     state = _load_safetensors(path / WEIGHTS, map_location)
     with torch.device("meta"):
         model = GPT(cfg)
@@ -543,38 +624,7 @@ def load_checkpoint(
     if tied:
         model.out_head.weight = model.tok_emb.weight
     model.eval()
-
-    hparams = _read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
-    meta = _read_json(path / META) if (path / META).exists() else {}
-
-    trainer_state = None
-    if (path / TRAINER_STATE).exists():
-        tensors = (
-            _load_safetensors(path / TRAINER_TENSORS, "cpu")
-            if (path / TRAINER_TENSORS).exists()
-            else {}
-        )
-        trainer_state = _join_tensors(_read_json(path / TRAINER_STATE), tensors)
-
-    optimizer_state = None
-    if with_optimizer and (path / OPTIMIZER).exists():
-        optimizer_state = _load_optimizer(path / OPTIMIZER, map_location)
-
-    tok = path / TOKENIZER_DIR
-    tokenizer_dir = tok if all((tok / n).is_file() for n in TOKENIZER_FILES) else None
-    return LoadedCheckpoint(
-        model=model,
-        config=cfg,
-        hparams=hparams,
-        optimizer_state=optimizer_state,
-        trainer_state=trainer_state,
-        kind=kind,
-        tokenizer_dir=tokenizer_dir,
-        meta=meta,
-        num_classes=num_classes,
-        labels=labels,
-        path=path,
-    )
+    return model
 
 
 def _load_optimizer(f: Path, map_location: str | torch.device) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def load_resume(
     the progress, this rank's checkpoint-time RNG states and the epoch-start states."""
     from gpt.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(last, map_location=engine.device, with_optimizer=True)
+    # a LoRA model resumes with its adapter apart from the base, as it trains
+    ck = load_checkpoint(last, map_location=engine.device, with_optimizer=True, merge=False)
     cfg = getattr(engine.model, "cfg", None)
     if cfg is not None and ck.config != cfg:
         raise CheckpointError(

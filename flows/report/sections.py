@@ -316,7 +316,31 @@ def _stage_facts(d: RunData, stage: str) -> list[Block]:
         facts.append(f"training {fmt.duration(secs)}")
     if o.get("device"):
         facts.append(f"on {o['device']}")
-    return [Para(text(", ".join(facts) + "."))] if facts else []
+    blocks = [Para(text(", ".join(facts) + "."))] if facts else []
+    return blocks + _model_size_facts(o.get("model_size"))
+
+
+def _model_size_facts(size: dict[str, Any] | None) -> list[Block]:
+    """How a finetune trained (LoRA or full), what it stored and on which base."""
+    if not size:
+        return []
+    lora = size.get("lora")
+    how = (
+        f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on "
+        f"{', '.join(lora['layers'])}; the checkpoint holds the adapter only"
+        if lora
+        else "Full finetune"
+    )
+    base = size.get("base") or {}
+    return [
+        Para(
+            text(f"{how} ({fmt.size(size.get('checkpoint_bytes'))}); base ")
+            + code(str(base.get("path")))
+            + text(" (manifest sha256 ")
+            + code(str(base.get("sha256"))[:12])
+            + text(").")
+        )
+    ]
 
 
 def _spam_training(df: pd.DataFrame) -> list[Block]:

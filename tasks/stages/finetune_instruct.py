@@ -30,6 +30,10 @@ class InstructOut(StageOut):
     n_val: int
     samples: list[dict[str, Any]]
     timings: dict[str, float]
+    trainable_params: int | None = None
+    model_size: dict[str, Any] | None = None
+    """Trainable parameters, checkpoint bytes, the base (path, sha256) and the LoRA
+    settings (None: full finetune) — :class:`gpt.adapter.ModelSize`."""
 
 
 @stage("finetune_instruct", resumable=True)
@@ -73,4 +77,6 @@ def finetune_instruct_stage(
         n_val=res["n_val"],
         samples=res["samples"],
         timings=res["timings"],
+        trainable_params=res["trainable_params"],
+        model_size=res["model_size"],
     )

@@ -26,6 +26,9 @@ class SpamOut(StageOut):
     final: dict[str, dict[str, float | int]]
     """Per split: accuracy, precision, recall, F1 and the confusion matrix."""
     timings: dict[str, float]
+    model_size: dict[str, Any] | None = None
+    """Trainable parameters, checkpoint bytes, the base (path, sha256) and the LoRA
+    settings (None: full finetune) — :class:`gpt.adapter.ModelSize`."""
 
 
 @stage("finetune_spam")
@@ -66,4 +69,5 @@ def finetune_spam(
         examples_seen=res["examples_seen"],
         final=res["final"],
         timings=res["timings"],
+        model_size=res["model_size"],
     )
