@@ -43,7 +43,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "sms_messages": ("source_sha256",),
     "baselines": ("run_id",),
     "responses": ("run_id",),
-    "judgments": ("run_id", "judge_model", "prompt_version"),
+    "judgments": ("run_id", "judge_key"),
     "predictions": ("run_id", "stage"),
 }
 
@@ -51,7 +51,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
 ROW_KEYS: dict[str, tuple[str, ...]] = {
     "metrics": ("run_id", "stage", "step", "split", "name"),
     "samples": ("run_id", "stage", "epoch", "step"),
-    "judgments": ("run_id", "example_id", "judge_model", "prompt_version", "repeat"),
+    "judgments": ("run_id", "judge_key", "judge_model", "example_id", "repeat"),
 }
 
 PARTIAL_DIR = ".rows"

@@ -16,16 +16,11 @@ import pytest
 
 from benchmarks.ollama_stub import OllamaStub
 from gpt.errors import DataError, ModelNotPulledError, OllamaUnreachableError
-from gpt.eval.judge import (
-    PROMPT_VERSION,
-    REPLY_SCHEMA,
-    JudgeConfig,
-    build_prompt,
-    parse_reply,
-    parse_score,
-    preflight,
-    score_examples,
-)
+from gpt.eval.judge.hosts import preflight
+from gpt.eval.judge.prompt import PROMPT_VERSION, REPLY_SCHEMA, build_prompt
+from gpt.eval.judge.reply import parse_reply, parse_score
+from gpt.eval.judge.scoring import score_examples
+from gpt.eval.judge.settings import JudgeConfig
 
 # --------------------------------------------------------------------------- helpers
 
@@ -162,7 +157,7 @@ VERDICTS = [{"score": s, "reason": f"Reason {i}."} for i, s in enumerate(
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_scores_parsed_and_aggregated(catalog, tmp_path: Path, stream: bool) -> None:
-    from tasks.judging import import_responses, judge_run, summarize
+    from tasks.stages.judge import import_responses, judge_run, summarize
 
     n = len(VERDICTS)
     path = _write_json(tmp_path / "resp.json", _records(n))
@@ -205,7 +200,7 @@ def test_free_text_replies_are_read_by_the_fallback(
 ) -> None:
     """With ``structured`` off no ``format`` is sent; a model that ignores it (the stub's
     free-text replies) is read by the text rules either way."""
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     n = len(REPLIES)
     import_responses(catalog, "ft", _write_json(tmp_path / "r.json", _records(n)))
@@ -223,7 +218,7 @@ def test_free_text_replies_are_read_by_the_fallback(
 
 
 def test_malformed_replies_give_null_score_and_keep_raw(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     replies = ["excellent work", "105", "Score: 85/100", "-3", "85.5", "70"]
     import_responses(catalog, "bad", _write_json(tmp_path / "r.json", _records(len(replies))))
@@ -250,7 +245,7 @@ def test_malformed_replies_give_null_score_and_keep_raw(catalog, tmp_path: Path)
 
 
 def test_model_not_pulled_gives_clear_message(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "np", _write_json(tmp_path / "r.json", _records(3)))
     with OllamaStub(models=["mistral"]) as stub:
@@ -267,7 +262,7 @@ def test_model_not_pulled_gives_clear_message(catalog, tmp_path: Path) -> None:
 
 
 def test_server_down_clear_error_and_responses_intact(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "down", _write_json(tmp_path / "r.json", _records(4)))
     host = f"http://127.0.0.1:{_closed_port()}"
@@ -282,7 +277,7 @@ def test_server_down_clear_error_and_responses_intact(catalog, tmp_path: Path) -
 
 
 def test_500_then_success_is_retried(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "flaky", _write_json(tmp_path / "r.json", _records(3)))
     with OllamaStub(reply=_reply_from_table(REPLIES), fail_first=2) as stub:
@@ -317,7 +312,7 @@ def test_timeout_is_retried_then_recorded() -> None:
 
 
 def test_rerun_scores_only_missing(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     n = 6
     import_responses(catalog, "rr", _write_json(tmp_path / "r.json", _records(n)))
@@ -343,9 +338,9 @@ def test_rerun_scores_only_missing(catalog, tmp_path: Path) -> None:
     assert rows["score"].tolist() == [parse_score(r) for r in REPLIES[:n]]
     assert rows["error"].isna().all()
 
-    with OllamaStub() as stub:  # nothing left: no request at all
+    with OllamaStub() as stub:  # nothing left: only the preflight's listing (the digest)
         third = judge_run(catalog, "rr", _cfg(stub.host), progress=False)
-        assert stub.requests == []
+        assert [r.path for r in stub.requests] == ["/api/tags"]
     assert third.n_sent == 0 and third.summary[0]["n_scored"] == n
 
     # A different judge model is a separate set of judgments.
@@ -364,7 +359,7 @@ def test_concurrency_speedup() -> None:
             t0 = time.perf_counter()
             out = score_examples(examples, _cfg(stub.host, concurrency=conc), progress=False)
             times[conc] = time.perf_counter() - t0
-            assert [j.score for j in out] == [50] * n
+            assert all(j.score is not None and j.error is None for j in out)
     ratio = times[1] / times[8]
     print(
         f"\njudge concurrency 1: {times[1]:.2f}s, 8: {times[8]:.2f}s "
@@ -375,7 +370,7 @@ def test_concurrency_speedup() -> None:
 
 
 def test_auto_pull_pulls_through_api(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "pull", _write_json(tmp_path / "r.json", _records(2)))
     with OllamaStub(models=[], pullable=["llama3"], reply=_reply_from_table(REPLIES)) as stub:
@@ -402,7 +397,7 @@ def test_sync_wrapper_inside_running_loop() -> None:
 
 
 def test_import_responses_validation(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses
+    from tasks.stages.judge import import_responses
 
     recs = _records(3)
     del recs[1]["model_response"]
@@ -424,7 +419,7 @@ def test_import_responses_validation(catalog, tmp_path: Path) -> None:
 
 
 def test_reimport_changed_response_drops_its_judgment(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     recs = _records(3)
     import_responses(catalog, "ch", _write_json(tmp_path / "r.json", recs))

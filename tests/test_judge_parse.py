@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpt.eval.judge_reply import REPLY_SCHEMA, parse_reply, parse_score
+from gpt.eval.judge.prompt import REPLY_SCHEMA
+from gpt.eval.judge.reply import parse_reply, parse_score
 
 #: (reply, expected score, rule that found it). ``None`` score: the reply holds no
 #: unambiguous 0..100 score and must stay NULL.

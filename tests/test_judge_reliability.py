@@ -15,7 +15,9 @@ import pytest
 
 from benchmarks.ollama_stub import OllamaStub
 from gpt.errors import OllamaUnreachableError
-from gpt.eval.judge import PROMPT_VERSION, JudgeConfig, preflight
+from gpt.eval.judge.hosts import preflight
+from gpt.eval.judge.prompt import PROMPT_VERSION
+from gpt.eval.judge.settings import JudgeConfig
 
 N = 12
 
@@ -23,7 +25,7 @@ N = 12
 @pytest.fixture
 def catalog(tmp_path: Path):
     from tasks.catalog import Catalog
-    from tasks.judging import import_responses
+    from tasks.stages.judge import import_responses
 
     cat = Catalog()
     records = [
@@ -139,7 +141,7 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
     """Two stand-in servers, each holding one judge model that scores differently (and,
     for the second, differently per repeat seed): every judgment stored, each request
     routed to the server holding its model, spread and agreement in the catalog."""
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     def strict(body: dict[str, Any]) -> dict[str, Any]:
         return {"score": 8 * _example(body), "reason": "strict"}
@@ -155,7 +157,7 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
         first = judge_run(catalog, "run", _cfg([a.host, b.host]), progress=False)
         assert (first.n_sent, first.n_scored) == (N, N)
         # a second judge and a second repeat: only the new judgments are sent
-        cfg = _cfg([a.host, b.host], models=["llama3", "mistral"], repeats=2, temperature=0.7)
+        cfg = _cfg([a.host, b.host], models=["llama3", "mistral"], repeats=2)
         both = judge_run(catalog, "run", cfg, progress=False)
         assert {r["model"] for r in a.chat_requests()} == {"llama3"}
         assert {r["model"] for r in b.chat_requests()} == {"mistral"}
@@ -176,7 +178,9 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
     assert (strict_rows["range_score"] == 0).all()  # the same score on both repeats
     assert lenient_rows["range_score"].tolist() == [i % 3 for i in range(N)]
 
-    (agreement,) = both.agreement
+    (agreement,) = catalog.query_df("SELECT * FROM judge_agreement WHERE run_id = 'run'").to_dict(
+        "records"
+    )
     assert (agreement["judge_a"], agreement["judge_b"], agreement["n"]) == ("llama3", "mistral", N)
     x = j[j.judge_model == "llama3"].groupby("example_id")["score"].mean().to_numpy()
     y = j[j.judge_model == "mistral"].groupby("example_id")["score"].mean().to_numpy()
@@ -190,7 +194,7 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
 
 
 def test_requests_spread_over_hosts_with_bounded_concurrency(catalog) -> None:
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     stubs = [OllamaStub(latency_s=0.05).start() for _ in range(3)]
     try:
@@ -210,7 +214,7 @@ def test_host_killed_mid_run_every_item_scored_once(catalog) -> None:
     """One of three servers dies (socket closed, in-flight requests dropped) after a few
     requests: its requests go to the others; each (example, model, repeat) is stored once,
     scored, with no error."""
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     live = [OllamaStub(latency_s=0.05).start() for _ in range(2)]
     dying = OllamaStub(latency_s=0.05, die_after=3).start()
@@ -235,7 +239,7 @@ def test_host_killed_mid_run_every_item_scored_once(catalog) -> None:
 
 
 def test_last_host_dying_fails_the_rest_then_a_rerun_completes(catalog) -> None:
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     with OllamaStub(die_after=4) as dying:
         cfg = _cfg([dying.host], concurrency=1, retries=5, dead_after=2)
@@ -253,7 +257,7 @@ def test_last_host_dying_fails_the_rest_then_a_rerun_completes(catalog) -> None:
 
 
 def test_preflight_passes_on_one_host_and_names_the_others(catalog) -> None:
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     down = _closed_url()
     with OllamaStub(models=["llama3"]) as up, OllamaStub(models=["phi3"]) as other:

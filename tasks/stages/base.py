@@ -138,13 +138,23 @@ class StageSpec:
     out_type: type[StageOut]
     resumable: bool = False
     retries: int = 0
+    stale: Callable[[Any, Any], str | None] | None = None
+    """``stale(args, out)``: why a verified cached result is no longer what the stage
+    would compute, for what its key cannot hold (e.g. a judge model pulled anew on the
+    server); None when it still is."""
 
 
 #: Stages declared so far (a stage module registers itself when imported).
 REGISTRY: dict[str, StageSpec] = {}
 
 
-def stage(name: str, *, resumable: bool = False, retries: int = 0) -> Callable:
+def stage(
+    name: str,
+    *,
+    resumable: bool = False,
+    retries: int = 0,
+    stale: Callable[[Any, Any], str | None] | None = None,
+) -> Callable:
     """Declare the decorated function as stage ``name`` (see the module docstring)."""
 
     def deco(fn: Callable[..., StageOut]) -> Callable[..., StageOut]:
@@ -161,6 +171,7 @@ def stage(name: str, *, resumable: bool = False, retries: int = 0) -> Callable:
             out_type=out_type,
             resumable=resumable,
             retries=retries,
+            stale=stale,
         )
         return fn
 
@@ -441,11 +452,19 @@ def run_stage(
         log.info("%s: cache hit (key %s, computed by run %s)", name, key, result.run_id)
         return result
 
+    def refusal(manifest: dict[str, Any]) -> str | None:
+        """Why the stage's own check refuses a verified result (None: serve it)."""
+        if spec.stale is None:
+            return None
+        return spec.stale(args, spec.out_type.model_validate(manifest["out"]))
+
     reason = None
     if not forced:
         manifest, reason = store.lookup(name, key, ctx.verify)
         if manifest is not None:
-            return serve(manifest)
+            reason = refusal(manifest)
+            if reason is None:
+                return serve(manifest)
         if reason:
             log.warning("%s: cached result not usable (%s); recomputing", name, reason)
     if cached_only:
@@ -468,7 +487,9 @@ def run_stage(
         if waited and not forced:
             manifest, reason2 = store.lookup(name, key, ctx.verify)
             if manifest is not None:
-                return serve(manifest)
+                reason2 = refusal(manifest)
+                if reason2 is None:
+                    return serve(manifest)
             reason = reason2 or reason
         return _compute(ctx, spec, args, inputs, key, started, forced, reason)
     finally:

@@ -1,6 +1,6 @@
 """Reading the score out of a judge's reply.
 
-The judge is asked for structured output (:data:`REPLY_SCHEMA`, sent as Ollama's
+The judge is asked for structured output (:data:`~gpt.eval.judge.prompt.REPLY_SCHEMA`, sent as Ollama's
 ``format``), so a reply is normally a JSON object such as ``{"score": 85, "reason": …}``.
 A server or model that ignores ``format`` answers in prose; the free-text rules below
 then look for a score, and give ``None`` rather than a wrong number whenever the reply
@@ -25,22 +25,17 @@ is ambiguous. The rules, in order (the first that applies decides):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["REPLY_SCHEMA", "ParsedScore", "parse_reply", "parse_score"]
+__all__ = ["READER_VERSION", "ParsedScore", "parse_reply", "parse_score"]
 
-#: JSON schema of the reply, sent as Ollama's ``format`` (structured output).
-REPLY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "score": {"type": "integer", "minimum": 0, "maximum": 100},
-        "reason": {"type": "string", "maxLength": 300},
-    },
-    "required": ["score"],
-    "additionalProperties": False,
-}
+#: The reader's version: a digest of this module's source, so any change to the rules is
+#: a new version (part of the judge key; stored replies are read again under a new one).
+READER_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 class ParsedScore(NamedTuple):
