@@ -147,6 +147,80 @@ def test_config_lists_one_name_and_old_keys() -> None:
         JudgeConfig(hosts=[])
 
 
+# --------------------------------------------------------------------------- settings
+
+
+def _another(value: Any) -> Any:
+    """A valid value other than ``value`` (by its type)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, tuple):
+        return (*value, "phi3")
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5
+    raise TypeError(f"no other value for {value!r}")
+
+
+def _sent(stub: OllamaStub, cfg: JudgeConfig) -> list[str]:
+    """The chat request bodies ``cfg`` makes the library send (canonical, sorted)."""
+    before = len(stub.chat_requests())
+    out = score_examples(_examples(2), cfg, progress=False)
+    assert all(j.error is None for j in out)
+    bodies = stub.chat_requests()[before:]
+    return sorted(json.dumps({k: v for k, v in b.items() if k != "stream"}, sort_keys=True)
+                  for b in bodies)  # fmt: skip
+
+
+#: The settings that shape a reply: every field the cache key holds.
+SHAPING = sorted(set(JudgeConfig().key_dict()) & set(JudgeConfig.model_fields))
+#: The others, except where the requests go (and the one that makes the preflight pull).
+OPERATIONAL = sorted(JudgeConfig.operational_fields() - {"hosts", "auto_pull"})
+
+
+@pytest.mark.parametrize("field", [*SHAPING, "prompt"])
+def test_each_setting_that_shapes_a_reply_changes_what_reaches_the_server(
+    field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Observed at the loopback server: a non-default value of each setting in the judge
+    key changes the requests (not only the settings object handed over), and the key."""
+    import gpt.eval.judge.prompt as prompt
+
+    with OllamaStub(models=["llama3", "phi3"]) as stub:
+        base = _cfg(stub.host)
+        before = base.judge_key("llama3", "d").key
+        sent = _sent(stub, base)
+        if field == "prompt":
+            monkeypatch.setattr(prompt, "PROMPT_TEMPLATE", "Be strict. " + prompt.PROMPT_TEMPLATE)
+            changed = base
+        else:
+            changed = base.replace(**{field: _another(getattr(base, field))})
+        assert _sent(stub, changed) != sent, f"{field} does not change what is sent"
+    if field not in ("models", "repeats"):  # which requests, not how each is answered
+        assert changed.judge_key("llama3", "d").key != before, field
+    assert len(SHAPING) >= 6  # models, repeats, seed, temperature, num_ctx, structured
+
+
+@pytest.mark.parametrize("field", OPERATIONAL)
+def test_operational_settings_leave_the_requests_alone(field: str) -> None:
+    with OllamaStub() as stub:
+        base = _cfg(stub.host)
+        changed = base.replace(**{field: _another(getattr(base, field))})
+        assert _sent(stub, changed) == _sent(stub, base), field
+    assert changed.judge_key("llama3", "d") == base.judge_key("llama3", "d")
+
+
+def test_the_judge_key_holds_the_model_digest() -> None:
+    cfg = JudgeConfig()
+    a, b = cfg.judge_key("llama3", "sha256:aa"), cfg.judge_key("llama3", "sha256:bb")
+    assert a.key != b.key and a.settings["model_digest"] == "sha256:aa"
+    assert cfg.judge_key("mistral", "sha256:aa").key != a.key
+    # the settings by name: everything the stage key holds, less models and repeats
+    shared = set(cfg.key_dict()) - {"models", "repeats"}
+    assert set(a.settings) == {"model", "model_digest", *shared}
+
+
 # --------------------------------------------------------------------------- catalog flow
 
 
