@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import signal
 import socket
 import threading
 import time
@@ -517,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stub = OllamaStub(
         models=args.model, reply=reply, latency_s=args.latency_s, port=args.port, bind=args.bind
     )
+    signal.signal(signal.SIGTERM, lambda *_: stub._stop.set())  # `kill PID` stops it too
     with stub:
         print(
             f"Ollama stand-in on {stub.host} with {', '.join(stub.models)} (Ctrl-C stops it)",

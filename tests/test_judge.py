@@ -562,3 +562,64 @@ def test_eval_summary_separates_unparsed_from_failed(catalog) -> None:
     )
     row = catalog.query_df("SELECT * FROM eval_summary WHERE run_id = 's'").iloc[0]
     assert (row["n"], row["n_scored"], row["n_unparsed"], row["n_failed"]) == (4, 1, 2, 1)
+
+
+# --------------------------------------------------------------------------- the stand-in
+
+
+def test_the_stand_in_runs_on_its_own_and_scores_by_a_hash_of_the_request(
+    tmp_path: Path,
+) -> None:
+    """`python -m benchmarks.ollama_stub --port N` serves until stopped (as the README
+    says), reports a digest per model, and scores a request by a hash of what shapes a
+    reply: the same request, the same score; another temperature, another score."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ollama
+
+    from gpt.paths import project_root
+
+    port = _closed_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.ollama_stub", "--port", str(port), "--model", "phi3"],
+        cwd=project_root(),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stdout.readline()  # printed once it listens
+        assert f"http://127.0.0.1:{port}" in line and "phi3:latest" in line, line
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        (model,) = client.list().models
+        assert model.model == "phi3:latest" and re.fullmatch(r"[0-9a-f]{64}", model.digest)
+
+        def score(**options: Any) -> int:
+            msg = [{"role": "user", "content": "Rate: 2 + 2 = 4"}]
+            reply = client.chat(model="phi3", messages=msg, options=options, format=REPLY_SCHEMA)
+            return json.loads(reply.message.content)["score"]
+
+        greedy = score(temperature=0, seed=1)
+        assert score(temperature=0, seed=2) == greedy  # greedy decoding ignores the seed
+        others = {score(temperature=t, seed=1) for t in (0.3, 0.6, 0.9)}
+        assert others - {greedy}, "the temperature never changed the score"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_the_stand_in_repull_changes_the_digest_and_the_scores() -> None:
+    import ollama
+
+    with OllamaStub(models=["llama3"]) as stub:
+        cfg = _cfg(stub.host)
+        before = [j.score for j in score_examples(_examples(6), cfg, progress=False)]
+        digest = stub.digest("llama3")
+        stub.repull("llama3")
+        listed = {m.model: m.digest for m in ollama.Client(host=stub.host).list().models}
+        after = [j.score for j in score_examples(_examples(6), cfg, progress=False)]
+    assert listed["llama3:latest"] != digest
+    assert after != before and all(s is not None for s in before + after)
