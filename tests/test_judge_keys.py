@@ -226,3 +226,29 @@ def test_judgments_without_a_key_are_still_shown_by_their_own_run(cat: Catalog) 
     shown = cat.query_df("SELECT * FROM eval_summary WHERE run_id = 'resp'")
     assert shown["n"].tolist() == [N] and shown["mean_score"].tolist() == [20.0]
     assert pd.isna(shown["judge_key"][0])
+
+
+def test_a_folder_from_before_judge_keys_replaces_only_rows_without_one(
+    cat: Catalog, tmp_path: Path
+) -> None:
+    """Rebuilding a catalog replays stage folders in any order: an older judge folder
+    (its scope recorded without judge_key) must not delete judgments that have a key."""
+    from tasks.rows import RowSink, ingest, missing_tables
+
+    with OllamaStub() as stub:
+        keyed = _judge(cat, tmp_path, "k1", _cfg(stub))
+    legacy = [{"run_id": "resp", "example_id": i, "judge_model": "llama3", "prompt_version": "v2",
+               "repeat": 0, "score": 7, "raw_reply": "7"} for i in range(N)]  # fmt: skip
+    sink = RowSink(tmp_path / "legacy")
+    sink.add("judgments", legacy)
+    meta = sink.write_parquet()
+    meta["judgments"]["scopes"] = [{"run_id": "resp", "judge_model": "llama3", "prompt_version": "v2"}]  # fmt: skip
+    assert missing_tables(cat, meta) == ["judgments"]
+    ingest(cat, tmp_path / "legacy", meta)
+    assert missing_tables(cat, meta) == []
+    rows = cat.query_df(
+        "SELECT coalesce(judge_key, 'none') AS k, count(*) AS n FROM judgments GROUP BY 1 ORDER BY 1"
+    )
+    assert rows.to_dict("list") == {"k": sorted([keyed.out.judge_keys["llama3"], "none"]),
+                                    "n": [N, N]}  # fmt: skip
+    assert _shown(cat, "k1") == _outputs(keyed)
