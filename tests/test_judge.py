@@ -197,7 +197,7 @@ def test_each_setting_that_shapes_a_reply_changes_what_reaches_the_server(
         else:
             changed = base.replace(**{field: _another(getattr(base, field))})
         assert _sent(stub, changed) != sent, f"{field} does not change what is sent"
-    if field not in ("models", "repeats"):  # which requests, not how each is answered
+    if field != "models":  # another model: the same key for llama3, one more for phi3
         assert changed.judge_key("llama3", "d").key != before, field
     assert len(SHAPING) >= 6  # models, repeats, seed, temperature, num_ctx, structured
 
@@ -216,8 +216,8 @@ def test_the_judge_key_holds_the_model_digest() -> None:
     a, b = cfg.judge_key("llama3", "sha256:aa"), cfg.judge_key("llama3", "sha256:bb")
     assert a.key != b.key and a.settings["model_digest"] == "sha256:aa"
     assert cfg.judge_key("mistral", "sha256:aa").key != a.key
-    # the settings by name: everything the stage key holds, less models and repeats
-    shared = set(cfg.key_dict()) - {"models", "repeats"}
+    # the settings by name: everything the stage key holds, each model apart
+    shared = set(cfg.key_dict()) - {"models"}
     assert set(a.settings) == {"model", "model_digest", *shared}
 
 

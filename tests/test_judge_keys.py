@@ -7,7 +7,8 @@ deterministic model's reply, so changed settings give other scores).
 - going back to earlier settings is a cache hit whose outputs equal what
   ``eval_summary`` shows for that run;
 - a model pulled anew (same tag, new digest) is noticed behind an unchanged stage key;
-- resuming skips only rows of the same key.
+- resuming skips only rows of the same key; a reply stored under the same reply
+  settings (another reader, another number of repeats) is reused, not asked again.
 """
 
 from __future__ import annotations
@@ -208,7 +209,7 @@ def test_a_new_reader_reads_stored_replies_again_without_asking(
         reread = _judge(cat, tmp_path, "v2", _cfg(stub))
         assert stub.chat_count == N  # nothing asked again
     assert reread.out.judge_keys != first.out.judge_keys
-    assert (reread.out.n_reread, reread.out.n_sent) == (N, 0)
+    assert (reread.out.n_reused, reread.out.n_sent) == (N, 0)
     assert _shown(cat, "v2") == [
         {**row, "judge_key": reread.out.judge_keys["llama3"]} for row in _outputs(first)
     ]
@@ -252,3 +253,20 @@ def test_a_folder_from_before_judge_keys_replaces_only_rows_without_one(
     assert rows.to_dict("list") == {"k": sorted([keyed.out.judge_keys["llama3"], "none"]),
                                     "n": [N, N]}  # fmt: skip
     assert _shown(cat, "k1") == _outputs(keyed)
+
+
+def test_more_repeats_send_only_the_new_ones_and_each_run_shows_its_own(
+    cat: Catalog, tmp_path: Path
+) -> None:
+    with OllamaStub() as stub:
+        one = _judge(cat, tmp_path, "one", _cfg(stub, temperature=0.5))
+        three = _judge(cat, tmp_path, "three", _cfg(stub, temperature=0.5, repeats=3))
+        assert stub.chat_count == 3 * N  # repeat 0 reused, repeats 1 and 2 sent
+        assert (three.out.n_reused, three.out.n_sent) == (N, 2 * N)
+        two = _judge(cat, tmp_path, "two", _cfg(stub, temperature=0.5, repeats=2))
+        assert stub.chat_count == 3 * N and two.out.n_reused == 2 * N
+    for run, res, repeats in (("one", one, 1), ("three", three, 3), ("two", two, 2)):
+        assert _shown(cat, run) == _outputs(res), run
+        assert [r["n"] for r in _shown(cat, run)] == [N * repeats], run
+    spread = cat.query_df("SELECT max(n_repeats) AS r FROM judge_spread WHERE run_id = 'two'")
+    assert spread["r"][0] == 2

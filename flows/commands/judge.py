@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     how = (
         "cached: the same responses were judged with these settings before"
         if result.cache_hit
-        else f"sent {out.n_sent}, skipped {out.n_skipped} already judged, read "
-        f"{out.n_reread} stored replies again"
+        else f"sent {out.n_sent}, skipped {out.n_skipped} already judged, reused "
+        f"{out.n_reused} stored replies"
     )
     print(
         f"judge {', '.join(out.judge_models)} (prompt {out.prompt_version}, "

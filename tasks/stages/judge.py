@@ -11,8 +11,9 @@ The pipeline (responses of its extract_responses stage), the ``gptflow-judge`` f
 - **Each judgment row** carries its judge key (:meth:`JudgeConfig.judge_key`): model and
   digest, prompt, schema, sampling options, structured output, reader version.
   Judging resumes only within one key: rows of other settings are never counted as
-  done, and stay in ``judgments`` for querying. A reply stored under the same settings
-  but an older reader is read again instead of asked for again.
+  done, and stay in ``judgments`` for querying. A reply stored under the same reply
+  settings but another reader version or number of repeats is reused (read again by
+  today's reader) instead of asked for again.
 - **What a run shows**: the stage's outputs name the judge key of each model
   (``judge_keys``); the catalog's views (``eval_summary``, ``eval_examples``,
   ``judge_spread``, ``judge_agreement``) show each run the rows of the keys its own
@@ -71,8 +72,9 @@ class JudgeOut(StageOut):
     """Responses stored for the run."""
     n_skipped: int
     """Already judged (without error) under the same judge key: not sent."""
-    n_reread: int
-    """Replies stored under the same settings but an older reader, read again: not sent."""
+    n_reused: int
+    """Replies stored under another judge key with the same reply settings (another
+    reader version or number of repeats), read again and stored under this key: not sent."""
     n_sent: int
     """Sent to the judges in this call."""
     n_scored: int
@@ -181,11 +183,11 @@ def _judgment_row(run_id: str, jk: JudgeKey, row: dict[str, Any]) -> dict[str, A
     }
 
 
-def _reread(
+def _reuse(
     catalog: Catalog, run_id: str, keys: dict[str, JudgeKey], wanted: set[tuple[int, str, int]]
 ) -> dict[tuple[int, str, int], dict[str, Any]]:
-    """Rows for the items of ``wanted`` whose reply is stored under the same settings but
-    another reader version: the stored reply read by today's reader."""
+    """Rows for the items of ``wanted`` whose reply is stored under another judge key with
+    the same reply key: the stored reply, read by today's reader, under this key."""
     by_reply = {jk.reply_key: jk for jk in keys.values()}
     current = [jk.key for jk in keys.values()]
     df = catalog.query_df(
@@ -221,8 +223,9 @@ def judge_run(
     The preflight runs first: it finds the live hosts and each model's digest (so the
     judge keys), and raises :class:`~gpt.errors.JudgeError` — with the stored responses
     left untouched — when no host answers or a model is on none. Judgments free of
-    ``error`` under the same key are kept (raising ``repeats`` or adding a model sends
-    only the new ones); ``again`` deletes this key's judgments and scores everything
+    ``error`` under the same key are kept, and replies stored under the same reply
+    settings are reused (raising ``repeats`` or adding a model sends only the new
+    ones); ``again`` deletes this key's judgments and scores everything
     again. Judgments are upserted every ``save_every`` results, so an interrupted call
     loses at most that many.
     """
@@ -246,24 +249,24 @@ def judge_run(
         f"WHERE run_id = ? AND judge_key IN ({_in(list(key_of))}) AND error IS NULL",
         [run_id, *key_of],
     )
-    judged = {
-        (int(e), key_of[k].model, int(r))
-        for e, k, r in zip(done["example_id"], done["judge_key"], done["repeat"], strict=True)
-    }
     wanted = {
         (int(r["example_id"]), model, rep)
         for r in responses
         for model in cfg.models
         for rep in range(cfg.repeats)
     }
-    reread = _reread(catalog, run_id, keys, wanted - judged) if not again else {}
-    if reread:
-        catalog.upsert_rows("judgments", list(reread.values()), key=row_key)
-    pending = wanted - judged - set(reread)
+    judged = wanted & {
+        (int(e), key_of[k].model, int(r))
+        for e, k, r in zip(done["example_id"], done["judge_key"], done["repeat"], strict=True)
+    }
+    reused = _reuse(catalog, run_id, keys, wanted - judged) if not again else {}
+    if reused:
+        catalog.upsert_rows("judgments", list(reused.values()), key=row_key)
+    pending = wanted - judged - set(reused)
     log.info(
-        "judge %s: %d responses x %d model(s) x %d repeat(s): %d already judged, %d read "
-        "again, %d to send",
-        run_id, len(responses), len(cfg.models), cfg.repeats, len(judged), len(reread),
+        "judge %s: %d responses x %d model(s) x %d repeat(s): %d already judged, %d reused, "
+        "%d to send",
+        run_id, len(responses), len(cfg.models), cfg.repeats, len(judged), len(reused),
         len(pending),
     )  # fmt: skip
     judgments: list[Judgment] = []
@@ -311,7 +314,7 @@ def judge_run(
         model_digests=dict(routing.digests),
         n_responses=len(responses),
         n_skipped=len(judged),
-        n_reread=len(reread),
+        n_reused=len(reused),
         n_sent=len(pending),
         n_scored=n_scored,
         n_unparsed=len(judgments) - n_scored - n_failed,
@@ -389,9 +392,9 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
         run.rows.add(table, _rows(df))
     run.log().info(
         "judged run %s with %s: %d sent (%d scored, %d unparsed, %d failed), %d already "
-        "judged, %d read again",
+        "judged, %d reused",
         responses_run, ", ".join(out.judge_models), out.n_sent, out.n_scored, out.n_unparsed,
-        out.n_failed, out.n_skipped, out.n_reread,
+        out.n_failed, out.n_skipped, out.n_reused,
     )  # fmt: skip
     failed = int(judgments["error"].notna().sum())
     if failed:

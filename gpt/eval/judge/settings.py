@@ -43,9 +43,9 @@ class JudgeKey:
     """What one judge model's judgments depend on, and its hash.
 
     ``settings`` holds every part by name (stored with each judgment as
-    ``judge_settings``); ``reply_key`` hashes the parts that shape the reply itself (all
-    but the reader's version), so a reply stored under an older reader can be read again
-    instead of asked for again.
+    ``judge_settings``); ``reply_key`` hashes the parts that shape one reply (all but the
+    reader's version and ``repeats``), so a reply stored under another reader or another
+    number of repeats is reused — read again by this reader — instead of asked for again.
     """
 
     model: str
@@ -53,10 +53,10 @@ class JudgeKey:
     key: str
     """Hash of ``settings`` (24 hex characters): the ``judge_key`` column."""
     reply_key: str
-    """Hash of ``settings`` without ``reader_version``."""
+    """Hash of ``settings`` without ``reader_version`` and ``repeats``."""
     settings: dict[str, Any]
-    """model, model_digest, every non-operational setting but ``models`` and ``repeats``,
-    the prompt's and schema's digests, the prompt version, the reader's version."""
+    """model, model_digest, every non-operational setting but ``models``, the prompt's
+    and schema's digests, the prompt version, the reader's version."""
 
 
 class JudgeConfig(Args):
@@ -144,9 +144,9 @@ class JudgeConfig(Args):
     def judge_key(self, model: str, model_digest: str) -> JudgeKey:
         """The key of ``model``'s judgments under these settings, with the digest the
         server reports for the model (a re-pulled model is another key)."""
-        shared = {k: v for k, v in self.key_dict().items() if k not in ("models", "repeats")}
+        shared = {k: v for k, v in self.key_dict().items() if k != "models"}
         settings = {"model": model, "model_digest": model_digest, **shared}
-        reply = {k: v for k, v in settings.items() if k != "reader_version"}
+        reply = {k: v for k, v in settings.items() if k not in ("reader_version", "repeats")}
         return JudgeKey(
             model=model, key=_digest(settings), reply_key=_digest(reply), settings=settings
         )
