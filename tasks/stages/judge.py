@@ -102,6 +102,11 @@ def judge_fix(cfg: JudgeConfig) -> str:
 # --------------------------------------------------------------------------- responses
 
 
+def _in(values: list[Any]) -> str:
+    """Placeholders for an ``IN (…)`` list of ``values``."""
+    return ", ".join("?" for _ in values)
+
+
 def _rows(df: pd.DataFrame) -> list[dict[str, Any]]:
     """A frame's rows as dicts, NULL (NaN, NA, NaT) as ``None``."""
     return df.astype(object).where(df.notna(), None).to_dict("records")
@@ -154,9 +159,8 @@ def import_responses(
     stale = changed_examples(_load_responses(catalog, run_id), rows)
     if stale:
         with catalog.connect() as con:
-            placeholders = ", ".join("?" for _ in stale)
             con.execute(
-                f"DELETE FROM judgments WHERE run_id = ? AND example_id IN ({placeholders})",
+                f"DELETE FROM judgments WHERE run_id = ? AND example_id IN ({_in(stale)})",
                 [run_id, *stale],
             )
         log.info("run %s: %d responses changed; their judgments were dropped", run_id, len(stale))
@@ -166,10 +170,6 @@ def import_responses(
 
 
 # --------------------------------------------------------------------------- judging
-
-
-def _in(values: list[str]) -> str:
-    return ", ".join("?" for _ in values)
 
 
 def _judgment_row(run_id: str, jk: JudgeKey, row: dict[str, Any]) -> dict[str, Any]:
