@@ -57,7 +57,7 @@ def _closed_url() -> str:
 
 def _judgments(cat) -> pd.DataFrame:
     return cat.query_df(
-        'SELECT example_id, judge_model, "repeat", score, error, host FROM judgments '
+        'SELECT example_id, judge_model, "repeat", score, error, host, judge_key FROM judgments '
         "WHERE run_id = 'run' ORDER BY judge_model, \"repeat\", example_id"
     )
 
@@ -162,9 +162,11 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
         assert {r["model"] for r in a.chat_requests()} == {"llama3"}
         assert {r["model"] for r in b.chat_requests()} == {"mistral"}
         assert (a.answered, b.answered) == (2 * N, 2 * N)
-    assert (both.n_sent, both.n_skipped, both.n_scored, both.n_failed) == (3 * N, N, 3 * N, 0)
+    # llama3's repeat 0 is reused (another repeats count: another judge key), not sent
+    assert (both.n_sent, both.n_reused, both.n_scored, both.n_failed) == (3 * N, N, 3 * N, 0)
 
     j = _judgments(catalog)
+    j = j[j.judge_key.isin(list(both.judge_keys.values()))]  # the second call's keys
     assert len(j) == 4 * N and j["error"].isna().all()
     assert not j.duplicated(["example_id", "judge_model", "repeat"]).any()
     assert set(j[j.judge_model == "llama3"]["host"]) == {a.host}
@@ -178,9 +180,10 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
     assert (strict_rows["range_score"] == 0).all()  # the same score on both repeats
     assert lenient_rows["range_score"].tolist() == [i % 3 for i in range(N)]
 
-    (agreement,) = catalog.query_df("SELECT * FROM judge_agreement WHERE run_id = 'run'").to_dict(
-        "records"
-    )
+    # no judge stage row speaks for run 'run': the views show each of its judge keys apart
+    agreement = catalog.query_df("SELECT * FROM judge_agreement WHERE run_id = 'run'")
+    assert len(agreement) == 2  # llama3 under repeats 1 and 2, each against mistral
+    (agreement,) = agreement[agreement.key_a == both.judge_keys["llama3"]].to_dict("records")
     assert (agreement["judge_a"], agreement["judge_b"], agreement["n"]) == ("llama3", "mistral", N)
     x = j[j.judge_model == "llama3"].groupby("example_id")["score"].mean().to_numpy()
     y = j[j.judge_model == "mistral"].groupby("example_id")["score"].mean().to_numpy()
