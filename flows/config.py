@@ -22,7 +22,7 @@ from gpt.device import DeviceName
 from gpt.errors import ConfigError
 from gpt.eval.baseline import BaselineArgs
 from gpt.eval.gates import GatesArgs
-from gpt.eval.judge import JudgeConfig
+from gpt.eval.judge.settings import JudgeConfig
 from gpt.recipes.base import LoadGPT2Args
 from gpt.recipes.classifier import SpamArgs
 from gpt.recipes.instruct import ExtractArgs, InstructArgs

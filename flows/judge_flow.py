@@ -5,8 +5,8 @@ the pipeline's own judge stage (:mod:`tasks.stages.judge`), on the responses of
 
 - The judge settings come from the profile's ``judge`` section + ``--set`` overrides;
   the ``required`` parameter wins over the profile.
-- Resumes: only examples without a judgment by this model + prompt version are sent; a
-  result already computed for the same responses and settings is a cache hit.
+- Resumes: only examples without a judgment under the same judge key are sent; a result
+  already computed for the same responses and settings is a cache hit.
 - Records a run with a ``judge`` stage row under the flow run id and a table artifact of
   the ``eval_summary`` row.
 - With ``required`` false an unreachable Ollama (or a missing model) ends the stage
@@ -17,7 +17,6 @@ the pipeline's own judge stage (:mod:`tasks.stages.judge`), on the responses of
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -32,6 +31,7 @@ from gpt.errors import DataError
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
+from tasks.stages.base import plain
 from tasks.stages.judge import responses_input
 
 
@@ -48,15 +48,6 @@ def latest_responses_run(catalog: Catalog) -> str:
             "(`gptflow run`) or import some with `gptflow judge --responses FILE.json` first"
         )
     return str(df["run_id"].iloc[0])
-
-
-def _plain(value: Any) -> Any:
-    """A plain JSON value for an artifact cell (numpy scalars, NaN → None)."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
 
 
 @flow(name="gptflow-judge", log_prints=True, validate_parameters=True)
@@ -104,7 +95,7 @@ def gptflow_judge(
     if skipped is not None or not isinstance(judged, StageOutput):  # the reason and the fix
         return {**(skipped or {}), "run_id": run_id, "responses_run_id": target}
     out = judged.data
-    rows = [{k: _plain(v) for k, v in row.items()} for row in out.get("summary") or []]
+    rows = out.get("summary") or []  # plain JSON values (a stage result)
     if rows:
         create_table_artifact(
             key="eval-summary",
@@ -116,10 +107,11 @@ def gptflow_judge(
                 + (" — cached result" if judged.cache_hit else f": {out['n_sent']} sent")
             ),
         )
-    if out.get("agreement"):
+    agreement = cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [run_id])
+    if not agreement.empty:
         create_table_artifact(
             key="judge-agreement",
-            table=[{k: _plain(v) for k, v in row.items()} for row in out["agreement"]],
+            table=plain(agreement.to_dict("records")),
             description=f"Agreement between the judge models on run `{target}`.",
         )
     return {

@@ -662,7 +662,7 @@ def test_sql_and_eval_views_on_the_lake_match_the_file(
     lake_table = capsys.readouterr().out
     assert cli_main(["sql", _QUERIES[1], "--db", str(file_db)]) == 0
     assert capsys.readouterr().out == lake_table
-    from tasks.judging import summarize
+    from tasks.stages.judge import summarize
 
     pd.testing.assert_frame_equal(summarize(Catalog(settings=lake)), summarize(Catalog(file_db)))
 

@@ -16,16 +16,11 @@ import pytest
 
 from benchmarks.ollama_stub import OllamaStub
 from gpt.errors import DataError, ModelNotPulledError, OllamaUnreachableError
-from gpt.eval.judge import (
-    PROMPT_VERSION,
-    REPLY_SCHEMA,
-    JudgeConfig,
-    build_prompt,
-    parse_reply,
-    parse_score,
-    preflight,
-    score_examples,
-)
+from gpt.eval.judge.hosts import preflight
+from gpt.eval.judge.prompt import PROMPT_VERSION, REPLY_SCHEMA, build_prompt
+from gpt.eval.judge.reply import parse_reply, parse_score
+from gpt.eval.judge.scoring import score_examples
+from gpt.eval.judge.settings import JudgeConfig
 
 # --------------------------------------------------------------------------- helpers
 
@@ -152,6 +147,80 @@ def test_config_lists_one_name_and_old_keys() -> None:
         JudgeConfig(hosts=[])
 
 
+# --------------------------------------------------------------------------- settings
+
+
+def _another(value: Any) -> Any:
+    """A valid value other than ``value`` (by its type)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, tuple):
+        return (*value, "phi3")
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5
+    raise TypeError(f"no other value for {value!r}")
+
+
+def _sent(stub: OllamaStub, cfg: JudgeConfig) -> list[str]:
+    """The chat request bodies ``cfg`` makes the library send (canonical, sorted)."""
+    before = len(stub.chat_requests())
+    out = score_examples(_examples(2), cfg, progress=False)
+    assert all(j.error is None for j in out)
+    bodies = stub.chat_requests()[before:]
+    return sorted(json.dumps({k: v for k, v in b.items() if k != "stream"}, sort_keys=True)
+                  for b in bodies)  # fmt: skip
+
+
+#: The settings that shape a reply: every field the cache key holds.
+SHAPING = sorted(set(JudgeConfig().key_dict()) & set(JudgeConfig.model_fields))
+#: The others, except where the requests go (and the one that makes the preflight pull).
+OPERATIONAL = sorted(JudgeConfig.operational_fields() - {"hosts", "auto_pull"})
+
+
+@pytest.mark.parametrize("field", [*SHAPING, "prompt"])
+def test_each_setting_that_shapes_a_reply_changes_what_reaches_the_server(
+    field: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Observed at the loopback server: a non-default value of each setting in the judge
+    key changes the requests (not only the settings object handed over), and the key."""
+    import gpt.eval.judge.prompt as prompt
+
+    with OllamaStub(models=["llama3", "phi3"]) as stub:
+        base = _cfg(stub.host)
+        before = base.judge_key("llama3", "d").key
+        sent = _sent(stub, base)
+        if field == "prompt":
+            monkeypatch.setattr(prompt, "PROMPT_TEMPLATE", "Be strict. " + prompt.PROMPT_TEMPLATE)
+            changed = base
+        else:
+            changed = base.replace(**{field: _another(getattr(base, field))})
+        assert _sent(stub, changed) != sent, f"{field} does not change what is sent"
+    if field != "models":  # another model: the same key for llama3, one more for phi3
+        assert changed.judge_key("llama3", "d").key != before, field
+    assert len(SHAPING) >= 6  # models, repeats, seed, temperature, num_ctx, structured
+
+
+@pytest.mark.parametrize("field", OPERATIONAL)
+def test_operational_settings_leave_the_requests_alone(field: str) -> None:
+    with OllamaStub() as stub:
+        base = _cfg(stub.host)
+        changed = base.replace(**{field: _another(getattr(base, field))})
+        assert _sent(stub, changed) == _sent(stub, base), field
+    assert changed.judge_key("llama3", "d") == base.judge_key("llama3", "d")
+
+
+def test_the_judge_key_holds_the_model_digest() -> None:
+    cfg = JudgeConfig()
+    a, b = cfg.judge_key("llama3", "sha256:aa"), cfg.judge_key("llama3", "sha256:bb")
+    assert a.key != b.key and a.settings["model_digest"] == "sha256:aa"
+    assert cfg.judge_key("mistral", "sha256:aa").key != a.key
+    # the settings by name: everything the stage key holds, each model apart
+    shared = set(cfg.key_dict()) - {"models"}
+    assert set(a.settings) == {"model", "model_digest", *shared}
+
+
 # --------------------------------------------------------------------------- catalog flow
 
 
@@ -162,7 +231,7 @@ VERDICTS = [{"score": s, "reason": f"Reason {i}."} for i, s in enumerate(
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_scores_parsed_and_aggregated(catalog, tmp_path: Path, stream: bool) -> None:
-    from tasks.judging import import_responses, judge_run, summarize
+    from tasks.stages.judge import import_responses, judge_run, summarize
 
     n = len(VERDICTS)
     path = _write_json(tmp_path / "resp.json", _records(n))
@@ -205,7 +274,7 @@ def test_free_text_replies_are_read_by_the_fallback(
 ) -> None:
     """With ``structured`` off no ``format`` is sent; a model that ignores it (the stub's
     free-text replies) is read by the text rules either way."""
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     n = len(REPLIES)
     import_responses(catalog, "ft", _write_json(tmp_path / "r.json", _records(n)))
@@ -223,7 +292,7 @@ def test_free_text_replies_are_read_by_the_fallback(
 
 
 def test_malformed_replies_give_null_score_and_keep_raw(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     replies = ["excellent work", "105", "Score: 85/100", "-3", "85.5", "70"]
     import_responses(catalog, "bad", _write_json(tmp_path / "r.json", _records(len(replies))))
@@ -250,7 +319,7 @@ def test_malformed_replies_give_null_score_and_keep_raw(catalog, tmp_path: Path)
 
 
 def test_model_not_pulled_gives_clear_message(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "np", _write_json(tmp_path / "r.json", _records(3)))
     with OllamaStub(models=["mistral"]) as stub:
@@ -267,7 +336,7 @@ def test_model_not_pulled_gives_clear_message(catalog, tmp_path: Path) -> None:
 
 
 def test_server_down_clear_error_and_responses_intact(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "down", _write_json(tmp_path / "r.json", _records(4)))
     host = f"http://127.0.0.1:{_closed_port()}"
@@ -282,7 +351,7 @@ def test_server_down_clear_error_and_responses_intact(catalog, tmp_path: Path) -
 
 
 def test_500_then_success_is_retried(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "flaky", _write_json(tmp_path / "r.json", _records(3)))
     with OllamaStub(reply=_reply_from_table(REPLIES), fail_first=2) as stub:
@@ -317,7 +386,7 @@ def test_timeout_is_retried_then_recorded() -> None:
 
 
 def test_rerun_scores_only_missing(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     n = 6
     import_responses(catalog, "rr", _write_json(tmp_path / "r.json", _records(n)))
@@ -343,9 +412,9 @@ def test_rerun_scores_only_missing(catalog, tmp_path: Path) -> None:
     assert rows["score"].tolist() == [parse_score(r) for r in REPLIES[:n]]
     assert rows["error"].isna().all()
 
-    with OllamaStub() as stub:  # nothing left: no request at all
+    with OllamaStub() as stub:  # nothing left: only the preflight's listing (the digest)
         third = judge_run(catalog, "rr", _cfg(stub.host), progress=False)
-        assert stub.requests == []
+        assert [r.path for r in stub.requests] == ["/api/tags"]
     assert third.n_sent == 0 and third.summary[0]["n_scored"] == n
 
     # A different judge model is a separate set of judgments.
@@ -364,7 +433,7 @@ def test_concurrency_speedup() -> None:
             t0 = time.perf_counter()
             out = score_examples(examples, _cfg(stub.host, concurrency=conc), progress=False)
             times[conc] = time.perf_counter() - t0
-            assert [j.score for j in out] == [50] * n
+            assert all(j.score is not None and j.error is None for j in out)
     ratio = times[1] / times[8]
     print(
         f"\njudge concurrency 1: {times[1]:.2f}s, 8: {times[8]:.2f}s "
@@ -375,7 +444,7 @@ def test_concurrency_speedup() -> None:
 
 
 def test_auto_pull_pulls_through_api(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     import_responses(catalog, "pull", _write_json(tmp_path / "r.json", _records(2)))
     with OllamaStub(models=[], pullable=["llama3"], reply=_reply_from_table(REPLIES)) as stub:
@@ -402,7 +471,7 @@ def test_sync_wrapper_inside_running_loop() -> None:
 
 
 def test_import_responses_validation(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses
+    from tasks.stages.judge import import_responses
 
     recs = _records(3)
     del recs[1]["model_response"]
@@ -424,7 +493,7 @@ def test_import_responses_validation(catalog, tmp_path: Path) -> None:
 
 
 def test_reimport_changed_response_drops_its_judgment(catalog, tmp_path: Path) -> None:
-    from tasks.judging import import_responses, judge_run
+    from tasks.stages.judge import import_responses, judge_run
 
     recs = _records(3)
     import_responses(catalog, "ch", _write_json(tmp_path / "r.json", recs))
@@ -493,3 +562,64 @@ def test_eval_summary_separates_unparsed_from_failed(catalog) -> None:
     )
     row = catalog.query_df("SELECT * FROM eval_summary WHERE run_id = 's'").iloc[0]
     assert (row["n"], row["n_scored"], row["n_unparsed"], row["n_failed"]) == (4, 1, 2, 1)
+
+
+# --------------------------------------------------------------------------- the stand-in
+
+
+def test_the_stand_in_runs_on_its_own_and_scores_by_a_hash_of_the_request(
+    tmp_path: Path,
+) -> None:
+    """`python -m benchmarks.ollama_stub --port N` serves until stopped (as the README
+    says), reports a digest per model, and scores a request by a hash of what shapes a
+    reply: the same request, the same score; another temperature, another score."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ollama
+
+    from gpt.paths import project_root
+
+    port = _closed_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.ollama_stub", "--port", str(port), "--model", "phi3"],
+        cwd=project_root(),
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        line = proc.stdout.readline()  # printed once it listens
+        assert f"http://127.0.0.1:{port}" in line and "phi3:latest" in line, line
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        (model,) = client.list().models
+        assert model.model == "phi3:latest" and re.fullmatch(r"[0-9a-f]{64}", model.digest)
+
+        def score(**options: Any) -> int:
+            msg = [{"role": "user", "content": "Rate: 2 + 2 = 4"}]
+            reply = client.chat(model="phi3", messages=msg, options=options, format=REPLY_SCHEMA)
+            return json.loads(reply.message.content)["score"]
+
+        greedy = score(temperature=0, seed=1)
+        assert score(temperature=0, seed=2) == greedy  # greedy decoding ignores the seed
+        others = {score(temperature=t, seed=1) for t in (0.3, 0.6, 0.9)}
+        assert others - {greedy}, "the temperature never changed the score"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_the_stand_in_repull_changes_the_digest_and_the_scores() -> None:
+    import ollama
+
+    with OllamaStub(models=["llama3"]) as stub:
+        cfg = _cfg(stub.host)
+        before = [j.score for j in score_examples(_examples(6), cfg, progress=False)]
+        digest = stub.digest("llama3")
+        stub.repull("llama3")
+        listed = {m.model: m.digest for m in ollama.Client(host=stub.host).list().models}
+        after = [j.score for j in score_examples(_examples(6), cfg, progress=False)]
+    assert listed["llama3:latest"] != digest
+    assert after != before and all(s is not None for s in before + after)

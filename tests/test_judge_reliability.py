@@ -15,7 +15,9 @@ import pytest
 
 from benchmarks.ollama_stub import OllamaStub
 from gpt.errors import OllamaUnreachableError
-from gpt.eval.judge import PROMPT_VERSION, JudgeConfig, preflight
+from gpt.eval.judge.hosts import preflight
+from gpt.eval.judge.prompt import PROMPT_VERSION
+from gpt.eval.judge.settings import JudgeConfig
 
 N = 12
 
@@ -23,7 +25,7 @@ N = 12
 @pytest.fixture
 def catalog(tmp_path: Path):
     from tasks.catalog import Catalog
-    from tasks.judging import import_responses
+    from tasks.stages.judge import import_responses
 
     cat = Catalog()
     records = [
@@ -55,7 +57,7 @@ def _closed_url() -> str:
 
 def _judgments(cat) -> pd.DataFrame:
     return cat.query_df(
-        'SELECT example_id, judge_model, "repeat", score, error, host FROM judgments '
+        'SELECT example_id, judge_model, "repeat", score, error, host, judge_key FROM judgments '
         "WHERE run_id = 'run' ORDER BY judge_model, \"repeat\", example_id"
     )
 
@@ -139,7 +141,7 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
     """Two stand-in servers, each holding one judge model that scores differently (and,
     for the second, differently per repeat seed): every judgment stored, each request
     routed to the server holding its model, spread and agreement in the catalog."""
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     def strict(body: dict[str, Any]) -> dict[str, Any]:
         return {"score": 8 * _example(body), "reason": "strict"}
@@ -155,14 +157,16 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
         first = judge_run(catalog, "run", _cfg([a.host, b.host]), progress=False)
         assert (first.n_sent, first.n_scored) == (N, N)
         # a second judge and a second repeat: only the new judgments are sent
-        cfg = _cfg([a.host, b.host], models=["llama3", "mistral"], repeats=2, temperature=0.7)
+        cfg = _cfg([a.host, b.host], models=["llama3", "mistral"], repeats=2)
         both = judge_run(catalog, "run", cfg, progress=False)
         assert {r["model"] for r in a.chat_requests()} == {"llama3"}
         assert {r["model"] for r in b.chat_requests()} == {"mistral"}
         assert (a.answered, b.answered) == (2 * N, 2 * N)
-    assert (both.n_sent, both.n_skipped, both.n_scored, both.n_failed) == (3 * N, N, 3 * N, 0)
+    # llama3's repeat 0 is reused (another repeats count: another judge key), not sent
+    assert (both.n_sent, both.n_reused, both.n_scored, both.n_failed) == (3 * N, N, 3 * N, 0)
 
     j = _judgments(catalog)
+    j = j[j.judge_key.isin(list(both.judge_keys.values()))]  # the second call's keys
     assert len(j) == 4 * N and j["error"].isna().all()
     assert not j.duplicated(["example_id", "judge_model", "repeat"]).any()
     assert set(j[j.judge_model == "llama3"]["host"]) == {a.host}
@@ -176,7 +180,10 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
     assert (strict_rows["range_score"] == 0).all()  # the same score on both repeats
     assert lenient_rows["range_score"].tolist() == [i % 3 for i in range(N)]
 
-    (agreement,) = both.agreement
+    # no judge stage row speaks for run 'run': the views show each of its judge keys apart
+    agreement = catalog.query_df("SELECT * FROM judge_agreement WHERE run_id = 'run'")
+    assert len(agreement) == 2  # llama3 under repeats 1 and 2, each against mistral
+    (agreement,) = agreement[agreement.key_a == both.judge_keys["llama3"]].to_dict("records")
     assert (agreement["judge_a"], agreement["judge_b"], agreement["n"]) == ("llama3", "mistral", N)
     x = j[j.judge_model == "llama3"].groupby("example_id")["score"].mean().to_numpy()
     y = j[j.judge_model == "mistral"].groupby("example_id")["score"].mean().to_numpy()
@@ -190,7 +197,7 @@ def test_two_judges_on_two_servers_with_repeats(catalog) -> None:
 
 
 def test_requests_spread_over_hosts_with_bounded_concurrency(catalog) -> None:
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     stubs = [OllamaStub(latency_s=0.05).start() for _ in range(3)]
     try:
@@ -210,7 +217,7 @@ def test_host_killed_mid_run_every_item_scored_once(catalog) -> None:
     """One of three servers dies (socket closed, in-flight requests dropped) after a few
     requests: its requests go to the others; each (example, model, repeat) is stored once,
     scored, with no error."""
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     live = [OllamaStub(latency_s=0.05).start() for _ in range(2)]
     dying = OllamaStub(latency_s=0.05, die_after=3).start()
@@ -235,7 +242,7 @@ def test_host_killed_mid_run_every_item_scored_once(catalog) -> None:
 
 
 def test_last_host_dying_fails_the_rest_then_a_rerun_completes(catalog) -> None:
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     with OllamaStub(die_after=4) as dying:
         cfg = _cfg([dying.host], concurrency=1, retries=5, dead_after=2)
@@ -253,7 +260,7 @@ def test_last_host_dying_fails_the_rest_then_a_rerun_completes(catalog) -> None:
 
 
 def test_preflight_passes_on_one_host_and_names_the_others(catalog) -> None:
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     down = _closed_url()
     with OllamaStub(models=["llama3"]) as up, OllamaStub(models=["phi3"]) as other:

@@ -464,7 +464,7 @@ def test_one_judge_stage() -> None:
         text = path.read_text(encoding="utf-8")
         if "judge_run(" in text:
             calls[path.relative_to(REPO).as_posix()] = text.count("judge_run(")
-    assert set(calls) == {"tasks/judging.py", "tasks/stages/judge.py"}, calls
+    assert set(calls) == {"tasks/stages/judge.py"}, calls
     for module in ("flows/pipeline.py", "flows/judge_flow.py"):
         assert 'stage_task("judge")' in (REPO / module).read_text(encoding="utf-8") or (
             'step("judge")' in (REPO / module).read_text(encoding="utf-8")

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
-    from tasks.judging import summarize
+    from tasks.stages.judge import summarize
 
     if args.worst is not None and args.worst < 1:
         raise ConfigError(f"--worst must be >= 1, got {args.worst}")

@@ -342,7 +342,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "prefect server",
         f"{st['api_url']} " + ("up" if st["healthy"] else "down (gptflow run starts it)"),
     )
-    from gpt.eval.judge import JudgeConfig, preflight
+    from gpt.eval.judge.hosts import preflight
+    from gpt.eval.judge.settings import JudgeConfig
 
     jcfg = JudgeConfig()
     try:

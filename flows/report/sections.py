@@ -103,15 +103,6 @@ class RunData:
         """The run that computed stage ``name``'s rows (this run unless a cache hit)."""
         return str(self.outputs(name).get("producer_run_id") or self.run_id)
 
-    def responses_run(self) -> str:
-        """The run whose responses the judge scored (or would have)."""
-        judged = self.outputs("judge").get("responses_run_id")
-        if judged:
-            return str(judged)
-        if self.stage("extract_responses") is not None:
-            return self.producer("extract_responses")
-        return self.run_id
-
     def has(self, relation: str) -> bool:
         """Whether a table or view exists in the catalog."""
         return relation in self.columns_of_all()
@@ -475,7 +466,6 @@ def spam_section(d: RunData) -> list[Block]:
 
 
 def judge_section(d: RunData) -> list[Block]:
-    resp_run = d.responses_run()
     judge = d.stage("judge")
     if judge is None and d.stage("extract_responses") is None:
         return []
@@ -492,7 +482,7 @@ def judge_section(d: RunData) -> list[Block]:
         )
     summary_df = d.cat.query_df(
         "SELECT * FROM eval_summary WHERE run_id = ? ORDER BY judge_model, prompt_version",
-        [resp_run],
+        [d.run_id],
     )
     if summary_df.empty:
         if judge is None:
@@ -505,10 +495,10 @@ def judge_section(d: RunData) -> list[Block]:
             why = text(f"the judge stage ended {judge['status']} without scores.")
         blocks.append(Para(join(bold("No scores:"), " ", why)))
         return blocks
-    blocks.append(generic_table(summary_df, drop=("run_id",)))
+    blocks.append(generic_table(summary_df, drop=("run_id", "responses_run_id", "judge_key")))
     scores = d.cat.query_df(
-        "SELECT judge_model, score FROM judgments WHERE run_id = ? AND score IS NOT NULL",
-        [resp_run],
+        "SELECT judge_model, score FROM run_judgments WHERE run_id = ? AND score IS NOT NULL",
+        [d.run_id],
     )
     if not scores.empty:
         by_model = {str(m): g["score"].tolist() for m, g in scores.groupby("judge_model")}
@@ -522,19 +512,22 @@ def agreement_section(d: RunData) -> list[Block]:
         return []
     cols = d.columns("judge_agreement")
     if "run_id" in cols:
-        df = d.cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [d.responses_run()])
+        df = d.cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [d.run_id])
     else:
         return []
     if df.empty:
         return []
-    return [Heading("Judge agreement", 3), generic_table(df, drop=("run_id",))]
+    return [
+        Heading("Judge agreement", 3),
+        generic_table(df, drop=("run_id", "key_a", "key_b")),
+    ]
 
 
 def worst_section(d: RunData) -> list[Block]:
     df = d.cat.query_df(
         "SELECT example_id, instruction, response, score, judge_model FROM eval_examples "
         "WHERE run_id = ? AND score IS NOT NULL ORDER BY score, example_id LIMIT 5",
-        [d.responses_run()],
+        [d.run_id],
     )
     if df.empty:
         return []

@@ -115,13 +115,14 @@ class RunData:
     @cached_property
     def judge_scores(self) -> pd.DataFrame:
         """Per judge model, prompt version and example: the mean of its scored judgments
-        (repeats averaged) and how many there were."""
+        (repeats averaged) and how many there were — the judgments of the judge keys this
+        run's judge stage used (``run_judgments``)."""
         return self.cat.query_df(
             "SELECT judge_model, prompt_version, example_id, avg(score) AS score, "
-            "count(score) AS n_scores FROM judgments WHERE run_id = ? "
+            "count(score) AS n_scores FROM run_judgments WHERE run_id = ? "
             "GROUP BY judge_model, prompt_version, example_id HAVING count(score) > 0 "
             "ORDER BY judge_model, prompt_version, example_id",
-            [self.responses_run],
+            [self.run_id],
         )
 
     @cached_property

@@ -157,6 +157,10 @@ class StageSpec:
     reads: Callable[[RunContext, Any], dict[str, str]] | None = None
     """``reads(ctx, args)``: path -> sha256 of each file the stage reads from the
     datasets folder with these settings (part of its key)."""
+    stale: Callable[[Any, Any], str | None] | None = None
+    """``stale(args, out)``: why a verified cached result is no longer what the stage
+    would compute, for what its key cannot hold (e.g. a judge model pulled anew on the
+    server); None when it still is."""
 
 
 #: Stages declared so far (a stage module registers itself when imported).
@@ -169,9 +173,11 @@ def stage(
     resumable: bool = False,
     retries: int = 0,
     reads: Callable[[RunContext, Any], dict[str, str]] | None = None,
+    stale: Callable[[Any, Any], str | None] | None = None,
 ) -> Callable:
     """Declare the decorated function as stage ``name`` (see the module docstring).
-    ``reads``: the files it reads from the datasets folder (see :class:`StageSpec`)."""
+    ``reads``: the files it reads from the datasets folder; ``stale``: why a cached
+    result is out of date (see :class:`StageSpec`)."""
 
     def deco(fn: Callable[..., StageOut]) -> Callable[..., StageOut]:
         sig = inspect.signature(fn, eval_str=True)
@@ -188,6 +194,7 @@ def stage(
             resumable=resumable,
             retries=retries,
             reads=reads,
+            stale=stale,
         )
         return fn
 
@@ -531,11 +538,19 @@ def run_stage(
         log.info("%s: cache hit (key %s, computed by run %s)", name, key, result.run_id)
         return result
 
+    def refusal(manifest: dict[str, Any]) -> str | None:
+        """Why the stage's own check refuses a verified result (None: serve it)."""
+        if spec.stale is None:
+            return None
+        return spec.stale(args, spec.out_type.model_validate(manifest["out"]))
+
     reason = None
     if not forced:
         manifest, reason = store.lookup(name, key, ctx.verify)
         if manifest is not None:
-            return serve(manifest)
+            reason = refusal(manifest)
+            if reason is None:
+                return serve(manifest)
         if reason:
             log.warning("%s: cached result not usable (%s); recomputing", name, reason)
     if cached_only:
@@ -558,7 +573,9 @@ def run_stage(
         if waited and not forced:
             manifest, reason2 = store.lookup(name, key, ctx.verify)
             if manifest is not None:
-                return serve(manifest)
+                reason2 = refusal(manifest)
+                if reason2 is None:
+                    return serve(manifest)
             reason = reason2 or reason
         return _compute(ctx, spec, args, inputs, parts, lease, started, forced, reason)
     finally:

@@ -1,16 +1,9 @@
-"""Score model responses with local LLM judges (Llama 3 and others) served by Ollama.
+"""Scoring: every example × judge model × repeat, spread over the Ollama hosts.
 
-Pure library: talks to Ollama through the official ``ollama`` client, knows nothing
-about the catalog or Prefect. The catalog glue lives in ``tasks/judging.py``.
-
-- :class:`JudgeConfig` — hosts, models, repeats, sampling options, concurrency, retries.
-- :func:`build_prompt` — the versioned scoring prompt (:data:`PROMPT_VERSION`).
-- :func:`parse_score` / :func:`~gpt.eval.judge_reply.parse_reply` — the score in a reply
-  (structured JSON first, free-text rules that give ``None`` rather than a wrong number).
-- :func:`preflight` — which hosts answer and hold which judge models (opt-in auto-pull).
-- :func:`score_examples` — every example × model × repeat, spread over the hosts with
-  bounded concurrency per host, per-request timeout and retries, a dead host's requests
-  moved to the others; every item yields one :class:`Judgment`, failures included.
+:func:`score_examples` sends each request with bounded concurrency per host, a
+per-request timeout and retries; a dead host's requests move to the others
+(:class:`~gpt.eval.judge.hosts.HostPool`). Every item yields one :class:`Judgment`,
+failures included; its score is read by :func:`~gpt.eval.judge.reply.parse_reply`.
 """
 
 from __future__ import annotations
@@ -18,151 +11,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
-from pydantic import Field, field_validator
-
-from gpt.config import Args, operational
 from gpt.errors import JudgeError
-from gpt.eval.judge_hosts import (
-    HostPool,
-    HostStatus,
-    NoLiveHostError,
-    check_host,
-    is_connection_error,
-    not_pulled_error,
-    pull_model,
-    unreachable_error,
-)
-from gpt.eval.judge_reply import REPLY_SCHEMA, ParsedScore, parse_reply, parse_score
-from gpt.prompts import format_alpaca
+from gpt.eval.judge.hosts import HostPool, NoLiveHostError, is_connection_error
+from gpt.eval.judge.prompt import PROMPT_VERSION, REPLY_SCHEMA, build_prompt
+from gpt.eval.judge.reply import ParsedScore, parse_reply
+from gpt.eval.judge.settings import JudgeConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "PROMPT_TEMPLATE",
-    "PROMPT_VERSION",
-    "REPLY_SCHEMA",
-    "HostStatus",
-    "JudgeConfig",
-    "Judgment",
-    "ParsedScore",
-    "build_prompt",
-    "judge_fix",
-    "parse_reply",
-    "parse_score",
-    "preflight",
-    "pull_model",
-    "score_examples",
-    "score_examples_async",
-]
-
-#: Version of :data:`PROMPT_TEMPLATE`; stored with every score. Bump it whenever the
-#: template text (or how the reply is requested) changes so scores from different
-#: prompts are never mixed. v2: the reply is asked for as JSON (:data:`REPLY_SCHEMA`).
-PROMPT_VERSION = "v2"
-
-#: The scoring prompt. ``{prompt}`` is the Alpaca-formatted instruction (+ input),
-#: ``{output}`` the reference answer, ``{response}`` the model's answer.
-PROMPT_TEMPLATE = (
-    "Given the input `{prompt}` and correct output `{output}`, "
-    "score the model response `{response}` on a scale from 0 to 100, "
-    "where 100 is the best score. "
-    'Answer with a JSON object: {{"score": <integer from 0 to 100>, '
-    '"reason": "<one short sentence>"}}.'
-)
-
-
-def _default_hosts() -> tuple[str, ...]:
-    return (os.environ.get("OLLAMA_HOST") or "http://localhost:11434",)
-
-
-def _as_tuple(value: Any) -> Any:
-    """A single name is a one-element list (``--set judge.models=phi3``)."""
-    return (value,) if isinstance(value, str) else value
-
-
-class JudgeConfig(Args):
-    """How to reach and use the Ollama judges (the pipeline's ``judge`` section)."""
-
-    renamed: ClassVar[dict[str, str]] = {"host": "hosts", "model": "models"}
-
-    required: bool = operational(False)
-    """Whether the pipeline must fail when the judge is unavailable. The library always
-    raises :class:`~gpt.errors.JudgeError`; the judge stage with ``required`` false
-    records the stage as skipped with the fix (the responses are stored and can be
-    judged later)."""
-    hosts: tuple[str, ...] = operational(default_factory=_default_hosts, min_length=1)
-    """Ollama server URLs; requests are spread over them (default: ``OLLAMA_HOST`` if
-    set, else ``http://localhost:11434``). A host that keeps refusing connections is
-    taken out of rotation and its requests go to the others."""
-    models: tuple[str, ...] = Field(("llama3",), min_length=1)
-    """Judge models as Ollama knows them (``llama3`` is ``llama3:latest``); each scores
-    every example, and the catalog compares them (``judge_agreement``)."""
-    repeats: int = Field(1, ge=1, le=100)
-    """How many times each model scores each example (repeat ``r`` uses seed
-    ``seed + r``); with temperature 0 the repeats agree, so raise the temperature to
-    measure the judge's own spread (``judge_spread``)."""
-    seed: int = 123
-    """Sampling seed of repeat 0, passed in the request options."""
-    temperature: float = Field(0.0, ge=0)
-    """Sampling temperature (0 = greedy, reproducible scores)."""
-    num_ctx: int = Field(2048, ge=1)
-    """Context window the server allocates for each request."""
-    structured: bool = True
-    """Ask for a JSON reply matching :data:`REPLY_SCHEMA` (Ollama's ``format``, Ollama
-    0.5 or later). Off, or with a server that ignores it, free-text replies are read by
-    the fallback rules of :mod:`gpt.eval.judge_reply`."""
-    concurrency: int = operational(4, ge=1, le=64)
-    """Maximum number of requests in flight on each host."""
-    timeout_s: float = operational(120.0, gt=0)
-    """Per-request timeout in seconds (one attempt)."""
-    retries: int = operational(3, ge=0)
-    """Extra attempts after the first on connection errors, timeouts and 5xx replies
-    (moving to another live host after a connection error does not use one up)."""
-    backoff_s: float = operational(1.0, ge=0)
-    """Delay before the first retry; doubles on each further retry."""
-    dead_after: int = operational(3, ge=1)
-    """Connection errors in a row after which a host is taken out of rotation for the
-    rest of the call."""
-    auto_pull: bool = operational(False)
-    """Pull a missing model (on each reachable host lacking it) during :func:`preflight`
-    instead of failing."""
-    stream: bool = operational(False)
-    """Ask for a streamed reply (NDJSON chunks) instead of one JSON body."""
-
-    @field_validator("hosts", "models", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return _as_tuple(value)
-
-    @field_validator("hosts", "models")
-    @classmethod
-    def _distinct_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not v.strip() for v in value):
-            raise ValueError("names must be non-empty")
-        if len(set(value)) != len(value):
-            raise ValueError(f"names must be distinct, got {list(value)}")
-        return value
-
-    def options(self, repeat: int = 0) -> dict[str, Any]:
-        """The Ollama ``options`` sent with every chat request of repeat ``repeat``."""
-        return {
-            "seed": self.seed + repeat,
-            "temperature": self.temperature,
-            "num_ctx": self.num_ctx,
-        }
-
-
-def judge_fix(cfg: JudgeConfig) -> str:
-    """The commands that make the judges available (start the server, pull the models)."""
-    pulls = " and ".join(f"`ollama pull {m}`" for m in cfg.models)
-    return f"start Ollama with `ollama serve`, pull the judge with {pulls}"
+__all__ = ["Judgment", "score_examples", "score_examples_async"]
 
 
 @dataclass
@@ -208,57 +71,6 @@ class Judgment:
             "error": self.error,
             "host": self.host,
         }
-
-
-# --------------------------------------------------------------------------- prompt
-
-
-def build_prompt(instruction: str, input_text: str, output: str, response: str) -> str:
-    """The :data:`PROMPT_VERSION` scoring prompt for one example."""
-    return PROMPT_TEMPLATE.format(
-        prompt=format_alpaca(instruction, input_text or ""),
-        output=output,
-        response=response,
-    )
-
-
-# --------------------------------------------------------------------------- preflight
-
-
-def preflight(cfg: JudgeConfig, *, progress: bool = True) -> list[HostStatus]:
-    """Check which of ``cfg.hosts`` answer and which of ``cfg.models`` each holds, before
-    any scoring.
-
-    Passes when at least one host is up and every model is on some live host; hosts
-    that are down or lack a model are logged and left out of the routing (pass
-    ``{s.url: s.models for s in statuses if s.up}`` as ``routes`` to
-    :func:`score_examples`). Raises :class:`~gpt.errors.OllamaUnreachableError` (no
-    host answers) or :class:`~gpt.errors.ModelNotPulledError` with the command that
-    fixes it; with ``cfg.auto_pull`` a missing model is pulled on every reachable host
-    lacking it (progress bar) first.
-    """
-    statuses = [
-        check_host(
-            url,
-            cfg.models,
-            timeout_s=cfg.timeout_s,
-            auto_pull=cfg.auto_pull,
-            progress=progress,
-        )
-        for url in cfg.hosts
-    ]
-    up = [s for s in statuses if s.up]
-    if not up:
-        raise unreachable_error(statuses)
-    for model in cfg.models:
-        if not any(model in s.models for s in up):
-            raise not_pulled_error(model, [s.url for s in up])
-    for s in statuses:
-        if not s.up:
-            log.warning("judge host %s is down, using the others: %s", s.url, s.error)
-        elif s.missing:
-            log.warning("judge host %s lacks %s; the other hosts judge with it", s.url, s.missing)
-    return statuses
 
 
 # --------------------------------------------------------------------------- scoring
@@ -429,8 +241,8 @@ async def score_examples_async(
 
     Each example is a dict with ``example_id``, ``instruction``, ``input``, ``output`` and
     ``response``. ``pending`` limits the work to those ``(example_id, model, repeat)``;
-    ``routes`` (host → models, e.g. from :func:`preflight`) limits which host serves which
-    model (default: every host, every model). Returns one :class:`Judgment` per item in
+    ``routes`` (host → models, e.g. from :func:`~gpt.eval.judge.hosts.route`) limits
+    which host serves which model (default: every host, every model). Returns one :class:`Judgment` per item in
     example, model, repeat order; requests that still fail after the retries give
     ``score=None`` with ``error`` set. ``hosts_down``, if given, receives ``url: why`` for
     each host taken out of rotation.

@@ -1,14 +1,18 @@
-"""The judge's Ollama servers: which answer and hold which models, and spreading
-requests over them.
+"""The judge's Ollama servers: which answer and hold which models (and which digest of
+each), and spreading requests over them.
 
-:func:`check_host` asks one server for its models (pulling missing ones on request).
+:func:`check_host` asks one server for its models and their digests (pulling missing
+ones on request); :func:`preflight` checks every configured server before any scoring;
+:func:`route` decides which host serves which model and the one digest each model is
+judged with (a host holding another digest of a model, e.g. re-pulled on one machine
+only, is not used for it, so one model's judgments never mix two models).
 
 :class:`HostPool` hands out request slots: at most ``per_host`` requests in flight on
 each host, the least busy live host that serves the wanted model first (hosts with
 recent connection errors last). A host that fails ``dead_after`` requests in a row with
 a connection error (refused, reset, closed mid-reply) is taken out of rotation for the
 rest of the call; the requests it was serving go to the other hosts (see
-:func:`gpt.eval.judge.score_examples_async`).
+:func:`gpt.eval.judge.scoring.score_examples_async`).
 Timeouts and 5xx replies do not mark a host dead: the server is there, the model is
 slow or failing, and the request's own retries handle it.
 """
@@ -16,12 +20,15 @@ slow or failing, and the request's own retries handle it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpt.errors import JudgeError, ModelNotPulledError, OllamaUnreachableError
+from gpt.eval.judge.settings import JudgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +37,13 @@ __all__ = [
     "HostPool",
     "HostStatus",
     "NoLiveHostError",
+    "Routing",
     "check_host",
     "is_connection_error",
     "not_pulled_error",
+    "preflight",
     "pull_model",
+    "route",
     "unreachable_error",
 ]
 
@@ -180,6 +190,8 @@ class HostStatus:
     """Judge models it lacks."""
     error: str | None = None
     """Why it could not be used (unreachable, not an Ollama server); ``None`` when up."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """The digest of each model present, as the server reports it (``/api/tags``)."""
 
     @property
     def up(self) -> bool:
@@ -214,6 +226,44 @@ def not_pulled_error(model: str, urls: Sequence[str]) -> ModelNotPulledError:
     )
 
 
+def _show_digest(show: Any) -> str:
+    """A digest for a model the server resolves by ``/api/show`` only (an alias): the
+    hash of what it shows, which changes when the model is pulled again."""
+    body = show.model_dump(mode="json") if hasattr(show, "model_dump") else dict(show)
+    text = json.dumps(body, sort_keys=True, default=str)
+    return "show:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _find(client: Any, url: str, models: Sequence[str]) -> HostStatus:
+    """Which of ``models`` the server at ``url`` holds, with their digests."""
+    import httpx
+    import ollama
+
+    try:
+        listing = client.list()
+    except (ConnectionError, httpx.TransportError) as exc:
+        return HostStatus(url, error=str(exc) or type(exc).__name__)
+    except ollama.ResponseError as exc:
+        return HostStatus(url, error=f"GET /api/tags answered {exc}; is this an Ollama server?")
+    present, missing, digests = [], [], {}
+    for model in models:
+        entry = next((m for m in listing.models if _names_match(model, m.model or "")), None)
+        if entry is not None:
+            present.append(model)
+            digests[model] = entry.digest or _show_digest(entry)
+            continue
+        try:  # not listed under that name: the server resolves aliases and tags
+            digests[model] = _show_digest(client.show(model))
+            present.append(model)
+        except ollama.ResponseError as exc:
+            if exc.status_code != 404:
+                log.warning("judge host %s failed to show '%s': %s", url, model, exc)
+            missing.append(model)
+        except (ConnectionError, httpx.TransportError) as exc:
+            return HostStatus(url, error=str(exc) or type(exc).__name__)
+    return HostStatus(url, models=tuple(present), missing=tuple(missing), digests=digests)
+
+
 def check_host(
     url: str,
     models: Sequence[str],
@@ -223,40 +273,96 @@ def check_host(
     progress: bool = True,
 ) -> HostStatus:
     """Whether ``url`` answers like an Ollama server, and which of ``models`` it holds
-    (pulling the missing ones first with ``auto_pull``)."""
-    import httpx
+    with which digest (pulling the missing ones first with ``auto_pull``)."""
     import ollama
 
     client = ollama.Client(host=url, timeout=min(timeout_s, 30.0))
     try:
-        try:
-            listing = client.list()
-        except (ConnectionError, httpx.TransportError) as exc:
-            return HostStatus(url, error=str(exc) or type(exc).__name__)
-        except ollama.ResponseError as exc:
-            return HostStatus(url, error=f"GET /api/tags answered {exc}; is this an Ollama server?")
-        names = [m.model or "" for m in listing.models]
-        present, missing = [], []
-        for model in models:
-            if any(_names_match(model, n) for n in names):
-                present.append(model)
-                continue
-            try:  # not listed under that name: the server resolves aliases and tags
-                client.show(model)
-                present.append(model)
-            except ollama.ResponseError as exc:
-                if exc.status_code != 404:
-                    log.warning("judge host %s failed to show '%s': %s", url, model, exc)
-                missing.append(model)
-            except (ConnectionError, httpx.TransportError) as exc:
-                return HostStatus(url, error=str(exc) or type(exc).__name__)
+        status = _find(client, url, models)
+        if status.up and status.missing and auto_pull:
+            for model in status.missing:
+                pull_model(url, model, timeout_s=timeout_s, progress=progress)
+            status = _find(client, url, models)
     finally:
         client.close()
-    if missing and auto_pull:
-        for model in missing:
-            pull_model(url, model, timeout_s=timeout_s, progress=progress)
-        present, missing = list(models), []
-    return HostStatus(url, models=tuple(present), missing=tuple(missing))
+    return status
+
+
+def preflight(cfg: JudgeConfig, *, progress: bool = True) -> list[HostStatus]:
+    """Check which of ``cfg.hosts`` answer and which of ``cfg.models`` each holds (and
+    which digest), before any scoring.
+
+    Passes when at least one host is up and every model is on some live host; hosts
+    that are down or lack a model are logged (:func:`route` leaves them out). Raises
+    :class:`~gpt.errors.OllamaUnreachableError` (no host answers) or
+    :class:`~gpt.errors.ModelNotPulledError` with the command that fixes it; with
+    ``cfg.auto_pull`` a missing model is pulled on every reachable host lacking it
+    (progress bar) first.
+    """
+    statuses = [
+        check_host(
+            url,
+            cfg.models,
+            timeout_s=cfg.timeout_s,
+            auto_pull=cfg.auto_pull,
+            progress=progress,
+        )
+        for url in cfg.hosts
+    ]
+    up = [s for s in statuses if s.up]
+    if not up:
+        raise unreachable_error(statuses)
+    for model in cfg.models:
+        if not any(model in s.models for s in up):
+            raise not_pulled_error(model, [s.url for s in up])
+    for s in statuses:
+        if not s.up:
+            log.warning("judge host %s is down, using the others: %s", s.url, s.error)
+        elif s.missing:
+            log.warning("judge host %s lacks %s; the other hosts judge with it", s.url, s.missing)
+    return statuses
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which live host serves which judge model, and the digest each model is judged
+    with."""
+
+    routes: dict[str, tuple[str, ...]]
+    """Host URL → the models it serves (pass as ``routes`` to the scoring)."""
+    digests: dict[str, str]
+    """Model → its digest: the one held by the first live host (in configuration order)
+    that holds the model."""
+    left_out: list[str]
+    """``url: why`` for each host left out of a model because it holds another digest."""
+
+
+def route(statuses: Sequence[HostStatus], models: Sequence[str]) -> Routing:
+    """The routing for ``models`` over the live hosts of ``statuses``: each model goes
+    only to hosts holding the same digest of it as the first host that has it."""
+    live = [s for s in statuses if s.up]
+    digests: dict[str, str] = {}
+    served: dict[str, list[str]] = {s.url: [] for s in live}
+    left_out: list[str] = []
+    for model in models:
+        holders = [s for s in live if model in s.models]
+        if not holders:
+            continue
+        digests[model] = holders[0].digests.get(model, "")
+        for s in holders:
+            digest = s.digests.get(model, "")
+            if digest == digests[model]:
+                served[s.url].append(model)
+                continue
+            why = (
+                f"{s.url}: holds another '{model}' (digest {digest[:19]}, not "
+                f"{digests[model][:19]} as on {holders[0].url}); pull the same model on "
+                f"every judge host (`ollama pull {model}`)"
+            )
+            log.warning("judge host left out for %s", why)
+            left_out.append(why)
+    routes = {url: tuple(ms) for url, ms in served.items() if ms}
+    return Routing(routes=routes, digests=digests, left_out=left_out)
 
 
 def pull_model(host: str, model: str, *, timeout_s: float, progress: bool = True) -> None:
