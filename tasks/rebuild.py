@@ -202,19 +202,24 @@ def rebuild_into(
 def _rebuild_file(db_path: Path, artifacts: str | Path, *, replace: bool) -> RebuildReport:
     """Build the DuckDB file beside ``db_path``; swap it in when complete."""
     db_path = Path(db_path)
-    if db_path.exists() and not replace:
+    target = Catalog(db_path)
+    if target.exists() and not replace:
+        which = db_path if db_path.exists() else f"{db_path} (its writers' file {target.live_path})"
         raise CatalogError(
-            f"the catalog {db_path} exists; pass --replace to rebuild it from {artifacts} "
+            f"the catalog {which} exists; pass --replace to rebuild it from {artifacts} "
             "(built beside it, swapped in when complete), or --db NEW.duckdb"
         )
-    tmp = db_path.with_name(f".{db_path.name}.rebuild-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    tmp = Catalog(db_path.with_name(f".{db_path.name}.rebuild-{os.getpid()}"))
+    assert tmp.path is not None and tmp.live_path is not None
+    leftovers = [tmp.path, tmp.live_path, Path(f"{tmp.path}.wal"), Path(f"{tmp.live_path}.wal")]
+    for f in leftovers:
+        f.unlink(missing_ok=True)
     try:
-        report = rebuild_catalog(Catalog(tmp), artifacts)
-        os.replace(tmp, db_path)
+        report = rebuild_catalog(tmp, artifacts)
+        target.install(tmp)
     finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+        for f in leftovers:
+            f.unlink(missing_ok=True)
     return report
 
 

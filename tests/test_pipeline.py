@@ -320,7 +320,8 @@ def test_catalog_rebuilt_from_the_artifacts_is_identical(prefect_server, env, ca
     db = Path(os.environ["GPTFLOW_DB"])
     assert main(["catalog", "rebuild"]) == 1  # the catalog exists: refused, nothing touched
     assert "pass --replace" in capsys.readouterr().err
-    db.unlink()
+    for f in (db, db.with_name(db.name + ".live")):  # the published and the writers' file
+        f.unlink()
     assert main(["catalog", "rebuild"]) == 0
     assert "rebuilt" in capsys.readouterr().out
     rebuilt = Catalog()

@@ -230,7 +230,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
 
-    cat = Catalog(args.db)
+    cat = Catalog(args.db, snapshot=True)
     if args.run:
         runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [args.run])
         if runs.empty:
