@@ -39,6 +39,7 @@ from tasks.catalog.schema import KNOWN_TABLES
 from tasks.catalog.values import quote_ident
 from tasks.distributed import SCRATCH_SUFFIX
 from tasks.rows import ingest
+from tasks.run_state import settle_run
 from tasks.runlog import typed_row
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def rebuild_catalog(
         artifacts = local_root(artifacts)
         records = _run_records(artifacts / "runs")
     for rec in records:
-        run = rec["run"]
+        run = settle_run(rec["run"])  # a run recorded running whose process is gone: crashed
         catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
         rows = [typed_row(r) for r in rec.get("stages", {}).values()]
         if rows:

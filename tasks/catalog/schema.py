@@ -335,12 +335,22 @@ _V4_EVALUATION = [
     LEFT JOIN bl ON bl.run_id = k.run_id AND bl.split IS NOT DISTINCT FROM k.split""",
 ]
 
+_V5_RUN_LIVENESS = [
+    # Why a run failed or crashed (one line); where its flow process runs and when it
+    # last beat, so a run whose process died is told from one still running.
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS message VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER",
+]
+
 #: Append-only list of schema steps; step ``i`` (0-based) brings the schema to ``i + 1``.
 MIGRATIONS: list[list[str]] = [
     _V1_CORE,
     _V2_LATER_STAGES,
     _V3_JUDGE_RELIABILITY,
     _V4_EVALUATION,
+    _V5_RUN_LIVENESS,
 ]
 
 #: The schema version this code writes.
