@@ -12,67 +12,14 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from helpers_notebook import Notebook
 
 from tasks.catalog import Catalog
 from tasks.catalog import publish as publish_mod
 from tasks.catalog.queries import run_readonly_sql
 
-# A notebook: holds one connection to the catalog file and answers commands on stdin.
-_NOTEBOOK = textwrap.dedent(
-    """
-    import sys, duckdb
-    path, read_only = sys.argv[1], sys.argv[2] == "ro"
-    con = duckdb.connect(path, read_only=read_only)
-    print("open", flush=True)
-    for line in sys.stdin:
-        cmd = line.strip()
-        if cmd == "count":
-            print(con.execute("SELECT count(*) FROM metrics").fetchone()[0], flush=True)
-        elif cmd == "write":
-            con.execute("INSERT INTO metrics (run_id, value) VALUES ('notebook', 1)")
-            print("wrote", flush=True)
-        elif cmd == "reconnect":
-            con.close()
-            con = duckdb.connect(path, read_only=read_only)
-            print("open", flush=True)
-        elif cmd == "quit":
-            break
-    con.close()
-    """
-)
-
-
-class Notebook:
-    """A Python session in another process holding ``path`` open."""
-
-    def __init__(self, path: Path, read_only: bool) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _NOTEBOOK, str(path), "ro" if read_only else "rw"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self._read() == "open", self.proc.stderr.read()  # type: ignore[union-attr]
-
-    def _read(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline().strip()
-
-    def ask(self, cmd: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.ask("quit")
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+COUNT = "sql SELECT count(*) FROM metrics"
+WRITE = "write INSERT INTO metrics (run_id, value) VALUES ('notebook', 1)"
 
 
 def _rows(n: int, run: str) -> list[dict]:
@@ -93,16 +40,16 @@ def test_a_notebook_holding_the_catalog_never_blocks_writers(
 ) -> None:
     notebook = Notebook(cat.path, read_only=read_only)
     try:
-        assert notebook.ask("count") == "3"
+        assert notebook.ask(COUNT) == "3"
         # a run writes and publishes while the notebook holds the file (lock timeout 2 s)
         writer = Catalog(cat.path, lock_timeout=2)
         writer.insert_rows("metrics", _rows(4, "during"))
         writer.record_stage("during", "pretrain", status="completed")
         assert writer.publish()
         # the notebook keeps its snapshot; on reconnect it sees the new data
-        assert notebook.ask("count") == "3"
+        assert notebook.ask(COUNT) == "3"
         assert notebook.ask("reconnect") == "open"
-        assert notebook.ask("count") == "7"
+        assert notebook.ask(COUNT) == "7"
         # gptflow's own readers answer at once while the notebook holds the file
         monkeypatch.setenv("GPTFLOW_DB_LOCK_TIMEOUT", "0")
         snap = Catalog(cat.path, snapshot=True)
@@ -118,7 +65,7 @@ def test_writes_into_the_published_file_are_discarded_never_replayed(
 ) -> None:
     rw = Notebook(cat.path, read_only=False)
     try:
-        assert rw.ask("write") == "wrote"  # its WAL now lies beside the published file
+        assert rw.ask(WRITE) == "wrote"  # its WAL now lies beside the published file
         assert publish_mod.wal_of(cat.path).exists()
         cat.insert_rows("metrics", _rows(2, "after"))
         with caplog.at_level(logging.WARNING, logger="tasks.catalog.publish"):

@@ -337,6 +337,10 @@ class Catalog(LineageRecords):
         import duckdb
 
         target = SCHEMA_VERSION if target is None else min(int(target), SCHEMA_VERSION)
+        if self.snapshot:  # a writer migrates the live file and publishes it
+            version = Catalog(settings=self.settings).migrate(target)
+            self._migrated = version >= SCHEMA_VERSION
+            return version
 
         def attempt() -> int:
             with process_lock(self._lock_key()), self._open(read_only=False) as con:
