@@ -10,10 +10,11 @@ process that started it.
 * :class:`RunWatch` is the thread that beats. It also watches the process that started
   the run (a Prefect worker, or the shell of ``gptflow run``): when that one dies, the
   run's output pipe is gone and every later write to it would fail with a
-  ``BrokenPipeError``. The watch sends the output to ``/dev/null`` instead and remembers
-  why; :func:`check_alive`, called at stage boundaries and from training callbacks, then
-  stops the run with a :class:`~gpt.errors.WorkerDiedError` that says what happened —
-  as does a write to ``sys.stdout``/``sys.stderr`` that hits the broken pipe first.
+  ``BrokenPipeError`` (``rich``, behind Prefect's console log handler, even exits).
+  So the watch relays the output through a pipe of its own, which drops what no one
+  reads any more, and remembers why; :func:`check_alive`, called at stage boundaries
+  and from training callbacks, then stops the run with a
+  :class:`~gpt.errors.WorkerDiedError` that says what happened.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -169,11 +171,67 @@ def _describe_parent(pid: int) -> str:
     return f"the process that started this run (PID {pid})"
 
 
+class _Relay:
+    """Stands between file descriptor ``fd`` (stdout or stderr) and the pipe it wrote
+    to: the process writes into a pipe of its own, and a thread copies what comes out to
+    the original pipe. When that pipe breaks (its reader died), the thread drops the
+    output, so no write of this process — progress bars, log handlers (``rich`` even
+    exits on a broken pipe), C libraries — ever meets a ``BrokenPipeError``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.saved = os.dup(fd)
+        #: The original pipe broke (nothing reads it any more).
+        self.broken = False
+        self._read, write = os.pipe()
+        os.dup2(write, fd)
+        os.close(write)
+        self._thread = threading.Thread(target=self._copy, name=f"gptflow-relay-{fd}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def wanted(fd: int) -> bool:
+        """Only a pipe can break this way (a terminal or a file keeps its behaviour)."""
+        try:
+            return stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            return False
+
+    def _copy(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read, 65536)
+            except OSError:
+                return
+            if not data:  # every writer is gone: the relay was undone
+                return
+            while data and not self.broken:
+                try:
+                    data = data[os.write(self.saved, data) :]
+                except OSError:
+                    self.broken = True
+
+    def undo(self, *, to_devnull: bool) -> None:
+        """Point ``fd`` back at the original pipe (or at /dev/null, when nothing reads
+        that any more) and let the copying thread finish."""
+        target = os.open(os.devnull, os.O_WRONLY) if to_devnull or self.broken else self.saved
+        try:
+            os.dup2(target, self.fd)
+        finally:
+            if target != self.saved:
+                os.close(target)
+        self._thread.join(timeout=10)
+        for fd in (self._read, self.saved):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class RunWatch:
     """The heartbeat of one run, and the watch on the process that started it.
 
     ``beat`` is called every :data:`HEARTBEAT_EVERY` seconds (it records the heartbeat);
-    the parent is checked every :data:`PARENT_CHECK_EVERY` seconds."""
+    the parent is checked every :data:`PARENT_CHECK_EVERY` seconds. While the watch
+    runs, output to a pipe (a worker's) goes through a :class:`_Relay`."""
 
     def __init__(self, beat: Callable[[], None]) -> None:
         self._beat = beat
@@ -183,11 +241,13 @@ class RunWatch:
         self.died: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gptflow-run-watch", daemon=True)
+        self._relays: list[_Relay] = []
 
     def start(self) -> RunWatch:
         global _CURRENT
         _CURRENT = self
-        sys.stdout, sys.stderr = _Guarded(sys.stdout), _Guarded(sys.stderr)
+        _flush_std()
+        self._relays = [_Relay(fd) for fd in (1, 2) if _Relay.wanted(fd)]
         self._thread.start()
         return self
 
@@ -196,11 +256,12 @@ class RunWatch:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-        if isinstance(sys.stdout, _Guarded):
-            sys.stdout = sys.stdout.inner
-        if isinstance(sys.stderr, _Guarded):
-            sys.stderr = sys.stderr.inner
-        if _CURRENT is self:
+        _flush_std()
+        self.check_parent()
+        for relay in self._relays:
+            relay.undo(to_devnull=self.died is not None)
+        self._relays = []
+        if _CURRENT is self and self.died is None:  # a death stays known to the flow
             _CURRENT = None
 
     def check_parent(self) -> None:
@@ -212,7 +273,6 @@ class RunWatch:
                 "run the deployment again: finished stages are cache hits and an "
                 "interrupted training resumes from its last checkpoint"
             )
-            _silence_output()
             log.error("%s", self.died)
 
     def _loop(self) -> None:
@@ -230,55 +290,10 @@ class RunWatch:
 _CURRENT: RunWatch | None = None
 
 
-#: Seconds a broken pipe waits to see the parent gone (the kernel closes a dying
-#: process's files a moment before it hands its children to another parent).
-_PIPE_GRACE = 2.0
-
-
-class _Guarded:
-    """``sys.stdout`` / ``sys.stderr`` of a watched run: a write that finds the pipe
-    broken because the parent died raises :class:`WorkerDiedError` (saying so) instead
-    of a ``BrokenPipeError``; the output then goes to /dev/null."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def _broken(self, exc: BrokenPipeError) -> None:
-        deadline = time.monotonic() + _PIPE_GRACE
-        while True:
-            died = worker_died_reason()
-            if died is not None:
-                raise WorkerDiedError(died) from exc
-            if time.monotonic() >= deadline:
-                raise exc
-            time.sleep(0.05)
-
-    def write(self, text: str) -> int:
-        try:
-            return self.inner.write(text)
-        except BrokenPipeError as exc:
-            self._broken(exc)
-            return 0
-
-    def flush(self) -> None:
-        try:
-            self.inner.flush()
-        except BrokenPipeError as exc:
-            self._broken(exc)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def _silence_output() -> None:
-    """Point this process's stdout and stderr at /dev/null: whatever still writes to
-    them (progress bars, log handlers, C libraries) no longer hits a closed pipe."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                os.dup2(devnull, fd)
-        os.close(devnull)
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def check_alive() -> None:
