@@ -4,7 +4,7 @@ process that started it.
 * Every run records where it runs (``host``, ``pid``) and beats: its flow process writes
   ``heartbeat_at`` into its run record every :data:`HEARTBEAT_EVERY` seconds.
   :func:`dead_reason` tells a ``running`` run whose process is gone — on this host its
-  PID is no longer that process; anywhere, no heartbeat for :data:`STALE_AFTER` seconds —
+  PID is no longer that process; on another, no heartbeat for :data:`STALE_AFTER` seconds —
   and :func:`settle_run` shows it ``crashed`` with that reason (``gptflow runs``,
   ``gptflow catalog rebuild``, and the next run, which records it).
 * :class:`RunWatch` is the thread that beats. It also watches the process that started
@@ -116,7 +116,9 @@ def dead_reason(run: Mapping[str, Any], now: dt.datetime | None = None) -> str |
     host, pid = run.get("host"), run.get("pid")
     started = _as_naive_utc(run.get("started_at"))
     here = isinstance(host, str) and host == this_host() and pid is not None and pid == pid
-    if here and not process_alive(int(pid), started):
+    if here:  # the process itself tells, whatever its heartbeat says
+        if process_alive(int(pid), started):
+            return None
         return (
             f"its process (PID {int(pid)} on {host}) is gone: it was killed or died "
             "without ending the run"

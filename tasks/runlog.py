@@ -53,6 +53,9 @@ RECORD_VERSION = 1
 
 _LOCK = threading.Lock()
 
+#: How far back (seconds) a run's record file is checked against the catalog.
+RECENT_S = 7 * 24 * 3600.0
+
 #: The timestamp fields of ``runs`` and ``stages`` rows.
 _TIME_FIELDS = ("started_at", "ended_at", "heartbeat_at")
 
@@ -248,14 +251,17 @@ class RunRecorder:
         self.end_run(run_id, "completed")
 
     def reap(self, current: str | None = None) -> list[str]:
-        """Record ``crashed`` (with the reason) every run other than ``current`` that the
-        catalog shows ``running`` although its process is gone, and bring into the
-        catalog the end of a run that only its record file holds. Returns their ids."""
+        """Bring the catalog in line with how runs other than ``current`` really ended:
+        a run it shows ``running`` whose process is gone is recorded ``crashed`` with the
+        reason (record file too, and its Prefect flow run when that still looks alive);
+        the end of a run that only its record file holds (the catalog was locked then; a
+        record changed in the last :data:`RECENT_S` seconds) is copied in. Returns their
+        ids."""
         df = self.catalog.query_df(
             "SELECT * FROM runs WHERE status = 'running' AND run_id IS DISTINCT FROM ?",
             [current],
         )
-        done = []
+        ends: dict[str, dict[str, Any]] = {}
         for row in df.to_dict("records"):
             run_id = str(row["run_id"])
             recorded = (self.read(run_id) or {}).get("run") or {}
@@ -266,13 +272,37 @@ class RunRecorder:
             if recorded and recorded.get("status") == "running":
                 fields = {k: final[k] for k in ("status", "message", "ended_at")}
                 self._update(run_id, lambda rec, f=fields: rec["run"].update(f))
+                _crash_flow_run(final.get("flow_run_id"), final.get("message"))
+            ends[run_id] = final
+        ends.update(self._ends_missing_in_catalog(current, skip=set(ends)))
+        for run_id, final in ends.items():
             self.catalog.upsert_rows("runs", [typed_row(final)], key=["run_id"])
             log.warning("run %s: recorded %s (%s)", run_id, final["status"], final.get("message"))
-            _crash_flow_run(final.get("flow_run_id"), final.get("message"))
-            done.append(run_id)
-        if done:
+        if ends:
             self.catalog.publish()
-        return done
+        return sorted(ends)
+
+    def _ends_missing_in_catalog(self, current: str | None, skip: set[str]) -> dict[str, dict]:
+        """Ended runs of recently changed local record files whose status the catalog
+        does not hold."""
+        if self.remote is not None or not self.runs_dir.is_dir():
+            return {}
+        since = time.time() - RECENT_S
+        recent = {}
+        for path in self.runs_dir.glob("*.json"):
+            with contextlib.suppress(OSError):
+                if path.stem not in skip and path.stem != current and path.stat().st_mtime > since:
+                    run = (self.read(path.stem) or {}).get("run") or {}
+                    if run.get("status") in TERMINAL and run.get("run_id") == path.stem:
+                        recent[path.stem] = run
+        if not recent:
+            return {}
+        marks = ", ".join("?" for _ in recent)
+        have = self.catalog.query_df(
+            f"SELECT run_id, status FROM runs WHERE run_id IN ({marks})", list(recent)
+        )
+        known = dict(zip(have["run_id"], have["status"], strict=True))
+        return {k: run for k, run in recent.items() if known.get(k) != run["status"]}
 
     # ------------------------------------------------------------------ run-level rows
     def record_run_rows(self, run_id: str, table: str, rows: list[dict[str, Any]]) -> None:

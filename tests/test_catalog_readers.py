@@ -14,6 +14,7 @@ import duckdb
 import pytest
 from helpers_notebook import Notebook
 
+from flows.cli import main
 from tasks.catalog import Catalog
 from tasks.catalog import publish as publish_mod
 from tasks.catalog.queries import run_readonly_sql
@@ -56,6 +57,7 @@ def test_a_notebook_holding_the_catalog_never_blocks_writers(
         assert snap.query_df("SELECT count(*) AS n FROM metrics").n[0] == 7
         assert run_readonly_sql(cat.path, "SELECT count(*) AS n FROM metrics").n[0] == 7
         assert run_readonly_sql(cat.path, "SELECT count(*) AS n FROM stages", live=True).n[0] == 1
+        assert main(["runs", "--db", str(cat.path)]) == 0
     finally:
         notebook.close()
 

@@ -115,9 +115,10 @@ def test_liveness_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (
         run_state.dead_reason({**me, "heartbeat_at": fresh, "started_at": real_start}, now) is None
     )
-    # a stale heartbeat: crashed, wherever it ran
+    # a stale heartbeat: crashed when it ran elsewhere; here the process itself tells
     gone = run_state.dead_reason({**me, "host": "elsewhere", "heartbeat_at": old}, now)
     assert gone is not None and "no heartbeat since" in gone and "on elsewhere" in gone
+    assert run_state.dead_reason({**me, "heartbeat_at": old, "started_at": real_start}, now) is None
     # an older record without a heartbeat: its start counts
     assert run_state.dead_reason({"status": "running", "started_at": old}, now) is not None
     # this host, a PID that is gone or that a later process reuses
@@ -256,3 +257,101 @@ def test_a_dead_worker_stops_the_run_saying_so(tmp_path: Path) -> None:
     assert run["status"] == "crashed" and f"PID {worker.pid}" in run["message"], run
     status, message = _status("orphan")
     assert status == "crashed" and "died while the run went on" in message
+
+
+# ---------------------------------------------------------------------- through the flow
+def _flow_record(run_id: str) -> tuple[str, str]:
+    run = _record(run_id)
+    return run["status"], run["message"]
+
+
+@pytest.mark.prefect
+def test_runs_that_fail_before_their_first_stage_end_failed_with_the_reason(
+    prefect_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.pipeline import gptflow_pipeline, run_pipeline
+
+    # the judge is required and unreachable: checked before any compute
+    res = run_pipeline("smoke", ["judge.required=true", "judge.hosts=http://127.0.0.1:9"])
+    assert res["status"] == "failed"
+    status, message = _flow_record(res["run_id"])
+    assert status == "failed" and "127.0.0.1:9" in message, message
+    assert _status(res["run_id"]) == (status, message)
+    # a stage placed on a work pool the server does not know
+    res = run_pipeline("smoke", ["placement.pretrain=nosuchpool"])
+    assert res["status"] == "failed"
+    status, message = _flow_record(res["run_id"])
+    assert status == "failed" and "PlacementError" in message and "nosuchpool" in message
+    # settings that fail once the flow run started (a deployment run's parameters)
+    state = gptflow_pipeline(profile="smoke", overrides=["pretrain.epochs=-3"], return_state=True)
+    assert state.is_failed()
+    status, message = _flow_record(str(state.state_details.flow_run_id))
+    assert status == "failed" and "ConfigError" in message and "pretrain.epochs" in message
+    assert _status(str(state.state_details.flow_run_id)) == (status, message)
+
+    # the catalog is locked by another writer when the run starts
+    cat = Catalog()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import duckdb,sys,time; c=duckdb.connect(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(120)", str(cat.live_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("GPTFLOW_DB_LOCK_TIMEOUT", "1")
+        res = run_pipeline("smoke", [])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res["status"] == "failed" and "locked by another process" in res["error"], res
+    status, message = _flow_record(res["run_id"])
+    assert status == "failed" and f"PID {holder.pid}" in message, message
+    # once the lock is gone, the next run brings the catalog in line with the record
+    monkeypatch.setenv("GPTFLOW_DB_LOCK_TIMEOUT", "30")
+    assert Catalog().query_df("SELECT * FROM runs WHERE run_id = ?", [res["run_id"]]).empty
+    assert res["run_id"] in _recorder().reap()
+    assert _status(res["run_id"]) == (status, message)
+
+
+_CLI_RUN = textwrap.dedent(
+    """
+    import sys
+    from flows.pipeline import run_pipeline
+    run_pipeline("smoke", ["pretrain.epochs=60", f"download.mirror={sys.argv[1]}"], progress=False)
+    """
+)
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_a_killed_cli_run_is_set_crashed_in_prefect_by_the_next_run(prefect_server, mirror):
+    """`gptflow run` (the flow in the CLI's own process) killed -9: nobody tells Prefect,
+    which shows the flow run Running; the next run records it crashed and sets it so."""
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import run_pipeline
+    from gpt.paths import artifacts_root
+
+    env = dict(os.environ, PREFECT_API_URL=prefect_server["url"])
+    proc = subprocess.Popen([sys.executable, "-c", _CLI_RUN, str(mirror)], cwd=REPO, env=env)
+    runs = Path(artifacts_root()) / "runs"
+    deadline = time.monotonic() + 300
+    run_id = None
+    while run_id is None:
+        assert time.monotonic() < deadline and proc.poll() is None, "pretrain never started"
+        for path in runs.glob("*.json") if runs.is_dir() else []:
+            rec = json.loads(path.read_text())
+            if (rec.get("stages", {}).get("pretrain") or {}).get("status") == "running":
+                run_id = path.stem
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.is_running()
+    res = run_pipeline("smoke", ["judge.required=true", "judge.hosts=http://127.0.0.1:9"])
+    assert res["status"] == "failed"
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state.is_crashed() and f"PID {proc.pid}" in (state.message or ""), state
+    assert _status(run_id)[0] == "crashed"
