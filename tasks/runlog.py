@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt.errors import WorkerDiedError
+from gpt.errors import CatalogError, WorkerDiedError
 from gpt.paths import is_remote
 from tasks.catalog.values import to_json as _to_json
 from tasks.catalog.values import to_utc_naive as _to_utc_naive
@@ -166,10 +166,13 @@ class RunRecorder:
         self.catalog.upsert_rows("runs", [typed_row(row)], key=["run_id"])
         self.catalog.publish()
 
-    def end_run(self, run_id: str, status: str, message: str | None = None) -> bool:
+    def end_run(
+        self, run_id: str, status: str, message: str | None = None, *, catalog: bool = True
+    ) -> bool:
         """Record the run's final ``status`` and why (``message``): in the record file,
-        then in the catalog. Returns False when only the record could be written (the
-        catalog's error is logged: a run's end is never lost to a locked catalog)."""
+        then (unless ``catalog`` is false) in the catalog. Returns False when only the
+        record was written (the catalog's error is logged: a run's end is never lost to
+        a locked catalog; the next run copies it in)."""
         ended = _ts(utcnow())
 
         def fn(rec: dict[str, Any]) -> None:
@@ -178,6 +181,8 @@ class RunRecorder:
 
         self._update(run_id, fn)
         rec = self.read(run_id) or {}
+        if not catalog:
+            return False
         try:
             if rec.get("run"):
                 self.catalog.upsert_rows("runs", [typed_row(rec["run"])], key=["run_id"])
@@ -233,8 +238,8 @@ class RunRecorder:
             self.start_run(
                 run_id, flow_run_id=flow_run_id, profile=profile, config=config, git_rev=git_rev
             )
-        except BaseException as exc:
-            self.end_run(run_id, *run_outcome(exc))
+        except BaseException as exc:  # a catalog that failed now is not tried again
+            self.end_run(run_id, *run_outcome(exc), catalog=not isinstance(exc, CatalogError))
             raise
         try:
             self.reap(current=run_id)
