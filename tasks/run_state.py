@@ -200,32 +200,35 @@ class _Relay:
             return False
 
     def _copy(self) -> None:
-        while True:
-            try:
-                data = os.read(self._read, 65536)
-            except OSError:
-                return
-            if not data:  # every writer is gone: the relay was undone
-                return
-            while data and not self.broken:
+        try:
+            while True:
                 try:
-                    data = data[os.write(self.saved, data) :]
+                    data = os.read(self._read, 65536)
                 except OSError:
-                    self.broken = True
+                    return
+                if not data:  # every writer is gone: the relay was undone
+                    return
+                while data and not self.broken:
+                    try:
+                        data = data[os.write(self.saved, data) :]
+                    except OSError:
+                        self.broken = True
+        finally:  # the thread owns both ends once it runs (a child may outlive undo)
+            for fd in (self._read, self.saved):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def undo(self, *, to_devnull: bool) -> None:
         """Point ``fd`` back at the original pipe (or at /dev/null, when nothing reads
-        that any more) and let the copying thread finish."""
+        that any more); the copying thread ends once the processes that inherited the
+        relay's pipe (if any) have ended too."""
         target = os.open(os.devnull, os.O_WRONLY) if to_devnull or self.broken else self.saved
         try:
             os.dup2(target, self.fd)
         finally:
             if target != self.saved:
                 os.close(target)
-        self._thread.join(timeout=10)
-        for fd in (self._read, self.saved):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._thread.join(timeout=2)
 
 
 class RunWatch:
