@@ -174,7 +174,7 @@ def record_failed_start(run_id: str, profile: str | None, exc: BaseException) ->
         rec = RunRecorder(Catalog(), root_child(artifacts_root(), "runs"))
         with rec.running(run_id, flow_run_id=run_id, profile=profile, config=None, git_rev=None):
             raise exc
-    except BaseException as err:
+    except Exception as err:
         if err is not exc:
             get_run_logger().warning("could not record the failed run %s: %s", run_id, err)
 
