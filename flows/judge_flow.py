@@ -25,9 +25,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
-from flows.pipeline import git_revision, make_context
+from flows.pipeline import crashed_state, git_revision, make_context, record_failed_start
 from flows.run_logs import route_library_logs
-from gpt.errors import DataError
+from gpt.errors import DataError, GPTFlowError
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
@@ -65,32 +65,35 @@ def gptflow_judge(
     every example again."""
     log = get_run_logger()
     route_library_logs()  # the judge's own INFO lines reach this run's logs
-    cfg = build_config(profile, [*(overrides or []), f"judge.required={json.dumps(required)}"])
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
-    ctx = make_context(cfg, run_id, force=["judge"] if force else [], progress=False)
-    cat = ctx.catalog
-    cat.migrate()
-    target = responses_run or latest_responses_run(cat)
-    rec = ctx.recorder
-    rec.start_run(
-        run_id,
-        flow_run_id=run_id,
-        profile=cfg.profile,
-        config=config_to_dict(cfg),
-        git_rev=git_revision(),
-    )
-    log.info(
-        "run %s: judging the responses of run %s with %s",
-        run_id,
-        target,
-        ", ".join(cfg.judge.models),
-    )
     try:
-        judged = stage_task("judge")(ctx, cfg.judge, extract_responses=responses_input(cat, target))
-    except BaseException:
-        rec.end_run(run_id, "failed")
+        cfg = build_config(profile, [*(overrides or []), f"judge.required={json.dumps(required)}"])
+        ctx = make_context(cfg, run_id, force=["judge"] if force else [], progress=False)
+    except GPTFlowError as exc:  # bad settings in a started flow run: a failed run too
+        record_failed_start(run_id, profile, exc)
         raise
-    rec.end_run(run_id, "completed")
+    cat = ctx.catalog
+    rec = ctx.recorder
+    try:
+        with rec.running(
+            run_id,
+            flow_run_id=run_id,
+            profile=cfg.profile,
+            config=config_to_dict(cfg),
+            git_rev=git_revision(),
+        ):
+            target = responses_run or latest_responses_run(cat)
+            log.info(
+                "run %s: judging the responses of run %s with %s",
+                run_id,
+                target,
+                ", ".join(cfg.judge.models),
+            )
+            judged = stage_task("judge")(
+                ctx, cfg.judge, extract_responses=responses_input(cat, target)
+            )
+    except BaseException as exc:
+        return crashed_state(exc)  # the worker died: the flow run is Crashed, saying so
     skipped = skipped_info(judged)
     if skipped is not None or not isinstance(judged, StageOutput):  # the reason and the fix
         return {**(skipped or {}), "run_id": run_id, "responses_run_id": target}

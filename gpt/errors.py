@@ -41,6 +41,15 @@ class CatalogError(GPTFlowError):
     """The DuckDB catalog refused an operation (read-only, lock timeout, bad schema)."""
 
 
+class CatalogLockedError(CatalogError):
+    """Another process kept the catalog file locked for longer than the lock timeout."""
+
+
+class WorkerDiedError(GPTFlowError):
+    """The process that started this flow run and reads its output (a Prefect worker,
+    or the shell of ``gptflow run``) died while the run went on."""
+
+
 class JudgeError(GPTFlowError):
     """The Ollama judge could not be used."""
 

@@ -47,6 +47,7 @@ from tasks.catalog.schema import KNOWN_TABLES
 from tasks.catalog.values import quote_ident
 from tasks.distributed import SCRATCH_SUFFIX
 from tasks.rows import ingest
+from tasks.run_state import settle_run
 from tasks.runlog import typed_row
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def rebuild_catalog(
         catalog, [row for rec in records for row in (rec.get("sources") or {}).values()]
     )
     for rec in records:
-        run = rec["run"]
+        run = settle_run(rec["run"])  # a run recorded running whose process is gone: crashed
         catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
         rows = [typed_row(r) for r in rec.get("stages", {}).values()]
         if rows:
@@ -286,24 +287,28 @@ def _rebuild_file(
     """Build the DuckDB file beside ``db_path``; swap it in when complete and, unless
     ``allow_empty``, when it holds no fewer rows than the file it replaces."""
     db_path = Path(db_path)
-    if db_path.exists() and not replace:
+    target = Catalog(db_path)
+    if target.exists() and not replace:
+        which = db_path if db_path.exists() else f"{db_path} (its writers' file {target.live_path})"
         raise CatalogError(
-            f"the catalog {db_path} exists; pass --replace to rebuild it from {artifacts} "
+            f"the catalog {which} exists; pass --replace to rebuild it from {artifacts} "
             "(built beside it, swapped in when complete), or --db NEW.duckdb"
         )
-    tmp = db_path.with_name(f".{db_path.name}.rebuild-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    tmp = Catalog(db_path.with_name(f".{db_path.name}.rebuild-{os.getpid()}"))
+    assert tmp.path is not None and tmp.live_path is not None
+    leftovers = [tmp.path, tmp.live_path, Path(f"{tmp.path}.wal"), Path(f"{tmp.live_path}.wal")]
+    for f in leftovers:
+        f.unlink(missing_ok=True)
     try:
-        new = Catalog(tmp)
-        report = rebuild_catalog(new, artifacts)
-        if db_path.exists():
-            before = _carry_kept_tables(Catalog(db_path), new, report, allow_empty=allow_empty)
+        report = rebuild_catalog(tmp, artifacts)
+        if target.exists():
+            before = _carry_kept_tables(target, tmp, report, allow_empty=allow_empty)
             if not allow_empty:
-                _refuse_emptier(str(db_path), before, rows_per_table(new, ALL_TABLES), artifacts)
-        os.replace(tmp, db_path)
+                _refuse_emptier(str(db_path), before, rows_per_table(tmp, ALL_TABLES), artifacts)
+        target.install(tmp)
     finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+        for f in leftovers:
+            f.unlink(missing_ok=True)
     return report
 
 

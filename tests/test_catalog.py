@@ -115,7 +115,7 @@ def test_upgrade_from_older_version_keeps_rows(tmp_path: Path) -> None:
 
 
 def test_newer_schema_is_refused(cat: Catalog) -> None:
-    con = duckdb.connect(str(cat.path))
+    con = duckdb.connect(str(cat.live_path))  # as a newer gptflow's writer would
     con.execute("INSERT INTO schema_version VALUES (?, now())", [SCHEMA_VERSION + 5])
     con.close()
     with pytest.raises(CatalogError, match=r"newer than this gptflow knows"):
@@ -152,7 +152,7 @@ def test_replace_rows_only_touches_its_run_and_stage(cat: Catalog) -> None:
                 pd.DataFrame(_metric_rows(3, 100.0)),
                 where={"run_id": run, "stage": stage},
             )
-    assert _count(cat.path, "SELECT count(*) FROM metrics") == 12
+    assert _count(cat.live_path, "SELECT count(*) FROM metrics") == 12
     # rerun of (a, pretrain) with different rows: replaced, not appended
     n = cat.replace_rows(
         "metrics", _metric_rows(2, 0.0), where={"run_id": "a", "stage": "pretrain"}
@@ -169,7 +169,7 @@ def test_replace_rows_only_touches_its_run_and_stage(cat: Catalog) -> None:
         ("b", "pretrain"): (3, 303.0),
     }
     # missing columns become NULL
-    assert _count(cat.path, "SELECT count(*) FROM metrics WHERE time IS NULL") == 11
+    assert _count(cat.live_path, "SELECT count(*) FROM metrics WHERE time IS NULL") == 11
 
 
 def test_failed_value_mid_write_rolls_back(cat: Catalog) -> None:
@@ -308,7 +308,7 @@ def test_two_processes_writing_concurrently_lose_nothing(cat: Catalog) -> None:
     assert df.run_id.tolist() == ["w0", "w1"]
     assert df.n.tolist() == [30, 30] and df.d.tolist() == [30, 30]
     assert df.s.tolist() == [435.0, 435.0]
-    assert _count(cat.path, "SELECT count(*) FROM metrics") == 60
+    assert _count(cat.live_path, "SELECT count(*) FROM metrics") == 60
     corpus = cat.query_df("SELECT run_id, chars FROM corpus ORDER BY run_id")
     assert corpus.to_dict("records") == [
         {"run_id": "w0", "chars": 29},
@@ -338,7 +338,7 @@ def _hold_lock(db: Path, hold: float) -> subprocess.Popen:
 
 
 def test_lock_held_too_long_raises_naming_file_and_pid(cat: Catalog) -> None:
-    holder = _hold_lock(cat.path, 20)
+    holder = _hold_lock(cat.live_path, 20)  # another writer
     try:
         short = Catalog(cat.path, lock_timeout=0.8)
         t0 = time.monotonic()
@@ -346,7 +346,7 @@ def test_lock_held_too_long_raises_naming_file_and_pid(cat: Catalog) -> None:
             short.insert_rows("metrics", [{"value": 1.0}])
         assert time.monotonic() - t0 < 5
         msg = str(ei.value)
-        assert str(cat.path) in msg and f"PID {holder.pid}" in msg
+        assert str(cat.live_path) in msg and f"PID {holder.pid}" in msg
         with pytest.raises(CatalogError, match=f"PID {holder.pid}"):
             short.query_df("SELECT 1")
     finally:
@@ -355,7 +355,7 @@ def test_lock_held_too_long_raises_naming_file_and_pid(cat: Catalog) -> None:
 
 
 def test_lock_released_in_time_is_retried(cat: Catalog) -> None:
-    holder = _hold_lock(cat.path, 1.0)
+    holder = _hold_lock(cat.live_path, 1.0)
     try:
         t0 = time.monotonic()
         Catalog(cat.path, lock_timeout=15).insert_rows("metrics", [{"value": 7.0}])
@@ -559,12 +559,14 @@ def test_sql_formats(
     ]
 
 
-def test_sql_waits_for_a_brief_writer_lock(cat: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sql_live_waits_for_a_brief_writer_lock(
+    cat: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _seed_small(cat)
     monkeypatch.setenv("GPTFLOW_DB_LOCK_TIMEOUT", "15")
-    holder = _hold_lock(cat.path, 0.8)
+    holder = _hold_lock(cat.live_path, 0.8)  # a writer in a transaction
     try:
-        df = run_readonly_sql(cat.path, "SELECT count(*) AS n FROM metrics")
+        df = run_readonly_sql(cat.path, "SELECT count(*) AS n FROM metrics", live=True)
     finally:
         holder.wait(timeout=30)
     assert df.n.tolist() == [2]

@@ -176,7 +176,9 @@ def build_catalog(path: Path) -> Catalog:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_catalog(tmp_path_factory.mktemp("compare") / "catalog.duckdb").path
+    cat = build_catalog(tmp_path_factory.mktemp("compare") / "catalog.duckdb")
+    cat.publish()  # the file copied below is the published one
+    return cat.path
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ set. The run must complete, and then:
 - ``runs.config`` records the mirror the run was given;
 - every file the run wrote under artifacts/ shares one mode (0o666 less the umask);
 - no artifact of the run links a ``file://`` path (a path on the worker's disk);
-- the report artifact carries its plots as PNG data URIs, and no nan/<NA>.
+- the report artifact carries its plots as PNG data URIs, and no nan/<NA>;
+- notebooks holding the catalog open (read-write and read-only) do not block the run.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def _flow_runs(deployment: str) -> list:
 
 
 def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, tmp_path):
+    from helpers_notebook import Notebook
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -97,6 +99,7 @@ def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, 
     assert "work pool 'gptflow': exists" in again, again
 
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 42").start()
+    notebooks = []
     try:
         overrides = json.dumps([f"judge.hosts={stub.host}"])
         _run(
@@ -106,6 +109,13 @@ def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, 
             shell,
         )  # fmt: skip
         (run,) = _flow_runs("gptflow-pipeline/smoke")
+        # notebooks hold the catalog open across the run (read-write from before it
+        # starts, read-only from its first publish on): the run neither waits nor fails
+        Catalog().migrate()
+        notebooks = [
+            Notebook(Catalog().path, read_only=False),
+            Notebook(Catalog().path, read_only=True, after_publish=True),
+        ]
         # 3. the worker, GPTFLOW_HOME set in *its* environment only
         worker_log = tmp_path / "worker.log"
         with worker_log.open("w") as out:
@@ -123,8 +133,16 @@ def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, 
                 worker.terminate()
                 worker.wait(timeout=30)
                 pytest.fail("the worker did not finish the run:\n" + worker_log.read_text())
+        notebooks[1].wait_open()
+        assert notebooks[0].ask("sql SELECT count(*) FROM runs") == "0"  # its snapshot
+        for nb in reversed(notebooks):  # on reconnect: the finished run
+            assert nb.ask("reconnect") == "open"
+            assert nb.ask("sql SELECT status FROM runs") == "completed"
+            nb.close()
     finally:
         stub.stop()
+        for nb in notebooks:
+            nb.close()
 
     deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
@@ -177,3 +195,120 @@ def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, 
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", md)
     for bad in ("nan", "<NA>", "NaN", "None", "file://"):
         assert not re.search(rf"(?<![\w-]){re.escape(bad)}(?![\w-])", text), bad
+
+
+def _wait(what: str, check, timeout: float = 300, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+def _stage_running(run_id: str, stage: str):
+    from gpt.paths import artifacts_dir
+
+    def check():
+        try:
+            rec = json.loads((artifacts_dir() / "runs" / f"{run_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if (rec.get("stages", {}).get(stage) or {}).get("status") == "running" else None
+
+    return check
+
+
+def _final_state(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    def check():
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state if state is not None and state.is_final() else None
+
+    return check
+
+
+def test_kill_9_of_a_flow_run_process_and_of_the_worker(prefect_server, mirror, tmp_path, capsys):
+    """``kill -9`` of the flow-run process: the worker reports the flow run Crashed, and
+    ``gptflow runs`` shows the run crashed with the reason. ``kill -9`` of the worker:
+    the flow run stops, Crashed, saying the worker died (not a broken pipe) — in the
+    UI's state message, the run record and the catalog — and the stage's progress
+    marker says where it stopped."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.cli import main
+    from tasks.catalog import Catalog
+    from tasks.run_state import process_alive
+
+    _run([sys.executable, "-m", "flows.cli", "deploy"], _env(prefect_server), REPO)
+    shell = tmp_path / "elsewhere"
+    shell.mkdir()
+    # a long pretraining, so that it is surely under way when the kill comes
+    overrides = json.dumps(["pretrain.epochs=60", "judge.required=false"])
+
+    def start_run() -> str:
+        out = _run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "gptflow-pipeline/smoke",
+             "--param", f"mirror={mirror}", "--param", f"overrides={overrides}"],
+            _env(prefect_server),
+            shell,
+        )  # fmt: skip
+        return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+
+    def start_worker(log: Path) -> subprocess.Popen:
+        with log.open("w") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gptflow"],
+                cwd=shell,
+                env=_env(prefect_server, GPTFLOW_HOME=str(REPO), PREFECT_WORKER_QUERY_SECONDS="1"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    workers = []
+    try:
+        # 1. the flow-run process is killed; the worker lives on
+        first = start_run()
+        workers.append(start_worker(tmp_path / "worker1.log"))
+        rec = _wait("pretrain to start", _stage_running(first, "pretrain"), timeout=400)
+        os.kill(rec["run"]["pid"], 9)
+        state = _wait("the flow run to end", _final_state(first), timeout=120)
+        assert state.is_crashed(), (state.name, state.message)
+        assert main(["runs"]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if x.startswith(first))
+        assert " crashed " in line, out
+        assert f"{first}: run crashed: its process (PID {rec['run']['pid']} on " in out, out
+
+        # 2. the worker is killed while its flow run trains
+        second = start_run()
+        rec = _wait("pretrain to start", _stage_running(second, "pretrain"), timeout=400)
+        flow_pid = rec["run"]["pid"]
+        workers[0].kill()
+        workers[0].wait()
+        state = _wait("the flow run to end", _final_state(second), timeout=120)
+        _wait("the flow-run process to exit", lambda: not process_alive(flow_pid), timeout=60)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+                w.wait(timeout=60)
+    says = f"the Prefect worker process (PID {workers[0].pid}) that started this flow run died"
+    cat = Catalog()
+    run = cat.query_df("SELECT status, message FROM runs WHERE run_id = ?", [second])
+    assert run.status[0] == "crashed" and says in run.message[0], run.message[0]
+    stage = cat.query_df(
+        "SELECT status, message FROM stages WHERE run_id = ? AND stage = 'pretrain'", [second]
+    )
+    assert stage.status[0] == "failed" and "WorkerDiedError" in stage.message[0], stage.message[0]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second]))
+        )
+    (bar,) = [a for a in arts if a.type == "progress"]
+    assert "stopped at" in (bar.description or "") and says in bar.description, bar.description

@@ -41,11 +41,32 @@ def ollama(tmp_path: Path):
 
 
 def test_smoke_pipeline_end_to_end(prefect_server, env, ollama):
+    from helpers_notebook import Notebook
+
     from flows.pipeline import run_pipeline
     from tasks.catalog import Catalog
 
-    res = run_pipeline("smoke", [f"judge.hosts={ollama.host}"], progress=False)
-    assert res["status"] == "completed", res
+    # Notebooks hold the catalog open across the run: one read-write from before it
+    # starts, one read-only from its first publish on. Neither blocks the run.
+    Catalog().migrate()
+    db = Path(os.environ["GPTFLOW_DB"])
+    rw = Notebook(db, read_only=False)
+    ro = Notebook(db, read_only=True, after_publish=True)
+    try:
+        res = run_pipeline("smoke", [f"judge.hosts={ollama.host}"], progress=False)
+        assert res["status"] == "completed", res
+        ro.wait_open()
+        # each keeps the snapshot it opened; on reconnect it sees the finished run
+        assert rw.ask("sql SELECT count(*) FROM runs") == "0"
+        assert int(ro.ask("sql SELECT count(*) FROM stages")) < 9
+        for nb in (ro, rw):  # one after the other: a read-write one locks out the rest
+            assert nb.ask("reconnect") == "open"
+            assert nb.ask("sql SELECT min(status) || max(status) FROM runs") == "completedcompleted"
+            assert nb.ask("sql SELECT count(*) FROM stages") == "9"
+            nb.close()
+    finally:
+        rw.close()
+        ro.close()
     run1 = res["run_id"]
     stages = res["stages"]
     assert set(stages) == {
@@ -322,7 +343,8 @@ def test_catalog_rebuilt_from_the_artifacts_is_identical(prefect_server, env, ca
     db = Path(os.environ["GPTFLOW_DB"])
     assert main(["catalog", "rebuild"]) == 1  # the catalog exists: refused, nothing touched
     assert "pass --replace" in capsys.readouterr().err
-    db.unlink()
+    for f in (db, db.with_name(db.name + ".live")):  # the published and the writers' file
+        f.unlink()
     assert main(["catalog", "rebuild"]) == 0
     assert "rebuilt" in capsys.readouterr().out
     rebuilt = Catalog()

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.worst is not None and args.worst < 1:
         raise ConfigError(f"--worst must be >= 1, got {args.worst}")
-    catalog = Catalog(args.db)
+    catalog = Catalog(args.db, snapshot=True)
     summary = summarize(catalog, args.run)
 
     where, params = "", []

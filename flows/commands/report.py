@@ -48,7 +48,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gpt.fileio import atomic_open
     from tasks.catalog import Catalog
 
-    cat = Catalog(args.db)
+    cat = Catalog(args.db, snapshot=True)
     if not cat.exists():
         raise CatalogError(
             f"the catalog {cat.location} does not exist yet: run `gptflow run` first"

@@ -245,8 +245,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
+    from tasks.run_state import settle_runs
 
-    cat = Catalog(args.db)
+    cat = Catalog(args.db, snapshot=True)
     if args.run:
         runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [args.run])
         if runs.empty:
@@ -255,6 +256,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             )
     else:
         runs = cat.query_df("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [args.limit])
+    runs = settle_runs(runs)  # a "running" run whose process is gone shows as crashed
     stages = stage_rows(cat, [str(r) for r in runs["run_id"]], STAGES)
     if args.format == "json":
         out = []
@@ -276,6 +278,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
             message=stages["message"].map(lambda m: m if isinstance(m, str) else ""),
         )[["stage", "status", "cached", "time", "message"]]
         print(format_df(view, args.format, uncut={"message"}))
+        if args.format == "table":
+            r = runs.iloc[0]
+            reason = f": {r['message']}" if isinstance(r["message"], str) else ""
+            print(f"run {r['run_id']} {r['status']}{reason}")
         return 0
     view = runs[["run_id", "profile", "status"]].copy()
     view["started"] = runs["started_at"].map(fmt.timestamp)
@@ -288,6 +294,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     view["stages"] = [stages_summary(stages[stages["run_id"] == r]) for r in runs["run_id"]]
     print(format_df(view, args.format, uncut={"run_id", "stages"}))
     if args.format == "table":
+        for r in runs[runs["message"].notna()].to_dict("records"):  # why it failed/crashed
+            print(f"{r['run_id']}: run {r['status']}: {r['message']}")
         notes = stages[~stages["status"].isin(["completed", "cached"]) & stages["message"].notna()]
         for r in notes.to_dict("records"):
             print(f"{r['run_id']}: {r['stage']} {r['status']}: {r['message']}")

@@ -472,6 +472,15 @@ _V5_JUDGE_KEYS = [
      AND k.key_a IS NOT DISTINCT FROM st.key_a AND k.key_b IS NOT DISTINCT FROM st.key_b""",
 ]
 
+_V6_RUN_LIVENESS = [
+    # Why a run failed or crashed (one line); where its flow process runs and when it
+    # last beat, so a run whose process died is told from one still running.
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS message VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER",
+]
+
 #: Append-only list of schema steps; step ``i`` (0-based) brings the schema to ``i + 1``.
 MIGRATIONS: list[list[str]] = [
     _V1_CORE,
@@ -479,6 +488,7 @@ MIGRATIONS: list[list[str]] = [
     _V3_JUDGE_RELIABILITY,
     _V4_EVALUATION,
     _V5_JUDGE_KEYS,
+    _V6_RUN_LIVENESS,
 ]
 
 #: The schema version this code writes.

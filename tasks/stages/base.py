@@ -34,6 +34,7 @@ typed results are ``tokenize.out``; files are ``tokenize.path(tokenize.out.train
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -62,6 +63,7 @@ from tasks.catalog.store import checkpoint_digest
 from tasks.fingerprint import code_fingerprint, package_versions
 from tasks.lease import LeaseBase, LeaseInfo
 from tasks.rows import RowSink, ensure_ingested, ingest
+from tasks.run_state import check_alive, worker_died_reason
 from tasks.runlog import RunRecorder
 
 OWNER_FILE = ".owner_run"
@@ -232,8 +234,13 @@ def _in_prefect_run() -> bool:
 class Progress:
     """A Prefect progress artifact advanced by a training loop (a no-op outside runs)."""
 
+    #: Markers short of 100 %: a stage that stops settles them (:meth:`settle_open`).
+    _open: ClassVar[list[Progress]] = []
+
     def __init__(self, key: str, total: int | None) -> None:
+        self.key = key
         self.total = total
+        self.percent = 0.0
         self.id = None
         if not _in_prefect_run():
             # outside a flow/task run Prefect would start a temporary server just for this
@@ -244,16 +251,36 @@ class Progress:
             self.id = create_progress_artifact(progress=0.0, key=key, description=key)
         except Exception:
             self.id = None
+        if self.id is not None:
+            Progress._open.append(self)
 
     def update(self, done: int) -> None:
         if self.id is None or not self.total:
             return
+        self.percent = min(100.0, 100.0 * done / self.total)
+        if self.percent >= 100.0 and self in Progress._open:
+            Progress._open.remove(self)
         try:
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.id, progress=min(100.0, 100.0 * done / self.total))
+            update_progress_artifact(self.id, progress=self.percent)
         except Exception:
             pass
+
+    @classmethod
+    def settle_open(cls, reason: str) -> None:
+        """Mark every marker left part-way as stopped there, and why (the bar keeps
+        showing how far its stage got; the description says it is not going on)."""
+        from prefect.artifacts import update_progress_artifact
+
+        while cls._open:
+            bar = cls._open.pop()
+            with contextlib.suppress(Exception):
+                update_progress_artifact(
+                    bar.id,
+                    progress=bar.percent,
+                    description=f"{bar.key}: stopped at {bar.percent:.0f}% — {reason}"[:2000],
+                )
 
 
 @dataclass
@@ -292,6 +319,7 @@ class StageRun:
         """An ``on_metrics`` callback: rows go to the folder and, live, to the catalog."""
 
         def sink(rows: list[dict[str, Any]]) -> None:
+            check_alive()  # the worker died: stop at this step (resumable from a checkpoint)
             if not rows:
                 return
             t = now()
@@ -669,14 +697,11 @@ def _compute(
     except StageSkipped:
         raise
     except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}"[:4000]
         rec.record_stage(
-            ctx.run_id,
-            name,
-            status="failed",
-            started_at=started,
-            cache_hit=False,
-            message=f"{type(exc).__name__}: {exc}"[:4000],
+            ctx.run_id, name, status="failed", started_at=started, cache_hit=False, message=message
         )
+        Progress.settle_open(worker_died_reason() or message)
         raise
     notes = list(run.notes)
     if reason:
