@@ -11,6 +11,14 @@ Layout of a checkpoint folder::
     trainer_state.json         step/epoch/tokens_seen... (optional); tensor values (e.g. RNG
     trainer_tensors.safetensors  states) live in this file and are put back on load
     tokenizer/encoder.json, tokenizer/vocab.bpe   (optional)
+    record.json                how the training went in wall-clock terms (optional; NOT in
+                               the manifest)
+
+Every file but ``record.json`` depends only on what was computed: the same model and
+state written twice — by two runs, or by a run killed and resumed — give the same bytes
+(sorted JSON keys, a canonical safetensors header, a fixed archive name inside
+optimizer.pt), so the manifest, and every digest taken of the folder, are equal too.
+Times and speeds differ between such runs; they go to ``record.json``.
 
 Nothing is ever unpickled except through ``torch.load(weights_only=True)``.
 """
@@ -31,7 +39,7 @@ import torch
 from torch import nn
 
 from gpt.errors import CheckpointError, ConfigError
-from gpt.fileio import match_umask
+from gpt.fileio import save_safetensors
 from gpt.fileio import sha256_file as _sha256
 from gpt.model import GPT, GPTConfig
 
@@ -43,6 +51,7 @@ __all__ = [
     "recover_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
+    "weights_sha256",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,6 +65,7 @@ META = "meta.json"
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_tensors.safetensors"
+RECORD = "record.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
 _TENSOR_REF = "__tensor__"
@@ -82,6 +92,8 @@ class LoadedCheckpoint:
     """Folder with encoder.json + vocab.bpe inside the checkpoint, if saved."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Wall-clock facts saved with it (``record.json``; {} when none)."""
     num_classes: int | None = None
     """Classifier output count (None for a language model)."""
     labels: list[str] | None = None
@@ -180,6 +192,7 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     labels: list[str] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and optional training state) as a checkpoint folder at ``dir``.
 
@@ -187,7 +200,8 @@ def save_checkpoint(
     existing checkpoint at ``dir`` stays intact until the new one is complete.
     ``extra_state`` becomes trainer_state.json (tensors inside it are stored in
     safetensors). ``labels`` (or ``meta["labels"]``) names classifier outputs.
-    Returns the checkpoint path.
+    ``record`` (times, speeds: what differs between two runs computing the same thing)
+    becomes record.json, outside the manifest. Returns the checkpoint path.
     """
     target = Path(dir).expanduser().resolve()
     gpt = _unwrap(model)
@@ -205,22 +219,13 @@ def save_checkpoint(
         files: list[Path] = []
 
         # weights
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
         tied = gpt.is_tied
         state = {
             k: v.detach().cpu().contiguous()
             for k, v in gpt.state_dict().items()
             if not (tied and k == "out_head.weight")
         }
-        try:
-            save_file(
-                state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": str(tied).lower()}
-            )
-        except SafetensorError as exc:  # an I/O error inside the Rust writer
-            raise OSError(f"writing {WEIGHTS} failed: {exc}") from exc
-        match_umask(tmp / WEIGHTS)  # safetensors writes 0600; outputs share one mode
+        save_safetensors(state, tmp / WEIGHTS, {"format": "pt", "tied": str(tied).lower()})
         files.append(tmp / WEIGHTS)
 
         config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
@@ -253,11 +258,7 @@ def save_checkpoint(
             _write_json(tmp / TRAINER_STATE, plain)
             files.append(tmp / TRAINER_STATE)
             if tensors:
-                try:
-                    save_file(tensors, str(tmp / TRAINER_TENSORS))
-                except SafetensorError as exc:
-                    raise OSError(f"writing {TRAINER_TENSORS} failed: {exc}") from exc
-                match_umask(tmp / TRAINER_TENSORS)
+                save_safetensors(tensors, tmp / TRAINER_TENSORS)
                 files.append(tmp / TRAINER_TENSORS)
 
         if tokenizer_dir is not None:
@@ -277,7 +278,11 @@ def save_checkpoint(
             },
         }
         _write_json(tmp / MANIFEST, manifest)
-        for f in [*files, tmp / MANIFEST]:
+        written = [*files, tmp / MANIFEST]
+        if record:
+            _write_json(tmp / RECORD, record)
+            written.append(tmp / RECORD)
+        for f in written:
             _fsync_file(f)
         _fsync_dir(tmp)
 
@@ -546,6 +551,7 @@ def load_checkpoint(
 
     hparams = _read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
     meta = _read_json(path / META) if (path / META).exists() else {}
+    record = _read_record(path / RECORD)
 
     trainer_state = None
     if (path / TRAINER_STATE).exists():
@@ -571,10 +577,36 @@ def load_checkpoint(
         kind=kind,
         tokenizer_dir=tokenizer_dir,
         meta=meta,
+        record=record,
         num_classes=num_classes,
         labels=labels,
         path=path,
     )
+
+
+def _read_record(f: Path) -> dict[str, Any]:
+    """record.json as a dict; {} when it is missing or unreadable (it is not covered by
+    the manifest and holds nothing a load depends on: times only)."""
+    try:
+        value = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def weights_sha256(dir: str | Path) -> str:
+    """The sha256 of a checkpoint's weights file as its manifest lists it: what names a
+    checkpoint's content in another checkpoint's provenance (a path would differ between
+    two artifacts folders holding the same model)."""
+    path = Path(dir).expanduser()
+    _require_dir(path)
+    manifest = _read_json(path / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    entry = files.get(WEIGHTS) if isinstance(files, dict) else None
+    sha = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(sha, str):
+        raise CheckpointError(f"{path / MANIFEST} does not list {WEIGHTS}; re-save the checkpoint")
+    return sha
 
 
 def _load_optimizer(f: Path, map_location: str | torch.device) -> dict[str, Any]:
