@@ -108,8 +108,10 @@ def _print_result(result: dict, command: str, log_file: Path | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.config import build_config
     from flows.server import ensure_server
 
+    build_config(args.profile, args.set)  # a bad setting: one line, before any server starts
     ensure_server()
     from flows.pipeline import run_pipeline
 
@@ -125,14 +127,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
+    from flows.config import build_config
     from flows.server import ensure_server
     from tasks.catalog import Catalog
+    from tasks.catalog.lookup import resolve_run
 
+    config = None
+    if not args.profile:  # the earlier run's config, found before any server starts
+        cat = Catalog()
+        if args.run:
+            run_id = resolve_run(cat, args.run)
+            df = cat.query_df("SELECT config, profile FROM runs WHERE run_id = ?", [run_id])
+            if df.empty:
+                raise ConfigError(f"run {run_id} has no config in {cat.location} to rerun")
+        else:
+            df = cat.query_df("SELECT config, profile FROM runs ORDER BY started_at DESC LIMIT 1")
+            if df.empty:
+                raise ConfigError("no earlier run in the catalog: use `gptflow run` first")
+        config = df.iloc[0]["config"]
+        config = json.loads(config) if isinstance(config, str) else config
+        build_config(config.get("profile", DEFAULT_PROFILE), args.set, base=config)
+    else:
+        build_config(args.profile, args.set)
     ensure_server()
     from flows.pipeline import run_pipeline
 
     log_file = quiet_console(verbose=getattr(args, "verbose", False))
-    if args.profile:
+    if config is None:
         result = run_pipeline(
             profile=args.profile,
             overrides=args.set,
@@ -141,17 +162,6 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             verify=args.verify,
         )
     else:
-        cat = Catalog()
-        if args.run:
-            df = cat.query_df("SELECT config, profile FROM runs WHERE run_id = ?", [args.run])
-            if df.empty:
-                raise ConfigError(f"no run {args.run!r} in the catalog (see `gptflow runs`)")
-        else:
-            df = cat.query_df("SELECT config, profile FROM runs ORDER BY started_at DESC LIMIT 1")
-            if df.empty:
-                raise ConfigError("no earlier run in the catalog: use `gptflow run` first")
-        config = df.iloc[0]["config"]
-        config = json.loads(config) if isinstance(config, str) else config
         result = run_pipeline(
             profile=config.get("profile", DEFAULT_PROFILE),
             overrides=args.set,
@@ -227,15 +237,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
     reasons (whole) under the table; with RUN, that run's stages one per line."""
     from flows.report import fmt
     from tasks.catalog import Catalog
+    from tasks.catalog.lookup import resolve_run
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
 
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     cat = Catalog(args.db)
     if args.run:
-        runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [args.run])
+        run_id = resolve_run(cat, args.run)  # the id or a unique prefix
+        runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [run_id])
         if runs.empty:
             raise ConfigError(
-                f"no run {args.run!r} in the catalog {cat.location} (see `gptflow runs`)"
+                f"run {run_id} has no `runs` row in the catalog {cat.location} (it only "
+                "holds judge scores: see `gptflow evals --run`)"
             )
     else:
         runs = cat.query_df("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [args.limit])
