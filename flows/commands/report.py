@@ -73,7 +73,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         n = len(report.images())
         print(f"report of run {run_id} ({n} plots) written to {', '.join(written)}")
         return 0
-    md = to_markdown(report)
+    md = to_markdown(report, wrap=False)  # a terminal wraps lines itself
     md = re.sub(r"!\[([^\]]*)\]\(data:image/png;base64,[^)]*\)", r"[plot: \1 — see --html]", md)
     sys.stdout.write(md)
     return 0

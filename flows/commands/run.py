@@ -315,6 +315,44 @@ def _check(ok: bool | None, what: str, detail: str) -> bool:
     return ok is not False
 
 
+def mirror_in_use() -> tuple[str | None, str, bool]:
+    """``(mirror, where it comes from, whether a new run takes it by default)``, looked
+    up in the order a run looks: ``GPTFLOW_MIRROR``, the default profile's
+    ``download.mirror``, else the one the latest run recorded (a ``--mirror`` flag or a
+    deployment's parameter leave no other trace)."""
+    from flows.config import build_config
+    from gpt.data.download import MIRROR_ENV
+    from gpt.errors import GPTFlowError
+
+    if os.environ.get(MIRROR_ENV):
+        return os.environ[MIRROR_ENV], MIRROR_ENV, True
+    try:
+        setting = build_config(DEFAULT_PROFILE, []).download.mirror
+    except GPTFlowError:
+        setting = None
+    if setting:
+        return setting, f"download.mirror of profile {DEFAULT_PROFILE}", True
+    try:
+        from tasks.catalog import Catalog
+
+        cat = Catalog()
+        latest = (
+            cat.query_df("SELECT run_id, config FROM runs ORDER BY started_at DESC LIMIT 1")
+            if cat.exists()
+            else None
+        )
+    except GPTFlowError:
+        latest = None
+    if latest is None or latest.empty:
+        return None, f"no {MIRROR_ENV}, no download.mirror setting, no run yet", True
+    run_id, config = latest.iloc[0]["run_id"], latest.iloc[0]["config"]
+    config = json.loads(config) if isinstance(config, str) else config or {}
+    used = (config.get("download") or {}).get("mirror")
+    if used:
+        return used, f"used by the latest run {run_id}, given as --mirror or a parameter", False
+    return None, f"the latest run {run_id} used none; {MIRROR_ENV} unset", True
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
@@ -356,12 +394,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         )
     except Exception as exc:  # the judge is optional unless judge.required
         _check(None, "ollama", str(exc))
-    mirror = os.environ.get("GPTFLOW_MIRROR")
+    mirror, source, automatic = mirror_in_use()
     if mirror:
         exists = mirror.startswith(("http://", "https://")) or Path(mirror).is_dir()
-        good &= _check(exists, "mirror", mirror)
+        detail = f"{mirror} ({source})" + ("" if exists else ": not a folder (any more)")
+        # a missing mirror that new runs take by default fails; one a past run was given, warns
+        good &= _check(True if exists else (False if automatic else None), "mirror", detail)
     else:
-        _check(None, "mirror", "GPTFLOW_MIRROR unset: inputs come from the web")
+        _check(True, "mirror", f"none ({source}): inputs come from their web URLs")
     ds = datasets_dir()
     sizes = [p.name for p in sorted((ds / "gpt2").glob("*M")) if (p / "hparams.json").exists()]
     _check(

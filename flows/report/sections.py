@@ -481,7 +481,8 @@ def judge_section(d: RunData) -> list[Block]:
             why = text(f"the judge stage ended {judge['status']} without scores.")
         blocks.append(Para(join(bold("No scores:"), " ", why)))
         return blocks
-    blocks.append(generic_table(summary_df, drop=("run_id",)))
+    # n_examples is n / repeats: one column fewer keeps the table inside the page
+    blocks.append(generic_table(summary_df, drop=("run_id", "n_examples")))
     scores = d.cat.query_df(
         "SELECT judge_model, score FROM judgments WHERE run_id = ? AND score IS NOT NULL",
         [resp_run],

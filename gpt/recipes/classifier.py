@@ -419,9 +419,14 @@ def finetune_classifier(
     longest = max(len(tokenizer.encode(t)) for t in splits["train"][0])
     max_length = args.max_length or longest
     if max_length > cfg.context_length:
-        log.warning(
-            "max_length %d exceeds the context length %d: truncating",
+        # a max_length the user set is worth a warning; the default (the longest message,
+        # capped at the context: documented) is not
+        report = log.warning if args.max_length else log.info
+        report(
+            "%s %d exceeds the context length %d: truncating messages to %d tokens",
+            "max_length" if args.max_length else "the longest training message, at",
             max_length,
+            cfg.context_length,
             cfg.context_length,
         )
         max_length = cfg.context_length
