@@ -53,8 +53,8 @@ ROWS_DIR = "rows"
 #: Manifest entries that record who computed a result, when, where and how fast — not
 #: what it is: they go to ``produced.json``.
 RECORD_KEYS = frozenset(
-    {"producer_run_id", "resumed_by_run_id", "created_at", "wall_s", "device", "rows",
-     "measured", "run_args"}
+    {"producer_run_id", "resumed_by_run_id", "created_at", "wall_s", "device", "cpu_threads",
+     "rows", "measured", "run_args"}
 )  # fmt: skip
 #: Entries of a file's description that are records (when it was written, an upload's
 #: ETag); its size and sha256 are content.

@@ -1,6 +1,7 @@
 """A child process for the same-bytes test: runs the smoke profile's stages (download to
 extract_responses; the judge needs a server) in one artifacts root, each through the
-stage runner the pipeline uses, and prints the stages' keys and digests as JSON.
+stage runner the pipeline uses, and prints the stages' keys and digests (and the WARNING
+lines the project's loggers emitted) as JSON.
 
     python tests/helpers_dag.py ROOT RUN_ID MIRROR [--kill STAGE:STEP] [--set S.F=V ...]
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -49,6 +51,14 @@ def main(argv: list[str]) -> int:
 
         StageRun.metrics_sink = killing_sink  # type: ignore[method-assign]
 
+    warnings: list[str] = []
+
+    class Warnings(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(f"{record.name}: {record.getMessage()}")
+
+    for name in ("gpt", "tasks", "flows"):  # what the profile's own settings make us say
+        logging.getLogger(name).addHandler(Warnings(logging.WARNING))
     cfg = build_config("smoke", a.set)
     ctx = RunContext(
         run_id=a.run_id,
@@ -73,7 +83,8 @@ def main(argv: list[str]) -> int:
     outs |= {"baseline_spam": bl, "finetune_instruct": inst, "extract_responses": resp}
     print(
         json.dumps(
-            {
+            {"warnings": warnings}
+            | {
                 name: {
                     "key": o.key,
                     "digest": o.digest,

@@ -403,6 +403,12 @@ def key_for(spec: StageSpec, args: Args, inputs: dict[str, StageOutput | None]) 
     return stage_key(spec.name, args.key_dict(), digests, code_fingerprint(spec.module))
 
 
+def _cpu_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _device_name(setting: str) -> str:
     from gpt.device import resolve_device
 
@@ -579,6 +585,8 @@ def _compute(
                 "code": code_fingerprint(spec.module),
                 "rows": rows_meta,
                 "device": _device_name(ctx.device),
+                # CPU results depend on it in the last bits (reductions split by thread)
+                "cpu_threads": _cpu_threads(),
                 "wall_s": round(time.perf_counter() - t0, 3),
                 "resumed_by_run_id": ctx.run_id if producer != ctx.run_id else None,
             },
