@@ -7,14 +7,17 @@ class head) or that were trained outright (``trainable_blocks``). Its ``config.j
 gains an ``adapter`` object::
 
     {"format": "gptflow-lora/1",
-     "base": {"path": ABSOLUTE, "relative": FROM_THIS_FOLDER, "sha256": OF_ITS_MANIFEST},
+     "base": {"relative": FROM_THIS_FOLDER, "sha256": OF_ITS_MANIFEST},
      "rank": 16, "alpha": 16.0, "dropout": 0.0,
      "targets": {"blocks.0.att.qkv": ["query", "key", "value"], ...},
      "full": ["out_head.weight", "out_head.bias"]}
 
 The base's identity is the sha256 of its ``manifest.json``, which lists the sha256 of
-every file of the base, so it names the base's exact bytes. Loading finds the base
-(relative path first, so a moved artifacts folder still works, then the absolute one),
+every file of the base, so it names the base's exact bytes. The base's absolute path is
+where it was when the adapter was saved: a fact of that run, so it is kept in the
+folder's ``record.json`` (outside its manifest), not in ``config.json`` — the same
+adapter trained in two artifacts folders is the same bytes. Loading finds the base
+(relative path first, so a moved artifacts folder still works, then the recorded one),
 refuses one whose digest differs, loads it verified, puts the adapter on and, unless
 asked not to, merges it (:func:`gpt.lora.merge_lora`) — so every reader of checkpoints
 (generation, response extraction, classification, export) works on LoRA folders as is.
@@ -71,6 +74,10 @@ def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
 
     with safe_open(str(base_dir / "model.safetensors"), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+
+
+#: The key of the base's absolute path in a LoRA checkpoint's ``record.json``.
+BASE_PATH_RECORD = "adapter_base_path"
 
 
 def _own_state(model: GPT) -> dict[str, torch.Tensor]:
@@ -141,7 +148,6 @@ def adapter_payload(
     config = {
         "format": ADAPTER_FORMAT,
         "base": {
-            "path": base["path"],
             "relative": os.path.relpath(base["path"], target),
             "sha256": base["sha256"],
         },
@@ -154,15 +160,34 @@ def adapter_payload(
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, config
 
 
+def base_record(model: nn.Module) -> dict[str, str]:
+    """What a LoRA checkpoint's ``record.json`` keeps of its base: where it was."""
+    base = base_of(model)
+    return {BASE_PATH_RECORD: base["path"]} if base else {}
+
+
+def _recorded_base(folder: Path) -> str | None:
+    import json
+
+    try:
+        value = json.loads((folder / "record.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    found = value.get(BASE_PATH_RECORD) if isinstance(value, dict) else None
+    return found if isinstance(found, str) else None
+
+
 def _find_base(folder: Path, info: dict[str, Any], base: str | Path | None) -> Path:
     if base is not None:
         candidates = [Path(base).expanduser()]
     else:
-        candidates = [folder / info.get("relative", ""), Path(info.get("path", ""))]
+        recorded = _recorded_base(folder)
+        candidates = [folder / info.get("relative", ""), *([Path(recorded)] if recorded else [])]
     found = next((c for c in candidates if (c / "manifest.json").is_file()), None)
     if found is None:
         raise CheckpointError(
-            f"{folder} is a LoRA adapter of the checkpoint {info.get('path')}, which is not "
+            f"{folder} is a LoRA adapter of the checkpoint {info.get('relative')} (relative to "
+            "it), which is not "
             f"there (looked at {', '.join(str(c) for c in candidates)}); restore that base "
             "checkpoint or pass its new location"
         )
@@ -264,7 +289,8 @@ class ModelSize:
     checkpoint_bytes: int
     """Bytes of the checkpoint folder (the adapter alone for LoRA)."""
     base: dict[str, str]
-    """The base checkpoint: ``{"path", "sha256"}`` (sha256 of its manifest)."""
+    """The base checkpoint: ``{"name", "sha256"}`` (its folder's name, the sha256 of its
+    manifest: content, not a path, so two artifacts folders give the same result)."""
     lora: dict[str, Any] | None = None
     """rank, alpha, dropout and layers of a LoRA finetune (None: full finetune)."""
 
@@ -283,10 +309,10 @@ def model_size(
     model: nn.Module, checkpoint_dir: Path, base_dir: Path, lora: LoraArgs | None = None
 ) -> ModelSize:
     """The :class:`ModelSize` of ``model`` saved at ``checkpoint_dir`` from ``base_dir``."""
-    files = [f for f in Path(checkpoint_dir).rglob("*") if f.is_file()]
+    files = [f for f in Path(checkpoint_dir).rglob("*") if f.is_file() and f.name != "record.json"]
     return ModelSize(
         trainable_params=count_trainable(model),
         checkpoint_bytes=sum(f.stat().st_size for f in files),
-        base={"path": str(Path(base_dir).resolve()), "sha256": base_digest(base_dir)},
+        base={"name": Path(base_dir).resolve().name, "sha256": base_digest(base_dir)},
         lora=lora.to_dict() if lora is not None else None,
     )

@@ -13,6 +13,14 @@ Layout of a checkpoint folder::
     trainer_state.json         step/epoch/tokens_seen... (optional); tensor values (e.g. RNG
     trainer_tensors.safetensors  states) live in this file and are put back on load
     tokenizer/encoder.json, tokenizer/vocab.bpe   (optional)
+    record.json                how the training went in wall-clock terms (optional; NOT in
+                               the manifest)
+
+Every file but ``record.json`` depends only on what was computed: the same model and
+state written twice — by two runs, or by a run killed and resumed — give the same bytes
+(sorted JSON keys, a canonical safetensors header, a fixed archive name inside
+optimizer.pt), so the manifest, and every digest taken of the folder, are equal too.
+Times and speeds differ between such runs; they go to ``record.json``.
 
 Nothing is ever unpickled except through ``torch.load(weights_only=True)``.
 """
@@ -33,7 +41,7 @@ import torch
 from torch import nn
 
 from gpt.errors import CheckpointError, ConfigError
-from gpt.fileio import match_umask
+from gpt.fileio import save_safetensors
 from gpt.fileio import sha256_file as _sha256
 from gpt.model import GPT, GPTConfig
 
@@ -45,6 +53,7 @@ __all__ = [
     "recover_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
+    "weights_sha256",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +67,7 @@ META = "meta.json"
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_tensors.safetensors"
+RECORD = "record.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
 ADAPTER = "adapter.safetensors"  # in place of model.safetensors in a LoRA folder (gpt.adapter)
@@ -85,6 +95,8 @@ class LoadedCheckpoint:
     """Folder with encoder.json + vocab.bpe inside the checkpoint, if saved."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Wall-clock facts saved with it (``record.json``; {} when none)."""
     num_classes: int | None = None
     """Classifier output count (None for a language model)."""
     labels: list[str] | None = None
@@ -185,6 +197,7 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     labels: list[str] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and optional training state) as a checkpoint folder at ``dir``.
 
@@ -192,7 +205,8 @@ def save_checkpoint(
     existing checkpoint at ``dir`` stays intact until the new one is complete.
     ``extra_state`` becomes trainer_state.json (tensors inside it are stored in
     safetensors). ``labels`` (or ``meta["labels"]``) names classifier outputs.
-    Returns the checkpoint path.
+    ``record`` (times, speeds: what differs between two runs computing the same thing)
+    becomes record.json, outside the manifest. Returns the checkpoint path.
     """
     target = Path(dir).expanduser().resolve()
     gpt = _unwrap(model)
@@ -210,9 +224,6 @@ def save_checkpoint(
         files: list[Path] = []
 
         # weights
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
         from gpt.adapter import ADAPTER_WEIGHTS, adapter_payload
 
         tied = gpt.is_tied
@@ -227,18 +238,15 @@ def save_checkpoint(
             if adapter is None
             else adapter[0]
         )
-        try:
-            save_file(
-                state, str(tmp / weights), metadata={"format": "pt", "tied": str(tied).lower()}
-            )
-        except SafetensorError as exc:  # an I/O error inside the Rust writer
-            raise OSError(f"writing {weights} failed: {exc}") from exc
-        match_umask(tmp / weights)  # safetensors writes 0600; outputs share one mode
+        save_safetensors(state, tmp / weights, {"format": "pt", "tied": str(tied).lower()})
         files.append(tmp / weights)
 
         config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
         if adapter is not None:
+            from gpt.adapter import base_record
+
             config["adapter"] = adapter[1]
+            record = {**(record or {}), **base_record(gpt)}  # where the base was: a fact
         if kind == "classifier":
             config["num_classes"] = num_classes
             lab = labels if labels is not None else (meta or {}).get("labels")
@@ -268,11 +276,7 @@ def save_checkpoint(
             _write_json(tmp / TRAINER_STATE, plain)
             files.append(tmp / TRAINER_STATE)
             if tensors:
-                try:
-                    save_file(tensors, str(tmp / TRAINER_TENSORS))
-                except SafetensorError as exc:
-                    raise OSError(f"writing {TRAINER_TENSORS} failed: {exc}") from exc
-                match_umask(tmp / TRAINER_TENSORS)
+                save_safetensors(tensors, tmp / TRAINER_TENSORS)
                 files.append(tmp / TRAINER_TENSORS)
 
         if tokenizer_dir is not None:
@@ -292,7 +296,11 @@ def save_checkpoint(
             },
         }
         _write_json(tmp / MANIFEST, manifest)
-        for f in [*files, tmp / MANIFEST]:
+        written = [*files, tmp / MANIFEST]
+        if record:
+            _write_json(tmp / RECORD, record)
+            written.append(tmp / RECORD)
+        for f in written:
             _fsync_file(f)
         _fsync_dir(tmp)
 
@@ -588,6 +596,7 @@ def load_checkpoint(
         kind=kind,
         tokenizer_dir=tokenizer_dir,
         meta=meta,
+        record=_read_record(path / RECORD),
         num_classes=num_classes,
         labels=labels,
         path=path,
@@ -625,6 +634,33 @@ def _load_model(
         model.out_head.weight = model.tok_emb.weight
     model.eval()
     return model
+
+
+def _read_record(f: Path) -> dict[str, Any]:
+    """record.json as a dict; {} when it is missing or unreadable (it is not covered by
+    the manifest and holds nothing a load depends on: times only)."""
+    try:
+        value = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def weights_sha256(dir: str | Path) -> str:
+    """The sha256 of a checkpoint's weights file as its manifest lists it: what names a
+    checkpoint's content in another checkpoint's provenance (a path would differ between
+    two artifacts folders holding the same model)."""
+    path = Path(dir).expanduser()
+    _require_dir(path)
+    manifest = _read_json(path / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    entry = (files.get(WEIGHTS) or files.get(ADAPTER)) if isinstance(files, dict) else None
+    sha = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(sha, str):
+        raise CheckpointError(
+            f"{path / MANIFEST} lists neither {WEIGHTS} nor {ADAPTER}; re-save the checkpoint"
+        )
+    return sha
 
 
 def _load_optimizer(f: Path, map_location: str | torch.device) -> dict[str, Any]:

@@ -65,3 +65,16 @@ class ModelNotPulledError(JudgeError):
 class DistributedError(GPTFlowError):
     """A multi-process (torchrun) run failed or could not start; names the command and
     carries the tail of the child's stderr."""
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line: DuckDB's excerpt of the query (``LINE 1: …`` and the
+    caret under it) left out, the remaining lines and runs of spaces joined by one space.
+    What ``gptflow`` prints for a user error and a deployment run logs at ERROR."""
+    kept = []
+    for line in message.splitlines():
+        text = line.strip()
+        if (text.startswith("LINE ") and ":" in text[:12]) or set(text) <= {"^", " "}:
+            continue
+        kept.append(text)
+    return " ".join(" ".join(kept).split())

@@ -48,6 +48,7 @@ from gpt.train_state import (
     capture_rng,
     has_checkpoint,
     load_resume,
+    progress_record,
     progress_state,
     restore_rng,
 )
@@ -374,7 +375,8 @@ def train_lm(
     else:
         torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
 
-    hparams = {**args.to_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    # what shapes the training (operational settings such as checkpoint_every are no part)
+    hparams = {**args.key_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
 
     def save(epoch_start: dict[str, Any] | None) -> None:
         if last is None:
@@ -394,7 +396,14 @@ def train_lm(
             per_rank=per_rank,
         )
         if main:
-            save_checkpoint(last, carrier, hparams=hparams, optimizer=opt_state, extra_state=state)
+            save_checkpoint(
+                last,
+                carrier,
+                hparams=hparams,
+                optimizer=opt_state,
+                extra_state=state,
+                record=progress_record(prog),
+            )
         gd.barrier()
 
     def eval_loss(loader: Any) -> float:

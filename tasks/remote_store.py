@@ -11,8 +11,9 @@ has two places:
   this machine).
 
 **Commit** uploads every file of the work folder, lists them back to record each
-object's ETag in the manifest, and publishes ``manifest.json`` last with a conditional
-put (``If-None-Match: *``): a reader never takes a folder without its manifest, and a
+object's ETag (in ``produced.json``, the record of who produced the folder, uploaded
+next), and publishes ``manifest.json`` last with a conditional put
+(``If-None-Match: *``): a reader never takes a folder without its manifest, and a
 folder whose objects changed after publishing no longer matches it. An older or damaged
 version is deleted first (its manifest first), under the stage's lease: the commit
 checks that this run still holds it before touching anything published and again just
@@ -42,12 +43,16 @@ from gpt.paths import remote_cache_dir
 from tasks.cache import (
     MANIFEST,
     MANIFEST_VERSION,
+    PRODUCED,
     ROWS_DIR,
     StageStore,
     Verify,
     content_digest,
     describe_files,
+    manifest_texts,
+    parse_manifest,
     verify_files,
+    write_manifest,
 )
 from tasks.lease import LeaseBase
 from tasks.object_lease import ObjectLease
@@ -67,20 +72,10 @@ def remote_problem(
             return f"{url}/{rel} has {entry.size} bytes, the manifest says {meta['bytes']}"
         if meta.get("etag") and entry.etag != meta["etag"]:
             return f"{url}/{rel} was changed after it was published (ETag differs)"
-    extra = sorted(set(listing) - set(files) - {MANIFEST})
+    extra = sorted(set(listing) - set(files) - {MANIFEST, PRODUCED})
     if extra:
         return f"{url}/{extra[0]} is not in the manifest"
     return None
-
-
-def _parse_manifest(data: bytes) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        return None
-    return manifest
 
 
 def _parse_history(data: bytes) -> dict[str, Any] | None:
@@ -126,6 +121,15 @@ class ObjectStageStore(StageStore):
         return ObjectLease(self.remote, f"{stage}/{key}.lease", run_id)
 
     # ------------------------------------------------------------------ reading
+    def _read_published(self, rel: str, got: Any = None) -> dict[str, Any] | None:
+        """The full manifest published at ``rel`` (its ``manifest.json``, fetched unless
+        ``got``, and ``produced.json``); None when missing or unreadable."""
+        got = got if got is not None else self.remote.get(f"{rel}/{MANIFEST}")
+        if got is None:
+            return None
+        record = self.remote.get(f"{rel}/{PRODUCED}")
+        return parse_manifest(got.data, None if record is None else record.data)
+
     def remote_manifest(
         self, stage: str, key: str
     ) -> tuple[dict[str, Any] | None, dict[str, Entry], str | None]:
@@ -143,9 +147,9 @@ class ObjectStageStore(StageStore):
                     (f"{url} has {len(listing)} files but no {MANIFEST} (an unfinished commit)"),
                 )
             return None, listing, None
-        manifest = _parse_manifest(got.data)
+        manifest = self._read_published(rel, got)
         if manifest is None:
-            return None, listing, f"{url}/{MANIFEST} is unreadable"
+            return None, listing, f"{url}/{MANIFEST} or {PRODUCED} is unreadable"
         problem = remote_problem(url, listing, manifest.get("files", {}))
         return (None, listing, problem) if problem else (manifest, listing, None)
 
@@ -183,9 +187,7 @@ class ObjectStageStore(StageStore):
                     )
                 mtime = int(meta.get("mtime_ns") or time.time_ns())
                 os.utime(p, ns=(mtime, mtime))
-            (tmp / MANIFEST).write_text(
-                json.dumps(manifest, indent=1, sort_keys=True, default=str), encoding="utf-8"
-            )
+            write_manifest(tmp, manifest)
             _install(tmp, self.final_dir(stage, key), key)
             return None
         finally:
@@ -216,8 +218,7 @@ class ObjectStageStore(StageStore):
             if MANIFEST not in objects:
                 yield stage, key, None, f"{url}: no {MANIFEST} (an unfinished commit)"
                 continue
-            got = self.remote.get(f"{stage}/{key}/{MANIFEST}")
-            manifest = None if got is None else _parse_manifest(got.data)
+            manifest = self._read_published(f"{stage}/{key}")
             if manifest is None:
                 yield stage, key, None, f"{url}: no readable manifest"
                 continue
@@ -249,8 +250,7 @@ class ObjectStageStore(StageStore):
         rows (their Parquet objects, copied on the server) and its manifest (without the
         file list) under ``<key>.history/`` for ``gptflow catalog rebuild``, as a local
         store does."""
-        got = self.remote.get(f"{stage}/{key}/{MANIFEST}")
-        manifest = None if got is None else _parse_manifest(got.data)
+        manifest = self._read_published(f"{stage}/{key}")
         if manifest is None or not manifest.get("rows"):
             return
         dest = f"{stage}/{key}.history/{manifest['producer_run_id']}-{int(manifest['created_at'])}"
@@ -295,16 +295,16 @@ class ObjectStageStore(StageStore):
             "digest": content_digest(files, manifest.get("out")),
             "created_at": time.time(),
         }
-        body = json.dumps(full, indent=1, sort_keys=True, default=str)
+        full = json.loads(json.dumps(full, default=str))  # as it reads back
+        content, record = manifest_texts(full)
         lease.confirm()
-        if self.remote.create(f"{rel}/{MANIFEST}", body.encode()) is None:
-            raise StorageError(
-                f"{self.published(stage, key)} was published by another run while this one "
-                "was committing it (its lease was taken over); the other result stands, rerun "
-                "to use it"
-            )
-        tmp = work / (MANIFEST + ".tmp")
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, work / MANIFEST)
+        for name, text in ((PRODUCED, record), (MANIFEST, content)):  # the manifest last
+            if self.remote.create(f"{rel}/{name}", text.encode()) is None:
+                raise StorageError(
+                    f"{self.published(stage, key)} was published by another run while this "
+                    "one was committing it (its lease was taken over); the other result "
+                    "stands, rerun to use it"
+                )
+        write_manifest(work, full)
         _install(work, self.final_dir(stage, key), key)
-        return json.loads(body)
+        return full

@@ -18,6 +18,14 @@ from pathlib import Path
 
 import pytest
 from _ci import in_ci, unavailable
+from prefect.logging.configuration import ensure_logging_setup
+
+# Prefect binds its console log handler to sys.stderr when it sets up logging (on first
+# use). Set up here, that is the session's stream; set up first inside a test that
+# captures output (capsys), it would be that test's buffer, closed afterwards — and every
+# later flow run's log line would fail, recursing through Prefect's print-as-log of the
+# logging error.
+ensure_logging_setup()
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -241,3 +241,29 @@ def test_last_block_at_the_pooled_position_equals_the_full_block(attention: str)
     g_fast = torch.autograd.grad(fast.square().sum(), [x, *block.parameters()])
     for a, b in zip(g_fast, g_full, strict=True):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("max_length", [None, 80])
+def test_a_default_max_length_capped_at_the_context_is_no_warning(
+    tmp_path: Path, tokenizer_dir: Path, sms_slice, max_length: int | None, caplog
+) -> None:
+    """The smoke profile logged "max_length 87 exceeds the context length 64" on every
+    run, about its own default (the longest message, capped at the context: documented).
+    Only a max_length the user set beyond the context is worth a warning."""
+    import logging
+
+    base = _base_ckpt(tmp_path / "base", tokenizer_dir, n_layers=1)
+    args = SpamArgs(trainable_blocks=1, epochs=1, batch_size=20, max_length=max_length)
+    train = {"train": sms_slice["train"], "val": sms_slice["val"]}
+    longest = max(len(Tokenizer.from_dir(tokenizer_dir).encode(t)) for t in train["train"][0])
+    assert longest > 64  # the slice holds a message longer than the context
+    with caplog.at_level(logging.INFO, logger="gpt"):
+        res = finetune_classifier(base, train, args, out_dir=tmp_path / "clf", progress=False)
+    assert res["max_length"] == 64
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    capped = [r.getMessage() for r in caplog.records if "context length 64" in r.getMessage()]
+    assert len(capped) == 1, caplog.text
+    if max_length is None:
+        assert warned == [], warned
+    else:
+        assert any("max_length 80 exceeds the context length 64" in m for m in warned), warned

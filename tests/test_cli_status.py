@@ -81,8 +81,8 @@ def test_evals_says_why_the_summary_is_empty(cat, capsys):
     assert json.loads(captured.out)["summary"] == []
     assert SKIP_MSG in captured.err
 
-    assert main(["evals", "--run", "typo"]) == 0
-    assert "there is no run 'typo'" in capsys.readouterr().err
+    assert main(["evals", "--run", "typo"]) == 1  # a run that does not exist: an error
+    assert "no run 'typo' in the catalog" in capsys.readouterr().err
 
     _run(cat, "r2", None)  # a run whose judge never ran (e.g. it failed before)
     assert main(["evals", "--run", "r2"]) == 0

@@ -63,7 +63,8 @@ def test_smoke_run_with_lora_end_to_end_and_cached_rerun(
         assert size["lora"]["rank"] == (4 if stage == "finetune_spam" else 16)
         base = load_checkpoint(ckpt, merge=False).adapter["base"]
         assert base["sha256"] == size["base"]["sha256"]
-        assert Path(base["path"]).is_relative_to(Path(outs["load_gpt2"]["root"]))
+        where = (ckpt / base["relative"]).resolve()
+        assert where.is_relative_to(Path(outs["load_gpt2"]["root"]).resolve())
     assert q("SELECT count(*) n FROM responses WHERE run_id = ?", run1).n[0] == 12
     summ = q("SELECT * FROM eval_summary WHERE run_id = ?", run1)
     assert summ.n_scored[0] == 12 and summ.mean_score[0] == 42

@@ -187,7 +187,7 @@ def _without_images(md: str) -> str:
 
 
 def test_report_content(catalog):
-    md = to_markdown(build_report(catalog, "new"))
+    md = to_markdown(build_report(catalog, "new"), wrap=False)  # wrapping: a test below
     pngs = _images(md)
     # pretrain + spam training + instruct curves + confusion matrices
     assert len(pngs) == 4, md[:3000]
@@ -237,10 +237,75 @@ def test_gates_section_when_the_run_has_gates(catalog):
         ],
         where={"run_id": "new"},
     )
-    body = _without_images(to_markdown(build_report(catalog, "new")))
+    body = _without_images(to_markdown(build_report(catalog, "new"), wrap=False))
     assert "## Gates" in body and "1 of 2 gates passed." in body
     assert "| spam\\_test\\_accuracy (test) | **FAILED** | 0.875 | 0.89 | `old` |" in body
     assert "| beats\\_baseline | passed | 0.875 | 0.9 | — |   |" in body
+
+
+def _visible_width(row: str) -> int:
+    """How many characters a Markdown table row takes on screen: per cell its longest
+    ``<br>``-separated line without the markup, plus the padding of each cell."""
+    cells = re.split(r"(?<!\\)\|", row.strip())[1:-1]
+    width = 0
+    for cell in cells:
+        lines = [re.sub(r"\\(.)|`|\*\*", r"\1", x).strip() for x in cell.split("<br>")]
+        width += max(len(x) for x in lines) + TABLE_PAD
+    return width
+
+
+TABLE_PAD = 4
+
+
+def test_long_table_text_wraps_inside_the_page(catalog):
+    """The Prefect UI's classic artifact page (where a flow run log's links lead) never
+    wraps a table cell: the Gates message and the lowest-scored responses ran past the
+    right edge and were cut off. The artifact's Markdown breaks the long cells of a wide
+    table into lines (``<br>``) so each row fits TABLE_WIDTH characters; every word is
+    kept; the terminal's text (``wrap=False``) stays on one line per row."""
+    from flows.report.blocks import TABLE_WIDTH, code
+
+    long_msg = (
+        "finetuned spam test accuracy 42.5% vs best baseline logreg_bow 77.5%: -35.0 "
+        "points (must be higher); see `gptflow compare` for the examples that changed"
+    )
+    catalog.replace_rows(
+        "gates",
+        [
+            {
+                "run_id": "new",
+                "gate": "finetuned_beats_best_baseline",
+                "scope": "test",
+                "passed": False,
+                "value": -35.0,
+                "threshold": 0.0,
+                "compared_to_run": "old",
+                "message": long_msg,
+            }
+        ],
+        where={"run_id": "new"},
+    )
+    response = "the model's answer, " * 12
+    question = "What type of cloud is typically associated with thunderstorms?"
+    worst = Table(
+        ("example", "instruction", "response", "score", "judge"),
+        (("0", question, response, "12", "llama3"),),
+        "rllrl",
+    )
+    paths = Table(("stage", "folder"), (("pretrain", code("/tmp/x/" + "f" * 120)),))
+    report = build_report(catalog, "new")
+    report.blocks += [worst, paths]
+    md = to_markdown(report)
+    rows = [x for x in md.splitlines() if x.startswith("| ") and "<br>" in x]
+    assert any("finetuned" in r for r in rows) and any("model's answer" in r for r in rows)
+    for row in rows:
+        assert _visible_width(row) <= TABLE_WIDTH, row
+    gate_row = next(r for r in rows if "finetuned" in r)
+    words = re.sub(r"<br>|\\|`", " ", gate_row).split()
+    assert " ".join(words).count("see gptflow compare for the examples that changed") == 1
+    assert "f" * 20 in re.sub(r"<br>|`", "", next(r for r in rows if "/tmp/x/" in r))
+    flat = to_markdown(report, wrap=False)
+    assert "<br>" not in flat and "points (must be higher); see `gptflow compare`" in flat
 
 
 def test_cli_report_html_is_self_contained(catalog, tmp_path, capsys):

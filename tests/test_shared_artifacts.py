@@ -115,9 +115,10 @@ def test_stage_folder_published_and_read_back_verified(
     assert Path(first.root).is_relative_to(tmp_path / "cache")
     prefix = s3_root.split("/", 3)[3] + f"/stages/tokenize/{first.key}/"
     published = {k.removeprefix(prefix) for k in s3_server.keys(prefix)}
-    assert published == {*first.files, "manifest.json"}
-    manifest = json.loads(Path(first.root, "manifest.json").read_text())
-    assert all(meta["etag"] for meta in manifest["files"].values())
+    assert published == {*first.files, "manifest.json", "produced.json"}
+    # the ETags are records of the upload: in produced.json, beside the manifest
+    produced = json.loads(Path(first.root, "produced.json").read_text())
+    assert {rel for rel, meta in produced["files"].items() if meta.get("etag")} == set(first.files)
     assert ctx.recorder.read("run-a")["stages"]["tokenize"]["status"] == "completed"
 
     # another machine: nothing local, a catalog of its own

@@ -474,18 +474,24 @@ def test_one_judge_stage() -> None:
 
 
 def test_manifest_lists_every_file_of_the_folder(smoke) -> None:
+    """Every file is listed: the result's files in manifest.json, the rows (records of
+    the run) in produced.json beside it."""
+    from tasks.cache import StageStore
+
     pre = smoke["pre"]
     folder = Path(pre.root)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = StageStore(folder.parent.parent).read_manifest(folder)
     on_disk = sorted(
         rel
         for p in folder.rglob("*")
         if p.is_file()
-        and (rel := p.relative_to(folder).as_posix()) != "manifest.json"
+        and (rel := p.relative_to(folder).as_posix()) not in ("manifest.json", "produced.json")
         and not rel.startswith(".")  # the runner's own files: owner marker, row buffers
     )
     assert sorted(manifest["files"]) == on_disk
     assert {"final/manifest.json", "final/meta.json", "rows/metrics.parquet"} <= set(on_disk)
+    content = json.loads((folder / "manifest.json").read_text())
+    assert sorted(content["files"]) == [rel for rel in on_disk if not rel.startswith("rows/")]
 
 
 def test_progress_outside_a_prefect_run_asks_no_server(monkeypatch) -> None:

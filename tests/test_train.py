@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -73,6 +74,15 @@ ARGS = dict(
 )
 
 
+def _files(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of a checkpoint folder's files, its record.json aside."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "record.json"
+    }
+
+
 def _det(rows: list[dict]) -> list[tuple]:
     """The deterministic part of metrics rows (tokens/s is wall-clock)."""
     return [
@@ -91,11 +101,11 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
     res = train_lm(
         model, tl, vl, LMTrainArgs(**ARGS), out_dir=out, on_metrics=rows.extend, progress=False
     )
-    return res, rows, {k: v.clone() for k, v in model.state_dict().items()}
+    return res, rows, {k: v.clone() for k, v in model.state_dict().items()}, out
 
 
 def test_uninterrupted_run_shape(uninterrupted) -> None:
-    res, rows, _ = uninterrupted
+    res, rows, _, _ = uninterrupted
     assert res.steps == 27 and res.epochs_completed == 3 and res.finished
     assert res.tokens_seen == 27 * 4 * 16
     eval_steps = list(range(1, 28, 2))  # every 2nd from step 1; 27 is also the last
@@ -124,7 +134,7 @@ def test_uninterrupted_run_shape(uninterrupted) -> None:
 def test_interrupted_and_resumed_equals_uninterrupted(
     uninterrupted, tmp_path: Path, stop: str
 ) -> None:
-    res_full, rows_full, weights_full = uninterrupted
+    res_full, rows_full, weights_full, out_full = uninterrupted
 
     class Interrupt(Exception):
         pass
@@ -180,6 +190,16 @@ def test_interrupted_and_resumed_equals_uninterrupted(
     assert state.keys() == weights_full.keys()
     for k, v in weights_full.items():
         assert torch.equal(state[k], v), k
+    # the resumable checkpoint too, byte for byte: weights, optimizer state, trainer state
+    # (the wall-clock part, record.json, aside; it is read back on resume)
+    assert _files(tmp_path / "last") == _files(out_full / "last")
+    assert sorted(_files(out_full / "last")) == [
+        "config.json", "hparams.json", "manifest.json", "meta.json", "model.safetensors",
+        "optimizer.pt", "trainer_state.json", "trainer_tensors.safetensors",
+    ]  # fmt: skip
+    assert res.train_seconds > 0
+    speeds = [r for r in res.metrics if r["name"] == "tokens_per_s"]
+    assert len(speeds) == len([r for r in rows_full if r["name"] == "tokens_per_s"])
 
     # a finished run resumes to a no-op
     again: list[dict] = []

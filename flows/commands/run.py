@@ -121,8 +121,10 @@ def _print_result(result: dict, command: str, log_file: Path | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.config import build_config
     from flows.server import ensure_server
 
+    build_config(args.profile, args.set)  # a bad setting: one line, before any server starts
     ensure_server()
     from flows.pipeline import run_pipeline
 
@@ -139,14 +141,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
+    from flows.config import build_config
     from flows.server import ensure_server
     from tasks.catalog import Catalog
+    from tasks.catalog.lookup import resolve_run
 
+    config = None
+    if not args.profile:  # the earlier run's config, found before any server starts
+        cat = Catalog()
+        if args.run:
+            run_id = resolve_run(cat, args.run)
+            df = cat.query_df("SELECT config, profile FROM runs WHERE run_id = ?", [run_id])
+            if df.empty:
+                raise ConfigError(f"run {run_id} has no config in {cat.location} to rerun")
+        else:
+            df = cat.query_df("SELECT config, profile FROM runs ORDER BY started_at DESC LIMIT 1")
+            if df.empty:
+                raise ConfigError("no earlier run in the catalog: use `gptflow run` first")
+        config = df.iloc[0]["config"]
+        config = json.loads(config) if isinstance(config, str) else config
+        build_config(config.get("profile", DEFAULT_PROFILE), args.set, base=config)
+    else:
+        build_config(args.profile, args.set)
     ensure_server()
     from flows.pipeline import run_pipeline
 
     log_file = quiet_console(verbose=getattr(args, "verbose", False))
-    if args.profile:
+    if config is None:
         result = run_pipeline(
             profile=args.profile,
             overrides=args.set,
@@ -156,17 +177,6 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             retrust=args.retrust,
         )
     else:
-        cat = Catalog()
-        if args.run:
-            df = cat.query_df("SELECT config, profile FROM runs WHERE run_id = ?", [args.run])
-            if df.empty:
-                raise ConfigError(f"no run {args.run!r} in the catalog (see `gptflow runs`)")
-        else:
-            df = cat.query_df("SELECT config, profile FROM runs ORDER BY started_at DESC LIMIT 1")
-            if df.empty:
-                raise ConfigError("no earlier run in the catalog: use `gptflow run` first")
-        config = df.iloc[0]["config"]
-        config = json.loads(config) if isinstance(config, str) else config
         result = run_pipeline(
             profile=config.get("profile", DEFAULT_PROFILE),
             overrides=args.set,
@@ -243,16 +253,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     reasons (whole) under the table; with RUN, that run's stages one per line."""
     from flows.report import fmt
     from tasks.catalog import Catalog
+    from tasks.catalog.lookup import resolve_run
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
     from tasks.run_state import settle_runs
 
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     cat = Catalog(args.db, snapshot=True)
     if args.run:
-        runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [args.run])
+        run_id = resolve_run(cat, args.run)  # the id or a unique prefix
+        runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [run_id])
         if runs.empty:
             raise ConfigError(
-                f"no run {args.run!r} in the catalog {cat.location} (see `gptflow runs`)"
+                f"run {run_id} has no `runs` row in the catalog {cat.location} (it only "
+                "holds judge scores: see `gptflow evals --run`)"
             )
     else:
         runs = cat.query_df("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [args.limit])
@@ -324,6 +339,44 @@ def _check(ok: bool | None, what: str, detail: str) -> bool:
     return ok is not False
 
 
+def mirror_in_use() -> tuple[str | None, str, bool]:
+    """``(mirror, where it comes from, whether a new run takes it by default)``, looked
+    up in the order a run looks: ``GPTFLOW_MIRROR``, the default profile's
+    ``download.mirror``, else the one the latest run recorded (a ``--mirror`` flag or a
+    deployment's parameter leave no other trace)."""
+    from flows.config import build_config
+    from gpt.data.download import MIRROR_ENV
+    from gpt.errors import GPTFlowError
+
+    if os.environ.get(MIRROR_ENV):
+        return os.environ[MIRROR_ENV], MIRROR_ENV, True
+    try:
+        setting = build_config(DEFAULT_PROFILE, []).download.mirror
+    except GPTFlowError:
+        setting = None
+    if setting:
+        return setting, f"download.mirror of profile {DEFAULT_PROFILE}", True
+    try:
+        from tasks.catalog import Catalog
+
+        cat = Catalog()
+        latest = (
+            cat.query_df("SELECT run_id, config FROM runs ORDER BY started_at DESC LIMIT 1")
+            if cat.exists()
+            else None
+        )
+    except GPTFlowError:
+        latest = None
+    if latest is None or latest.empty:
+        return None, f"no {MIRROR_ENV}, no download.mirror setting, no run yet", True
+    run_id, config = latest.iloc[0]["run_id"], latest.iloc[0]["config"]
+    config = json.loads(config) if isinstance(config, str) else config or {}
+    used = (config.get("download") or {}).get("mirror")
+    if used:
+        return used, f"used by the latest run {run_id}, given as --mirror or a parameter", False
+    return None, f"the latest run {run_id} used none; {MIRROR_ENV} unset", True
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
@@ -366,12 +419,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         )
     except Exception as exc:  # the judge is optional unless judge.required
         _check(None, "ollama", str(exc))
-    mirror = os.environ.get("GPTFLOW_MIRROR")
+    mirror, source, automatic = mirror_in_use()
     if mirror:
         exists = mirror.startswith(("http://", "https://")) or Path(mirror).is_dir()
-        good &= _check(exists, "mirror", mirror)
+        detail = f"{mirror} ({source})" + ("" if exists else ": not a folder (any more)")
+        # a missing mirror that new runs take by default fails; one a past run was given, warns
+        good &= _check(True if exists else (False if automatic else None), "mirror", detail)
     else:
-        _check(None, "mirror", "GPTFLOW_MIRROR unset: inputs come from the web")
+        _check(True, "mirror", f"none ({source}): inputs come from their web URLs")
     ds = datasets_dir()
     sizes = [p.name for p in sorted((ds / "gpt2").glob("*M")) if (p / "hparams.json").exists()]
     _check(

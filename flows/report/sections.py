@@ -326,7 +326,7 @@ def _model_size_facts(size: dict[str, Any] | None) -> list[Block]:
     return [
         Para(
             text(f"{how} ({fmt.size(size.get('checkpoint_bytes'))}); base ")
-            + code(str(base.get("path")))
+            + code(str(base.get("name")))
             + text(" (manifest sha256 ")
             + code(str(base.get("sha256"))[:12])
             + text(").")
@@ -495,7 +495,10 @@ def judge_section(d: RunData) -> list[Block]:
             why = text(f"the judge stage ended {judge['status']} without scores.")
         blocks.append(Para(join(bold("No scores:"), " ", why)))
         return blocks
-    blocks.append(generic_table(summary_df, drop=("run_id", "responses_run_id", "judge_key")))
+    # n_examples is n / repeats: one column fewer keeps the table inside the page
+    blocks.append(
+        generic_table(summary_df, drop=("run_id", "responses_run_id", "judge_key", "n_examples"))
+    )
     scores = d.cat.query_df(
         "SELECT judge_model, score FROM run_judgments WHERE run_id = ? AND score IS NOT NULL",
         [d.run_id],

@@ -412,7 +412,7 @@ def finetune_classifier(
     index in its split; labels ``ham``/``spam``), as
     :func:`gpt.eval.baseline.prediction_rows` builds them.
     """
-    from gpt.checkpoint import load_checkpoint, save_checkpoint
+    from gpt.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
     from gpt.eval.baseline import binary_metrics, prediction_rows
 
     args = args or SpamArgs()
@@ -455,9 +455,14 @@ def finetune_classifier(
     longest = max(len(tokenizer.encode(t)) for t in splits["train"][0])
     max_length = args.max_length or longest
     if max_length > cfg.context_length:
-        log.warning(
-            "max_length %d exceeds the context length %d: truncating",
+        # a max_length the user set is worth a warning; the default (the longest message,
+        # capped at the context: documented) is not
+        report = log.warning if args.max_length else log.info
+        report(
+            "%s %d exceeds the context length %d: truncating messages to %d tokens",
+            "max_length" if args.max_length else "the longest training message, at",
             max_length,
+            cfg.context_length,
             cfg.context_length,
         )
         max_length = cfg.context_length
@@ -499,14 +504,15 @@ def finetune_classifier(
 
     t0 = time.perf_counter()
     model.cpu()
-    hparams = {**args.to_dict(), "max_length": max_length, "n_frozen_blocks": n_frozen}
+    # the settings that shaped the model (how it ran — processes, checkpoints — is no part)
+    hparams = {**args.key_dict(), "max_length": max_length, "n_frozen_blocks": n_frozen}
     classifier_meta = {
         "kind": "classifier",
         "labels": list(LABELS),
         "num_classes": len(LABELS),
         "max_length": max_length,
         "pool": args.pool,
-        "base_checkpoint": str(base_checkpoint_dir),
+        "base_weights_sha256": weights_sha256(base_checkpoint_dir),
     }
     if gd.is_main():
         save_checkpoint(

@@ -335,7 +335,7 @@ def finetune_instruct(
     and writes checkpoints.
     """
     from gpt import distributed as gd
-    from gpt.checkpoint import load_checkpoint, save_checkpoint
+    from gpt.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
     from gpt.tokenizer import Tokenizer
     from gpt.train import train_lm
 
@@ -423,12 +423,12 @@ def finetune_instruct(
         save_checkpoint(
             out_dir,
             model,
-            hparams={**args.to_dict(), "max_length": max_length},
+            hparams={**args.key_dict(), "max_length": max_length},  # not how it ran
             tokenizer_dir=Path(tok_dir) if tok_dir else None,
             meta={
                 "task": "instruct",
                 "prompt_format": "alpaca",
-                "base_checkpoint": str(base_checkpoint_dir),
+                "base_weights_sha256": weights_sha256(base_checkpoint_dir),
             },
         )
     gd.barrier()
@@ -550,5 +550,5 @@ def export_responses_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         for r in rows
     ]
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=4, ensure_ascii=False)
+        json.dump(data, fh, indent=4, ensure_ascii=False, sort_keys=True)
     return path

@@ -164,7 +164,7 @@ def _write_outputs(
     save_checkpoint(
         out_dir / "final",
         model,
-        hparams={**args.to_dict(), "steps_per_epoch": steps_per_epoch},
+        hparams={**args.key_dict(), "steps_per_epoch": steps_per_epoch},  # not how it ran
         tokenizer_dir=tokenizer_dir,
         meta={
             "stage": "pretrain",

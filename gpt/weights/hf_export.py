@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from gpt.errors import CheckpointError, ExportError
+from gpt.fileio import save_safetensors
 from gpt.weights.hf import BODY_PREFIX, HF_CONFIG, HF_WEIGHTS, gpt_to_hf_state, hf_config
 
 __all__ = [
@@ -267,9 +268,7 @@ def export_hf(
     Face folder at ``out_dir`` (see the module docstring). The tokenizer comes from the
     checkpoint, else ``tokenizer_dir``. The folder is built aside and renamed into place;
     an existing ``out_dir`` is replaced only with ``overwrite``."""
-    from safetensors.torch import save_file
-
-    from gpt.checkpoint import load_checkpoint
+    from gpt.checkpoint import load_checkpoint, weights_sha256
 
     ckpt = Path(checkpoint_dir).expanduser()
     target = Path(out_dir).expanduser().resolve()
@@ -279,10 +278,13 @@ def export_hf(
     tok, eot_id = export_tokenizer(loaded, tokenizer_dir, ckpt)
     state, config, notes, max_len = _prepare(loaded, eot_id, allow_padded_last, ckpt)
     arch = config["architectures"][0]
-    config["gptflow_source"] = str(ckpt.resolve())
+    # the source by its content (the sha256 of its weights), not its path: exporting one
+    # model from two artifacts folders gives the same bytes
+    source_sha = weights_sha256(ckpt)
+    config["gptflow_source"] = f"sha256:{source_sha}"
 
     def fill(tmp: Path) -> None:
-        save_file(state, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(state, tmp / HF_WEIGHTS, {"format": "pt"})
         _dump(tmp / HF_CONFIG, config)
         _write_tokenizer(
             tok, tmp, max_length=max_len, eot_id=eot_id, pad=loaded.kind == "classifier"
@@ -290,7 +292,7 @@ def export_hf(
         _dump(
             tmp / EXPORT_INFO,
             {
-                "source_checkpoint": str(ckpt.resolve()),
+                "source_weights_sha256": source_sha,
                 "kind": loaded.kind,
                 "architecture": arch,
                 "notes": notes,

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from gpt.errors import ExportError
+from gpt.fileio import save_safetensors
 from gpt.lora import lora_modules
 from gpt.weights.hf import BODY_PREFIX, hf_name_map
 from gpt.weights.hf_export import (
@@ -169,8 +170,6 @@ def export_peft(
     ``out_dir`` (see the module docstring). With ``base_out`` its base checkpoint is
     exported there too (:func:`~gpt.weights.hf_export.export_hf`) and named as the
     adapter's ``base_model_name_or_path``."""
-    from safetensors.torch import save_file
-
     from gpt.adapter import base_of
     from gpt.checkpoint import load_checkpoint
     from gpt.weights.hf_export import export_hf
@@ -196,7 +195,7 @@ def export_peft(
         notes.append(f"export its base with: gptflow export {base} --format hf --out BASE")
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / PEFT_WEIGHTS, {"format": "pt"})
         for name, obj in (
             (PEFT_CONFIG, config),
             (

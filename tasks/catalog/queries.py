@@ -91,7 +91,10 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
     import duckdb
 
     try:
-        return con.execute(sql).df()
+        result = con.execute(sql)
+        if result is None:  # nothing but whitespace or comments
+            raise CatalogError(f"the query {sql.strip()!r} holds no statement: give a SELECT")
+        return result.df()
     except duckdb.Error as exc:
         if _is_write_refusal(exc):
             raise CatalogError(f"{_REFUSED} {where} is unchanged. DuckDB said: {exc}") from exc

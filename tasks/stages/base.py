@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gpt.config import Args
 from gpt.data.download import DownloadArgs
@@ -84,6 +84,15 @@ def plain(value: Any) -> Any:
     return value
 
 
+def measured(**kwargs: Any) -> Any:
+    """Declare a result field that says how one computation went — a duration, a speed,
+    the step a resumed run started from — rather than what it produced. Such fields are
+    kept in the stage folder's record (``produced.json``), not in its manifest, so two
+    computations of one key write the same manifest; downstream stages and the report
+    still read them on the typed result."""
+    return Field(json_schema_extra={"measured": True}, **kwargs)
+
+
 class StageOut(BaseModel):
     """Base of a stage's typed result: small, JSON-able; paths relative to its folder."""
 
@@ -93,6 +102,25 @@ class StageOut(BaseModel):
     @classmethod
     def _plain(cls, data: Any) -> Any:
         return plain(data) if isinstance(data, dict) else data
+
+    @classmethod
+    def measured_fields(cls) -> frozenset[str]:
+        """The fields declared with :func:`measured`."""
+        return frozenset(
+            name
+            for name, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("measured")
+        )
+
+    def split_measured(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(content, measured)``: the result as JSON without and with only the
+        :func:`measured` fields."""
+        data = self.model_dump(mode="json")
+        timed = self.measured_fields()
+        return (
+            {k: v for k, v in data.items() if k not in timed},
+            {k: v for k, v in data.items() if k in timed},
+        )
 
 
 class StageSkipped(GPTFlowError):
@@ -389,7 +417,7 @@ def _output(manifest: dict[str, Any], spec: StageSpec, folder: Path, hit: bool) 
         root=str(folder),
         run_id=manifest["producer_run_id"],
         digest=manifest["digest"],
-        out=spec.out_type.model_validate(manifest["out"]),
+        out=spec.out_type.model_validate({**manifest["out"], **(manifest.get("measured") or {})}),
         files=manifest["files"],
         cache_hit=hit,
         created_at=float(manifest.get("created_at") or 0.0),
@@ -492,6 +520,12 @@ def why_recomputed(ctx: RunContext, name: str, parts: KeyParts) -> str | None:
     if not changed:
         return None
     return f"recomputed: {'; '.join(changed)} changed since run {df['run_id'].iloc[0]}"
+
+
+def _cpu_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _device_name(setting: str) -> str:
@@ -669,6 +703,7 @@ def _compute(
             return result
         if not isinstance(out, spec.out_type):
             raise TypeError(f"stage {name} returned {type(out).__name__}, not {spec.out_type}")
+        content, timed = out.split_measured()
         rows_meta = run.rows.write_parquet()
         # rows reach the catalog before the folder is committed: a failed ingestion fails
         # the stage and leaves nothing in the cache
@@ -678,8 +713,10 @@ def _compute(
             key,
             {
                 "producer_run_id": producer,
-                "out": out.model_dump(mode="json"),
-                "args": args.to_dict(),
+                "out": content,
+                "measured": timed,
+                "args": args.key_dict(),  # what shaped the result
+                "run_args": args.to_dict(),  # and how it ran (operational fields too)
                 "inputs": {
                     k: None if v is None else {"key": v.key, "digest": v.digest, "run_id": v.run_id}
                     for k, v in sorted(inputs.items())
@@ -688,6 +725,8 @@ def _compute(
                 "key_parts": parts.summary(),
                 "rows": rows_meta,
                 "device": _device_name(ctx.device),
+                # CPU results depend on it in the last bits (reductions split by thread)
+                "cpu_threads": _cpu_threads(),
                 "wall_s": round(time.perf_counter() - t0, 3),
                 "resumed_by_run_id": ctx.run_id if producer != ctx.run_id else None,
             },

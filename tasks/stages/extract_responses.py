@@ -7,7 +7,7 @@ from __future__ import annotations
 from gpt.recipes.instruct import ExtractArgs, export_responses_json, extract_responses
 from gpt.recipes.prepare import load_instruct_splits
 from tasks.cache import StageOutput
-from tasks.stages.base import StageOut, StageRun, stage
+from tasks.stages.base import StageOut, StageRun, measured, stage
 
 
 class ExtractOut(StageOut):
@@ -16,7 +16,7 @@ class ExtractOut(StageOut):
     responses_json: str
     n: int
     new_tokens: int
-    generation_s: float
+    generation_s: float = measured()
 
 
 @stage("extract_responses")
