@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Any
+from typing import Any, Literal
 
 from prefect import Task, flow, get_run_logger
 from prefect.runtime import flow_run
+from pydantic import StrictBool, StrictStr
 
 from flows.config import (
     DEFAULT_PROFILE,
@@ -84,17 +85,18 @@ def make_context(
 
 @flow(name="gptflow-pipeline", log_prints=True, validate_parameters=True)
 def gptflow_pipeline(
-    profile: str = DEFAULT_PROFILE,
-    overrides: list[str] | None = None,
+    profile: StrictStr = DEFAULT_PROFILE,
+    overrides: list[StrictStr] | None = None,
     config: PipelineConfig | None = None,
-    mirror: str | None = None,
-    force: list[str] | None = None,
-    verify: str = "auto",
-    progress: bool = True,
+    mirror: StrictStr | None = None,
+    force: list[StrictStr] | None = None,
+    verify: Literal["auto", "full"] = "auto",
+    progress: StrictBool = True,
 ) -> dict[str, Any]:
     """The whole pipeline. ``config`` (a full typed config) wins over ``profile`` +
     ``overrides``; ``force`` names stages to recompute even when cached; ``verify="full"``
-    re-hashes every file of a cached result before trusting it."""
+    re-hashes every file of a cached result before trusting it. Parameters are validated
+    strictly, as every setting (a deployment's ``"yes"`` is not a boolean)."""
     log = get_run_logger()
     route_library_logs()  # library INFO lines reach this run's logs (also for workers)
     cfg = config if config is not None else build_config(profile, overrides)
