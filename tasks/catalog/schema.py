@@ -335,12 +335,20 @@ _V4_EVALUATION = [
     LEFT JOIN bl ON bl.run_id = k.run_id AND bl.split IS NOT DISTINCT FROM k.split""",
 ]
 
+_V5_GATE_EVIDENCE = [
+    # What a gate's verdict rests on (paired examples) and the verdict itself: "not
+    # enough data" (below the gate's minimum, passed true) apart from a real pass.
+    "ALTER TABLE gates ADD COLUMN IF NOT EXISTS n INTEGER",
+    "ALTER TABLE gates ADD COLUMN IF NOT EXISTS verdict VARCHAR",
+]
+
 #: Append-only list of schema steps; step ``i`` (0-based) brings the schema to ``i + 1``.
 MIGRATIONS: list[list[str]] = [
     _V1_CORE,
     _V2_LATER_STAGES,
     _V3_JUDGE_RELIABILITY,
     _V4_EVALUATION,
+    _V5_GATE_EVIDENCE,
 ]
 
 #: The schema version this code writes.
