@@ -162,7 +162,7 @@ def run_gates(
         logger.warning("could not evaluate the regression gates: %s", exc)
         return []
     for r in results:
-        state = "FAILED" if r.passed is False else r.verdict
+        state = {True: "passed", False: "FAILED", None: "not evaluated"}[r.passed]
         level = logging.WARNING if r.passed is False else logging.INFO
         logger.log(level, "gate %s [%s] %s: %s", r.gate, r.scope, state, r.message)
     return results

@@ -270,3 +270,21 @@ def test_one_name_per_setting() -> None:
 def test_an_old_name_says_what_it_was_renamed_to(old: str, new: str) -> None:
     with pytest.raises(ConfigError, match=rf"judge\.{old}: renamed to {new}"):
         build_config("smoke", [f"judge.{old}=x"])
+
+
+def test_cuda_n_resolves_to_that_gpu_and_a_missing_one_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the device is used: ``cuda:N`` is that GPU; an index this machine lacks is
+    a one-line error (no GPU here: CUDA's answers are stood in for)."""
+    import torch
+
+    from gpt.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"'cuda:2' requested but this machine has 2 CUDA"):
+        resolve_device("cuda:2")
+    with pytest.raises(ConfigError, match=r"device 'cuda:x' is not a device; use auto, cpu"):
+        resolve_device("cuda:x")
