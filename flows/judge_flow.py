@@ -23,6 +23,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
+from pydantic import StrictBool, StrictStr
 
 from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
 from flows.pipeline import crashed_state, git_revision, make_context, record_failed_start
@@ -52,11 +53,11 @@ def latest_responses_run(catalog: Catalog) -> str:
 
 @flow(name="gptflow-judge", log_prints=True, validate_parameters=True)
 def gptflow_judge(
-    responses_run: str | None = None,
-    profile: str = DEFAULT_PROFILE,
-    overrides: list[str] | None = None,
-    required: bool = True,
-    force: bool = False,
+    responses_run: StrictStr | None = None,
+    profile: StrictStr = DEFAULT_PROFILE,
+    overrides: list[StrictStr] | None = None,
+    required: StrictBool = True,
+    force: StrictBool = False,
 ) -> dict[str, Any]:
     """Score stored responses with the Ollama judge. ``responses_run``: the run whose
     responses to judge (default: the latest one holding responses); ``profile`` +

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from typing import Any
+from typing import Any, Literal
 
 from prefect import Task, flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Crashed, State
+from pydantic import StrictBool, StrictStr
 
 from flows.config import (
     DEFAULT_PROFILE,
@@ -95,19 +96,20 @@ def make_context(
 
 @flow(name="gptflow-pipeline", log_prints=True, validate_parameters=True)
 def gptflow_pipeline(
-    profile: str = DEFAULT_PROFILE,
-    overrides: list[str] | None = None,
+    profile: StrictStr = DEFAULT_PROFILE,
+    overrides: list[StrictStr] | None = None,
     config: PipelineConfig | None = None,
-    mirror: str | None = None,
-    force: list[str] | None = None,
-    verify: str = "auto",
-    progress: bool = True,
-    retrust: list[str] | None = None,
+    mirror: StrictStr | None = None,
+    force: list[StrictStr] | None = None,
+    verify: Literal["auto", "full"] = "auto",
+    progress: StrictBool = True,
+    retrust: list[StrictStr] | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline. ``config`` (a full typed config) wins over ``profile`` +
     ``overrides``; ``force`` names stages to recompute even when cached; ``verify="full"``
     re-hashes every file of a cached result before trusting it; ``retrust`` accepts a
-    changed download of the trust-on-first-use files it names."""
+    changed download of the trust-on-first-use files it names. Parameters are validated
+    strictly, as every setting (a deployment's ``"yes"`` is not a boolean)."""
     log = get_run_logger()
     route_library_logs()  # library INFO lines reach this run's logs (also for workers)
     run_id = str(flow_run.get_id() or os.urandom(8).hex())

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gpt import distributed as gd
-from gpt.config import Args, operational
+from gpt.config import Args, FieldError, operational
 from gpt.errors import ConfigError, DataError
 from gpt.train_state import (
     Progress,
@@ -118,7 +118,7 @@ class LMTrainArgs(Args):
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> Self:
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise FieldError("min_lr", f"{self.min_lr} must not exceed lr ({self.lr})")
         return self
 
 

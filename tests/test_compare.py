@@ -352,11 +352,22 @@ def test_cli_compare_formats(cat: Catalog, capsys: pytest.CaptureFixture[str]) -
 # --------------------------------------------------------------------------- gates
 
 
+#: Minimums this small catalog meets (10 test messages; r2 vs r1 and r2's finetuned vs
+#: logreg_bow: 4 discordant pairs each; 3 judge pairs), so the gates give verdicts.
+SMALL = {
+    "spam_test_min_examples": 10,
+    "spam_test_min_discordant": 4,
+    "baseline_min_examples": 10,
+    "baseline_min_discordant": 4,
+    "judge_min_examples": 3,
+}
+
+
 def test_gates_by_hand(cat: Catalog) -> None:
     from gpt.eval.gates import GateFailedError, GatesArgs
     from tasks.gates import GATES_QUERY, raise_for_gates, run_gates
 
-    args = GatesArgs(bootstrap_resamples=2000)
+    args = GatesArgs(bootstrap_resamples=2000, **SMALL)
     res = {r.gate: r for r in run_gates(cat, "r2", args)}
     drop = res["spam_test_max_drop"]
     assert drop.passed is False and drop.value == pytest.approx(20.0)
@@ -381,6 +392,8 @@ def test_gates_by_hand(cat: Catalog) -> None:
     assert r1["judge_mean_must_not_drop"].passed is None
     assert r1["finetuned_beats_best_baseline"].passed is True
     assert r1["finetuned_beats_best_baseline"].value == pytest.approx(20.0)
+    # r1 vs logreg_bow: 2 discordant pairs (7, 8), below the 4 asked for
+    assert r1["finetuned_beats_best_baseline"].verdict == "not enough data"
     # switched off
     assert run_gates(cat, "r2", args.replace(enabled=False)) == []
     off = run_gates(
@@ -400,7 +413,7 @@ def test_gates_compare_to_last_passed(cat: Catalog) -> None:
     from tasks.catalog.lookup import previous_completed_run
     from tasks.gates import run_gates
 
-    args = GatesArgs(bootstrap_resamples=500)
+    args = GatesArgs(bootstrap_resamples=500, **SMALL)
     run_gates(cat, "r2", args)  # r2 fails its gates
     cat.insert_rows(
         "runs",
@@ -419,6 +432,39 @@ def test_gates_compare_to_last_passed(cat: Catalog) -> None:
     assert {r.compared_to_run for r in res if r.gate == "spam_test_max_drop"} == {"r1"}
 
 
+def test_gates_without_enough_data_pass_and_say_so(cat: Catalog) -> None:
+    """The default minimums (20 paired examples, 6 discordant pairs) are more than this
+    catalog holds: each gate that would fail reports "not enough data" and passes; the
+    gates table and the report say so, and an enforced run does not fail."""
+    from flows.report import build_report, to_markdown
+    from gpt.eval.gates import GatesArgs
+    from tasks.gates import GATES_QUERY, raise_for_gates, run_gates
+
+    args = GatesArgs(bootstrap_resamples=500, fail_run=True)
+    res = {r.gate: r for r in run_gates(cat, "r2", args)}
+    assert {r.verdict for r in res.values()} == {"not enough data"}
+    assert all(r.passed is True for r in res.values())
+    drop = res["spam_test_max_drop"]
+    assert drop.n == 10 and drop.value == pytest.approx(20.0)  # the number is kept
+    assert "10 paired example(s), fewer than gates.spam_test_min_examples = 20" in drop.message
+    judge = res["judge_mean_must_not_drop"]
+    assert judge.n == 3 and "gates.judge_min_examples = 20" in judge.message
+    assert "wholly below 0" in judge.message  # what it would have said
+    raise_for_gates("r2", list(res.values()), args)  # nothing failed
+    stored = cat.query_df(GATES_QUERY, ["r2"])
+    assert set(stored["verdict"]) == {"not enough data"} and stored["passed"].all()
+    assert sorted(stored["n"]) == [3, 10, 10]
+    body = to_markdown(build_report(cat, "r2"))
+    assert "3 of 3 gates passed. 3 of them on too few examples" in body
+    assert body.count("| not enough data |") == 3
+    # enough examples but too few discordant pairs (4 < 6)
+    fewer = args.replace(spam_test_min_examples=10, judge_min_examples=3)
+    res = {r.gate: r for r in run_gates(cat, "r2", fewer)}
+    assert res["judge_mean_must_not_drop"].verdict == "failed"
+    assert res["spam_test_max_drop"].verdict == "not enough data"
+    assert "4 discordant pair(s)" in res["spam_test_max_drop"].message
+
+
 def test_gates_config_section() -> None:
     from flows.config import build_config
     from gpt.errors import ConfigError
@@ -430,6 +476,11 @@ def test_gates_config_section() -> None:
         build_config("smoke", ["gates.spam_test_max_drop=-1"])
     with pytest.raises(ConfigError, match="gates"):
         build_config("smoke", ["gates.unknown=1"])
+    cfg = build_config("smoke", ["gates.judge_min_examples=50", "gates.spam_test_min_discordant=0"])
+    assert (cfg.gates.judge_min_examples, cfg.gates.spam_test_min_discordant) == (50, 0)
+    for bad in ("gates.judge_min_examples=0", "gates.baseline_min_discordant=true"):
+        with pytest.raises(ConfigError, match=bad.partition("=")[0]):
+            build_config("smoke", [bad])
 
 
 # --------------------------------------------------------------------------- judge-only

@@ -23,6 +23,7 @@ WORSE = [
     "finetune_spam.epochs=1",
     "finetune_instruct.lr=1e-5",
     "gates.fail_run=true",
+    "gates.judge_min_examples=12",  # smoke judges 12 examples; the default asks for 20
 ]
 
 
@@ -107,8 +108,11 @@ def test_gates_fail_the_worse_run_and_say_by_how_much(runs) -> None:
     cat = Catalog(runs["db"])
     # run 2 = run 1: the drop gates pass with nothing changed
     g2 = cat.query_df(GATES_QUERY, [r2["run_id"]])
+    verdicts = dict(zip(g2["gate"], g2["verdict"], strict=True))
     g2 = dict(zip(g2["gate"], g2["passed"], strict=True))
     assert g2["spam_test_max_drop"] == True and g2["judge_mean_must_not_drop"] == True  # noqa: E712
+    # 12 judged examples are fewer than the default 20: no verdict on the judge
+    assert verdicts["judge_mean_must_not_drop"] == "not enough data"
     # run 3: the flow run failed on the gates, every result stored
     assert r3["status"] == "failed"
     assert "regression gate" in r3["error"] and "spam_test_max_drop" in r3["error"]

@@ -134,7 +134,7 @@ def test_settings_validate_the_layout() -> None:
         DistributedArgs(nnodes=2)
     with pytest.raises(ConfigError, match="host:port"):
         DistributedArgs(rdzv_endpoint="10.0.0.5")
-    with pytest.raises(ConfigError, match="node_rank 2 must be below nnodes 2"):
+    with pytest.raises(ConfigError, match="node_rank: 2 must be below nnodes 2"):
         DistributedArgs(nnodes=2, node_rank=2, rdzv_endpoint="h:1")
     with pytest.raises(ConfigError, match="strategy"):
         DistributedArgs(strategy="zero3")

@@ -165,7 +165,7 @@ def _variants(field: Any, default: Any) -> list[Any]:
     if isinstance(default, float):
         return [default * 2, default / 2, 1e-6, 0.05, 0.5]
     if isinstance(default, str):
-        return [default + "x", "llama3:8b"]
+        return [default + "x", "llama3:8b", "tiny"]
     if isinstance(default, tuple | list):
         return [list(default[:1]), [*default, "x"], ["http://other:1"], [0.6, 0.2, 0.2]]
     if isinstance(default, dict):

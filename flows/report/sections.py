@@ -563,6 +563,8 @@ def gates_section(d: RunData) -> list[Block]:
     for r in df.to_dict("records"):
         passed = r.get("passed")
         verdict = fmt.MISSING if fmt.is_missing(passed) else ("passed" if passed else "FAILED")
+        if r.get("verdict") == "not enough data":  # passed, on too few examples
+            verdict = "not enough data"
         ref = r.get("compared_to_run")
         scope = r.get("scope")
         gate = str(r.get("gate")) + (f" ({scope})" if not fmt.is_missing(scope) else "")
@@ -576,8 +578,11 @@ def gates_section(d: RunData) -> list[Block]:
                 with_code_spans(str(r["message"])) if not fmt.is_missing(r.get("message")) else "",
             )
         )
-    n_failed = sum(1 for r in rows if r[1] != "passed" and r[1] != fmt.MISSING)
-    head = f"{len(rows) - n_failed} of {len(rows)} gates passed."
+    n_failed = sum(1 for r in rows if r[1] not in ("passed", "not enough data", fmt.MISSING))
+    thin = sum(1 for r in rows if r[1] == "not enough data")
+    head = f"{len(rows) - n_failed} of {len(rows)} gates passed." + (
+        f" {thin} of them on too few examples for a verdict (not enough data)." if thin else ""
+    )
     return [
         Heading("Gates"),
         Para(text(head)),

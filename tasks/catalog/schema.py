@@ -481,6 +481,13 @@ _V6_RUN_LIVENESS = [
     "ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER",
 ]
 
+_V7_GATE_EVIDENCE = [
+    # What a gate's verdict rests on (paired examples) and the verdict itself: "not
+    # enough data" (below the gate's minimum, passed true) apart from a real pass.
+    "ALTER TABLE gates ADD COLUMN IF NOT EXISTS n INTEGER",
+    "ALTER TABLE gates ADD COLUMN IF NOT EXISTS verdict VARCHAR",
+]
+
 #: Append-only list of schema steps; step ``i`` (0-based) brings the schema to ``i + 1``.
 MIGRATIONS: list[list[str]] = [
     _V1_CORE,
@@ -489,6 +496,7 @@ MIGRATIONS: list[list[str]] = [
     _V4_EVALUATION,
     _V5_JUDGE_KEYS,
     _V6_RUN_LIVENESS,
+    _V7_GATE_EVIDENCE,
 ]
 
 #: The schema version this code writes.
