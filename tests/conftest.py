@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 from _ci import in_ci, unavailable
-
-REPO = Path(__file__).resolve().parents[1]
+from _paths import REPO
 
 
 def _find_mirror() -> Path | None:
