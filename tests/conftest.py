@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from _ci import in_ci, unavailable
+from _paths import REPO
 from prefect.logging.configuration import ensure_logging_setup
 
 # Prefect binds its console log handler to sys.stderr when it sets up logging (on first
@@ -26,8 +27,6 @@ from prefect.logging.configuration import ensure_logging_setup
 # later flow run's log line would fail, recursing through Prefect's print-as-log of the
 # logging error.
 ensure_logging_setup()
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _find_mirror() -> Path | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+from _paths import REPO
 
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
@@ -23,8 +24,6 @@ from tasks.catalog import store as catalog_mod
 from tasks.catalog.present import format_df
 from tasks.catalog.queries import run_readonly_sql
 from tasks.catalog.schema import KNOWN_TABLES, KNOWN_VIEWS, SCHEMA_VERSION
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _objects(path: Path) -> tuple[set[str], set[str]]:

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from _paths import REPO
 
 from flows.cli import main
 from gpt.errors import CatalogLockedError
 from tasks import run_state
 from tasks.catalog import Catalog
 from tasks.runlog import RunRecorder
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _recorder() -> RunRecorder:

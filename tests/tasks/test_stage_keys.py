@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _paths import REPO
 
 import tasks.fingerprint as fingerprint
 from flows.cli import main
@@ -25,8 +26,6 @@ from tasks.catalog.settings import CatalogSettings
 from tasks.fingerprint import package_versions
 from tasks.stages.base import RunContext, key_for, key_parts, load_spec, run_stage
 from tasks.stages.download import run_download
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _ctx(root: Path, run_id: str, **kw: Any) -> RunContext:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _paths import REPO
 
 from flows.config import PipelineConfig, build_config
 from gpt.config import Args
@@ -28,8 +29,6 @@ from tasks.catalog import Catalog
 from tasks.catalog.settings import CatalogSettings
 from tasks.stages.base import RunContext, StageRun, load_spec, run_stage
 from tasks.stages.download import run_download
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _ctx(root: Path, run_id: str, *, db: str = "catalog.duckdb", **kw: Any) -> RunContext:

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from _paths import REPO
 
 from flows.cli import EXIT_PIPE_CLOSED, main
 
-REPO = Path(__file__).resolve().parents[1]
 RUNS = ("e0c8c7fc-1111", "e0c8c7fc-2222", "ab12cd34-5678")
 DEAD_API = "http://localhost:9/api"  # refused at once; not a server gptflow may start
 

@@ -231,7 +231,7 @@ def test_load_gpt2_imports_openai_weights_from_the_mirror(prefect_server, env, t
     1558M ones are held to their first verified download instead (trust on first use)."""
     require_module("tensorflow", "tensorflow reads OpenAI's checkpoint (make setup)")
     import numpy as np
-    from test_openai_import import openai_arrays, write_openai_checkpoint
+    from helpers_openai import openai_arrays, write_openai_checkpoint
 
     from flows.pipeline import run_pipeline
     from gpt.checkpoint import load_checkpoint

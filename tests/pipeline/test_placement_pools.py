@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import pytest
+from _paths import REPO
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 PLACED = {"pretrain": "gpu", "finetune_instruct": "gpu"}
 WORKERS = {"gpu": "gpu-box", "cpu": "cpu-box"}
 

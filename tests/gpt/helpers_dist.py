@@ -1,4 +1,4 @@
-"""Targets for tests/test_distributed.py that run inside torchrun's processes (the test
+"""Targets for tests/gpt/test_distributed.py that run inside torchrun's processes (the test
 puts this folder on the workers' PYTHONPATH)."""
 
 from __future__ import annotations

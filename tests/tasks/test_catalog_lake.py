@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import pytest
+from _paths import REPO
 
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
@@ -33,8 +34,6 @@ from tasks.catalog.extensions import load_extension
 from tasks.catalog.queries import run_readonly_sql
 from tasks.catalog.schema import KNOWN_TABLES, KNOWN_VIEWS, MIGRATIONS, SCHEMA_VERSION, lake_ddl
 from tasks.catalog.settings import CatalogSettings, S3Settings
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from _paths import REPO
 from helpers_notebook import Notebook
 
 from flows.cli import main
@@ -132,5 +133,5 @@ def test_plain_writes_publish_at_most_every_interval_and_at_exit(
         Catalog({str(cat.path)!r}).insert_rows("metrics", [{{"run_id": "child"}}] * 2)
         """
     )
-    subprocess.run([sys.executable, "-c", child], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", child], check=True, cwd=REPO)
     assert published_count() == 7

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _paths import REPO
 
 from flows.profiles import STAGES
 from tasks.fingerprint import code_fingerprint, module_closure
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
+HERE = Path(__file__).resolve().parent
 CACHED = [s for s in STAGES if s != "download"]  # download is content-addressed by bytes
 
 
@@ -194,7 +194,7 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
             request = {"stage": stage, "settings": getattr(cfg, stage).to_dict(),
                        "context": context, "inputs": inputs}  # fmt: skip
             proc = subprocess.run(
-                [sys.executable, str(TESTS / "_stage_probe.py")],
+                [sys.executable, str(HERE / "_stage_probe.py")],
                 input=json.dumps(request),
                 capture_output=True,
                 text=True,

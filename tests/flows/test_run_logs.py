@@ -1,6 +1,6 @@
 """Library log lines reach the flow run's logs when the root logger is at WARNING (as in
 the process a Prefect worker starts), once each, and calls outside a run stay quiet.
-(The real worker path is tests/test_deploy_worker.py.)"""
+(The real worker path is tests/flows/test_deploy_worker.py.)"""
 
 from __future__ import annotations
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _paths import REPO
 
 pytestmark = pytest.mark.prefect
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:

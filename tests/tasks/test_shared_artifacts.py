@@ -17,8 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from _paths import REPO
 
 
 @pytest.fixture
@@ -181,7 +180,7 @@ def _child(mode: str, run_id: str, url: str, tmp_path: Path, mirror: Path, cache
     return subprocess.Popen(
         [
             sys.executable,
-            str(REPO / "tests" / "helpers_store.py"),
+            str(Path(__file__).resolve().parent / "helpers_store.py"),
             mode,
             run_id,
             url,

@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _paths import REPO
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _env(server: dict, **extra: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """A child process for the shared-artifacts tests: runs the download and tokenize stages
 of the smoke profile against an artifacts root and prints what happened as JSON.
 
-    python tests/helpers_store.py MODE RUN_ID ARTIFACTS DB DATASETS MIRROR [BARRIER]
+    python tests/tasks/helpers_store.py MODE RUN_ID ARTIFACTS DB DATASETS MIRROR [BARRIER]
 
 MODE ``race``: wait until the file BARRIER exists, then run tokenize (several children
 started together race for its key). MODE ``kill``: run tokenize, but SIGKILL this process

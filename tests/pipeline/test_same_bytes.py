@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _paths import REPO
 
 from gpt.checkpoint import RECORD, load_checkpoint, save_checkpoint
 from gpt.model import GPT, GPTConfig
 from tasks.cache import MANIFEST, PRODUCED, merge_manifest, split_manifest
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2)
 
 

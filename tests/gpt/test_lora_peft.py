@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import in_ci
+from _ci import in_ci
 
 from gpt.adapter import adapt
 from gpt.checkpoint import load_checkpoint, save_checkpoint
