@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from benchmarks.names import ALL, SUITE, VS_BOOK
 from flows.commands import add_db_arg, print_df
+from flows.report import fmt
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,15 +86,7 @@ def _tokenizer_dir(mirror: str | None) -> Path | None:
 
 
 def _fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if x == 0 or 0.01 <= abs(x) < 1e5:
-            return f"{x:.3g}" if abs(x) < 10 else f"{x:,.1f}"
-        return f"{x:.3g}"
-    return str(x)
+    return "-" if x is None else fmt.yes_no(x) if isinstance(x, bool) else fmt.number(x)
 
 
 def _range(r: dict[str, Any]) -> str:

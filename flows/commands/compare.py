@@ -138,31 +138,23 @@ def _run_line(tag: str, info: dict[str, Any]) -> str:
 
 
 def _regression_blocks(df: pd.DataFrame) -> list[str]:
-    import textwrap
+    """Each regression: the scores, then its texts on one line each (an empty input is
+    left out)."""
+    from flows.report import fmt
 
-    def plain(text: Any) -> str:  # NULL / NaN → ""; whitespace runs → one space
-        return "" if text is None or text != text else " ".join(str(text).split())
-
-    def cut(text: Any, width: int = 300) -> str:
-        s = plain(text)
-        return textwrap.shorten(s, width, placeholder=" …") if s else "(empty)"
-
+    labels = {"instruction": "instruction", "input": "input", "reference": "reference",
+              "response_a": "response A", "response_b": "response B"}  # fmt: skip
     lines: list[str] = []
     for r in df.to_dict("records"):
         lines.append(
             f"- {r['judge_model']} {r['prompt_version']} example {r['example_id']}: "
             f"{r['score_a']:g} → {r['score_b']:g} ({r['delta']:+g})"
         )
-        for label, key in (
-            ("instruction", "instruction"),
-            ("input", "input"),
-            ("reference", "reference"),
-            ("response A", "response_a"),
-            ("response B", "response_b"),
-        ):
-            if key == "input" and not plain(r.get(key)):
-                continue
-            lines.append(f"    {label + ':':13s}{cut(r.get(key))}")
+        for key, label in labels.items():
+            empty = fmt.is_missing(r.get(key))
+            if not (key == "input" and empty):
+                text = "(empty)" if empty else fmt.shorten(r[key], 300)
+                lines.append(f"    {label + ':':13s}{text}")
     return lines
 
 
