@@ -358,6 +358,61 @@ def query_problem(command: Command, db: Path) -> str | None:
     return None if code == 0 else err.getvalue().strip()
 
 
+SETTING = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+)(=.*)?$")
+NEXT_SETTING = re.compile(r"\s+(?:--set\s+)?(?=[a-z_][a-z0-9_]*\.[a-z_][\w.]*=)")
+FILE_SUFFIXES = {"py", "toml", "json", "md", "png", "yaml", "txt", "parquet", "duckdb", "log"}
+#: Dotted names the docs name as *not* settings ("there is no `catalog.s3` field").
+NOT_SETTINGS = {"catalog.s3"}
+
+
+def setting_problem(path: str) -> str | None:
+    """Why ``path`` (``section.field[.field…]``) is no setting of the pipeline's config
+    (None: it is one). A mapping field (``placement``) takes any key below it."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from flows.config import PipelineConfig
+
+    model: type[BaseModel] = PipelineConfig
+    parts = path.split(".")
+    for i, name in enumerate(parts):
+        field = model.model_fields.get(name)
+        if field is None:
+            return f"{'.'.join(parts[: i + 1])}: {model.__name__} has no field {name!r}"
+        kinds = [field.annotation, *typing.get_args(field.annotation)]
+        if any(typing.get_origin(k) is dict or k is dict for k in kinds):
+            return None
+        models = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        if i + 1 < len(parts):
+            if not models:
+                return f"{'.'.join(parts[: i + 1])} is a value, not a section"
+            model = models[0]
+    return None
+
+
+def settings_named_in(path: Path, root: Path) -> list[tuple[str, str]]:
+    """``(where, dotted setting)`` for every inline code span of a doc that names
+    settings (``finetune_spam.pool=last_real``, ``gates.fail_run``, ``--set a.b=1 --set
+    c.d=2``) — spans whose first word is a section of the pipeline's config."""
+    from flows.config import PipelineConfig
+
+    prose, _ = prose_and_code(path.read_text(encoding="utf-8"))
+    found = []
+    for m in INLINE_CODE.finditer(prose):
+        span = " ".join(m.group(2).split()).removeprefix("--set ")
+        where = f"{path.relative_to(root)}:{prose.count(chr(10), 0, m.start()) + 1}"
+        for item in NEXT_SETTING.split(span):
+            match = SETTING.match(item.strip("'\""))
+            if (
+                match
+                and match.group(1).split(".")[0] in PipelineConfig.model_fields
+                and match.group(1).rsplit(".", 1)[1] not in FILE_SUFFIXES  # `pretrain.py`
+            ):
+                found.append((where, match.group(1)))
+    return found
+
+
 def all_commands() -> list[Command]:
     return [c for path in DOC_FILES for c in commands_in(path, REPO)]
 
@@ -390,6 +445,18 @@ def test_every_documented_setting_exists() -> None:
     checked = [c for c in all_commands() if c.words and c.words[0] in ("run", "rerun")]
     problems = [f"{c}\n    {why}" for c in checked if (why := settings_problem(c))]
     assert not problems, "settings the config refuses:\n" + "\n".join(problems)
+
+
+def test_every_setting_named_in_prose_exists() -> None:
+    named = [s for path in DOC_FILES for s in settings_named_in(path, REPO)]
+    assert len(named) >= 40, f"only {len(named)} settings found: the reader is broken"
+    problems = [
+        f"{where}: {name}: {why}"
+        for where, name in named
+        if name not in NOT_SETTINGS and (why := setting_problem(name))
+    ]
+    assert not problems, "settings that do not exist:\n" + "\n".join(problems)
+    assert all(setting_problem(name) for name in NOT_SETTINGS), "a 'not a setting' is one"
 
 
 def test_every_documented_query_runs(tmp_path: Path) -> None:
@@ -480,6 +547,29 @@ def test_the_command_check_rejects_what_the_cli_does_not_have(tmp_path: Path) ->
         "README.md:12: gptflow judge --modle llama3",
     ], rejected
     assert len(commands) == 13, [str(c) for c in commands]
+
+
+def test_the_setting_names_check_finds_a_renamed_setting(tmp_path: Path) -> None:
+    page = tmp_path / "README.md"
+    page.write_text(
+        "Set `finetune_spam.pool=last_real` (not `spam.pool`), `gates.fail_run`,\n"
+        "`placement.pretrain=gpu`, `--set pretrain.seed=1 --set finetune_spam.sed=1` and\n"
+        "`judge.host`; `pretrain.model.overrides.drop_rate`, `pretrain.epochs.x`, `pretrain.py`.\n",
+        encoding="utf-8",
+    )
+    named = settings_named_in(page, tmp_path)
+    assert [n for _, n in named] == [
+        "finetune_spam.pool",
+        "gates.fail_run",
+        "placement.pretrain",
+        "pretrain.seed",
+        "finetune_spam.sed",
+        "judge.host",
+        "pretrain.model.overrides.drop_rate",
+        "pretrain.epochs.x",
+    ]
+    wrong = [n for _, n in named if setting_problem(n)]
+    assert wrong == ["finetune_spam.sed", "judge.host", "pretrain.epochs.x"], wrong
 
 
 def test_the_settings_check_rejects_an_unknown_setting() -> None:
