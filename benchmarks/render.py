@@ -1,4 +1,4 @@
-"""Render a ``gptflow bench`` results JSON as the README's performance section tables.
+"""Render a ``gptflow bench`` results JSON as the tables of docs/performance.md.
 
     python -m benchmarks.render benchmarks/results/<stamp>.json [--out FILE]
 

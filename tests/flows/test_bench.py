@@ -1,6 +1,6 @@
 """``gptflow bench --quick`` smoke tests: the benchmarks run, every row states its method
 and the spread of its repeats consistently with its figures, and the rows reach the
-catalog, the JSON file and the README renderer (no timing assertions)."""
+catalog, the JSON file and the performance-table renderer (no timing assertions)."""
 
 from __future__ import annotations
 
