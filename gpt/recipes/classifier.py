@@ -42,6 +42,7 @@ from gpt.config import Args, operational
 from gpt.device import resolve_device
 from gpt.distributed.settings import DistributedArgs
 from gpt.errors import CheckpointError, ConfigError, DataError
+from gpt.heap import release_free_memory
 from gpt.recipes.classifier_model import (
     build_classifier,
     n_frozen_blocks,
@@ -51,6 +52,7 @@ from gpt.recipes.classifier_model import (
     set_modes,
     suffix_logits,
 )
+from gpt.train import adamw
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +268,7 @@ def _train_loop(
             broadcast_buffers=False,
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = adamw(params, lr=args.lr, weight_decay=args.weight_decay)  # fused where available
     order_gen = torch.Generator().manual_seed(args.seed)
     n = train.ids.shape[0]
     n_batches = n // args.batch_size if args.drop_last else math.ceil(n / args.batch_size)
@@ -481,6 +483,7 @@ def finetune_classifier(
             meta=classifier_meta,
         )
     gd.barrier()
+    release_free_memory()  # what gpt.heap's malloc settings kept while training
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     return {

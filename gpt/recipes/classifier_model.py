@@ -107,9 +107,12 @@ def block_at(block: nn.Module, x: torch.Tensor, where: torch.Tensor) -> torch.Te
     b, t, d = x.shape
     rows = torch.arange(b, device=x.device)
     h = block.norm1(x)
-    w, bias = att.qkv.weight, att.qkv.bias
-    q = F.linear(h[rows, where], w[:d], None if bias is None else bias[:d])
-    kv = F.linear(h, w[d:], None if bias is None else bias[d:])
+    # split (not slicing): backward concatenates the two gradients in one pass instead of
+    # zero-filling a full-size buffer per slice and adding them up
+    w_q, w_kv = att.qkv.weight.split([d, 2 * d])
+    b_q, b_kv = (None, None) if att.qkv.bias is None else att.qkv.bias.split([d, 2 * d])
+    q = F.linear(h[rows, where], w_q, b_q)
+    kv = F.linear(h, w_kv, b_kv)
     q = q.view(b, att.n_heads, 1, att.head_dim)
     kv = kv.view(b, t, 2, att.n_heads, att.head_dim).permute(2, 0, 3, 1, 4)
     k, v = kv[0], kv[1]  # [B, H, T, hd]
