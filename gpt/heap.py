@@ -16,8 +16,10 @@ glibc reads these settings once, when a process starts (``GLIBC_TUNABLES``): the
 ``gptflow`` command re-executes itself with them (:func:`tunables_env`), and the Prefect
 deployments set them for their flow-run processes (``prefect.yaml``). They change where
 memory comes from, never a computed number. Setting any ``glibc.malloc.*`` tunable
-yourself (e.g. ``GLIBC_TUNABLES=glibc.malloc.mmap_max=65536``) keeps yours and glibc's
-defaults for the rest.
+yourself keeps yours and glibc's defaults for the rest: e.g.
+``GLIBC_TUNABLES=glibc.malloc.tcache_count=7`` (its default value) runs with glibc's
+defaults. (Not ``mmap_max`` or the thresholds: setting any of those also turns off
+glibc's adaptive mmap threshold, which then maps every block over 128 KiB afresh.)
 """
 
 from __future__ import annotations
