@@ -24,7 +24,8 @@ from prefect import flow, get_run_logger
 from prefect.states import State
 from pydantic import StrictBool, StrictStr
 
-from flows.config import DEFAULT_PROFILE, build_config
+from flows.config import build_config
+from flows.profiles import DEFAULT_PROFILE
 from flows.report.build import publish_table
 from flows.run_start import FlowRun
 from gpt.errors import DataError

@@ -16,7 +16,8 @@ from prefect import Task, flow, get_run_logger
 from prefect.states import State
 from pydantic import StrictBool, StrictStr
 
-from flows.config import DEFAULT_PROFILE, STAGES, PipelineConfig, build_config
+from flows.config import PipelineConfig, build_config
+from flows.profiles import DEFAULT_PROFILE, STAGES
 from flows.run_start import FlowRun, make_context
 from gpt.errors import JudgeError
 from tasks.cache import StageOutput

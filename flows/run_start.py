@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flows.config import STAGES, PipelineConfig, config_to_dict
+from flows.config import PipelineConfig, config_to_dict
+from flows.profiles import STAGES
 from flows.run_logs import route_library_logs
 from gpt.errors import ConfigError, GPTFlowError
 from gpt.paths import artifacts_root, datasets_dir, project_root

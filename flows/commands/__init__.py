@@ -3,7 +3,7 @@
 the parsed ``argparse.Namespace`` and returning an exit code. Heavy imports (torch,
 prefect, duckdb) happen inside ``func`` so that ``gptflow --help`` stays fast.
 
-The pieces commands share live here: the ``--db`` and ``--format`` options, finding a
+The pieces commands share live here: the ``--db``, ``--format`` and ``--retrust`` options, finding a
 run in the catalog, printing a table, and text from and to the terminal."""
 
 from __future__ import annotations
@@ -36,6 +36,18 @@ def add_format_arg(parser: argparse.ArgumentParser) -> None:
     """The ``--format table|csv|json`` option of a command that prints tables."""
     parser.add_argument(
         "--format", choices=FORMATS, default="table", help="output format (default: table)"
+    )
+
+
+def add_retrust_arg(parser: argparse.ArgumentParser) -> None:
+    """The ``--retrust NAME`` option of a command that downloads the inputs."""
+    parser.add_argument(
+        "--retrust",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="accept a changed download of the files of this source (or file) that have no "
+        "published sha256: fetch them again and record the new digest (repeatable)",
     )
 
 

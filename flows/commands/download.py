@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from flows.commands import add_db_arg, add_retrust_arg
 from gpt.data.sources import DATASET_SOURCES, GPT2_SIZES, GPT2_WEIGHT_SOURCES
 
 
@@ -42,25 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="openai",
         help="GPT-2 weights: OpenAI's TensorFlow release (openai) or the HF safetensors (hf)",
     )
-    parser.add_argument(
-        "--db",
-        default=None,
-        help="catalog holding first-download digests (default: GPTFLOW_DB or artifacts/)",
-    )
-    parser.add_argument(
-        "--retrust",
-        metavar="NAME",
-        action="append",
-        default=[],
-        help="accept a changed download of the files of this source (or file) that have no "
-        "published sha256: fetch them again and record the new digest (repeatable)",
-    )
+    add_retrust_arg(parser)
     parser.add_argument("--mirror", metavar="DIR_OR_URL", default=None, help="use only this mirror")
     parser.add_argument(
         "--dest", metavar="DIR", default=None, help="target folder (default: the datasets folder)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the known sources and exit")
+    add_db_arg(parser)  # the catalog holds the digests of first downloads
     parser.set_defaults(func=run)
 
 

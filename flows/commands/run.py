@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.commands import add_retrust_arg
 from flows.profiles import DEFAULT_PROFILE, STAGES, available_profiles
 
 
@@ -64,14 +65,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         help="how cached results are checked before reuse: auto (sizes, hashes of small "
         "files and of files changed since written) or full (hash every file)",
     )
-    p.add_argument(
-        "--retrust",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="accept a changed download of the files of this source (or file) that have no "
-        "published sha256: fetch them again and record the new digest (repeatable)",
-    )
+    add_retrust_arg(p)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

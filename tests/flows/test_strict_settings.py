@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 import flows.config as config_module
-from flows.config import PipelineConfig, available_profiles, build_config, config_to_dict
+from flows.config import PipelineConfig, build_config, config_to_dict
+from flows.profiles import available_profiles
 from gpt.config import Args
 from gpt.errors import ConfigError
 
