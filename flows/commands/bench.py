@@ -242,11 +242,7 @@ def run(args: argparse.Namespace) -> int:
                     "hardware": hw,
                     "details": {
                         **r["details"],
-                        "target": r["target"],
-                        "met": r["met"],
-                        "method": r["method"],
-                        "spread": r["spread"],
-                        "workload": r["workload"],
+                        **{k: r[k] for k in ("target", "met", "method", "spread", "workload")},
                         "quick": bool(args.quick),
                     },
                     "time": now,
