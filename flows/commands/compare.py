@@ -71,7 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compare the runs and print the sections in the chosen format."""
+    """Compare the runs and print the sections in the chosen format (every table of
+    :class:`~tasks.catalog.compare.Comparison`, in its order)."""
+    import dataclasses
+
+    import pandas as pd
+
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
     from tasks.catalog.compare import compare_runs, pick_runs
@@ -102,15 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "table":
         write_line(as_table(comp).removesuffix("\n"))
         return 0
-    sections = {
-        "config": comp.config,
-        "metrics": comp.metrics,
-        "spam_flips": comp.spam_flips,
-        "spam_tests": comp.spam_tests,
-        "judge": comp.judge,
-        "judge_deltas": comp.judge_deltas,
-        "judge_regressions": comp.judge_regressions,
-    }
+    tables = {f.name: getattr(comp, f.name) for f in dataclasses.fields(comp)}
+    sections = {name: t for name, t in tables.items() if isinstance(t, pd.DataFrame)}
     if args.format == "json":
         meta = {
             **{k: {f: _jsonable(v) for f, v in i.items() if f != "config"}
