@@ -4,7 +4,7 @@ the parsed ``argparse.Namespace`` and returning an exit code. Heavy imports (tor
 prefect, duckdb) happen inside ``func`` so that ``gptflow --help`` stays fast.
 
 The pieces commands share live here: the ``--db``, ``--format`` and ``--retrust`` options, finding a
-run in the catalog, printing a table, and text from and to the terminal."""
+run in the catalog and its config, printing a table, and text from and to the terminal."""
 
 from __future__ import annotations
 
@@ -62,6 +62,16 @@ def run_or_latest(cat: Catalog, ref: str | None) -> str:
     if df.empty:
         raise CatalogError(f"the catalog {cat.location} holds no runs yet: run `gptflow run` first")
     return str(df["run_id"].iloc[0])
+
+
+def stored_config(cat: Catalog, run_id: str) -> dict[str, Any]:
+    """The config run ``run_id`` recorded in ``runs`` (empty when it recorded none)."""
+    import json
+
+    df = cat.query_df("SELECT config FROM runs WHERE run_id = ?", [run_id])
+    config = None if df.empty else df["config"].iloc[0]
+    config = json.loads(config) if isinstance(config, str) else config
+    return config if isinstance(config, dict) else {}
 
 
 def print_df(df: pd.DataFrame, fmt: str = "table", **options: Any) -> None:

@@ -4,7 +4,6 @@ Prefect server, and a check of everything a run needs, saying what to fix."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -61,21 +60,17 @@ def mirror_in_use() -> tuple[str | None, str, bool]:
         setting = None
     if setting:
         return setting, f"download.mirror of profile {DEFAULT_PROFILE}", True
-    try:
-        from tasks.catalog import Catalog
+    from flows.commands import run_or_latest, stored_config
+    from tasks.catalog import Catalog
 
+    try:
         cat = Catalog()
-        latest = (
-            cat.query_df("SELECT run_id, config FROM runs ORDER BY started_at DESC LIMIT 1")
-            if cat.exists()
-            else None
-        )
-    except GPTFlowError:
-        latest = None
-    if latest is None or latest.empty:
+        run_id = run_or_latest(cat, None) if cat.exists() else None  # the latest run
+        config = stored_config(cat, run_id) if run_id else {}
+    except GPTFlowError:  # a bad catalog setting, or no run yet
+        run_id, config = None, {}
+    if run_id is None:
         return None, f"no {MIRROR_ENV}, no download.mirror setting, no run yet", True
-    run_id, config = latest.iloc[0]["run_id"], latest.iloc[0]["config"]
-    config = json.loads(config) if isinstance(config, str) else config or {}
     used = (config.get("download") or {}).get("mirror")
     if used:
         return used, f"used by the latest run {run_id}, given as --mirror or a parameter", False

@@ -82,19 +82,16 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def _stored_config(ref: str | None) -> dict[str, Any]:
     """The config run ``ref`` (default: the latest run) recorded."""
-    import json
-
-    from flows.commands import run_or_latest
+    from flows.commands import run_or_latest, stored_config
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
 
     cat = Catalog()
     run_id = run_or_latest(cat, ref)
-    df = cat.query_df("SELECT config FROM runs WHERE run_id = ?", [run_id])
-    config = None if df.empty else df.iloc[0]["config"]
+    config = stored_config(cat, run_id)
     if not config:
         raise ConfigError(f"run {run_id} has no config in {cat.location} to rerun")
-    return json.loads(config) if isinstance(config, str) else config
+    return config
 
 
 def _start(
