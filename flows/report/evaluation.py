@@ -63,8 +63,9 @@ def spam_section(d: ReportData) -> list[Block]:
     ]
     splits = sorted(table["split"], key=split_key)
     test = "test" if "test" in splits else splits[-1]
-    detail = _test_detail(d, test)
-    best = best_baseline(_baselines(d))
+    base = _baselines(d)
+    best = best_baseline(base)
+    detail = _test_detail(d, test, base, best)
     if best is not None:
         blocks.append(Para(join("Best baseline (highest validation accuracy): ", code(best), ".")))
     if detail:
@@ -105,9 +106,11 @@ def _baselines(d: ReportData) -> pd.DataFrame:
     )
 
 
-def _test_detail(d: ReportData, test: str) -> list[tuple[str, dict[str, Any]]]:
+def _test_detail(
+    d: ReportData, test: str, base: pd.DataFrame, best: str | None
+) -> list[tuple[str, dict[str, Any]]]:
     """``(name, metrics)`` on the ``test`` split of the finetuned classifier and of the
-    best baseline, for those that stored a whole confusion matrix."""
+    ``best`` of the baselines ``base``, for those that stored a whole confusion matrix."""
     detail = []
     fin = d.cat.query_df(
         "SELECT name, value FROM metrics WHERE run_id = ? AND stage = 'finetune_spam' "
@@ -117,8 +120,6 @@ def _test_detail(d: ReportData, test: str) -> list[tuple[str, dict[str, Any]]]:
     f = {n.removeprefix("final_"): v for n, v in zip(fin["name"], fin["value"], strict=True)}
     if all(k in f for k in CELLS):
         detail.append(("finetuned", f))
-    base = _baselines(d)
-    best = best_baseline(base)
     b = base[(base["model"] == best) & (base["split"] == test)]
     if not b.empty:
         detail.append((str(best), b.iloc[0].to_dict()))
