@@ -229,7 +229,7 @@ def test_flows_and_benchmarks_have_no_cycles_and_no_loop() -> None:
 @pytest.mark.xfail(
     strict=False,
     reason="cycles in tasks/ (cache <-> remote_store) and gpt/ (gpt.distributed <-> launch/"
-    "worker; gpt.adapter <-> gpt.checkpoint) remain until the architect's part of issue 19 "
+    "worker) remain until the architect's part of issue 19 "
     "lands; remove this mark then",
 )
 def test_no_import_cycles_and_no_package_loops() -> None:
