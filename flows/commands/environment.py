@@ -49,7 +49,7 @@ def mirror_in_use() -> tuple[str | None, str, bool]:
     ``download.mirror``, else the one the latest run recorded (a ``--mirror`` flag or a
     deployment's parameter leave no other trace)."""
     from flows.config import build_config
-    from gpt.data.download import MIRROR_ENV
+    from gpt.data.transfer import MIRROR_ENV
     from gpt.errors import GPTFlowError
 
     if os.environ.get(MIRROR_ENV):
