@@ -179,12 +179,10 @@ def _schema_connection() -> duckdb.DuckDBPyConnection:
 
 def _load_into(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
     """Insert rows the way the catalog does (same normalisation and casts)."""
-    from tasks.catalog import Catalog
+    from tasks.catalog.tables import insert_frame, table_columns, typed_frame
 
-    helper = Catalog(path="(in-memory rows)")
-    cols = helper._columns(con, table)
-    df = helper._frame(table, rows, cols)
-    helper._insert_df(con, table, df, cols)
+    cols = table_columns(con, table)
+    insert_frame(con, table, typed_frame(table, rows, cols, "(in-memory rows)"), cols)
 
 
 def read_parquet(path: Path) -> pd.DataFrame:

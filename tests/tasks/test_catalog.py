@@ -20,10 +20,12 @@ from _paths import REPO
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
 from tasks.catalog import Catalog
-from tasks.catalog import store as catalog_mod
+from tasks.catalog import tables as catalog_tables
 from tasks.catalog.present import format_df
 from tasks.catalog.queries import run_readonly_sql
-from tasks.catalog.schema import KNOWN_TABLES, KNOWN_VIEWS, SCHEMA_VERSION
+from tasks.catalog.schema import KNOWN_TABLES, SCHEMA_VERSION
+from tasks.catalog.settings import DEFAULT_LOCK_TIMEOUT
+from tasks.catalog.views import KNOWN_VIEWS
 
 
 def _objects(path: Path) -> tuple[set[str], set[str]]:
@@ -189,18 +191,18 @@ def test_exception_after_delete_rolls_back(cat: Catalog, monkeypatch: pytest.Mon
         where={"run_id": "r", "split": "train"},
     )
     calls: list[str] = []
-    real_delete = Catalog._delete_where
+    real_delete = catalog_tables.delete_where
 
-    def delete_then_note(self, con, table, where, cols):
-        real_delete(self, con, table, where, cols)
+    def delete_then_note(con, table, where, cols):
+        real_delete(con, table, where, cols)
         # inside the transaction the old row is really gone
         calls.append(con.execute("SELECT count(*) FROM spam_examples").fetchone()[0])
 
     def boom(*args, **kwargs):
         raise RuntimeError("injected crash after DELETE")
 
-    monkeypatch.setattr(Catalog, "_delete_where", delete_then_note)
-    monkeypatch.setattr(Catalog, "_insert_df", boom)
+    monkeypatch.setattr(catalog_tables, "delete_where", delete_then_note)
+    monkeypatch.setattr(catalog_tables, "insert_frame", boom)
     with pytest.raises(RuntimeError, match="injected"):
         cat.replace_rows(
             "spam_examples",
@@ -221,10 +223,10 @@ def test_process_killed_mid_write_leaves_old_rows(cat: Catalog) -> None:
         f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from tasks.catalog import Catalog
+        from tasks.catalog import Catalog, tables
         def die(*a, **k):
             os._exit(3)  # hard crash: no rollback, no close
-        Catalog._insert_df = die
+        tables.insert_frame = die
         Catalog({str(cat.path)!r}).replace_rows(
             "metrics", [{{"value": 99.0}}], where={{"run_id": "r", "stage": "s"}})
         """
@@ -569,4 +571,4 @@ def test_sql_live_waits_for_a_brief_writer_lock(
     finally:
         holder.wait(timeout=30)
     assert df.n.tolist() == [2]
-    assert catalog_mod.DEFAULT_LOCK_TIMEOUT == 60.0
+    assert DEFAULT_LOCK_TIMEOUT == 60.0
