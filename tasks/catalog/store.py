@@ -122,6 +122,7 @@ class Catalog(LineageRecords):
         self.lock_timeout: float = settings.lock_timeout
         self._migrated = False
         self._checked = False
+        self._held: duckdb.DuckDBPyConnection | None = None
 
     def __repr__(self) -> str:
         if self.path is not None:
@@ -183,7 +184,11 @@ class Catalog(LineageRecords):
 
     @contextlib.contextmanager
     def _open(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection (file) or cursor (lake) for the ``with`` block, nothing else."""
+        """A connection (file) or cursor (lake) for the ``with`` block, nothing else
+        (the held one inside :meth:`held`)."""
+        if self._held is not None:
+            yield self._held
+            return
         if self.path is None:
             with lake_cursor(self.settings, read_only=read_only) as cur:
                 yield cur
@@ -193,6 +198,27 @@ class Catalog(LineageRecords):
             yield con
         finally:
             con.close()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[Catalog]:
+        """Keep one write connection to the live file open for the ``with`` block: every
+        transaction of this handle runs on it, so a long series of small writes (a
+        rebuild) opens, checkpoints and closes the file once instead of once each.
+        Other processes wait for the block to end to write; nothing changes on a lake
+        (its cursors are cheap) or inside a block already holding one."""
+        if self.path is None or self._held is not None:
+            yield self
+            return
+        if not self._migrated:
+            self.migrate()
+        with process_lock(self._lock_key()):
+            con = self._open_file(read_only=False)
+            self._held = con
+            try:
+                yield self
+            finally:
+                self._held = None
+                con.close()
 
     @contextlib.contextmanager
     def file_reader(

@@ -217,6 +217,34 @@ def test_exception_after_delete_rolls_back(cat: Catalog, monkeypatch: pytest.Mon
     ]
 
 
+def test_held_runs_every_transaction_on_one_connection(
+    cat: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``held()`` writes and reads share one open file (a rebuild's many small
+    transactions open and checkpoint it once); a failed transaction still rolls back
+    alone, and the rows are there for other handles after the block."""
+    from tasks.catalog import store
+
+    opened: list[bool] = []
+    real_open = store.open_file
+
+    def counting(path, *, read_only, timeout, config=None):
+        opened.append(read_only)
+        return real_open(path, read_only=read_only, timeout=timeout, config=config)
+
+    monkeypatch.setattr(store, "open_file", counting)
+    with cat.held():
+        for run in ("a", "b", "c"):
+            cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": run, "split": "train"})
+        with pytest.raises(CatalogError, match="rolled back"):
+            cat.replace_rows("corpus", [{"chars": "x"}], where={"run_id": "a", "split": "train"})
+        assert cat.query_df("SELECT count(*) AS n FROM corpus").n.tolist() == [3]
+    assert opened == [False]
+    monkeypatch.undo()
+    df = Catalog(cat.path, snapshot=True).query_df("SELECT run_id FROM corpus ORDER BY run_id")
+    assert df.run_id.tolist() == ["a", "b", "c"]
+
+
 def test_process_killed_mid_write_leaves_old_rows(cat: Catalog) -> None:
     cat.replace_rows("metrics", _metric_rows(4, 0.0), where={"run_id": "r", "stage": "s"})
     script = textwrap.dedent(
