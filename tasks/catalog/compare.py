@@ -429,7 +429,15 @@ def compare_runs(
     seed: int = DEFAULT_SEED,
     top: int = 5,
 ) -> Comparison:
-    """Compare two runs (ids as stored; see :func:`pick_runs` for references)."""
+    """Compare two runs (ids as stored; see :func:`pick_runs` for references), reading
+    the catalog on one connection."""
+    with cat.held(read_only=True):
+        return _compare(cat, run_a, run_b, n_resamples, confidence, seed, top)
+
+
+def _compare(
+    cat: Catalog, run_a: str, run_b: str, n_resamples: int, confidence: float, seed: int, top: int
+) -> Comparison:
     notes: list[str] = []
     da, db = RunData(cat, run_a), RunData(cat, run_b)
     info_a, info_b = da.info, db.info

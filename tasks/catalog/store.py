@@ -123,6 +123,7 @@ class Catalog(LineageRecords):
         self._migrated = False
         self._checked = False
         self._held: duckdb.DuckDBPyConnection | None = None
+        self._held_read_only = False
 
     def __repr__(self) -> str:
         if self.path is not None:
@@ -187,6 +188,11 @@ class Catalog(LineageRecords):
         """A connection (file) or cursor (lake) for the ``with`` block, nothing else
         (the held one inside :meth:`held`)."""
         if self._held is not None:
+            if self._held_read_only and not read_only:
+                raise CatalogError(
+                    f"this handle holds a read-only connection to {self.location} "
+                    "(Catalog.held(read_only=True)); write after the block"
+                )
             yield self._held
             return
         if self.path is None:
@@ -200,20 +206,25 @@ class Catalog(LineageRecords):
             con.close()
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[Catalog]:
-        """Keep one write connection to the live file open for the ``with`` block: every
-        transaction of this handle runs on it, so a long series of small writes (a
-        rebuild) opens, checkpoints and closes the file once instead of once each.
-        Other processes wait for the block to end to write; nothing changes on a lake
-        (its cursors are cheap) or inside a block already holding one."""
+    def held(self, *, read_only: bool = False) -> Iterator[Catalog]:
+        """Keep one connection open for the ``with`` block: every transaction and query
+        of this handle runs on it, so a series of small ones (a rebuild's writes, a
+        command's queries) opens, checkpoints and closes the file once instead of once
+        each. A write connection makes other processes wait for the block to end to
+        write; ``read_only`` holds a reader (for a snapshot handle: of the published
+        file, one snapshot for the whole block) and refuses writes. Nothing changes on a
+        lake (its cursors are cheap) or inside a block already holding one."""
         if self.path is None or self._held is not None:
             yield self
             return
-        if not self._migrated:
+        if not read_only and not self._migrated:
             self.migrate()
         with process_lock(self._lock_key()):
-            con = self._open_file(read_only=False)
-            self._held = con
+            con = self._open_file(read_only=read_only)
+            if read_only and not self._checked:
+                check_version(con, self.location)
+                self._checked = True
+            self._held, self._held_read_only = con, read_only
             try:
                 yield self
             finally:

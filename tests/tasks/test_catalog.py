@@ -245,6 +245,33 @@ def test_held_runs_every_transaction_on_one_connection(
     assert df.run_id.tolist() == ["a", "b", "c"]
 
 
+def test_held_read_only_reads_one_snapshot_and_refuses_writes(
+    cat: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``held(read_only=True)`` serves a command's queries from one reader of the
+    published file; a write through the handle is refused with the reason."""
+    from tasks.catalog import store
+
+    cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": "a", "split": "train"})
+    cat.publish()
+    reader = Catalog(cat.path, snapshot=True)
+    opened: list[bool] = []
+    real_open = store.open_file
+
+    def counting(path, *, read_only, timeout, config=None):
+        opened.append(read_only)
+        return real_open(path, read_only=read_only, timeout=timeout, config=config)
+
+    monkeypatch.setattr(store, "open_file", counting)
+    with reader.held(read_only=True):
+        for _ in range(3):
+            assert reader.query_df("SELECT count(*) AS n FROM corpus").n.tolist() == [1]
+    assert opened == [True]
+    with cat.held(read_only=True), pytest.raises(CatalogError, match="read-only connection"):
+        cat.replace_rows("corpus", [{"chars": 2}], where={"run_id": "a", "split": "train"})
+    assert cat.query_df("SELECT chars FROM corpus").chars.tolist() == [1]
+
+
 def test_process_killed_mid_write_leaves_old_rows(cat: Catalog) -> None:
     cat.replace_rows("metrics", _metric_rows(4, 0.0), where={"run_id": "r", "stage": "s"})
     script = textwrap.dedent(
