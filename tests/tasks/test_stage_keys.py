@@ -71,7 +71,7 @@ def test_package_versions_are_derived_not_listed(tmp_path: Path) -> None:
     for pkg in ("gpt", "tasks"):
         shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     assert "scikit-learn" not in package_versions("tasks.stages.judge", tmp_path)
-    judge_lib = tmp_path / "gpt" / "eval" / "judge.py"
+    judge_lib = tmp_path / "gpt" / "eval" / "judge" / "settings.py"
     judge_lib.write_text(judge_lib.read_text() + "\n\ndef _f():\n    import sklearn.utils\n")
     assert "scikit-learn" in package_versions("tasks.stages.judge", tmp_path)
 
