@@ -207,13 +207,11 @@ class Catalog(LineageRecords):
 
     @contextlib.contextmanager
     def held(self, *, read_only: bool = False) -> Iterator[Catalog]:
-        """Keep one connection open for the ``with`` block: every transaction and query
-        of this handle runs on it, so a series of small ones (a rebuild's writes, a
-        command's queries) opens, checkpoints and closes the file once instead of once
-        each. A write connection makes other processes wait for the block to end to
-        write; ``read_only`` holds a reader (for a snapshot handle: of the published
-        file, one snapshot for the whole block) and refuses writes. Nothing changes on a
-        lake (its cursors are cheap) or inside a block already holding one."""
+        """Keep one connection open for the ``with`` block: this handle's transactions
+        and queries all run on it (a rebuild's writes, a command's queries open and
+        close the file once). A writer makes other processes wait for the block's end;
+        ``read_only`` holds one reader (one snapshot) and refuses writes. No effect on a
+        lake (cheap cursors) or inside a block already holding one."""
         if self.path is None or self._held is not None:
             yield self
             return
@@ -480,22 +478,6 @@ class Catalog(LineageRecords):
     def exists(self) -> bool:
         """Whether there is a catalog to read (a lake always counts)."""
         return self.settings.exists()
-
-    def source_digests(self) -> dict[str, tuple[str, int]]:
-        """sha256 and size of every recorded downloaded file, keyed by its path relative to
-        the datasets folder (rows named ``<source>:<path>``): the trust-on-first-use record
-        that ``gpt.data.download.download_sources(trusted=...)`` holds later downloads to.
-        Empty while there is no catalog yet."""
-        if not self.exists():
-            return {}
-        df = self.query_df(
-            "SELECT name, sha256, bytes FROM sources "
-            "WHERE position(':' IN name) > 0 AND sha256 IS NOT NULL"
-        )
-        return {
-            str(name).split(":", 1)[1]: (str(sha), int(nbytes))
-            for name, sha, nbytes in zip(df["name"], df["sha256"], df["bytes"], strict=True)
-        }
 
 
 #: Bound on waiting for other writers when publishing at exit (they publish too).
