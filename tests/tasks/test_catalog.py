@@ -217,6 +217,25 @@ def test_exception_after_delete_rolls_back(cat: Catalog, monkeypatch: pytest.Mon
     ]
 
 
+def test_replace_where_none_matches_null_only(cat: Catalog) -> None:
+    """A ``where`` value None names the rows holding NULL there (and no others)."""
+    cat.insert_rows(
+        "corpus",
+        [
+            {"run_id": "r", "split": None, "chars": 1},
+            {"run_id": "r", "split": "train", "chars": 2},
+            {"run_id": None, "split": None, "chars": 3},
+        ],
+    )
+    cat.replace_rows("corpus", [{"chars": 9}], where={"run_id": "r", "split": None})
+    df = cat.query_df("SELECT run_id, split, chars FROM corpus ORDER BY chars")
+    assert df.astype(object).where(df.notna(), None).values.tolist() == [
+        ["r", "train", 2],
+        [None, None, 3],
+        ["r", None, 9],
+    ]
+
+
 def test_held_runs_every_transaction_on_one_connection(
     cat: Catalog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
