@@ -436,52 +436,53 @@ def compare_runs(
     top: int = 5,
     min_examples: int | None = None,
 ) -> Comparison:
-    """Compare two runs (ids as stored; see :func:`pick_runs` for references). A judge
-    verdict needs ``min_examples`` paired examples (default: B's
-    ``gates.judge_min_examples``, else the gates' default)."""
-    notes: list[str] = []
-    da, db = RunData(cat, run_a), RunData(cat, run_b)
-    info_a, info_b = da.info, db.info
-    if info_a["config"] is None or info_b["config"] is None:
-        which = [n for n, i in (("A", info_a), ("B", info_b)) if i["config"] is None]
-        notes.append(f"config: run {' and '.join(which)} recorded no config")
-        cfg = config_diff(None, None)
-    else:
-        cfg = config_diff(info_a["config"], info_b["config"])
-    if min_examples is None:
-        gates = (info_b["config"] or {}).get("gates") or {}
-        min_examples = int(gates.get("judge_min_examples", DEFAULT_MIN_EXAMPLES))
-    metrics = metrics_side_by_side(da.headline(), db.headline())
-    flips, tests = spam_comparison(da, db, notes)
-    judge, deltas, worst = judge_comparison(
-        da,
-        db,
-        notes,
-        n_resamples=n_resamples,
-        confidence=confidence,
-        seed=seed,
-        top=top,
-        min_examples=min_examples,
-    )
-    return Comparison(
-        run_a=info_a,
-        run_b=info_b,
-        config=cfg,
-        metrics=metrics,
-        spam_flips=flips,
-        spam_tests=tests,
-        judge=judge,
-        judge_deltas=deltas.reset_index(drop=True),
-        judge_regressions=worst,
-        notes=notes,
-        settings={
-            "n_resamples": n_resamples,
-            "confidence": confidence,
-            "seed": seed,
-            "top": top,
-            "min_examples": min_examples,
-        },
-    )
+    """Compare two runs (ids as stored; see :func:`pick_runs` for references), reading
+    the catalog on one connection. A judge verdict needs ``min_examples`` paired examples
+    (default: B's ``gates.judge_min_examples``, else the gates' default)."""
+    with cat.held(read_only=True):
+        notes: list[str] = []
+        da, db = RunData(cat, run_a), RunData(cat, run_b)
+        info_a, info_b = da.info, db.info
+        if info_a["config"] is None or info_b["config"] is None:
+            which = [n for n, i in (("A", info_a), ("B", info_b)) if i["config"] is None]
+            notes.append(f"config: run {' and '.join(which)} recorded no config")
+            cfg = config_diff(None, None)
+        else:
+            cfg = config_diff(info_a["config"], info_b["config"])
+        if min_examples is None:
+            gates = (info_b["config"] or {}).get("gates") or {}
+            min_examples = int(gates.get("judge_min_examples", DEFAULT_MIN_EXAMPLES))
+        metrics = metrics_side_by_side(da.headline(), db.headline())
+        flips, tests = spam_comparison(da, db, notes)
+        judge, deltas, worst = judge_comparison(
+            da,
+            db,
+            notes,
+            n_resamples=n_resamples,
+            confidence=confidence,
+            seed=seed,
+            top=top,
+            min_examples=min_examples,
+        )
+        return Comparison(
+            run_a=info_a,
+            run_b=info_b,
+            config=cfg,
+            metrics=metrics,
+            spam_flips=flips,
+            spam_tests=tests,
+            judge=judge,
+            judge_deltas=deltas.reset_index(drop=True),
+            judge_regressions=worst,
+            notes=notes,
+            settings={
+                "n_resamples": n_resamples,
+                "confidence": confidence,
+                "seed": seed,
+                "top": top,
+                "min_examples": min_examples,
+            },
+        )
 
 
 __all__ = [
