@@ -44,8 +44,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tasks.catalog import Catalog
 
     cat = Catalog(args.db, snapshot=True)
-    run_id = run_or_latest(cat, args.run)
-    report = build_report(cat, run_id)
+    with cat.held(read_only=True):  # the report's queries on one reader: one snapshot
+        run_id = run_or_latest(cat, args.run)
+        report = build_report(cat, run_id)
     written = []
     for target, render in ((args.html, to_html), (args.markdown, to_markdown)):
         if target:
