@@ -20,13 +20,7 @@ from prefect.runtime import flow_run
 from prefect.states import Crashed, State
 from pydantic import StrictBool, StrictStr
 
-from flows.config import (
-    DEFAULT_PROFILE,
-    STAGES,
-    PipelineConfig,
-    build_config,
-    config_to_dict,
-)
+from flows.config import DEFAULT_PROFILE, PipelineConfig, build_config, config_to_dict
 from flows.run_logs import route_library_logs
 from flows.run_setup import preflight_required_judge
 from gpt.errors import ConfigError, GPTFlowError
@@ -38,6 +32,7 @@ from tasks.gates import raise_for_gates, run_gates
 from tasks.placement import check_placement
 from tasks.run_state import worker_died_reason
 from tasks.runlog import RunRecorder
+from tasks.stages import STAGES
 from tasks.stages.base import RunContext
 
 

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from flows.commands import add_db_arg
-from flows.profiles import DEFAULT_PROFILE, STAGES, available_profiles
+from flows.profiles import DEFAULT_PROFILE, available_profiles
 from gpt.errors import ConfigError
+from tasks.stages import STAGES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

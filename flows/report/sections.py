@@ -67,7 +67,7 @@ class RunData:
             raise CatalogError(
                 f"no run {run_id!r} in the catalog {cat.location} (see `gptflow runs`)"
             )
-        from flows.profiles import STAGES
+        from tasks.stages import STAGES
 
         stages = cat.query_df(
             "SELECT stage, status, cache_hit, started_at, ended_at, outputs, message, "

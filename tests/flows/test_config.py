@@ -9,7 +9,6 @@ import pytest
 
 from flows.config import (
     PROFILES_DIR,
-    STAGES,
     PipelineConfig,
     available_profiles,
     build_config,
@@ -17,6 +16,7 @@ from flows.config import (
     parse_override,
 )
 from gpt.errors import ConfigError
+from tasks.stages import STAGES
 
 
 def _leaves(d: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from _paths import REPO
 
-from flows.profiles import STAGES
 from tasks.fingerprint import code_fingerprint, module_closure
+from tasks.stages import STAGES
 
 HERE = Path(__file__).resolve().parent
 CACHED = [s for s in STAGES if s != "download"]  # download is content-addressed by bytes
