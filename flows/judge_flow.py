@@ -29,10 +29,10 @@ from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
 from flows.pipeline import crashed_state, git_revision, make_context, record_failed_start
 from flows.run_logs import route_library_logs
 from gpt.errors import DataError, GPTFlowError
-from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
 from tasks.stages.base import plain
+from tasks.stages.contract import StageOutput
 from tasks.stages.judge import responses_input
 
 

@@ -25,7 +25,6 @@ from flows.run_logs import route_library_logs
 from flows.run_setup import preflight_required_judge
 from gpt.errors import ConfigError, GPTFlowError
 from gpt.paths import artifacts_root, datasets_dir, project_root
-from tasks.cache import StageOutput, root_child
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
 from tasks.gates import raise_for_gates, run_gates
@@ -34,6 +33,8 @@ from tasks.run_state import worker_died_reason
 from tasks.runlog import RunRecorder
 from tasks.stages import STAGES
 from tasks.stages.base import RunContext
+from tasks.stages.contract import StageOutput
+from tasks.store.roots import root_child
 
 
 def git_revision() -> str | None:

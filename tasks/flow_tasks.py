@@ -13,10 +13,10 @@ from prefect.states import Completed, State
 from gpt.config import Args
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError, WorkerDiedError
-from tasks.cache import StageOutput
 from tasks.placement import run_placed
 from tasks.run_state import worker_died_reason
 from tasks.stages.base import RunContext, StageSkipped, load_spec, run_stage
+from tasks.stages.contract import StageOutput
 from tasks.stages.download import STAGE as DOWNLOAD
 from tasks.stages.download import run_download
 

@@ -46,9 +46,7 @@ from pydantic import BaseModel
 from gpt.config import Args
 from gpt.errors import GPTFlowError
 from gpt.paths import is_remote
-from tasks.cache import StageOutput, root_child
 from tasks.catalog import Catalog
-from tasks.fingerprint import code_fingerprint
 from tasks.runlog import RunRecorder, parse_ts
 from tasks.stages.base import (
     RunContext,
@@ -59,6 +57,9 @@ from tasks.stages.base import (
     logger,
     run_stage,
 )
+from tasks.stages.contract import StageOutput
+from tasks.store.fingerprint import code_fingerprint
+from tasks.store.roots import root_child
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def _write_json(folder: str | Path, name: str, value: dict[str, Any]) -> None:
     """``folder/name`` as JSON: a local file written atomically, or an object."""
     data = json.dumps(value, indent=1, sort_keys=True, default=str)
     if is_remote(folder):
-        from tasks.storage import open_root
+        from tasks.store.objects import open_root
 
         open_root(str(folder)).put(name, data.encode("utf-8"))
         return
@@ -238,7 +239,7 @@ def _read_json(folder: str | Path, name: str) -> dict[str, Any] | None:
     """``folder/name`` as JSON, or None when absent or unreadable."""
     try:
         if is_remote(folder):
-            from tasks.storage import open_root
+            from tasks.store.objects import open_root
 
             got = open_root(str(folder)).get(name)
             return None if got is None else json.loads(got.data)

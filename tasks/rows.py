@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
-from tasks.cache import ROWS_DIR
+from tasks.store.manifest import ROWS_DIR
 
 if TYPE_CHECKING:
     import duckdb

@@ -45,7 +45,7 @@ from tasks.run_state import (
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
-    from tasks.storage import ObjectRoot
+    from tasks.store.objects import ObjectRoot
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class RunRecorder:
         self.catalog = catalog
         self.remote: ObjectRoot | None = None
         if is_remote(runs_dir):
-            from tasks.storage import ObjectRoot
+            from tasks.store.objects import ObjectRoot
 
             self.remote = ObjectRoot(str(runs_dir))
         self.runs_dir = Path(runs_dir) if self.remote is None else Path()
@@ -117,7 +117,7 @@ class RunRecorder:
             if written is not None:
                 return
             time.sleep(random.uniform(0.01, 0.1))  # another writer won: read again
-        from tasks.storage import StorageError
+        from tasks.store.objects import StorageError
 
         raise StorageError(f"could not update the run record {self.remote.url_of(name)}")
 

@@ -14,14 +14,14 @@ The parameters after ``args`` name the upstream stages whose results it reads (t
 typed results are ``tokenize.out``; files are ``tokenize.path(tokenize.out.train_tokens)``).
 :func:`run_stage` does everything else the same way for every stage:
 
-1. the key (:class:`tasks.cache.KeyParts`): the stage, its settings
+1. the key (:class:`tasks.store.keys.KeyParts`): the stage, its settings
    (:meth:`gpt.config.Args.key_dict`), the content digests of its inputs, the
    fingerprint of the code its module imports, the versions of the third-party packages
    that code imports, and the sha256 of the files it reads from the datasets folder
    (declared by ``@stage(reads=...)``);
 2. a verified cache hit is served — after making sure the current catalog holds the
    rows stored in its folder — unless the stage is forced;
-3. otherwise one computation per key at a time (:mod:`tasks.lease`): a run that finds
+3. otherwise one computation per key at a time (:mod:`tasks.store.lease`): a run that finds
    the key being computed elsewhere waits and then takes that result;
 4. the body runs in the work folder (resumed after a crash for resumable stages), its
    rows go to the folder (and, live ones, to the catalog), the folder is committed with
@@ -49,22 +49,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gpt.config import Args
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError
-from tasks.cache import (
-    KeyParts,
-    StageOutput,
-    StageStore,
-    Verify,
-    key_changes,
-    open_stage_store,
-    root_child,
-)
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.store import checkpoint_digest
-from tasks.fingerprint import code_fingerprint, package_versions
-from tasks.lease import LeaseBase, LeaseInfo
 from tasks.rows import RowSink, ensure_ingested, ingest
 from tasks.run_state import check_alive, worker_died_reason
 from tasks.runlog import RunRecorder
+from tasks.stages.contract import StageOutput
+from tasks.store.fingerprint import code_fingerprint, package_versions
+from tasks.store.folder import StageStore
+from tasks.store.keys import KeyParts, key_changes
+from tasks.store.lease import LeaseBase, LeaseInfo
+from tasks.store.manifest import Verify
+from tasks.store.roots import open_stage_store, root_child
 
 OWNER_FILE = ".owner_run"
 

@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict
 from gpt.data.download import DownloadArgs, DownloadResult, expected_digests
 from gpt.data.sources import DATASET_SOURCES
 from gpt.errors import GPTFlowError
-from tasks.cache import StageOutput, content_digest
-from tasks.lease import file_leases
 from tasks.stages.base import RunContext, StageOut, now
+from tasks.stages.contract import StageOutput
+from tasks.store.lease import file_leases
+from tasks.store.manifest import content_digest
 
 STAGE = "download"
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from gpt.recipes.instruct import InstructArgs, finetune_instruct
 from gpt.recipes.prepare import load_instruct_splits
-from tasks.cache import StageOutput
 from tasks.distributed import relative_to_work, train
 from tasks.stages.base import Progress, StageOut, StageRun, finite, measured, stage
+from tasks.stages.contract import StageOutput
 
 
 class InstructOut(StageOut):

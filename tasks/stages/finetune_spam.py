@@ -8,9 +8,9 @@ from typing import Any
 
 from gpt.recipes.classifier import SpamArgs, finetune_classifier
 from gpt.recipes.prepare import load_spam_splits
-from tasks.cache import StageOutput
 from tasks.distributed import relative_to_work, train
 from tasks.stages.base import StageOut, StageRun, measured, stage
+from tasks.stages.contract import StageOutput
 
 
 class SpamOut(StageOut):

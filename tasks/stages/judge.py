@@ -38,9 +38,10 @@ from gpt.eval.judge.responses import RESPONSE_FIELDS, changed_examples, read_res
 from gpt.eval.judge.scoring import Judgment, score_examples
 from gpt.eval.judge.settings import JudgeConfig, JudgeKey
 from gpt.eval.judge.settings import judge_fix as availability_fix
-from tasks.cache import StageOutput, stable_json
 from tasks.rows import ROW_KEYS
 from tasks.stages.base import StageIncomplete, StageOut, StageRun, StageSkipped, logger, stage
+from tasks.stages.contract import StageOutput
+from tasks.store.keys import stable_json
 
 if TYPE_CHECKING:
     import pandas as pd

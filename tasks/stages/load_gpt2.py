@@ -12,8 +12,8 @@ from typing import Any
 
 from gpt.data.sources import gpt2_source_name
 from gpt.recipes.base import LoadGPT2Args, prepare_bases
-from tasks.cache import StageOutput
 from tasks.stages.base import RunContext, StageOut, StageRun, stage
+from tasks.stages.contract import StageOutput
 from tasks.stages.download import check_held, fetch_sources, held_digests
 
 

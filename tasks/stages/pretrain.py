@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from gpt.recipes.pretrain import PretrainArgs, PretrainResult, pretrain
-from tasks.cache import StageOutput
 from tasks.distributed import relative_to_work, train
 from tasks.stages.base import Progress, StageOut, StageRun, finite, measured, stage
+from tasks.stages.contract import StageOutput
 
 
 class PretrainOut(StageOut):

@@ -162,9 +162,9 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     import shutil
 
     from flows.config import build_config
-    from tasks.cache import StageOutput
     from tasks.catalog import Catalog
     from tasks.stages.base import RunContext, run_stage
+    from tasks.stages.contract import StageOutput
     from tasks.stages.download import DownloadOut, SourceOut
 
     cfg = build_config("smoke")

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     )
     dl = run_download(ctx, cfg.download)
     if mode == "kill":
-        from tasks.storage import ObjectRoot
+        from tasks.store.objects import ObjectRoot
 
         create = ObjectRoot.create
 

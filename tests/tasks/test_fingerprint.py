@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from _paths import REPO
 
-from tasks.fingerprint import code_fingerprint, module_closure
 from tasks.stages import STAGES
+from tasks.store.fingerprint import code_fingerprint, module_closure
 
 HERE = Path(__file__).resolve().parent
 CACHED = [s for s in STAGES if s != "download"]  # download is content-addressed by bytes
@@ -39,7 +39,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def _fp(stage: str, root: Path) -> str:
-    from tasks.fingerprint import _fingerprint
+    from tasks.store.fingerprint import _fingerprint
 
     _fingerprint.cache_clear()  # the per-process cache assumes files don't change
     return code_fingerprint(f"tasks.stages.{stage}", root)
@@ -122,7 +122,7 @@ def test_keys_computed_in_parallel_threads(tree: Path) -> None:
     import threading
     import time
 
-    from tasks.fingerprint import _imports
+    from tasks.store.fingerprint import _imports
 
     errors: list[BaseException] = []
 

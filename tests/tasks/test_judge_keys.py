@@ -21,9 +21,9 @@ import pytest
 
 from benchmarks.ollama_stub import OllamaStub
 from gpt.eval.judge.settings import JudgeConfig
-from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.stages.base import RunContext, run_stage
+from tasks.stages.contract import StageOutput
 from tasks.stages.judge import responses_input
 
 N = 5

@@ -27,7 +27,7 @@ from tasks.runlog import RunRecorder
 
 def _recorder() -> RunRecorder:
     from gpt.paths import artifacts_root
-    from tasks.cache import root_child
+    from tasks.store.roots import root_child
 
     return RunRecorder(Catalog(), root_child(artifacts_root(), "runs"))
 
@@ -47,7 +47,7 @@ def _status(run_id: str) -> tuple[str, str | None]:
 _RUNNER = textwrap.dedent(
     """
     import sys, time
-    from tasks.cache import root_child
+    from tasks.store.roots import root_child
     from tasks.catalog import Catalog
     from tasks.runlog import RunRecorder
     from gpt.paths import artifacts_root
@@ -202,7 +202,7 @@ _FLOW = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from tasks.cache import root_child
+    from tasks.store.roots import root_child
     from tasks.catalog import Catalog
     from tasks.runlog import RunRecorder
     from tasks.run_state import check_alive

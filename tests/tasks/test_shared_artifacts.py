@@ -64,8 +64,9 @@ def test_artifacts_root_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     """A plain path, a file:// URL and an s3:// URL; an s3 root's local side lives in the
     cache; unsupported protocols are refused with the fix."""
     from gpt.paths import artifacts_dir, artifacts_root, default_db_path
-    from tasks.cache import StageStore, open_stage_store
-    from tasks.storage import ObjectRoot, StorageError
+    from tasks.store.folder import StageStore
+    from tasks.store.objects import ObjectRoot, StorageError
+    from tasks.store.roots import open_stage_store
 
     monkeypatch.setenv("GPTFLOW_ARTIFACTS", f"file://{tmp_path}/a")
     assert artifacts_root() == str(tmp_path / "a") and artifacts_dir() == tmp_path / "a"
@@ -88,8 +89,8 @@ def test_artifacts_root_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_missing_bucket_is_a_clear_error(s3_root) -> None:
     """A root in a bucket that does not exist: a miss to read, and a one-line error naming
     the bucket at the first write (nothing is created)."""
-    from tasks.cache import open_stage_store
-    from tasks.storage import StorageError
+    from tasks.store.objects import StorageError
+    from tasks.store.roots import open_stage_store
 
     store = open_stage_store("s3://no-such-bucket-here/gptflow")
     assert store.lookup("tokenize", "k") == (None, None)
@@ -132,7 +133,7 @@ def test_stage_folder_published_and_read_back_verified(
     n = ctx_b.catalog.query_df("SELECT count(*) n FROM instructions WHERE run_id='run-a'")
     assert n.n[0] == 36  # the rows came with the folder
 
-    from tasks.storage import ObjectRoot
+    from tasks.store.objects import ObjectRoot
 
     stages = ObjectRoot(f"{s3_root}/stages")
     name = f"tokenize/{first.key}/" + sorted(r for r in first.files if r.endswith(".json"))[0]
@@ -200,7 +201,7 @@ def _child(mode: str, run_id: str, url: str, tmp_path: Path, mirror: Path, cache
 def test_commit_killed_before_the_manifest_is_not_a_hit(s3_root, s3_server, mirror, tmp_path):
     """A process SIGKILLed when every file is uploaded but the manifest is not published
     leaves objects that are no cache hit: the next run recomputes, saying why."""
-    from tasks.cache import open_stage_store
+    from tasks.store.roots import open_stage_store
 
     proc = _child("kill", "run-killed", s3_root, tmp_path, mirror, "cache-killed")
     _, err = proc.communicate(timeout=300)
@@ -271,8 +272,8 @@ def _foreign_lease(root, rel: str, ttl_s: float) -> None:
 def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
     """A lease whose owner (on another machine) stopped renewing is broken once its TTL
     passed, by one of two waiters; the other then waits for the breaker's lease."""
-    from tasks.object_lease import ObjectLease
-    from tasks.storage import ObjectRoot
+    from tasks.store.object_lease import ObjectLease
+    from tasks.store.objects import ObjectRoot
 
     root = ObjectRoot(f"{s3_root}/stages")
     _foreign_lease(root, "tokenize/k.lease", ttl_s=2.0)
@@ -293,7 +294,7 @@ def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
-    caplog.set_level(logging.WARNING, logger="tasks.object_lease")
+    caplog.set_level(logging.WARNING, logger="tasks.store.object_lease")
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
@@ -310,8 +311,8 @@ def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
 def test_live_lease_is_renewed_not_broken(s3_root) -> None:
     """An owner that keeps renewing holds its lease well past the TTL; a waiter times
     out instead of breaking it. Breaking is a take-over only one writer wins."""
-    from tasks.object_lease import LeaseLost, ObjectLease
-    from tasks.storage import ObjectRoot
+    from tasks.store.object_lease import LeaseLost, ObjectLease
+    from tasks.store.objects import ObjectRoot
 
     root = ObjectRoot(f"{s3_root}/stages")
     owner = ObjectLease(root, "pretrain/k.lease", "owner", ttl_s=2.0, poll_s=0.2)

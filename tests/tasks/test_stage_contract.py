@@ -99,7 +99,7 @@ def test_large_files_rehash_on_mtime_change_or_full_verify(smoke, monkeypatch) -
     verify="full"; a same-size, same-mtime edit is only caught by "full"."""
     import os
 
-    import tasks.cache as cache
+    import tasks.store.manifest as cache
 
     monkeypatch.setattr(cache, "SMALL_FILE_BYTES", 0)  # every file counts as large
     tok = smoke["tok"]
@@ -330,8 +330,10 @@ def test_download_settings_reach_the_downloader(smoke, monkeypatch) -> None:
 
 
 def test_device_is_recorded_in_the_stage_outputs(smoke) -> None:
+    from tasks.store.manifest import read_manifest
+
     store = _ctx(smoke["root"], "x").store
-    manifest = store.read_manifest(store.final_dir("pretrain", smoke["pre"].key))
+    manifest = read_manifest(store.final_dir("pretrain", smoke["pre"].key))
     assert manifest["device"] == "cpu"
     assert build_config("smoke", ["device=cpu"]).model_dump()["device"] == "cpu"
 
@@ -475,11 +477,11 @@ def test_one_judge_stage() -> None:
 def test_manifest_lists_every_file_of_the_folder(smoke) -> None:
     """Every file is listed: the result's files in manifest.json, the rows (records of
     the run) in produced.json beside it."""
-    from tasks.cache import StageStore
+    from tasks.store.manifest import read_manifest
 
     pre = smoke["pre"]
     folder = Path(pre.root)
-    manifest = StageStore(folder.parent.parent).read_manifest(folder)
+    manifest = read_manifest(folder)
     on_disk = sorted(
         rel
         for p in folder.rglob("*")

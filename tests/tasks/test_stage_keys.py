@@ -16,16 +16,17 @@ from typing import Any
 import pytest
 from _paths import REPO
 
-import tasks.fingerprint as fingerprint
+import tasks.store.fingerprint as fingerprint
 from flows.cli import main
 from flows.config import build_config
 from gpt.errors import ChecksumError
 from gpt.recipes.base import LoadGPT2Args
-from tasks.cache import KeyParts, StageOutput, key_changes
 from tasks.catalog.settings import CatalogSettings
-from tasks.fingerprint import package_versions
 from tasks.stages.base import RunContext, key_for, key_parts, load_spec, run_stage
+from tasks.stages.contract import StageOutput
 from tasks.stages.download import run_download
+from tasks.store.fingerprint import package_versions
+from tasks.store.keys import KeyParts, key_changes
 
 
 def _ctx(root: Path, run_id: str, **kw: Any) -> RunContext:
@@ -71,7 +72,7 @@ def test_package_versions_are_derived_not_listed(tmp_path: Path) -> None:
     for pkg in ("gpt", "tasks"):
         shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     assert "scikit-learn" not in package_versions("tasks.stages.judge", tmp_path)
-    judge_lib = tmp_path / "gpt" / "eval" / "judge.py"
+    judge_lib = tmp_path / "gpt" / "eval" / "judge" / "settings.py"
     judge_lib.write_text(judge_lib.read_text() + "\n\ndef _f():\n    import sklearn.utils\n")
     assert "scikit-learn" in package_versions("tasks.stages.judge", tmp_path)
 
