@@ -30,10 +30,10 @@ from flows.pipeline import crashed_state, git_revision, make_context, record_fai
 from flows.run_logs import route_library_logs
 from gpt.errors import DataError, GPTFlowError
 from tasks.catalog import Catalog
-from tasks.flow_tasks import skipped_info, stage_task
-from tasks.stages.base import plain
+from tasks.jsonable import plain
 from tasks.stages.contract import StageOutput
 from tasks.stages.judge import responses_input
+from tasks.stages.prefect_tasks import skipped_info, stage_task
 
 
 def latest_responses_run(catalog: Catalog) -> str:

@@ -26,14 +26,13 @@ from flows.run_setup import preflight_required_judge
 from gpt.errors import ConfigError, GPTFlowError
 from gpt.paths import artifacts_root, datasets_dir, project_root
 from tasks.catalog import Catalog
-from tasks.flow_tasks import skipped_info, stage_task
-from tasks.gates import raise_for_gates, run_gates
-from tasks.placement import check_placement
-from tasks.run_state import worker_died_reason
-from tasks.runlog import RunRecorder
+from tasks.records.gate_results import raise_for_gates, run_gates
+from tasks.records.run_state import worker_died_reason
+from tasks.records.runs import RunRecorder
 from tasks.stages import STAGES
-from tasks.stages.base import RunContext
-from tasks.stages.contract import StageOutput
+from tasks.stages.contract import RunContext, StageOutput
+from tasks.stages.placement import check_placement
+from tasks.stages.prefect_tasks import skipped_info, stage_task
 from tasks.store.roots import root_child
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from flows.config import PipelineConfig
 from gpt.errors import JudgeError
 from tasks.catalog import utcnow
-from tasks.runlog import RunRecorder
+from tasks.records.runs import RunRecorder, StageRecord
 
 
 def preflight_required_judge(rec: RunRecorder, run_id: str, cfg: PipelineConfig) -> None:
@@ -27,8 +27,10 @@ def preflight_required_judge(rec: RunRecorder, run_id: str, cfg: PipelineConfig)
             "was computed. Fix that, then start the run again (or set judge.required=false "
             "to run without the judge and score later with `gptflow rerun judge`)"
         )
-        rec.record_stage(
-            run_id, "judge", status="failed", started_at=started, ended_at=utcnow(), message=msg
+        rec.record(
+            StageRecord(
+                run_id, "judge", "failed", started_at=started, ended_at=utcnow(), message=msg
+            )
         )
         raise type(exc)(msg) from None
 

@@ -110,9 +110,9 @@ def _sections(comp: Comparison) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _run_meta(info: dict[str, Any]) -> dict[str, Any]:
-    from tasks.catalog.present import _jsonable
+    from tasks.jsonable import plain
 
-    return {k: _jsonable(v) for k, v in info.items() if k != "config"}
+    return {k: plain(v) for k, v in info.items() if k != "config"}
 
 
 def as_json(comp: Comparison) -> dict[str, Any]:

@@ -257,7 +257,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from tasks.catalog.lookup import resolve_run
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
-    from tasks.run_state import settle_runs
+    from tasks.records.run_state import settle_runs
 
     if args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")

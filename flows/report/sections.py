@@ -554,7 +554,7 @@ def gates_section(d: RunData) -> list[Block]:
     """Regression gates of this run (the ``gates`` table, when the catalog has it)."""
     if not d.has("gates"):
         return []
-    from tasks.gates import GATES_QUERY
+    from tasks.records.gate_results import GATES_QUERY
 
     df = d.cat.query_df(GATES_QUERY, [d.run_id])
     if df.empty:

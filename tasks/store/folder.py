@@ -41,7 +41,7 @@ from tasks.store.manifest import (
 )
 
 #: Suffixes of the folders beside the results: work folders, replaced results' rows.
-NOT_RESULTS = (".partial", ".history", ".lease", ".torchrun")
+NOT_RESULTS = (".partial", ".history", ".lease")
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,15 @@ class StageStore:
     def fresh_work_dir(self, stage: str, key: str, lease: LeaseBase, *, resume: bool) -> Path:
         """The work dir of the holder of ``lease``: with ``resume``, the folder of the
         latest earlier attempt (a crashed run, or one whose lease was broken) taken over
-        by renaming it; otherwise empty. Other earlier folders are removed."""
+        by renaming it; otherwise empty. Other earlier folders are removed, and so are
+        the hidden companions of every earlier one (``.<folder>.*``)."""
         work = self.work_dir(stage, key, lease)
         folder = self.root / stage
         earlier = [*folder.glob(f"{key}.*.partial"), *folder.glob(f"{key}.partial")]
         earlier = sorted((p for p in earlier if p != work), key=_mtime, reverse=True)
         for old in earlier:
+            for companion in folder.glob(f".{old.name}.*"):  # e.g. a failed launch's files
+                shutil.rmtree(companion, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 if resume and not work.exists():
                     os.rename(old, work)

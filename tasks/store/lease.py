@@ -13,7 +13,7 @@ version its writer saw last, so a stalled owner that wakes up after its lease wa
 broken cannot write over the breaker's lease; it finds out at its next renewal
 (:attr:`LeaseBase.lost`) and :meth:`LeaseBase.confirm` refuses it before it publishes
 anything (:class:`LeaseLost`). The stage store also names each holder's work folder by
-its lease (:meth:`tasks.cache.StageStore.work_dir`): a breaker takes the stalled owner's
+its lease (:meth:`tasks.store.folder.StageStore.work_dir`): a breaker takes the stalled owner's
 folder over by renaming it, so the two never write into one folder and the stalled
 owner's commit finds nothing to publish.
 

@@ -163,9 +163,9 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
 
     from flows.config import build_config
     from tasks.catalog import Catalog
-    from tasks.stages.base import RunContext, run_stage
-    from tasks.stages.contract import StageOutput
+    from tasks.stages.contract import RunContext, StageOutput
     from tasks.stages.download import DownloadOut, SourceOut
+    from tasks.stages.runner import run_stage
 
     cfg = build_config("smoke")
     data = tmp_path / "inputs"

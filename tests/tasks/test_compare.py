@@ -365,7 +365,7 @@ SMALL = {
 
 def test_gates_by_hand(cat: Catalog) -> None:
     from gpt.eval.gates import GateFailedError, GatesArgs
-    from tasks.gates import GATES_QUERY, raise_for_gates, run_gates
+    from tasks.records.gate_results import GATES_QUERY, raise_for_gates, run_gates
 
     args = GatesArgs(bootstrap_resamples=2000, **SMALL)
     res = {r.gate: r for r in run_gates(cat, "r2", args)}
@@ -411,7 +411,7 @@ def test_gates_by_hand(cat: Catalog) -> None:
 def test_gates_compare_to_last_passed(cat: Catalog) -> None:
     from gpt.eval.gates import GatesArgs
     from tasks.catalog.lookup import previous_completed_run
-    from tasks.gates import run_gates
+    from tasks.records.gate_results import run_gates
 
     args = GatesArgs(bootstrap_resamples=500, **SMALL)
     run_gates(cat, "r2", args)  # r2 fails its gates
@@ -438,7 +438,7 @@ def test_gates_without_enough_data_pass_and_say_so(cat: Catalog) -> None:
     gates table and the report say so, and an enforced run does not fail."""
     from flows.report import build_report, to_markdown
     from gpt.eval.gates import GatesArgs
-    from tasks.gates import GATES_QUERY, raise_for_gates, run_gates
+    from tasks.records.gate_results import GATES_QUERY, raise_for_gates, run_gates
 
     args = GatesArgs(bootstrap_resamples=500, fail_run=True)
     res = {r.gate: r for r in run_gates(cat, "r2", args)}

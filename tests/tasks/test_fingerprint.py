@@ -73,7 +73,7 @@ def test_editing_reported_modules_changes_the_key(tree: Path, stage: str, rel: s
 @pytest.mark.parametrize("stage", CACHED)
 def test_editing_any_module_of_the_closure_changes_the_key(tree: Path, stage: str) -> None:
     closure = module_closure(f"tasks.stages.{stage}", tree)
-    assert f"tasks.stages.{stage}" in closure and "tasks.stages.base" in closure
+    assert f"tasks.stages.{stage}" in closure and "tasks.stages.runner" in closure
     assert not [m for m in closure if m.startswith("flows")], closure
     for module in closure:
         rel = module.replace(".", "/")
@@ -162,8 +162,8 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     from benchmarks.ollama_stub import OllamaStub
     from flows.config import build_config
     from tasks.catalog import CatalogSettings
-    from tasks.stages.base import RunContext, load_spec
-    from tasks.stages.download import run_download
+    from tasks.stages.contract import RunContext
+    from tasks.stages.runner import load_spec, run_stage
 
     root = tmp_path_factory.mktemp("probe")
     context = {
@@ -182,7 +182,7 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     loaded: dict[str, list] = {}
     with OllamaStub(reply=lambda req: {"score": 50, "reason": "fine"}) as stub:
         cfg = build_config("smoke", [f"judge.hosts={stub.host}"])
-        dl = run_download(ctx, cfg.download)
+        dl = run_stage(ctx, "download", cfg.download)
         results: dict[str, Any] = {
             "download": {"stage": "download", "key": dl.key, "root": dl.root,
                          "run_id": dl.run_id, "digest": dl.digest, "out": dl.data}

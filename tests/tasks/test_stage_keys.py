@@ -22,9 +22,8 @@ from flows.config import build_config
 from gpt.errors import ChecksumError
 from gpt.recipes.base import LoadGPT2Args
 from tasks.catalog.settings import CatalogSettings
-from tasks.stages.base import RunContext, key_for, key_parts, load_spec, run_stage
-from tasks.stages.contract import StageOutput
-from tasks.stages.download import run_download
+from tasks.stages.contract import RunContext, StageOutput
+from tasks.stages.runner import key_for, key_parts, load_spec, run_stage
 from tasks.store.fingerprint import package_versions
 from tasks.store.keys import KeyParts, key_changes
 
@@ -220,7 +219,7 @@ def tokenized(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     root = tmp_path_factory.mktemp("keys")
     cfg = build_config("smoke")
     ctx = _ctx(root, "run-0", mirror=str(mirror))
-    dl = run_download(ctx, cfg.download)
+    dl = run_stage(ctx, "download", cfg.download)
     return {"root": root, "cfg": cfg, "tok": run_stage(ctx, "tokenize", cfg.tokenize, download=dl)}
 
 

@@ -33,7 +33,6 @@ unless ``allow_empty``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -44,9 +43,9 @@ from gpt.paths import is_remote
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.schema import KNOWN_TABLES
 from tasks.catalog.values import quote_ident
-from tasks.rows import ingest
-from tasks.run_state import settle_run
-from tasks.runlog import typed_row
+from tasks.records.rows import ingest
+from tasks.records.run_state import settle_run
+from tasks.records.runs import RunRecorder, typed_row
 from tasks.store.roots import local_root, open_stage_store, root_child
 
 log = logging.getLogger(__name__)
@@ -68,39 +67,6 @@ class RebuildReport:
     """Stage folders left out, with the reason (damaged, unreadable)."""
 
 
-def _sorted_records(records: list[dict]) -> list[dict]:
-    records = [r for r in records if isinstance(r, dict) and r.get("run")]
-    return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
-
-
-def _run_records(runs_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(runs_dir.glob("*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("skipping unreadable run record %s: %s", path, exc)
-            continue
-        records.append(rec)
-    return _sorted_records(records)
-
-
-def _remote_run_records(url: str) -> list[dict]:
-    from tasks.store.objects import ObjectRoot
-
-    root = ObjectRoot(url)
-    records = []
-    for name in sorted(root.list()):
-        if "/" in name or not name.endswith(".json"):
-            continue
-        got = root.get(name)
-        try:
-            records.append(json.loads(got.data) if got is not None else None)
-        except (ValueError, UnicodeDecodeError) as exc:
-            log.warning("skipping unreadable run record %s: %s", root.url_of(name), exc)
-    return _sorted_records(records)
-
-
 def rebuild_catalog(
     catalog: Catalog, artifacts: str | Path, *, verify: bool = True
 ) -> RebuildReport:
@@ -108,12 +74,7 @@ def rebuild_catalog(
     folder or an object-store URL) into ``catalog`` (created and migrated if needed)."""
     report = RebuildReport()
     catalog.migrate()
-    remote = is_remote(artifacts)
-    if remote:
-        records = _remote_run_records(str(root_child(artifacts, "runs")))
-    else:
-        artifacts = local_root(artifacts)
-        records = _run_records(artifacts / "runs")
+    records = RunRecorder(catalog, root_child(artifacts, "runs")).records()
     report.sources = restore_sources(
         catalog, [row for rec in records for row in (rec.get("sources") or {}).values()]
     )
