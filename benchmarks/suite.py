@@ -6,7 +6,7 @@ Modules: :mod:`benchmarks.lm` (training step with MFU, generation, batched gener
 :mod:`benchmarks.rerun` (a second ``gptflow run`` vs the first), :mod:`benchmarks.vs_book`
 (side by side with the book's own package), :mod:`benchmarks.lora` (LoRA vs the full
 finetune: step time, memory, accuracy and loss), :mod:`benchmarks.peak` (nominal hardware
-peaks), :mod:`benchmarks.render` (the README table from a results JSON). No Prefect or
+peaks), :mod:`benchmarks.render` (the docs/performance.md tables from a results JSON). No Prefect or
 DuckDB in the benchmarks themselves: ``gptflow bench`` stores the rows.
 """
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -41,3 +41,22 @@ def require_module(name: str, reason: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError as exc:
         unavailable(f"{name} cannot be imported ({exc}): {reason}")
+
+
+class DevModule:
+    """A dev dependency imported when a test first uses it (``require_module`` then), not
+    when its file is collected: every worker process of ``make test`` collects every test
+    file, and importing transformers, peft or tensorflow costs each one seconds of CPU.
+
+    ``transformers = DevModule("transformers", "pip install -e '.[dev]'")`` at the top of
+    a test file; ``transformers.GPT2Config(...)`` in a test imports it or fails/skips that
+    test, saying why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self._name = name
+        self._reason = reason
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):  # pytest probing module globals at collection
+            raise AttributeError(attr)
+        return getattr(require_module(self._name, self._reason), attr)

@@ -53,6 +53,18 @@ def test_a_dev_dependency_that_cannot_be_imported(value: str, outcome: str, monk
     assert _ci.require_module("json", "stdlib").dumps([]) == "[]"
 
 
+@pytest.mark.parametrize(("value", "outcome"), [("1", "fail"), ("", "skip")])
+def test_a_dev_module_is_imported_at_first_use(value: str, outcome: str, monkeypatch) -> None:
+    """``DevModule`` defers the import (and the fail/skip) from collection to the test."""
+    monkeypatch.setenv("CI", value)
+    absent = _ci.DevModule("gptflow_absent_module", "pip install it")  # nothing raised yet
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(BaseException, match=r"gptflow_absent_module cannot be imported") as info:
+        absent.anything  # noqa: B018
+    assert info.type is expected and "pip install it" in str(info.value)
+    assert _ci.DevModule("json", "stdlib").dumps([]) == "[]"
+
+
 def test_dev_dependencies_are_never_importorskipped() -> None:
     """transformers, tensorflow and llms-from-scratch are installed by ``make``: a test
     needing them goes through ``_ci.require_module``; nothing else reads ``CI``."""

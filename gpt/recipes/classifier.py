@@ -44,6 +44,7 @@ from gpt.device import resolve_device
 from gpt.distributed.launch import launchable
 from gpt.distributed.settings import DistributedArgs
 from gpt.errors import CheckpointError, ConfigError, DataError
+from gpt.heap import release_free_memory
 from gpt.lora import LoraSetting
 from gpt.recipes.classifier_model import (
     build_classifier,
@@ -54,6 +55,7 @@ from gpt.recipes.classifier_model import (
     set_modes,
     suffix_logits,
 )
+from gpt.train import adamw
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +307,7 @@ def _train_loop(
             broadcast_buffers=False,
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = adamw(params, lr=args.lr, weight_decay=args.weight_decay)  # fused where available
     order_gen = torch.Generator().manual_seed(args.seed)
     n = train.ids.shape[0]
     n_batches = n // args.batch_size if args.drop_last else math.ceil(n / args.batch_size)
@@ -525,6 +527,7 @@ def finetune_classifier(
             meta=classifier_meta,
         )
     gd.barrier()
+    release_free_memory()  # what gpt.heap's malloc settings kept while training
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     size = model_size(model, Path(out_dir), Path(base_checkpoint_dir), args.lora)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt.errors import ConfigError
-from gpt.lora import linear_rows, lora_modules
+from gpt.lora import has_lora, linear_rows, lora_modules
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -123,8 +123,16 @@ def block_at(block: nn.Module, x: torch.Tensor, where: torch.Tensor) -> torch.Te
     b, t, d = x.shape
     rows = torch.arange(b, device=x.device)
     h = block.norm1(x)
-    q = linear_rows(att.qkv, h[rows, where], 0, d)
-    kv = linear_rows(att.qkv, h, d, 3 * d)
+    if has_lora(att.qkv):
+        q = linear_rows(att.qkv, h[rows, where], 0, d)
+        kv = linear_rows(att.qkv, h, d, 3 * d)
+    else:
+        # split (not slicing): backward concatenates the two gradients in one pass instead
+        # of zero-filling a full-size buffer per slice and adding them up
+        w_q, w_kv = att.qkv.weight.split([d, 2 * d])
+        b_q, b_kv = (None, None) if att.qkv.bias is None else att.qkv.bias.split([d, 2 * d])
+        q = F.linear(h[rows, where], w_q, b_q)
+        kv = F.linear(h, w_kv, b_kv)
     q = q.view(b, att.n_heads, 1, att.head_dim)
     kv = kv.view(b, t, 2, att.n_heads, att.head_dim).permute(2, 0, 3, 1, 4)
     k, v = kv[0], kv[1]  # [B, H, T, hd]

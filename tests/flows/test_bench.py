@@ -1,6 +1,6 @@
 """``gptflow bench --quick`` smoke tests: the benchmarks run, every row states its method
 and the spread of its repeats consistently with its figures, and the rows reach the
-catalog, the JSON file and the README renderer (no timing assertions)."""
+catalog, the JSON file and the performance-table renderer (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_bench_vs_book_quick_prints_the_three_ratios(
     printed = capsys.readouterr().out
     assert rc == 0, printed
     block = printed.split("side by side with the book's package")[1]
-    for name, target in (("train_step", "1.3x"), ("generate", "10x"), ("spam_epoch", "3x")):
+    for name, target in (("train_step", "1.3x"), ("generate", "10x"), ("spam_epoch", "5x")):
         assert f"vs_book_{name}" in block and f">= {target}" in block
     assert block.count(": met") + block.count(": not met") == 3
     payload = json.loads(out_json.read_text())

@@ -1,7 +1,7 @@
 """Deployments and the judge-only flow.
 
 - ``prefect.yaml`` parses, each entrypoint loads as a Prefect flow with Prefect's own
-  loader, and the README's commands (``prefect work-pool create … --overwrite``, twice,
+  loader, and the deployment guide's commands (``prefect work-pool create … --overwrite``, twice,
   and ``prefect --no-prompt deploy --all``) succeed against a local server; the
   deployments read back from the API carry the names, cron schedules, parameters and
   pull step written in the file, whatever GPTFLOW_HOME the deploying shell had.
@@ -83,7 +83,7 @@ def test_prefect_yaml_parses_and_entrypoints_load():
         "smoke": "gptflow-pipeline",
         "judge-rescore": "gptflow-judge",
     }
-    # the stage deployments (README "Stages on work pools"): one per pool, named after it
+    # the stage deployments (docs/deployments.md, "Stages on work pools"): one per pool, named after it
     stage_deps = {n: d for n, d in deps.items() if d["entrypoint"].startswith("flows/stage_flow")}
     assert set(stage_deps) == {"gpu", "judge"}
     for name, dep in stage_deps.items():
@@ -156,7 +156,7 @@ def test_pull_step_enters_the_checkout(prefect_server, tmp_path, monkeypatch):
 def test_prefect_deploy_accepts_the_file(prefect_server):
     from prefect.client.orchestration import get_client
 
-    # The README's commands; creating the pool again (after editing prefect.yaml) must
+    # The deployment guide's commands; creating the pool again (after editing prefect.yaml) must
     # succeed. Deployed from a shell whose GPTFLOW_HOME is set: what is stored must not
     # depend on it.
     for _ in range(2):

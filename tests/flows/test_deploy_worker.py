@@ -1,6 +1,6 @@
-"""The README's deployment section, through a real process worker.
+"""The deployment guide (docs/deployments.md), through a real process worker.
 
-The commands the README gives, in its order: `gptflow deploy` (twice: it is idempotent)
+The commands the guide gives, in its order: `gptflow deploy` (twice: it is idempotent)
 from a shell *without* GPTFLOW_HOME, `prefect deployment run 'gptflow-pipeline/smoke'
 --param …`, then `prefect worker start --pool gptflow` (``--run-once``) with GPTFLOW_HOME
 set. The run must complete, and then:
@@ -91,7 +91,7 @@ def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, 
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
         client.delete_work_pool("gptflow")
-    # 2. work pool + deployments, twice (the README says: again after editing prefect.yaml)
+    # 2. work pool + deployments, twice (the guide says: again after editing prefect.yaml)
     first = _run([*cli, "deploy"], _env(prefect_server), REPO)
     assert "work pool 'gptflow': created" in first, first
     again = _run([*cli, "deploy"], _env(prefect_server), REPO)

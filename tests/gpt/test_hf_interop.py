@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ci import require_module
+from _ci import DevModule
 
 from gpt.checkpoint import save_checkpoint
 from gpt.errors import CheckpointError, ExportError
 from gpt.model import GPT, GPTConfig
 
-transformers = require_module("transformers", "a dev dependency: pip install -e '.[dev]'")
+transformers = DevModule("transformers", "a dev dependency: pip install -e '.[dev]'")
 
 #: GPT-2-shaped (QKV bias, tied head), tiny.
 TIED = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,

@@ -570,7 +570,7 @@ def test_eval_summary_separates_unparsed_from_failed(catalog) -> None:
 def test_the_stand_in_runs_on_its_own_and_scores_by_a_hash_of_the_request(
     tmp_path: Path,
 ) -> None:
-    """`python -m benchmarks.ollama_stub --port N` serves until stopped (as the README
+    """`python -m benchmarks.ollama_stub --port N` serves until stopped (as docs/evaluation.md
     says), reports a digest per model, and scores a request by a hash of what shapes a
     reply: the same request, the same score; another temperature, another score."""
     import os

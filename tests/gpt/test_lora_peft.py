@@ -6,33 +6,20 @@ model. Under CI a missing ``peft`` / ``transformers`` fails instead of skipping.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-from _ci import in_ci
+from _ci import DevModule
 
 from gpt.adapter import adapt
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.lora import LoraArgs, lora_modules
 from gpt.model import GPT, GPTConfig
 
-
-def _need(name: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        if in_ci():
-            pytest.fail(f"{name} is a dev dependency and must be installed: {exc}", pytrace=False)
-        pytest.skip(f"{name} not installed", allow_module_level=True)
-        raise
-
-
-transformers = _need("transformers")
-peft = _need("peft")
+transformers = DevModule("transformers", "a dev dependency: pip install -e '.[dev]'")
+peft = DevModule("peft", "a dev dependency: pip install -e '.[dev]'")
 
 #: GPT-2-shaped (QKV bias, tied head), tiny.
 CFG = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,

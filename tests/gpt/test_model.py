@@ -170,3 +170,66 @@ def test_dropout_only_in_training() -> None:
     assert not torch.equal(m(idx), m(idx))
     m.eval()
     assert torch.equal(m(idx), m(idx))
+
+
+# --------------------------------------------------------------------------- CPU training attention
+
+
+@pytest.mark.parametrize(("t", "hd", "p"), [(7, 8, 0.1), (33, 16, 0.5), (64, 64, 0.1)])
+def test_causal_attention_cpu_is_sdpa_bit_for_bit(t: int, hd: int, p: float) -> None:
+    """The training attention on a CPU (dropout on) gives exactly the outputs and
+    gradients of torch's scaled_dot_product_attention, on the same random draws."""
+    from torch.nn import functional as F
+
+    from gpt.model import causal_attention_cpu
+
+    g = torch.Generator().manual_seed(t)
+    qkv = torch.randn(3, 2, 3, t, hd, generator=g)
+    grad_out = torch.randn(2, 3, t, hd, generator=g)
+    results = []
+    for fn in (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True),
+        lambda q, k, v: causal_attention_cpu(q, k, v, p),
+    ):
+        leaf = qkv.clone().requires_grad_()
+        torch.manual_seed(11)
+        out = fn(*leaf.unbind(0))
+        out.backward(grad_out)
+        results.append((out.detach(), leaf.grad))
+    (out_a, grad_a), (out_b, grad_b) = results
+    assert torch.equal(out_a, out_b)
+    assert torch.equal(grad_a, grad_b)
+
+
+def test_training_steps_on_cpu_equal_the_sdpa_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole training steps (dropout 0.1): the CPU attention path and torch's SDPA give
+    the same losses, gradients and weights, bit for bit."""
+    import gpt.model as model_module
+    from gpt.train import LMTrainArgs, make_optimizer, train_step
+
+    cfg = TINY.replace(drop_rate=0.1)
+    x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length + 1), generator=torch.Generator())
+    calls = []
+    attention = model_module.causal_attention_cpu
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return attention(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model_module, "causal_attention_cpu", counted)
+    runs = []
+    for fast in (True, False):
+        if not fast:
+            assert len(calls) == 3 * cfg.n_layers  # the fast path ran in every layer
+            monkeypatch.setattr(model_module, "_math_path_on_cpu", lambda q, p: False)
+        torch.manual_seed(3)
+        model = GPT(cfg).train()
+        opt = make_optimizer(model, LMTrainArgs())
+        losses = [train_step(model, opt, x[:, :-1], x[:, 1:])[0] for _ in range(3)]
+        grads = [p.grad.clone() for p in model.parameters()]
+        runs.append((losses, grads, [p.detach().clone() for p in model.parameters()]))
+    (la, ga, wa), (lb, gb, wb) = runs
+    assert len(calls) == 3 * cfg.n_layers  # and not in the reference run
+    assert la == lb and len(set(la)) == 3
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(wa, wb, strict=True))

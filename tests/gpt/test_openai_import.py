@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _ci import require_module
+from _ci import DevModule
 from helpers_openai import openai_arrays, write_openai_checkpoint
 
 from gpt.errors import CheckpointError
 
-tf = require_module("tensorflow", "it writes and reads the TF checkpoints (make setup)")
+tf = DevModule("tensorflow", "it writes and reads the TF checkpoints (make setup)")
 
 HP = {"n_vocab": 61, "n_ctx": 24, "n_embd": 16, "n_head": 4, "n_layer": 2}
 

@@ -15,16 +15,6 @@ from gpt.errors import ConfigError, DataError
 from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
 from gpt.tokenizer import Tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core box they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SLICE_CHARS = 2400
 
 

@@ -24,16 +24,6 @@ from gpt.train import (
     train_step,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core box they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 CFG = get_config("tiny", vocab_size=96, context_length=16, emb_dim=32, drop_rate=0.1)
 
 

@@ -1,4 +1,4 @@
-"""Stages on work pools through real Prefect workers (README "Stages on work pools").
+"""Stages on work pools through real Prefect workers (docs/deployments.md, "Stages on work pools").
 
 A local Prefect server, ``gptflow deploy`` (the pools and the ``gptflow-stage/<pool>``
 deployments of prefect.yaml), two process workers on the pools ``cpu`` (created by its
@@ -140,7 +140,7 @@ def test_stages_placed_on_a_gpu_pool_run_on_its_worker(
     from flows.pipeline import run_pipeline
 
     monkeypatch.setenv("GPTFLOW_MIRROR", str(mirror))  # for the flow and the workers alike
-    # the pools and deployments, as the README says
+    # the pools and deployments, as docs/deployments.md says
     deployed = subprocess.run(
         [sys.executable, "-m", "flows.cli", "deploy"],
         cwd=REPO,
