@@ -560,6 +560,7 @@ def load_checkpoint(
             num_classes=int(num_classes) if kind == "classifier" else None,
             map_location=map_location,
             merge=merge,
+            load_base=load_checkpoint,
             base=base,
         )
     else:
