@@ -39,8 +39,8 @@ def main(argv: list[str]) -> int:
         kill_stage, kill_step = a.kill.split(":")
         sink_of = StageRun.metrics_sink
 
-        def killing_sink(self: StageRun, progress=None):  # type: ignore[no-untyped-def]
-            sink = sink_of(self, progress)
+        def killing_sink(self: StageRun):  # type: ignore[no-untyped-def]
+            sink = sink_of(self)
 
             def wrapped(rows: list[dict]) -> None:
                 sink(rows)
