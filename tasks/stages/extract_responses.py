@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from gpt.recipes.instruct import ExtractArgs, export_responses_json, extract_responses
 from gpt.recipes.prepare import load_instruct_splits
-from tasks.cache import StageOutput
-from tasks.stages.base import StageOut, StageRun, measured, stage
+from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
+from tasks.stages.runner import stage
 
 
 class ExtractOut(StageOut):
