@@ -8,7 +8,6 @@ loss); optionally the prompt part of the targets is masked too.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,11 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.adapter import adapt, model_size
-from gpt.config import Args
 from gpt.device import resolve_device
 from gpt.distributed.launch import launchable
 from gpt.errors import ConfigError, DataError
-from gpt.fileio import atomic_open
 from gpt.lora import LoraSetting
 from gpt.train import DistributedLMArgs
 
@@ -73,25 +70,16 @@ class InstructArgs(DistributedLMArgs):
     every linear layer); the checkpoint holds the adapter alone and names its base."""
 
 
-class ExtractArgs(Args):
-    """How test-split responses are generated (greedy, KV cache, stop at end-of-text)."""
-
-    max_new_tokens: int = Field(256, ge=1)
-    """Greedy tokens generated per example at most."""
-    batch_size: int = Field(8, ge=1)
-    """Prompts generated together (left-padded)."""
-
-
 # --------------------------------------------------------------------------- prompts
 
 
-def _format_alpaca(instruction: str, input: str, output: str | None = None) -> str:
+def format_prompt(instruction: str, input: str, output: str | None = None) -> str:
     from gpt.prompts import format_alpaca
 
     return format_alpaca(instruction, input, output)
 
 
-def _check_record(rec: dict[str, Any], i: int) -> None:
+def check_record(rec: dict[str, Any], i: int) -> None:
     for key in ("instruction", "input", "output"):
         if not isinstance(rec.get(key, ""), str):
             raise DataError(f"instruction record {i}: field {key!r} must be a string")
@@ -102,7 +90,7 @@ def _check_record(rec: dict[str, Any], i: int) -> None:
 def prompt_and_full(rec: dict[str, Any]) -> tuple[str, str]:
     """(prompt text up to and including the response header, full training text)."""
     output = rec.get("output", "") or ""
-    full = _format_alpaca(rec["instruction"], rec.get("input", "") or "", output)
+    full = format_prompt(rec["instruction"], rec.get("input", "") or "", output)
     if output and not full.endswith(output):
         raise DataError("format_alpaca must end the text with the output")
     return full[: len(full) - len(output)], full
@@ -115,7 +103,7 @@ class InstructionDataset:
         self.ids: list[list[int]] = []
         self.prompt_lengths: list[int] = []
         for i, rec in enumerate(records):
-            _check_record(rec, i)
+            check_record(rec, i)
             prompt, full = prompt_and_full(rec)
             ids = tokenizer.encode(full)
             p_ids = tokenizer.encode(prompt)
@@ -305,7 +293,9 @@ def _sample_response(text: str, prompt: str) -> str:
     """A train_lm sample (prompt + greedy continuation) -> the response part, cut at the
     first end-of-text."""
     new = text[len(prompt) :] if text.startswith(prompt) else text
-    return clean_response(new.split(EOT_TEXT, 1)[0])
+    from gpt.prompts import extract_response
+
+    return extract_response(new.split(EOT_TEXT, 1)[0])
 
 
 @launchable
@@ -390,7 +380,7 @@ def finetune_instruct(
     )
 
     sample_rec = val_records[0] if val_records else train_records[0]
-    sample_prompt = _format_alpaca(sample_rec["instruction"], sample_rec.get("input", "") or "")
+    sample_prompt = format_prompt(sample_rec["instruction"], sample_rec.get("input", "") or "")
     samples: list[dict[str, Any]] = []
 
     def sample_hook(row: dict[str, Any]) -> None:
@@ -466,94 +456,3 @@ def finetune_instruct(
         "args": args.to_dict(),
         "device": str(dev),
     }
-
-
-# --------------------------------------------------------------------------- extraction
-
-
-def clean_response(text: str) -> str:
-    """Generated text -> response: "### Response:" removed, whitespace trimmed."""
-    from gpt.prompts import extract_response
-
-    return extract_response(text)
-
-
-def extract_responses(
-    checkpoint_dir: Path,
-    records: Sequence[dict[str, Any]],
-    args: ExtractArgs | None = None,
-    *,
-    device: str = "auto",
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Greedy responses (KV cache, batched, stop at 50256) for each record.
-
-    Rows: ``{example_id, instruction, input, output, response, new_tokens, seconds}``
-    (``seconds``: the batch's generation time divided by its size). ``example_id`` is the
-    record's ``example_id`` / ``id`` field, else its position.
-    """
-    from tqdm.auto import tqdm
-
-    from gpt.checkpoint import load_checkpoint
-    from gpt.generate import generate
-    from gpt.tokenizer import Tokenizer
-
-    args = args or ExtractArgs()
-    loaded = load_checkpoint(Path(checkpoint_dir))
-    if getattr(loaded, "kind", "lm") not in (None, "lm"):
-        raise ConfigError(
-            f"{checkpoint_dir} is a {loaded.kind} checkpoint; response extraction needs an "
-            "instruction-finetuned language model"
-        )
-    model = loaded.model.to(resolve_device(device))
-    model.eval()
-    tokenizer = (
-        Tokenizer.from_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else Tokenizer.gpt2()
-    )
-    for i, rec in enumerate(records):
-        _check_record(rec, i)
-    prompts = [
-        tokenizer.encode(_format_alpaca(r["instruction"], r.get("input", "") or ""))
-        for r in records
-    ]
-    rows: list[dict[str, Any]] = []
-    step = args.batch_size
-    bar = tqdm(range(0, len(records), step), desc="responses", disable=not progress)
-    for s in bar:
-        chunk = list(range(s, min(s + step, len(records))))
-        t0 = time.perf_counter()
-        outs = generate(model, [prompts[i] for i in chunk], args.max_new_tokens, eos_id=EOT_ID)
-        per = (time.perf_counter() - t0) / len(chunk)
-        for i, new in zip(chunk, outs, strict=True):
-            rec = records[i]
-            rows.append(
-                {
-                    "example_id": rec.get("example_id", rec.get("id", i)),
-                    "instruction": rec["instruction"],
-                    "input": rec.get("input", "") or "",
-                    "output": rec.get("output", "") or "",
-                    "response": clean_response(tokenizer.decode(new)),
-                    "new_tokens": len(new),
-                    "seconds": per,
-                }
-            )
-    return rows
-
-
-def export_responses_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Write rows as the reference's JSON list of {instruction, input, output,
-    model_response} (atomic: temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = [
-        {
-            "instruction": r["instruction"],
-            "input": r.get("input", ""),
-            "output": r.get("output", ""),
-            "model_response": r["response"],
-        }
-        for r in rows
-    ]
-    with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=4, ensure_ascii=False, sort_keys=True)
-    return path

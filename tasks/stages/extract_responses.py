@@ -1,10 +1,10 @@
 """extract_responses: greedy responses of the instruction-finetuned model for the test
-split (:func:`gpt.recipes.instruct.extract_responses`); ``responses`` rows and the
+split (:func:`gpt.recipes.extract.extract_responses`); ``responses`` rows and the
 reference's JSON export."""
 
 from __future__ import annotations
 
-from gpt.recipes.instruct import ExtractArgs, export_responses_json, extract_responses
+from gpt.recipes.extract import ExtractArgs, export_responses_json, extract_responses
 from gpt.recipes.prepare import load_instruct_splits
 from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
 from tasks.stages.runner import stage

@@ -11,14 +11,12 @@ import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.model import GPT, get_config
+from gpt.recipes.extract import ExtractArgs, export_responses_json, extract_responses
 from gpt.recipes.instruct import (
-    ExtractArgs,
     InstructArgs,
     InstructionDataset,
     batch_indices,
     collate_instruct,
-    export_responses_json,
-    extract_responses,
     finetune_instruct,
     make_instruct_loader,
 )
