@@ -19,8 +19,8 @@ from torch import nn
 
 from gpt import distributed as gd
 from gpt.errors import DataError
+from gpt.lm_step import adamw
 from gpt.recipes.classifier_model import pool, prefix_hidden, set_modes, suffix_logits
-from gpt.train import adamw
 
 if TYPE_CHECKING:
     from gpt.recipes.classifier import SpamArgs

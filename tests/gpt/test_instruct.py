@@ -117,7 +117,7 @@ def test_dataset_prompt_lengths_and_masking(records: list[dict], tok: Tokenizer)
 
 def test_training_loss_ignores_minus_100() -> None:
     """The loss train_lm uses averages over the non -100 targets only."""
-    from gpt.train import lm_loss
+    from gpt.lm_step import lm_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
