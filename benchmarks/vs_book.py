@@ -287,7 +287,8 @@ def bench_vs_book_spam_epoch(quick: bool = False, *, tokenizer_dir: Any = None) 
     from benchmarks.synthetic import synthetic_messages
     from gpt.checkpoint import load_checkpoint, save_checkpoint
     from gpt.model import CONFIGS
-    from gpt.recipes.classifier import SpamArgs, build_classifier, encode_spam, finetune_classifier
+    from gpt.recipes.classifier import SpamArgs, finetune_classifier
+    from gpt.recipes.classifier_model import build_classifier, encode_spam
     from gpt.tokenizer import Tokenizer
 
     tok_dir = _need_tokenizer("vs_book_spam_epoch", tokenizer_dir)

@@ -124,7 +124,7 @@ class DistributedLMArgs(LMTrainArgs):
     """How many processes train (``nproc = 1``: the calling process; more: under
     torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays the
     global batch and must split evenly over the processes. The recipes launch
-    themselves on this layout (:func:`gpt.distributed.launch.launchable`). Operational: with dropout off, N processes
+    themselves on this layout (:func:`gpt.distributed.launch.relaunch`). Operational: with dropout off, N processes
     give the per-step losses and final weights of 1 process with the same global batch
     within ~1e-5 (float rounding), so the layout is not part of the cache key; with
     dropout on, the masks depend on the layout and another layout gives an equally valid

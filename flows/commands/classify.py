@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gpt.checkpoint import recover_checkpoint
     from gpt.errors import CheckpointError
-    from gpt.recipes.classifier import classify
+    from gpt.recipes.classifier_model import classify
 
     ckpt = Path(args.checkpoint)
     if recover_checkpoint(ckpt) is None:

@@ -1,10 +1,11 @@
 """Run a library function in ``nproc × nnodes`` processes under torchrun, or in this
 process when that is one.
 
-:func:`launchable` makes a training recipe do this by itself: a call with settings
-whose ``distributed`` layout asks for more than one process re-launches the same
-recipe under torchrun (its callbacks forwarded, rank 0's result returned), so a caller
-makes the same typed call whatever the layout.
+A training recipe does this by itself (:func:`asks_torchrun`, :func:`relaunch`): a
+call with settings whose ``distributed`` layout asks for more than one process
+re-launches the same recipe under torchrun (its callbacks forwarded, rank 0's result
+returned), so a caller makes the same typed call whatever the layout, and a
+one-process call reaches the training loop with no launcher in between.
 
 The function (``"gpt.recipes.pretrain:pretrain"``) gets its keyword arguments through a
 JSON file (:mod:`gpt.distributed.codec`); the callbacks the caller gives
@@ -18,8 +19,6 @@ models and dataclasses are rebuilt).
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 import gpt
 from gpt.distributed.codec import decode, encode, import_target, target_path
@@ -39,14 +38,13 @@ from gpt.distributed.settings import DistributedArgs
 from gpt.distributed.worker import EVENTS, RESULT, SPEC
 from gpt.errors import ConfigError, DistributedError, GPTFlowError
 
-__all__ = ["launch_command", "launchable", "run_distributed", "scratch_dir"]
+__all__ = ["asks_torchrun", "launch_command", "relaunch", "run_distributed", "scratch_dir"]
 
 log = logging.getLogger(__name__)
 
 STDOUT, STDERR, PID = "torchrun.out", "torchrun.err", "torchrun.pid"
 _TAIL_LINES = 40
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -292,56 +290,53 @@ def scratch_dir(out_dir: str | Path) -> Path:
     return out.parent / f".{out.name}.torchrun"
 
 
-def launchable(recipe: Callable[P, R]) -> Callable[P, R]:
-    """Make ``recipe`` run on the process layout its settings ask for.
+def asks_torchrun(args: Any) -> bool:
+    """Whether settings ``args`` ask for more processes than this one: their
+    ``distributed`` layout (:class:`~gpt.distributed.DistributedArgs`) spans more than
+    one process, and this process is not a rank of a process group already."""
+    layout = getattr(args, "distributed", None)
+    return layout is not None and layout.is_distributed and world_size() == 1
 
-    ``recipe`` takes its settings as ``args`` (with a ``distributed`` layout,
-    :class:`~gpt.distributed.DistributedArgs`) and writes into ``out_dir``. Called with
-    one process (the default), or inside a process group already (a torchrun rank), it
-    is a plain call. Otherwise the same call runs under torchrun
-    (:func:`run_distributed`): the keyword arguments cross as JSON
+
+def relaunch(recipe: Callable[..., R], call: dict[str, Any]) -> R:
+    """``recipe(**call)`` on the process layout ``call["args"].distributed``, under
+    torchrun (:func:`run_distributed`); rank 0's result.
+
+    A training recipe starts with ``if asks_torchrun(args): return relaunch(<itself>,
+    locals())``, so a caller makes the same typed call whatever the layout, and a
+    one-process call is a plain call. The arguments cross as JSON
     (:mod:`gpt.distributed.codec`), the callables among them (``on_metrics``,
-    ``on_sample``, …) are forwarded from rank 0, and rank 0's result is returned.
-    torchrun's files go to :func:`scratch_dir` of ``out_dir``: removed when the
-    training succeeds, kept when it fails (``torchrun.err`` holds every rank's log).
+    ``on_sample``, …) are forwarded from rank 0. torchrun's files go to
+    :func:`scratch_dir` of ``call["out_dir"]``: removed when the training succeeds, kept
+    when it fails (``torchrun.err`` holds every rank's log).
     """
-    signature = inspect.signature(recipe)
-
-    @functools.wraps(recipe)
-    def call(*a: P.args, **kw: P.kwargs) -> R:
-        given = signature.bind(*a, **kw).arguments
-        layout = getattr(given.get("args"), "distributed", None)
-        if layout is None or not layout.is_distributed or world_size() > 1:
-            return recipe(*a, **kw)
-        kwargs = {k: v for k, v in given.items() if not callable(v)}
-        callbacks = {k: v for k, v in given.items() if callable(v)}
-        scratch = scratch_dir(given["out_dir"])
-        what = target_path(call)
-        log.info(
-            "%s: training on %d processes (%d node(s) × %d, %s, backend %s); torchrun files "
-            "in %s",
-            what, layout.world_size, layout.nnodes, layout.nproc, layout.strategy,
-            layout.backend, scratch,
-        )  # fmt: skip
-        try:
-            result = run_distributed(
-                what,
-                kwargs,
-                layout,
-                workdir=scratch,
-                callbacks=callbacks,
-                echo=bool(given.get("progress", False)),
-            )
-        except BaseException:
-            if scratch.exists():
-                log.warning("%s failed; torchrun's files are kept in %s", what, scratch)
-            raise
-        shutil.rmtree(scratch, ignore_errors=True)
-        if result is None:
-            raise DistributedError(
-                f"{what}: global rank 0 of the {layout.nnodes}-node training ran on another "
-                "machine, which holds the result; this machine has none to return"
-            )
-        return result
-
-    return call
+    layout: DistributedArgs = call["args"].distributed
+    kwargs = {k: v for k, v in call.items() if not callable(v)}
+    callbacks = {k: v for k, v in call.items() if callable(v)}
+    scratch = scratch_dir(call["out_dir"])
+    what = target_path(recipe)
+    log.info(
+        "%s: training on %d processes (%d node(s) × %d, %s, backend %s); torchrun files in %s",
+        what, layout.world_size, layout.nnodes, layout.nproc, layout.strategy, layout.backend,
+        scratch,
+    )  # fmt: skip
+    try:
+        result = run_distributed(
+            what,
+            kwargs,
+            layout,
+            workdir=scratch,
+            callbacks=callbacks,
+            echo=bool(call.get("progress", False)),
+        )
+    except BaseException:
+        if scratch.exists():
+            log.warning("%s failed; torchrun's files are kept in %s", what, scratch)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    if result is None:
+        raise DistributedError(
+            f"{what}: global rank 0 of the {layout.nnodes}-node training ran on another "
+            "machine, which holds the result; this machine has none to return"
+        )
+    return result

@@ -1,5 +1,5 @@
 """The ``distributed`` settings of a training recipe (one declaration: the pipeline's
-stage sections hold it, :func:`gpt.distributed.launch.launchable` reads it)."""
+stage sections hold it, :func:`gpt.distributed.launch.asks_torchrun` reads it)."""
 
 from __future__ import annotations
 

@@ -25,12 +25,14 @@ calls blocks outside the root module's forward.)
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
@@ -38,30 +40,30 @@ from gpt import distributed as gd
 from gpt.adapter import model_size
 from gpt.config import Args, operational
 from gpt.device import resolve_device
-from gpt.distributed.launch import launchable
+from gpt.distributed.launch import asks_torchrun, relaunch
 from gpt.distributed.settings import DistributedArgs
-from gpt.errors import CheckpointError, ConfigError, DataError
+from gpt.errors import ConfigError, DataError
 from gpt.heap import release_free_memory
+from gpt.lm_step import adamw
 from gpt.lora import LoraSetting
-from gpt.recipes.classifier_loop import (
-    SplitData,
-    build_cache,
-    evaluate,
-    metric_row,
-    train_loop,
-)
 from gpt.recipes.classifier_model import (
+    LABELS,
+    SplitData,
+    StepModule,
+    batch_logits,
+    build_cache,
     build_classifier,
+    encode_spam,
+    evaluate,
+    last_real_index,
     n_frozen_blocks,
-    pool,
     set_dropout,
     set_modes,
+    sharded_backward,
 )
 
 log = logging.getLogger(__name__)
 
-LABELS = ["ham", "spam"]
-PAD_ID = 50256
 Splits = dict[str, tuple[list[str], list[int]]]
 MetricsCallback = Callable[[list[dict[str, Any]]], None]
 
@@ -116,7 +118,7 @@ class SpamArgs(Args):
     torchrun with DDP — ``strategy = "fsdp"`` is refused here, see
     :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays the global batch
     and must split evenly over the processes. :func:`finetune_classifier` launches
-    itself on this layout (:func:`gpt.distributed.launch.launchable`).
+    itself on this layout (:func:`gpt.distributed.launch.relaunch`).
     Operational: with ``drop_rate = 0`` (the default), N processes give the per-step
     losses, weights and predictions of 1 process within ~1e-5 (float rounding), so the
     layout is not part of the cache key; with dropout, another layout gives an equally
@@ -146,22 +148,6 @@ class SpamArgs(Args):
 # --------------------------------------------------------------------------- data
 
 
-def encode_spam(texts: Sequence[str], tokenizer: Any, max_length: int) -> torch.Tensor:
-    """Token ids [N, max_length]: each text encoded, truncated to ``max_length`` and
-    right-padded with 50256."""
-    out = torch.full((len(texts), max_length), PAD_ID, dtype=torch.long)
-    for i, text in enumerate(texts):
-        ids = tokenizer.encode(text)[:max_length]
-        if ids:
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out
-
-
-def _last_real_index(texts: Sequence[str], tokenizer: Any, max_length: int) -> torch.Tensor:
-    lens = [min(len(tokenizer.encode(t)), max_length) for t in texts]
-    return torch.tensor([max(n - 1, 0) for n in lens], dtype=torch.long)
-
-
 def _check_splits(splits: Splits) -> None:
     if "train" not in splits:
         raise DataError(f"spam splits have no 'train' split (have {sorted(splits)})")
@@ -173,14 +159,6 @@ def _check_splits(splits: Splits) -> None:
         bad = sorted({y for y in labels if y not in (0, 1)})
         if bad:
             raise DataError(f"spam split {name!r}: labels must be 0 (ham) / 1 (spam), got {bad}")
-
-
-def _load_tokenizer(tokenizer_dir: Path | None) -> Any:
-    from gpt.tokenizer import Tokenizer
-
-    if tokenizer_dir is not None:
-        return Tokenizer.from_dir(tokenizer_dir)
-    return Tokenizer.gpt2()
 
 
 # --------------------------------------------------------------------------- training
@@ -205,7 +183,6 @@ def prepare_classifier(model: nn.Module, args: SpamArgs, *, base_dir: Path | Non
     return model
 
 
-@launchable
 def finetune_classifier(
     base_checkpoint_dir: Path,
     splits: Splits,
@@ -229,8 +206,11 @@ def finetune_classifier(
     index in its split; labels ``ham``/``spam``), as
     :func:`gpt.eval.baseline.prediction_rows` builds them.
     """
+    if asks_torchrun(args):  # the same call on the processes args.distributed asks for
+        return relaunch(finetune_classifier, locals())
     from gpt.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
     from gpt.eval.baseline import binary_metrics, prediction_rows
+    from gpt.tokenizer import Tokenizer
 
     args = args or SpamArgs()
     _check_splits(splits)
@@ -253,7 +233,7 @@ def finetune_classifier(
     loaded = load_checkpoint(Path(base_checkpoint_dir))
     model = loaded.model
     tok_dir = tokenizer_dir or loaded.tokenizer_dir
-    tokenizer = _load_tokenizer(Path(tok_dir) if tok_dir else None)
+    tokenizer = Tokenizer.from_dir(tok_dir) if tok_dir else Tokenizer.gpt2()
     device = resolve_device(device)
     cfg = model.cfg
     if args.trainable_blocks > cfg.n_layers:
@@ -288,7 +268,7 @@ def finetune_classifier(
         datasets[name] = SplitData(
             ids=encode_spam(texts, tokenizer, max_length),
             labels=torch.tensor(labels, dtype=torch.long),
-            last=_last_real_index(texts, tokenizer, max_length)
+            last=last_real_index(texts, tokenizer, max_length)
             if args.pool == "last_real"
             else None,
         )
@@ -357,64 +337,99 @@ def finetune_classifier(
         "final": final,
         "predictions": predictions,
         "timings": timings,
-        "prefix_cache_build_s": timings["prefix_cache_s"],
         "args": args.to_dict(),
         "device": str(device),
     }
 
 
-# --------------------------------------------------------------------------- inference
+def train_loop(
+    model: nn.Module,
+    train: SplitData,
+    evals: dict[str, SplitData],
+    args: SpamArgs,
+    n_frozen: int,
+    device: torch.device,
+    emit: Callable[[list[dict[str, Any]]], None],
+    progress: bool,
+) -> tuple[list[float], int, int, float]:
+    """Shared training loop (cached or full forward). Returns per-step losses, the last
+    step, examples seen and the seconds spent evaluating."""
+    from tqdm.auto import tqdm
 
+    world = gd.world_size()
+    step_module: nn.Module = StepModule(model, n_frozen)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
 
-def _classifier_info(loaded: Any, checkpoint_dir: Path) -> dict[str, Any]:
-    meta = dict(getattr(loaded, "meta", None) or {})
-    hparams = dict(getattr(loaded, "hparams", None) or {})
-    kind = getattr(loaded, "kind", None) or meta.get("kind")
-    if kind != "classifier":
-        raise CheckpointError(
-            f"{checkpoint_dir} holds a {kind!r} checkpoint, not a spam classifier: pass a "
-            "folder written by the finetune_spam stage"
+        step_module = DistributedDataParallel(
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
         )
-    max_length = meta.get("max_length") or hparams.get("max_length")
-    if not max_length:
-        raise CheckpointError(
-            f"{checkpoint_dir}: classifier checkpoint records no max_length "
-            f"(meta / hparams.json); re-run the finetune_spam stage"
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = adamw(params, lr=args.lr, weight_decay=args.weight_decay)  # fused where available
+    order_gen = torch.Generator().manual_seed(args.seed)
+    n = train.ids.shape[0]
+    n_batches = n // args.batch_size if args.drop_last else math.ceil(n / args.batch_size)
+    if n_batches == 0:
+        raise DataError(
+            f"training split has {n} messages, fewer than one batch of {args.batch_size}"
         )
-    return {
-        "labels": list(getattr(loaded, "labels", None) or meta.get("labels") or LABELS),
-        "max_length": int(max_length),
-        "pool": meta.get("pool") or hparams.get("pool") or "last",
-    }
-
-
-def classify(
-    checkpoint_dir: Path, texts: Sequence[str], *, batch_size: int = 32
-) -> list[tuple[str, float]]:
-    """``(label, probability of spam)`` for each text, with a classifier checkpoint."""
-    from gpt.checkpoint import load_checkpoint
-
-    checkpoint_dir = Path(checkpoint_dir)
-    loaded = load_checkpoint(checkpoint_dir)
-    info = _classifier_info(loaded, checkpoint_dir)
-    tok_dir = loaded.tokenizer_dir
-    tokenizer = _load_tokenizer(Path(tok_dir) if tok_dir else None)
-    model = loaded.model
-    model.eval()
-    max_length = min(info["max_length"], model.cfg.context_length)
-    labels = info["labels"]
-    out: list[tuple[str, float]] = []
-    with torch.no_grad():
-        for s in range(0, len(texts), batch_size):
-            chunk = list(texts[s : s + batch_size])
-            ids = encode_spam(chunk, tokenizer, max_length)
-            last = (
-                _last_real_index(chunk, tokenizer, max_length)
-                if info["pool"] == "last_real"
-                else None
+    step, seen, eval_s = 0, 0, 0.0
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
+        for epoch in range(1, args.epochs + 1):
+            set_modes(model, n_frozen, train=True)
+            perm = torch.randperm(n, generator=order_gen)
+            bar = tqdm(
+                range(n_batches),
+                desc=f"spam epoch {epoch}",
+                disable=not progress or not gd.is_main(),
             )
-            probs = torch.softmax(pool(model(ids), last).float(), dim=-1)
-            for row in probs:
-                k = int(row.argmax())
-                out.append((labels[k], float(row[1])))
-    return out
+            for b in bar:
+                index = perm[b * args.batch_size : (b + 1) * args.batch_size]
+                opt.zero_grad(set_to_none=True)
+                if world == 1:
+                    logits = batch_logits(model, train, index, n_frozen, device)
+                    loss = F.cross_entropy(logits, train.labels[index].to(device))
+                    loss.backward()
+                    step_loss = loss.item()
+                else:
+                    step_loss = sharded_backward(step_module, train, index, device)
+                opt.step()
+                step += 1
+                seen += len(index)
+                losses.append(step_loss)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if args.log_every and step % args.log_every == 0:
+                    emit([metric_row(step, epoch, seen, "train", "step_loss", losses[-1])])
+            if args.eval_per_epoch or epoch == args.epochs:
+                t0 = time.perf_counter()
+                rows = []
+                for split, data in evals.items():
+                    loss_v, preds, _ = evaluate(model, data, n_frozen, args.cache_chunk, device)
+                    acc = accuracy(preds, data.labels.tolist())
+                    rows += [
+                        metric_row(step, epoch, seen, split, "loss", loss_v),
+                        metric_row(step, epoch, seen, split, "accuracy", acc),
+                    ]
+                    log.info("epoch %d %s loss %.4f accuracy %.4f", epoch, split, loss_v, acc)
+                emit(rows)
+                eval_s += time.perf_counter() - t0
+    return losses, step, seen, eval_s
+
+
+def accuracy(preds: list[int], labels: list[int]) -> float:
+    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / max(len(labels), 1)
+
+
+def metric_row(step: int, epoch: int, seen: int, split: str, name: str, value: float) -> dict:
+    return {
+        "step": step,
+        "epoch": epoch,
+        "seen": seen,
+        "split": split,
+        "name": name,
+        "value": float(value),
+    }

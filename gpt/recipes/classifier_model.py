@@ -1,24 +1,35 @@
-"""The classifier's model side: a GPT with a class head, a frozen prefix and a trained
-suffix.
+"""The spam classifier as a model: a GPT with a class head, a frozen prefix and a
+trained suffix; its messages as token ids; and what a split of messages goes through.
 
 :func:`build_classifier` turns a GPT into the reference's classifier (a fresh
 ``Linear(emb, classes)`` head, everything frozen but the last blocks, the final norm and
 the head). The frozen prefix (:func:`prefix_hidden`) runs once per message when its
-output is cached; :func:`suffix_logits` runs the trained blocks on cached hidden states
-and, without active dropout, the last block at the pooled position only
-(:func:`block_at`): the same outputs and gradients for a fraction of the work.
+output is cached (:func:`build_cache`); :func:`suffix_logits` runs the trained blocks on
+cached hidden states and, without active dropout, the last block at the pooled position
+only (:func:`block_at`): the same outputs and gradients for a fraction of the work.
+:func:`evaluate` scores a whole split and :func:`sharded_backward` takes one rank's
+share of a step under a process group; :func:`classify` labels texts with a saved
+classifier. Labels: ham = 0, spam = 1.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt.errors import ConfigError
+from gpt import distributed as gd
+from gpt.errors import CheckpointError, ConfigError
 from gpt.lora import has_lora, linear_rows, lora_modules
+
+LABELS = ["ham", "spam"]
+PAD_ID = 50256
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -160,3 +171,175 @@ def set_modes(model: nn.Module, n_frozen: int, train: bool) -> None:
     model.train(train)
     for m in (model.tok_emb, model.pos_emb, model.drop_emb, *list(model.blocks)[:n_frozen]):
         m.eval()
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def encode_spam(texts: Sequence[str], tokenizer: Any, max_length: int) -> torch.Tensor:
+    """Token ids [N, max_length]: each text encoded, truncated to ``max_length`` and
+    right-padded with 50256."""
+    out = torch.full((len(texts), max_length), PAD_ID, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text)[:max_length]
+        if ids:
+            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def last_real_index(texts: Sequence[str], tokenizer: Any, max_length: int) -> torch.Tensor:
+    lens = [min(len(tokenizer.encode(t)), max_length) for t in texts]
+    return torch.tensor([max(n - 1, 0) for n in lens], dtype=torch.long)
+
+
+def _classifier_info(loaded: Any, checkpoint_dir: Path) -> dict[str, Any]:
+    meta = dict(getattr(loaded, "meta", None) or {})
+    hparams = dict(getattr(loaded, "hparams", None) or {})
+    kind = getattr(loaded, "kind", None) or meta.get("kind")
+    if kind != "classifier":
+        raise CheckpointError(
+            f"{checkpoint_dir} holds a {kind!r} checkpoint, not a spam classifier: pass a "
+            "folder written by the finetune_spam stage"
+        )
+    max_length = meta.get("max_length") or hparams.get("max_length")
+    if not max_length:
+        raise CheckpointError(
+            f"{checkpoint_dir}: classifier checkpoint records no max_length "
+            f"(meta / hparams.json); re-run the finetune_spam stage"
+        )
+    return {
+        "labels": list(getattr(loaded, "labels", None) or meta.get("labels") or LABELS),
+        "max_length": int(max_length),
+        "pool": meta.get("pool") or hparams.get("pool") or "last",
+    }
+
+
+def classify(
+    checkpoint_dir: Path, texts: Sequence[str], *, batch_size: int = 32
+) -> list[tuple[str, float]]:
+    """``(label, probability of spam)`` for each text, with a classifier checkpoint."""
+    from gpt.checkpoint import load_checkpoint
+    from gpt.tokenizer import Tokenizer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    loaded = load_checkpoint(checkpoint_dir)
+    info = _classifier_info(loaded, checkpoint_dir)
+    tok_dir = loaded.tokenizer_dir
+    tokenizer = Tokenizer.from_dir(tok_dir) if tok_dir else Tokenizer.gpt2()
+    model = loaded.model
+    model.eval()
+    max_length = min(info["max_length"], model.cfg.context_length)
+    labels = info["labels"]
+    out: list[tuple[str, float]] = []
+    with torch.no_grad():
+        for s in range(0, len(texts), batch_size):
+            chunk = list(texts[s : s + batch_size])
+            ids = encode_spam(chunk, tokenizer, max_length)
+            last = (
+                last_real_index(chunk, tokenizer, max_length)
+                if info["pool"] == "last_real"
+                else None
+            )
+            probs = torch.softmax(pool(model(ids), last).float(), dim=-1)
+            for row in probs:
+                k = int(row.argmax())
+                out.append((labels[k], float(row[1])))
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class SplitData:
+    ids: torch.Tensor  # [N, T] long
+    labels: torch.Tensor  # [N] long
+    last: torch.Tensor | None  # [N] long (pool last_real) or None
+    cache: torch.Tensor | None = None  # [N, T, D] prefix activations
+
+
+def build_cache(
+    model: nn.Module, data: SplitData, n_frozen: int, chunk: int, device: torch.device
+) -> torch.Tensor:
+    """Prefix activations of every row (under a process group: each rank computes its
+    contiguous shard of the rows, then the shards are gathered)."""
+    ids = gd.shard(data.ids)
+    dtype = model.tok_emb.weight.dtype
+    parts = [torch.empty((0, ids.shape[1], model.cfg.emb_dim), device=device, dtype=dtype)]
+    with torch.no_grad():
+        for s in range(0, ids.shape[0], chunk):
+            parts.append(prefix_hidden(model, ids[s : s + chunk].to(device), n_frozen))
+    return gd.all_gather_rows(torch.cat(parts))
+
+
+def batch_logits(
+    model: nn.Module, data: SplitData, index: torch.Tensor, n_frozen: int, device: torch.device
+) -> torch.Tensor:
+    """Pooled class logits [B, C] for the rows ``index`` of a split."""
+    last = data.last[index].to(device) if data.last is not None else None
+    if data.cache is not None:
+        return suffix_logits(model, data.cache[index], n_frozen, last)
+    return pool(model(data.ids[index].to(device)), last)
+
+
+def evaluate(
+    model: nn.Module, data: SplitData, n_frozen: int, chunk: int, device: torch.device
+) -> tuple[float, list[int], list[float]]:
+    """Mean loss, predictions and spam probabilities over a whole split (under a
+    process group: each rank scores its contiguous shard of the rows; the results are
+    gathered in row order)."""
+    was_training = model.training
+    model.eval()
+    total, preds, probs = 0.0, [], []
+    n = data.ids.shape[0]
+    rows = gd.shard(torch.arange(n))
+    with torch.no_grad():
+        for s in range(0, len(rows), chunk):
+            index = rows[s : s + chunk]
+            logits = batch_logits(model, data, index, n_frozen, device)
+            labels = data.labels[index].to(device)
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+            p = torch.softmax(logits.float(), dim=-1)
+            preds += logits.argmax(-1).tolist()
+            probs += p[:, 1].tolist()
+    set_modes(model, n_frozen, train=was_training)
+    if gd.is_distributed():
+        parts = gd.all_gather_objects((total, preds, probs))
+        total = sum(p[0] for p in parts)
+        preds = [x for p in parts for x in p[1]]
+        probs = [x for p in parts for x in p[2]]
+    return total / n, preds, probs
+
+
+class StepModule(nn.Module):
+    """The training forward as one module (pooled logits of given rows), so DDP can
+    wrap it: the loop calls the suffix directly when the prefix is cached."""
+
+    def __init__(self, model: nn.Module, n_frozen: int) -> None:
+        super().__init__()
+        self.model = model
+        self.n_frozen = n_frozen
+
+    def forward(
+        self, inputs: torch.Tensor, last: torch.Tensor | None, cached: bool
+    ) -> torch.Tensor:
+        if cached:
+            return suffix_logits(self.model, inputs, self.n_frozen, last)
+        return pool(self.model(inputs), last)
+
+
+def sharded_backward(
+    step_module: nn.Module, data: SplitData, index: torch.Tensor, device: torch.device
+) -> float:
+    """Forward/backward of this rank's shard of the global batch ``index``, scaled so
+    the ranks' averaged gradient is that of the global batch's mean loss; returns that
+    mean loss."""
+    world = gd.world_size()
+    mine = gd.shard(index)
+    cached = data.cache is not None
+    inputs = data.cache[mine] if cached else data.ids[mine].to(device)  # type: ignore[index]
+    last = data.last[mine].to(device) if data.last is not None else None
+    logits = step_module(inputs, last, cached)
+    total = F.cross_entropy(logits, data.labels[mine].to(device), reduction="sum")
+    (total * (world / len(index))).backward()
+    return float(gd.all_reduce_sum(total.detach().reshape(1).double())) / len(index)

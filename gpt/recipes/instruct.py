@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.adapter import adapt, model_size
 from gpt.device import resolve_device
-from gpt.distributed.launch import launchable
+from gpt.distributed.launch import asks_torchrun, relaunch
 from gpt.errors import ConfigError, DataError
 from gpt.lora import LoraSetting
 from gpt.train import DistributedLMArgs
@@ -298,7 +298,6 @@ def _sample_response(text: str, prompt: str) -> str:
     return extract_response(new.split(EOT_TEXT, 1)[0])
 
 
-@launchable
 def finetune_instruct(
     base_checkpoint_dir: Path,
     train_records: Sequence[dict[str, Any]],
@@ -329,6 +328,8 @@ def finetune_instruct(
     token-weighted over it, as in one process) and rank 0 alone emits rows and samples
     and writes checkpoints.
     """
+    if asks_torchrun(args):  # the same call on the processes args.distributed asks for
+        return relaunch(finetune_instruct, locals())
     from gpt import distributed as gd
     from gpt.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
     from gpt.tokenizer import Tokenizer

@@ -30,7 +30,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from gpt.config import Args, FieldError, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
-from gpt.distributed.launch import launchable
+from gpt.distributed.launch import asks_torchrun, relaunch
 from gpt.errors import ConfigError, DataError
 from gpt.fileio import atomic_open
 from gpt.model import GPTConfig, get_config
@@ -231,7 +231,6 @@ def _write_outputs(
         shutil.rmtree(res.last_checkpoint, ignore_errors=True)
 
 
-@launchable
 def pretrain(
     train_tokens: Path,
     val_tokens: Path,
@@ -258,6 +257,8 @@ def pretrain(
     ``out_dir`` continues from ``out_dir/last``; ``keep_last=False`` deletes that
     resumable state (weights + optimizer, ~12 bytes/parameter) once ``final`` is written.
     """
+    if asks_torchrun(args):  # the same call on the processes args.distributed asks for
+        return relaunch(pretrain, locals())
     from gpt import distributed as gd
     from gpt.model import GPT, count_parameters
     from gpt.tokenizer import Tokenizer

@@ -265,53 +265,30 @@ def run_stage(
     **inputs: StageOutput | None,
 ) -> StageOutput | None:
     """Serve stage ``name`` from its verified folder or compute it (module docstring).
-    With ``cached_only``, serve a cache hit or return None (nothing is computed)."""
+    With ``cached_only``, serve a cache hit or return None (nothing is computed).
+
+    The body is called from here, with the settings object as given: the path from the
+    Prefect task to a training loop is task → this → the stage body → its library
+    recipe → the loop (``docs/architecture.md``)."""
     spec = load_spec(name)
     missing = [i for i in spec.inputs if i not in inputs]
     if missing:
         raise TypeError(f"stage {name} needs inputs {missing}")
-    rec = ctx.recorder
+    rec, log, store = ctx.recorder, logger(), ctx.store
     row = StageRecord(ctx.run_id, name, started_at=utcnow())
     if not spec.kept:
         return None if cached_only else _run_unkept(ctx, spec, args, inputs, row)
-    log = logger()
-    store = ctx.store
     try:
         parts = key_parts(spec, args, inputs, ctx)
     except BaseException as exc:  # e.g. an input file refused by its trust record
         rec.record(row.failed(exc))
         raise
-    key = parts.key
-    forced = name in ctx.force
-
-    def serve(manifest: dict[str, Any]) -> StageOutput:
-        folder = store.final_dir(name, key)
-        result = _output(manifest, spec, folder, hit=True)
-        ingested = ensure_ingested(ctx.catalog, folder, manifest.get("rows") or {})
-        _ensure_producer_run(ctx, result.run_id)
-        msg = None
-        if ingested:
-            msg = f"rows of tables {', '.join(ingested)} ingested from the stage folder"
-            log.info("%s: %s", name, msg)
-        outputs = _row_outputs(result, manifest)
-        rec.record(row.then("cached", cache_hit=True, outputs=outputs, message=msg))
-        log.info("%s: cache hit (key %s, computed by run %s)", name, key, result.run_id)
-        return result
-
-    def usable(manifest: dict[str, Any] | None, reason: str | None) -> str | None:
-        """Why a verified result is refused by the stage's own check (None: serve it)."""
-        if manifest is None or spec.stale is None:
-            return reason
-        return spec.stale(args, spec.out_type.model_validate(manifest["out"]))
-
+    key, forced = parts.key, name in ctx.force
     reason = None
     if not forced:
-        manifest, reason = store.lookup(name, key, ctx.verify)
-        reason = usable(manifest, reason)
-        if manifest is not None and reason is None:
-            return serve(manifest)
-        if reason:
-            log.warning("%s: cached result not usable (%s); recomputing", name, reason)
+        hit, reason = _cached(ctx, spec, args, key, row)
+        if hit is not None:
+            return hit
     if cached_only:
         return None
 
@@ -323,104 +300,137 @@ def run_stage(
     waited = lease.acquire(on_wait=waiting)
     try:
         if waited and not forced:
-            manifest, again = store.lookup(name, key, ctx.verify)
-            again = usable(manifest, again)
-            if manifest is not None and again is None:
-                return serve(manifest)
+            hit, again = _cached(ctx, spec, args, key, row)
+            if hit is not None:
+                return hit
             reason = again or reason
-        return _compute(ctx, spec, args, inputs, parts, lease, row, reason)
+        changed = None if forced else why_recomputed(ctx, name, parts)
+        rec.record(row.then("running", cache_hit=False))
+        log.info("%s: computing (key %s)", name, key)
+        t0 = time.perf_counter()
+        try:
+            run = _stage_run(ctx, spec, parts, lease)
+            out = spec.fn(run, args, **{i: inputs[i] for i in spec.inputs})
+            manifest = _commit(ctx, spec, args, inputs, parts, lease, run, _typed(spec, out), t0)
+            result = _output(manifest, spec, store.final_dir(name, key), hit=False)
+        except StageIncomplete as part:
+            result = StageOutput(
+                stage=name, key=key, root=str(run.work), run_id=run.producer, out=part.out
+            )
+            outputs = {"key": key, "producer_run_id": run.producer, **result.data}
+            rec.record(row.then("completed", cache_hit=False, outputs=outputs, message=str(part)))
+            return result
+        except StageSkipped as skip:
+            rec.record(row.then("skipped", message=str(skip)))
+            raise
+        except BaseException as exc:
+            failed = row.failed(exc, cache_hit=False)
+            rec.record(failed)
+            ProgressArtifact.settle_open(worker_died_reason() or failed.message or "")
+            raise
+        notes = list(run.notes)
+        if reason:
+            notes.insert(0, f"recomputed: the cached result was not usable ({reason})")
+        elif changed:
+            notes.insert(0, changed)
+        outputs = _row_outputs(result, manifest)
+        message = "; ".join(notes) or None
+        rec.record(row.then("completed", cache_hit=False, outputs=outputs, message=message))
+        log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
+        return result
     finally:
         lease.release()
 
 
-def _compute(
+def _cached(
+    ctx: RunContext, spec: StageSpec, args: Args, key: str, row: StageRecord
+) -> tuple[StageOutput | None, str | None]:
+    """``(the verified result under key, None)`` — served: its rows ingested into this
+    catalog when it lacks them, the ``cached`` record written — or ``(None, why not)``
+    (why None: there is none)."""
+    store, name = ctx.store, spec.name
+    manifest, reason = store.lookup(name, key, ctx.verify)
+    if manifest is not None and spec.stale is not None:  # the stage's own check
+        reason = spec.stale(args, spec.out_type.model_validate(manifest["out"]))
+    if manifest is None or reason is not None:
+        if reason:
+            logger().warning("%s: cached result not usable (%s); recomputing", name, reason)
+        return None, reason
+    folder = store.final_dir(name, key)
+    result = _output(manifest, spec, folder, hit=True)
+    ingested = ensure_ingested(ctx.catalog, folder, manifest.get("rows") or {})
+    _ensure_producer_run(ctx, result.run_id)
+    msg = None
+    if ingested:
+        msg = f"rows of tables {', '.join(ingested)} ingested from the stage folder"
+        logger().info("%s: %s", name, msg)
+    outputs = _row_outputs(result, manifest)
+    ctx.recorder.record(row.then("cached", cache_hit=True, outputs=outputs, message=msg))
+    logger().info("%s: cache hit (key %s, computed by run %s)", name, key, result.run_id)
+    return result, None
+
+
+def _stage_run(ctx: RunContext, spec: StageSpec, parts: KeyParts, lease: LeaseBase) -> StageRun:
+    """The body's :class:`StageRun`: a fresh work folder (an interrupted attempt's, for a
+    resumable stage not forced), owned by the run that started it."""
+    store, name, key = ctx.store, spec.name, parts.key
+    work = store.fresh_work_dir(name, key, lease, resume=spec.resumable and name not in ctx.force)
+    owner = work / OWNER_FILE
+    producer = (owner.read_text().strip() if owner.exists() else "") or ctx.run_id
+    if producer != ctx.run_id:
+        logger().info("%s: resuming the attempt of run %s", name, producer)
+    owner.write_text(producer)
+    return StageRun(
+        ctx=ctx,
+        stage=name,
+        key=key,
+        work=work,
+        final=store.final_dir(name, key),
+        producer=producer,
+        rows=RowSink(work, ctx.catalog),
+        device=resolve_device_name(ctx.device),
+        published=store.published(name, key),
+        files=parts.files,
+    )
+
+
+def _commit(
     ctx: RunContext,
     spec: StageSpec,
     args: Args,
     inputs: dict[str, StageOutput | None],
     parts: KeyParts,
     lease: LeaseBase,
-    row: StageRecord,
-    reason: str | None,
-) -> StageOutput:
-    """Run the body in the work folder and commit it (module docstring, step 4)."""
-    log, rec, store = logger(), ctx.recorder, ctx.store
-    name, key = spec.name, parts.key
-    forced = name in ctx.force
-    changed = None if forced else why_recomputed(ctx, name, parts)
-    rec.record(row.then("running", cache_hit=False))
-    log.info("%s: computing (key %s)", name, key)
-    t0 = time.perf_counter()
-    try:
-        work = store.fresh_work_dir(name, key, lease, resume=spec.resumable and not forced)
-        owner = work / OWNER_FILE
-        producer = (owner.read_text().strip() if owner.exists() else "") or ctx.run_id
-        if producer != ctx.run_id:
-            log.info("%s: resuming the attempt of run %s", name, producer)
-        owner.write_text(producer)
-        run = StageRun(
-            ctx=ctx,
-            stage=name,
-            key=key,
-            work=work,
-            final=store.final_dir(name, key),
-            producer=producer,
-            rows=RowSink(work, ctx.catalog),
-            device=resolve_device_name(ctx.device),
-            published=store.published(name, key),
-            files=parts.files,
-        )
-        try:
-            out = _call(spec, run, args, inputs)
-        except StageIncomplete as part:
-            result = StageOutput(stage=name, key=key, root=str(work), run_id=producer, out=part.out)
-            outputs = {"key": key, "producer_run_id": producer, **result.data}
-            rec.record(row.then("completed", cache_hit=False, outputs=outputs, message=str(part)))
-            return result
-        content, timed = out.split_measured()
-        rows_meta = run.rows.write_parquet()
-        # rows reach the catalog before the folder is committed: a failed ingestion fails
-        # the stage and leaves nothing in the cache
-        ingest(ctx.catalog, work, rows_meta)
-        entries = {
-            "producer_run_id": producer,
-            "out": content,
-            "measured": timed,
-            "args": args.key_dict(),  # what shaped the result
-            "run_args": args.to_dict(),  # and how it ran (operational fields too)
-            "inputs": {
-                k: None if v is None else {"key": v.key, "digest": v.digest, "run_id": v.run_id}
-                for k, v in sorted(inputs.items())
-            },
-            "code": parts.code,
-            "key_parts": parts.summary(),
-            "rows": rows_meta,
-            "device": run.device,
-            # CPU results depend on it in the last bits (reductions split by thread)
-            "cpu_threads": _cpu_threads(),
-            "wall_s": round(time.perf_counter() - t0, 3),
-            "resumed_by_run_id": ctx.run_id if producer != ctx.run_id else None,
-        }
-        manifest = store.commit(name, key, entries, lease)
-        result = _output(manifest, spec, store.final_dir(name, key), hit=False)
-    except StageSkipped as skip:
-        rec.record(row.then("skipped", message=str(skip)))
-        raise
-    except BaseException as exc:
-        failed = row.failed(exc, cache_hit=False)
-        rec.record(failed)
-        ProgressArtifact.settle_open(worker_died_reason() or failed.message or "")
-        raise
-    notes = list(run.notes)
-    if reason:
-        notes.insert(0, f"recomputed: the cached result was not usable ({reason})")
-    elif changed:
-        notes.insert(0, changed)
-    outputs = _row_outputs(result, manifest)
-    message = "; ".join(notes) or None
-    rec.record(row.then("completed", cache_hit=False, outputs=outputs, message=message))
-    log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
-    return result
+    run: StageRun,
+    out: StageOut,
+    t0: float,
+) -> dict[str, Any]:
+    """Ingest the body's rows and commit its folder with its manifest (returned)."""
+    content, timed = out.split_measured()
+    rows_meta = run.rows.write_parquet()
+    # rows reach the catalog before the folder is committed: a failed ingestion fails
+    # the stage and leaves nothing in the cache
+    ingest(ctx.catalog, run.work, rows_meta)
+    entries = {
+        "producer_run_id": run.producer,
+        "out": content,
+        "measured": timed,
+        "args": args.key_dict(),  # what shaped the result
+        "run_args": args.to_dict(),  # and how it ran (operational fields too)
+        "inputs": {
+            k: None if v is None else {"key": v.key, "digest": v.digest, "run_id": v.run_id}
+            for k, v in sorted(inputs.items())
+        },
+        "code": parts.code,
+        "key_parts": parts.summary(),
+        "rows": rows_meta,
+        "device": run.device,
+        # CPU results depend on it in the last bits (reductions split by thread)
+        "cpu_threads": _cpu_threads(),
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "resumed_by_run_id": ctx.run_id if run.producer != ctx.run_id else None,
+    }
+    return ctx.store.commit(spec.name, parts.key, entries, lease)
 
 
 def _run_unkept(
@@ -446,7 +456,7 @@ def _run_unkept(
         device=resolve_device_name(ctx.device),
     )
     try:
-        out = _call(spec, run, args, inputs)
+        out = _typed(spec, spec.fn(run, args, **{i: inputs[i] for i in spec.inputs}))
     except StageSkipped as skip:
         rec.record(row.then("skipped", message=str(skip)))
         raise
@@ -469,11 +479,8 @@ def _run_unkept(
     return result
 
 
-def _call(
-    spec: StageSpec, run: StageRun, args: Args, inputs: dict[str, StageOutput | None]
-) -> StageOut:
-    """The body's typed result (a TypeError when it returned another type)."""
-    out = spec.fn(run, args, **{i: inputs[i] for i in spec.inputs})
+def _typed(spec: StageSpec, out: Any) -> StageOut:
+    """The body's result, checked to be of its declared type."""
     if not isinstance(out, spec.out_type):
         raise TypeError(f"stage {spec.name} returned {type(out).__name__}, not {spec.out_type}")
     return out

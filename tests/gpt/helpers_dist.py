@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from gpt.distributed.launch import launchable
+from gpt.distributed.launch import asks_torchrun, relaunch
 from gpt.distributed.settings import DistributedArgs
 
 
@@ -39,20 +39,22 @@ def pretrain_killed_at(kill_at: int, workdir: str, **kwargs: Any) -> Any:
 
 
 class Layout(BaseModel):
-    """Settings that carry only a process layout (what :func:`launchable` reads)."""
+    """Settings that carry only a process layout (what :func:`~gpt.distributed.launch.asks_torchrun` reads)."""
 
     distributed: DistributedArgs = DistributedArgs()
 
 
-@launchable
 def gather(args: Layout, out_dir: Path, obj: Any) -> list[Any]:
     """Every rank's ``obj``, as rank 0 gathers them."""
+    if asks_torchrun(args):
+        return relaunch(gather, locals())
     from gpt.distributed.context import all_gather_objects
 
     return all_gather_objects(obj)
 
 
-@launchable
 def parse(args: Layout, out_dir: Path, text: str) -> Any:
     """``json.loads(text)``: fails on every rank for text that is not JSON."""
+    if asks_torchrun(args):
+        return relaunch(parse, locals())
     return json.loads(text)

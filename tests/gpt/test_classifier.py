@@ -12,13 +12,8 @@ import torch
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.data.parsing import balance_and_split_spam, parse_sms
 from gpt.model import GPT, get_config
-from gpt.recipes.classifier import (
-    SpamArgs,
-    build_classifier,
-    classify,
-    encode_spam,
-    finetune_classifier,
-)
+from gpt.recipes.classifier import SpamArgs, finetune_classifier
+from gpt.recipes.classifier_model import build_classifier, classify, encode_spam
 from gpt.tokenizer import Tokenizer
 
 FINAL = ["accuracy", "precision", "recall", "f1", "tn", "fp", "fn", "tp"]
@@ -275,7 +270,7 @@ def test_fused_adamw_keeps_the_plain_results(
     """The finetune steps with torch's fused AdamW (one pass per tensor instead of about
     ten): per-step losses within float rounding of the plain implementation's, the same
     predictions and metrics on every split."""
-    import gpt.recipes.classifier_loop as clf
+    import gpt.recipes.classifier as clf
     from gpt.lm_step import adamw
 
     base = _base_ckpt(tmp_path / "base", tokenizer_dir, drop=0.0)

@@ -457,13 +457,13 @@ def test_instruct_finetune_two_processes_equal_one(
 
 
 @pytest.mark.slow
-def test_launchable_recipe_runs_under_torchrun_and_keeps_scratch_only_on_failure(
+def test_relaunched_recipe_runs_under_torchrun_and_keeps_scratch_only_on_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A :func:`~gpt.distributed.launch.launchable` recipe called with a 2-process layout
-    runs on both ranks and returns rank 0's result; torchrun's files go beside its
-    ``out_dir`` (never inside it), are removed after success and kept after a failure;
-    with one process it is a plain call with no scratch folder."""
+    """A recipe that relaunches itself (:func:`~gpt.distributed.launch.relaunch`), called
+    with a 2-process layout, runs on both ranks and returns rank 0's result; torchrun's
+    files go beside its ``out_dir`` (never inside it), are removed after success and kept
+    after a failure; with one process it is a plain call with no scratch folder."""
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
     )

@@ -124,7 +124,7 @@ def test_export_refuses_existing_folder_and_missing_tokenizer(tmp_path: Path, to
 
 
 def classifier_checkpoint(tmp: Path, tokenizer_dir: Path, pool: str, max_length: int) -> Path:
-    from gpt.recipes.classifier import build_classifier
+    from gpt.recipes.classifier_model import build_classifier
 
     model = build_classifier(perturbed(TIED, seed=3), 2, trainable_blocks=1, seed=5)
     with torch.no_grad():  # a trained-looking head: weights and a clearly non-zero bias
@@ -136,7 +136,7 @@ def classifier_checkpoint(tmp: Path, tokenizer_dir: Path, pool: str, max_length:
 
 
 def test_classifier_last_real_exports_with_same_probabilities(tmp_path: Path, tokenizer_dir):
-    from gpt.recipes.classifier import classify
+    from gpt.recipes.classifier_model import classify
     from gpt.weights.hf_export import export_hf
 
     ckpt = classifier_checkpoint(tmp_path, tokenizer_dir, "last_real", max_length=12)
@@ -158,7 +158,7 @@ def test_classifier_last_real_exports_with_same_probabilities(tmp_path: Path, to
 
 
 def test_classifier_pool_last_is_refused_or_exported_for_padded_inputs(tmp_path, tokenizer_dir):
-    from gpt.recipes.classifier import classify
+    from gpt.recipes.classifier_model import classify
     from gpt.weights.hf_export import export_hf
 
     ckpt = classifier_checkpoint(tmp_path, tokenizer_dir, "last", max_length=14)

@@ -278,7 +278,7 @@ def sms_slice(mirror: Path) -> dict[str, tuple[list[str], list[int]]]:
 
 
 def test_spam_finetune_with_lora(tmp_path: Path, tokenizer_dir: Path, sms_slice) -> None:
-    from gpt.recipes.classifier import classify
+    from gpt.recipes.classifier_model import classify
 
     torch.manual_seed(7)
     cfg = get_config("tiny", n_layers=3, drop_rate=0.0, context_length=64)

@@ -85,8 +85,8 @@ def test_language_model_logits_equal_peft(base: Path, tmp_path: Path, layers) ->
 
 
 def test_classifier_logits_equal_peft(base: Path, tmp_path: Path, tokenizer_dir: Path) -> None:
-    from gpt.recipes.classifier import SpamArgs, encode_spam, prepare_classifier
-    from gpt.recipes.classifier_model import pool
+    from gpt.recipes.classifier import SpamArgs, prepare_classifier
+    from gpt.recipes.classifier_model import encode_spam, pool
     from gpt.tokenizer import Tokenizer
     from gpt.weights.peft_export import export_peft
 

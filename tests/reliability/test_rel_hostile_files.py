@@ -316,7 +316,7 @@ def test_classify_long_text_is_truncated(
     clf_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from flows.cli import main
-    from gpt.recipes.classifier import classify
+    from gpt.recipes.classifier_model import classify
 
     long = "WIN a FREE prize now " * 5000
     assert main(["classify", "--checkpoint", str(clf_checkpoint), "--json", long, "hi"]) == 0
