@@ -25,11 +25,8 @@ def baseline_spam(run: StageRun, args: BaselineArgs, tokenize: StageOutput) -> B
     splits = load_spam_splits(tokenize.path(tokenize.out.spam_splits))
     result = evaluate_baselines(splits, args)  # metrics rows + per-example predictions
     rows = result.rows
-    run.rows.add("baselines", [{"run_id": run.producer, **r} for r in rows])
-    run.rows.add(
-        "predictions",
-        [{"run_id": run.producer, "stage": run.stage, **r} for r in result.predictions],
-    )
+    run.add_rows("baselines", rows)
+    run.add_rows("predictions", result.predictions)
     rel = "baselines.json"
     text = json.dumps(rows, indent=1, default=str, sort_keys=True)
     (run.work / rel).write_text(text, encoding="utf-8")

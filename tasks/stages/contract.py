@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -27,7 +27,7 @@ from gpt.errors import GPTFlowError
 from gpt.paths import is_remote
 from tasks.catalog import Catalog, CatalogSettings, checkpoint_digest, utcnow
 from tasks.jsonable import plain
-from tasks.records.rows import RowSink
+from tasks.records.rows import SCOPES, RowSink
 from tasks.records.run_state import check_alive
 from tasks.records.runs import RunRecorder, placed_records_dir
 from tasks.run_logger import run_logger
@@ -289,19 +289,24 @@ class StageRun:
     def log(self) -> logging.Logger | logging.LoggerAdapter:
         return logger()
 
+    def add_rows(
+        self, table: str, rows: Iterable[Mapping[str, Any]], *, live: bool = False
+    ) -> None:
+        """Add ``rows`` to ``table`` (:meth:`RowSink.add`), each stamped with the columns
+        of the table's scope that name this computation: ``run_id`` (the producing run)
+        and ``stage``."""
+        ids = {"run_id": self.producer, "stage": self.stage}
+        stamp = {c: ids[c] for c in SCOPES[table] if c in ids}
+        self.rows.add(table, [{**r, **stamp} for r in rows], live=live)
+
     def metrics_sink(self) -> Callable[[list[dict]], None]:
         """An ``on_metrics`` callback: rows go to the folder and, live, to the catalog."""
 
         def sink(rows: list[dict[str, Any]]) -> None:
             check_alive()  # the worker died: stop at this step (resumable from a checkpoint)
-            if not rows:
-                return
-            t = utcnow()
-            self.rows.add(
-                "metrics",
-                [{"time": t, **r, "run_id": self.producer, "stage": self.stage} for r in rows],
-                live=True,
-            )
+            if rows:
+                t = utcnow()
+                self.add_rows("metrics", [{"time": t, **r} for r in rows], live=True)
 
         return sink
 
@@ -315,11 +320,7 @@ class StageRun:
 
         def sink(sample: dict[str, Any]) -> None:
             row = {k: sample.get(k) for k in ("epoch", "step", "prompt", "text")}
-            self.rows.add(
-                "samples",
-                [{"run_id": self.producer, "stage": self.stage, **row, "time": utcnow()}],
-                live=True,
-            )
+            self.add_rows("samples", [{**row, "time": utcnow()}], live=True)
             logger().info("%s sample (epoch %s): %r", self.stage, row["epoch"], row["text"])
 
         return sink
@@ -335,12 +336,10 @@ class StageRun:
         folder = self.work / rel
         cfg_path = folder / "config.json"
         sha, size = checkpoint_digest(folder)
-        self.rows.add(
+        self.add_rows(
             "checkpoints",
             [
                 {
-                    "run_id": self.producer,
-                    "stage": self.stage,
                     "path": f"{self.published}/{rel}" if self.published else str(self.final / rel),
                     "sha256": sha,
                     "bytes": size,

@@ -31,7 +31,7 @@ def extract(
         device=run.device,
         progress=run.progress,
     )
-    run.rows.add("responses", [{"run_id": run.producer, **r} for r in rows])
+    run.add_rows("responses", rows)
     rel = "responses.json"
     export_responses_json(rows, run.work / rel)
     return ExtractOut(

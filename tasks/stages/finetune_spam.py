@@ -44,11 +44,6 @@ def finetune_spam(
         on_metrics=run.metrics_sink(),
         progress=run.progress,
     )
-    run.rows.add(  # per-example predictions: rows for the catalog, not the result
-        "predictions",
-        [
-            {"run_id": run.producer, "stage": run.stage, "model": "finetuned", **r}
-            for r in res["predictions"]
-        ],
-    )
+    # per-example predictions: rows for the catalog, not the result
+    run.add_rows("predictions", [{"model": "finetuned", **r} for r in res["predictions"]])
     return SpamOut.from_result(res, classifier=run.checkpoint(res["checkpoint"]))

@@ -34,6 +34,11 @@ class TokenizeOut(StageOut):
     manifests: dict[str, Any]
 
 
+def _split_rows(splits: dict[str, list[dict[str, Any]]], keys: tuple[str, ...]) -> list[dict]:
+    """One row per record of each split: its ``split`` and the fields ``keys``."""
+    return [{"split": s, **{k: r[k] for k in keys}} for s, recs in splits.items() for r in recs]
+
+
 @stage("tokenize")
 def tokenize(run: StageRun, args: PrepareArgs, download: StageOutput) -> TokenizeOut:
     src = download.out.sources
@@ -45,45 +50,12 @@ def tokenize(run: StageRun, args: PrepareArgs, download: StageOutput) -> Tokeniz
         out_dir=run.work,
         args=args,
     )
-    producer = run.producer
     sms_sha = src["sms-spam"].sha256[-1]
     messages = json.loads((run.work / res.spam_messages).read_text(encoding="utf-8"))
-    run.rows.add("sms_messages", [{**m, "source_sha256": sms_sha} for m in messages])
+    run.add_rows("sms_messages", [{**m, "source_sha256": sms_sha} for m in messages])
     spam = json.loads((run.work / res.spam_splits).read_text(encoding="utf-8"))
-    run.rows.add(
-        "spam_examples",
-        [
-            {"run_id": producer, "split": s, **{k: r[k] for k in ("idx", "label", "text")}}
-            for s, recs in spam.items()
-            for r in recs
-        ],
-    )
+    run.add_rows("spam_examples", _split_rows(spam, ("idx", "label", "text")))
     inst = load_instruct_splits(run.work / res.instruct_splits)
-    run.rows.add(
-        "instructions",
-        [
-            {
-                "run_id": producer,
-                "split": s,
-                **{k: r[k] for k in ("idx", "instruction", "input", "output")},
-            }
-            for s, recs in inst.items()
-            for r in recs
-        ],
-    )
-    run.rows.add("corpus", [{"run_id": producer, **c} for c in res.corpus])
-    return TokenizeOut(
-        corpus_text=res.corpus_text,
-        train_tokens=res.train_tokens,
-        val_tokens=res.val_tokens,
-        spam_splits=res.spam_splits,
-        spam_messages=res.spam_messages,
-        instruct_splits=res.instruct_splits,
-        tokenizer=res.tokenizer,
-        max_length=args.max_length,
-        stride=args.stride,
-        corpus=res.corpus,
-        spam_counts=res.spam_counts,
-        instruct_counts=res.instruct_counts,
-        manifests=res.manifests,
-    )
+    run.add_rows("instructions", _split_rows(inst, ("idx", "instruction", "input", "output")))
+    run.add_rows("corpus", res.corpus)
+    return TokenizeOut.from_result(res, max_length=args.max_length, stride=args.stride)
