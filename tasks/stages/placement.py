@@ -44,7 +44,7 @@ from gpt.errors import GPTFlowError
 from gpt.paths import is_remote
 from tasks.records.runs import StageRecord, StageStatus, parse_ts, placed_records_dir
 from tasks.stages.contract import RunContext, StageOutput, StageSkipped, logger
-from tasks.stages.runner import committed_output, key_for, load_spec, run_stage
+from tasks.stages.runner import committed_output, key_parts, load_spec, run_stage
 from tasks.store.fingerprint import code_fingerprint
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def run_placed_here(
         "worker": os.environ.get("PREFECT__WORKER_NAME"),
         "started": time.time(),
     }
-    mine = key_for(spec, args, inputs, ctx)
+    mine = key_parts(spec, args, inputs, ctx).key
     report["key"] = mine
     if mine != key:
         here = code_fingerprint(spec.module)
@@ -226,7 +226,7 @@ def run_placed(
     from prefect.deployments import run_deployment
 
     spec = load_spec(name)
-    key = key_for(spec, args, inputs, ctx)
+    key = key_parts(spec, args, inputs, ctx).key
     waiting = f"placed on work pool {pool}: waiting for a worker"
     ctx.recorder.record(StageRecord(ctx.run_id, name, message=waiting))
     logger().info("%s: running on work pool %s (key %s)", name, pool, key)

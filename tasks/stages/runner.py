@@ -158,16 +158,6 @@ def key_parts(
     )
 
 
-def key_for(
-    spec: StageSpec,
-    args: Args,
-    inputs: dict[str, StageOutput | None],
-    ctx: RunContext | None = None,
-) -> str:
-    """The cache key of running ``spec`` with ``args`` on ``inputs`` (:func:`key_parts`)."""
-    return key_parts(spec, args, inputs, ctx).key
-
-
 def _output(manifest: dict[str, Any], spec: StageSpec, folder: Path, hit: bool) -> StageOutput:
     return StageOutput(
         stage=spec.name,

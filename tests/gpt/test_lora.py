@@ -168,17 +168,17 @@ def test_settings_validate_at_config_time() -> None:
 
 
 def test_lora_settings_are_part_of_the_stage_key() -> None:
-    from tasks.stages.runner import key_for, load_spec
+    from tasks.stages.runner import key_parts, load_spec
 
     spam, inst = load_spec("finetune_spam"), load_spec("finetune_instruct")
     inputs = {"tokenize": None, "load_gpt2": None}
     keys = {
-        key_for(spam, SpamArgs(), inputs),
-        key_for(spam, SpamArgs(lora=True), inputs),
-        key_for(spam, SpamArgs(lora={"rank": 8}), inputs),
-        key_for(spam, SpamArgs(lora={"layers": ["query", "value"]}), inputs),
-        key_for(inst, InstructArgs(), inputs),
-        key_for(inst, InstructArgs(lora={"alpha": 32}), inputs),
+        key_parts(spam, SpamArgs(), inputs).key,
+        key_parts(spam, SpamArgs(lora=True), inputs).key,
+        key_parts(spam, SpamArgs(lora={"rank": 8}), inputs).key,
+        key_parts(spam, SpamArgs(lora={"layers": ["query", "value"]}), inputs).key,
+        key_parts(inst, InstructArgs(), inputs).key,
+        key_parts(inst, InstructArgs(lora={"alpha": 32}), inputs).key,
     }
     assert len(keys) == 6
 

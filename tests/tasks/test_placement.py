@@ -87,7 +87,7 @@ def test_the_json_sent_to_a_worker_keeps_context_inputs_and_key(upstream):
     from flows.stage_flow import settings_type
     from gpt.distributed.codec import decode, encode
     from gpt.errors import ConfigError
-    from tasks.stages.runner import key_for, load_spec
+    from tasks.stages.runner import key_parts, load_spec
 
     cfg, ctx, dl, tok = upstream
     wire = json.loads(json.dumps(encode(ctx, "run context")))  # what Prefect stores and sends
@@ -100,8 +100,9 @@ def test_the_json_sent_to_a_worker_keeps_context_inputs_and_key(upstream):
         json.loads(json.dumps(cfg.baseline_spam.to_dict()))
     )
     spec = load_spec("baseline_spam")
-    assert key_for(spec, args, {"tokenize": back["tokenize"]}) == key_for(
-        spec, cfg.baseline_spam, {"tokenize": tok}
+    assert (
+        key_parts(spec, args, {"tokenize": back["tokenize"]}).key
+        == key_parts(spec, cfg.baseline_spam, {"tokenize": tok}).key
     )
     with pytest.raises(ConfigError, match="run context fields \\['shard'\\] are unknown"):
         decode({**wire, "fields": {**wire["fields"], "shard": 3}}, "run context")
@@ -111,11 +112,11 @@ def test_placed_stage_runs_on_the_worker_and_is_read_back(upstream):
     from tasks.catalog import Catalog
     from tasks.records.runs import placed_records_dir
     from tasks.stages.placement import REPORT, collect, run_placed_here
-    from tasks.stages.runner import key_for, load_spec, run_stage
+    from tasks.stages.runner import key_parts, load_spec, run_stage
 
     cfg, ctx, _, tok = upstream
     spec = load_spec("baseline_spam")
-    key = key_for(spec, cfg.baseline_spam, {"tokenize": tok})
+    key = key_parts(spec, cfg.baseline_spam, {"tokenize": tok}).key
     child = str(uuid.uuid4())
     report = run_placed_here(
         _placed(ctx, child), "baseline_spam", cfg.baseline_spam, {"tokenize": tok}, key=key, code=""
@@ -151,11 +152,11 @@ def test_placed_stage_runs_on_the_worker_and_is_read_back(upstream):
 def test_a_worker_with_other_code_is_refused(upstream):
     from tasks.records.runs import placed_records_dir
     from tasks.stages.placement import PlacementError, collect, run_placed_here
-    from tasks.stages.runner import key_for, load_spec
+    from tasks.stages.runner import key_parts, load_spec
 
     cfg, ctx, _, tok = upstream
     spec = load_spec("baseline_spam")
-    key = key_for(spec, cfg.baseline_spam, {"tokenize": tok})
+    key = key_parts(spec, cfg.baseline_spam, {"tokenize": tok}).key
     flow_key, flow_code = "0" * 24, "f" * 64  # what a flow with other code computed
     child = str(uuid.uuid4())
     with pytest.raises(PlacementError) as err:
@@ -252,7 +253,7 @@ def test_a_placed_stage_round_trips_through_an_object_store(
     from tasks.catalog import Catalog
     from tasks.stages.contract import RunContext
     from tasks.stages.placement import collect, run_placed_here
-    from tasks.stages.runner import key_for, load_spec, run_stage
+    from tasks.stages.runner import key_parts, load_spec, run_stage
 
     for name, value in (
         ("ENDPOINT", s3_server.endpoint),
@@ -276,7 +277,7 @@ def test_a_placed_stage_round_trips_through_an_object_store(
     tok = run_stage(
         ctx, "tokenize", cfg.tokenize, download=run_stage(ctx, "download", cfg.download)
     )
-    key = key_for(load_spec("baseline_spam"), cfg.baseline_spam, {"tokenize": tok})
+    key = key_parts(load_spec("baseline_spam"), cfg.baseline_spam, {"tokenize": tok}).key
     child = str(uuid.uuid4())
     monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "worker-cache"))  # another machine
     report = run_placed_here(

@@ -23,7 +23,7 @@ from gpt.errors import ChecksumError
 from gpt.recipes.base import LoadGPT2Args
 from tasks.catalog.settings import CatalogSettings
 from tasks.stages.contract import RunContext, StageOutput
-from tasks.stages.runner import key_for, key_parts, load_spec, run_stage
+from tasks.stages.runner import key_parts, load_spec, run_stage
 from tasks.store.fingerprint import package_versions
 from tasks.store.keys import KeyParts, key_changes
 
@@ -95,7 +95,7 @@ def test_a_package_upgrade_changes_the_keys_of_the_stages_importing_it(
         for name in changed + same:
             spec = load_spec(name)
             inputs = {i: _fake(i) for i in spec.inputs}
-            out[name] = key_for(spec, getattr(cfg, name), inputs, ctx)
+            out[name] = key_parts(spec, getattr(cfg, name), inputs, ctx).key
         return out
 
     before = keys()
@@ -130,12 +130,14 @@ def test_an_accepted_new_weight_file_changes_the_load_gpt2_key(
     with pytest.MonkeyPatch.context() as mp:
         for module in (gpt.data.download, gpt.data.transfer, gpt.data.trust):
             mp.setattr(module, "sha256_file", lambda p: pytest.fail(f"{p} was hashed"))
-        assert key_for(spec, args, inputs, _ctx(root, "r2", mirror=str(hidden))) == first.key
+        assert key_parts(spec, args, inputs, _ctx(root, "r2", mirror=str(hidden))).key == first.key
     hidden.rename(release_mirror)
 
     # upstream replaces the file: still held to the trusted one until it is accepted
     (release_mirror / index).write_bytes(b"model.ckpt.index v2")
-    assert key_for(spec, args, inputs, _ctx(root, "r3", mirror=str(release_mirror))) == first.key
+    assert (
+        key_parts(spec, args, inputs, _ctx(root, "r3", mirror=str(release_mirror))).key == first.key
+    )
     ctx = _ctx(root, "r4", mirror=str(release_mirror), retrust=("gpt2-1558M",))
     accepted = key_parts(spec, args, inputs, ctx)
     assert accepted.key != first.key and accepted.files[index] != first.files[index]
@@ -163,7 +165,10 @@ def test_a_weight_file_replaced_in_datasets_is_refused_or_changes_the_key(
     accepted = key_parts(spec, args, inputs, ctx)
     assert accepted.key != first.key
     assert accepted.files[data] == hashlib.sha256(b"other weights, same release").hexdigest()
-    assert key_for(spec, args, inputs, _ctx(root, "r4", mirror=str(release_mirror))) == accepted.key
+    assert (
+        key_parts(spec, args, inputs, _ctx(root, "r4", mirror=str(release_mirror))).key
+        == accepted.key
+    )
 
 
 def test_a_fresh_datasets_folder_is_refused_a_changed_weight_file(
