@@ -286,9 +286,6 @@ class StageRun:
         """Whether the run recomputes this stage (``--force``)."""
         return self.stage in self.ctx.force
 
-    def log(self) -> logging.Logger | logging.LoggerAdapter:
-        return logger()
-
     def add_rows(
         self, table: str, rows: Iterable[Mapping[str, Any]], *, live: bool = False
     ) -> None:

@@ -379,7 +379,7 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
         msg = f"{exc} — fix: {judge_fix(args)}"
         if args.required:
             raise JudgeError(msg) from None
-        run.log().warning("judge skipped: %s", msg)
+        logger().warning("judge skipped: %s", msg)
         raise StageSkipped(msg) from None
     keys = list(out.judge_keys.values())
     judgments = cat.query_df(
@@ -392,7 +392,7 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
     )
     for table, df in (("judgments", judgments), ("responses", responses)):
         run.rows.add(table, plain_rows(df))
-    run.log().info(
+    logger().info(
         "judged run %s with %s: %d sent (%d scored, %d unparsed, %d failed), %d already "
         "judged, %d reused",
         responses_run, ", ".join(out.judge_models), out.n_sent, out.n_scored, out.n_unparsed,
