@@ -5,7 +5,8 @@ config built (validated once, never rebuilt on the way).
 The test runs the finetune_instruct stage through the function its Prefect task runs
 (Prefect's own engine frames sit above it and are not counted) and looks at the stack
 from inside the loop: a progress callback that ``train_lm`` calls itself walks the
-frames back to the task's function.
+frames back to the task's function. With a two-process layout the same call goes
+through torchrun instead (slow: it starts one).
 """
 
 from __future__ import annotations
@@ -27,15 +28,13 @@ def _name(frame: FrameType) -> str:
     return f"{frame.f_globals.get('__name__')}:{frame.f_code.co_name}"
 
 
-def test_max_steps_reaches_the_loop_in_five_calls_unchanged(
-    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import gpt.train
+def _instruct_stage(tmp_path: Path, tokenizer_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """The finetune_instruct stage's task function, a run context and the stage's inputs
+    (a tiny base model, eight records)."""
     from gpt.checkpoint import save_checkpoint
     from gpt.model import GPT, get_config
-    from gpt.recipes.instruct import InstructArgs
     from tasks.catalog import CatalogSettings
-    from tasks.stages.contract import RunContext, StageOutput, StageRun
+    from tasks.stages.contract import RunContext, StageOutput
     from tasks.stages.prefect_tasks import stage_task
 
     save_checkpoint(tmp_path / "base", GPT(get_config("tiny")), tokenizer_dir=tokenizer_dir)
@@ -53,9 +52,19 @@ def test_max_steps_reaches_the_loop_in_five_calls_unchanged(
         device="cpu",
         progress=False,
     )
+    return stage_task("finetune_instruct").fn, ctx, {"tokenize": tokenize, "load_gpt2": load_gpt2}
+
+
+def test_max_steps_reaches_the_loop_in_five_calls_unchanged(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gpt.train
+    from gpt.recipes.instruct import InstructArgs
+    from tasks.stages.contract import StageRun
+
+    task_fn, ctx, inputs = _instruct_stage(tmp_path, tokenizer_dir)
     args = InstructArgs(epochs=1, batch_size=2, max_steps=1, eval_every=1, eval_batches=1,
                         sample_tokens=0)  # fmt: skip
-    task_fn = stage_task("finetune_instruct").fn
     seen: dict[str, Any] = {}
 
     def look(done: int, total: int) -> None:
@@ -74,7 +83,7 @@ def test_max_steps_reaches_the_loop_in_five_calls_unchanged(
         seen.setdefault("total", total)
 
     monkeypatch.setattr(StageRun, "progress_sink", lambda self: look)
-    out = task_fn(ctx, args, tokenize=tokenize, load_gpt2=load_gpt2)
+    out = task_fn(ctx, args, **inputs)
 
     chain = seen["chain"]
     assert len(chain) <= MOST_HOPS, " → ".join(chain)
@@ -83,3 +92,25 @@ def test_max_steps_reaches_the_loop_in_five_calls_unchanged(
     assert not any(n.startswith("prefect") for n in chain), chain
     assert seen["args"] is args  # the object the config built, not a copy re-validated
     assert seen["total"] == 1 and out.out.steps == 1  # max_steps=1 reached the loop
+
+
+@pytest.mark.slow
+def test_a_two_process_layout_takes_the_same_call_through_torchrun(
+    tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``distributed.nproc = 2`` the same stage call relaunches the recipe under
+    torchrun (once), and rank 0's metrics reach the stage's catalog."""
+    from gpt.distributed import launch
+    from gpt.recipes.instruct import InstructArgs
+
+    task_fn, ctx, inputs = _instruct_stage(tmp_path, tokenizer_dir)
+    args = InstructArgs(epochs=1, batch_size=2, max_steps=2, eval_every=1, eval_batches=1,
+                        sample_tokens=0, distributed={"nproc": 2, "backend": "gloo"})  # fmt: skip
+    launched: list[list[str]] = []
+    real = launch.launch_command
+    monkeypatch.setattr(launch, "launch_command", lambda a, w: launched.append(real(a, w)) or launched[-1])  # fmt: skip
+    out = task_fn(ctx, args, **inputs)
+    assert out.out.steps == 2 and len(launched) == 1
+    assert launched[0][launched[0].index("--nproc-per-node") + 1] == "2"
+    df = ctx.catalog.query_df("SELECT DISTINCT step FROM metrics WHERE stage = 'finetune_instruct'")
+    assert sorted(df["step"].dropna()) == [1, 2]
