@@ -4,7 +4,7 @@ A stage module declares, in order, its typed result (a :class:`StageOut`), and i
 ``fn(run: StageRun, args: <its settings>, <upstream stage>: StageOutput, …) -> <its
 result>``, registered with :func:`tasks.stages.runner.stage`. The body reads its inputs'
 typed results (``tokenize.out``; files by ``tokenize.path(tokenize.out.train_tokens)``),
-makes one call into its library recipe, adds its catalog rows to ``run.rows`` and
+makes one call into its library recipe, adds its catalog rows (``run.add_rows``) and
 returns its result, whose paths are relative to its folder. Everything around it — the
 key, the cache, the lease, the records — is the runner's (:mod:`tasks.stages.runner`).
 """

@@ -391,7 +391,7 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
         "SELECT * FROM responses WHERE run_id = ? ORDER BY example_id", [responses_run]
     )
     for table, df in (("judgments", judgments), ("responses", responses)):
-        run.rows.add(table, plain_rows(df))
+        run.rows.add(table, plain_rows(df))  # the responses' run's rows, kept under it
     logger().info(
         "judged run %s with %s: %d sent (%d scored, %d unparsed, %d failed), %d already "
         "judged, %d reused",
