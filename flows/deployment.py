@@ -158,14 +158,3 @@ def deploy_all(root: Path | None = None) -> str:
         tail = (proc.stdout + proc.stderr).strip()[-3000:]
         raise DeploymentError(f"`prefect deploy --all` in {root} failed:\n{tail}")
     return proc.stdout
-
-
-__all__ = [
-    "DeploymentError",
-    "check_parameters",
-    "deploy_all",
-    "ensure_work_pools",
-    "enter_checkout",
-    "read_prefect_yaml",
-    "work_pools",
-]

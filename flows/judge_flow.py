@@ -112,6 +112,3 @@ def gptflow_judge(
         "status": "cached" if judged.cache_hit else "completed",
         "cache_hit": judged.cache_hit,
     }
-
-
-__all__ = ["gptflow_judge", "latest_responses_run"]

@@ -149,6 +149,3 @@ def route_library_logs(level: int = logging.INFO) -> list[str]:
             if isinstance(h, APILogHandler):
                 _one_line_user_errors(h)
     return changed
-
-
-__all__ = ["LIBRARY_LOGGERS", "route_library_logs", "user_error_records"]

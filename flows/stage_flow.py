@@ -48,6 +48,3 @@ def gptflow_stage(
     ins = decode(inputs, "inputs")
     report = run_placed_here(ctx, stage, args, ins, key=key, code=code)
     return {k: report.get(k) for k in ("stage", "key", "outcome", "host", "worker")}
-
-
-__all__ = ["gptflow_stage", "settings_type"]

@@ -113,6 +113,3 @@ def _cell(column: str, v: Any, series: pd.Series) -> str:
     if hasattr(v, "to_pydatetime"):
         return fmt.timestamp(v)
     return fmt.shorten(v, 100)
-
-
-__all__ = ["ReportData", "generic_table", "run_ref"]

@@ -205,13 +205,3 @@ def worst_section(d: ReportData) -> list[Block]:
         Heading("Lowest-scored responses", 3),
         Table(("example", "instruction", "response", "score", "judge"), rows, "rllrl"),
     ]
-
-
-__all__ = [
-    "agreement_section",
-    "best_baseline",
-    "judge_section",
-    "spam_accuracy",
-    "spam_section",
-    "worst_section",
-]

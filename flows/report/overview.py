@@ -186,13 +186,3 @@ def config_section(d: ReportData) -> list[Block]:
     if not d.config:
         return []
     return [Heading("Config"), Code(json.dumps(d.config, indent=1, sort_keys=False), "json")]
-
-
-__all__ = [
-    "checkpoints_section",
-    "config_section",
-    "data_section",
-    "gates_section",
-    "stages_section",
-    "summary",
-]

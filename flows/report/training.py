@@ -157,6 +157,3 @@ def _spam_training(df: pd.DataFrame) -> list[Block]:
         ),
         Table(cols, tuple(rows), "r" * len(cols)),
     ]
-
-
-__all__ = ["TRAINED", "training_section"]

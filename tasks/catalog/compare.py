@@ -483,15 +483,3 @@ def compare_runs(
                 "min_examples": min_examples,
             },
         )
-
-
-__all__ = [
-    "Comparison",
-    "compare_runs",
-    "config_diff",
-    "flatten",
-    "judge_ci",
-    "judge_pairs",
-    "pick_runs",
-    "spam_comparison",
-]

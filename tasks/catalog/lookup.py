@@ -107,13 +107,3 @@ def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:
     row["gates_evaluated"] = int(gates["n"].iloc[0])
     row["gates_failed"] = int(gates["failed"].iloc[0])
     return row
-
-
-__all__ = [
-    "latest_completed_runs",
-    "previous_completed_run",
-    "producers",
-    "resolve_run",
-    "run_ids_like",
-    "run_info",
-]

@@ -178,14 +178,3 @@ def seed_live(live: Path, published: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
         wal_of(tmp).unlink(missing_ok=True)
-
-
-__all__ = [
-    "PUBLISH_EVERY",
-    "needs_publish",
-    "note_write",
-    "publish_copy",
-    "seed_live",
-    "unpublished",
-    "wal_of",
-]

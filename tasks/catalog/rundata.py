@@ -172,6 +172,3 @@ class RunData:
                 ("judge", f"{jm} {pv} n", float(len(g))),
             ]
         return pd.DataFrame(rows, columns=["section", "metric", "value"])
-
-
-__all__ = ["RunData", "split_key"]

@@ -79,6 +79,3 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
     if row["status"] in ("skipped", "failed"):
         return f"the judge stage of run {run_id} was {row['status']}: " + (msg or "no reason given")
     return f"the judge stage of run {run_id} is {row['status']} and stored no scores"
-
-
-__all__ = ["OK", "stage_rows", "stages_summary", "why_no_scores"]

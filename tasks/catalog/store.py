@@ -66,8 +66,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-__all__ = ["Catalog", "publish_unpublished"]
-
 
 class Catalog(LineageRecords):
     """The project's catalog: a DuckDB file or a shared DuckLake.

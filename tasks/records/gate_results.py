@@ -166,6 +166,3 @@ def raise_for_gates(run_id: str, results: list[GateResult], args: GatesArgs) -> 
     bad = failed(results)
     if bad and args.enabled and args.fail_run:
         raise GateFailedError(run_id, bad)
-
-
-__all__ = ["GATES_QUERY", "evaluate_gates", "raise_for_gates", "record_gates", "run_gates"]

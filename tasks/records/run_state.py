@@ -317,18 +317,3 @@ def worker_died_reason() -> str | None:
         return None
     watch.check_parent()
     return watch.died
-
-
-__all__ = [
-    "HEARTBEAT_EVERY",
-    "STALE_AFTER",
-    "TERMINAL",
-    "RunWatch",
-    "check_alive",
-    "dead_reason",
-    "process_alive",
-    "settle_run",
-    "settle_runs",
-    "this_host",
-    "worker_died_reason",
-]

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 
-from tasks.store.lease import LeaseBase, LeaseLost, Seen
+from tasks.store.lease import LeaseBase, Seen
 from tasks.store.objects import Fetched, ObjectRoot
-
-__all__ = ["LeaseLost", "ObjectLease"]
 
 
 class ObjectLease(LeaseBase):

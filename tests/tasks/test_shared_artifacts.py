@@ -317,7 +317,8 @@ def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
 def test_live_lease_is_renewed_not_broken(s3_root) -> None:
     """An owner that keeps renewing holds its lease well past the TTL; a waiter times
     out instead of breaking it. Breaking is a take-over only one writer wins."""
-    from tasks.store.object_lease import LeaseLost, ObjectLease
+    from tasks.store.lease import LeaseLost
+    from tasks.store.object_lease import ObjectLease
     from tasks.store.objects import ObjectRoot
 
     root = ObjectRoot(f"{s3_root}/stages")
