@@ -1,25 +1,10 @@
 """Run-vs-run comparison from the catalog (``gptflow compare``, the regression gates).
 
-Every section reads each run's rows through the stage that produced them
-(:mod:`tasks.catalog.lookup`), so a run whose stages were cache hits compares like the
-run that computed them, and a run holding only some sections (e.g. judge-only runs made
-by ``gptflow judge --responses FILE --run NAME``) yields the sections it has and a note
-for the others.
-
-Differences are always ``B − A`` (A = the older / reference run).
-
-- config: every dotted path whose value differs.
-- metrics: headline numbers of every stage side by side (pretrain and instruct final
-  losses, load_gpt2 perplexity, spam accuracies per split and baselines, judge
-  mean / median / n per judge model + prompt version).
-- spam: the finetuned classifier's examples whose prediction flipped; McNemar's exact
-  test A vs B per split, and finetuned vs the best baseline (highest accuracy on that
-  split, ties by name) within each run.
-- judge (per judge model + prompt version; repeated judgments of an example are
-  averaged first): per-example score deltas, the paired bootstrap interval of the mean
-  difference with a verdict — given as many paired examples as the judge gate needs
-  (:mod:`gpt.eval.gates`), else "not enough data" — and the largest regressions with the
-  instruction, the reference and both responses.
+Each section reads a run's rows through the runs that produced them
+(:class:`tasks.catalog.rundata.RunData`), so a cached run compares like the run that
+computed them; a run lacking a section gets a note. Differences are ``B − A``: config
+paths, headline metrics, spam flips with McNemar's exact test, and judge score deltas
+with a paired bootstrap interval (a verdict needs as many pairs as the judge gate).
 """
 
 from __future__ import annotations

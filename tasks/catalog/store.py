@@ -1,20 +1,11 @@
-"""The catalog: datasets, runs, stages, metrics, checkpoints and evaluations.
+"""The catalog handle: datasets, runs, stages, metrics, checkpoints and evaluations.
 
-Two backends behind one class (:class:`~tasks.catalog.settings.CatalogSettings` picks):
-the embedded DuckDB file (default) and a DuckLake shared by several machines
-(``connections.py`` says how each is opened). Every public method runs one transaction;
-writes are re-run when another writer wins a conflict, and a :class:`CatalogError` names
-the catalog after ``lock_timeout`` seconds (default 60, ``GPTFLOW_DB_LOCK_TIMEOUT``).
-
-The DuckDB file is two files (``publish.py``): writers write the live file and publish
-copies of it over the file people open. A :class:`Catalog` reads the live file (it sees
-its own writes); ``Catalog(..., snapshot=True)`` reads the published file, as people's
-tools do: it never waits for a writer and never makes one wait.
-
-The first write brings the catalog to this code's schema (``migrate.py``); rows reach
-the tables through ``tables.py``, lineage records through ``lineage.py``.
-
-Timestamps are stored as naive ``TIMESTAMP`` values in UTC.
+One class over two backends (:class:`~tasks.catalog.settings.CatalogSettings` picks):
+the embedded DuckDB file and a shared DuckLake (``connections.py``). Every public method
+runs one transaction; writes are re-run when another writer wins a conflict, and a
+:class:`CatalogError` names the catalog after ``lock_timeout`` seconds. Writers write the
+live file and publish it (``publish.py``); ``snapshot=True`` reads the published file,
+never waiting for a writer. Timestamps are naive ``TIMESTAMP`` values in UTC.
 """
 
 from __future__ import annotations

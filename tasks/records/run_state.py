@@ -1,20 +1,13 @@
-"""Whether a run is really running: the process that runs it, its heartbeat, and the
-process that started it.
+"""Whether a run is really running: its process, its heartbeat, and the process that
+started it.
 
-* Every run records where it runs (``host``, ``pid``) and beats: its flow process writes
-  ``heartbeat_at`` into its run record every :data:`HEARTBEAT_EVERY` seconds.
-  :func:`dead_reason` tells a ``running`` run whose process is gone — on this host its
-  PID is no longer that process; on another, no heartbeat for :data:`STALE_AFTER` seconds —
-  and :func:`settle_run` shows it ``crashed`` with that reason (``gptflow runs``,
-  ``gptflow catalog rebuild``, and the next run, which records it).
-* :class:`RunWatch` is the thread that beats. It also watches the process that started
-  the run (a Prefect worker, or the shell of ``gptflow run``): when that one dies, the
-  run's output pipe is gone and every later write to it would fail with a
-  ``BrokenPipeError`` (``rich``, behind Prefect's console log handler, even exits).
-  So the watch relays the output through a pipe of its own, which drops what no one
-  reads any more, and remembers why; :func:`check_alive`, called at stage boundaries
-  and from training callbacks, then stops the run with a
-  :class:`~gpt.errors.WorkerDiedError` that says what happened.
+A run records its ``host`` and ``pid`` and beats every :data:`HEARTBEAT_EVERY` seconds;
+:func:`dead_reason` tells a ``running`` run whose process is gone (or silent for
+:data:`STALE_AFTER` seconds) and :func:`settle_run` shows it ``crashed``.
+:class:`RunWatch` beats and watches the process that started the run (a Prefect worker,
+a shell): when that dies, its output pipe breaks, so the watch relays output through a
+pipe of its own (:class:`_Relay`) and :func:`check_alive` then stops the run with a
+:class:`~gpt.errors.WorkerDiedError` saying what happened.
 """
 
 from __future__ import annotations

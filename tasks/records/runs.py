@@ -1,21 +1,10 @@
 """Run records: what each run did, kept beside the artifacts as well as in the catalog.
 
-Every ``runs`` / ``stages`` row the pipeline writes is also written to
-``artifacts/runs/<run_id>.json`` (atomically, the same values), so that the catalog can
-be rebuilt from the artifacts alone (:mod:`tasks.records.rebuild`). On an object-store root
-(``s3://…/runs``) a record is updated by compare-and-swap (a write conditional on the
-ETag read), so stages of one run recorded from several machines lose nothing.
-
-A run ends in ``completed``, ``failed`` or ``crashed`` on every path
-(:meth:`RunRecorder.running`), with the reason in ``message``; while it runs it beats
-(:mod:`tasks.records.run_state`), so a run whose process died is told from a running one, and the
-next run records it ``crashed`` (:meth:`RunRecorder.reap`). The run record file is written
-first: when the catalog cannot be written (locked), the record still tells how the run
-ended, and the next run or a rebuild brings the catalog in line. Each run and stage
-event publishes the catalog (readers see it at once).
-
-What happens to a stage in a run is one :class:`StageRecord` (its ``stages`` row):
-running, waiting, cached, completed, skipped or failed, with its times, outputs and why.
+Every ``runs`` / ``stages`` row is also written to ``artifacts/runs/<run_id>.json``
+(first, so a locked catalog loses nothing; on an object store by compare-and-swap), so
+the catalog can be rebuilt from the artifacts (:mod:`tasks.records.rebuild`). A run
+ends ``completed``, ``failed`` or ``crashed`` on every path (:meth:`RunRecorder.running`),
+and a stage's fate is one :class:`StageRecord`.
 """
 
 from __future__ import annotations

@@ -1,43 +1,13 @@
 """Leases: one computation per stage key, and one writer per downloaded file, at a time.
 
-A lease is a small object in the store it guards — ``<stage>/<key>.lease`` beside the
-stage folder (a file, or an object on an object store, :mod:`tasks.store.object_lease`), or
-``<file>.lease`` beside a file being downloaded — holding who owns it. Its owner renews
-it from a heartbeat thread every ``ttl_s / 4``. Another run that needs it waits until it
-is released; a lease not renewed for ``ttl_s`` (a killed worker, a lost machine, a
-process stopped for too long) is stale and is broken, and on the owner's own host a
-dead owner process is detected at once.
-
-**Nothing is taken silently.** Every change of a lease is a compare-and-swap on the
-version its writer saw last, so a stalled owner that wakes up after its lease was
-broken cannot write over the breaker's lease; it finds out at its next renewal
-(:attr:`LeaseBase.lost`) and :meth:`LeaseBase.confirm` refuses it before it publishes
-anything (:class:`LeaseLost`). The stage store also names each holder's work folder by
-its lease (:meth:`tasks.store.folder.StageStore.work_dir`): a breaker takes the stalled owner's
-folder over by renaming it, so the two never write into one folder and the stalled
-owner's commit finds nothing to publish.
-
-One protocol (:class:`LeaseBase`: acquire, wait, break, renew, confirm, release) runs on
-two backends, which only supply the conditional operations:
-
-- **files** (:class:`Lease`; a local or shared file system): created with
-  ``O_CREAT | O_EXCL``; the lease *is* the inode its owner created, which it keeps open
-  and renews in place, so a renewal can only ever touch the owner's own lease; it holds
-  the lease while the name still points at that inode. Breaking renames the name aside
-  (a rename succeeds for exactly one breaker), checks that the moved lease is still the
-  very version judged stale (else puts it back), and creates a new one exclusively.
-- **object stores** (:class:`tasks.store.object_lease.ObjectLease`): conditional puts and
-  deletes on the ETag (``If-None-Match: *``, ``If-Match``).
-
-Why not Prefect's global concurrency limits (``prefect.concurrency.sync.concurrency``
-with a limit of 1 per key)? They need a Prefect server for every lease, while stage
-runs, ``gptflow download`` and library calls also run without one (ephemeral mode costs
-15-30 s per process); a limit that does not exist yet is no limit at all (the context
-manager yields without waiting), so one limit would have to be created per stage key
-and per downloaded file; the server refuses leases shorter than 60 s and expires them
-on its own schedule; a holder whose lease expired is only warned (or cancelled) and has
-no way to check ownership before it publishes; a dead holder on the same host is not
-noticed before its lease expires, and a waiter cannot say which run it waits for.
+A lease is a small object beside what it guards (``<stage>/<key>.lease``,
+``<file>.lease``) naming its owner, who renews it every ``ttl_s / 4``; one not renewed
+for ``ttl_s``, or whose owner process is gone on this host, is broken. Every change is
+a compare-and-swap on the version its writer saw last, so a stalled owner finds out at
+its next renewal and :meth:`LeaseBase.confirm` refuses it before it publishes.
+:class:`LeaseBase` is the protocol; :class:`Lease` its file backend (``O_EXCL``, the
+owner's own inode renewed in place) and :class:`tasks.store.object_lease.ObjectLease`
+its object backend. Why not Prefect's concurrency limits: docs/caching.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,11 @@
 """The manifest of a stage folder: what the result *is*, apart from who produced it.
 
-A committed stage folder ``<stage>/<key>/`` holds:
-
-- the stage's files (checkpoints, token files, plots, JSON exports),
-- ``rows/<table>.parquet``: the catalog rows the stage produced (the catalog is an index
-  of these folders and can be rebuilt from them),
-- ``produced.json``: the record of who computed it, when, where and how fast — the
-  producing run (and the run that resumed it), times, the device, the settings it ran
-  with, the measured fields of its result, the rows, the files' mtimes,
-- ``manifest.json``, written last: what the result *is* — the stage, key, code, the
-  settings that shaped it, its inputs' digests, its typed result and the size and sha256
-  of every other file (rows and ``produced.json`` aside). Two computations of one key —
-  two runs, or a run killed and resumed — write it byte for byte the same.
-
-A folder is a usable result only when its files match the manifest (:func:`verify_files`):
-every listed file is present with its size; small files are always re-hashed, large ones
-when their mtime changed since the manifest was written or when ``verify="full"``. The
-**digest** downstream keys use (:func:`content_digest`) hashes the files but not
-``rows/`` (rows carry timestamps), so a recomputation that writes byte-identical files
-keeps everything downstream cached.
-
-Both stores (:mod:`tasks.store.folder`, :mod:`tasks.store.object_store`) build, write and
-read manifests with the functions here.
+``manifest.json`` (written last) holds the stage, key, code, settings, inputs' digests,
+typed result and every file's size and sha256; two computations of one key write it
+byte for byte the same. ``produced.json`` records who computed it, when and how, and
+``rows/<table>.parquet`` the catalog rows. A folder is a result only when its files
+match the manifest (:func:`verify_files`); the digest downstream keys use
+(:func:`content_digest`) leaves ``rows/`` out (docs/caching.md).
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
-"""The artifacts root on object storage: an fsspec URL with conditional writes.
+"""The artifacts root on object storage: an ``s3://`` prefix with conditional writes.
 
-The artifacts root (``GPTFLOW_ARTIFACTS``) is a local folder (or ``file://`` URL) —
-handled by plain files and ``os.replace`` as always — or an object-store URL, handled
-here. :class:`ObjectRoot` is a prefix of a bucket with the few operations the stage
-store, the leases and the run records need, including the two conditional writes that
-make them safe across machines without a lock server:
-
-- :meth:`ObjectRoot.create`: put only if no object has the name (``If-None-Match: *``),
-- :meth:`ObjectRoot.replace_if` / :meth:`ObjectRoot.delete_if`: put or delete only if
-  the object is still the version read before (``If-Match: <ETag>``).
-
-Implemented for ``s3://`` (AWS S3 and S3-compatible servers; s3fs from the ``lake``
-extra). Other fsspec protocols are refused with a clear error: their conditional writes
-differ (e.g. GCS generation numbers) and are not implemented.
-
-Credentials and endpoint come from the environment only (:class:`ObjectStoreSettings`).
+:class:`ObjectRoot` offers the few operations the stage store, leases and run records
+need, among them :meth:`~ObjectRoot.create` (``If-None-Match: *``) and
+:meth:`~ObjectRoot.replace_if` / :meth:`~ObjectRoot.delete_if` (``If-Match``), which make
+them safe across machines without a lock server. Only S3 (s3fs, the ``lake`` extra) is
+implemented; credentials come from the environment (:class:`ObjectStoreSettings`).
 """
 
 from __future__ import annotations
