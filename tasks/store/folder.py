@@ -29,6 +29,7 @@ from tasks.store.manifest import (
     describe_files,
     history_name,
     history_text,
+    parse_history,
     read_manifest,
     verify_files,
     write_manifest,
@@ -186,7 +187,10 @@ class StageStore:
                 str(folder), None if problem else manifest, problem and f"{folder}: {problem}"
             )
         for entry in sorted(self.root.glob("*/*.history/*/manifest.json")):
-            old = read_manifest_file(entry)
+            try:
+                old = parse_history(entry.read_bytes())
+            except OSError:
+                old = None
             problem = None if old else f"{entry.parent}: unreadable manifest"
             yield Committed(str(entry.parent), old, problem, history=True)
 
@@ -194,17 +198,6 @@ class StageStore:
     def rows_folder(self, entry: Committed) -> Iterator[Path]:
         """A local folder holding ``rows/`` of ``entry`` (here: its own folder)."""
         yield Path(entry.where)
-
-
-def read_manifest_file(path: Path) -> dict[str, Any] | None:
-    """A single-file manifest (a history entry's), or None when unreadable."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def install(folder: Path, final: Path) -> None:

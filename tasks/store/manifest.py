@@ -130,6 +130,15 @@ def history_text(manifest: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=1, default=str)
 
 
+def parse_history(data: bytes) -> dict[str, Any] | None:
+    """A history entry's manifest from its bytes (:func:`history_text`), else None."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) and value.get("rows") else None
+
+
 def history_name(manifest: dict[str, Any]) -> str:
     """The folder name of a replaced result's history entry: its producer and time."""
     return f"{manifest['producer_run_id']}-{int(manifest['created_at'])}"

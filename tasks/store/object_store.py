@@ -11,7 +11,6 @@ against the manifest and downloads into a fresh folder when the local copy diffe
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -35,6 +34,7 @@ from tasks.store.manifest import (
     history_name,
     history_text,
     manifest_texts,
+    parse_history,
     parse_manifest,
     read_manifest,
     verify_files,
@@ -178,7 +178,7 @@ class ObjectStageStore(StageStore):
             parts = name.split("/")
             if len(parts) == 4 and parts[1].endswith(".history") and parts[3] == MANIFEST:
                 got = self.remote.get(name)
-                old = None if got is None else _json_dict(got.data)
+                old = None if got is None else parse_history(got.data)
                 where = self.remote.url_of(name.removesuffix(f"/{MANIFEST}"))
                 yield Committed(where, old, None if old else f"{where}: unreadable manifest", True)
 
@@ -255,12 +255,3 @@ class ObjectStageStore(StageStore):
         write_manifest(work, full)
         install(work, self.final_dir(stage, key))
         return full
-
-
-def _json_dict(data: bytes) -> dict[str, Any] | None:
-    """``data`` as a JSON object with rows (a history entry's manifest), else None."""
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) and value.get("rows") else None
