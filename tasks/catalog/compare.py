@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from gpt.errors import CatalogError
-from gpt.eval.gates import DEFAULT_MIN_EXAMPLES
+from gpt.eval.gates import DEFAULT_MIN_EXAMPLES, best_baseline
 from gpt.eval.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -178,23 +178,26 @@ def _mcnemar_row(
     }
 
 
+def finetuned_and_baseline(run: RunData, baseline: str, split: str) -> pd.DataFrame:
+    """The messages of ``split`` that both the finetuned classifier and ``baseline``
+    classified in ``run`` (their columns suffixed ``_f`` and ``_b``)."""
+    ft, bl = run.predictions("finetuned"), run.predictions(baseline)
+    return ft[ft["split"] == split].merge(
+        bl[bl["split"] == split], on=["split", "example_id"], suffixes=("_f", "_b")
+    )
+
+
 def finetuned_vs_best_baseline(run: RunData, label: str) -> list[dict[str, Any]]:
     """McNemar's exact test, per split, of the best baseline (first) vs the finetuned
     classifier (second) of one run; best = highest accuracy on that split."""
     acc = run.accuracies
-    ft = run.predictions("finetuned")
     rows: list[dict[str, Any]] = []
-    if ft.empty:
-        return rows
-    for split in sorted(ft["split"].unique(), key=split_key):
+    for split in sorted(run.predictions("finetuned")["split"].unique(), key=split_key):
         cands = {m: a[split] for m, a in acc.items() if m != "finetuned" and split in a}
         if not cands:
             continue
-        best = max(sorted(cands), key=lambda m: cands[m])
-        bl = run.predictions(best)
-        m = ft[ft["split"] == split].merge(
-            bl[bl["split"] == split], on=["split", "example_id"], suffixes=("_f", "_b")
-        )
+        best = best_baseline(cands)
+        m = finetuned_and_baseline(run, best, split)
         if m.empty:
             continue
         rows.append(

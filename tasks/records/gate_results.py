@@ -25,7 +25,7 @@ from gpt.eval.gates import (
     spam_drop_gate,
 )
 from tasks.catalog import utcnow
-from tasks.catalog.compare import judge_ci, judge_pairs, pair_spam
+from tasks.catalog.compare import finetuned_and_baseline, judge_ci, judge_pairs, pair_spam
 from tasks.catalog.lookup import previous_completed_run
 from tasks.catalog.rundata import RunData
 from tasks.records.runs import RunRecorder
@@ -97,10 +97,7 @@ def _spam_pairs(before: RunData, me: RunData) -> Evidence:
 def _baseline_pairs(me: RunData, best: str) -> Evidence:
     """The gate split's messages both the finetuned classifier and baseline ``best``
     classified."""
-    ft, bl = me.predictions("finetuned"), me.predictions(best)
-    t = ft[ft["split"] == GATE_SPLIT].merge(
-        bl[bl["split"] == GATE_SPLIT], on=["split", "example_id"], suffixes=("_f", "_b")
-    )
+    t = finetuned_and_baseline(me, best, GATE_SPLIT)
     return _evidence(t["prediction_f"] == t["label_f"], t["prediction_b"] == t["label_b"])
 
 
