@@ -55,13 +55,14 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
     """Why ``eval_summary`` is empty for ``run_id`` (default: the latest run), with what
     to do."""
     if run_id is None:
-        latest = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
-        if latest.empty:
+        from tasks.catalog.lookup import latest_run
+
+        run_id = latest_run(cat)
+        if run_id is None:
             return (
                 f"the catalog {cat.location} holds no runs yet: run the pipeline (`gptflow run`) "
                 "or score a responses file with `gptflow judge --responses FILE.json`"
             )
-        run_id = str(latest["run_id"].iloc[0])
     elif cat.query_df("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).empty:
         return f"there is no run {run_id!r} in the catalog {cat.location} (see `gptflow runs`)"
     judge = cat.query_df(
