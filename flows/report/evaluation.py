@@ -22,7 +22,7 @@ from flows.report.blocks import (
     with_code_spans,
 )
 from flows.report.data import ReportData, generic_table
-from tasks.catalog.rundata import split_key
+from gpt.eval.paired import split_key
 
 #: The confusion-matrix cells, in the order metrics and baselines name them.
 CELLS = ("tn", "fp", "fn", "tp")

@@ -21,7 +21,7 @@ from flows.report.blocks import (
     with_code_spans,
 )
 from flows.report.data import ReportData, run_ref
-from tasks.catalog.rundata import split_key
+from gpt.eval.paired import split_key
 
 
 def summary(d: ReportData) -> list[Block]:

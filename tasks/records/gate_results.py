@@ -24,8 +24,9 @@ from gpt.eval.gates import (
     judge_mean_gate,
     spam_drop_gate,
 )
+from gpt.eval.paired import judge_ci, judge_pairs, pair_spam
 from tasks.catalog import utcnow
-from tasks.catalog.compare import finetuned_and_baseline, judge_ci, judge_pairs, pair_spam
+from tasks.catalog.compare import finetuned_and_baseline
 from tasks.catalog.lookup import previous_completed_run
 from tasks.catalog.rundata import RunData
 from tasks.records.runs import RunRecorder
@@ -106,7 +107,7 @@ def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[G
         return [judge_mean_gate(None, "judge", None)]
     prev = before.run_id
     notes: list[str] = []
-    pairs = judge_pairs(before, me, notes)
+    pairs = judge_pairs(before.judge_scores, me.judge_scores, before.responses, me.responses, notes)
     cis = judge_ci(
         pairs, n_resamples=args.bootstrap_resamples, confidence=args.confidence, seed=args.seed
     )
