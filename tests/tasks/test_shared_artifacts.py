@@ -356,7 +356,7 @@ def test_run_record_updates_from_two_writers_lose_nothing(s3_root) -> None:
 
     def write(rec: RunRecorder, tag: str) -> None:
         for i in range(15):
-            rec._update_remote("r1", lambda r, i=i: r["stages"].__setitem__(f"{tag}{i}", {"i": i}))
+            rec._update("r1", lambda r, i=i: r["stages"].__setitem__(f"{tag}{i}", {"i": i}))
 
     threads = [threading.Thread(target=write, args=(r, t)) for r, t in ((a, "a"), (b, "b"))]
     for t in threads:
