@@ -33,6 +33,7 @@ from pydantic import (
 from gpt.config import Args, operational
 from gpt.errors import CatalogError
 from gpt.paths import default_db_path
+from tasks.store.objects import s3_env
 
 #: Default bound, in seconds, on waiting for other writers (file lock, lake conflicts).
 DEFAULT_LOCK_TIMEOUT = 60.0
@@ -96,28 +97,17 @@ class S3Settings(_Model):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
         """S3 settings from ``GPTFLOW_CATALOG_S3_*``, falling back to the AWS variables."""
         env = os.environ if environ is None else environ
-
-        def first(*names: str) -> str | None:
-            for name in names:
-                if env.get(name):
-                    return env[name]
-            return None
-
-        endpoint = first("GPTFLOW_CATALOG_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-        values: dict[str, object] = {
-            "endpoint": endpoint,
-            "key_id": first("GPTFLOW_CATALOG_S3_KEY_ID", "AWS_ACCESS_KEY_ID"),
-            "secret": first("GPTFLOW_CATALOG_S3_SECRET", "AWS_SECRET_ACCESS_KEY"),
-            "region": first("GPTFLOW_CATALOG_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
-            or "us-east-1",
-            # a custom endpoint is nearly always path-style; AWS itself is vhost-style
-            "url_style": env.get("GPTFLOW_CATALOG_S3_URL_STYLE")
-            or ("path" if endpoint else "vhost"),
-        }
+        values: dict[str, object] = {**s3_env("GPTFLOW_CATALOG_S3", env)}
+        endpoint = values["endpoint"]
+        values["region"] = values["region"] or "us-east-1"
+        # a custom endpoint is nearly always path-style; AWS itself is vhost-style
+        values["url_style"] = env.get("GPTFLOW_CATALOG_S3_URL_STYLE") or (
+            "path" if endpoint else "vhost"
+        )
         ssl = env.get("GPTFLOW_CATALOG_S3_USE_SSL")
         if ssl:
             values["use_ssl"] = ssl
-        elif endpoint and endpoint.startswith("http://"):
+        elif isinstance(endpoint, str) and endpoint.startswith("http://"):
             values["use_ssl"] = False
         try:
             return cls.model_validate(values)

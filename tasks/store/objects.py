@@ -13,7 +13,7 @@ import email.utils
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,23 @@ SUPPORTED_PROTOCOLS = ("s3", "s3a")
 
 class StorageError(GPTFlowError):
     """The artifacts store cannot be used (bad URL, missing bucket, failed publish)."""
+
+
+def s3_env(prefix: str, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """``endpoint``, ``key_id``, ``secret`` and ``region`` from
+    ``<prefix>_{ENDPOINT,KEY_ID,SECRET,REGION}``, each falling back to the AWS variables
+    of the same meaning (None: none is set)."""
+    env = os.environ if environ is None else environ
+    names = {
+        "endpoint": ("ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        "key_id": ("KEY_ID", "AWS_ACCESS_KEY_ID"),
+        "secret": ("SECRET", "AWS_SECRET_ACCESS_KEY"),
+        "region": ("REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    }
+    return {
+        field: next((env[n] for n in (f"{prefix}_{own}", *aws) if env.get(n)), None)
+        for field, (own, *aws) in names.items()
+    }
 
 
 class ObjectStoreSettings(BaseModel):
@@ -47,22 +64,9 @@ class ObjectStoreSettings(BaseModel):
     """Bucket region; None: botocore's default."""
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> ObjectStoreSettings:
-        """``GPTFLOW_ARTIFACTS_S3_{ENDPOINT,KEY_ID,SECRET,REGION}``, each falling back to
-        the AWS variable of the same meaning."""
-        env = os.environ if environ is None else environ
-
-        def first(*names: str) -> str | None:
-            return next((env[n] for n in names if env.get(n)), None)
-
-        values = {
-            "endpoint": first(
-                "GPTFLOW_ARTIFACTS_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
-            ),
-            "key_id": first("GPTFLOW_ARTIFACTS_S3_KEY_ID", "AWS_ACCESS_KEY_ID"),
-            "secret": first("GPTFLOW_ARTIFACTS_S3_SECRET", "AWS_SECRET_ACCESS_KEY"),
-            "region": first("GPTFLOW_ARTIFACTS_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
-        }
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ObjectStoreSettings:
+        """``GPTFLOW_ARTIFACTS_S3_*``, else the AWS variables (:func:`s3_env`)."""
+        values = s3_env("GPTFLOW_ARTIFACTS_S3", environ)
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
