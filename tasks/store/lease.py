@@ -32,20 +32,9 @@ from gpt.errors import GPTFlowError
 log = logging.getLogger(__name__)
 
 #: Environment variables of the seconds without a renewal after which a lease counts as
-#: abandoned, and of the seconds between two looks at a lease held by someone else.
+#: abandoned (default 60), and of the seconds between two looks at a lease held by
+#: someone else (default 1).
 TTL_ENV, POLL_ENV = "GPTFLOW_LEASE_TTL_S", "GPTFLOW_LEASE_POLL_S"
-
-
-def default_ttl_s() -> float:
-    """Seconds without a renewal after which a lease is stale (``GPTFLOW_LEASE_TTL_S``,
-    default 60)."""
-    return float(os.environ.get(TTL_ENV, "60"))
-
-
-def default_poll_s() -> float:
-    """Seconds between two looks at a lease held by someone else
-    (``GPTFLOW_LEASE_POLL_S``, default 1)."""
-    return float(os.environ.get(POLL_ENV, "1.0"))
 
 
 class LeaseLost(GPTFlowError):
@@ -78,32 +67,6 @@ class Seen:
     age_s: float | None
 
 
-class WaitTurn:
-    """The waiting part of a lease's ``acquire``, one call per look at a live holder:
-    tell ``on_wait`` about each new holder once, give up after ``timeout_s``, sleep."""
-
-    def __init__(
-        self,
-        where: str,
-        poll_s: float,
-        on_wait: Callable[[LeaseInfo], None] | None,
-        timeout_s: float | None,
-    ) -> None:
-        self.where = where
-        self.poll_s = poll_s
-        self.on_wait = on_wait
-        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self.announced: str | None = None
-
-    def __call__(self, info: LeaseInfo) -> None:
-        if self.on_wait is not None and self.announced != info.token:
-            self.on_wait(info)
-            self.announced = info.token
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TimeoutError(f"lease {self.where} still held by {info.describe()}")
-        time.sleep(self.poll_s)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -123,8 +86,8 @@ class LeaseBase(ABC):
         self, run_id: str, *, ttl_s: float | None = None, poll_s: float | None = None
     ) -> None:
         self.run_id = run_id
-        self.ttl_s = default_ttl_s() if ttl_s is None else ttl_s
-        self.poll_s = default_poll_s() if poll_s is None else poll_s
+        self.ttl_s = float(os.environ.get(TTL_ENV, "60")) if ttl_s is None else ttl_s
+        self.poll_s = float(os.environ.get(POLL_ENV, "1.0")) if poll_s is None else poll_s
         self.token = uuid.uuid4().hex
         self.lost = False
         """True once a renewal found the lease taken over (the owner stalled past its
@@ -222,7 +185,8 @@ class LeaseBase(ABC):
         is stale. Returns True when another run held it meanwhile (so the caller should
         look for that run's result first)."""
         waited = False
-        wait = WaitTurn(self.where, self.poll_s, on_wait, timeout_s)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        announced: str | None = None  # the holder on_wait was told about
         first_seen: tuple[Hashable, float] | None = None  # for stores without a clock
         self.lost = False
         self._acquired_at = time.time()
@@ -239,7 +203,12 @@ class LeaseBase(ABC):
                     break
                 continue  # another breaker (or a late renewal) won: look again
             waited = True
-            wait(seen.info)
+            if on_wait is not None and announced != seen.info.token:
+                on_wait(seen.info)
+                announced = seen.info.token
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"lease {self.where} still held by {seen.info.describe()}")
+            time.sleep(self.poll_s)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lease")
         self._thread.start()
