@@ -22,7 +22,6 @@ from tasks.store.manifest import ROWS_DIR
 
 if TYPE_CHECKING:
     import duckdb
-    import pandas as pd
 
     from tasks.catalog import Catalog
 
@@ -164,17 +163,6 @@ def _load_into(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, 
 
     cols = table_columns(con, table)
     insert_frame(con, table, typed_frame(table, rows, cols, "(in-memory rows)"), cols)
-
-
-def read_parquet(path: Path) -> pd.DataFrame:
-    """A rows file as a DataFrame (for tests and tools)."""
-    import duckdb
-
-    con = duckdb.connect()
-    try:
-        return con.execute(f"SELECT * FROM read_parquet('{_sql_path(path)}')").df()
-    finally:
-        con.close()
 
 
 def _scope(table: str, scope: Mapping[str, Any]) -> dict[str, Any]:
