@@ -17,24 +17,16 @@ OK = frozenset({"completed", "cached"})
 
 
 def stage_rows(cat: Catalog, run_ids: list[str], order: Sequence[str] = ()) -> pd.DataFrame:
-    """The stages of ``run_ids``, in the stage ``order`` given (the pipeline's), others
-    after them by start time."""
-    import pandas as pd
-
-    if not run_ids:
-        return pd.DataFrame(
-            columns=["run_id", "stage", "status", "cache_hit", "seconds", "message"]
-        )
-    marks = ", ".join("?" for _ in run_ids)
+    """The ``stages`` rows of ``run_ids`` with their ``seconds``, in the stage ``order``
+    given (the pipeline's), others after them by start time."""
     df = cat.query_df(
-        "SELECT run_id, stage, status, cache_hit, "
-        "epoch(ended_at) - epoch(started_at) AS seconds, message, started_at "
-        f"FROM stages WHERE run_id IN ({marks}) ORDER BY started_at",
-        run_ids,
+        "SELECT *, epoch(ended_at) - epoch(started_at) AS seconds FROM stages "
+        "WHERE list_contains(?, run_id) ORDER BY started_at, stage",
+        [list(run_ids)],
     )
     rank = {s: i for i, s in enumerate(order)}
     df["_o"] = df["stage"].map(lambda s: rank.get(s, len(rank)))
-    return df.sort_values(["run_id", "_o"], kind="stable").drop(columns=["_o", "started_at"])
+    return df.sort_values(["run_id", "_o"], kind="stable").drop(columns="_o")
 
 
 def stages_summary(stages: pd.DataFrame) -> str:
