@@ -98,7 +98,7 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
 
 def _file_sql(settings: CatalogSettings, sql: str, *, live: bool) -> pd.DataFrame:
     cat = Catalog(settings=settings, snapshot=not live)
-    with cat.file_reader(config={"enable_external_access": False}) as con:
+    with cat.connect(read_only=True, config={"enable_external_access": False}) as con:
         return _run(con, sql, str(cat.path))
 
 

@@ -173,7 +173,9 @@ class Catalog(LineageRecords):
         return open_file(target, read_only=True, timeout=self.lock_timeout, config=config)
 
     @contextlib.contextmanager
-    def _open(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _open(
+        self, read_only: bool, config: dict[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection (file) or cursor (lake) for the ``with`` block, nothing else
         (the held one inside :meth:`held`)."""
         if self._held is not None:
@@ -188,7 +190,7 @@ class Catalog(LineageRecords):
             with lake_cursor(self.settings, read_only=read_only) as cur:
                 yield cur
             return
-        con = self._open_file(read_only)
+        con = self._open_file(read_only, config)
         try:
             yield con
         finally:
@@ -216,21 +218,6 @@ class Catalog(LineageRecords):
                 yield self
             finally:
                 self._held = None
-                con.close()
-
-    @contextlib.contextmanager
-    def file_reader(
-        self, config: dict[str, Any] | None = None
-    ) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection, opened with DuckDB ``config``, to the file this handle
-        reads (the published one for a snapshot handle), for the ``with`` block."""
-        if self.path is None:
-            raise CatalogError("file_reader works on DuckDB catalog files, not on a DuckLake")
-        with process_lock(self._lock_key()):
-            con = self._open_file(True, config)
-            try:
-                yield con
-            finally:
                 con.close()
 
     # ------------------------------------------------------------------ publishing
@@ -288,8 +275,11 @@ class Catalog(LineageRecords):
         self.publish()
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection held only for the ``with`` block (lock errors retried).
+    def connect(
+        self, read_only: bool = False, config: dict[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection held only for the ``with`` block (lock errors retried); a DuckDB
+        file is opened with DuckDB ``config`` (e.g. ``enable_external_access``).
 
         The first write-open migrates the schema; a read-only open of a missing file or
         of a file written by a newer gptflow raises :class:`CatalogError`. Statements run
@@ -297,7 +287,7 @@ class Catalog(LineageRecords):
         """
         if not read_only and not self._migrated:
             self.migrate()
-        with process_lock(self._lock_key()), self._open(read_only) as con:
+        with process_lock(self._lock_key()), self._open(read_only, config) as con:
             if not self._checked:
                 check_version(con, self.location)
                 self._checked = True
