@@ -86,12 +86,9 @@ def process_alive(pid: int, started_before: dt.datetime | None = None) -> bool:
 
 
 def _as_naive_utc(value: Any) -> dt.datetime | None:
+    """A recorded time (text or timestamp) as naive UTC; None when missing or unreadable."""
     from tasks.catalog.values import to_utc_naive
 
-    if value is None or (isinstance(value, float) and value != value):
-        return None
-    if isinstance(value, str):
-        return dt.datetime.fromisoformat(value)
     try:
         return to_utc_naive(value)
     except (TypeError, ValueError):
