@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gpt.errors import CatalogError, WorkerDiedError, one_line
+from gpt.fileio import atomic_open
 from gpt.paths import is_remote
 from tasks.catalog.values import to_json as _to_json
 from tasks.catalog.values import utcnow
@@ -183,11 +184,8 @@ class RunRecorder:
             if etag is None:
                 return self.remote.create(name, text.encode()) is not None
             return self.remote.replace_if(name, text.encode(), etag) is not None
-        path = self.path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_open(self.path(run_id), "w", encoding="utf-8", fsync=False) as fh:
+            fh.write(text)
         return True
 
     # ------------------------------------------------------------------ runs

@@ -11,12 +11,11 @@ match the manifest (:func:`verify_files`); the digest downstream keys use
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from gpt.fileio import sha256_file
+from gpt.fileio import atomic_open, sha256_file
 from tasks.store.keys import sha256_json
 
 MANIFEST = "manifest.json"
@@ -149,9 +148,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (the mark of a complete folder), each by atomic rename."""
     content, record = manifest_texts(manifest)
     for name, text in ((PRODUCED, record), (MANIFEST, content)):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+        with atomic_open(folder / name, "w", encoding="utf-8", fsync=False) as fh:
+            fh.write(text)
 
 
 def parse_manifest(content: bytes | str, record: bytes | str | None) -> dict[str, Any] | None:
