@@ -1,15 +1,11 @@
 """Prefect deployments of gptflow: the pull step that puts a flow run in the checkout, and
 an idempotent "create the work pools, then deploy everything" for ``gptflow deploy``.
 
-Why a pull step of our own: Prefect's ``set_working_directory`` with
-``"{{ $GPTFLOW_HOME }}"`` is filled in by ``prefect deploy`` whenever GPTFLOW_HOME is set
-in the *deploying* shell (it templates ``$VAR`` placeholders of pull steps at deploy
-time, Prefect 3.9.1), and left as a placeholder otherwise, to become ``""`` on a worker
-without it — the run then crashes with ``ScriptError … /tmp/…/flows/pipeline.py``. The
-step below has nothing to template: it runs in the flow-run process, takes GPTFLOW_HOME
-from the *worker's* environment when set, else the checkout holding this package (an
-editable install, as ``make`` sets up), and refuses with the fix when that folder is not
-a gptflow checkout.
+Why a pull step of our own: ``prefect deploy`` templates ``{{ $GPTFLOW_HOME }}`` in
+Prefect's ``set_working_directory`` from the *deploying* shell (Prefect 3.9.1), so a
+worker without it gets ``""`` and the run crashes with ``ScriptError``. Ours runs in the
+flow-run process, takes GPTFLOW_HOME from the *worker's* environment, else the checkout
+holding this package, and refuses with the fix when that is no gptflow checkout.
 """
 
 from __future__ import annotations
@@ -158,14 +154,3 @@ def deploy_all(root: Path | None = None) -> str:
         tail = (proc.stdout + proc.stderr).strip()[-3000:]
         raise DeploymentError(f"`prefect deploy --all` in {root} failed:\n{tail}")
     return proc.stdout
-
-
-__all__ = [
-    "DeploymentError",
-    "check_parameters",
-    "deploy_all",
-    "ensure_work_pools",
-    "enter_checkout",
-    "read_prefect_yaml",
-    "work_pools",
-]

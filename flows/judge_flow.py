@@ -1,18 +1,11 @@
-"""The ``gptflow-judge`` flow: score responses already in the catalog with the Ollama
-judge, without rerunning the pipeline (the ``judge-rescore`` deployment runs it). It runs
-the pipeline's own judge stage (:mod:`tasks.stages.judge`) on the responses of
-``responses_run`` (default: the latest run holding responses), as a recorded run of its
-own (:class:`~flows.run_start.FlowRun`).
+"""The ``gptflow-judge`` flow (deployment ``judge-rescore``): score responses already in
+the catalog with the pipeline's own judge stage, as a recorded run of its own, without
+rerunning the pipeline.
 
-- The judge settings come from the profile's ``judge`` section + ``--set`` overrides;
-  the ``required`` parameter wins over the profile.
-- Resumes: only examples without a judgment under the same judge key are sent; a result
-  already computed for the same responses and settings is a cache hit.
-- Records a ``judge`` stage row under the flow run id and table artifacts of the
-  ``eval_summary`` rows and the judges' agreement.
-- With ``required`` false an unreachable Ollama (or a missing model) ends the stage
-  ``skipped`` (the task's state is named Skipped) with the fix recorded; with
-  ``required`` true the flow fails with that message.
+Judge settings come from the profile's ``judge`` section and ``--set``; the ``required``
+parameter wins. Only examples not yet judged under the same judge key are sent. With
+``required`` false an unreachable Ollama ends the stage ``skipped`` with the fix; with
+``required`` true the flow fails with that message.
 """
 
 from __future__ import annotations
@@ -112,6 +105,3 @@ def gptflow_judge(
         "status": "cached" if judged.cache_hit else "completed",
         "cache_hit": judged.cache_hit,
     }
-
-
-__all__ = ["gptflow_judge", "latest_responses_run"]

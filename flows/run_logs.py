@@ -1,22 +1,13 @@
-"""The library's own log lines (per-epoch losses and accuracies, downloads, checkpoints)
-in the flow run's logs, wherever the flow runs.
+"""The library's own log lines (losses, downloads, checkpoints) in the flow run's logs,
+and a user error as one ERROR line there.
 
-Prefect sends a logger's records to its API only when that logger has Prefect's API
-handler, and Python drops a record before any handler sees it when the logger's effective
-level is above the record's. ``PREFECT_LOGGING_EXTRA_LOGGERS`` attaches the handler but
-leaves the level alone: under ``gptflow run`` the CLI sets the root logger to INFO, so the lines
-arrive; in the process a Prefect worker starts for a deployment run, Prefect's logging
-config leaves the root logger at WARNING, which would drop every INFO line of ``gpt.*``
-and ``tasks.*``. :func:`route_library_logs`, called when a flow starts, sets both up for
-every deployment, whatever its ``job_variables``.
-
-It also keeps a user error (a :class:`~gpt.errors.GPTFlowError`: a bad override, a missing
-input, a damaged checkpoint) to one ERROR line in the run's logs: Prefect reports an
-exception with its traceback — once by the task engine, again by the flow engine, plus an
-ERROR "Finished in state Failed" for the task. What reaches the API instead is the error's
-own one-line message (which names the thing and the fix) at ERROR, once per flow run; the
-traceback and the engines' repeats at DEBUG; a repeat without a traceback at INFO. Other
-exceptions (bugs) keep their tracebacks at ERROR.
+``PREFECT_LOGGING_EXTRA_LOGGERS`` attaches Prefect's API handler but leaves levels
+alone, and in a worker's flow-run process the root logger stays at WARNING, which drops
+every INFO line of ``gpt.*`` and ``tasks.*``: :func:`route_library_logs` sets both up
+when a flow starts. Prefect also logs an exception's traceback once per engine; for a
+:class:`~gpt.errors.GPTFlowError` only its one-line message reaches the API at ERROR,
+once per flow run (repeats and the traceback at DEBUG or INFO). Bugs keep their
+tracebacks at ERROR.
 """
 
 from __future__ import annotations
@@ -149,6 +140,3 @@ def route_library_logs(level: int = logging.INFO) -> list[str]:
             if isinstance(h, APILogHandler):
                 _one_line_user_errors(h)
     return changed
-
-
-__all__ = ["LIBRARY_LOGGERS", "route_library_logs", "user_error_records"]

@@ -1,19 +1,10 @@
 """The local Prefect server gptflow runs against.
 
-Prefect's ephemeral mode costs 15-30 s per process on small machines and can lose
-task-run records, so gptflow always talks to a real server: the one ``PREFECT_API_URL``
-names, or a local one it starts itself (analytics off, database migrated once), detached
-so later commands reuse it.
-
-The local server takes Prefect's own settings where a user would give them, each with a
-``GPTFLOW_`` variable that wins when both are set:
-
-- its home (database, pid file, log): ``GPTFLOW_PREFECT_HOME``, else ``PREFECT_HOME``,
-  else ``artifacts/prefect``;
-- its port: the one in ``PREFECT_API_URL`` when that names ``http://127.0.0.1:PORT/api``,
-  else ``GPTFLOW_PREFECT_PORT``, else ``PREFECT_SERVER_API_PORT``, else 4200;
-- its listen address: ``GPTFLOW_PREFECT_HOST``, else ``PREFECT_SERVER_API_HOST``, else
-  127.0.0.1.
+Prefect's ephemeral mode costs 15-30 s per process and can lose task-run records, so
+gptflow always talks to a real server: the one ``PREFECT_API_URL`` names, or a local one
+it starts detached (analytics off, database migrated once). Its home, port and listen
+address take ``GPTFLOW_PREFECT_{HOME,PORT,HOST}``, else Prefect's own variables
+(:func:`server_paths`, :func:`local_api_url`, :func:`bind_host`; docs/deployments.md).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """The ``gptflow-stage`` flow: one stage of a pipeline run, on a worker of a work pool.
 
-The pipeline starts it (``tasks.stages.placement.run_placed``) for each stage its
-``placement`` puts on a pool, through the deployment ``gptflow-stage/<pool>`` in
-``prefect.yaml``. Everything it needs arrives as JSON parameters: the stage, its settings
-section, the run's context and the input stages' results (where their folders are, their
-digests, their typed results), plus the key and code fingerprint the flow computed. It
-refuses to run when this machine computes another key; otherwise it runs the stage the
-way the flow does in its own process, and reports back through the shared artifacts
-folder (not through Prefect's results).
+The pipeline starts it (:func:`tasks.stages.placement.run_placed`) through the
+deployment ``gptflow-stage/<pool>`` for each stage its ``placement`` puts on a pool. It
+gets the stage, its settings, the run's context, its inputs' results and the key the
+flow computed as JSON parameters, refuses when this machine computes another key, runs
+the stage as the flow would, and reports back through the shared artifacts folder.
 """
 
 from __future__ import annotations
@@ -48,6 +45,3 @@ def gptflow_stage(
     ins = decode(inputs, "inputs")
     report = run_placed_here(ctx, stage, args, ins, key=key, code=code)
     return {k: report.get(k) for k in ("stage", "key", "outcome", "host", "worker")}
-
-
-__all__ = ["gptflow_stage", "settings_type"]

@@ -54,14 +54,12 @@ def add_retrust_arg(parser: argparse.ArgumentParser) -> None:
 def run_or_latest(cat: Catalog, ref: str | None) -> str:
     """The run ``ref`` names (its id or a unique prefix), else the latest run started."""
     from gpt.errors import CatalogError
-    from tasks.catalog.lookup import resolve_run
+    from tasks.catalog.lookup import latest_run, resolve_run
 
-    if ref:
-        return resolve_run(cat, ref)
-    df = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
-    if df.empty:
+    run_id = resolve_run(cat, ref) if ref else latest_run(cat)
+    if run_id is None:
         raise CatalogError(f"the catalog {cat.location} holds no runs yet: run `gptflow run` first")
-    return str(df["run_id"].iloc[0])
+    return run_id
 
 
 def stored_config(cat: Catalog, run_id: str) -> dict[str, Any]:

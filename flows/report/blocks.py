@@ -354,24 +354,3 @@ def to_html(report: Report) -> str:
             out.append(f"<pre><code>{html.escape(b.body)}</code></pre>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
-
-
-__all__ = [
-    "Block",
-    "Bullets",
-    "Code",
-    "Heading",
-    "Image",
-    "Inline",
-    "Para",
-    "Report",
-    "Table",
-    "bold",
-    "code",
-    "data_uri",
-    "join",
-    "text",
-    "to_html",
-    "to_markdown",
-    "with_code_spans",
-]

@@ -16,6 +16,7 @@ from flows.report.blocks import Inline, Table, code
 from gpt.errors import CatalogError
 from tasks.catalog import Catalog
 from tasks.catalog.rundata import RunData
+from tasks.catalog.status import stage_rows
 from tasks.stages import STAGES
 
 
@@ -31,16 +32,7 @@ class ReportData(RunData):
                 f"no run {run_id!r} in the catalog {cat.location} (see `gptflow runs`)"
             )
         self.run: dict[str, Any] = runs.iloc[0].to_dict()
-        stages = cat.query_df(
-            "SELECT stage, status, cache_hit, started_at, ended_at, outputs, message, "
-            "epoch(ended_at) - epoch(started_at) AS seconds "
-            "FROM stages WHERE run_id = ? ORDER BY started_at, stage",
-            [run_id],
-        )
-        order = {name: i for i, name in enumerate(STAGES)}
-        self.stages = stages.sort_values(
-            "stage", key=lambda col: col.map(lambda n: order.get(n, len(order))), kind="stable"
-        ).reset_index(drop=True)
+        self.stages = stage_rows(cat, [run_id], STAGES).reset_index(drop=True)
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -113,6 +105,3 @@ def _cell(column: str, v: Any, series: pd.Series) -> str:
     if hasattr(v, "to_pydatetime"):
         return fmt.timestamp(v)
     return fmt.shorten(v, 100)
-
-
-__all__ = ["ReportData", "generic_table", "run_ref"]

@@ -22,7 +22,7 @@ from flows.report.blocks import (
     with_code_spans,
 )
 from flows.report.data import ReportData, generic_table
-from tasks.catalog.rundata import split_key
+from gpt.eval.paired import split_key
 
 #: The confusion-matrix cells, in the order metrics and baselines name them.
 CELLS = ("tn", "fp", "fn", "tp")
@@ -205,13 +205,3 @@ def worst_section(d: ReportData) -> list[Block]:
         Heading("Lowest-scored responses", 3),
         Table(("example", "instruction", "response", "score", "judge"), rows, "rllrl"),
     ]
-
-
-__all__ = [
-    "agreement_section",
-    "best_baseline",
-    "judge_section",
-    "spam_accuracy",
-    "spam_section",
-    "worst_section",
-]

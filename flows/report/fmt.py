@@ -141,19 +141,3 @@ def shorten(text: Any, width: int = 120) -> str:
 def yes_no(value: Any) -> str:
     """``yes`` / ``no`` (missing → em dash)."""
     return MISSING if is_missing(value) else ("yes" if bool(value) else "no")
-
-
-__all__ = [
-    "MISSING",
-    "count",
-    "duration",
-    "is_missing",
-    "loss",
-    "number",
-    "percent",
-    "plural",
-    "shorten",
-    "size",
-    "timestamp",
-    "yes_no",
-]

@@ -21,7 +21,7 @@ from flows.report.blocks import (
     with_code_spans,
 )
 from flows.report.data import ReportData, run_ref
-from tasks.catalog.rundata import split_key
+from gpt.eval.paired import split_key
 
 
 def summary(d: ReportData) -> list[Block]:
@@ -186,13 +186,3 @@ def config_section(d: ReportData) -> list[Block]:
     if not d.config:
         return []
     return [Heading("Config"), Code(json.dumps(d.config, indent=1, sort_keys=False), "json")]
-
-
-__all__ = [
-    "checkpoints_section",
-    "config_section",
-    "data_section",
-    "gates_section",
-    "stages_section",
-    "summary",
-]

@@ -126,6 +126,3 @@ def score_histogram(scores: Mapping[str, Sequence[float]]) -> bytes:
     if len(names) > 1:
         ax.legend(fontsize=8)
     return _png(fig)
-
-
-__all__ = ["Series", "confusion_matrices", "line_chart", "score_histogram", "spam_training"]

@@ -11,7 +11,7 @@ import pandas as pd
 from flows.report import fmt, plots
 from flows.report.blocks import Block, Heading, Image, Para, Table, code, text
 from flows.report.data import ReportData
-from tasks.catalog.rundata import split_key
+from gpt.eval.paired import split_key
 
 #: Stages whose training curves the report draws, and their titles.
 TRAINED = {
@@ -157,6 +157,3 @@ def _spam_training(df: pd.DataFrame) -> list[Block]:
         ),
         Table(cols, tuple(rows), "r" * len(cols)),
     ]
-
-
-__all__ = ["TRAINED", "training_section"]

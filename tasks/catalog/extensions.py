@@ -1,20 +1,12 @@
 """Loading the DuckDB extensions a DuckLake catalog needs (ducklake, postgres_scanner,
 httpfs, sqlite_scanner).
 
-DuckDB normally downloads extensions from its own host on ``INSTALL``; machines without
-that access (and air-gapped ones) get them from the ``duckdb-extension-<name>`` packages on
-the Python package registry (``pip install 'gptflow[lake]'``), which exist for DuckDB
-1.5.5 — hence the pin. Order, per extension:
-
-1. the package is installed: ``LOAD '<its file>'`` straight from the package. DuckDB
-   derives the extension's name from the file name, and ``-postgres`` ships
-   ``postgres.duckdb_extension`` for ``postgres_scanner``: such a file is loaded through a
-   correctly named symbolic link under ``~/.cache/gptflow/duckdb-extensions/``. Nothing is
-   copied into DuckDB's extension directory — copying there (``INSTALL '<file>'``, what
-   ``duckdb_extensions.import_extension`` does) races when several processes start at once
-   on a fresh machine (one loads a half-copied file);
-2. otherwise ``INSTALL <name>`` from DuckDB's repository, then ``LOAD <name>``;
-3. neither works: a :class:`~gpt.errors.CatalogError` naming the package to install.
+Offline machines get them from the ``duckdb-extension-<name>`` packages (the ``lake``
+extra, DuckDB 1.5.5 only). Per extension: an installed package is loaded straight from
+its file (through a correctly named symlink under ``~/.cache/gptflow/duckdb-extensions/``
+where the file name differs from the extension's; never copied into DuckDB's directory,
+which races when processes start at once); else ``INSTALL`` and ``LOAD`` from DuckDB's
+repository; else a :class:`~gpt.errors.CatalogError` naming the package to install.
 """
 
 from __future__ import annotations

@@ -50,6 +50,12 @@ def resolve_run(cat: Catalog, ref: str) -> str:
     )
 
 
+def latest_run(cat: Catalog) -> str | None:
+    """The run started last, or None when the catalog holds no run."""
+    df = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
+    return None if df.empty else str(df["run_id"].iloc[0])
+
+
 def latest_completed_runs(cat: Catalog, n: int = 2) -> list[str]:
     """The ``n`` most recently started completed runs, newest first."""
     df = cat.query_df(
@@ -107,13 +113,3 @@ def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:
     row["gates_evaluated"] = int(gates["n"].iloc[0])
     row["gates_failed"] = int(gates["failed"].iloc[0])
     return row
-
-
-__all__ = [
-    "latest_completed_runs",
-    "previous_completed_run",
-    "producers",
-    "resolve_run",
-    "run_ids_like",
-    "run_info",
-]

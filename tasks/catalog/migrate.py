@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["apply_steps", "check_version", "current_version"]
-
 
 def current_version(con: duckdb.DuckDBPyConnection) -> int:
     """The schema version recorded in the catalog (0 without a ``schema_version`` table)."""

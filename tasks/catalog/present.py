@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gpt.errors import CatalogError
 from tasks.jsonable import plain
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-def _cell(value: Any) -> str:
-    import pandas as pd
-
-    if value is None:
-        return "NULL"
-    try:
-        if pd.isna(value):
-            return "NULL"
-    except (TypeError, ValueError):
-        pass
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def format_df(

@@ -1,27 +1,12 @@
 """Readers never block writers: the DuckDB catalog is two files.
 
-DuckDB lets one process at a time hold a file open for writing, and while any other
-process holds it open — a notebook's ``read_only=True`` connection included — no writer
-can open it (FACTS §7). So writers and readers never share a file:
-
-* the **live** file (:meth:`~tasks.catalog.settings.CatalogSettings.live_path`,
-  ``<path>.live``) is opened by gptflow's writers only, each for one transaction; several
-  writer processes take turns on it with the lock retries of ``connections.py``;
-* the **published** file (``path``, e.g. ``artifacts/gptflow.duckdb``: what people,
-  notebooks and dashboards open) is a checkpointed copy of the live file put in place with
-  ``os.replace``. A reader holding the old file keeps reading its snapshot (the old
-  inode); a new connection sees the new one; writers never open the published file.
-
-When a publish happens: whenever a writer asks (the run recorder at the start and end of
-a run and of every stage, migrations, rebuilds); after a write, when this process last
-published :data:`PUBLISH_EVERY` seconds ago or more (so rows written mid-stage, such as
-training curves, show up while the stage runs); and when a process that wrote exits with
-writes unpublished. A publish copies the whole file, so it happens per stage (and at most
-every :data:`PUBLISH_EVERY` seconds in between), not per row.
-
-Anything written into the published file is lost at the next publish; while a connection
-holds such writes, its WAL (``<path>.wal``) would be replayed by the next reader onto the
-new file, so a publish removes a WAL it finds there (and says so).
+DuckDB lets no writer open a file another process holds open, even read-only
+(FACTS §7). So gptflow's writers write the **live** file (``<path>.live``, one
+transaction at a time) and publish a checkpointed copy of it over the **published**
+file (``path``, what people open) with ``os.replace``: when a writer asks (run and stage
+starts and ends, migrations, rebuilds), after a write when the last publish is
+:data:`PUBLISH_EVERY` seconds old, and at exit. Writes made into the published file are
+lost at the next publish, which removes a WAL it finds there (docs/catalog.md).
 """
 
 from __future__ import annotations
@@ -178,14 +163,3 @@ def seed_live(live: Path, published: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
         wal_of(tmp).unlink(missing_ok=True)
-
-
-__all__ = [
-    "PUBLISH_EVERY",
-    "needs_publish",
-    "note_write",
-    "publish_copy",
-    "seed_live",
-    "unpublished",
-    "wal_of",
-]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
 from tasks.catalog.connections import LAKE_ALIAS, is_write_refusal, new_lake_connection
-from tasks.catalog.settings import CatalogSettings, lock_timeout_from_env
+from tasks.catalog.settings import CatalogSettings
 from tasks.catalog.store import Catalog
 
 if TYPE_CHECKING:
@@ -76,12 +76,7 @@ def run_readonly_sql(
     statement raises :class:`CatalogError`; so does a missing database.
     """
     if settings is None:
-        if db_path is not None:
-            settings = CatalogSettings(
-                path=Path(db_path).expanduser(), lock_timeout=lock_timeout_from_env()
-            )
-        else:
-            settings = CatalogSettings.from_env()
+        settings = Catalog(db_path).settings
     if settings.is_lake:
         return _lake_sql(settings, sql)
     return _file_sql(settings, sql, live=live)
@@ -103,7 +98,7 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
 
 def _file_sql(settings: CatalogSettings, sql: str, *, live: bool) -> pd.DataFrame:
     cat = Catalog(settings=settings, snapshot=not live)
-    with cat.file_reader(config={"enable_external_access": False}) as con:
+    with cat.connect(read_only=True, config={"enable_external_access": False}) as con:
         return _run(con, sql, str(cat.path))
 
 

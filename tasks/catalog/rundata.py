@@ -12,20 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from gpt.eval.paired import split_key
 from tasks.catalog.lookup import producers, run_info
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
 
-_SPLIT_ORDER = {"train": 0, "val": 1, "validation": 1, "test": 2}
 #: What a finetune trained and stored (gpt.adapter.ModelSize): headline label of each.
 SIZE_METRICS = {"trainable_params": "trainable parameters", "checkpoint_bytes": "checkpoint MB"}
 _SIZE_NAMES = ", ".join(f"'{n}'" for n in SIZE_METRICS)
-
-
-def split_key(split: str) -> tuple[int, str]:
-    """Sort key: train, val, test, then others by name."""
-    return (_SPLIT_ORDER.get(split, 9), split)
 
 
 class RunData:
@@ -172,6 +167,3 @@ class RunData:
                 ("judge", f"{jm} {pv} n", float(len(g))),
             ]
         return pd.DataFrame(rows, columns=["section", "metric", "value"])
-
-
-__all__ = ["RunData", "split_key"]

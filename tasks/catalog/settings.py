@@ -1,35 +1,13 @@
 """Where the catalog lives: one typed declaration, resolved from the environment in one
 place (:meth:`CatalogSettings.from_env`).
 
-* ``url`` unset (the default): the embedded DuckDB file at ``path`` (``GPTFLOW_DB``, else
-  ``artifacts/gptflow.duckdb``). That is the *published* file people and dashboards open;
-  writers write the live file beside it (:meth:`CatalogSettings.live_path`, one process
-  at a time) and publish a copy over ``path`` by atomic rename (``store.py``).
-* ``url = "ducklake:postgres:dbname=… host=… port=… user=…"`` with a ``data_path`` (a
-  local/shared folder or ``s3://bucket/prefix/``): a DuckLake whose metadata lives in
-  PostgreSQL and whose rows are Parquet files under ``data_path``. Several processes on
-  several machines write it at once.
-
-Environment variables (read only by :meth:`CatalogSettings.from_env`):
-
-=============================== ==========================================================
-``GPTFLOW_CATALOG_URL``          ``url`` (unset: the DuckDB file)
-``GPTFLOW_CATALOG_DATA_PATH``    ``data_path``
-``GPTFLOW_DB``                   ``path`` of the DuckDB file
-``GPTFLOW_DB_LOCK_TIMEOUT``      ``lock_timeout`` (seconds)
-``GPTFLOW_CATALOG_S3_ENDPOINT``  ``s3.endpoint`` (else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``)
-``GPTFLOW_CATALOG_S3_KEY_ID``    ``s3.key_id`` (else ``AWS_ACCESS_KEY_ID``)
-``GPTFLOW_CATALOG_S3_SECRET``    ``s3.secret`` (else ``AWS_SECRET_ACCESS_KEY``)
-``GPTFLOW_CATALOG_S3_REGION``    ``s3.region`` (else ``AWS_REGION`` / ``AWS_DEFAULT_REGION``)
-``GPTFLOW_CATALOG_S3_USE_SSL``   ``s3.use_ssl`` (``true``/``false``)
-``GPTFLOW_CATALOG_S3_URL_STYLE`` ``s3.url_style`` (``path`` or ``vhost``)
-=============================== ==========================================================
-
-Keep passwords out of ``url``: libpq reads ``PGPASSWORD`` and ``~/.pgpass``.
-
-The pipeline's ``catalog`` section (:class:`CatalogArgs`: ``url``, ``data_path``, ``path``,
-``lock_timeout``, in a profile or with ``--set catalog.url=…``) overrides these per run;
-what it leaves unset comes from the environment above. S3 credentials never come from a
+``url`` unset: the DuckDB file at ``path`` (``GPTFLOW_DB``, else
+``artifacts/gptflow.duckdb``), the published file beside the writers' live one.
+``url = "ducklake:postgres:…"`` with a ``data_path`` (a folder or ``s3://``): a DuckLake
+several machines write at once. The variables (``GPTFLOW_CATALOG_URL``,
+``GPTFLOW_CATALOG_DATA_PATH``, ``GPTFLOW_DB``, ``GPTFLOW_DB_LOCK_TIMEOUT``,
+``GPTFLOW_CATALOG_S3_*``) are listed in docs/catalog.md. The pipeline's ``catalog``
+section (:class:`CatalogArgs`) overrides them per run; S3 credentials never come from a
 config: each machine reads its own (:meth:`CatalogSettings.with_env_s3`).
 """
 
@@ -55,6 +33,7 @@ from pydantic import (
 from gpt.config import Args, operational
 from gpt.errors import CatalogError
 from gpt.paths import default_db_path
+from tasks.store.objects import s3_env
 
 #: Default bound, in seconds, on waiting for other writers (file lock, lake conflicts).
 DEFAULT_LOCK_TIMEOUT = 60.0
@@ -118,28 +97,17 @@ class S3Settings(_Model):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
         """S3 settings from ``GPTFLOW_CATALOG_S3_*``, falling back to the AWS variables."""
         env = os.environ if environ is None else environ
-
-        def first(*names: str) -> str | None:
-            for name in names:
-                if env.get(name):
-                    return env[name]
-            return None
-
-        endpoint = first("GPTFLOW_CATALOG_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-        values: dict[str, object] = {
-            "endpoint": endpoint,
-            "key_id": first("GPTFLOW_CATALOG_S3_KEY_ID", "AWS_ACCESS_KEY_ID"),
-            "secret": first("GPTFLOW_CATALOG_S3_SECRET", "AWS_SECRET_ACCESS_KEY"),
-            "region": first("GPTFLOW_CATALOG_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
-            or "us-east-1",
-            # a custom endpoint is nearly always path-style; AWS itself is vhost-style
-            "url_style": env.get("GPTFLOW_CATALOG_S3_URL_STYLE")
-            or ("path" if endpoint else "vhost"),
-        }
+        values: dict[str, object] = {**s3_env("GPTFLOW_CATALOG_S3", env)}
+        endpoint = values["endpoint"]
+        values["region"] = values["region"] or "us-east-1"
+        # a custom endpoint is nearly always path-style; AWS itself is vhost-style
+        values["url_style"] = env.get("GPTFLOW_CATALOG_S3_URL_STYLE") or (
+            "path" if endpoint else "vhost"
+        )
         ssl = env.get("GPTFLOW_CATALOG_S3_USE_SSL")
         if ssl:
             values["use_ssl"] = ssl
-        elif endpoint and endpoint.startswith("http://"):
+        elif isinstance(endpoint, str) and endpoint.startswith("http://"):
             values["use_ssl"] = False
         try:
             return cls.model_validate(values)

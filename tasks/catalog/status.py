@@ -17,24 +17,16 @@ OK = frozenset({"completed", "cached"})
 
 
 def stage_rows(cat: Catalog, run_ids: list[str], order: Sequence[str] = ()) -> pd.DataFrame:
-    """The stages of ``run_ids``, in the stage ``order`` given (the pipeline's), others
-    after them by start time."""
-    import pandas as pd
-
-    if not run_ids:
-        return pd.DataFrame(
-            columns=["run_id", "stage", "status", "cache_hit", "seconds", "message"]
-        )
-    marks = ", ".join("?" for _ in run_ids)
+    """The ``stages`` rows of ``run_ids`` with their ``seconds``, in the stage ``order``
+    given (the pipeline's), others after them by start time."""
     df = cat.query_df(
-        "SELECT run_id, stage, status, cache_hit, "
-        "epoch(ended_at) - epoch(started_at) AS seconds, message, started_at "
-        f"FROM stages WHERE run_id IN ({marks}) ORDER BY started_at",
-        run_ids,
+        "SELECT *, epoch(ended_at) - epoch(started_at) AS seconds FROM stages "
+        "WHERE list_contains(?, run_id) ORDER BY started_at, stage",
+        [list(run_ids)],
     )
     rank = {s: i for i, s in enumerate(order)}
     df["_o"] = df["stage"].map(lambda s: rank.get(s, len(rank)))
-    return df.sort_values(["run_id", "_o"], kind="stable").drop(columns=["_o", "started_at"])
+    return df.sort_values(["run_id", "_o"], kind="stable").drop(columns="_o")
 
 
 def stages_summary(stages: pd.DataFrame) -> str:
@@ -55,13 +47,14 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
     """Why ``eval_summary`` is empty for ``run_id`` (default: the latest run), with what
     to do."""
     if run_id is None:
-        latest = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
-        if latest.empty:
+        from tasks.catalog.lookup import latest_run
+
+        run_id = latest_run(cat)
+        if run_id is None:
             return (
                 f"the catalog {cat.location} holds no runs yet: run the pipeline (`gptflow run`) "
                 "or score a responses file with `gptflow judge --responses FILE.json`"
             )
-        run_id = str(latest["run_id"].iloc[0])
     elif cat.query_df("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).empty:
         return f"there is no run {run_id!r} in the catalog {cat.location} (see `gptflow runs`)"
     judge = cat.query_df(
@@ -79,6 +72,3 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
     if row["status"] in ("skipped", "failed"):
         return f"the judge stage of run {run_id} was {row['status']}: " + (msg or "no reason given")
     return f"the judge stage of run {run_id} is {row['status']} and stored no scores"
-
-
-__all__ = ["OK", "stage_rows", "stages_summary", "why_no_scores"]

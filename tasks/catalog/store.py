@@ -1,20 +1,11 @@
-"""The catalog: datasets, runs, stages, metrics, checkpoints and evaluations.
+"""The catalog handle: datasets, runs, stages, metrics, checkpoints and evaluations.
 
-Two backends behind one class (:class:`~tasks.catalog.settings.CatalogSettings` picks):
-the embedded DuckDB file (default) and a DuckLake shared by several machines
-(``connections.py`` says how each is opened). Every public method runs one transaction;
-writes are re-run when another writer wins a conflict, and a :class:`CatalogError` names
-the catalog after ``lock_timeout`` seconds (default 60, ``GPTFLOW_DB_LOCK_TIMEOUT``).
-
-The DuckDB file is two files (``publish.py``): writers write the live file and publish
-copies of it over the file people open. A :class:`Catalog` reads the live file (it sees
-its own writes); ``Catalog(..., snapshot=True)`` reads the published file, as people's
-tools do: it never waits for a writer and never makes one wait.
-
-The first write brings the catalog to this code's schema (``migrate.py``); rows reach
-the tables through ``tables.py``, lineage records through ``lineage.py``.
-
-Timestamps are stored as naive ``TIMESTAMP`` values in UTC.
+One class over two backends (:class:`~tasks.catalog.settings.CatalogSettings` picks):
+the embedded DuckDB file and a shared DuckLake (``connections.py``). Every public method
+runs one transaction; writes are re-run when another writer wins a conflict, and a
+:class:`CatalogError` names the catalog after ``lock_timeout`` seconds. Writers write the
+live file and publish it (``publish.py``); ``snapshot=True`` reads the published file,
+never waiting for a writer. Timestamps are naive ``TIMESTAMP`` values in UTC.
 """
 
 from __future__ import annotations
@@ -65,8 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-__all__ = ["Catalog", "publish_unpublished"]
 
 
 class Catalog(LineageRecords):
@@ -184,7 +173,9 @@ class Catalog(LineageRecords):
         return open_file(target, read_only=True, timeout=self.lock_timeout, config=config)
 
     @contextlib.contextmanager
-    def _open(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    def _open(
+        self, read_only: bool, config: dict[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection (file) or cursor (lake) for the ``with`` block, nothing else
         (the held one inside :meth:`held`)."""
         if self._held is not None:
@@ -199,7 +190,7 @@ class Catalog(LineageRecords):
             with lake_cursor(self.settings, read_only=read_only) as cur:
                 yield cur
             return
-        con = self._open_file(read_only)
+        con = self._open_file(read_only, config)
         try:
             yield con
         finally:
@@ -227,21 +218,6 @@ class Catalog(LineageRecords):
                 yield self
             finally:
                 self._held = None
-                con.close()
-
-    @contextlib.contextmanager
-    def file_reader(
-        self, config: dict[str, Any] | None = None
-    ) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection, opened with DuckDB ``config``, to the file this handle
-        reads (the published one for a snapshot handle), for the ``with`` block."""
-        if self.path is None:
-            raise CatalogError("file_reader works on DuckDB catalog files, not on a DuckLake")
-        with process_lock(self._lock_key()):
-            con = self._open_file(True, config)
-            try:
-                yield con
-            finally:
                 con.close()
 
     # ------------------------------------------------------------------ publishing
@@ -299,8 +275,11 @@ class Catalog(LineageRecords):
         self.publish()
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection held only for the ``with`` block (lock errors retried).
+    def connect(
+        self, read_only: bool = False, config: dict[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection held only for the ``with`` block (lock errors retried); a DuckDB
+        file is opened with DuckDB ``config`` (e.g. ``enable_external_access``).
 
         The first write-open migrates the schema; a read-only open of a missing file or
         of a file written by a newer gptflow raises :class:`CatalogError`. Statements run
@@ -308,7 +287,7 @@ class Catalog(LineageRecords):
         """
         if not read_only and not self._migrated:
             self.migrate()
-        with process_lock(self._lock_key()), self._open(read_only) as con:
+        with process_lock(self._lock_key()), self._open(read_only, config) as con:
             if not self._checked:
                 check_version(con, self.location)
                 self._checked = True

@@ -22,18 +22,6 @@ if TYPE_CHECKING:
     import duckdb
     import pandas as pd
 
-__all__ = [
-    "check_table",
-    "delete_where",
-    "insert_frame",
-    "insert_parquet",
-    "match",
-    "replace_in",
-    "table_columns",
-    "typed_frame",
-    "upsert_in",
-]
-
 
 def check_table(table: str) -> None:
     """Refuse a table the catalog does not have (table names reach SQL as text)."""

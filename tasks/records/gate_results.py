@@ -24,8 +24,9 @@ from gpt.eval.gates import (
     judge_mean_gate,
     spam_drop_gate,
 )
+from gpt.eval.paired import judge_ci, judge_pairs, pair_spam
 from tasks.catalog import utcnow
-from tasks.catalog.compare import judge_ci, judge_pairs, pair_spam
+from tasks.catalog.compare import finetuned_and_baseline
 from tasks.catalog.lookup import previous_completed_run
 from tasks.catalog.rundata import RunData
 from tasks.records.runs import RunRecorder
@@ -97,10 +98,7 @@ def _spam_pairs(before: RunData, me: RunData) -> Evidence:
 def _baseline_pairs(me: RunData, best: str) -> Evidence:
     """The gate split's messages both the finetuned classifier and baseline ``best``
     classified."""
-    ft, bl = me.predictions("finetuned"), me.predictions(best)
-    t = ft[ft["split"] == GATE_SPLIT].merge(
-        bl[bl["split"] == GATE_SPLIT], on=["split", "example_id"], suffixes=("_f", "_b")
-    )
+    t = finetuned_and_baseline(me, best, GATE_SPLIT)
     return _evidence(t["prediction_f"] == t["label_f"], t["prediction_b"] == t["label_b"])
 
 
@@ -109,7 +107,7 @@ def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[G
         return [judge_mean_gate(None, "judge", None)]
     prev = before.run_id
     notes: list[str] = []
-    pairs = judge_pairs(before, me, notes)
+    pairs = judge_pairs(before.judge_scores, me.judge_scores, before.responses, me.responses, notes)
     cis = judge_ci(
         pairs, n_resamples=args.bootstrap_resamples, confidence=args.confidence, seed=args.seed
     )
@@ -166,6 +164,3 @@ def raise_for_gates(run_id: str, results: list[GateResult], args: GatesArgs) -> 
     bad = failed(results)
     if bad and args.enabled and args.fail_run:
         raise GateFailedError(run_id, bad)
-
-
-__all__ = ["GATES_QUERY", "evaluate_gates", "raise_for_gates", "record_gates", "run_gates"]

@@ -1,34 +1,12 @@
 """Rebuild a catalog from the artifacts alone (``gptflow catalog rebuild``).
 
-The artifacts hold everything the catalog indexes: the run records
-(``artifacts/runs/<run_id>.json``: the ``runs`` and ``stages`` rows) and the stage folders
-(``artifacts/stages/<stage>/<key>/``: ``rows/<table>.parquet`` listed in the manifest).
-Rebuilding replays both into a fresh catalog; every step is idempotent, so it can also
-fill in a catalog that lacks some rows. The artifacts may be on an object store
-(``s3://…``): then only the ``rows/`` files of each published folder are downloaded.
-
-Rows of results that a recomputation replaced (a forced stage, a damaged folder) were
-kept beside the folder (``<key>.history/``) and are replayed too. ``sources`` (the
-downloads' digests, among them the trust-on-first-use records of :mod:`gpt.data.trust`)
-is restored from the run records, the newest record of each file winning over an older
-one already in the catalog. Not rebuilt: ``benchmarks``, and rows of stages that never
-finished (their ``.partial`` folders).
-
-Two kinds of target (:func:`rebuild_into`):
-
-* **the DuckDB file**: a new file is built beside the old one and swapped in only when
-  complete (an existing file is refused unless ``replace``); the old file's ``sources``
-  and ``benchmarks`` are carried over;
-* **a DuckLake** (``ducklake:postgres:…`` + data path): there is no file to swap, and
-  every step is idempotent, so the rebuild fills the lake in place. A lake whose rebuilt
-  tables hold rows is refused unless ``replace``, which first empties those tables, one
-  transaction per table. ``sources`` and ``benchmarks`` are kept (other machines may rely
-  on the download digests); so is the schema.
-
-A rebuild never loses what it cannot get back: artifacts that are missing are refused,
-and so are artifacts without run records and a rebuilt catalog holding fewer rows in any
-table than the one it replaces (for a lake: built first in a scratch file and compared),
-unless ``allow_empty``.
+Replays the run records (``runs/<run_id>.json``) and every committed stage folder's
+``rows/`` (and the kept rows of replaced results, ``<key>.history/``) into a catalog;
+every step is idempotent. ``sources`` is restored from the run records, the newest
+record of each file winning; ``benchmarks`` is not in the artifacts and is kept. A file
+target is built beside the old one and swapped in when complete; a DuckLake is filled
+in place (:func:`rebuild_into`). A rebuild that would leave fewer rows than the catalog
+it replaces is refused unless ``allow_empty`` (docs/catalog.md#rebuild).
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """A stage's catalog rows, kept in its folder: the catalog is an index of the artifacts.
 
 While a stage computes, :class:`RowSink` appends its rows to ``.rows/<table>.jsonl`` in
-the work folder (so a resumed attempt still has the rows of the interrupted one) and,
-for live tables such as training metrics, also writes them to the catalog at once. When
-the stage commits, the rows become ``rows/<table>.parquet`` — typed exactly as the
-catalog stores them, since they are produced by the catalog's own schema in an
-in-memory DuckDB — and are ingested into the catalog in one transaction.
-
-Each table has a *scope*: the columns that identify one stage's rows in it (metrics of
-one run and stage; the responses of one run). Ingesting replaces the rows of that scope,
-so it is idempotent; :func:`ensure_ingested` re-ingests a folder when the catalog lacks
-its rows (another catalog, a deleted or damaged one) and does nothing otherwise.
+the work folder (a resumed attempt keeps them) and writes live tables (training
+metrics) to the catalog at once. At commit they become ``rows/<table>.parquet``, typed
+by the catalog's own schema in an in-memory DuckDB, and are ingested in one
+transaction. Ingesting replaces the rows of the table's *scope* (e.g. one run and
+stage), so it is idempotent (:func:`ensure_ingested`).
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ from tasks.store.manifest import ROWS_DIR
 
 if TYPE_CHECKING:
     import duckdb
-    import pandas as pd
 
     from tasks.catalog import Catalog
 
@@ -169,17 +163,6 @@ def _load_into(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, 
 
     cols = table_columns(con, table)
     insert_frame(con, table, typed_frame(table, rows, cols, "(in-memory rows)"), cols)
-
-
-def read_parquet(path: Path) -> pd.DataFrame:
-    """A rows file as a DataFrame (for tests and tools)."""
-    import duckdb
-
-    con = duckdb.connect()
-    try:
-        return con.execute(f"SELECT * FROM read_parquet('{_sql_path(path)}')").df()
-    finally:
-        con.close()
 
 
 def _scope(table: str, scope: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,20 +1,13 @@
-"""Whether a run is really running: the process that runs it, its heartbeat, and the
-process that started it.
+"""Whether a run is really running: its process, its heartbeat, and the process that
+started it.
 
-* Every run records where it runs (``host``, ``pid``) and beats: its flow process writes
-  ``heartbeat_at`` into its run record every :data:`HEARTBEAT_EVERY` seconds.
-  :func:`dead_reason` tells a ``running`` run whose process is gone — on this host its
-  PID is no longer that process; on another, no heartbeat for :data:`STALE_AFTER` seconds —
-  and :func:`settle_run` shows it ``crashed`` with that reason (``gptflow runs``,
-  ``gptflow catalog rebuild``, and the next run, which records it).
-* :class:`RunWatch` is the thread that beats. It also watches the process that started
-  the run (a Prefect worker, or the shell of ``gptflow run``): when that one dies, the
-  run's output pipe is gone and every later write to it would fail with a
-  ``BrokenPipeError`` (``rich``, behind Prefect's console log handler, even exits).
-  So the watch relays the output through a pipe of its own, which drops what no one
-  reads any more, and remembers why; :func:`check_alive`, called at stage boundaries
-  and from training callbacks, then stops the run with a
-  :class:`~gpt.errors.WorkerDiedError` that says what happened.
+A run records its ``host`` and ``pid`` and beats every :data:`HEARTBEAT_EVERY` seconds;
+:func:`dead_reason` tells a ``running`` run whose process is gone (or silent for
+:data:`STALE_AFTER` seconds) and :func:`settle_run` shows it ``crashed``.
+:class:`RunWatch` beats and watches the process that started the run (a Prefect worker,
+a shell): when that dies, its output pipe breaks, so the watch relays output through a
+pipe of its own (:class:`_Relay`) and :func:`check_alive` then stops the run with a
+:class:`~gpt.errors.WorkerDiedError` saying what happened.
 """
 
 from __future__ import annotations
@@ -93,12 +86,9 @@ def process_alive(pid: int, started_before: dt.datetime | None = None) -> bool:
 
 
 def _as_naive_utc(value: Any) -> dt.datetime | None:
+    """A recorded time (text or timestamp) as naive UTC; None when missing or unreadable."""
     from tasks.catalog.values import to_utc_naive
 
-    if value is None or (isinstance(value, float) and value != value):
-        return None
-    if isinstance(value, str):
-        return dt.datetime.fromisoformat(value)
     try:
         return to_utc_naive(value)
     except (TypeError, ValueError):
@@ -317,18 +307,3 @@ def worker_died_reason() -> str | None:
         return None
     watch.check_parent()
     return watch.died
-
-
-__all__ = [
-    "HEARTBEAT_EVERY",
-    "STALE_AFTER",
-    "TERMINAL",
-    "RunWatch",
-    "check_alive",
-    "dead_reason",
-    "process_alive",
-    "settle_run",
-    "settle_runs",
-    "this_host",
-    "worker_died_reason",
-]

@@ -1,21 +1,10 @@
 """Run records: what each run did, kept beside the artifacts as well as in the catalog.
 
-Every ``runs`` / ``stages`` row the pipeline writes is also written to
-``artifacts/runs/<run_id>.json`` (atomically, the same values), so that the catalog can
-be rebuilt from the artifacts alone (:mod:`tasks.records.rebuild`). On an object-store root
-(``s3://…/runs``) a record is updated by compare-and-swap (a write conditional on the
-ETag read), so stages of one run recorded from several machines lose nothing.
-
-A run ends in ``completed``, ``failed`` or ``crashed`` on every path
-(:meth:`RunRecorder.running`), with the reason in ``message``; while it runs it beats
-(:mod:`tasks.records.run_state`), so a run whose process died is told from a running one, and the
-next run records it ``crashed`` (:meth:`RunRecorder.reap`). The run record file is written
-first: when the catalog cannot be written (locked), the record still tells how the run
-ended, and the next run or a rebuild brings the catalog in line. Each run and stage
-event publishes the catalog (readers see it at once).
-
-What happens to a stage in a run is one :class:`StageRecord` (its ``stages`` row):
-running, waiting, cached, completed, skipped or failed, with its times, outputs and why.
+Every ``runs`` / ``stages`` row is also written to ``artifacts/runs/<run_id>.json``
+(first, so a locked catalog loses nothing; on an object store by compare-and-swap), so
+the catalog can be rebuilt from the artifacts (:mod:`tasks.records.rebuild`). A run
+ends ``completed``, ``failed`` or ``crashed`` on every path (:meth:`RunRecorder.running`),
+and a stage's fate is one :class:`StageRecord`.
 """
 
 from __future__ import annotations
@@ -34,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gpt.errors import CatalogError, WorkerDiedError, one_line
+from gpt.fileio import atomic_open
 from gpt.paths import is_remote
 from tasks.catalog.values import to_json as _to_json
 from tasks.catalog.values import utcnow
@@ -133,17 +123,24 @@ class RunRecorder:
             return self.placed[1] / f"{run_id}.json"
         return self.runs_dir / f"{run_id}.json"
 
-    def read(self, run_id: str) -> dict[str, Any] | None:
-        if self.remote is not None:
-            got = self.remote.get(f"{run_id}.json")
+    def _fetch(self, run_id: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The record (None when missing or unreadable) and, on an object store, the
+        ETag it was read at (None: no object)."""
+        if self.remote is None:
             try:
-                return None if got is None else json.loads(got.data)
-            except (ValueError, UnicodeDecodeError):
-                return None
+                return json.loads(self.path(run_id).read_text(encoding="utf-8")), None
+            except (OSError, ValueError):
+                return None, None
+        got = self.remote.get(f"{run_id}.json")
+        if got is None:
+            return None, None
         try:
-            return json.loads(self.path(run_id).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
+            return json.loads(got.data), got.etag
+        except ValueError:
+            return None, got.etag
+
+    def read(self, run_id: str) -> dict[str, Any] | None:
+        return self._fetch(run_id)[0]
 
     def records(self) -> list[dict[str, Any]]:
         """Every readable run record, oldest run first (unreadable ones are logged)."""
@@ -162,43 +159,34 @@ class RunRecorder:
                 log.warning("skipping unreadable run record %s", where(name))
         return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
 
-    def _update_remote(self, run_id: str, fn: Callable[[dict[str, Any]], None]) -> None:
-        """Read, change, write back only if nobody wrote in between; else again."""
-        assert self.remote is not None
-        name = f"{run_id}.json"
-        for _ in range(50):
-            got = self.remote.get(name)
-            try:
-                rec = json.loads(got.data) if got is not None else None
-            except (ValueError, UnicodeDecodeError):
-                rec = None
-            rec = rec or {"version": RECORD_VERSION, "run": None, "stages": {}}
-            fn(rec)
-            body = json.dumps(rec, indent=1, sort_keys=True).encode()
-            if got is None:
-                written = self.remote.create(name, body)
-            else:
-                written = self.remote.replace_if(name, body, got.etag)
-            if written is not None:
-                return
-            time.sleep(random.uniform(0.01, 0.1))  # another writer won: read again
+    def _update(self, run_id: str, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Read the record, change it with ``fn`` and write it back: a local file under
+        this process's lock; an object only if nobody wrote it in between (a
+        compare-and-swap, across threads as across machines), else again."""
+        with _LOCK if self.remote is None else contextlib.nullcontext():
+            for _ in range(50):
+                rec, etag = self._fetch(run_id)
+                rec = rec or {"version": RECORD_VERSION, "run": None, "stages": {}}
+                fn(rec)
+                if self._write(run_id, json.dumps(rec, indent=1, sort_keys=True), etag):
+                    return
+                time.sleep(random.uniform(0.01, 0.1))  # another writer won: read again
         from tasks.store.objects import StorageError
 
-        raise StorageError(f"could not update the run record {self.remote.url_of(name)}")
+        where = self.remote.url_of(f"{run_id}.json") if self.remote else self.path(run_id)
+        raise StorageError(f"could not update the run record {where}")
 
-    def _update(self, run_id: str, fn: Any) -> None:
+    def _write(self, run_id: str, text: str, etag: str | None) -> bool:
+        """Write the record: a local file atomically; an object only if it is still the
+        version ``etag`` (None: only if there is none). False when another writer won."""
         if self.remote is not None:
-            with _LOCK:
-                self._update_remote(run_id, fn)
-            return
-        with _LOCK:
-            rec = self.read(run_id) or {"version": RECORD_VERSION, "run": None, "stages": {}}
-            fn(rec)
-            path = self.path(run_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(rec, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, path)
+            name = f"{run_id}.json"
+            if etag is None:
+                return self.remote.create(name, text.encode()) is not None
+            return self.remote.replace_if(name, text.encode(), etag) is not None
+        with atomic_open(self.path(run_id), "w", encoding="utf-8", fsync=False) as fh:
+            fh.write(text)
+        return True
 
     # ------------------------------------------------------------------ runs
     def start_run(

@@ -1,17 +1,11 @@
 """Stage folders in a local (or shared) folder: lookup, work folders, atomic commits.
 
-A stage's result lives in ``<root>/<stage>/<key>/`` with its manifest
-(:mod:`tasks.store.manifest`). :class:`StageStore` is the interface both stores share;
-this class keeps the folders on a file system, :class:`tasks.store.object_store.ObjectStageStore`
-publishes them on an object store and keeps verified local copies through the same
-methods.
-
-Work happens in ``<key>.<owner>.partial/``, named by the lease of the run computing it
-(:mod:`tasks.store.lease`); it is kept after a crash so training resumes (the next holder
-of the lease takes it over by renaming it) and is renamed into place only when complete,
-by a run that still holds the lease. A recomputation that replaces another run's result
-keeps that run's rows beside the folder (``<key>.history/<producer>-<time>/``) for
-``gptflow catalog rebuild``.
+A result lives in ``<root>/<stage>/<key>/`` with its manifest. Work happens in
+``<key>.<owner>.partial/``, named by the holder's lease and kept after a crash so
+training resumes; it is renamed into place only by a run that still holds the lease.
+A recomputation keeps the replaced run's rows in ``<key>.history/`` for a rebuild.
+:class:`StageStore` is also the interface of the object store
+(:mod:`tasks.store.object_store`).
 """
 
 from __future__ import annotations
@@ -35,6 +29,7 @@ from tasks.store.manifest import (
     describe_files,
     history_name,
     history_text,
+    parse_history,
     read_manifest,
     verify_files,
     write_manifest,
@@ -192,7 +187,10 @@ class StageStore:
                 str(folder), None if problem else manifest, problem and f"{folder}: {problem}"
             )
         for entry in sorted(self.root.glob("*/*.history/*/manifest.json")):
-            old = read_manifest_file(entry)
+            try:
+                old = parse_history(entry.read_bytes())
+            except OSError:
+                old = None
             problem = None if old else f"{entry.parent}: unreadable manifest"
             yield Committed(str(entry.parent), old, problem, history=True)
 
@@ -200,17 +198,6 @@ class StageStore:
     def rows_folder(self, entry: Committed) -> Iterator[Path]:
         """A local folder holding ``rows/`` of ``entry`` (here: its own folder)."""
         yield Path(entry.where)
-
-
-def read_manifest_file(path: Path) -> dict[str, Any] | None:
-    """A single-file manifest (a history entry's), or None when unreadable."""
-    import json
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def install(folder: Path, final: Path) -> None:

@@ -1,43 +1,13 @@
 """Leases: one computation per stage key, and one writer per downloaded file, at a time.
 
-A lease is a small object in the store it guards — ``<stage>/<key>.lease`` beside the
-stage folder (a file, or an object on an object store, :mod:`tasks.store.object_lease`), or
-``<file>.lease`` beside a file being downloaded — holding who owns it. Its owner renews
-it from a heartbeat thread every ``ttl_s / 4``. Another run that needs it waits until it
-is released; a lease not renewed for ``ttl_s`` (a killed worker, a lost machine, a
-process stopped for too long) is stale and is broken, and on the owner's own host a
-dead owner process is detected at once.
-
-**Nothing is taken silently.** Every change of a lease is a compare-and-swap on the
-version its writer saw last, so a stalled owner that wakes up after its lease was
-broken cannot write over the breaker's lease; it finds out at its next renewal
-(:attr:`LeaseBase.lost`) and :meth:`LeaseBase.confirm` refuses it before it publishes
-anything (:class:`LeaseLost`). The stage store also names each holder's work folder by
-its lease (:meth:`tasks.store.folder.StageStore.work_dir`): a breaker takes the stalled owner's
-folder over by renaming it, so the two never write into one folder and the stalled
-owner's commit finds nothing to publish.
-
-One protocol (:class:`LeaseBase`: acquire, wait, break, renew, confirm, release) runs on
-two backends, which only supply the conditional operations:
-
-- **files** (:class:`Lease`; a local or shared file system): created with
-  ``O_CREAT | O_EXCL``; the lease *is* the inode its owner created, which it keeps open
-  and renews in place, so a renewal can only ever touch the owner's own lease; it holds
-  the lease while the name still points at that inode. Breaking renames the name aside
-  (a rename succeeds for exactly one breaker), checks that the moved lease is still the
-  very version judged stale (else puts it back), and creates a new one exclusively.
-- **object stores** (:class:`tasks.store.object_lease.ObjectLease`): conditional puts and
-  deletes on the ETag (``If-None-Match: *``, ``If-Match``).
-
-Why not Prefect's global concurrency limits (``prefect.concurrency.sync.concurrency``
-with a limit of 1 per key)? They need a Prefect server for every lease, while stage
-runs, ``gptflow download`` and library calls also run without one (ephemeral mode costs
-15-30 s per process); a limit that does not exist yet is no limit at all (the context
-manager yields without waiting), so one limit would have to be created per stage key
-and per downloaded file; the server refuses leases shorter than 60 s and expires them
-on its own schedule; a holder whose lease expired is only warned (or cancelled) and has
-no way to check ownership before it publishes; a dead holder on the same host is not
-noticed before its lease expires, and a waiter cannot say which run it waits for.
+A lease is a small object beside what it guards (``<stage>/<key>.lease``,
+``<file>.lease``) naming its owner, who renews it every ``ttl_s / 4``; one not renewed
+for ``ttl_s``, or whose owner process is gone on this host, is broken. Every change is
+a compare-and-swap on the version its writer saw last, so a stalled owner finds out at
+its next renewal and :meth:`LeaseBase.confirm` refuses it before it publishes.
+:class:`LeaseBase` is the protocol; :class:`Lease` its file backend (``O_EXCL``, the
+owner's own inode renewed in place) and :class:`tasks.store.object_lease.ObjectLease`
+its object backend. Why not Prefect's concurrency limits: docs/caching.md.
 """
 
 from __future__ import annotations
@@ -62,20 +32,9 @@ from gpt.errors import GPTFlowError
 log = logging.getLogger(__name__)
 
 #: Environment variables of the seconds without a renewal after which a lease counts as
-#: abandoned, and of the seconds between two looks at a lease held by someone else.
+#: abandoned (default 60), and of the seconds between two looks at a lease held by
+#: someone else (default 1).
 TTL_ENV, POLL_ENV = "GPTFLOW_LEASE_TTL_S", "GPTFLOW_LEASE_POLL_S"
-
-
-def default_ttl_s() -> float:
-    """Seconds without a renewal after which a lease is stale (``GPTFLOW_LEASE_TTL_S``,
-    default 60)."""
-    return float(os.environ.get(TTL_ENV, "60"))
-
-
-def default_poll_s() -> float:
-    """Seconds between two looks at a lease held by someone else
-    (``GPTFLOW_LEASE_POLL_S``, default 1)."""
-    return float(os.environ.get(POLL_ENV, "1.0"))
 
 
 class LeaseLost(GPTFlowError):
@@ -108,32 +67,6 @@ class Seen:
     age_s: float | None
 
 
-class WaitTurn:
-    """The waiting part of a lease's ``acquire``, one call per look at a live holder:
-    tell ``on_wait`` about each new holder once, give up after ``timeout_s``, sleep."""
-
-    def __init__(
-        self,
-        where: str,
-        poll_s: float,
-        on_wait: Callable[[LeaseInfo], None] | None,
-        timeout_s: float | None,
-    ) -> None:
-        self.where = where
-        self.poll_s = poll_s
-        self.on_wait = on_wait
-        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self.announced: str | None = None
-
-    def __call__(self, info: LeaseInfo) -> None:
-        if self.on_wait is not None and self.announced != info.token:
-            self.on_wait(info)
-            self.announced = info.token
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise TimeoutError(f"lease {self.where} still held by {info.describe()}")
-        time.sleep(self.poll_s)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -153,8 +86,8 @@ class LeaseBase(ABC):
         self, run_id: str, *, ttl_s: float | None = None, poll_s: float | None = None
     ) -> None:
         self.run_id = run_id
-        self.ttl_s = default_ttl_s() if ttl_s is None else ttl_s
-        self.poll_s = default_poll_s() if poll_s is None else poll_s
+        self.ttl_s = float(os.environ.get(TTL_ENV, "60")) if ttl_s is None else ttl_s
+        self.poll_s = float(os.environ.get(POLL_ENV, "1.0")) if poll_s is None else poll_s
         self.token = uuid.uuid4().hex
         self.lost = False
         """True once a renewal found the lease taken over (the owner stalled past its
@@ -252,7 +185,8 @@ class LeaseBase(ABC):
         is stale. Returns True when another run held it meanwhile (so the caller should
         look for that run's result first)."""
         waited = False
-        wait = WaitTurn(self.where, self.poll_s, on_wait, timeout_s)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        announced: str | None = None  # the holder on_wait was told about
         first_seen: tuple[Hashable, float] | None = None  # for stores without a clock
         self.lost = False
         self._acquired_at = time.time()
@@ -269,7 +203,12 @@ class LeaseBase(ABC):
                     break
                 continue  # another breaker (or a late renewal) won: look again
             waited = True
-            wait(seen.info)
+            if on_wait is not None and announced != seen.info.token:
+                on_wait(seen.info)
+                announced = seen.info.token
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"lease {self.where} still held by {seen.info.describe()}")
+            time.sleep(self.poll_s)
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True, name="lease")
         self._thread.start()

@@ -1,38 +1,21 @@
 """The manifest of a stage folder: what the result *is*, apart from who produced it.
 
-A committed stage folder ``<stage>/<key>/`` holds:
-
-- the stage's files (checkpoints, token files, plots, JSON exports),
-- ``rows/<table>.parquet``: the catalog rows the stage produced (the catalog is an index
-  of these folders and can be rebuilt from them),
-- ``produced.json``: the record of who computed it, when, where and how fast — the
-  producing run (and the run that resumed it), times, the device, the settings it ran
-  with, the measured fields of its result, the rows, the files' mtimes,
-- ``manifest.json``, written last: what the result *is* — the stage, key, code, the
-  settings that shaped it, its inputs' digests, its typed result and the size and sha256
-  of every other file (rows and ``produced.json`` aside). Two computations of one key —
-  two runs, or a run killed and resumed — write it byte for byte the same.
-
-A folder is a usable result only when its files match the manifest (:func:`verify_files`):
-every listed file is present with its size; small files are always re-hashed, large ones
-when their mtime changed since the manifest was written or when ``verify="full"``. The
-**digest** downstream keys use (:func:`content_digest`) hashes the files but not
-``rows/`` (rows carry timestamps), so a recomputation that writes byte-identical files
-keeps everything downstream cached.
-
-Both stores (:mod:`tasks.store.folder`, :mod:`tasks.store.object_store`) build, write and
-read manifests with the functions here.
+``manifest.json`` (written last) holds the stage, key, code, settings, inputs' digests,
+typed result and every file's size and sha256; two computations of one key write it
+byte for byte the same. ``produced.json`` records who computed it, when and how, and
+``rows/<table>.parquet`` the catalog rows. A folder is a result only when its files
+match the manifest (:func:`verify_files`); the digest downstream keys use
+(:func:`content_digest`) leaves ``rows/`` out (docs/caching.md).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from gpt.fileio import sha256_file
+from gpt.fileio import atomic_open, sha256_file
 from tasks.store.keys import sha256_json
 
 MANIFEST = "manifest.json"
@@ -146,6 +129,15 @@ def history_text(manifest: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=1, default=str)
 
 
+def parse_history(data: bytes) -> dict[str, Any] | None:
+    """A history entry's manifest from its bytes (:func:`history_text`), else None."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) and value.get("rows") else None
+
+
 def history_name(manifest: dict[str, Any]) -> str:
     """The folder name of a replaced result's history entry: its producer and time."""
     return f"{manifest['producer_run_id']}-{int(manifest['created_at'])}"
@@ -156,9 +148,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (the mark of a complete folder), each by atomic rename."""
     content, record = manifest_texts(manifest)
     for name, text in ((PRODUCED, record), (MANIFEST, content)):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+        with atomic_open(folder / name, "w", encoding="utf-8", fsync=False) as fh:
+            fh.write(text)
 
 
 def parse_manifest(content: bytes | str, record: bytes | str | None) -> dict[str, Any] | None:

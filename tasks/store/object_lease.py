@@ -1,33 +1,16 @@
-"""One computation per stage key across machines: a lease object on the object store.
+"""The object-store backend of the lease protocol (:class:`tasks.store.lease.LeaseBase`).
 
-The object-store backend of the lease protocol (:class:`tasks.store.lease.LeaseBase`, same
-interface as the file lease), built on conditional writes only
-(:class:`tasks.store.objects.ObjectRoot`), so runs on different machines exclude each other
-without a lock server:
-
-- **create**: ``<stage>/<key>.lease`` with ``If-None-Match: *`` — exactly one of
-  several creators succeeds; the others wait and poll.
-- **renew**: the owner rewrites it every ``ttl_s / 4`` with ``If-Match: <its ETag>``; a
-  renewal that fails because the object changed (or is gone) means the lease was taken
-  over: its owner stops renewing and :meth:`~tasks.store.lease.LeaseBase.confirm` refuses, so
-  it does not publish.
-- **age**: measured by the server's clock (its ``Date`` header minus the object's
-  ``Last-Modified``), so the machines' clocks do not matter; a waiter that cannot see
-  the server's clock breaks a lease whose ETag it saw unchanged for ``ttl_s`` of its own
-  time.
-- **break**: a take-over — the breaker writes its own lease with
-  ``If-Match: <the stale ETag>``, which succeeds for exactly one of several breakers.
-- **release**: delete with ``If-Match: <its ETag>`` (never someone else's lease).
+Built on conditional writes only (:class:`tasks.store.objects.ObjectRoot`): create with
+``If-None-Match: *``, renew, take over and release with ``If-Match: <ETag>``; a lease's
+age is measured by the server's clock (docs/several-machines.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from tasks.store.lease import LeaseBase, LeaseLost, Seen
+from tasks.store.lease import LeaseBase, Seen
 from tasks.store.objects import Fetched, ObjectRoot
-
-__all__ = ["LeaseLost", "ObjectLease"]
 
 
 class ObjectLease(LeaseBase):

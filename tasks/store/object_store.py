@@ -1,36 +1,16 @@
 """Stage folders on object storage, used through verified local copies.
 
-Stage bodies and the library compute in a local folder (libraries write files, torch
-loads local paths), so for an object-store root (:mod:`tasks.store.objects`) a stage folder
-has two places:
-
-- **published**: ``<root>/stages/<stage>/<key>/`` on the object store, the shared truth;
-- **local**: ``<cache>/stages/<stage>/<key>/`` (:func:`gpt.paths.remote_cache_dir`), a
-  verified copy that downstream stages read (``StageOutput.root``), beside the work
-  work folder ``<key>.<owner>.partial/`` (kept after a crash so training resumes on
-  this machine).
-
-**Commit** uploads every file of the work folder, lists them back to record each
-object's ETag (in ``produced.json``, the record of who produced the folder, uploaded
-next), and publishes ``manifest.json`` last with a conditional put
-(``If-None-Match: *``): a reader never takes a folder without its manifest, and a
-folder whose objects changed after publishing no longer matches it. An older or damaged
-version is deleted first (its manifest first), under the stage's lease: the commit
-checks that this run still holds it before touching anything published and again just
-before publishing the manifest.
-
-**Lookup** reads the manifest and lists the folder (two requests): every listed file must
-be there with its size and ETag, and nothing else. The local copy is used when it holds
-the same manifest and verifies like a local folder; otherwise the folder is downloaded
-into a fresh local folder, every file checked against the manifest (size and sha256)
-and given the manifest's mtime (so later checks of big files are quick), the manifest
-written last, and the folder moved into place.
+Stages compute in a local folder, so for an object-store root a stage folder is
+published at ``<root>/stages/<stage>/<key>/`` and kept as a verified local copy under
+:func:`gpt.paths.remote_cache_dir`. A commit uploads the files, records their ETags and
+publishes ``manifest.json`` last (``If-None-Match: *``); a lookup checks the listing
+against the manifest and downloads into a fresh folder when the local copy differs
+(docs/several-machines.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -54,6 +34,7 @@ from tasks.store.manifest import (
     history_name,
     history_text,
     manifest_texts,
+    parse_history,
     parse_manifest,
     read_manifest,
     verify_files,
@@ -197,7 +178,7 @@ class ObjectStageStore(StageStore):
             parts = name.split("/")
             if len(parts) == 4 and parts[1].endswith(".history") and parts[3] == MANIFEST:
                 got = self.remote.get(name)
-                old = None if got is None else _json_dict(got.data)
+                old = None if got is None else parse_history(got.data)
                 where = self.remote.url_of(name.removesuffix(f"/{MANIFEST}"))
                 yield Committed(where, old, None if old else f"{where}: unreadable manifest", True)
 
@@ -274,12 +255,3 @@ class ObjectStageStore(StageStore):
         write_manifest(work, full)
         install(work, self.final_dir(stage, key))
         return full
-
-
-def _json_dict(data: bytes) -> dict[str, Any] | None:
-    """``data`` as a JSON object with rows (a history entry's manifest), else None."""
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) and value.get("rows") else None

@@ -1,20 +1,10 @@
-"""The artifacts root on object storage: an fsspec URL with conditional writes.
+"""The artifacts root on object storage: an ``s3://`` prefix with conditional writes.
 
-The artifacts root (``GPTFLOW_ARTIFACTS``) is a local folder (or ``file://`` URL) —
-handled by plain files and ``os.replace`` as always — or an object-store URL, handled
-here. :class:`ObjectRoot` is a prefix of a bucket with the few operations the stage
-store, the leases and the run records need, including the two conditional writes that
-make them safe across machines without a lock server:
-
-- :meth:`ObjectRoot.create`: put only if no object has the name (``If-None-Match: *``),
-- :meth:`ObjectRoot.replace_if` / :meth:`ObjectRoot.delete_if`: put or delete only if
-  the object is still the version read before (``If-Match: <ETag>``).
-
-Implemented for ``s3://`` (AWS S3 and S3-compatible servers; s3fs from the ``lake``
-extra). Other fsspec protocols are refused with a clear error: their conditional writes
-differ (e.g. GCS generation numbers) and are not implemented.
-
-Credentials and endpoint come from the environment only (:class:`ObjectStoreSettings`).
+:class:`ObjectRoot` offers the few operations the stage store, leases and run records
+need, among them :meth:`~ObjectRoot.create` (``If-None-Match: *``) and
+:meth:`~ObjectRoot.replace_if` / :meth:`~ObjectRoot.delete_if` (``If-Match``), which make
+them safe across machines without a lock server. Only S3 (s3fs, the ``lake`` extra) is
+implemented; credentials come from the environment (:class:`ObjectStoreSettings`).
 """
 
 from __future__ import annotations
@@ -23,7 +13,7 @@ import email.utils
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +29,23 @@ SUPPORTED_PROTOCOLS = ("s3", "s3a")
 
 class StorageError(GPTFlowError):
     """The artifacts store cannot be used (bad URL, missing bucket, failed publish)."""
+
+
+def s3_env(prefix: str, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """``endpoint``, ``key_id``, ``secret`` and ``region`` from
+    ``<prefix>_{ENDPOINT,KEY_ID,SECRET,REGION}``, each falling back to the AWS variables
+    of the same meaning (None: none is set)."""
+    env = os.environ if environ is None else environ
+    names = {
+        "endpoint": ("ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        "key_id": ("KEY_ID", "AWS_ACCESS_KEY_ID"),
+        "secret": ("SECRET", "AWS_SECRET_ACCESS_KEY"),
+        "region": ("REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    }
+    return {
+        field: next((env[n] for n in (f"{prefix}_{own}", *aws) if env.get(n)), None)
+        for field, (own, *aws) in names.items()
+    }
 
 
 class ObjectStoreSettings(BaseModel):
@@ -57,22 +64,9 @@ class ObjectStoreSettings(BaseModel):
     """Bucket region; None: botocore's default."""
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> ObjectStoreSettings:
-        """``GPTFLOW_ARTIFACTS_S3_{ENDPOINT,KEY_ID,SECRET,REGION}``, each falling back to
-        the AWS variable of the same meaning."""
-        env = os.environ if environ is None else environ
-
-        def first(*names: str) -> str | None:
-            return next((env[n] for n in names if env.get(n)), None)
-
-        values = {
-            "endpoint": first(
-                "GPTFLOW_ARTIFACTS_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
-            ),
-            "key_id": first("GPTFLOW_ARTIFACTS_S3_KEY_ID", "AWS_ACCESS_KEY_ID"),
-            "secret": first("GPTFLOW_ARTIFACTS_S3_SECRET", "AWS_SECRET_ACCESS_KEY"),
-            "region": first("GPTFLOW_ARTIFACTS_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"),
-        }
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ObjectStoreSettings:
+        """``GPTFLOW_ARTIFACTS_S3_*``, else the AWS variables (:func:`s3_env`)."""
+        values = s3_env("GPTFLOW_ARTIFACTS_S3", environ)
         try:
             return cls.model_validate(values)
         except ValidationError as exc:

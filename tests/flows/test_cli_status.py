@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers_catalog import record_stage, start_run
 
 from flows.cli import main
 from tasks.stages import STAGES
@@ -28,14 +29,14 @@ def cat():
 
 
 def _run(cat, run_id: str, judge: str | None, message: str | None = None) -> None:
-    cat.start_run(run_id, profile="smoke")
+    start_run(cat, run_id, profile="smoke")
     for stage in STAGES:
         if stage == "judge":
             if judge is not None:
-                cat.record_stage(run_id, stage, status=judge, message=message)
+                record_stage(cat, run_id, stage, status=judge, message=message)
             continue
-        cat.record_stage(run_id, stage, status="running")
-        cat.record_stage(run_id, stage, status="cached" if stage == "download" else "completed")
+        record_stage(cat, run_id, stage, status="running")
+        record_stage(cat, run_id, stage, status="cached" if stage == "download" else "completed")
     cat.end_run(run_id, "completed")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from _paths import REPO
+from helpers_catalog import start_run
 
 pytestmark = pytest.mark.prefect
 
@@ -268,9 +269,9 @@ def test_judge_flow_scores_then_resumes(prefect_server):
 
     cat = Catalog()
     cat.migrate()
-    cat.start_run("r0", profile="smoke")
+    start_run(cat, "r0", profile="smoke")
     cat.replace_rows("responses", _responses("r0", 2), where={"run_id": "r0"})
-    cat.start_run("r1", profile="smoke")  # started after r0: the latest
+    start_run(cat, "r1", profile="smoke")  # started after r0: the latest
     cat.replace_rows("responses", _responses("r1", 3), where={"run_id": "r1"})
 
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 77").start()

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers_catalog import start_run
 
 from flows.cli import main
 
@@ -35,9 +36,9 @@ def _run_with(mirror: str | None) -> None:
 
     cat = Catalog()
     cat.migrate()
-    cat.start_run("r-old", profile="smoke", config={"download": {"mirror": None}})
+    start_run(cat, "r-old", profile="smoke", config={"download": {"mirror": None}})
     cat.end_run("r-old", "completed")
-    cat.start_run("r-new", profile="smoke", config={"download": {"mirror": mirror}})
+    start_run(cat, "r-new", profile="smoke", config={"download": {"mirror": mirror}})
     cat.end_run("r-new", "completed")
 
 

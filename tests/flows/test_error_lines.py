@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from _paths import REPO
+from helpers_catalog import record_stage, start_run
 
 from flows.cli import EXIT_PIPE_CLOSED, main
 
@@ -108,8 +109,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict
     cat = Catalog(d / "c.duckdb")
     cat.migrate()
     for run in RUNS:
-        cat.start_run(run, profile="smoke")
-        cat.record_stage(run, "download", status="completed")
+        start_run(cat, run, profile="smoke")
+        record_stage(cat, run, "download", status="completed")
         cat.end_run(run, "completed")
     cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=2)
     save_checkpoint(d / "lm", GPT(cfg), tokenizer_dir=tokenizer_dir)

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers_catalog import record_checkpoint, record_metrics, record_stage, start_run
 
 from flows.report import fmt
 from flows.report.blocks import (
@@ -103,8 +104,8 @@ def catalog(tmp_path: Path):
     cat.migrate()
     t0 = dt.datetime(2026, 11, 29, 3, 0, 0)
     config = {"profile": "smoke", "load_gpt2": {"base_model": "scratch"}, "download": {}}
-    cat.start_run("old", profile="smoke", config=config)
-    cat.start_run("new", profile="smoke", config=config)
+    start_run(cat, "old", profile="smoke", config=config)
+    start_run(cat, "new", profile="smoke", config=config)
     cat.end_run("new", "completed")
     spam_rows = []
     for model, accs in {"logreg_bow": (0.99, 0.95, 0.9), "majority": (0.5, 0.5, 0.5)}.items():
@@ -117,8 +118,8 @@ def catalog(tmp_path: Path):
     cat.replace_rows("baselines", spam_rows, where={"run_id": "old"})
 
     def stage(name, seconds, **kw):
-        cat.record_stage(
-            "new", name, started_at=t0, ended_at=t0 + dt.timedelta(seconds=seconds), **kw
+        record_stage(
+            cat, "new", name, started_at=t0, ended_at=t0 + dt.timedelta(seconds=seconds), **kw
         )
 
     stage("tokenize", 0.6, status="completed", cache_hit=False, outputs={
@@ -158,8 +159,8 @@ def catalog(tmp_path: Path):
             {"step": step, "epoch": 1, "seen": step * 512, "split": "val", "name": "loss",
              "value": math.nan if step == 6 else 11.0 / step},
         ]  # fmt: skip
-    cat.record_metrics("new", "pretrain", metrics)
-    cat.record_metrics("new", "finetune_instruct", metrics)
+    record_metrics(cat, "new", "pretrain", metrics)
+    record_metrics(cat, "new", "finetune_instruct", metrics)
     spam = []
     for epoch, step in ((1, 5), (2, 10)):
         for split in ("train", "val", "test"):
@@ -181,9 +182,9 @@ def catalog(tmp_path: Path):
             {"step": 10, "epoch": 2, "seen": 80, "split": split, "name": f"final_{k}", "value": v}
             for k, v in final.items()
         ]
-    cat.record_metrics("new", "finetune_spam", spam)
+    record_metrics(cat, "new", "finetune_spam", spam)
     ck = _ckpt(tmp_path / "artifacts" / "stages" / "pretrain" / "k1" / "final")
-    cat.record_checkpoint("new", "pretrain", ck)
+    record_checkpoint(cat, "new", "pretrain", ck)
     return cat
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _ci import require_module
+from helpers_catalog import record_source
 
 from gpt.data.download import download_sources
 from gpt.data.sources import (
@@ -110,8 +111,8 @@ def test_catalog_keeps_first_download_digests(tmp_path: Path) -> None:
 
     cat = Catalog(tmp_path / "c.duckdb")
     assert cat.source_digests() == {}
-    cat.record_source("gpt2-355M:gpt2/355M/model.ckpt.index", "u", "ab" * 32, 10_399)
-    cat.record_source("the-verdict", "u", "cd" * 32, 20_479)  # single-file source: no path
+    record_source(cat, "gpt2-355M:gpt2/355M/model.ckpt.index", "u", "ab" * 32, 10_399)
+    record_source(cat, "the-verdict", "u", "cd" * 32, 20_479)  # single-file source: no path
     assert cat.source_digests() == {"gpt2/355M/model.ckpt.index": ("ab" * 32, 10_399)}
 
 

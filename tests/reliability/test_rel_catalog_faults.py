@@ -8,11 +8,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from _rel_helpers import PYTHON
+from helpers_catalog import record_metrics
 
 from gpt.errors import CatalogError
 
 _WRITER = """
 import sys, time
+from helpers_catalog import record_metrics, record_stage
 from tasks.catalog import Catalog
 db, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cat = Catalog(db, lock_timeout=60)
@@ -21,13 +23,13 @@ print("ready", flush=True)
 while not __import__("os").path.exists(db + ".go"):
     time.sleep(0.01)
 for i in range(n):
-    cat.record_metrics(who, "pretrain", [
+    record_metrics(cat, who, "pretrain", [
         {"step": i, "epoch": 1, "seen": i, "split": s, "name": "loss", "value": i + 0.5}
         for s in ("train", "val")
     ])
     if i % 5 == 0:
-        cat.record_stage(who, "pretrain", status="running", outputs={"i": i})
-cat.record_stage(who, "pretrain", status="completed", outputs={"n": n})
+        record_stage(cat, who, "pretrain", status="running", outputs={"i": i})
+record_stage(cat, who, "pretrain", status="completed", outputs={"n": n})
 print("done", flush=True)
 """
 
@@ -85,7 +87,7 @@ def catalog_with_run1():
         {"step": i, "epoch": 1, "seen": 64 * i, "split": "train", "name": "loss", "value": 10.0 - i}
         for i in range(20)
     ]
-    cat.record_metrics("run1", "pretrain", rows)
+    record_metrics(cat, "run1", "pretrain", rows)
     cat.replace_rows(
         "sms_messages",
         [{"line_no": i, "label": "ham", "text": f"m{i}"} for i in range(50)],
@@ -106,7 +108,7 @@ def test_replace_failing_after_the_delete_rolls_back(catalog_with_run1) -> None:
     bad = [{"step": i, "split": "train", "name": "loss", "value": 1.0} for i in range(30)]
     bad[15]["value"] = "not a number"
     with pytest.raises(CatalogError) as info:
-        cat.record_metrics("run1", "pretrain", bad, replace=True)
+        record_metrics(cat, "run1", "pretrain", bad, replace=True)
     assert "rolled back" in str(info.value) and "metrics" in str(info.value)
     pd.testing.assert_frame_equal(_snapshot(cat, "metrics"), before)
 
@@ -132,7 +134,8 @@ def test_process_killed_inside_a_write_transaction(tmp_path: Path, sub_env: dict
 
     db = tmp_path / "k.duckdb"
     cat = Catalog(db)
-    cat.record_metrics(
+    record_metrics(
+        cat,
         "run1",
         "pretrain",
         [{"step": i, "split": "train", "name": "loss", "value": float(i)} for i in range(10)],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from _rel_helpers import TINY, rewrite_manifest, sha256_bytes, tree_digest
+from helpers_catalog import record_metrics, start_run
 
 from gpt.errors import CheckpointError, UnsafeArchiveError
 
@@ -215,8 +216,9 @@ def filled_catalog(tmp_path: Path) -> Path:
     from tasks.catalog import Catalog
 
     cat = Catalog()
-    cat.start_run("r1", profile="smoke", config={"a": 1})
-    cat.record_metrics(
+    start_run(cat, "r1", profile="smoke", config={"a": 1})
+    record_metrics(
+        cat,
         "r1",
         "pretrain",
         [{"step": i, "split": "train", "name": "loss", "value": 1.0 / (i + 1)} for i in range(5)],

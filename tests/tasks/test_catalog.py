@@ -16,6 +16,13 @@ import duckdb
 import pandas as pd
 import pytest
 from _paths import REPO
+from helpers_catalog import (
+    record_checkpoint,
+    record_metrics,
+    record_source,
+    record_stage,
+    start_run,
+)
 
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
@@ -107,7 +114,7 @@ def test_upgrade_from_older_version_keeps_rows(tmp_path: Path) -> None:
     old.insert_rows("metrics", [{"run_id": "r", "stage": "s", "name": "loss", "value": 1.5}])
     new = Catalog(db)
     # the first write-open migrates
-    new.record_metrics("r", "s", [{"name": "loss", "value": 0.5}])
+    record_metrics(new, "r", "s", [{"name": "loss", "value": 0.5}])
     tables, views = _objects(db)
     assert set(KNOWN_TABLES) <= tables and views == set(KNOWN_VIEWS)
     assert new.schema_version() == SCHEMA_VERSION
@@ -314,19 +321,19 @@ def test_process_killed_mid_write_leaves_old_rows(cat: Catalog) -> None:
 
 
 def test_upsert_and_lineage_helpers(cat: Catalog, tmp_path: Path) -> None:
-    cat.start_run(
-        "r1", profile="tiny", config={"lr": 0.0004, "nested": {"a": [1, 2]}}, git_rev="abc"
+    start_run(
+        cat, "r1", profile="tiny", config={"lr": 0.0004, "nested": {"a": [1, 2]}}, git_rev="abc"
     )
-    cat.record_stage("r1", "pretrain", status="running")
-    cat.record_stage("r1", "pretrain", status="completed", cache_hit=False, outputs={"ckpt": "x"})
-    cat.record_source("the-verdict", "https://example/v.txt", "f" * 64, 20479)
-    cat.record_source("the-verdict", "https://example/v2.txt", "e" * 64, 20480)
+    record_stage(cat, "r1", "pretrain", status="running")
+    record_stage(cat, "r1", "pretrain", status="completed", cache_hit=False, outputs={"ckpt": "x"})
+    record_source(cat, "the-verdict", "https://example/v.txt", "f" * 64, 20479)
+    record_source(cat, "the-verdict", "https://example/v2.txt", "e" * 64, 20480)
     ck = tmp_path / "ckpt"
     ck.mkdir()
     (ck / "model.safetensors").write_bytes(b"\x00" * 1000 + b"weights")
     (ck / "config.json").write_text("{}")
-    cat.record_checkpoint("r1", "pretrain", ck, config={"emb_dim": 32})
-    cat.record_checkpoint("r1", "pretrain", ck, config={"emb_dim": 32})
+    record_checkpoint(cat, "r1", "pretrain", ck, config={"emb_dim": 32})
+    record_checkpoint(cat, "r1", "pretrain", ck, config={"emb_dim": 32})
     cat.end_run("r1", "completed")
 
     runs = cat.query_df("SELECT * FROM runs")
@@ -445,10 +452,11 @@ def test_lock_released_in_time_is_retried(cat: Catalog) -> None:
 
 def test_views_compute_correct_numbers(cat: Catalog) -> None:
     # a stale first attempt, then a rerun with replace=True: the stale row must go
-    cat.record_metrics(
-        "r1", "finetune_spam", [{"split": "train", "name": "final_accuracy", "value": 0.3}]
+    record_metrics(
+        cat, "r1", "finetune_spam", [{"split": "train", "name": "final_accuracy", "value": 0.3}]
     )
-    cat.record_metrics(
+    record_metrics(
+        cat,
         "r1",
         "finetune_spam",
         [
@@ -458,8 +466,8 @@ def test_views_compute_correct_numbers(cat: Catalog) -> None:
         ],
         replace=True,
     )
-    cat.record_metrics(
-        "r1", "pretrain", [{"split": "test", "name": "final_accuracy", "value": 0.1}]
+    record_metrics(
+        cat, "r1", "pretrain", [{"split": "test", "name": "final_accuracy", "value": 0.1}]
     )
     cat.replace_rows(
         "baselines",
@@ -532,7 +540,8 @@ def test_views_compute_correct_numbers(cat: Catalog) -> None:
 
 
 def _seed_small(cat: Catalog) -> None:
-    cat.record_metrics(
+    record_metrics(
+        cat,
         "r1",
         "pretrain",
         [

@@ -19,6 +19,7 @@ import duckdb
 import pandas as pd
 import pytest
 from _paths import REPO
+from helpers_catalog import record_metrics, record_stage, start_run
 
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
@@ -55,7 +56,7 @@ def _use_lake(monkeypatch: pytest.MonkeyPatch, settings: CatalogSettings) -> Non
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     return env
 
 
@@ -287,6 +288,7 @@ def test_processes_loading_extensions_at_once_on_a_fresh_machine(tmp_path: Path)
 _WRITER = textwrap.dedent(
     """
     import json, os, sys, time
+    from helpers_catalog import record_metrics, record_stage
     from tasks.catalog import Catalog
     from tasks.catalog.connections import CONFLICT_RETRIES
     who, go = sys.argv[1], sys.argv[2]
@@ -309,10 +311,10 @@ _WRITER = textwrap.dedent(
             cat.upsert_rows("sources", [{"name": "src-" + who, "bytes": i},
                                         {"name": "shared", "url": who, "bytes": i}], key=["name"])
         elif k == 3:
-            cat.record_stage(who, "pretrain", status="completed" if i == 18 else "running",
-                             outputs={"i": i})
+            record_stage(cat, who, "pretrain", status="completed" if i == 18 else "running",
+                         outputs={"i": i})
         else:  # 15 rows: beyond DuckLake's inlining limit, so Parquet files are written
-            cat.record_metrics(who, "bulk", [
+            record_metrics(cat, who, "bulk", [
                 {"step": s, "name": "acc", "value": i + s / 100} for s in range(15)],
                 replace=True)
     print(json.dumps({"seconds": time.monotonic() - t0, "retries": dict(CONFLICT_RETRIES)}),
@@ -574,12 +576,13 @@ def test_a_forked_child_opens_its_own_lake_connection(lake: CatalogSettings) -> 
 def _seed(cat: Catalog) -> None:
     """The same rows for the file and the lake: runs, stages, metrics, baselines,
     responses and judgments (the eval views' inputs)."""
-    cat.start_run("r1", profile="smoke", config={"lr": 0.0004, "nested": {"a": [1, 2]}})
-    cat.record_stage("r1", "finetune_spam", status="completed", outputs={"x": "y"})
-    cat.record_metrics(
-        "r1", "finetune_spam", [{"split": "train", "name": "final_accuracy", "value": 0.3}]
+    start_run(cat, "r1", profile="smoke", config={"lr": 0.0004, "nested": {"a": [1, 2]}})
+    record_stage(cat, "r1", "finetune_spam", status="completed", outputs={"x": "y"})
+    record_metrics(
+        cat, "r1", "finetune_spam", [{"split": "train", "name": "final_accuracy", "value": 0.3}]
     )
-    cat.record_metrics(
+    record_metrics(
+        cat,
         "r1",
         "finetune_spam",
         [

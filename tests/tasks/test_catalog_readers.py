@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from _paths import REPO
+from helpers_catalog import record_stage
 from helpers_notebook import Notebook
 
 from flows.cli import main
@@ -46,7 +47,7 @@ def test_a_notebook_holding_the_catalog_never_blocks_writers(
         # a run writes and publishes while the notebook holds the file (lock timeout 2 s)
         writer = Catalog(cat.path, lock_timeout=2)
         writer.insert_rows("metrics", _rows(4, "during"))
-        writer.record_stage("during", "pretrain", status="completed")
+        record_stage(writer, "during", "pretrain", status="completed")
         assert writer.publish()
         # the notebook keeps its snapshot; on reconnect it sees the new data
         assert notebook.ask(COUNT) == "3"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_catalog import record_metrics
 
 from tasks.catalog import Catalog
 
@@ -105,17 +106,20 @@ def build_catalog(path: Path) -> Catalog:
         + _preds("r1", "baseline_spam", "logreg_bow", {7, 8, 9})
         + _preds("r1", "baseline_spam", "majority", {0, 1, 2, 3, 4}),
     )
-    cat.record_metrics(
+    record_metrics(
+        cat,
         "r1",
         "finetune_spam",
         [{"step": 10, "split": "test", "name": "final_accuracy", "value": 0.9}],
     )
-    cat.record_metrics(
+    record_metrics(
+        cat,
         "r2",
         "finetune_spam",
         [{"step": 10, "split": "test", "name": "final_accuracy", "value": 0.7}],
     )
-    cat.record_metrics(
+    record_metrics(
+        cat,
         "r1",
         "pretrain",
         [
@@ -206,7 +210,8 @@ def test_spam_accuracy_reads_cached_stages_from_their_producer(tmp_path: Path) -
         ],
     )
     for run, acc in (("r1", 0.9), ("r2", 0.7)):
-        cat.record_metrics(
+        record_metrics(
+            cat,
             run,
             "finetune_spam",
             [{"step": 1, "split": "test", "name": "final_accuracy", "value": acc}],

@@ -317,7 +317,8 @@ def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
 def test_live_lease_is_renewed_not_broken(s3_root) -> None:
     """An owner that keeps renewing holds its lease well past the TTL; a waiter times
     out instead of breaking it. Breaking is a take-over only one writer wins."""
-    from tasks.store.object_lease import LeaseLost, ObjectLease
+    from tasks.store.lease import LeaseLost
+    from tasks.store.object_lease import ObjectLease
     from tasks.store.objects import ObjectRoot
 
     root = ObjectRoot(f"{s3_root}/stages")
@@ -355,7 +356,7 @@ def test_run_record_updates_from_two_writers_lose_nothing(s3_root) -> None:
 
     def write(rec: RunRecorder, tag: str) -> None:
         for i in range(15):
-            rec._update_remote("r1", lambda r, i=i: r["stages"].__setitem__(f"{tag}{i}", {"i": i}))
+            rec._update("r1", lambda r, i=i: r["stages"].__setitem__(f"{tag}{i}", {"i": i}))
 
     threads = [threading.Thread(target=write, args=(r, t)) for r, t in ((a, "a"), (b, "b"))]
     for t in threads:

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers_catalog import record_source
 
 from flows.cli import main
 from gpt.data.download import download_sources
@@ -226,7 +227,7 @@ def _filled_catalog(tmp_path: Path) -> tuple[Path, Path]:
     root, mirror = tmp_path / "w", tmp_path / "mirror"
     _records_run(root, mirror, "run-1", b"index v1" * 50)
     _records_run(root, mirror, "run-2", b"index v1" * 50)
-    Catalog(root / "catalog.duckdb").record_source("cli-only", "u", "cd" * 32, 7)
+    record_source(Catalog(root / "catalog.duckdb"), "cli-only", "u", "cd" * 32, 7)
     return root / "catalog.duckdb", root / "artifacts"
 
 
