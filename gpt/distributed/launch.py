@@ -35,9 +35,9 @@ from typing import Any, ParamSpec, TypeVar
 import gpt
 from gpt.distributed.codec import decode, encode, import_target, target_path
 from gpt.distributed.context import resolve_backend, world_size
-from gpt.distributed.settings import DistributedArgs
 from gpt.distributed.worker import EVENTS, RESULT, SPEC
 from gpt.errors import ConfigError, DistributedError, GPTFlowError
+from gpt.layout import DistributedArgs
 
 __all__ = ["launch_command", "launchable", "run_distributed", "scratch_dir"]
 
@@ -296,7 +296,7 @@ def launchable(recipe: Callable[P, R]) -> Callable[P, R]:
     """Make ``recipe`` run on the process layout its settings ask for.
 
     ``recipe`` takes its settings as ``args`` (with a ``distributed`` layout,
-    :class:`~gpt.distributed.DistributedArgs`) and writes into ``out_dir``. Called with
+    :class:`~gpt.layout.DistributedArgs`) and writes into ``out_dir``. Called with
     one process (the default), or inside a process group already (a torchrun rank), it
     is a plain call. Otherwise the same call runs under torchrun
     (:func:`run_distributed`): the keyword arguments cross as JSON

@@ -23,7 +23,7 @@ from gpt.lm_step import adamw
 from gpt.recipes.classifier_model import pool, prefix_hidden, set_modes, suffix_logits
 
 if TYPE_CHECKING:
-    from gpt.recipes.classifier import SpamArgs
+    from gpt.args import SpamArgs
 
 log = logging.getLogger("gpt.recipes.classifier")
 

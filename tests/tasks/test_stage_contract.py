@@ -341,9 +341,11 @@ def test_device_is_recorded_in_the_stage_outputs(smoke) -> None:
 
 def test_instruct_honours_max_steps(tmp_path: Path, tokenizer_dir: Path) -> None:
     """finetune_instruct.max_steps was documented, validated and keyed, but ignored."""
+    from gpt.architecture import get_config
+    from gpt.args import InstructArgs
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, get_config
-    from gpt.recipes.instruct import InstructArgs, finetune_instruct
+    from gpt.model import GPT
+    from gpt.recipes.instruct import finetune_instruct
 
     base = save_checkpoint(tmp_path / "b", GPT(get_config("tiny")), tokenizer_dir=tokenizer_dir)
     recs = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(16)]
