@@ -55,7 +55,7 @@ def gptflow_pipeline(
         retrust=retrust or (),
     )
     judged = run.record(lambda: run_stages(run.cfg, run.ctx))
-    if isinstance(judged, State):
+    if isinstance(judged, State) and judged.is_crashed():
         return judged  # the worker died: the flow run is Crashed, saying so
     cat, rec = run.ctx.catalog, run.ctx.recorder
     # regression gates, evaluated and stored before the report shows them

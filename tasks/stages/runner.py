@@ -443,7 +443,7 @@ def _run_unkept(
         final=root,
         producer=ctx.run_id,
         rows=RowSink(root, ctx.catalog),
-        device=resolve_device_name(ctx.device),
+        device=ctx.device,  # it computes on no device: resolving one would import torch
     )
     try:
         out = _call(spec, run, args, inputs)
