@@ -19,8 +19,8 @@ on disk (:class:`StatCache`, under :func:`gpt.paths.cache_dir`) with the file's 
 mtime. An entry written less than :data:`RACY_S` after its file's mtime is not trusted
 (an edit within the clock's granularity could keep size and mtime), as git does for
 "racily clean" files. The installed distributions are kept the same way, keyed by the
-mtimes of the ``sys.path`` folders (installing, upgrading or removing a distribution
-adds or removes a ``.dist-info`` folder there).
+mtimes of the ``site-packages`` folders on ``sys.path`` (installing, upgrading or
+removing a distribution adds or removes a ``.dist-info`` folder there).
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ class StatCache:
         installed distributions, rescanned when a ``sys.path`` folder changed."""
         stamp = []
         for entry in sys.path:
+            if Path(entry).name not in ("site-packages", "dist-packages"):
+                continue  # the script's folder, the working directory: no distributions
             try:
                 stamp.append([entry, os.stat(entry or ".").st_mtime_ns])
             except OSError:

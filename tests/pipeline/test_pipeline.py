@@ -374,3 +374,45 @@ def test_a_second_catalog_gets_the_rows_of_cached_stages(prefect_server, env, ol
     assert len(acc) == 3 and acc.finetuned.notna().all() and acc.logreg_bow.notna().all()
     assert q("SELECT count(*) n FROM responses WHERE run_id = ?", run1).n[0] == 12
     assert q("SELECT count(*) n FROM runs WHERE run_id = ?", run1).n[0] == 1  # lineage
+
+
+#: What an all-cached rerun must not import: the code that computes (torch), the data
+#: frames and the plots. Settings are built from torch-free modules, stages import their
+#: recipes only to compute, and the unchanged report is reused.
+HEAVY = ("torch", "matplotlib")
+
+
+def test_cached_rerun_in_a_new_process_imports_no_heavy_module(prefect_server, env):
+    """`gptflow run` again, as a new process, with every stage cached (the judge, without
+    Ollama here, is skipped): neither torch nor matplotlib is imported, and the report is
+    the earlier run's (nothing changed) once one cached rerun has stored its own. The
+    first of the three runs only brings the cache up to date after the tests above."""
+    import subprocess
+    import sys
+
+    from _paths import REPO
+
+    probe = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        "code = main(['run', '--profile', 'smoke'])\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    outs = []
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=REPO,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outs.append(proc.stdout + proc.stderr)
+    for out in outs[1:]:
+        stages = [line.split() for line in out.splitlines() if line.startswith("  ")]
+        assert stages and all(s[1] in ("cached", "skipped") for s in stages), out[-3000:]
+        assert "LOADED []" in out, out[-3000:]
+    assert "its stored report is reused" in outs[2], outs[2][-3000:]
