@@ -47,7 +47,7 @@ FUSED_PARTS: dict[str, tuple[str, ...]] = {"qkv": ("query", "key", "value")}
 
 @cache
 def lora_layer_names() -> tuple[str, ...]:
-    """Every name :attr:`LoraArgs.layers` accepts, in model order: the last component of
+    """Every name :attr:`gpt.args.LoraArgs.layers` accepts, in model order: the last component of
     each ``nn.Linear``'s module path in a GPT, a fused layer replaced by its parts."""
     from gpt.architecture import GPTConfig
     from gpt.model import GPT
@@ -186,7 +186,7 @@ def count_trainable(model: nn.Module) -> int:
 
 def lora_targets(model: nn.Module, layers: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """``{module path: adapted part names}`` of the linear layers of ``model`` named by
-    ``layers`` (see :attr:`LoraArgs.layers`); a plain layer's only part is its name."""
+    ``layers`` (see :attr:`gpt.args.LoraArgs.layers`); a plain layer's only part is its name."""
     out: dict[str, tuple[str, ...]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, nn.Linear):

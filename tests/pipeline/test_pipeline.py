@@ -376,9 +376,10 @@ def test_a_second_catalog_gets_the_rows_of_cached_stages(prefect_server, env, ol
     assert q("SELECT count(*) n FROM runs WHERE run_id = ?", run1).n[0] == 1  # lineage
 
 
-#: What an all-cached rerun must not import: the code that computes (torch), the data
-#: frames and the plots. Settings are built from torch-free modules, stages import their
-#: recipes only to compute, and the unchanged report is reused.
+#: What an all-cached rerun must not import: the code that computes (torch) and the
+#: plots. Settings are built from torch-free modules, stages import their recipes only to
+#: compute, and the unchanged report is reused (pandas still comes with the catalog's
+#: rows and the gates).
 HEAVY = ("torch", "matplotlib")
 
 
