@@ -115,7 +115,7 @@ def _minor_faults() -> int:
 
 
 def _train_setup(quick: bool, device: torch.device) -> tuple[Any, int, int]:
-    from gpt.model import CONFIGS
+    from gpt.architecture import CONFIGS
 
     cfg = CONFIGS["tiny"] if quick else CONFIGS["gpt2-small-256"]
     batch, seq = (4, 64) if quick else (2, 256)
@@ -136,8 +136,8 @@ def bench_train_step(quick: bool = False, *, threads: int | None = None) -> Benc
     on CUDA). Model-FLOPs utilisation two ways: against the hardware's nominal peak
     (:mod:`benchmarks.peak`) and against plain-matmul GFLOP/s measured in the same rounds."""
     from benchmarks.peak import nominal_peak
+    from gpt.args import LMTrainArgs
     from gpt.lm_step import make_optimizer, train_step
-    from gpt.train import LMTrainArgs
 
     device = pick_device()
     setup_device(device)
@@ -241,7 +241,7 @@ def bench_train_step(quick: bool = False, *, threads: int | None = None) -> Benc
 
 
 def _gen_model(quick: bool, device: torch.device) -> tuple[nn.Module, Any, str]:
-    from gpt.model import CONFIGS
+    from gpt.architecture import CONFIGS
 
     name = "tiny" if quick else "gpt2-small"
     model = seeded_model(CONFIGS[name], device)
@@ -373,8 +373,8 @@ def bench_train_step_compile(quick: bool = False) -> BenchResult:
     """The default training step eager (baseline) vs through ``torch.compile`` (the
     ``compile = true`` option). The first compiled calls (compilation) are warm-up and
     reported separately."""
+    from gpt.args import LMTrainArgs
     from gpt.lm_step import make_optimizer, train_step
-    from gpt.train import LMTrainArgs
 
     device = pick_device()
     setup_device(device)

@@ -69,9 +69,11 @@ class _Step:
         device: torch.device,
         share: _Step | None = None,
     ) -> None:
-        from gpt.lora import LoraArgs, count_trainable
-        from gpt.model import GPT, get_config
-        from gpt.recipes.classifier import SpamArgs, prepare_classifier
+        from gpt.architecture import get_config
+        from gpt.args import LoraArgs, SpamArgs
+        from gpt.lora import count_trainable
+        from gpt.model import GPT
+        from gpt.recipes.classifier import prepare_classifier
         from gpt.recipes.classifier_model import n_frozen_blocks, prefix_hidden, set_modes
 
         torch.manual_seed(123)

@@ -49,9 +49,10 @@ def bench_spam_finetune(quick: bool = False, *, tokenizer_dir: Path | None = Non
     each): full forward every step (baseline) vs frozen-prefix activation caching.
     Figure: finetune seconds without the checkpoint load/save (the same on both sides;
     in ``details``). Per-step losses and final metrics must match."""
+    from gpt.architecture import CONFIGS
+    from gpt.args import SpamArgs
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import CONFIGS
-    from gpt.recipes.classifier import SpamArgs, finetune_classifier
+    from gpt.recipes.classifier import finetune_classifier
 
     tok = _need_tokenizer("spam_finetune", tokenizer_dir)
     device = pick_device()

@@ -145,9 +145,9 @@ def bench_vs_book_train_step(quick: bool = False) -> BenchResult:
     ch04 = _book()
     from llms_from_scratch.ch05 import calc_loss_batch
 
+    from gpt.architecture import CONFIGS
+    from gpt.args import LMTrainArgs
     from gpt.lm_step import make_optimizer, train_step
-    from gpt.model import CONFIGS
-    from gpt.train import LMTrainArgs
 
     device = pick_device()
     setup_device(device)
@@ -210,8 +210,8 @@ def bench_vs_book_generate(quick: bool = False) -> BenchResult:
     prompt): the book's ``generate_text_simple`` (full recompute, all positions' logits)
     vs gptflow's ``generate`` (KV cache, head on the last position)."""
     ch04 = _book()
+    from gpt.architecture import CONFIGS
     from gpt.generate import generate
-    from gpt.model import CONFIGS
 
     device = pick_device()
     setup_device(device)
@@ -285,9 +285,10 @@ def bench_vs_book_spam_epoch(quick: bool = False, *, tokenizer_dir: Any = None) 
 
     from benchmarks.recipes import _need_tokenizer
     from benchmarks.synthetic import synthetic_messages
+    from gpt.architecture import CONFIGS
+    from gpt.args import SpamArgs
     from gpt.checkpoint import load_checkpoint, save_checkpoint
-    from gpt.model import CONFIGS
-    from gpt.recipes.classifier import SpamArgs, finetune_classifier
+    from gpt.recipes.classifier import finetune_classifier
     from gpt.recipes.classifier_model import build_classifier, encode_spam
     from gpt.tokenizer import Tokenizer
 

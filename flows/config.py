@@ -16,22 +16,24 @@ from typing import Any, Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from flows.profiles import DEFAULT_PROFILE, PROFILES_DIR, available_profiles
+from gpt.architecture import GPTConfig, get_config
+from gpt.args import (
+    ExtractArgs,
+    InstructArgs,
+    LoadGPT2Args,
+    PrepareArgs,
+    PretrainArgs,
+    SpamArgs,
+    windows_problem,
+)
 from gpt.config import Args, ArgsError, FieldError, describe_problems
 from gpt.data.download import DownloadArgs
 from gpt.data.parsing import SPLITS
-from gpt.device import DeviceName
-from gpt.distributed.settings import DistributedArgs
 from gpt.errors import ConfigError
 from gpt.eval.baseline import BaselineArgs
 from gpt.eval.gates import GatesArgs
 from gpt.eval.judge.settings import JudgeConfig
-from gpt.model import GPTConfig, get_config
-from gpt.recipes.base import LoadGPT2Args
-from gpt.recipes.classifier import SpamArgs
-from gpt.recipes.extract import ExtractArgs
-from gpt.recipes.instruct import InstructArgs
-from gpt.recipes.prepare import PrepareArgs
-from gpt.recipes.pretrain import PretrainArgs, windows_problem
+from gpt.layout import DeviceName, DistributedArgs
 from tasks.catalog.settings import CatalogArgs
 from tasks.stages import STAGES
 

@@ -34,17 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpt.architecture import GPTConfig
+from gpt.args import LoraArgs
 from gpt.errors import CheckpointError, ConfigError
 from gpt.fileio import sha256_file
-from gpt.lora import (
-    LoraArgs,
-    apply_lora,
-    count_trainable,
-    lora_modules,
-    lora_targets,
-    merge_lora,
-)
-from gpt.model import GPT, GPTConfig
+from gpt.lora import apply_lora, count_trainable, lora_modules, lora_targets, merge_lora
+from gpt.model import GPT
 
 __all__ = [
     "ADAPTER_FORMAT",

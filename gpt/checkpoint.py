@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from gpt.adapter import ADAPTER_WEIGHTS, adapter_payload, base_of, base_record, build_adapted_model
+from gpt.architecture import GPTConfig
 from gpt.checkpoint_io import (
     fsync_dir,
     fsync_file,
@@ -57,7 +58,7 @@ from gpt.checkpoint_io import (
 from gpt.errors import CheckpointError, ConfigError
 from gpt.fileio import save_safetensors
 from gpt.fileio import sha256_file as _sha256
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -1,7 +1,7 @@
 """The base of every settings model the library takes.
 
 Each stage's settings are declared once, as a subclass of :class:`Args` next to the code
-that uses them (``gpt.recipes.pretrain.PretrainArgs``, ``gpt.eval.judge.settings.JudgeConfig``,
+that uses them (``gpt.args.PretrainArgs``, ``gpt.eval.judge.settings.JudgeConfig``,
 …). The pipeline's config is built from these same classes, so a profile value, a
 ``--set`` override, a flow parameter and a cache key all mean one field of one type.
 

@@ -1,32 +1,12 @@
 """Which torch device a stage runs on: one setting (``auto|cpu|cuda|mps``, or an explicit
-``cuda:N``) resolved in one place."""
+``cuda:N``, declared as :data:`gpt.layout.DeviceName`) resolved in one place."""
 
 from __future__ import annotations
 
-import re
-from typing import Annotated
-
 import torch
-from pydantic import AfterValidator
 
 from gpt.errors import ConfigError
-
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
-#: What a device setting may say (see :func:`check_device_name`).
-DEVICE_HELP = "auto, cpu, cuda, cuda:N (N = the GPU's index) or mps"
-
-
-def check_device_name(name: str) -> str:
-    """``name`` if it names a device this project runs on (``auto``, ``cpu``, ``cuda``,
-    ``cuda:N``, ``mps``), else ValueError; whether that device exists here is checked
-    when it is used (:func:`resolve_device`)."""
-    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
-        raise ValueError(f"{name!r} is not a device; use {DEVICE_HELP}")
-    return name
-
-
-#: A device setting: one of :data:`DEVICE_HELP`, checked when the settings are built.
-DeviceName = Annotated[str, AfterValidator(check_device_name)]
+from gpt.layout import check_device_name
 
 
 def resolve_device(name: str = "auto") -> torch.device:

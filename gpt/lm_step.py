@@ -17,7 +17,7 @@ from torch import nn
 from gpt.errors import ConfigError
 
 if TYPE_CHECKING:
-    from gpt.train import LMTrainArgs
+    from gpt.args import LMTrainArgs
 
 log = logging.getLogger("gpt.train")
 

@@ -19,21 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cache
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BeforeValidator, Field, field_validator, model_validator
 from torch import nn
 
-from gpt.config import Args
 from gpt.errors import ConfigError
 
 __all__ = [
     "FUSED_PARTS",
     "LoRALinear",
-    "LoraArgs",
-    "LoraSetting",
     "apply_lora",
     "count_trainable",
     "has_lora",
@@ -51,9 +47,10 @@ FUSED_PARTS: dict[str, tuple[str, ...]] = {"qkv": ("query", "key", "value")}
 
 @cache
 def lora_layer_names() -> tuple[str, ...]:
-    """Every name :attr:`LoraArgs.layers` accepts, in model order: the last component of
+    """Every name :attr:`gpt.args.LoraArgs.layers` accepts, in model order: the last component of
     each ``nn.Linear``'s module path in a GPT, a fused layer replaced by its parts."""
-    from gpt.model import GPT, GPTConfig
+    from gpt.architecture import GPTConfig
+    from gpt.model import GPT
 
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=8, context_length=4, emb_dim=8, n_heads=1, n_layers=1))
@@ -63,58 +60,6 @@ def lora_layer_names() -> tuple[str, ...]:
             leaf = path.rsplit(".", 1)[-1]
             names += FUSED_PARTS.get(leaf, (leaf,))
     return tuple(dict.fromkeys(names))
-
-
-class LoraArgs(Args):
-    """Low-rank adaptation of a finetune (``finetune_spam.lora``, ``finetune_instruct.lora``;
-    unset = full finetune). Every base weight is frozen; only the adapters (and, for the
-    classifier, whatever ``trainable_blocks`` / ``train_final_norm`` still name) train.
-    ``--set finetune_spam.lora=true`` takes the defaults below (the book's setting)."""
-
-    rank: int = Field(16, ge=1)
-    """Rank r of each update ``B A`` (A: r × in, B: out × r)."""
-    alpha: float = Field(16.0, gt=0)
-    """Scale numerator: the update is multiplied by ``alpha / rank`` (peft's convention;
-    the book multiplies by ``alpha`` itself, so its rank 16 / alpha 16 is alpha 256 here)."""
-    layers: tuple[str, ...] = Field(default_factory=lambda: lora_layer_names())
-    """Which linear layers of every block (and the output head) get an adapter, by name:
-    ``query``, ``key``, ``value`` (the parts of the fused ``qkv``), ``out_proj``, ``fc1``,
-    ``fc2``, ``out_head``; ``"all"`` (the default, as in the book) is every one of them."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the adapter's input while training (the base path has none of it)."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, data: Any) -> Any:
-        return {} if data is True else data
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _layers(cls, value: Any) -> Any:
-        known = lora_layer_names()
-        if value == "all" or (isinstance(value, list | tuple) and "all" in value):
-            return known
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list | tuple):
-            unknown = [v for v in value if v not in known]
-            if unknown:
-                raise ValueError(
-                    f"unknown layer name(s) {unknown}; choose from {list(known)} or 'all'"
-                )
-            if not value:
-                raise ValueError(f"name at least one layer of {list(known)} (or 'all')")
-            return tuple(n for n in known if n in value)  # one order: one cache key
-        return value
-
-
-def _off(value: Any) -> Any:
-    return None if value is False else value
-
-
-#: The type of a finetune's ``lora`` field: None (or ``false``) = off, ``true`` = the
-#: defaults of :class:`LoraArgs`, an object = those settings.
-LoraSetting = Annotated[LoraArgs | None, BeforeValidator(_off)]
 
 
 class LoRALinear(nn.Linear):
@@ -241,7 +186,7 @@ def count_trainable(model: nn.Module) -> int:
 
 def lora_targets(model: nn.Module, layers: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     """``{module path: adapted part names}`` of the linear layers of ``model`` named by
-    ``layers`` (see :attr:`LoraArgs.layers`); a plain layer's only part is its name."""
+    ``layers`` (see :attr:`gpt.args.LoraArgs.layers`); a plain layer's only part is its name."""
     out: dict[str, tuple[str, ...]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, nn.Linear):

@@ -30,16 +30,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gpt import distributed as gd
-from gpt.config import Args, FieldError, operational
+from gpt.args import LMTrainArgs
 from gpt.errors import DataError
 from gpt.heap import release_free_memory
 from gpt.lm_step import evaluate_lm, lr_at, make_optimizer, train_step
@@ -53,89 +52,11 @@ from gpt.train_state import (
     restore_rng,
 )
 
-__all__ = [
-    "LMTrainArgs",
-    "TrainResult",
-    "train_lm",
-]
+__all__ = ["TrainResult", "train_lm"]
 
 log = logging.getLogger(__name__)
 
 LAST = "last"
-
-
-class LMTrainArgs(Args):
-    """Hyperparameters of :func:`train_lm` (defaults: the reference pretraining recipe)."""
-
-    epochs: int = Field(10, ge=1)
-    """Passes over the training loader."""
-    lr: float = Field(4e-4, ge=0)
-    """Peak learning rate of AdamW."""
-    weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay (applied to every parameter, as in the reference)."""
-    batch_size: int = Field(2, ge=1)
-    """Sequences per optimizer step (the loaders are built with it)."""
-    eval_every: int = Field(5, ge=1)
-    """Evaluate (and emit metrics) after optimizer steps 1, 1 + eval_every, 1 + 2·eval_every,
-    … (the reference's ``global_step % eval_freq == 0`` with a 0-based step) and after the
-    last step."""
-    eval_batches: int = Field(5, ge=1)
-    """Batches of each loader averaged for the train/val loss at an evaluation."""
-    warmup_steps: int = Field(0, ge=0)
-    """Linear warmup from ``warmup_start_lr`` to ``lr`` over this many steps (0 = none)."""
-    warmup_start_lr: float = Field(3e-5, ge=0)
-    """Learning rate of the first warmup step (capped at ``lr``)."""
-    cosine: bool = False
-    """Cosine-decay the learning rate from ``lr`` to ``min_lr`` after the warmup, over the
-    rest of ``epochs × len(train_loader)`` steps (``max_steps`` does not shorten it)."""
-    min_lr: float = Field(0.0, ge=0)
-    """Final learning rate of the cosine decay (at most ``lr``)."""
-    grad_clip: float | None = Field(None, gt=0)
-    """Clip the global gradient norm to this value (None = off)."""
-    checkpoint_every: int = operational(0, ge=0)
-    """Also checkpoint to ``out_dir/last`` every this many steps (0 = only at the end of
-    each epoch and of training)."""
-    seed: int = 123
-    """Seed of torch's global RNG (dropout) at the start of a fresh run."""
-    max_steps: int | None = Field(None, ge=1)
-    """Stop after this many optimizer steps in total (None = run all epochs)."""
-    log_every: int = Field(0, ge=0)
-    """Also emit a train ``step_loss`` row (the optimizer step's own loss) every this
-    many steps (0 = never)."""
-    fused: bool | None = None
-    """Fused AdamW kernel: None = use it when this torch supports it for the parameters'
-    device, True = require it, False = plain implementation."""
-    compile: bool = False
-    """Run the training steps through ``torch.compile`` (the first steps pay the
-    compilation; whether it pays off is measured by ``gptflow bench``)."""
-
-    @model_validator(mode="after")
-    def _min_lr_below_lr(self) -> Self:
-        if self.min_lr > self.lr:
-            raise FieldError("min_lr", f"{self.min_lr} must not exceed lr ({self.lr})")
-        return self
-
-
-class DistributedLMArgs(LMTrainArgs):
-    """:class:`LMTrainArgs` plus the process layout of the training stages that run
-    :func:`train_lm` (pretraining, the instruction finetune)."""
-
-    distributed: gd.DistributedArgs = operational(default_factory=gd.DistributedArgs)
-    """How many processes train (``nproc = 1``: the calling process; more: under
-    torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays the
-    global batch and must split evenly over the processes. The recipes launch
-    themselves on this layout (:func:`gpt.distributed.launch.relaunch`). Operational: with dropout off, N processes
-    give the per-step losses and final weights of 1 process with the same global batch
-    within ~1e-5 (float rounding), so the layout is not part of the cache key; with
-    dropout on, the masks depend on the layout and another layout gives an equally valid
-    but different sample, served from the same cache entry."""
-
-    @field_validator("distributed")
-    @classmethod
-    def _batch_splits(cls, v: gd.DistributedArgs, info: ValidationInfo) -> gd.DistributedArgs:
-        if "batch_size" in info.data:  # else batch_size itself was invalid
-            v.check_batch(info.data["batch_size"], "batch_size")
-        return v
 
 
 @dataclass

@@ -36,12 +36,8 @@ from gpt.distributed.context import (
 from gpt.distributed.launch import launch_command, run_distributed
 from gpt.distributed.lm import evaluate_lm_sharded, lm_step_sharded
 from gpt.distributed.parallel import TrainEngine
-from gpt.distributed.settings import Backend, DistributedArgs, Strategy
 
 __all__ = [
-    "Backend",
-    "DistributedArgs",
-    "Strategy",
     "TrainEngine",
     "all_gather_objects",
     "all_gather_rows",

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import gpt
 from gpt.distributed.codec import decode, encode, import_target, target_path
 from gpt.distributed.context import resolve_backend, world_size
-from gpt.distributed.settings import DistributedArgs
 from gpt.distributed.worker import EVENTS, RESULT, SPEC
 from gpt.errors import ConfigError, DistributedError, GPTFlowError
+from gpt.layout import DistributedArgs
 
 __all__ = ["asks_torchrun", "launch_command", "relaunch", "run_distributed", "scratch_dir"]
 

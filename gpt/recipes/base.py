@@ -11,50 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
-
-from gpt.config import Args
+from gpt.args import LoadGPT2Args
 from gpt.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-GPT2Size = Literal["124M", "355M", "774M", "1558M"]
-
-
-class LoadGPT2Args(Args):
-    """Which base model the finetune stages start from (the pipeline's ``load_gpt2``)."""
-
-    base_model: Literal["gpt2", "scratch"] = "gpt2"
-    """'gpt2': download and import OpenAI's weights; 'scratch': use the pretrain
-    checkpoint as the base of the finetune stages (explicit, recorded in runs)."""
-    spam_size: GPT2Size = "124M"
-    """GPT-2 release size the spam classifier starts from when base_model is 'gpt2'."""
-    instruct_size: GPT2Size = "355M"
-    """GPT-2 release size the instruction finetune starts from when base_model is 'gpt2'."""
-    source: Literal["openai", "hf"] = "openai"
-    """Where the GPT-2 weights come from: 'openai' = OpenAI's TensorFlow release (read with
-    TensorFlow, as in the reference); 'hf' = the same weights in the Hugging Face
-    safetensors layout (openai-community/gpt2*, no TensorFlow). Same downloader, mirror
-    (``gpt2-hf/<size>/``) and checksum rules."""
-    sample_prompt: str = "Every effort moves you"
-    """Prompt of the greedy sample recorded for each base model."""
-    sample_tokens: int = Field(25, ge=1)
-    """New tokens in that sample."""
-
-    def sizes(self) -> list[str]:
-        """The GPT-2 sizes to import (none for 'scratch'), smallest first."""
-        if self.base_model == "scratch":
-            return []
-        order = ["124M", "355M", "774M", "1558M"]
-        return sorted({self.spam_size, self.instruct_size}, key=order.index)
-
-    def folder(self, use: Literal["spam", "instruct"]) -> str:
-        """The base checkpoint's folder name (relative to the stage folder) for a use."""
-        if self.base_model == "scratch":
-            return "scratch"
-        return f"gpt2-{self.spam_size if use == 'spam' else self.instruct_size}"
 
 
 @dataclass

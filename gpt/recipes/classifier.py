@@ -29,23 +29,20 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from gpt import distributed as gd
 from gpt.adapter import model_size
-from gpt.config import Args, operational
+from gpt.args import SpamArgs
 from gpt.device import resolve_device
 from gpt.distributed.launch import asks_torchrun, relaunch
-from gpt.distributed.settings import DistributedArgs
 from gpt.errors import ConfigError, DataError
 from gpt.heap import release_free_memory
 from gpt.lm_step import adamw
-from gpt.lora import LoraSetting
 from gpt.recipes.classifier_model import (
     LABELS,
     SplitData,
@@ -66,83 +63,6 @@ log = logging.getLogger(__name__)
 
 Splits = dict[str, tuple[list[str], list[int]]]
 MetricsCallback = Callable[[list[dict[str, Any]]], None]
-
-
-class SpamArgs(Args):
-    """Settings of the spam-classifier finetune (defaults: the reference recipe)."""
-
-    trainable_blocks: int = Field(1, ge=0)
-    """How many of the last transformer blocks are trained (the rest stay frozen).
-    Default 1, or 0 with ``lora``."""
-    train_final_norm: bool = True
-    """Also train the final LayerNorm (the reference does). Default true, or false with
-    ``lora``."""
-    lora: LoraSetting = None
-    """Low-rank adaptation instead of training weights outright (None = off): every base
-    weight and the new head are frozen, adapters train (:class:`~gpt.lora.LoraArgs`).
-    The book's setting (appendix E) is ``lora = true``: rank 16, alpha 16, every linear
-    layer including the class head — 2,666,528 trainable parameters on GPT-2 124M.
-    ``trainable_blocks`` / ``train_final_norm``, when set too, still train those weights
-    outright beside the adapters."""
-    epochs: int = Field(5, ge=1)
-    """Passes over the training split."""
-    lr: float = Field(5e-5, gt=0)
-    """AdamW learning rate."""
-    weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay."""
-    batch_size: int = Field(8, ge=1)
-    """Messages per optimizer step."""
-    seed: int = 123
-    """Seed of the head's initialisation, the batch order and dropout."""
-    max_length: int | None = Field(None, ge=1)
-    """Pad/truncate every message to this many tokens; None = the longest training
-    message (capped at the model's context length)."""
-    pool: Literal["last", "last_real"] = "last"
-    """Which position's logits classify a message: ``last`` = the last position of the
-    padded sequence (the reference), ``last_real`` = the message's last real token."""
-    prefix_cache: bool = True
-    """Compute the frozen prefix's activations once per split (True) or run the full
-    model every step (False); both give the same losses."""
-    eval_per_epoch: bool = True
-    """Score loss and accuracy on every split after each epoch."""
-    drop_rate: float = Field(0.0, ge=0, lt=1)
-    """Dropout in the trainable blocks (the frozen prefix never uses dropout)."""
-    drop_last: bool = True
-    """Drop the last incomplete training batch (as the reference's loader does)."""
-    cache_chunk: int = Field(64, ge=1)
-    """Messages per forward pass while building the prefix cache / evaluating."""
-    log_every: int = Field(0, ge=0)
-    """Emit a ``step_loss`` metrics row every this many steps (0 = never)."""
-    distributed: DistributedArgs = operational(default_factory=DistributedArgs)
-    """How many processes train (``nproc = 1``: the calling process; more: under
-    torchrun with DDP — ``strategy = "fsdp"`` is refused here, see
-    :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays the global batch
-    and must split evenly over the processes. :func:`finetune_classifier` launches
-    itself on this layout (:func:`gpt.distributed.launch.relaunch`).
-    Operational: with ``drop_rate = 0`` (the default), N processes give the per-step
-    losses, weights and predictions of 1 process within ~1e-5 (float rounding), so the
-    layout is not part of the cache key; with dropout, another layout gives an equally
-    valid but different sample, served from the same cache entry."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lora_defaults(cls, data: Any) -> Any:
-        """With ``lora`` on, nothing but the adapters trains unless asked."""
-        if isinstance(data, dict) and data.get("lora") not in (None, False):
-            data = {"trainable_blocks": 0, "train_final_norm": False, **data}
-        return data
-
-    @field_validator("distributed")
-    @classmethod
-    def _distributed_layout(cls, v: DistributedArgs, info: ValidationInfo) -> DistributedArgs:
-        if "batch_size" in info.data:  # else batch_size itself was invalid
-            v.check_batch(info.data["batch_size"], "batch_size")
-        if v.strategy != "ddp":
-            raise ValueError(
-                f"strategy={v.strategy!r}: the spam finetune supports 'ddp' only (it trains "
-                "a small suffix of the model)"
-            )
-        return v
 
 
 # --------------------------------------------------------------------------- data

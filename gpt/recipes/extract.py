@@ -11,22 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-
-from gpt.config import Args
+from gpt.args import ExtractArgs
 from gpt.device import resolve_device
 from gpt.errors import ConfigError
 from gpt.fileio import atomic_open
 from gpt.recipes.instruct import EOT_ID, check_record, format_prompt
-
-
-class ExtractArgs(Args):
-    """How test-split responses are generated (greedy, KV cache, stop at end-of-text)."""
-
-    max_new_tokens: int = Field(256, ge=1)
-    """Greedy tokens generated per example at most."""
-    batch_size: int = Field(8, ge=1)
-    """Prompts generated together (left-padded)."""
 
 
 def clean_response(text: str) -> str:

@@ -15,16 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.adapter import adapt, model_size
+from gpt.args import InstructArgs
 from gpt.device import resolve_device
 from gpt.distributed.launch import asks_torchrun, relaunch
 from gpt.errors import ConfigError, DataError
-from gpt.lora import LoraSetting
-from gpt.train import DistributedLMArgs
 
 log = logging.getLogger(__name__)
 
@@ -34,40 +32,6 @@ IGNORE_INDEX = -100
 MetricsCallback = Callable[[list[dict[str, Any]]], None]
 SampleCallback = Callable[[dict[str, Any]], None]
 ProgressCallback = Callable[[int, int], None]
-
-
-class InstructArgs(DistributedLMArgs):
-    """Settings of the instruction finetune: every :class:`~gpt.train.LMTrainArgs` field
-    (defaults here: the reference recipe — AdamW 5e-5, batch 8, 2 epochs), plus the
-    data and sample settings below."""
-
-    epochs: int = Field(2, ge=1)
-    """Passes over the training records."""
-    lr: float = Field(5e-5, ge=0)
-    """Peak learning rate of AdamW."""
-    batch_size: int = Field(8, ge=1)
-    """Sequences per optimizer step."""
-    mask_prompt: bool = False
-    """Also ignore the prompt (instruction + input + response header) in the loss (the
-    reference does not)."""
-    max_length: int | None = Field(1024, ge=2)
-    """Truncate inputs/targets to this many tokens (None: the model's context length);
-    never more than the context length."""
-    length_bucketing: bool = False
-    """Group sequences of similar length into batches (seeded; less padding)."""
-    bucket_factor: int = Field(50, ge=1)
-    """With bucketing: how many batches' worth of shuffled sequences are sorted together."""
-    drop_rate: float = Field(0.0, ge=0, lt=1)
-    """Dropout while finetuning."""
-    drop_last: bool = True
-    """Drop the last incomplete training batch (as the reference's loader does)."""
-    sample_tokens: int = Field(35, ge=0)
-    """Length of the greedy sample (the response to the first validation record)
-    generated after each epoch (0 = no samples)."""
-    lora: LoraSetting = None
-    """Low-rank adaptation instead of training every weight (None = off): the base is
-    frozen, adapters train (:class:`~gpt.lora.LoraArgs`; ``true`` = rank 16, alpha 16,
-    every linear layer); the checkpoint holds the adapter alone and names its base."""
 
 
 # --------------------------------------------------------------------------- prompts

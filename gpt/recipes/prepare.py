@@ -12,68 +12,15 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from gpt.config import Args, FieldError
+from gpt.args import PrepareArgs
 from gpt.data import parsing
 from gpt.data.windows import SlidingWindowDataset, tokenize_to_npy
 from gpt.tokenizer import Tokenizer
 
 #: Tokenizer files copied into the output folder (so it is self-contained).
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
-
-
-class PrepareArgs(Args):
-    """How the inputs are cut, split and windowed (the pipeline's ``tokenize`` section)."""
-
-    train_ratio: float = Field(0.9, gt=0, lt=1)
-    """Pretraining text split by characters: this share (from the start) is train, the
-    rest validation."""
-    text_chars: int | None = Field(None, gt=0)
-    """Use only the first N characters of the pretraining text (smoke runs)."""
-    max_length: int = Field(256, gt=1)
-    """Pretraining window length in tokens (the reference uses the context length, 256);
-    must fit the pretrained model's context."""
-    stride: int = Field(256, gt=0)
-    """Step between pretraining window starts."""
-    spam_seed: int = 123
-    """Seed of ham undersampling and of the shuffle before the spam split."""
-    spam_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    """Train/validation/test shares of the balanced SMS set: each above 0, summing to 1."""
-    spam_limit: int | None = Field(None, gt=0)
-    """Keep at most N examples per spam split (smoke runs); None keeps all."""
-    instruct_train: float = Field(0.85, gt=0, lt=1)
-    """Share of instruction records for training (in file order unless shuffled)."""
-    instruct_test: float = Field(0.10, gt=0, lt=1)
-    """Share for the test split; the rest is validation."""
-    instruct_shuffle_seed: int | None = None
-    """Shuffle instruction records with this seed before splitting; None keeps file order."""
-    instruct_limit: int | None = Field(None, gt=0)
-    """Keep at most N records per instruction split (smoke runs)."""
-
-    @model_validator(mode="after")
-    def _shares(self) -> Self:
-        if not all(0 < r < 1 for r in self.spam_ratios):
-            raise FieldError(
-                "spam_ratios",
-                f"{list(self.spam_ratios)}: each share must lie strictly between 0 and 1 "
-                "(an empty split cannot be trained or scored)",
-            )
-        if abs(sum(self.spam_ratios) - 1.0) > 1e-6:
-            raise FieldError(
-                "spam_ratios",
-                f"{list(self.spam_ratios)} sum to {sum(self.spam_ratios):g}; the train, "
-                "validation and test shares must sum to 1, e.g. [0.7, 0.1, 0.2]",
-            )
-        if self.instruct_train + self.instruct_test > 1.0 + 1e-9:
-            raise FieldError(
-                "instruct_test",
-                f"instruct_train ({self.instruct_train}) + instruct_test "
-                f"({self.instruct_test}) exceed 1; the rest of the records is validation",
-            )
-        return self
 
 
 @dataclass

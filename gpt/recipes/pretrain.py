@@ -18,102 +18,24 @@ import dataclasses
 import logging
 import math
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from gpt.config import Args, FieldError, operational
+from gpt.args import PretrainArgs, windows_problem
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
 from gpt.distributed.launch import asks_torchrun, relaunch
 from gpt.errors import ConfigError, DataError
 from gpt.fileio import atomic_open
-from gpt.model import GPTConfig, get_config
-from gpt.train import DistributedLMArgs, train_lm
+from gpt.train import train_lm
 
-__all__ = ["ModelSpec", "PretrainArgs", "PretrainResult", "plot_losses", "pretrain"]
+__all__ = ["PretrainResult", "plot_losses", "pretrain"]
 
 log = logging.getLogger(__name__)
-
-
-class ModelSpec(Args):
-    """Which architecture to build: a named config plus field overrides."""
-
-    name: str = "gpt2-small-256"
-    """A name from :data:`gpt.model.CONFIGS` (default: the reference's 256-context 124M)."""
-    overrides: dict[str, int | float | bool | str] = Field(default_factory=dict)
-    """GPTConfig fields to change, e.g. ``{"n_layers": 2, "emb_dim": 64}``."""
-
-    def build(self) -> GPTConfig:
-        """The :class:`~gpt.model.GPTConfig` (unknown names/fields raise ConfigError)."""
-        return get_config(self.name, **self.overrides)
-
-    @model_validator(mode="after")
-    def _buildable(self) -> Self:
-        """The architecture is built with the settings: a bad name, an unknown override
-        field, an override of the wrong type (strict, as every setting) or an impossible
-        combination (``emb_dim`` not divisible by ``n_heads``) is refused here."""
-        from gpt.tokenizer import GPT2_VOCAB_SIZE
-
-        try:
-            get_config(self.name)
-        except ConfigError as exc:
-            raise FieldError("name", str(exc)) from None
-        hints = typing.get_type_hints(GPTConfig)
-        for key, value in self.overrides.items():
-            if key not in hints:
-                raise FieldError(
-                    f"overrides.{key}", f"not a GPTConfig field; fields: {', '.join(hints)}"
-                )
-            try:
-                TypeAdapter(hints[key]).validate_python(value, strict=True)
-            except ValidationError as exc:
-                raise FieldError(f"overrides.{key}", exc.errors()[0]["msg"]) from None
-        try:
-            cfg = self.build()
-        except ConfigError as exc:
-            raise FieldError("overrides", str(exc)) from None
-        if cfg.vocab_size < GPT2_VOCAB_SIZE:
-            raise FieldError(
-                "overrides.vocab_size",
-                f"{cfg.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids",
-            )
-        return self
-
-
-def windows_problem(max_length: int, model: GPTConfig) -> str | None:
-    """Why windows of ``max_length`` tokens cannot train ``model`` (None when they can):
-    checked with the settings (``tokenize.max_length`` against ``pretrain.model``) and
-    again by :func:`pretrain` for direct callers."""
-    if max_length > model.context_length:
-        return (
-            f"the windows are {max_length} tokens but the model has a context length of "
-            f"{model.context_length}; lower tokenize.max_length or raise "
-            "pretrain.model.overrides.context_length"
-        )
-    return None
-
-
-class PretrainArgs(DistributedLMArgs):
-    """Pretraining settings: the model, the per-epoch sample and the loss plot, plus every
-    :class:`LMTrainArgs` field (whose defaults are the reference recipe). The windows
-    (length, stride) come from the token files' producer (the tokenize stage)."""
-
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    """Architecture of the model trained from scratch."""
-    checkpoint_every: int = operational(50, ge=0)
-    """Write a resumable checkpoint every N steps (0 = only at epoch ends)."""
-    sample_prompt: str | None = "Every effort moves you"
-    """Prompt of the greedy sample generated after each epoch (None = no samples)."""
-    sample_tokens: int = Field(50, ge=0)
-    """New tokens in each sample."""
-    plot: bool = True
-    """Write ``loss.png`` (train/val loss against tokens seen)."""
 
 
 @dataclass

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from gpt.architecture import GPTConfig
 from gpt.errors import CheckpointError, ConfigError
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 
 __all__ = [
     "HF_CONFIG",

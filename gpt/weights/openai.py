@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpt.architecture import GPTConfig
 from gpt.errors import CheckpointError, ConfigError
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 
 __all__ = [
     "convert_openai_checkpoint",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -261,10 +262,8 @@ class StageRun:
     producer: str
     """The run the rows belong to (the run that started this computation)."""
     rows: RowSink
-    device: str = "auto"
-    """The device this stage computes on, resolved once where it runs (``cpu``,
-    ``cuda``, ``cuda:1``, ``mps``; the setting itself when it names no device here —
-    the library then says why)."""
+    device_setting: str = "auto"
+    """The run's device setting (:attr:`device` resolves it)."""
     notes: list[str] = field(default_factory=list)
     """Remarks the stage's ``stages`` row carries."""
     published: str | None = None
@@ -275,6 +274,19 @@ class StageRun:
     reused: bool = False
     """Set by a stage kept outside the store (download) when everything it makes was
     already there: recorded ``cached``."""
+
+    @functools.cached_property
+    def device(self) -> str:
+        """The device this stage computes on, resolved once where it runs, when the stage
+        first asks (``cpu``, ``cuda``, ``cuda:1``, ``mps``; the setting itself when it
+        names no device here — the library then says why). Lazy: resolving imports
+        torch, which a stage that computes on no device (download, judge) never needs."""
+        from gpt.device import resolve_device
+
+        try:
+            return str(resolve_device(self.device_setting))
+        except GPTFlowError:
+            return self.device_setting
 
     @property
     def progress(self) -> bool:

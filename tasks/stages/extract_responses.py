@@ -4,8 +4,7 @@ reference's JSON export."""
 
 from __future__ import annotations
 
-from gpt.recipes.extract import ExtractArgs, export_responses_json, extract_responses
-from gpt.recipes.prepare import load_instruct_splits
+from gpt.args import ExtractArgs
 from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
 from tasks.stages.runner import stage
 
@@ -23,6 +22,9 @@ class ExtractOut(StageOut):
 def extract(
     run: StageRun, args: ExtractArgs, tokenize: StageOutput, finetune_instruct: StageOutput
 ) -> ExtractOut:
+    from gpt.recipes.extract import export_responses_json, extract_responses
+    from gpt.recipes.prepare import load_instruct_splits
+
     test = load_instruct_splits(tokenize.path(tokenize.out.instruct_splits))["test"]
     rows = extract_responses(
         finetune_instruct.path(finetune_instruct.out.checkpoint),

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpt.recipes.instruct import InstructArgs, finetune_instruct
-from gpt.recipes.prepare import load_instruct_splits
+from gpt.args import InstructArgs
 from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
 from tasks.stages.runner import stage
 
@@ -38,6 +37,9 @@ class InstructOut(StageOut):
 def finetune_instruct_stage(
     run: StageRun, args: InstructArgs, tokenize: StageOutput, load_gpt2: StageOutput
 ) -> InstructOut:
+    from gpt.recipes.instruct import finetune_instruct
+    from gpt.recipes.prepare import load_instruct_splits
+
     splits = load_instruct_splits(tokenize.path(tokenize.out.instruct_splits))
     res = finetune_instruct(
         load_gpt2.path(load_gpt2.out.instruct_base),

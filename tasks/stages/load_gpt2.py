@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gpt.args import LoadGPT2Args
 from gpt.data.sources import gpt2_source_name
-from gpt.recipes.base import LoadGPT2Args, prepare_bases
 from tasks.stages.contract import RunContext, StageOut, StageOutput, StageRun
 from tasks.stages.download import check_held, fetch_sources, held_digests
 from tasks.stages.runner import stage
@@ -53,6 +53,8 @@ def fetch_releases(run: StageRun, args: LoadGPT2Args) -> dict[str, Path]:
 def load_gpt2(
     run: StageRun, args: LoadGPT2Args, tokenize: StageOutput, pretrain: StageOutput | None
 ) -> LoadGPT2Out:
+    from gpt.recipes.base import prepare_bases
+
     releases = fetch_releases(run, args)  # first: a refused download fails fast
     res = prepare_bases(
         args,

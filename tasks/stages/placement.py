@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from gpt.config import Args
-from gpt.distributed.codec import decode, encode
 from gpt.errors import GPTFlowError
 from gpt.paths import is_remote
 from tasks.records.runs import StageRecord, StageStatus, parse_ts, placed_records_dir
@@ -113,6 +112,8 @@ def run_placed_here(
     refuse when this machine computes another key than the flow did, else
     :func:`run_stage`. Writes the report the flow reads back, and returns it. Raises
     what the stage raised (a skip is reported, not raised)."""
+    from gpt.distributed.codec import encode
+
     assert ctx.placed_flow_run is not None
     folder = placed_records_dir(ctx.artifacts, ctx.placed_flow_run)
     spec = load_spec(name)
@@ -220,6 +221,8 @@ def run_placed(
     """Stage ``name`` for the flow, computed on a worker of ``pool`` (a cache hit is served
     here: it needs no worker). Returns what :func:`run_stage` would; raises
     :class:`StageSkipped` for a skipped stage."""
+    from gpt.distributed.codec import encode
+
     cached = run_stage(ctx, name, args, cached_only=True, **inputs)
     if cached is not None:
         return cached
@@ -266,6 +269,8 @@ def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
     its committed folder under ``key`` (the key the flow computed; a report of another
     key is refused). Records the stage's final row, with where it ran, in the run's
     record and the catalog."""
+    from gpt.distributed.codec import decode
+
     rec = ctx.recorder
     folder = placed_records_dir(ctx.artifacts, str(flow_run.id))
     report = _read_json(folder, REPORT)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpt.recipes.pretrain import PretrainArgs, pretrain
+from gpt.args import PretrainArgs
 from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
 from tasks.stages.runner import stage
 
@@ -34,6 +34,8 @@ class PretrainOut(StageOut):
 
 @stage("pretrain", resumable=True)
 def pretrain_stage(run: StageRun, args: PretrainArgs, tokenize: StageOutput) -> PretrainOut:
+    from gpt.recipes.pretrain import pretrain
+
     tok = tokenize.out
     res = pretrain(
         tokenize.path(tok.train_tokens),

@@ -222,17 +222,6 @@ def why_recomputed(ctx: RunContext, name: str, parts: KeyParts) -> str | None:
     return f"recomputed: {'; '.join(changed)} changed since run {df['run_id'].iloc[0]}"
 
 
-def resolve_device_name(setting: str) -> str:
-    """The device a stage computes on (:func:`gpt.device.resolve_device`), or the setting
-    itself when it names no device here (the library then says why)."""
-    from gpt.device import resolve_device
-
-    try:
-        return str(resolve_device(setting))
-    except GPTFlowError:
-        return setting
-
-
 def _ensure_producer_run(ctx: RunContext, producer: str) -> None:
     """Put the producing run's ``runs`` row into this catalog when it lacks it."""
     if producer == ctx.run_id:
@@ -378,7 +367,7 @@ def _stage_run(ctx: RunContext, spec: StageSpec, parts: KeyParts, lease: LeaseBa
         final=store.final_dir(name, key),
         producer=producer,
         rows=RowSink(work, ctx.catalog),
-        device=resolve_device_name(ctx.device),
+        device_setting=ctx.device,
         published=store.published(name, key),
         files=parts.files,
     )
@@ -443,7 +432,7 @@ def _run_unkept(
         final=root,
         producer=ctx.run_id,
         rows=RowSink(root, ctx.catalog),
-        device=resolve_device_name(ctx.device),
+        device_setting=ctx.device,
     )
     try:
         out = _typed(spec, spec.fn(run, args, **{i: inputs[i] for i in spec.inputs}))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gpt.recipes.prepare import PrepareArgs, load_instruct_splits, prepare_datasets
+from gpt.args import PrepareArgs
 from tasks.stages.contract import StageOut, StageOutput, StageRun
 from tasks.stages.runner import stage
 
@@ -41,6 +41,8 @@ def _split_rows(splits: dict[str, list[dict[str, Any]]], keys: tuple[str, ...]) 
 
 @stage("tokenize")
 def tokenize(run: StageRun, args: PrepareArgs, download: StageOutput) -> TokenizeOut:
+    from gpt.recipes.prepare import load_instruct_splits, prepare_datasets
+
     src = download.out.sources
     res = prepare_datasets(
         text_path=download.path(src["the-verdict"].path),

@@ -12,6 +12,15 @@ that the stage's *library* modules (``gpt.*``) import, derived from the same par
 upgrading scikit-learn changes the keys of the stages whose library code imports it and
 no others. The ``tasks`` wrappers only orchestrate and store a result (Prefect, DuckDB,
 fsspec), so their imports do not shape it and stay out of the key.
+
+A new process does not re-read an unchanged tree: each file's digest and imports are kept
+on disk (:class:`StatCache`, under :func:`gpt.paths.cache_dir`) with the file's size,
+``mtime_ns`` and inode, and reused while all three match — any edit changes at least the
+mtime. An entry written less than :data:`RACY_S` after its file's mtime is not trusted
+(an edit within the clock's granularity could keep size and mtime), as git does for
+"racily clean" files. The installed distributions are kept the same way, keyed by the
+mtimes of the ``site-packages`` folders on ``sys.path`` (installing, upgrading or
+removing a distribution adds or removes a ``.dist-info`` folder there).
 """
 
 from __future__ import annotations
@@ -20,11 +29,15 @@ import ast
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
+import os
 import re
 import sys
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 #: Top-level packages whose modules are followed and hashed.
 PROJECT_PACKAGES = ("gpt", "tasks")
@@ -40,6 +53,106 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 #: inside it breaks its recursion bookkeeping, "SystemError: AST constructor recursion
 #: depth mismatch"), and a flow computes the keys of parallel stages in parallel threads.
 _PARSE_LOCK = threading.Lock()
+
+#: Seconds a file must have been unchanged when its cache entry was written for the
+#: entry to be trusted (see the module docstring).
+RACY_S = 2.0
+
+
+class StatCache:
+    """Digest and imports of each source file of one tree, kept in a JSON file and
+    reused while the file's (size, mtime_ns, inode) match; plus the installed
+    distributions, reused while the ``sys.path`` folders' mtimes match."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._dirty = False
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self.files: dict[str, list[Any]] = dict(data.get("files", {}))
+            self.dists: dict[str, Any] = dict(data.get("dists", {}))
+        except (OSError, ValueError, AttributeError):
+            self.files, self.dists = {}, {}
+
+    @staticmethod
+    def _stat_key(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def get(self, path: Path, st: os.stat_result) -> list[Any] | None:
+        """The stored ``[sha256, imports, external]`` of ``path``, if it is unchanged."""
+        entry = self.files.get(str(path))
+        if not entry or entry[0] != self._stat_key(st):
+            return None
+        if entry[1] - st.st_mtime_ns < RACY_S * 1e9:  # racily clean: re-read
+            return None
+        return entry[2]
+
+    def put(self, path: Path, st: os.stat_result, value: list[Any]) -> None:
+        with self._lock:
+            self.files[str(path)] = [self._stat_key(st), time.time_ns(), value]
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the entries (atomically) when any changed; a cache that cannot be written
+        is only slower next time."""
+        with self._lock:
+            if not self._dirty:
+                return
+            data = json.dumps({"files": self.files, "dists": self.dists})
+            self._dirty = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(data, encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def distributions(self) -> dict[str, Any]:
+        """``{"providers": {top: [dist, ...]}, "versions": {dist: version}}`` of the
+        installed distributions, rescanned when a ``sys.path`` folder changed."""
+        stamp = []
+        for entry in sys.path:
+            if Path(entry).name not in ("site-packages", "dist-packages"):
+                continue  # the script's folder, the working directory: no distributions
+            try:
+                stamp.append([entry, os.stat(entry or ".").st_mtime_ns])
+            except OSError:
+                continue
+        with self._lock:
+            if self.dists.get("stamp") == stamp:
+                return self.dists
+        providers = importlib.metadata.packages_distributions()
+        versions: dict[str, str | None] = {}
+        for dists in providers.values():
+            for dist in dists:
+                if dist not in versions:
+                    try:
+                        versions[dist] = importlib.metadata.version(dist)
+                    except importlib.metadata.PackageNotFoundError:
+                        versions[dist] = None
+        with self._lock:
+            self.dists = {"stamp": stamp, "providers": providers, "versions": versions}
+            self._dirty = True
+            return self.dists
+
+
+_STAT_CACHES: dict[Path, StatCache] = {}
+_STAT_CACHES_LOCK = threading.Lock()
+
+
+def stat_cache(root: Path) -> StatCache:
+    """This process's :class:`StatCache` of source tree ``root`` (one file per tree)."""
+    from gpt.paths import cache_dir
+
+    with _STAT_CACHES_LOCK:
+        cache = _STAT_CACHES.get(root)
+        if cache is None:
+            name = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+            cache = StatCache(cache_dir() / "source-fingerprints" / f"{name}.json")
+            _STAT_CACHES[root] = cache
+        return cache
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -76,20 +189,34 @@ def third_party_imports(name: str, root: Path = SOURCE_ROOT) -> set[str]:
 
 
 def _parsed(name: str, root: Path) -> tuple[frozenset[str], frozenset[str]]:
+    _, found, external = _source_facts(name, root)
+    return found, external
+
+
+def _source_facts(name: str, root: Path) -> tuple[str, frozenset[str], frozenset[str]]:
+    """The sha256 of module ``name``'s source, the project modules and the third-party
+    top-level names it imports: from the stat cache while the file is unchanged."""
     path = _module_file(name, root)
     if path is None:
         raise ValueError(f"module {name!r} has no source file under {root}")
     st = path.stat()
-    return _imports(name, root, path, st.st_size, st.st_mtime_ns)
+    cache = stat_cache(root)
+    hit = cache.get(path, st)
+    if hit is not None:
+        return hit[0], frozenset(hit[1]), frozenset(hit[2])
+    data = path.read_bytes()
+    found, external = _imports(name, root, path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    cache.put(path, st, [digest, sorted(found), sorted(external)])
+    return digest, found, external
 
 
-@lru_cache(maxsize=4096)
 def _imports(
-    name: str, root: Path, path: Path, size: int, mtime_ns: int
+    name: str, root: Path, path: Path, data: bytes
 ) -> tuple[frozenset[str], frozenset[str]]:
     """The project modules and third-party top-level names that one version of a file
-    imports (cached by size and mtime)."""
-    source = path.read_text(encoding="utf-8")
+    (its bytes ``data``) imports."""
+    source = data.decode("utf-8")
     with _PARSE_LOCK:
         tree = ast.parse(source, filename=str(path))
     is_package = path.name == "__init__.py"
@@ -144,10 +271,9 @@ def module_closure(name: str, root: Path = SOURCE_ROOT) -> list[str]:
 def _fingerprint(name: str, root: Path) -> str:
     h = hashlib.sha256()
     for mod in module_closure(name, root):
-        path = _module_file(mod, root)
-        assert path is not None
         h.update(mod.encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(bytes.fromhex(_source_facts(mod, root)[0]))
+    stat_cache(root).save()
     return h.hexdigest()
 
 
@@ -169,7 +295,7 @@ def package_versions(module: str, root: Path | None = None) -> dict[str, str | N
     for mod in module_closure(module, root):
         if mod.split(".", 1)[0] in LIBRARY_PACKAGES:
             tops |= third_party_imports(mod, root)
-    providers = _distributions()
+    providers = _distributions(root)["providers"]
     out: dict[str, str | None] = {}
     for top in sorted(tops):
         dists = providers.get(top)
@@ -177,14 +303,21 @@ def package_versions(module: str, root: Path | None = None) -> dict[str, str | N
             out[top] = None
         for dist in dists or ():
             out[_canonical(dist)] = distribution_version(dist)
+    stat_cache(root).save()
     return dict(sorted(out.items()))
 
 
-@lru_cache(maxsize=1)
-def _distributions() -> dict[str, list[str]]:
-    """Top-level module -> the installed distributions providing it (one scan per process;
-    what is installed does not change under a running process)."""
-    return importlib.metadata.packages_distributions()
+@lru_cache(maxsize=4)
+def _distributions(root: Path) -> dict[str, Any]:
+    """The installed distributions (:meth:`StatCache.distributions`), once per process:
+    what is installed does not change under a running process."""
+    installed = stat_cache(root).distributions()
+    _SCANNED_VERSIONS.update(installed["versions"])
+    return installed
+
+
+#: Versions read by the last scan of the installed distributions (:func:`_distributions`).
+_SCANNED_VERSIONS: dict[str, str | None] = {}
 
 
 def distribution_version(dist: str) -> str | None:
@@ -194,7 +327,10 @@ def distribution_version(dist: str) -> str | None:
 
 @lru_cache(maxsize=256)
 def _installed_version(dist: str) -> str | None:
-    """:func:`distribution_version`, once per process."""
+    """:func:`distribution_version`, once per process (from the scan when it saw ``dist``)."""
+    if dist in _SCANNED_VERSIONS:
+        version = _SCANNED_VERSIONS[dist]
+        return version.split("+", 1)[0] if version else None
     try:
         version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

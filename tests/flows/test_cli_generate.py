@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from flows.cli import main
+from gpt.architecture import GPTConfig
 from gpt.checkpoint import save_checkpoint
 from gpt.generate import generate
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 from gpt.prompts import format_alpaca
 from gpt.tokenizer import Tokenizer
 

@@ -101,8 +101,9 @@ def _environment_kept():
 def world(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, str]:
     """A catalog with three runs (two sharing a prefix), an LM and a classifier checkpoint
     and a few files; paths by name."""
+    from gpt.architecture import GPTConfig
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, GPTConfig
+    from gpt.model import GPT
     from tasks.catalog import Catalog
 
     d = tmp_path_factory.mktemp("errors")

@@ -361,3 +361,58 @@ def test_cli_report_as_text_draws_no_plot(catalog, capsys, monkeypatch, tmp_path
     assert drawn == [] and shown.count("[plot: ") == 4, shown
     assert main(["report", "new", "--markdown", str(tmp_path / "r.md")]) == 0
     assert len(drawn) == 4
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+def test_report_reused_when_nothing_changed_rebuilt_when_a_stage_recomputes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run whose stages were all served from the cache with the results an earlier run
+    reported publishes that run's stored report (saying so) without rebuilding it; a run
+    in which one stage recomputed gets its report rebuilt."""
+    import prefect.artifacts
+
+    from flows.report import build
+    from tasks.catalog import Catalog
+
+    published: list[str] = []
+    monkeypatch.setattr(
+        prefect.artifacts,
+        "create_markdown_artifact",
+        lambda markdown, **kw: published.append(markdown),
+    )
+    monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: None)
+    built: list[str] = []
+    real_build = build._build
+    monkeypatch.setattr(build, "_build", lambda data: built.append(data.run_id) or real_build(data))
+
+    cat = Catalog()
+    cat.migrate()
+    config = {"profile": "smoke", "pretrain": {"epochs": 1}}
+
+    def run(run_id: str, producers: dict[str, str]) -> str:
+        cat.start_run(run_id, profile="smoke", config=config)
+        for name, producer in producers.items():
+            computed = producer == run_id
+            cat.record_stage(
+                run_id,
+                name,
+                status="completed" if computed else "cached",
+                cache_hit=not computed,
+                outputs={"producer_run_id": producer, "key": f"k-{name}-{producer}",
+                         "digest": f"d-{name}-{producer}"},
+            )  # fmt: skip
+        cat.record_stage(run_id, "judge", status="skipped", message="Ollama is not reachable")
+        cat.end_run(run_id, "completed")
+        return build.publish_report(cat, run_id)
+
+    first = run("r1", {"tokenize": "r1", "pretrain": "r1"})
+    assert built == ["r1"] and "Nothing changed" not in first
+    again = run("r2", {"tokenize": "r1", "pretrain": "r1"})  # all cached: same results
+    assert built == ["r1"], "the report was rebuilt although nothing changed"
+    assert again.startswith("> Nothing changed since run `r1`")
+    assert again.endswith(first) and published[-1] == again
+    recomputed = run("r3", {"tokenize": "r1", "pretrain": "r3"})  # pretrain recomputed
+    assert built == ["r1", "r3"] and "Nothing changed" not in recomputed

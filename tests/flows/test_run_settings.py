@@ -17,8 +17,8 @@ import pytest
 from flows.cli import main as cli_main
 from flows.config import build_config, config_to_dict
 from flows.run_start import make_context
-from gpt.distributed import DistributedArgs
 from gpt.errors import CatalogError, ConfigError
+from gpt.layout import DistributedArgs
 from tasks.catalog import Catalog, CatalogArgs, CatalogSettings
 from tasks.stages.contract import RunContext
 

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from gpt.distributed.launch import asks_torchrun, relaunch
-from gpt.distributed.settings import DistributedArgs
+from gpt.layout import DistributedArgs
 
 
 def pretrain_killed_at(kill_at: int, workdir: str, **kwargs: Any) -> Any:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.architecture import GPTConfig
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.errors import CheckpointError
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1)
 

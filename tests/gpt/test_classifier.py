@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.architecture import get_config
+from gpt.args import SpamArgs
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.data.parsing import balance_and_split_spam, parse_sms
-from gpt.model import GPT, get_config
-from gpt.recipes.classifier import SpamArgs, finetune_classifier
+from gpt.model import GPT
+from gpt.recipes.classifier import finetune_classifier
 from gpt.recipes.classifier_model import build_classifier, classify, encode_spam
 from gpt.tokenizer import Tokenizer
 

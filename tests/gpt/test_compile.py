@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from gpt.architecture import GPTConfig
+from gpt.args import LMTrainArgs
 from gpt.generate import generate
-from gpt.model import GPT, GPTConfig
-from gpt.train import LMTrainArgs, train_lm
+from gpt.model import GPT
+from gpt.train import train_lm
 
 CFG = GPTConfig(vocab_size=101, context_length=32, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
 

@@ -19,12 +19,15 @@ from typing import Any
 import pytest
 import torch
 
+from gpt.architecture import get_config
+from gpt.args import ModelSpec, PretrainArgs
 from gpt.checkpoint import load_checkpoint, save_checkpoint
-from gpt.distributed import DistributedArgs, launch_command, run_distributed
+from gpt.distributed import launch_command, run_distributed
 from gpt.distributed.codec import decode, encode
 from gpt.errors import ConfigError, DistributedError
-from gpt.model import GPT, get_config
-from gpt.recipes.pretrain import ModelSpec, PretrainArgs, PretrainResult
+from gpt.layout import DistributedArgs
+from gpt.model import GPT
+from gpt.recipes.pretrain import PretrainResult
 
 TOL = 1e-5
 TESTS = Path(__file__).resolve().parent
@@ -403,8 +406,8 @@ def _both_layouts(target: str, kwargs: dict[str, Any], tmp_path: Path) -> list[t
 def test_spam_finetune_two_processes_equal_one(
     tmp_path: Path, mirror: Path, tokenizer_dir: Path
 ) -> None:
+    from gpt.args import SpamArgs
     from gpt.data.parsing import balance_and_split_spam, parse_sms
-    from gpt.recipes.classifier import SpamArgs
 
     parts = balance_and_split_spam(parse_sms(mirror / "sms+spam+collection.zip"), seed=123)
     sizes = {"train": 43, "val": 9, "test": 11}  # odd sizes: uneven shards
@@ -433,7 +436,7 @@ def test_spam_finetune_two_processes_equal_one(
 def test_instruct_finetune_two_processes_equal_one(
     tmp_path: Path, mirror: Path, tokenizer_dir: Path
 ) -> None:
-    from gpt.recipes.instruct import InstructArgs
+    from gpt.args import InstructArgs
 
     records = json.loads((mirror / "instruction-data.json").read_text(encoding="utf-8"))
     base = _tiny_base(tmp_path / "base", tokenizer_dir)

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.architecture import GPTConfig
 from gpt.checkpoint import save_checkpoint
 from gpt.data.windows import save_tokens
 from gpt.fileio import atomic_open, default_file_mode
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 from gpt.recipes.extract import export_responses_json
 from gpt.recipes.pretrain import plot_losses
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt.architecture import GPTConfig
 from gpt.generate import generate, sample_next
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 
 CFG = GPTConfig(
     vocab_size=97,

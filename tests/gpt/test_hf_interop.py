@@ -11,9 +11,10 @@ import pytest
 import torch
 from _ci import DevModule
 
+from gpt.architecture import GPTConfig
 from gpt.checkpoint import save_checkpoint
 from gpt.errors import CheckpointError, ExportError
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 
 transformers = DevModule("transformers", "a dev dependency: pip install -e '.[dev]'")
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.architecture import get_config
+from gpt.args import ExtractArgs, InstructArgs
 from gpt.checkpoint import load_checkpoint, save_checkpoint
-from gpt.model import GPT, get_config
-from gpt.recipes.extract import ExtractArgs, export_responses_json, extract_responses
+from gpt.model import GPT
+from gpt.recipes.extract import export_responses_json, extract_responses
 from gpt.recipes.instruct import (
-    InstructArgs,
     InstructionDataset,
     batch_indices,
     collate_instruct,

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from gpt.adapter import adapt
+from gpt.architecture import GPTConfig, get_config
+from gpt.args import InstructArgs, LoraArgs, SpamArgs
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.errors import CheckpointError, ConfigError
 from gpt.lora import (
-    LoraArgs,
     LoRALinear,
     apply_lora,
     count_trainable,
@@ -23,9 +24,8 @@ from gpt.lora import (
     lora_targets,
     merge_lora,
 )
-from gpt.model import GPT, GPTConfig, get_config
-from gpt.recipes.classifier import SpamArgs, finetune_classifier, prepare_classifier
-from gpt.recipes.instruct import InstructArgs
+from gpt.model import GPT
+from gpt.recipes.classifier import finetune_classifier, prepare_classifier
 
 TINY = GPTConfig(context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                  qkv_bias=True, tie_weights=True)  # fmt: skip
@@ -318,7 +318,8 @@ def test_instruct_finetune_with_lora_generate_and_extract(
     tmp_path: Path, tokenizer_dir: Path, mirror: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from flows.cli import main
-    from gpt.recipes.extract import ExtractArgs, extract_responses
+    from gpt.args import ExtractArgs
+    from gpt.recipes.extract import extract_responses
     from gpt.recipes.instruct import finetune_instruct
 
     records = json.loads((mirror / "instruction-data.json").read_text(encoding="utf-8"))[:12]

@@ -14,9 +14,11 @@ import torch
 from _ci import DevModule
 
 from gpt.adapter import adapt
+from gpt.architecture import GPTConfig
+from gpt.args import LoraArgs
 from gpt.checkpoint import load_checkpoint, save_checkpoint
-from gpt.lora import LoraArgs, lora_modules
-from gpt.model import GPT, GPTConfig
+from gpt.lora import lora_modules
+from gpt.model import GPT
 
 transformers = DevModule("transformers", "a dev dependency: pip install -e '.[dev]'")
 peft = DevModule("peft", "a dev dependency: pip install -e '.[dev]'")
@@ -85,7 +87,8 @@ def test_language_model_logits_equal_peft(base: Path, tmp_path: Path, layers) ->
 
 
 def test_classifier_logits_equal_peft(base: Path, tmp_path: Path, tokenizer_dir: Path) -> None:
-    from gpt.recipes.classifier import SpamArgs, prepare_classifier
+    from gpt.args import SpamArgs
+    from gpt.recipes.classifier import prepare_classifier
     from gpt.recipes.classifier_model import encode_spam, pool
     from gpt.tokenizer import Tokenizer
     from gpt.weights.peft_export import export_peft

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt.architecture import CONFIGS, GPTConfig, get_config
 from gpt.errors import ConfigError
-from gpt.model import (
-    CONFIGS,
-    GPT,
-    GPTConfig,
-    KVCache,
-    count_parameters,
-    get_config,
-    positions_from_mask,
-)
+from gpt.model import GPT, KVCache, count_parameters, positions_from_mask
 
 TINY = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -205,8 +198,8 @@ def test_training_steps_on_cpu_equal_the_sdpa_path(monkeypatch: pytest.MonkeyPat
     """Whole training steps (dropout 0.1): the CPU attention path and torch's SDPA give
     the same losses, gradients and weights, bit for bit."""
     import gpt.model as model_module
+    from gpt.args import LMTrainArgs
     from gpt.lm_step import make_optimizer, train_step
-    from gpt.train import LMTrainArgs
 
     cfg = TINY.replace(drop_rate=0.1)
     x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length + 1), generator=torch.Generator())

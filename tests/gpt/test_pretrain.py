@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt.args import ModelSpec, PretrainArgs
 from gpt.checkpoint import load_checkpoint
 from gpt.data.windows import tokenize_to_npy
 from gpt.errors import ConfigError, DataError
-from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
+from gpt.recipes.pretrain import pretrain
 from gpt.tokenizer import Tokenizer
 
 SLICE_CHARS = 2400

@@ -8,13 +8,13 @@ trainable parameters, written files, or a spy on the kernel or computation it pi
 must differ. The base run is repeated once per recipe to show every observable is
 deterministic, so a difference is the setting's doing.
 
-- :class:`~gpt.recipes.classifier.SpamArgs`: every field, through
+- :class:`~gpt.args.SpamArgs`: every field, through
   :func:`~gpt.recipes.classifier.finetune_classifier`.
-- :class:`~gpt.train.LMTrainArgs` (the training fields of the instruction finetune and
+- :class:`~gpt.args.LMTrainArgs` (the training fields of the instruction finetune and
   of pretraining): every field, through :func:`~gpt.train.train_lm` on a model with a
   64-token vocabulary (cheap), with loaders built from the settings as the recipes do.
-- :class:`~gpt.recipes.instruct.InstructArgs` and
-  :class:`~gpt.recipes.pretrain.PretrainArgs`: their own fields, and the loader fields
+- :class:`~gpt.args.InstructArgs` and
+  :class:`~gpt.args.PretrainArgs`: their own fields, and the loader fields
   (``batch_size``, ``seed``), through the recipe; each training field handed on to
   ``train_lm`` (observable ``train_lm``) must arrive there with its new value — what
   ``train_lm`` does with it is the table above.
@@ -34,11 +34,8 @@ from typing import Any
 import pytest
 import torch
 
+from gpt.args import InstructArgs, LMTrainArgs, PretrainArgs, SpamArgs
 from gpt.config import Args
-from gpt.recipes.classifier import SpamArgs
-from gpt.recipes.instruct import InstructArgs
-from gpt.recipes.pretrain import PretrainArgs
-from gpt.train import LMTrainArgs
 
 #: Metrics that are wall-clock measurements (differ from run to run by nature).
 TIMED = ("tokens_per_s",)
@@ -270,8 +267,9 @@ def _check(runs: _Runs, base: dict[str, Any], variant: Variant, cls: type[Args])
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    from gpt.architecture import get_config
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, get_config
+    from gpt.model import GPT
 
     torch.manual_seed(7)
     model = GPT(get_config("tiny", drop_rate=0.0, tie_weights=True))
@@ -345,8 +343,9 @@ def _state_digest(model: torch.nn.Module) -> str:
 def train_lm_runs(spy: _Spy, tmp_path_factory) -> _Runs:
     """:func:`train_lm` as a minimal recipe: seeded model and loaders from the settings
     (``batch_size``, ``seed``), random tokens of a 64-id vocabulary."""
+    from gpt.architecture import get_config
     from gpt.data.windows import SlidingWindowDataset, make_loader
-    from gpt.model import GPT, get_config
+    from gpt.model import GPT
     from gpt.train import train_lm
 
     ids = torch.randint(0, 64, (260,), generator=torch.Generator().manual_seed(0))

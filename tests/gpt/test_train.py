@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt.architecture import get_config
+from gpt.args import LMTrainArgs
 from gpt.data.windows import SlidingWindowDataset, make_loader
 from gpt.errors import CheckpointError
 from gpt.lm_step import evaluate_lm, lr_at, make_optimizer, perplexity, train_step
-from gpt.model import GPT, get_config
-from gpt.train import LMTrainArgs, train_lm
+from gpt.model import GPT
+from gpt.train import train_lm
 
 CFG = get_config("tiny", vocab_size=96, context_length=16, emb_dim=32, drop_rate=0.1)
 

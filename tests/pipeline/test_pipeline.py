@@ -374,3 +374,43 @@ def test_a_second_catalog_gets_the_rows_of_cached_stages(prefect_server, env, ol
     assert len(acc) == 3 and acc.finetuned.notna().all() and acc.logreg_bow.notna().all()
     assert q("SELECT count(*) n FROM responses WHERE run_id = ?", run1).n[0] == 12
     assert q("SELECT count(*) n FROM runs WHERE run_id = ?", run1).n[0] == 1  # lineage
+
+
+def test_cached_rerun_in_a_new_process_imports_no_heavy_module(prefect_server, env):
+    """`gptflow run` again, as a new process, with every stage cached (the judge, without
+    Ollama here, is skipped): torch is not imported (settings come from torch-free
+    modules, stages import their recipes only to compute); once a cached rerun stored its
+    report, the next one reuses it (nothing changed) and imports no matplotlib either.
+    The first of the three runs only brings the cache up to date after the tests above;
+    the second may rebuild the report (its gates compare with a run of other results)."""
+    import subprocess
+    import sys
+
+    from _paths import REPO
+
+    probe = (
+        "import sys\n"
+        "from flows.cli import main\n"
+        "code = main(['run', '--profile', 'smoke'])\n"
+        "print('LOADED', sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    outs = []
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=REPO,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outs.append(proc.stdout + proc.stderr)
+    for out in outs[1:]:
+        stages = [line.split() for line in out.splitlines() if line.startswith("  ")]
+        assert stages and all(s[1] in ("cached", "skipped") for s in stages), out[-3000:]
+        loaded = next(line for line in out.splitlines() if line.startswith("LOADED"))
+        assert "torch" not in loaded, loaded
+    assert "its stored report is reused" in outs[2], outs[2][-3000:]
+    assert "LOADED []" in outs[2], outs[2][-3000:]

@@ -20,8 +20,9 @@ import torch
 from _paths import REPO
 from helpers_proc import finish
 
+from gpt.architecture import GPTConfig
 from gpt.checkpoint import RECORD, load_checkpoint, save_checkpoint
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 from tasks.store.manifest import MANIFEST, PRODUCED, merge_manifest, split_manifest
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2)

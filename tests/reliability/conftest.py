@@ -22,8 +22,9 @@ def lm_checkpoint(tmp_path: Path, tokenizer_dir: Path) -> Path:
     """A tiny language-model checkpoint folder with the tokenizer inside."""
     import torch
 
+    from gpt.architecture import GPTConfig
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, GPTConfig
+    from gpt.model import GPT
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
@@ -37,8 +38,9 @@ def clf_checkpoint(tmp_path: Path, tokenizer_dir: Path) -> Path:
     """A tiny spam-classifier checkpoint (max_length 16) with the tokenizer inside."""
     import torch
 
+    from gpt.architecture import GPTConfig
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, GPTConfig
+    from gpt.model import GPT
 
     torch.manual_seed(1)
     model = GPT(GPTConfig(**TINY))

@@ -107,7 +107,8 @@ def test_bit_flip_in_headers_without_manifest_never_crashes(
 
 
 def _model(seed: int) -> torch.nn.Module:
-    from gpt.model import GPT, GPTConfig
+    from gpt.architecture import GPTConfig
+    from gpt.model import GPT
 
     torch.manual_seed(seed)
     return GPT(GPTConfig(**TINY))

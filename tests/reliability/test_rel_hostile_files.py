@@ -97,9 +97,11 @@ def test_malicious_resume_state_stops_training(lm_checkpoint: Path, tmp_path: Pa
 
     import torch
 
+    from gpt.architecture import GPTConfig
+    from gpt.args import LMTrainArgs
     from gpt.data.windows import SlidingWindowDataset, make_loader
-    from gpt.model import GPT, GPTConfig
-    from gpt.train import LMTrainArgs, train_lm
+    from gpt.model import GPT
+    from gpt.train import train_lm
 
     out = tmp_path / "train"
     shutil.copytree(lm_checkpoint, out / "last")

@@ -26,7 +26,8 @@ _CHILD = r"""
 import json, os, signal, sys
 from pathlib import Path
 base, out, data, mode, kill = sys.argv[1:6]
-from gpt.recipes.instruct import InstructArgs, finetune_instruct
+from gpt.recipes.instruct import finetune_instruct
+from gpt.args import InstructArgs
 
 records = json.loads(Path(data).read_text(encoding="utf-8"))[:16]
 args = InstructArgs(

@@ -32,7 +32,8 @@ from pathlib import Path
 out, db, text, tok, run_id, mode = sys.argv[1:7]
 epochs, ckpt, kill = (int(x) for x in sys.argv[7:10])
 from gpt.data.windows import tokenize_to_npy
-from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
+from gpt.recipes.pretrain import pretrain
+from gpt.args import ModelSpec, PretrainArgs
 from gpt.tokenizer import Tokenizer
 from tasks.catalog import CatalogSettings
 from tasks.records.rows import RowSink
@@ -176,9 +177,11 @@ def _tiny_training(out: Path):
     2 epochs), on one thread."""
     from _rel_helpers import TINY
 
+    from gpt.architecture import GPTConfig
+    from gpt.args import LMTrainArgs
     from gpt.data.windows import SlidingWindowDataset, make_loader
-    from gpt.model import GPT, GPTConfig
-    from gpt.train import LMTrainArgs, train_lm
+    from gpt.model import GPT
+    from gpt.train import train_lm
 
     tokens = torch.randint(0, 1000, (700,), generator=torch.Generator().manual_seed(5))
     torch.manual_seed(123)

@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pytest
 from _paths import REPO
 
 from tasks.stages import STAGES
-from tasks.store.fingerprint import code_fingerprint, module_closure
+from tasks.store.fingerprint import code_fingerprint, module_closure, package_versions
 
 HERE = Path(__file__).resolve().parent
 CACHED = [s for s in STAGES if s != "download"]  # download is content-addressed by bytes
@@ -122,7 +123,7 @@ def test_keys_computed_in_parallel_threads(tree: Path) -> None:
     import threading
     import time
 
-    from tasks.store.fingerprint import _imports
+    from tasks.store.fingerprint import stat_cache
 
     errors: list[BaseException] = []
 
@@ -132,7 +133,7 @@ def test_keys_computed_in_parallel_threads(tree: Path) -> None:
     def work(stage: str) -> None:
         try:
             for _ in range(2):
-                _imports.cache_clear()
+                stat_cache(tree.resolve()).files.clear()
                 _fp(stage, tree)
         except BaseException as exc:
             errors.append(exc)
@@ -226,3 +227,68 @@ def test_every_module_a_stage_loads_is_in_its_closure_and_keyed(
         before = _fp(stage, tree)
         _edit(tree, rel)
         assert _fp(stage, tree) != before, f"editing {rel} left the key of {stage} unchanged"
+
+
+def _new_process_caches() -> None:
+    """Forget what this process computed, as a new process would (the on-disk stat cache
+    stays)."""
+    from tasks.store import fingerprint
+
+    fingerprint._fingerprint.cache_clear()
+    fingerprint._distributions.cache_clear()
+    fingerprint._STAT_CACHES.clear()
+
+
+def _age(root: Path, seconds: float = 60.0) -> None:
+    """Set every source file's mtime ``seconds`` into the past (an unchanged tree)."""
+    past = time.time() - seconds
+    for path in root.rglob("*.py"):
+        os.utime(path, (past, past))
+
+
+def test_unchanged_tree_is_not_reread_by_a_new_process(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new process reuses each file's digest and imports while its size, mtime and inode
+    match: no source file is read or parsed again, and the key is the same."""
+    _age(tree)
+    _new_process_caches()
+    before = code_fingerprint("tasks.stages.finetune_spam", tree)
+    versions = package_versions("tasks.stages.finetune_spam", tree)
+    _new_process_caches()
+    reads: list[Path] = []
+    real = Path.read_bytes
+
+    def counted(self: Path) -> bytes:
+        if self.suffix == ".py" and tree in self.parents:
+            reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    monkeypatch.setattr(
+        "importlib.metadata.packages_distributions",
+        lambda: pytest.fail("rescanned the installed distributions"),
+    )
+    assert code_fingerprint("tasks.stages.finetune_spam", tree) == before
+    assert package_versions("tasks.stages.finetune_spam", tree) == versions
+    assert reads == []
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_edited_file_changes_the_key_in_a_new_process(tree: Path, same_size: bool) -> None:
+    """Touch and edit a file of the closure after its digest was cached: the key changes
+    (an edit that keeps the file's size included), and goes back with the content."""
+    _age(tree)
+    _new_process_caches()
+    rel = "gpt/recipes/classifier.py"
+    before = code_fingerprint("tasks.stages.finetune_spam", tree)
+    path = tree / rel
+    text = path.read_text(encoding="utf-8")
+    edited = text.replace("ham", "HAM", 1) if same_size else text + "\n# edited\n"
+    assert edited != text and (len(edited) == len(text)) == same_size
+    path.write_text(edited, encoding="utf-8")
+    _new_process_caches()
+    assert code_fingerprint("tasks.stages.finetune_spam", tree) != before
+    path.write_text(text, encoding="utf-8")
+    _new_process_caches()
+    assert code_fingerprint("tasks.stages.finetune_spam", tree) == before

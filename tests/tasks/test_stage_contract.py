@@ -241,16 +241,17 @@ class _Called(Exception):
     """Raised by a stand-in library function once it has seen its arguments."""
 
 
-#: stage → (name of the library function in the stage's module, how args are passed)
+#: The library call each stage makes, where the stage finds it when it runs (the model
+#: stages import their recipe inside the stage body).
 LIBRARY_CALLS = {
-    "tokenize": "prepare_datasets",
-    "pretrain": "pretrain",
-    "load_gpt2": "prepare_bases",
-    "finetune_spam": "finetune_classifier",
-    "baseline_spam": "evaluate_baselines",
-    "finetune_instruct": "finetune_instruct",
-    "extract_responses": "extract_responses",
-    "judge": "judge_run",
+    "tokenize": "gpt.recipes.prepare.prepare_datasets",
+    "pretrain": "gpt.recipes.pretrain.pretrain",
+    "load_gpt2": "gpt.recipes.base.prepare_bases",
+    "finetune_spam": "gpt.recipes.classifier.finetune_classifier",
+    "baseline_spam": "tasks.stages.baseline_spam.evaluate_baselines",
+    "finetune_instruct": "gpt.recipes.instruct.finetune_instruct",
+    "extract_responses": "gpt.recipes.extract.extract_responses",
+    "judge": "tasks.stages.judge.judge_run",
 }
 MODEL_STAGES = {"pretrain", "load_gpt2", "finetune_spam", "finetune_instruct", "extract_responses"}
 
@@ -265,14 +266,16 @@ def test_the_section_object_itself_reaches_the_library_call(
 
     from tasks.records.rows import RowSink
 
-    module = importlib.import_module(f"tasks.stages.{stage}")
+    importlib.import_module(f"tasks.stages.{stage}")  # the stage registers itself
     seen: dict[str, Any] = {}
 
     def stand_in(*args: Any, **kwargs: Any) -> Any:
         seen["args"], seen["kwargs"] = args, kwargs
         raise _Called
 
-    monkeypatch.setattr(module, LIBRARY_CALLS[stage], stand_in)
+    where, _, name = LIBRARY_CALLS[stage].rpartition(".")
+    library_call = getattr(importlib.import_module(where), name)
+    monkeypatch.setattr(LIBRARY_CALLS[stage], stand_in)
     cfg = smoke["cfg"]
     section = getattr(cfg, stage)
     ctx = RunContext(**{**_ctx(smoke["root"], "probe").__dict__, "device": "cuda:7"})
@@ -304,9 +307,7 @@ def test_the_section_object_itself_reaches_the_library_call(
     if stage == "pretrain":  # the token files tokenize wrote, not a re-tokenized text
         import inspect
 
-        from gpt.recipes.pretrain import pretrain
-
-        got = inspect.signature(pretrain).bind(*seen["args"], **seen["kwargs"]).arguments
+        got = inspect.signature(library_call).bind(*seen["args"], **seen["kwargs"]).arguments
         assert (got["train_tokens"], got["val_tokens"]) == (
             tok.path(tok.out.train_tokens),
             tok.path(tok.out.val_tokens),
@@ -341,9 +342,11 @@ def test_device_is_recorded_in_the_stage_outputs(smoke) -> None:
 
 def test_instruct_honours_max_steps(tmp_path: Path, tokenizer_dir: Path) -> None:
     """finetune_instruct.max_steps was documented, validated and keyed, but ignored."""
+    from gpt.architecture import get_config
+    from gpt.args import InstructArgs
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, get_config
-    from gpt.recipes.instruct import InstructArgs, finetune_instruct
+    from gpt.model import GPT
+    from gpt.recipes.instruct import finetune_instruct
 
     base = save_checkpoint(tmp_path / "b", GPT(get_config("tiny")), tokenizer_dir=tokenizer_dir)
     recs = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(16)]

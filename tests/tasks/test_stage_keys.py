@@ -19,8 +19,8 @@ from _paths import REPO
 import tasks.store.fingerprint as fingerprint
 from flows.cli import main
 from flows.config import build_config
+from gpt.args import LoadGPT2Args
 from gpt.errors import ChecksumError
-from gpt.recipes.base import LoadGPT2Args
 from tasks.catalog.settings import CatalogSettings
 from tasks.stages.contract import RunContext, StageOutput
 from tasks.stages.runner import key_parts, load_spec, run_stage

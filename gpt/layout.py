@@ -1,16 +1,45 @@
-"""The ``distributed`` settings of a training recipe (one declaration: the pipeline's
-stage sections hold it, :func:`gpt.distributed.launch.asks_torchrun` reads it)."""
+"""Where a recipe computes: the ``device`` setting and the ``distributed`` process layout
+of a training recipe. Torch-free, so the settings are built and checked (``gptflow
+run``, a cached rerun) without importing torch; :func:`gpt.device.resolve_device` and
+:func:`gpt.distributed.launch.asks_torchrun` act on them."""
 
 from __future__ import annotations
 
 import re
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from gpt.config import Args, FieldError
 
-__all__ = ["Backend", "DistributedArgs", "Strategy"]
+__all__ = [
+    "DEVICE_HELP",
+    "Backend",
+    "DeviceName",
+    "DistributedArgs",
+    "Strategy",
+    "check_device_name",
+]
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
+
+
+#: What a device setting may say (see :func:`check_device_name`).
+DEVICE_HELP = "auto, cpu, cuda, cuda:N (N = the GPU's index) or mps"
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it names a device this project runs on (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``), else ValueError; whether that device exists here is checked
+    when it is used (:func:`gpt.device.resolve_device`)."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a device; use {DEVICE_HELP}")
+    return name
+
+
+#: A device setting: one of :data:`DEVICE_HELP`, checked when the settings are built.
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
+
 
 Backend = Literal["auto", "gloo", "nccl"]
 Strategy = Literal["ddp", "fsdp"]
