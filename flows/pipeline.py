@@ -79,6 +79,7 @@ def make_context(
         verify="full" if verify == "full" else "auto",
         progress=progress,
         download=cfg.download,
+        judge=cfg.judge.model_dump(mode="json"),
     )
 
 

@@ -16,7 +16,7 @@ from gpt.checkpoint import save_checkpoint
 from gpt.data.windows import save_tokens
 from gpt.fileio import atomic_open, default_file_mode
 from gpt.model import GPT, GPTConfig
-from gpt.recipes.instruct import export_responses_json
+from gpt.recipes.extract import export_responses_json
 from gpt.recipes.pretrain import plot_losses
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2)

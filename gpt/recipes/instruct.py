@@ -1,4 +1,5 @@
-"""Instruction finetuning (Alpaca prompt format) and response extraction.
+"""Instruction finetuning (Alpaca prompt format); the settings of response extraction
+(:class:`ExtractArgs`, run by :mod:`gpt.recipes.extract`).
 
 The collate follows the reference rule: append one end-of-text token (50256) to every
 sequence, pad with 50256 to the batch maximum, take inputs = seq[:-1] and
@@ -8,7 +9,6 @@ loss); optionally the prompt part of the targets is masked too.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,10 +20,10 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gpt.config import Args
+from gpt.config import Args, operational
+from gpt.decode_options import DraftName, WeightsKind
 from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
-from gpt.fileio import atomic_open
 from gpt.train import DistributedLMArgs
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,29 @@ class ExtractArgs(Args):
     max_new_tokens: int = Field(256, ge=1)
     """Greedy tokens generated per example at most."""
     batch_size: int = Field(8, ge=1)
-    """Prompts generated together (left-padded)."""
+    """Prompts decoded together (a finished prompt's place goes to the next one)."""
+    draft: DraftName = operational("prompt_lookup")
+    """Tokens drafted for one forward pass to verify several at once: 'prompt_lookup'
+    (n-grams of the prompt and the response so far) or 'none' (one token per pass).
+    Greedy decoding returns the same responses either way (:mod:`gpt.decode`), so this
+    is not part of the stage's key; only the speed depends on it."""
+    draft_tokens: int = operational(8, ge=1, le=15)
+    """Most tokens drafted per prompt and pass (fewer after rejected drafts)."""
+    weights: WeightsKind = "fp32"
+    """'int8' (opt-in, CPU): decode with int8 weights (:mod:`gpt.quantize`), faster but
+    the responses change; the stage then states the cost on ``int8_check`` examples (share
+    of greedy tokens identical to fp32, change of the judge's mean score) in its outputs
+    and log. Part of the key (the responses differ)."""
+    int8_check: int = Field(12, ge=0)
+    """With ``weights = "int8"``: how many test examples (evenly spaced) are decoded with
+    fp32 weights too, to measure int8's cost (0 = not measured). Ignored with fp32."""
+
+    def key_dict(self) -> dict[str, Any]:
+        """The key fields; ``int8_check`` only where int8 weights make it count."""
+        out = super().key_dict()
+        if self.weights == "fp32":
+            out.pop("int8_check", None)
+        return out
 
 
 # --------------------------------------------------------------------------- prompts
@@ -452,84 +474,3 @@ def clean_response(text: str) -> str:
     from gpt.prompts import extract_response
 
     return extract_response(text)
-
-
-def extract_responses(
-    checkpoint_dir: Path,
-    records: Sequence[dict[str, Any]],
-    args: ExtractArgs | None = None,
-    *,
-    device: str = "auto",
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Greedy responses (KV cache, batched, stop at 50256) for each record.
-
-    Rows: ``{example_id, instruction, input, output, response, new_tokens, seconds}``
-    (``seconds``: the batch's generation time divided by its size). ``example_id`` is the
-    record's ``example_id`` / ``id`` field, else its position.
-    """
-    from tqdm.auto import tqdm
-
-    from gpt.checkpoint import load_checkpoint
-    from gpt.generate import generate
-    from gpt.tokenizer import Tokenizer
-
-    args = args or ExtractArgs()
-    loaded = load_checkpoint(Path(checkpoint_dir))
-    if getattr(loaded, "kind", "lm") not in (None, "lm"):
-        raise ConfigError(
-            f"{checkpoint_dir} is a {loaded.kind} checkpoint; response extraction needs an "
-            "instruction-finetuned language model"
-        )
-    model = loaded.model.to(resolve_device(device))
-    model.eval()
-    tokenizer = (
-        Tokenizer.from_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else Tokenizer.gpt2()
-    )
-    for i, rec in enumerate(records):
-        _check_record(rec, i)
-    prompts = [
-        tokenizer.encode(_format_alpaca(r["instruction"], r.get("input", "") or ""))
-        for r in records
-    ]
-    rows: list[dict[str, Any]] = []
-    step = args.batch_size
-    bar = tqdm(range(0, len(records), step), desc="responses", disable=not progress)
-    for s in bar:
-        chunk = list(range(s, min(s + step, len(records))))
-        t0 = time.perf_counter()
-        outs = generate(model, [prompts[i] for i in chunk], args.max_new_tokens, eos_id=EOT_ID)
-        per = (time.perf_counter() - t0) / len(chunk)
-        for i, new in zip(chunk, outs, strict=True):
-            rec = records[i]
-            rows.append(
-                {
-                    "example_id": rec.get("example_id", rec.get("id", i)),
-                    "instruction": rec["instruction"],
-                    "input": rec.get("input", "") or "",
-                    "output": rec.get("output", "") or "",
-                    "response": clean_response(tokenizer.decode(new)),
-                    "new_tokens": len(new),
-                    "seconds": per,
-                }
-            )
-    return rows
-
-
-def export_responses_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Write rows as the reference's JSON list of {instruction, input, output,
-    model_response} (atomic: temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = [
-        {
-            "instruction": r["instruction"],
-            "input": r.get("input", ""),
-            "output": r.get("output", ""),
-            "model_response": r["response"],
-        }
-        for r in rows
-    ]
-    with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=4, ensure_ascii=False)
-    return path
