@@ -10,12 +10,15 @@ ALL: tuple[str, ...] = (
     "generate",
     "generate_compile",
     "generate_batched",
+    "extract_responses",
     "spam_finetune",
     "judge",
     "windowing",
     "pipeline_rerun",
     "vs_book_train_step",
     "vs_book_generate",
+    "vs_book_generate_int8",
+    "vs_book_generate_trained",
     "vs_book_spam_epoch",
 )
 #: The side-by-side comparisons with the book's package (``gptflow bench --vs-book``).

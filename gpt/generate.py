@@ -17,7 +17,7 @@ from gpt.decode_options import DRAFT_NAMES, DraftName
 from gpt.drafts import PromptLookup
 from gpt.model import GPT, KVCache, positions_from_mask
 
-__all__ = ["DRAFTS", "generate", "sample_next"]
+__all__ = ["DRAFTS", "generate", "generate_padded", "sample_next"]
 
 #: The drafter of each :data:`~gpt.decode_options.DraftName`.
 DRAFTS: dict[str, PromptLookup | None] = dict(zip(DRAFT_NAMES, (PromptLookup(), None), strict=True))
@@ -115,6 +115,43 @@ def generate(
         if stats is not None:
             stats.add(done.stats)
         return done.tokens
+    return generate_padded(
+        model,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=eos_id,
+        use_cache=use_cache,
+        generator=generator,
+        pad_id=pad_id,
+        compile=compile,
+    )
+
+
+@torch.inference_mode()
+def generate_padded(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    compile: bool = False,
+) -> list[list[int]]:
+    """One token per forward pass for the whole batch: prompts left-padded with
+    ``pad_id`` and masked, one KV cache, finished rows carried along until all are done.
+    What sampling and ``compile`` run; greedy decoding ran this way before
+    :mod:`gpt.decode` (the benchmarks' baseline). Greedy rows get the same tokens as
+    decoding them alone up to the last bits of the logits (padding changes the
+    reductions' grouping)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
     ctx = model.cfg.context_length
     device = model.tok_emb.weight.device
     hidden = functools.partial(_compiled_hidden(), model) if compile else model.hidden
