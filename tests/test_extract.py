@@ -131,10 +131,9 @@ def test_extract_settings_and_key() -> None:
     assert base.draft == "prompt_lookup" and base.weights == "fp32"
     key = base.key_dict()
     assert "draft" not in key and "draft_tokens" not in key  # exact: same responses
-    assert key["weights"] == "fp32" and "int8_check" not in key
+    assert key["weights"] == "fp32" and key["int8_check"] == 12
     assert base.replace(draft="none", draft_tokens=3).key_dict() == key
-    int8 = base.replace(weights="int8").key_dict()
-    assert int8["weights"] == "int8" and int8["int8_check"] == 12 and int8 != key
+    assert base.replace(weights="int8").key_dict() == {**key, "weights": "int8"}
     for bad in ({"weights": "int4"}, {"draft": "model"}, {"draft_tokens": 0}):
         with pytest.raises(ValueError):
             ExtractArgs(**bad)

@@ -88,13 +88,6 @@ class ExtractArgs(Args):
     """With ``weights = "int8"``: how many test examples (evenly spaced) are decoded with
     fp32 weights too, to measure int8's cost (0 = not measured). Ignored with fp32."""
 
-    def key_dict(self) -> dict[str, Any]:
-        """The key fields; ``int8_check`` only where int8 weights make it count."""
-        out = super().key_dict()
-        if self.weights == "fp32":
-            out.pop("int8_check", None)
-        return out
-
 
 # --------------------------------------------------------------------------- prompts
 
