@@ -334,6 +334,8 @@ def greedy_decode(
     was_training = model.training
     model.eval()
 
+    spare: list[KVCache] = []  # caches of finished rows, reused (no new allocation)
+
     def emit(row: _Row, toks: Sequence[int]) -> None:
         added = []
         for t in toks:
@@ -349,6 +351,9 @@ def greedy_decode(
             row.index.extend(added)
         if row.done:
             stats.new_tokens += len(row.out)
+            if row.cache is not None:
+                spare.append(row.cache)
+                row.cache = None
             if on_done is not None:
                 on_done(row.i, row.out)
 
@@ -356,9 +361,10 @@ def greedy_decode(
         return logits.float().argmax(dim=-1).tolist()
 
     def prefill(row: _Row) -> torch.Tensor:
-        cache = KVCache.for_model(model)
-        h = model.hidden(torch.tensor([row.prompt], device=device), kv_cache=cache)
-        row.cache = cache
+        if row.cache is None:
+            row.cache = spare.pop() if spare else KVCache.for_model(model)
+        row.cache.reset()
+        h = model.hidden(torch.tensor([row.prompt], device=device), kv_cache=row.cache)
         return h[:, -1]
 
     def admit(row: _Row) -> None:
