@@ -5,8 +5,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
-# Test files run in 3 processes (servers and subprocesses wait more than they compute).
-PYTEST_WORKERS ?= -n 3 --dist loadfile
+# Test files run in 3 processes (servers and subprocesses wait more than they compute),
+# whole files each, heaviest first (the order tests/conftest.py gives; xdist's own order
+# would start the few-test pipeline files last).
+PYTEST_WORKERS ?= -n 3 --dist loadfile --no-loadscope-reorder
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup run test lint format bench clean-venv
@@ -30,7 +32,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(PYTEST_WORKERS) --durations=10 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

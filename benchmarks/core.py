@@ -118,7 +118,7 @@ def _cpu_model() -> str:
 
 def hardware() -> dict[str, Any]:
     """What the numbers were measured on: CPU model, cores, vector ISA and nominal peak,
-    torch, threads, device (and GPU name)."""
+    torch, threads, device (and GPU name), and the glibc malloc tunables in force."""
     from benchmarks.peak import cpu_peak
 
     device = pick_device()
@@ -137,6 +137,7 @@ def hardware() -> dict[str, Any]:
         "device": device.type,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     if device.type == "cuda":
         info["cuda_name"] = torch.cuda.get_device_name(0)
@@ -252,6 +253,12 @@ def linear_params(model: nn.Module) -> int:
 
 
 def train_flops_per_token(model: nn.Module, n_layers: int, emb_dim: int, seq: int) -> int:
-    """Model FLOPs of one training token: 6 × matmul weights (forward 2, backward 4) plus
-    the attention scores and weighted sums (12 × layers × emb × seq)."""
+    """Model FLOPs of one training token, ``6·N + 12·L·D·T``: ``N`` the weights that take
+    part in matmuls (:func:`linear_params`: every Linear, the LM head once even when tied;
+    not the embedding tables, which are looked up; not biases or LayerNorms), 2 FLOPs per
+    weight forward and 4 backward; plus the attention's two batched matmuls (scores
+    q·kᵀ and the weighted sum of v, 2·D·T FLOPs each per token and layer forward, ×3 with
+    backward), counted over all T keys as the kernels compute them (the causal half is
+    masked, not skipped) — PaLM's convention. Element-wise work (LayerNorm, GELU,
+    softmax, dropout, the loss, AdamW) is not counted."""
     return 6 * linear_params(model) + 12 * n_layers * emb_dim * seq

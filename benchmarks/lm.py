@@ -39,6 +39,10 @@ __all__ = [
 ]
 
 
+_Layers = Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""Per linear layer: its input x [tokens, in], weight W [out, in], output gradient g."""
+
+
 def matmul_gflops(
     tokens: int,
     emb_dim: int,
@@ -49,10 +53,17 @@ def matmul_gflops(
     dtype: torch.dtype = torch.float32,
     repeats: int = 3,
 ) -> dict[str, float]:
-    """Plain ``torch.matmul`` GFLOP/s on a GPT forward's shapes: per layer
-    [tokens, D] x [D, 3D], [D, D], [D, 4D] and [tokens, 4D] x [4D, D], and the head
-    [tokens, D] x [D, V], weighted like one forward (``n_layers`` blocks + one head).
-    Returns ``{"gflops": weighted, "block_gflops", "head_gflops"}`` (best of repeats)."""
+    """Plain matmul GFLOP/s on the matmuls of a GPT training step: for each linear layer
+    of a block (weights [3D, D], [D, D], [4D, D], [D, 4D]) and the head ([V, D]), with
+    ``x`` its [tokens, in] input and ``g`` the [tokens, out] gradient of its output, the
+    forward product x·Wᵀ and the two backward products g·W (input gradient) and gᵀ·x
+    (weight gradient), in the layouts autograd hands to the BLAS; weighted like one step
+    (``n_layers`` blocks + one head). The attention's batched matmuls (under 4 % of the
+    FLOPs at context 256) are not included.
+
+    Returns ``{"gflops": weighted, "block_gflops", "head_gflops", "forward_gflops"}``
+    (best of ``repeats``; ``forward_gflops``: the forward products alone, weighted the
+    same way)."""
     device = device or pick_device()
     d = emb_dim
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -60,32 +71,47 @@ def matmul_gflops(
     def mk(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    block = [
-        (mk(tokens, d), mk(d, 3 * d)),
-        (mk(tokens, d), mk(d, d)),
-        (mk(tokens, d), mk(d, 4 * d)),
-    ]
-    block.append((mk(tokens, 4 * d), mk(4 * d, d)))
-    head = (mk(tokens, d), mk(d, vocab_size))
+    def layer(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return mk(tokens, n_in), mk(n_out, n_in), mk(tokens, n_out)  # x, W, g
 
-    def flops(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        return float(sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in pairs))
+    block = [layer(d, 3 * d), layer(d, d), layer(d, 4 * d), layer(4 * d, d)]
+    head = [layer(d, vocab_size)]
 
-    def run(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for a, b in pairs:
-            torch.matmul(a, b)
+    def flops(layers: _Layers) -> float:  # one product per layer
+        return float(sum(2 * x.shape[0] * w.shape[0] * w.shape[1] for x, w, _ in layers))
 
-    run(block)
-    run([head])
-    t_block = min(timed(lambda: run(block), device) for _ in range(repeats))
-    t_head = min(timed(lambda: run([head]), device) for _ in range(repeats))
-    f_block, f_head = flops(block), flops([head])
-    total = (n_layers * f_block + f_head) / (n_layers * t_block + t_head)
+    def forward(layers: _Layers) -> None:
+        for x, w, _ in layers:
+            torch.matmul(x, w.t())
+
+    def training(layers: _Layers) -> None:
+        for x, w, gout in layers:
+            torch.matmul(x, w.t())
+            torch.matmul(gout, w)
+            torch.matmul(gout.t(), x)
+
+    def best(fn: Callable[[_Layers], None], layers: _Layers) -> float:
+        fn(layers)  # warm-up
+        return min(timed(lambda: fn(layers), device) for _ in range(repeats))
+
+    f_block, f_head = flops(block), flops(head)
+    t_block, t_head = best(training, block), best(training, head)
+    tf_block, tf_head = best(forward, block), best(forward, head)
     return {
-        "gflops": total / 1e9,
-        "block_gflops": f_block / t_block / 1e9,
-        "head_gflops": f_head / t_head / 1e9,
+        "gflops": 3 * (n_layers * f_block + f_head) / (n_layers * t_block + t_head) / 1e9,
+        "block_gflops": 3 * f_block / t_block / 1e9,
+        "head_gflops": 3 * f_head / t_head / 1e9,
+        "forward_gflops": (n_layers * f_block + f_head) / (n_layers * tf_block + tf_head) / 1e9,
     }
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def _train_setup(quick: bool, device: torch.device) -> tuple[Any, int, int]:
@@ -135,9 +161,13 @@ def bench_train_step(quick: bool = False, *, threads: int | None = None) -> Benc
     def base() -> None:
         train_step(base_model, base_opt, inputs, targets)
 
+    faults: list[int] = []
+
     def opt() -> None:
+        before = _minor_faults()
         with autocast(device):
             train_step(opt_model, opt_opt, inputs, targets)
+        faults.append(_minor_faults() - before)
 
     def matmul() -> None:
         mm.append(
@@ -194,14 +224,18 @@ def bench_train_step(quick: bool = False, *, threads: int | None = None) -> Benc
             "mfu_vs_nominal_peak": mfu_peak,
             "matmul_gflops_measured": mm_gflops,
             "matmul_gflops_runs": [m["gflops"] for m in mm],
+            "matmul_gflops_forward_only": float(
+                torch.tensor([m["forward_gflops"] for m in mm]).median()
+            ),
             "mfu_vs_measured_matmul": mfu_mm,
+            "minor_page_faults_per_step": faults,
             "step_s_baseline": t.seconds["baseline"],
             "step_s_optimized": t.seconds["optimized"],
             "threads": torch.get_num_threads(),
             "quick": quick,
         },
-        target=">= 1.0x tokens/s and >= 0.6 of measured matmul GFLOP/s",
-        met=ratio >= 1.0 and mfu_mm >= 0.6,
+        target=">= 1.0x tokens/s and >= 0.8 of measured matmul GFLOP/s",
+        met=ratio >= 1.0 and mfu_mm >= 0.8,
     )
 
 

@@ -15,6 +15,8 @@ ALL: tuple[str, ...] = (
     "judge",
     "windowing",
     "pipeline_rerun",
+    "lora_step",
+    "lora_quality",
     "vs_book_train_step",
     "vs_book_generate",
     "vs_book_generate_int8",

@@ -13,30 +13,42 @@ It answers the real ``ollama`` Python client exactly as an Ollama server would:
   after which the model is listed; an unknown model streams
   ``{"error": "pull model manifest: file does not exist"}``
 
-Knobs: the models present, the models pullable, a reply function, a fixed latency per
-chat request, failing the first N chat requests with 500, hanging, dying (listening
-socket and open connections closed) after N chat requests, or :meth:`OllamaStub.kill`.
-Every request is logged in :attr:`OllamaStub.requests`; counters: ``chat_count`` (chat
-requests received), ``answered`` (replies written in full), ``max_in_flight`` (most chat
-requests handled at once).
+Knobs: the models present (each with a digest, listed by ``/api/tags``;
+:meth:`OllamaStub.repull` gives a model a new digest, as ``ollama pull`` of a changed
+model does), the models pullable, a reply function, a fixed latency per chat request,
+failing the first N chat requests with 500, hanging, dying (listening socket and open
+connections closed) after N chat requests, or :meth:`OllamaStub.kill`. Every request is
+logged in :attr:`OllamaStub.requests`; counters: ``chat_count`` (chat requests
+received), ``answered`` (replies written in full), ``max_in_flight`` (most chat requests
+handled at once).
 
 The reply function gets the request body and returns either a ``str`` — the model's
 output verbatim, free text whether or not ``format`` was asked for (a model or server
 that ignores ``format``) — or a ``dict`` — the model's verdict, e.g. ``{"score": 85,
 "reason": "…"}``: sent as JSON when the request has ``format`` (checked against the
 schema, as Ollama's constrained decoding guarantees), else as the free text
-``Score: 85`` (plus `` — reason``).
+``Score: 85`` (plus `` — reason``). The default, :meth:`OllamaStub.hashed_reply`,
+behaves like a deterministic model: its score is a hash of what shapes a real model's reply (the
+model's digest, the messages, the temperature, the context size, and the seed when the
+temperature is above 0), so the same request always gets the same score and a changed
+setting or a re-pulled model gets another. Its numbers mean nothing.
+
+Run on its own (e.g. to try ``gptflow run --set judge.hosts=http://127.0.0.1:11435``)::
+
+    python -m benchmarks.ollama_stub --port 11435 --model llama3 --model mistral
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
+import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -289,9 +301,9 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-def default_reply(request: dict[str, Any]) -> dict[str, Any]:
-    """A fixed, valid score."""
-    return {"score": 50}
+def fixed_reply(score: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A reply function that always gives ``score``."""
+    return lambda request: {"score": score}
 
 
 def _check_schema(verdict: dict[str, Any], schema: Any) -> None:
@@ -319,17 +331,20 @@ class OllamaStub:
         *,
         models: list[str] | None = None,
         pullable: list[str] | None = None,
-        reply: Callable[[dict[str, Any]], str | dict[str, Any]] = default_reply,
+        reply: Callable[[dict[str, Any]], str | dict[str, Any]] | None = None,
         latency_s: float = 0.0,
         fail_first: int = 0,
         hang: bool = False,
         hang_s: float = 30.0,
         die_after: int | None = None,
         max_threads: int = 32,
+        port: int = 0,
+        bind: str = "127.0.0.1",
     ) -> None:
         self.models = [_norm(m) for m in (["llama3"] if models is None else models)]
+        self._digests: dict[str, str] = {}
         self.pullable = list(pullable or [])
-        self.reply = reply
+        self.reply = reply or self.hashed_reply
         self.latency_s = latency_s
         self.fail_first = fail_first
         self.hang = hang
@@ -346,15 +361,16 @@ class OllamaStub:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(max_threads)
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server((bind, port), _Handler)
         self._server.stub = self
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     # -- lifecycle
     @property
     def host(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        """``http://ADDRESS:PORT``."""
+        address, port = self._server.server_address[:2]
+        return f"http://{address}:{port}"
 
     def start(self) -> OllamaStub:
         self._thread.start()
@@ -391,6 +407,37 @@ class OllamaStub:
     def has_model(self, name: str) -> bool:
         return _norm(name) in self.models
 
+    def digest(self, name: str) -> str:
+        """The digest ``/api/tags`` reports for model ``name`` (64 hex characters)."""
+        name = _norm(name)
+        return self._digests.get(name) or hashlib.sha256(name.encode()).hexdigest()
+
+    def repull(self, name: str, digest: str | None = None) -> str:
+        """Give model ``name`` a new digest (or ``digest``), as pulling a changed model
+        under the same tag does; returns it."""
+        with self._lock:
+            new = digest or hashlib.sha256(f"{self.digest(name)}+".encode()).hexdigest()
+            self._digests[_norm(name)] = new
+        return new
+
+    def hashed_reply(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The default reply: a score (0..100) hashed from what shapes a deterministic
+        model's reply — the model's digest, the messages, the temperature and context
+        size, and the seed only when the temperature is above 0 (greedy decoding ignores
+        it)."""
+        options = request.get("options") or {}
+        temperature = options.get("temperature") or 0
+        shaping = {
+            "digest": self.digest(request.get("model") or ""),
+            "messages": request.get("messages"),
+            "temperature": temperature,
+            "num_ctx": options.get("num_ctx"),
+            "seed": options.get("seed") if temperature > 0 else None,
+        }
+        text = json.dumps(shaping, sort_keys=True, default=str)
+        score = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 101
+        return {"score": score, "reason": "stand-in score (a hash of the request)"}
+
     def _content(self, body: dict[str, Any]) -> str:
         """The reply's ``message.content`` for a chat request (see the module docstring)."""
         verdict = self.reply(body)
@@ -418,7 +465,7 @@ class OllamaStub:
             "model": name,
             "modified_at": "2024-05-01T12:00:00.000000000Z",
             "size": 4_661_224_676,
-            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "digest": self.digest(name),
             "details": {
                 "parent_model": "",
                 "format": "gguf",
@@ -440,3 +487,47 @@ class OllamaStub:
             "capabilities": ["completion"],
             "modified_at": entry["modified_at"],
         }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m benchmarks.ollama_stub``: serve until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ollama_stub",
+        description="A loopback stand-in for an Ollama server, for trying gptflow's judge "
+        "without Ollama (its scores mean nothing).",
+    )
+    parser.add_argument("--port", type=int, default=11435, help="port (default: 11435)")
+    parser.add_argument("--bind", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="a model it holds; repeat for several (default: llama3)",
+    )
+    parser.add_argument(
+        "--score",
+        type=int,
+        default=None,
+        help="always reply this score (default: a hash of each request)",
+    )
+    parser.add_argument(
+        "--latency-s", type=float, default=0.0, help="seconds per chat request (default: 0)"
+    )
+    args = parser.parse_args(argv)
+    reply = None if args.score is None else fixed_reply(args.score)
+    stub = OllamaStub(
+        models=args.model, reply=reply, latency_s=args.latency_s, port=args.port, bind=args.bind
+    )
+    signal.signal(signal.SIGTERM, lambda *_: stub._stop.set())  # `kill PID` stops it too
+    with stub:
+        print(
+            f"Ollama stand-in on {stub.host} with {', '.join(stub.models)} (Ctrl-C stops it)",
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            stub._stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -153,7 +153,8 @@ def bench_judge(quick: bool = False, *, latency_s: float = 0.2) -> BenchResult:
     """LLM-judge throughput against a loopback Ollama stand-in with a fixed latency per
     request: concurrency 1 (baseline) vs 8."""
     from benchmarks.ollama_stub import OllamaStub
-    from gpt.eval.judge import JudgeConfig, score_examples
+    from gpt.eval.judge.scoring import score_examples
+    from gpt.eval.judge.settings import JudgeConfig
 
     n = 16 if quick else 40
     examples = [

@@ -1,4 +1,4 @@
-"""Render a ``gptflow bench`` results JSON as the README's performance section tables.
+"""Render a ``gptflow bench`` results JSON as the tables of docs/performance.md.
 
     python -m benchmarks.render benchmarks/results/<stamp>.json [--out FILE]
 
@@ -108,8 +108,15 @@ def mfu_line(rows: list[dict[str, Any]]) -> str | None:
                 f"Training-step model-FLOPs utilisation: {_num(d.get('mfu_vs_nominal_peak'))} "
                 f"of the hardware's nominal peak ({d.get('nominal_peak_formula', '?')}), and "
                 f"{_num(d.get('mfu_vs_measured_matmul'))} of the plain-matmul throughput "
-                f"measured in the same rounds ({_num(d.get('matmul_gflops_measured'))} GFLOP/s; "
-                f"achieved {_num(d.get('achieved_gflops'))} GFLOP/s)."
+                f"measured in the same rounds on the step's own matmul shapes, forward and "
+                f"backward ({_num(d.get('matmul_gflops_measured'))} GFLOP/s"
+                + (
+                    f"; forward products alone {_num(d['matmul_gflops_forward_only'])}"
+                    if d.get("matmul_gflops_forward_only")
+                    else ""
+                )
+                + f"; achieved {_num(d.get('achieved_gflops'))} GFLOP/s). FLOPs per token: "
+                f"6 x matmul weights (LM head once) + 12 x layers x width x context."
             )
     return None
 

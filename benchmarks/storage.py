@@ -61,8 +61,11 @@ def moto_endpoint() -> Iterator[str]:
         yield url
 
 
-def _sides(stores: dict[str, Any], folders: list[tuple[str, str, Path]]) -> dict:
-    """Per operation and side: (prepare, timed op) callables."""
+def _sides(
+    stores: dict[str, Any], folders: list[tuple[str, str, Path]], held: dict[tuple, Any]
+) -> dict:
+    """Per operation and side: (prepare, timed op) callables. ``held``: the leases the
+    commits run under (the caller releases what is left)."""
 
     def fill(store) -> None:  # untimed: the stage body's output in a fresh work folder
         if hasattr(store, "remote"):  # a first publish: a prefix nobody wrote yet
@@ -70,7 +73,12 @@ def _sides(stores: dict[str, Any], folders: list[tuple[str, str, Path]]) -> dict
 
             store.remote = ObjectRoot(f"{store.url}/{uuid.uuid4().hex[:8]}/stages")
         for stage, key, src in folders:
-            work = store.fresh_work_dir(stage, key, resume=False)
+            old = held.pop((id(store), stage, key), None)
+            if old is not None:
+                old.release()
+            lease = held[(id(store), stage, key)] = store.lease(stage, key, "bench")
+            lease.acquire()
+            work = store.fresh_work_dir(stage, key, lease, resume=False)
             shutil.rmtree(work)
             shutil.copytree(src, work, ignore=shutil.ignore_patterns("manifest.json"))
 
@@ -78,7 +86,9 @@ def _sides(stores: dict[str, Any], folders: list[tuple[str, str, Path]]) -> dict
         for stage, key, src in folders:
             manifest = json.loads((src / "manifest.json").read_text())
             keep = ("producer_run_id", "out", "args", "inputs", "code", "rows", "device")
-            store.commit(stage, key, {k: manifest.get(k) for k in keep})
+            store.commit(
+                stage, key, {k: manifest.get(k) for k in keep}, held[(id(store), stage, key)]
+            )
 
     def lookup(store) -> None:
         for stage, key, _ in folders:
@@ -138,7 +148,9 @@ def bench_shared_artifacts(
             "local": StageStore(tmp / "local" / "stages"),
             "s3": ObjectStageStore(f"s3://{bucket}/{uuid.uuid4().hex[:8]}", cache=tmp / "cache"),
         }
-        ops = _sides(stores, folders)
+        held: dict[tuple, Any] = {}
+        stack.callback(lambda: [lease.release() for lease in held.values()])
+        ops = _sides(stores, folders, held)
         seconds: dict[str, dict[str, list[float]]] = {op: {"local": [], "s3": []} for op in ops}
         for r in range(repeats + 1):  # round 0: warm-up, untimed
             order = ["local", "s3"] if r % 2 == 0 else ["s3", "local"]

@@ -5,8 +5,9 @@ Modules: :mod:`benchmarks.lm` (training step with MFU, generation, batched gener
 ``torch.compile``), :mod:`benchmarks.decode` (decoding on a trained checkpoint: the
 extract stage, batch 1 against the book), :mod:`benchmarks.recipes` (spam finetune, judge, windowing),
 :mod:`benchmarks.rerun` (a second ``gptflow run`` vs the first), :mod:`benchmarks.vs_book`
-(side by side with the book's own package), :mod:`benchmarks.peak` (nominal hardware
-peaks), :mod:`benchmarks.render` (the README table from a results JSON). No Prefect or
+(side by side with the book's own package), :mod:`benchmarks.lora` (LoRA vs the full
+finetune: step time, memory, accuracy and loss), :mod:`benchmarks.peak` (nominal hardware
+peaks), :mod:`benchmarks.render` (the docs/performance.md tables from a results JSON). No Prefect or
 DuckDB in the benchmarks themselves: ``gptflow bench`` stores the rows.
 """
 
@@ -29,6 +30,7 @@ from benchmarks.lm import (
     bench_train_step_compile,
     matmul_gflops,
 )
+from benchmarks.lora import bench_lora_quality, bench_lora_step
 from benchmarks.names import ALL, SUITE, VS_BOOK
 from benchmarks.recipes import bench_judge, bench_spam_finetune, bench_windowing
 from benchmarks.rerun import bench_pipeline_rerun
@@ -79,6 +81,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "judge": Benchmark(bench_judge),
     "windowing": Benchmark(bench_windowing, needs_tokenizer=True),
     "pipeline_rerun": Benchmark(bench_pipeline_rerun, needs_mirror=True),
+    "lora_step": Benchmark(bench_lora_step),
+    "lora_quality": Benchmark(bench_lora_quality, needs_mirror=True),
     "vs_book_train_step": Benchmark(bench_vs_book_train_step),
     "vs_book_generate": Benchmark(bench_vs_book_generate),
     "vs_book_generate_int8": Benchmark(bench_vs_book_generate_int8),

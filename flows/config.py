@@ -11,23 +11,26 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from typing import Any
+from typing import Any, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from flows.profiles import DEFAULT_PROFILE, PROFILES_DIR, STAGES, available_profiles
-from gpt.config import Args, ArgsError
+from gpt.config import Args, ArgsError, FieldError, describe_problems
 from gpt.data.download import DownloadArgs
+from gpt.data.parsing import SPLITS
 from gpt.device import DeviceName
+from gpt.distributed.settings import DistributedArgs
 from gpt.errors import ConfigError
 from gpt.eval.baseline import BaselineArgs
 from gpt.eval.gates import GatesArgs
-from gpt.eval.judge import JudgeConfig
+from gpt.eval.judge.settings import JudgeConfig
+from gpt.model import GPTConfig, get_config
 from gpt.recipes.base import LoadGPT2Args
 from gpt.recipes.classifier import SpamArgs
 from gpt.recipes.instruct import ExtractArgs, InstructArgs
 from gpt.recipes.prepare import PrepareArgs
-from gpt.recipes.pretrain import PretrainArgs
+from gpt.recipes.pretrain import PretrainArgs, windows_problem
 from tasks.catalog.settings import CatalogArgs
 
 __all__ = [
@@ -56,7 +59,8 @@ class PipelineConfig(Args):
     """Name of the profile these values came from (recorded in `runs`)."""
     device: DeviceName = "auto"
     """Where every stage that runs a model computes: ``auto`` (CUDA, else MPS, else CPU),
-    ``cpu``, ``cuda`` or ``mps``. Recorded in ``runs.config`` and in each stage's
+    ``cpu``, ``cuda``, ``cuda:N`` (the GPU of index N; not with a multi-process
+    ``distributed`` layout, whose ranks take one GPU each) or ``mps``. Recorded in ``runs.config`` and in each stage's
     outputs; not part of the cache keys (the same computation on another device is the
     same result up to floating-point rounding; use ``--force`` to recompute)."""
     catalog: CatalogArgs = Field(default_factory=CatalogArgs)
@@ -112,6 +116,45 @@ class PipelineConfig(Args):
                     "digits, '-', '_' and '.')"
                 )
         return value
+
+    def base_architecture(self, use: Literal["spam", "instruct"]) -> tuple[GPTConfig, str]:
+        """The architecture the ``use`` finetune starts from and how to name it: the
+        pretrained model (``load_gpt2.base_model = "scratch"``) or a GPT-2 release."""
+        if self.load_gpt2.base_model == "scratch":
+            return self.pretrain.model.build(), "the scratch base (pretrain.model)"
+        size = self.load_gpt2.spam_size if use == "spam" else self.load_gpt2.instruct_size
+        return get_config(size), f"GPT-2 {size} (load_gpt2.{use}_size)"
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Self:
+        """Rules between sections, checked with the settings rather than minutes later
+        in the stage that would trip over them."""
+        problem = windows_problem(self.tokenize.max_length, self.pretrain.model.build())
+        if problem:
+            raise FieldError("tokenize.max_length", problem)
+        spam_base, which = self.base_architecture("spam")
+        if self.finetune_spam.trainable_blocks > spam_base.n_layers:
+            raise FieldError(
+                "finetune_spam.trainable_blocks",
+                f"{self.finetune_spam.trainable_blocks} but {which} has only "
+                f"{spam_base.n_layers} blocks",
+            )
+        if self.baseline_spam.train_split not in SPLITS:
+            raise FieldError(
+                "baseline_spam.train_split",
+                f"{self.baseline_spam.train_split!r} is not a split the tokenize stage "
+                f"writes; use one of {', '.join(SPLITS)}",
+            )
+        if self.device.startswith("cuda:"):
+            for name in STAGES:
+                layout = getattr(getattr(self, name), "distributed", None)
+                if isinstance(layout, DistributedArgs) and layout.is_distributed:
+                    raise FieldError(
+                        "device",
+                        f"{self.device!r} pins one GPU but {name}.distributed runs "
+                        f"{layout.world_size} processes (one GPU each); use device=cuda",
+                    )
+        return self
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -186,8 +229,9 @@ def build_config(
     try:
         return PipelineConfig.model_validate(values)
     except ArgsError as exc:
-        problems = "; ".join(f"{loc}: {msg}" for loc, msg in exc.problems)
-        raise ConfigError(f"invalid configuration (profile {profile!r}): {problems}") from None
+        raise ConfigError(
+            f"invalid configuration (profile {profile!r}): {describe_problems(exc.problems)}"
+        ) from None
 
 
 def _run_fields() -> list[str]:

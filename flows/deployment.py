@@ -79,6 +79,32 @@ def work_pools(spec: dict[str, Any]) -> list[str]:
     return names
 
 
+def check_parameters(spec: dict[str, Any]) -> int:
+    """Build the config each deployment's parameters describe (``profile``,
+    ``overrides``, ``config``), so that a bad value in ``prefect.yaml`` is refused by
+    ``gptflow deploy``, naming the deployment and the field, rather than by the scheduled
+    run. Returns how many deployments were checked."""
+    from flows.config import DEFAULT_PROFILE, PipelineConfig, build_config
+    from gpt.errors import ConfigError
+
+    checked = 0
+    for dep in spec["deployments"]:
+        params = dep.get("parameters") or {}
+        if not {"profile", "overrides", "config"} & set(params):
+            continue
+        try:
+            if params.get("config") is not None:
+                PipelineConfig.model_validate(params["config"])
+            else:
+                build_config(params.get("profile", DEFAULT_PROFILE), params.get("overrides"))
+        except ConfigError as exc:
+            raise DeploymentError(
+                f"deployment {dep.get('name')!r} in {PREFECT_YAML}: {exc}"
+            ) from None
+        checked += 1
+    return checked
+
+
 def _job_template(pool_type: str) -> dict[str, Any]:
     """The default job template of a worker type, as ``prefect work-pool create`` uses."""
     from prefect.workers.base import BaseWorker
@@ -135,6 +161,7 @@ def deploy_all(root: Path | None = None) -> str:
 
 __all__ = [
     "DeploymentError",
+    "check_parameters",
     "deploy_all",
     "ensure_work_pools",
     "enter_checkout",

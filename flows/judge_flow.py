@@ -5,8 +5,8 @@ the pipeline's own judge stage (:mod:`tasks.stages.judge`), on the responses of
 
 - The judge settings come from the profile's ``judge`` section + ``--set`` overrides;
   the ``required`` parameter wins over the profile.
-- Resumes: only examples without a judgment by this model + prompt version are sent; a
-  result already computed for the same responses and settings is a cache hit.
+- Resumes: only examples without a judgment under the same judge key are sent; a result
+  already computed for the same responses and settings is a cache hit.
 - Records a run with a ``judge`` stage row under the flow run id and a table artifact of
   the ``eval_summary`` row.
 - With ``required`` false an unreachable Ollama (or a missing model) ends the stage
@@ -17,21 +17,22 @@ the pipeline's own judge stage (:mod:`tasks.stages.judge`), on the responses of
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
+from pydantic import StrictBool, StrictStr
 
 from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
-from flows.pipeline import git_revision, make_context
+from flows.pipeline import crashed_state, git_revision, make_context, record_failed_start
 from flows.run_logs import route_library_logs
-from gpt.errors import DataError
+from gpt.errors import DataError, GPTFlowError
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.flow_tasks import skipped_info, stage_task
+from tasks.stages.base import plain
 from tasks.stages.judge import responses_input
 
 
@@ -50,22 +51,13 @@ def latest_responses_run(catalog: Catalog) -> str:
     return str(df["run_id"].iloc[0])
 
 
-def _plain(value: Any) -> Any:
-    """A plain JSON value for an artifact cell (numpy scalars, NaN → None)."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
-
-
 @flow(name="gptflow-judge", log_prints=True, validate_parameters=True)
 def gptflow_judge(
-    responses_run: str | None = None,
-    profile: str = DEFAULT_PROFILE,
-    overrides: list[str] | None = None,
-    required: bool = True,
-    force: bool = False,
+    responses_run: StrictStr | None = None,
+    profile: StrictStr = DEFAULT_PROFILE,
+    overrides: list[StrictStr] | None = None,
+    required: StrictBool = True,
+    force: StrictBool = False,
 ) -> dict[str, Any]:
     """Score stored responses with the Ollama judge. ``responses_run``: the run whose
     responses to judge (default: the latest one holding responses); ``profile`` +
@@ -74,37 +66,40 @@ def gptflow_judge(
     every example again."""
     log = get_run_logger()
     route_library_logs()  # the judge's own INFO lines reach this run's logs
-    cfg = build_config(profile, [*(overrides or []), f"judge.required={json.dumps(required)}"])
     run_id = str(flow_run.get_id() or os.urandom(8).hex())
-    ctx = make_context(cfg, run_id, force=["judge"] if force else [], progress=False)
-    cat = ctx.catalog
-    cat.migrate()
-    target = responses_run or latest_responses_run(cat)
-    rec = ctx.recorder
-    rec.start_run(
-        run_id,
-        flow_run_id=run_id,
-        profile=cfg.profile,
-        config=config_to_dict(cfg),
-        git_rev=git_revision(),
-    )
-    log.info(
-        "run %s: judging the responses of run %s with %s",
-        run_id,
-        target,
-        ", ".join(cfg.judge.models),
-    )
     try:
-        judged = stage_task("judge")(ctx, cfg.judge, extract_responses=responses_input(cat, target))
-    except BaseException:
-        rec.end_run(run_id, "failed")
+        cfg = build_config(profile, [*(overrides or []), f"judge.required={json.dumps(required)}"])
+        ctx = make_context(cfg, run_id, force=["judge"] if force else [], progress=False)
+    except GPTFlowError as exc:  # bad settings in a started flow run: a failed run too
+        record_failed_start(run_id, profile, exc)
         raise
-    rec.end_run(run_id, "completed")
+    cat = ctx.catalog
+    rec = ctx.recorder
+    try:
+        with rec.running(
+            run_id,
+            flow_run_id=run_id,
+            profile=cfg.profile,
+            config=config_to_dict(cfg),
+            git_rev=git_revision(),
+        ):
+            target = responses_run or latest_responses_run(cat)
+            log.info(
+                "run %s: judging the responses of run %s with %s",
+                run_id,
+                target,
+                ", ".join(cfg.judge.models),
+            )
+            judged = stage_task("judge")(
+                ctx, cfg.judge, extract_responses=responses_input(cat, target)
+            )
+    except BaseException as exc:
+        return crashed_state(exc)  # the worker died: the flow run is Crashed, saying so
     skipped = skipped_info(judged)
     if skipped is not None or not isinstance(judged, StageOutput):  # the reason and the fix
         return {**(skipped or {}), "run_id": run_id, "responses_run_id": target}
     out = judged.data
-    rows = [{k: _plain(v) for k, v in row.items()} for row in out.get("summary") or []]
+    rows = out.get("summary") or []  # plain JSON values (a stage result)
     if rows:
         create_table_artifact(
             key="eval-summary",
@@ -116,10 +111,11 @@ def gptflow_judge(
                 + (" — cached result" if judged.cache_hit else f": {out['n_sent']} sent")
             ),
         )
-    if out.get("agreement"):
+    agreement = cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [run_id])
+    if not agreement.empty:
         create_table_artifact(
             key="judge-agreement",
-            table=[{k: _plain(v) for k, v in row.items()} for row in out["agreement"]],
+            table=plain(agreement.to_dict("records")),
             description=f"Agreement between the judge models on run `{target}`.",
         )
     return {

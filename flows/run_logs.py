@@ -9,11 +9,24 @@ the lines arrive; in the process a Prefect worker starts for a deployment run, P
 logging config leaves the root logger at WARNING, so every INFO line of ``gpt.*`` and
 ``tasks.*`` was dropped. :func:`route_library_logs`, called when a flow starts, fixes both
 for every deployment, whatever its ``job_variables``.
+
+It also keeps a user error (a :class:`~gpt.errors.GPTFlowError`: a bad override, a missing
+input, a damaged checkpoint) to one ERROR line in the run's logs: Prefect reports an
+exception with its traceback — once by the task engine, again by the flow engine, plus an
+ERROR "Finished in state Failed" for the task. What reaches the API instead is the error's
+own one-line message (which names the thing and the fix) at ERROR, once per flow run; the
+traceback and the engines' repeats at DEBUG; a repeat without a traceback at INFO. Other
+exceptions (bugs) keep their tracebacks at ERROR.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import traceback
+from typing import Any
+
+from gpt.errors import GPTFlowError, one_line
 
 #: Top-level packages of this project whose loggers belong in the flow run's logs.
 LIBRARY_LOGGERS = ("gpt", "tasks", "flows")
@@ -38,11 +51,83 @@ def _run_log_handler_class() -> type[logging.Handler]:
     return RunLogHandler
 
 
+#: Loggers whose API handlers report the engines' exceptions.
+ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+#: (flow run, error line) of the user errors already reported at ERROR in this process.
+_REPORTED: set[tuple[str, str]] = set()
+
+
+#: How Prefect names a run's exception in a failed state's message (a task whose retry
+#: condition refused a retry reports it only this way).
+_STATE_EXCEPTION = re.compile(r"encountered an exception:? ([A-Za-z_]\w*): (.+?)['\"]?\)?$", re.S)
+
+
+def _user_error_names() -> set[str]:
+    """Names of :class:`GPTFlowError` and every subclass defined so far."""
+    names, todo = set(), [GPTFlowError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+def _copy(record: logging.LogRecord, level: int, msg: str) -> logging.LogRecord:
+    new = logging.makeLogRecord(record.__dict__)
+    new.levelno, new.levelname = level, logging.getLevelName(level)
+    new.msg, new.args, new.exc_info, new.exc_text, new.stack_info = msg, (), None, None, None
+    return new
+
+
+def user_error_records(record: logging.LogRecord) -> list[logging.LogRecord]:
+    """What an API handler sends for ``record`` (module docstring): itself, or for an
+    engine's report of a user error one ERROR line (the first time in its flow run) and
+    the traceback at DEBUG."""
+    exc = record.exc_info[1] if record.exc_info else None
+    run = str(getattr(record, "flow_run_id", None))
+    if isinstance(exc, GPTFlowError):
+        line = one_line(f"{type(exc).__name__}: {exc}")
+        text = "".join(traceback.format_exception(exc)).rstrip()
+        debug = _copy(record, logging.DEBUG, f"{record.getMessage()}\n{text}")
+        if (run, line) in _REPORTED:
+            return [debug]
+        _REPORTED.add((run, line))
+        return [_copy(record, logging.ERROR, line), debug]
+    if record.levelno >= logging.ERROR and record.exc_info is None:
+        said = one_line(record.getMessage())
+        for seen_run, line in _REPORTED:
+            if seen_run == run and line.split(": ", 1)[-1][:80] in said:
+                return [_copy(record, logging.INFO, record.getMessage())]
+        found = _STATE_EXCEPTION.search(said)
+        if found and found.group(1) in _user_error_names():
+            line = f"{found.group(1)}: {found.group(2)}"
+            _REPORTED.add((run, line))
+            return [_copy(record, logging.ERROR, line), _copy(record, logging.DEBUG, said)]
+    return [record]
+
+
+def _one_line_user_errors(handler: logging.Handler) -> None:
+    """Make ``handler`` send :func:`user_error_records` of each record (idempotent)."""
+    if getattr(handler, "_gptflow_user_errors", False):
+        return
+    inner = handler.handle
+
+    def handle(record: logging.LogRecord) -> Any:
+        for r in user_error_records(record):
+            inner(r)
+        return True
+
+    handler.handle = handle  # type: ignore[method-assign]
+    handler._gptflow_user_errors = True  # type: ignore[attr-defined]
+
+
 def route_library_logs(level: int = logging.INFO) -> list[str]:
     """Make the project's loggers send records of ``level`` and above to the current
     flow run's logs (idempotent). A logger whose effective level is stricter than
-    ``level`` is set to ``level``; one without a Prefect API handler gets one. Returns
-    the names of the loggers it changed."""
+    ``level`` is set to ``level``; one without a Prefect API handler gets one. The
+    engines' API handlers report user errors in one line (module docstring). Returns
+    the names of the project's loggers it changed."""
     from prefect.logging.handlers import APILogHandler
 
     changed: list[str] = []
@@ -59,7 +144,11 @@ def route_library_logs(level: int = logging.INFO) -> list[str]:
             touched = True
         if touched:
             changed.append(name)
+    for name in ENGINE_LOGGERS:
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, APILogHandler):
+                _one_line_user_errors(h)
     return changed
 
 
-__all__ = ["LIBRARY_LOGGERS", "route_library_logs"]
+__all__ = ["LIBRARY_LOGGERS", "route_library_logs", "user_error_records"]

@@ -16,7 +16,7 @@ def preflight_required_judge(rec: RunRecorder, run_id: str, cfg: PipelineConfig)
     error is raised (the flow fails before downloading or training anything)."""
     if not cfg.judge.required:
         return
-    from gpt.eval.judge import preflight
+    from gpt.eval.judge.hosts import preflight
 
     started = utcnow()
     try:

@@ -2,8 +2,18 @@
 
 Prefect's ephemeral mode costs 15-30 s per process on small machines and can lose
 task-run records, so gptflow always talks to a real server: the one ``PREFECT_API_URL``
-names, or a local one it starts itself (``PREFECT_HOME`` inside ``artifacts/prefect``,
-analytics off, database migrated once), detached so later commands reuse it.
+names, or a local one it starts itself (analytics off, database migrated once), detached
+so later commands reuse it.
+
+The local server takes Prefect's own settings where a user would give them, each with a
+``GPTFLOW_`` variable that wins when both are set:
+
+- its home (database, pid file, log): ``GPTFLOW_PREFECT_HOME``, else ``PREFECT_HOME``,
+  else ``artifacts/prefect``;
+- its port: the one in ``PREFECT_API_URL`` when that names ``http://127.0.0.1:PORT/api``,
+  else ``GPTFLOW_PREFECT_PORT``, else ``PREFECT_SERVER_API_PORT``, else 4200;
+- its listen address: ``GPTFLOW_PREFECT_HOST``, else ``PREFECT_SERVER_API_HOST``, else
+  127.0.0.1.
 """
 
 from __future__ import annotations
@@ -43,9 +53,14 @@ class ServerPaths:
     migrated_marker: Path
 
 
+def _setting(*names: str) -> str | None:
+    """The first of the environment variables ``names`` that is set and not empty."""
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
 def server_paths() -> ServerPaths:
-    """Where the managed server keeps its database, pid and log."""
-    home = Path(os.environ.get("GPTFLOW_PREFECT_HOME", artifacts_dir() / "prefect"))
+    """Where the managed server keeps its database, pid and log (module docstring)."""
+    home = Path(_setting("GPTFLOW_PREFECT_HOME", "PREFECT_HOME") or artifacts_dir() / "prefect")
     return ServerPaths(
         home=home,
         pidfile=home / "server.pid",
@@ -55,14 +70,23 @@ def server_paths() -> ServerPaths:
 
 
 def bind_host() -> str:
-    """The address the managed server listens on: loopback, or ``GPTFLOW_PREFECT_HOST``
-    (e.g. ``0.0.0.0`` for a server that workers on other machines reach)."""
-    return os.environ.get("GPTFLOW_PREFECT_HOST") or DEFAULT_HOST
+    """The address the managed server listens on: loopback, or ``GPTFLOW_PREFECT_HOST`` /
+    ``PREFECT_SERVER_API_HOST`` (e.g. ``0.0.0.0`` for a server that workers on other
+    machines reach)."""
+    return _setting("GPTFLOW_PREFECT_HOST", "PREFECT_SERVER_API_HOST") or DEFAULT_HOST
 
 
 def local_api_url() -> str:
-    """The API URL of the managed local server (``GPTFLOW_PREFECT_PORT`` picks the port)."""
-    port = int(os.environ.get("GPTFLOW_PREFECT_PORT", DEFAULT_PORT))
+    """The API URL of the managed local server (``GPTFLOW_PREFECT_PORT`` or
+    ``PREFECT_SERVER_API_PORT`` picks the port)."""
+    raw = _setting("GPTFLOW_PREFECT_PORT", "PREFECT_SERVER_API_PORT") or str(DEFAULT_PORT)
+    try:
+        port = int(raw)
+    except ValueError:
+        raise PrefectServerError(
+            f"the Prefect server port {raw!r} (GPTFLOW_PREFECT_PORT / PREFECT_SERVER_API_PORT) "
+            "is not a number: give a port such as 4200"
+        ) from None
     return f"http://{DEFAULT_HOST}:{port}/api"
 
 

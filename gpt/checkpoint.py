@@ -5,12 +5,22 @@ Layout of a checkpoint folder::
     manifest.json              sha256 + size of every other file (checked on load)
     config.json                GPTConfig fields + "kind" ("lm" | "classifier") (+ num_classes, labels)
     model.safetensors          weights (a tied output head is stored once, as tok_emb.weight)
+    adapter.safetensors        instead of model.safetensors in a LoRA checkpoint: the adapter
+                               only; config.json's "adapter" names the base (gpt.adapter)
     hparams.json               training hyperparameters ({} when none)
     meta.json                  free-form provenance ({} when none)
     optimizer.pt               optimizer state_dict (optional; read with weights_only=True)
     trainer_state.json         step/epoch/tokens_seen... (optional); tensor values (e.g. RNG
     trainer_tensors.safetensors  states) live in this file and are put back on load
     tokenizer/encoder.json, tokenizer/vocab.bpe   (optional)
+    record.json                how the training went in wall-clock terms (optional; NOT in
+                               the manifest)
+
+Every file but ``record.json`` depends only on what was computed: the same model and
+state written twice — by two runs, or by a run killed and resumed — give the same bytes
+(sorted JSON keys, a canonical safetensors header, a fixed archive name inside
+optimizer.pt), so the manifest, and every digest taken of the folder, are equal too.
+Times and speeds differ between such runs; they go to ``record.json``.
 
 Nothing is ever unpickled except through ``torch.load(weights_only=True)``.
 """
@@ -31,7 +41,7 @@ import torch
 from torch import nn
 
 from gpt.errors import CheckpointError, ConfigError
-from gpt.fileio import match_umask
+from gpt.fileio import save_safetensors
 from gpt.fileio import sha256_file as _sha256
 from gpt.model import GPT, GPTConfig
 
@@ -43,6 +53,7 @@ __all__ = [
     "recover_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
+    "weights_sha256",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,8 +67,10 @@ META = "meta.json"
 OPTIMIZER = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
 TRAINER_TENSORS = "trainer_tensors.safetensors"
+RECORD = "record.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
+ADAPTER = "adapter.safetensors"  # in place of model.safetensors in a LoRA folder (gpt.adapter)
 _TENSOR_REF = "__tensor__"
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -82,12 +95,16 @@ class LoadedCheckpoint:
     """Folder with encoder.json + vocab.bpe inside the checkpoint, if saved."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Wall-clock facts saved with it (``record.json``; {} when none)."""
     num_classes: int | None = None
     """Classifier output count (None for a language model)."""
     labels: list[str] | None = None
     """Classifier label names in output order, if saved."""
     path: Path | None = None
     """The checkpoint folder."""
+    adapter: dict[str, Any] | None = None
+    """A LoRA checkpoint's ``adapter`` settings and base identity (:mod:`gpt.adapter`)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -180,6 +197,7 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     labels: list[str] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (and optional training state) as a checkpoint folder at ``dir``.
 
@@ -187,7 +205,8 @@ def save_checkpoint(
     existing checkpoint at ``dir`` stays intact until the new one is complete.
     ``extra_state`` becomes trainer_state.json (tensors inside it are stored in
     safetensors). ``labels`` (or ``meta["labels"]``) names classifier outputs.
-    Returns the checkpoint path.
+    ``record`` (times, speeds: what differs between two runs computing the same thing)
+    becomes record.json, outside the manifest. Returns the checkpoint path.
     """
     target = Path(dir).expanduser().resolve()
     gpt = _unwrap(model)
@@ -205,25 +224,29 @@ def save_checkpoint(
         files: list[Path] = []
 
         # weights
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
+        from gpt.adapter import ADAPTER_WEIGHTS, adapter_payload
 
         tied = gpt.is_tied
-        state = {
-            k: v.detach().cpu().contiguous()
-            for k, v in gpt.state_dict().items()
-            if not (tied and k == "out_head.weight")
-        }
-        try:
-            save_file(
-                state, str(tmp / WEIGHTS), metadata={"format": "pt", "tied": str(tied).lower()}
-            )
-        except SafetensorError as exc:  # an I/O error inside the Rust writer
-            raise OSError(f"writing {WEIGHTS} failed: {exc}") from exc
-        match_umask(tmp / WEIGHTS)  # safetensors writes 0600; outputs share one mode
-        files.append(tmp / WEIGHTS)
+        adapter = adapter_payload(gpt, target)  # LoRA: the adapter alone (gpt.adapter)
+        weights = WEIGHTS if adapter is None else ADAPTER_WEIGHTS
+        state = (
+            {
+                k: v.detach().cpu().contiguous()
+                for k, v in gpt.state_dict().items()
+                if not (tied and k == "out_head.weight")
+            }
+            if adapter is None
+            else adapter[0]
+        )
+        save_safetensors(state, tmp / weights, {"format": "pt", "tied": str(tied).lower()})
+        files.append(tmp / weights)
 
         config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
+        if adapter is not None:
+            from gpt.adapter import base_record
+
+            config["adapter"] = adapter[1]
+            record = {**(record or {}), **base_record(gpt)}  # where the base was: a fact
         if kind == "classifier":
             config["num_classes"] = num_classes
             lab = labels if labels is not None else (meta or {}).get("labels")
@@ -253,11 +276,7 @@ def save_checkpoint(
             _write_json(tmp / TRAINER_STATE, plain)
             files.append(tmp / TRAINER_STATE)
             if tensors:
-                try:
-                    save_file(tensors, str(tmp / TRAINER_TENSORS))
-                except SafetensorError as exc:
-                    raise OSError(f"writing {TRAINER_TENSORS} failed: {exc}") from exc
-                match_umask(tmp / TRAINER_TENSORS)
+                save_safetensors(tensors, tmp / TRAINER_TENSORS)
                 files.append(tmp / TRAINER_TENSORS)
 
         if tokenizer_dir is not None:
@@ -277,7 +296,11 @@ def save_checkpoint(
             },
         }
         _write_json(tmp / MANIFEST, manifest)
-        for f in [*files, tmp / MANIFEST]:
+        written = [*files, tmp / MANIFEST]
+        if record:
+            _write_json(tmp / RECORD, record)
+            written.append(tmp / RECORD)
+        for f in written:
             _fsync_file(f)
         _fsync_dir(tmp)
 
@@ -416,7 +439,8 @@ def verify_checkpoint(dir: str | Path) -> dict[str, Any]:
             f"{path / MANIFEST} is not a {CHECKPOINT_FORMAT} manifest; re-save the checkpoint"
         )
     entries = manifest.get("files")
-    if not isinstance(entries, dict) or WEIGHTS not in entries or CONFIG not in entries:
+    has_weights = isinstance(entries, dict) and (WEIGHTS in entries or ADAPTER in entries)
+    if not has_weights or CONFIG not in entries:
         raise CheckpointError(f"{path / MANIFEST} does not list {WEIGHTS} and {CONFIG}")
     for rel, info in entries.items():
         f = path / rel
@@ -493,12 +517,18 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     with_optimizer: bool = False,
     verify: bool = True,
+    merge: bool = True,
+    base: str | Path | None = None,
 ) -> LoadedCheckpoint:
     """Load a checkpoint folder written by :func:`save_checkpoint`.
 
     Every file is checked against manifest.json first (``verify``); weights come from
     safetensors, the optimizer state through ``torch.load(weights_only=True)``. Any
     missing, corrupt or unsafe file raises :class:`CheckpointError` naming it.
+
+    A LoRA checkpoint (:mod:`gpt.adapter`) is put on its base checkpoint (found where
+    it was, or at ``base``; refused unless it is the same base) and merged into it,
+    unless ``merge=False`` (resuming training needs the adapter apart).
     """
     path = Path(dir).expanduser()
     _require_dir(path)
@@ -507,6 +537,7 @@ def load_checkpoint(
     raw = read_checkpoint_config(path)
     kind = raw.pop("kind", "lm")
     raw.pop("tied_head", None)
+    adapter = raw.pop("adapter", None)
     num_classes = raw.pop("num_classes", None)
     labels = raw.pop("labels", None)
     try:
@@ -518,6 +549,65 @@ def load_checkpoint(
     if kind == "classifier" and not (isinstance(num_classes, int) and num_classes > 0):
         raise CheckpointError(f"{path / CONFIG}: classifier checkpoint needs num_classes")
 
+    if adapter is not None:
+        from gpt.adapter import build_adapted_model
+
+        model = build_adapted_model(
+            path,
+            adapter,
+            cfg,
+            _load_safetensors(path / ADAPTER, map_location),
+            num_classes=int(num_classes) if kind == "classifier" else None,
+            map_location=map_location,
+            merge=merge,
+            base=base,
+        )
+    else:
+        model = _load_model(path, cfg, kind, num_classes, map_location)
+
+    hparams = _read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
+    meta = _read_json(path / META) if (path / META).exists() else {}
+
+    trainer_state = None
+    if (path / TRAINER_STATE).exists():
+        tensors = (
+            _load_safetensors(path / TRAINER_TENSORS, "cpu")
+            if (path / TRAINER_TENSORS).exists()
+            else {}
+        )
+        trainer_state = _join_tensors(_read_json(path / TRAINER_STATE), tensors)
+
+    optimizer_state = None
+    if with_optimizer and (path / OPTIMIZER).exists():
+        optimizer_state = _load_optimizer(path / OPTIMIZER, map_location)
+
+    tok = path / TOKENIZER_DIR
+    if adapter is not None and not (tok / TOKENIZER_FILES[0]).is_file():
+        from gpt.adapter import base_of
+
+        tok = Path(base_of(model)["path"]) / TOKENIZER_DIR  # a LoRA folder: its base's
+    tokenizer_dir = tok if all((tok / n).is_file() for n in TOKENIZER_FILES) else None
+    return LoadedCheckpoint(
+        model=model,
+        config=cfg,
+        hparams=hparams,
+        optimizer_state=optimizer_state,
+        trainer_state=trainer_state,
+        kind=kind,
+        tokenizer_dir=tokenizer_dir,
+        meta=meta,
+        record=_read_record(path / RECORD),
+        num_classes=num_classes,
+        labels=labels,
+        path=path,
+        adapter=adapter,
+    )
+
+
+def _load_model(
+    path: Path, cfg: GPTConfig, kind: str, num_classes: Any, map_location: str | torch.device
+) -> GPT:
+    """The model of a full checkpoint folder (model.safetensors), in eval mode."""
     state = _load_safetensors(path / WEIGHTS, map_location)
     with torch.device("meta"):
         model = GPT(cfg)
@@ -543,38 +633,34 @@ def load_checkpoint(
     if tied:
         model.out_head.weight = model.tok_emb.weight
     model.eval()
+    return model
 
-    hparams = _read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
-    meta = _read_json(path / META) if (path / META).exists() else {}
 
-    trainer_state = None
-    if (path / TRAINER_STATE).exists():
-        tensors = (
-            _load_safetensors(path / TRAINER_TENSORS, "cpu")
-            if (path / TRAINER_TENSORS).exists()
-            else {}
+def _read_record(f: Path) -> dict[str, Any]:
+    """record.json as a dict; {} when it is missing or unreadable (it is not covered by
+    the manifest and holds nothing a load depends on: times only)."""
+    try:
+        value = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def weights_sha256(dir: str | Path) -> str:
+    """The sha256 of a checkpoint's weights file as its manifest lists it: what names a
+    checkpoint's content in another checkpoint's provenance (a path would differ between
+    two artifacts folders holding the same model)."""
+    path = Path(dir).expanduser()
+    _require_dir(path)
+    manifest = _read_json(path / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    entry = (files.get(WEIGHTS) or files.get(ADAPTER)) if isinstance(files, dict) else None
+    sha = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(sha, str):
+        raise CheckpointError(
+            f"{path / MANIFEST} lists neither {WEIGHTS} nor {ADAPTER}; re-save the checkpoint"
         )
-        trainer_state = _join_tensors(_read_json(path / TRAINER_STATE), tensors)
-
-    optimizer_state = None
-    if with_optimizer and (path / OPTIMIZER).exists():
-        optimizer_state = _load_optimizer(path / OPTIMIZER, map_location)
-
-    tok = path / TOKENIZER_DIR
-    tokenizer_dir = tok if all((tok / n).is_file() for n in TOKENIZER_FILES) else None
-    return LoadedCheckpoint(
-        model=model,
-        config=cfg,
-        hparams=hparams,
-        optimizer_state=optimizer_state,
-        trainer_state=trainer_state,
-        kind=kind,
-        tokenizer_dir=tokenizer_dir,
-        meta=meta,
-        num_classes=num_classes,
-        labels=labels,
-        path=path,
-    )
+    return sha
 
 
 def _load_optimizer(f: Path, map_location: str | torch.device) -> dict[str, Any]:

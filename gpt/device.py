@@ -3,13 +3,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 
 from gpt.errors import ConfigError
 
-DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
+#: What a device setting may say (see :func:`check_device_name`).
+DEVICE_HELP = "auto, cpu, cuda, cuda:N (N = the GPU's index) or mps"
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it names a device this project runs on (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``), else ValueError; whether that device exists here is checked
+    when it is used (:func:`resolve_device`)."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a device; use {DEVICE_HELP}")
+    return name
+
+
+#: A device setting: one of :data:`DEVICE_HELP`, checked when the settings are built.
+DeviceName = Annotated[str, AfterValidator(check_device_name)]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -19,6 +36,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     this rank's GPU, ``cuda:LOCAL_RANK``."""
     from gpt.distributed.context import device_for_rank
 
+    try:
+        check_device_name(name)
+    except ValueError as exc:
+        raise ConfigError(f"device {exc}") from None
     if name == "auto":
         if torch.cuda.is_available():
             return device_for_rank(torch.device("cuda"))
@@ -26,14 +47,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"device {name!r} is not a torch device name ({exc}); use auto, cpu, cuda or mps"
-        ) from None
+    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} requested but this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s) (cuda:0 … cuda:{torch.cuda.device_count() - 1}); use 'cuda'"
+        )
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():

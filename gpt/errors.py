@@ -41,6 +41,15 @@ class CatalogError(GPTFlowError):
     """The DuckDB catalog refused an operation (read-only, lock timeout, bad schema)."""
 
 
+class CatalogLockedError(CatalogError):
+    """Another process kept the catalog file locked for longer than the lock timeout."""
+
+
+class WorkerDiedError(GPTFlowError):
+    """The process that started this flow run and reads its output (a Prefect worker,
+    or the shell of ``gptflow run``) died while the run went on."""
+
+
 class JudgeError(GPTFlowError):
     """The Ollama judge could not be used."""
 
@@ -56,3 +65,16 @@ class ModelNotPulledError(JudgeError):
 class DistributedError(GPTFlowError):
     """A multi-process (torchrun) run failed or could not start; names the command and
     carries the tail of the child's stderr."""
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line: DuckDB's excerpt of the query (``LINE 1: …`` and the
+    caret under it) left out, the remaining lines and runs of spaces joined by one space.
+    What ``gptflow`` prints for a user error and a deployment run logs at ERROR."""
+    kept = []
+    for line in message.splitlines():
+        text = line.strip()
+        if (text.startswith("LINE ") and ":" in text[:12]) or set(text) <= {"^", " "}:
+            continue
+        kept.append(text)
+    return " ".join(" ".join(kept).split())

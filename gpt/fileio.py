@@ -102,3 +102,34 @@ def atomic_open(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_safetensors(
+    tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as a safetensors file whose bytes depend only on the tensors and
+    ``metadata``: the safetensors writer stores the metadata from a hash map whose order
+    changes from one call to the next, so the header is rewritten with the metadata keys
+    sorted (same length; the tensors and their data stay where they are). The file gets
+    the mode every other output has. Raises ``OSError`` when writing fails."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:  # an I/O error inside the Rust writer
+        raise OSError(f"writing {path.name} failed: {exc}") from exc
+    if metadata and len(metadata) > 1:
+        with open(path, "r+b") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(text) > size:  # the writer escapes as Python does: never longer
+                raise OSError(f"rewriting the header of {path.name} would move its data")
+            fh.seek(8)
+            fh.write(text.ljust(size, b" "))
+    match_umask(path)

@@ -239,20 +239,25 @@ class MultiHeadAttention(nn.Module):
         over all S = cached + T positions (True = real token)."""
         b, t, d = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, T, hd] views, no copy
+        # [B, H, T, hd] views, no copy; unbind (not indexing) so that backward stacks the
+        # three gradients once instead of zero-filling and adding three full-size buffers
+        q, k, v = qkv.unbind(0)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length
             k, v = kv_cache.update(layer, k, v)
         s = k.shape[2]
         mask = _build_mask(t, s, past, attn_mask, x.device)
-        if self.attention == "sdpa":
+        p_drop = self.drop_rate if self.training else 0.0
+        if self.attention == "sdpa" and mask is None and t > 1 and _math_path_on_cpu(q, p_drop):
+            out = causal_attention_cpu(q, k, v, p_drop)
+        elif self.attention == "sdpa":
             out = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
                 attn_mask=mask,
-                dropout_p=self.drop_rate if self.training else 0.0,
+                dropout_p=p_drop,
                 is_causal=mask is None and t > 1,
             )
         else:
@@ -264,6 +269,33 @@ class MultiHeadAttention(nn.Module):
             weights = self.attn_drop(torch.softmax(scores, dim=-1))
             out = weights @ v
         return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+def _math_path_on_cpu(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` would run its composite "math" kernel
+    here: on the CPU, float32, with dropout (the fused CPU flash kernel has no dropout)."""
+    return dropout_p > 0.0 and q.device.type == "cpu" and q.dtype == torch.float32
+
+
+def causal_attention_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """Causal attention with dropout on the attention weights, ``[B, H, T, hd]`` each:
+    the same operations, in the same order and on the same random draws, as the
+    composite kernel ``F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+    is_causal=True)`` runs on a CPU (q and k each scaled by the root of 1/sqrt(hd), the
+    scores matmul, the additive causal mask, softmax, dropout, the values matmul), so
+    outputs and gradients are bit for bit the same (``tests/test_model.py`` checks it).
+    What it leaves out is the "safe" softmax's scan for fully masked rows, which a causal
+    mask never has (every row sees itself)."""
+    t = q.shape[-2]
+    scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+    above = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)
+    mask = torch.zeros(t, t, dtype=q.dtype, device=q.device).masked_fill_(above, float("-inf"))
+    scores = torch.matmul(q * scale, k.transpose(-2, -1) * scale)
+    scores.add_(mask)
+    weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
+    return torch.matmul(weights, v)
 
 
 def _build_mask(

@@ -10,9 +10,12 @@ from typing import Any
 from gpt.errors import DataError
 from gpt.fileio import sha256_file as _sha256
 
-__all__ = ["EOT_TOKEN", "GPT2_PAT_STR", "Tokenizer"]
+__all__ = ["EOT_TOKEN", "GPT2_PAT_STR", "GPT2_VOCAB_SIZE", "Tokenizer"]
 
 EOT_TOKEN = "<|endoftext|>"
+#: Token ids of the GPT-2 BPE (the one tokenizer of this project); a model must have at
+#: least this many embeddings.
+GPT2_VOCAB_SIZE = 50257
 #: GPT-2's pre-tokenization regex (identical to tiktoken's ``r50k_pat_str``).
 GPT2_PAT_STR = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

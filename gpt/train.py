@@ -41,13 +41,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from gpt import distributed as gd
-from gpt.config import Args, operational
+from gpt.config import Args, FieldError, operational
 from gpt.errors import ConfigError, DataError
+from gpt.heap import release_free_memory
 from gpt.train_state import (
     Progress,
     capture_rng,
     has_checkpoint,
     load_resume,
+    progress_record,
     progress_state,
     restore_rng,
 )
@@ -55,6 +57,7 @@ from gpt.train_state import (
 __all__ = [
     "LMTrainArgs",
     "TrainResult",
+    "adamw",
     "evaluate_lm",
     "lm_loss",
     "lr_at",
@@ -117,7 +120,7 @@ class LMTrainArgs(Args):
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> Self:
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+            raise FieldError("min_lr", f"{self.min_lr} must not exceed lr ({self.lr})")
         return self
 
 
@@ -256,20 +259,34 @@ def lr_at(step: int, args: LMTrainArgs, total_steps: int) -> float:
     return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
+def adamw(
+    params: list[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over ``params``, with torch's fused kernel when ``fused`` is None and this torch
+    has it for the parameters' device (True: require it, False: the plain per-tensor
+    implementation). The fused kernel computes the same update in one pass over each
+    tensor instead of about ten (3x faster on a CPU); its float rounding differs from the
+    plain one's by about one unit in the last place of some elements."""
+    if fused is False:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        if fused:
+            raise ConfigError(f"fused AdamW requested but unavailable here: {exc}") from exc
+        log.info("fused AdamW unavailable (%s); using the default implementation", exc)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def make_optimizer(model: nn.Module, args: LMTrainArgs) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (fused kernel per ``args.fused``)."""
+    """:func:`adamw` over the trainable parameters (fused kernel per ``args.fused``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
-    if args.fused is False:
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    try:
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        if args.fused:
-            raise ConfigError(f"fused AdamW requested but unavailable here: {exc}") from exc
-        log.info("fused AdamW unavailable (%s); using the default implementation", exc)
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return adamw(params, args.lr, args.weight_decay, args.fused)
 
 
 def train_step(
@@ -374,7 +391,8 @@ def train_lm(
     else:
         torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
 
-    hparams = {**args.to_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    # what shapes the training (operational settings such as checkpoint_every are no part)
+    hparams = {**args.key_dict(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
 
     def save(epoch_start: dict[str, Any] | None) -> None:
         if last is None:
@@ -394,7 +412,14 @@ def train_lm(
             per_rank=per_rank,
         )
         if main:
-            save_checkpoint(last, carrier, hparams=hparams, optimizer=opt_state, extra_state=state)
+            save_checkpoint(
+                last,
+                carrier,
+                hparams=hparams,
+                optimizer=opt_state,
+                extra_state=state,
+                record=progress_record(prog),
+            )
         gd.barrier()
 
     def eval_loss(loader: Any) -> float:
@@ -518,6 +543,7 @@ def train_lm(
             save(None)
     finally:
         bar.close()
+        release_free_memory()  # what gpt.heap's malloc settings kept for the steps
     engine.finish()
     prog.finished = prog.finished or prog.step >= stop_at or prog.epoch >= args.epochs
 

@@ -1,6 +1,12 @@
 """Resumable training state of :func:`gpt.train.train_lm`: its progress, the RNG states
 of torch and of the loaders, and resuming from a ``last/`` checkpoint (written by one
-process layout, resumed under any other)."""
+process layout, resumed under any other).
+
+What a checkpoint stores is split in two: the ``trainer_state`` (:func:`progress_state`)
+holds only what the computation determines — two runs at the same step, or a run killed
+and resumed, write it byte for byte the same — and the checkpoint's record
+(:func:`progress_record`) holds the wall-clock part: the training seconds and the values
+of the speed metrics. Resuming puts both back together."""
 
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ log = logging.getLogger("gpt.train")
 
 #: Version of the ``trainer_state`` a checkpoint stores.
 STATE_VERSION = 1
+
+#: Metric rows whose values are wall-clock measurements (kept in the checkpoint's
+#: record, not in its trainer_state).
+TIMED_METRICS = frozenset({"tokens_per_s"})
 
 
 def loader_generators(loader: Any) -> tuple[torch.Generator | None, torch.Generator | None]:
@@ -88,7 +98,8 @@ def load_resume(
     the progress, this rank's checkpoint-time RNG states and the epoch-start states."""
     from gpt.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(last, map_location=engine.device, with_optimizer=True)
+    # a LoRA model resumes with its adapter apart from the base, as it trains
+    ck = load_checkpoint(last, map_location=engine.device, with_optimizer=True, merge=False)
     cfg = getattr(engine.model, "cfg", None)
     if cfg is not None and ck.config != cfg:
         raise CheckpointError(
@@ -96,6 +107,7 @@ def load_resume(
             f"trained ({cfg.to_dict()}); delete {last} or pass resume=False"
         )
     ts = ck.trainer_state
+    timed = ck.record.get("timed_metrics") or {}
     if not ts or ts.get("version") != STATE_VERSION or ck.optimizer_state is None:
         raise CheckpointError(
             f"{last} has no usable trainer_state.json/optimizer.pt to resume from; "
@@ -113,8 +125,8 @@ def load_resume(
         epoch=int(ts["epoch"]),
         position=int(ts["position"]),
         tokens_seen=int(ts["tokens_seen"]),
-        train_seconds=float(ts["train_seconds"]),
-        metrics=list(ts.get("metrics", [])),
+        train_seconds=float(ck.record.get("train_seconds") or ts.get("train_seconds") or 0.0),
+        metrics=_with_timed(list(ts.get("metrics", [])), timed),
         samples=list(ts.get("samples", [])),
         finished=bool(ts.get("finished", False)),
     )
@@ -136,6 +148,27 @@ def load_resume(
     return prog, rng, ts.get("epoch_rng")
 
 
+def _is_timed(row: dict[str, Any]) -> bool:
+    return row.get("name") in TIMED_METRICS
+
+
+def _with_timed(metrics: list[dict[str, Any]], timed: dict[str, Any]) -> list[dict[str, Any]]:
+    """``metrics`` (the trainer_state's) with the timed rows of the record put back at
+    their places (``timed`` maps a row's index in the full list to the row)."""
+    out = list(metrics)
+    for index, row in sorted(((int(i), r) for i, r in timed.items()), key=lambda t: t[0]):
+        out.insert(min(index, len(out)), row)
+    return out
+
+
+def progress_record(prog: Progress) -> dict[str, Any]:
+    """The wall-clock part of the progress: what a checkpoint keeps in its record."""
+    return {
+        "train_seconds": prog.train_seconds,
+        "timed_metrics": {str(i): r for i, r in enumerate(prog.metrics) if _is_timed(r)},
+    }
+
+
 def progress_state(
     prog: Progress,
     *,
@@ -146,18 +179,18 @@ def progress_state(
     world: int,
     per_rank: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
-    """The ``trainer_state`` a checkpoint stores: what :func:`load_resume` reads back."""
+    """The ``trainer_state`` a checkpoint stores: what :func:`load_resume` reads back
+    (with :func:`progress_record`), without anything measured in wall-clock time."""
     return {
         "version": STATE_VERSION,
         "step": prog.step,
         "epoch": prog.epoch,
         "position": prog.position,
         "tokens_seen": prog.tokens_seen,
-        "train_seconds": prog.train_seconds,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "finished": prog.finished,
-        "metrics": prog.metrics,
+        "metrics": [r for r in prog.metrics if not _is_timed(r)],
         "samples": prog.samples,
         "rng": rng,
         "epoch_rng": epoch_start if prog.position > 0 else None,

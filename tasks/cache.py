@@ -1,14 +1,21 @@
 """Content-addressed stage folders: keys, manifests, verification, atomic commits.
 
 A stage's **key** hashes the stage name, the settings that shape its result, the
-*content digests* of its inputs, and the fingerprint of the code it runs
-(:mod:`tasks.fingerprint`). Its result lives in ``<root>/<stage>/<key>/``:
+*content digests* of its inputs, the fingerprint of the code it runs and the versions of
+the third-party packages that code imports (:mod:`tasks.fingerprint`), and the sha256 of
+the files it reads from the datasets folder (:class:`KeyParts`). Its result lives in
+``<root>/<stage>/<key>/``:
 
 - the stage's files (checkpoints, token files, plots, JSON exports),
 - ``rows/<table>.parquet``: the catalog rows the stage produced (the catalog is an index
   of these folders and can be rebuilt from them),
-- ``manifest.json``, written last: the stage, key, producer run, typed result, and the
-  size, mtime and sha256 of every other file.
+- ``produced.json``: the record of who computed it, when, where and how fast — the
+  producing run (and the run that resumed it), times, the device, the settings it ran
+  with, the measured fields of its result, the rows, the files' mtimes,
+- ``manifest.json``, written last: what the result *is* — the stage, key, code, the
+  settings that shaped it, its inputs' digests, its typed result and the size and sha256
+  of every other file (rows and ``produced.json`` aside). Two computations of one key —
+  two runs, or a run killed and resumed — write it byte for byte the same.
 
 A folder counts as a cache hit only when its manifest verifies (:meth:`StageStore.lookup`):
 every listed file is present with its size; small files are always re-hashed, large
@@ -17,31 +24,47 @@ The **digest** downstream keys use hashes the files but not ``rows/`` (rows carr
 timestamps), so a recomputation that writes byte-identical files keeps everything
 downstream cached.
 
-Work happens in ``<key>.partial/`` (kept after a crash so training resumes) and is
-renamed into place only when complete.
+Work happens in ``<key>.<owner>.partial/``, named by the lease of the run computing it
+(:mod:`tasks.lease`); it is kept after a crash so training resumes (the next holder of
+the lease takes it over by renaming it) and is renamed into place only when complete,
+by a run that still holds the lease.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from gpt.fileio import sha256_file
 from gpt.paths import artifacts_dir, is_remote, local_path, url_protocol
-from tasks.lease import Lease
+from tasks.lease import Lease, LeaseBase, LeaseLost
 
 if TYPE_CHECKING:
     from tasks.object_lease import ObjectLease
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+PRODUCED = "produced.json"
+MANIFEST_VERSION = 3
+#: Manifest versions still read: 2 kept everything in ``manifest.json``.
+READABLE_VERSIONS = (2, MANIFEST_VERSION)
 ROWS_DIR = "rows"
+#: Manifest entries that record who computed a result, when, where and how fast — not
+#: what it is: they go to ``produced.json``.
+RECORD_KEYS = frozenset(
+    {"producer_run_id", "resumed_by_run_id", "created_at", "wall_s", "device", "cpu_threads",
+     "rows", "measured", "run_args"}
+)  # fmt: skip
+#: Entries of a file's description that are records (when it was written, an upload's
+#: ETag); its size and sha256 are content.
+RECORD_FILE_KEYS = frozenset({"mtime_ns", "etag"})
 #: Files of a stage folder bigger than this are re-hashed only when their size or mtime
 #: changed since the manifest was written, or with ``verify="full"``.
 SMALL_FILE_BYTES = 16 * 1024 * 1024
@@ -54,6 +77,90 @@ def stable_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def split_manifest(manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(content, record)``: what ``manifest.json`` and ``produced.json`` hold of a full
+    manifest (module docstring); :func:`merge_manifest` is the inverse."""
+    content: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    for k, v in manifest.items():
+        if k in RECORD_KEYS:
+            record[k] = v
+        elif k == "files":
+            content["files"], record["files"] = {}, {}
+            for rel, meta in v.items():
+                if rel.startswith(f"{ROWS_DIR}/"):  # rows carry run ids and times
+                    record["files"][rel] = meta
+                    continue
+                content["files"][rel] = {a: b for a, b in meta.items() if a not in RECORD_FILE_KEYS}
+                when = {a: b for a, b in meta.items() if a in RECORD_FILE_KEYS}
+                if when:
+                    record["files"][rel] = when
+        elif k == "inputs":
+            content["inputs"], record["input_runs"] = {}, {}
+            for name, inp in v.items():
+                if isinstance(inp, dict):
+                    content["inputs"][name] = {a: b for a, b in inp.items() if a != "run_id"}
+                    record["input_runs"][name] = inp.get("run_id")
+                else:
+                    content["inputs"][name] = inp
+        else:
+            content[k] = v
+    return content, record
+
+
+def merge_manifest(content: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The full manifest from its two files (the inverse of :func:`split_manifest`)."""
+    full = {**content, **{k: v for k, v in record.items() if k in RECORD_KEYS}}
+    files = {rel: dict(meta) for rel, meta in content.get("files", {}).items()}
+    for rel, meta in (record.get("files") or {}).items():
+        files.setdefault(rel, {}).update(meta)
+    full["files"] = files
+    if "inputs" in content:
+        runs = record.get("input_runs") or {}
+        full["inputs"] = {
+            name: {**inp, "run_id": runs.get(name)} if isinstance(inp, dict) else inp
+            for name, inp in content["inputs"].items()
+        }
+    return full
+
+
+def manifest_texts(manifest: dict[str, Any]) -> tuple[str, str]:
+    """The texts of ``manifest.json`` and ``produced.json`` for a full manifest."""
+    content, record = split_manifest(manifest)
+    return (
+        json.dumps(content, indent=1, sort_keys=True, default=str) + "\n",
+        json.dumps(record, indent=1, sort_keys=True, default=str) + "\n",
+    )
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write a full manifest into ``folder``: ``produced.json``, then ``manifest.json``
+    (the mark of a complete folder), each by atomic rename."""
+    content, record = manifest_texts(manifest)
+    for name, text in ((PRODUCED, record), (MANIFEST, content)):
+        tmp = folder / (name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)
+
+
+def parse_manifest(content: bytes | str, record: bytes | str | None) -> dict[str, Any] | None:
+    """The full manifest from the bytes of ``manifest.json`` and ``produced.json`` (None
+    when they are unreadable or of an unknown version)."""
+    try:
+        manifest = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("version") not in READABLE_VERSIONS:
+        return None
+    if manifest["version"] != MANIFEST_VERSION:
+        return manifest  # one file held everything
+    try:
+        produced = json.loads(record) if record is not None else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return merge_manifest(manifest, produced) if isinstance(produced, dict) else None
+
+
 def content_digest(files: dict[str, dict[str, Any]], data: dict[str, Any] | None = None) -> str:
     """Digest of a stage's result: the sha256 of its files except ``rows/`` (or of
     ``data`` for a stage without files)."""
@@ -64,12 +171,79 @@ def content_digest(files: dict[str, dict[str, Any]], data: dict[str, Any] | None
     return hashlib.sha256(stable_json(payload).encode()).hexdigest()
 
 
-def stage_key(
-    stage: str, settings: dict[str, Any], inputs: dict[str, str | None], code: str
-) -> str:
-    """The cache key of one stage execution (24 hex characters)."""
-    payload = {"stage": stage, "settings": settings, "inputs": inputs, "code": code}
-    return hashlib.sha256(stable_json(payload).encode()).hexdigest()[:24]
+def _short(value: Any) -> str:
+    return hashlib.sha256(stable_json(value).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """Everything a stage's key hashes, part by part, so that a recomputation can say
+    which part changed (:func:`key_changes`)."""
+
+    stage: str
+    settings: dict[str, Any]
+    """The settings that shape the result (:meth:`gpt.config.Args.key_dict`)."""
+    inputs: dict[str, str | None]
+    """Upstream stage -> the content digest of its result."""
+    code: str
+    """The fingerprint of the code the stage runs."""
+    packages: dict[str, str | None] = field(default_factory=dict)
+    """Distribution -> version of the third-party packages that code imports."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Path under the datasets folder -> sha256 of each file the stage reads there."""
+
+    @property
+    def key(self) -> str:
+        """The cache key (24 hex characters)."""
+        payload = {
+            "stage": self.stage,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "code": self.code,
+            "packages": self.packages,
+            "files": self.files,
+        }
+        return hashlib.sha256(stable_json(payload).encode()).hexdigest()[:24]
+
+    def summary(self) -> dict[str, Any]:
+        """The parts as kept in the manifest and the stage's outputs: settings as a short
+        digest, the others as they are (small)."""
+        return {
+            "settings": _short(self.settings),
+            "inputs": self.inputs,
+            "code": self.code[:16],
+            "packages": self.packages,
+            "files": self.files,
+        }
+
+
+#: The key's parts as :func:`key_changes` names them.
+KEY_PART_NAMES = {
+    "settings": "settings",
+    "inputs": "inputs",
+    "code": "code",
+    "packages": "packages",
+    "files": "input files",
+}
+
+
+def key_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """What differs between two :meth:`KeyParts.summary` values, one phrase per changed
+    part, e.g. ``"packages (scikit-learn 1.4.2 -> 1.5.0)"`` or ``"inputs (tokenize)"``.
+    A part the older summary lacks counts as unchanged (it was not recorded then)."""
+    out = []
+    for part, label in KEY_PART_NAMES.items():
+        if part not in before or before[part] == after.get(part):
+            continue
+        old, new = before[part], after.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if part == "packages":
+                names = [f"{k} {old.get(k) or 'absent'} -> {new.get(k) or 'absent'}" for k in names]
+            out.append(f"{label} ({', '.join(names)})")
+        else:
+            out.append(label)
+    return out
 
 
 @dataclass
@@ -104,14 +278,15 @@ class StageOutput:
 
 
 def _walk(folder: Path) -> list[str]:
-    """Relative paths of every file under ``folder``, except the manifest and the
-    runner's own dot-files at the top level (owner marker, partial rows, leases)."""
+    """Relative paths of every file under ``folder``, except the manifest, the record of
+    who produced it and the runner's own dot-files at the top level (owner marker,
+    partial rows, leases)."""
     out = []
     for p in sorted(folder.rglob("*")):
         if not p.is_file():
             continue
         rel = p.relative_to(folder).as_posix()
-        if rel == MANIFEST or rel.startswith("."):
+        if rel in (MANIFEST, PRODUCED) or rel.startswith("."):
             continue
         out.append(rel)
     return out
@@ -161,9 +336,10 @@ class StageStore:
     def final_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def work_dir(self, stage: str, key: str) -> Path:
-        """Where a stage computes; kept across crashes so training can resume."""
-        return self.root / stage / f"{key}.partial"
+    def work_dir(self, stage: str, key: str, lease: LeaseBase) -> Path:
+        """Where the holder of ``lease`` computes; kept across crashes so training can
+        resume. Named by the holder: a run whose lease was broken no longer finds it."""
+        return self.root / stage / f"{key}.{lease.owner}.partial"
 
     def published(self, stage: str, key: str) -> str | None:
         """Where the folder is published when that is not :meth:`final_dir` (the URL on an
@@ -175,13 +351,16 @@ class StageStore:
         return Lease(self.root / stage / f"{key}.lease", run_id)
 
     def read_manifest(self, folder: Path) -> dict[str, Any] | None:
+        """The full manifest of ``folder`` (both files), or None when unreadable."""
         try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            content = (folder / MANIFEST).read_bytes()
+        except OSError:
             return None
-        if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-            return None
-        return manifest
+        try:
+            record = (folder / PRODUCED).read_bytes()
+        except OSError:
+            record = None
+        return parse_manifest(content, record)
 
     def lookup(
         self, stage: str, key: str, verify: Verify = "auto"
@@ -199,18 +378,54 @@ class StageStore:
             return None, problem
         return manifest, None
 
-    def fresh_work_dir(self, stage: str, key: str, *, resume: bool) -> Path:
-        """The work dir, emptied unless ``resume`` (then a crashed attempt is continued)."""
-        work = self.work_dir(stage, key)
-        if work.exists() and not resume:
-            shutil.rmtree(work)
+    def fresh_work_dir(self, stage: str, key: str, lease: LeaseBase, *, resume: bool) -> Path:
+        """The work dir of the holder of ``lease``: with ``resume``, the folder of the
+        latest earlier attempt (a crashed run, or one whose lease was broken) taken over
+        by renaming it; otherwise empty. Other earlier folders are removed."""
+        work = self.work_dir(stage, key, lease)
+        folder = self.root / stage
+        earlier = [*folder.glob(f"{key}.*.partial"), *folder.glob(f"{key}.partial")]
+        earlier = sorted((p for p in earlier if p != work), key=_mtime, reverse=True)
+        for old in earlier:
+            with contextlib.suppress(FileNotFoundError):
+                if resume and not work.exists():
+                    os.rename(old, work)
+                    continue
+                trash = old.with_name(f"{key}.old-{uuid.uuid4().hex[:12]}")
+                os.rename(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         return work
 
-    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    def held_work_dir(self, stage: str, key: str, lease: LeaseBase) -> Path:
+        """The work dir of ``lease``'s holder, checked before publishing it: raises
+        :class:`LeaseLost` when the lease is no longer this run's, or when the next
+        holder took the folder over (renamed it) — then that run's result stands."""
+        lease.confirm()
+        work = self.work_dir(stage, key, lease)
+        if not work.is_dir():
+            raise LeaseLost(
+                f"the work folder {work} was taken over by the next holder of the lease "
+                f"{lease.where} (this run stalled past the lease TTL); it must not publish"
+            )
+        return work
+
+    def commit(
+        self, stage: str, key: str, manifest: dict[str, Any], lease: LeaseBase
+    ) -> dict[str, Any]:
         """Describe every file of the work dir, write the manifest last, and rename the
-        work dir into place (replacing an older or damaged copy). Returns the manifest."""
-        work = self.work_dir(stage, key)
+        work dir into place (replacing an older or damaged copy). Returns the manifest.
+        Refuses (:class:`LeaseLost`) when this run no longer holds ``lease``."""
+        try:
+            return self._commit(stage, key, manifest, lease)
+        except FileNotFoundError:  # the folder vanished: taken over by the next holder?
+            self.held_work_dir(stage, key, lease)
+            raise
+
+    def _commit(
+        self, stage: str, key: str, manifest: dict[str, Any], lease: LeaseBase
+    ) -> dict[str, Any]:
+        work = self.held_work_dir(stage, key, lease)
         final = self.final_dir(stage, key)
         files = describe_files(work)
         manifest = {
@@ -222,14 +437,17 @@ class StageStore:
             "digest": content_digest(files, manifest.get("out")),
             "created_at": time.time(),
         }
-        tmp = work / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, work / MANIFEST)
+        write_manifest(work, manifest)
+        self.held_work_dir(stage, key, lease)
         if final.exists():
             self._keep_history(stage, key, final)
             trash = final.with_name(f"{key}.old-{os.getpid()}-{time.monotonic_ns()}")
             os.replace(final, trash)
-            os.replace(work, final)
+            try:
+                os.replace(work, final)
+            except FileNotFoundError:  # taken over since the check: leave things as found
+                os.replace(trash, final)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(work, final)
@@ -259,6 +477,13 @@ class StageStore:
             json.dumps({k: v for k, v in old.items() if k != "files"}, indent=1, default=str)
         )
         os.replace(tmp, dest)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def open_stage_store(artifacts: str | Path) -> StageStore:

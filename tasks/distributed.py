@@ -32,7 +32,7 @@ SCRATCH_SUFFIX = ".torchrun"
 
 
 def scratch_dir(run: StageRun) -> Path:
-    """Where torchrun's files of ``run`` go: ``<key>.torchrun`` beside ``<key>.partial``."""
+    """Where torchrun's files of ``run`` go: ``<key>.torchrun`` beside the work folder."""
     return run.work.parent / f"{run.key}{SCRATCH_SUFFIX}"
 
 

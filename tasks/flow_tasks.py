@@ -12,9 +12,10 @@ from prefect.states import Completed, State
 
 from gpt.config import Args
 from gpt.data.download import DownloadArgs
-from gpt.errors import GPTFlowError
+from gpt.errors import GPTFlowError, WorkerDiedError
 from tasks.cache import StageOutput
 from tasks.placement import run_placed
+from tasks.run_state import worker_died_reason
 from tasks.stages.base import RunContext, StageSkipped, load_spec, run_stage
 from tasks.stages.download import STAGE as DOWNLOAD
 from tasks.stages.download import run_download
@@ -62,6 +63,11 @@ def stage_task(name: str, pool: str | None = None) -> Task:
             except StageSkipped as skip:  # shown as a Completed state named "Skipped"
                 info = {"status": "skipped", "stage": name, "message": str(skip)}
                 return Completed(name="Skipped", message=str(skip), data=info)
+            except OSError as exc:  # e.g. a broken pipe: say so when the worker died
+                died = worker_died_reason()
+                if died is not None:
+                    raise WorkerDiedError(died) from exc
+                raise
 
         fn.__name__ = name
     return task(

@@ -10,18 +10,22 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import pandas as pd
+
 from gpt.eval.gates import (
     GATE_SPLIT,
+    Evidence,
     GateFailedError,
     GateResult,
     GatesArgs,
     baseline_gate,
+    best_baseline,
     failed,
     judge_mean_gate,
     spam_drop_gate,
 )
 from tasks.catalog import utcnow
-from tasks.catalog.compare import judge_ci, judge_pairs
+from tasks.catalog.compare import judge_ci, judge_pairs, pair_spam
 from tasks.catalog.lookup import previous_completed_run
 from tasks.catalog.rundata import RunData
 from tasks.runlog import RunRecorder
@@ -33,8 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Columns of the ``gates`` table, for the report: ``SELECT`` them ``WHERE run_id = ?``.
 GATES_QUERY = (
-    "SELECT gate, scope, passed, value, threshold, compared_to_run, message FROM gates "
-    "WHERE run_id = ? ORDER BY gate, scope"
+    "SELECT gate, scope, passed, verdict, n, value, threshold, compared_to_run, message "
+    "FROM gates WHERE run_id = ? ORDER BY gate, scope"
 )
 
 
@@ -62,6 +66,9 @@ def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResul
                 prev_acc.get(GATE_SPLIT),
                 args.spam_test_max_drop,
                 prev,
+                evidence=_spam_pairs(before, me) if before else None,
+                min_examples=args.spam_test_min_examples,
+                min_discordant=args.spam_test_min_discordant,
             )
         )
     if args.judge_mean_must_not_drop:
@@ -70,8 +77,39 @@ def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResul
         baselines = {
             m: a[GATE_SPLIT] for m, a in acc.items() if m != "finetuned" and GATE_SPLIT in a
         }
-        results.append(baseline_gate(acc.get("finetuned", {}).get(GATE_SPLIT), baselines))
+        results.append(
+            baseline_gate(
+                acc.get("finetuned", {}).get(GATE_SPLIT),
+                baselines,
+                evidence=_baseline_pairs(me, best_baseline(baselines)) if baselines else None,
+                min_examples=args.baseline_min_examples,
+                min_discordant=args.baseline_min_discordant,
+            )
+        )
     return results
+
+
+def _evidence(right_a: pd.Series, right_b: pd.Series) -> Evidence:
+    """Paired examples and discordant pairs of two classifiers' per-example correctness."""
+    return Evidence(len(right_a), int((right_a != right_b).sum()))
+
+
+def _spam_pairs(before: RunData, me: RunData) -> Evidence:
+    """The gate split's messages both runs' finetuned classifiers classified (the same
+    message: label and text agree)."""
+    pairs, _ = pair_spam(before.predictions(), me.predictions())
+    t = pairs[pairs["split"] == GATE_SPLIT]
+    return _evidence(t["prediction_a"] == t["label_a"], t["prediction_b"] == t["label_b"])
+
+
+def _baseline_pairs(me: RunData, best: str) -> Evidence:
+    """The gate split's messages both the finetuned classifier and baseline ``best``
+    classified."""
+    ft, bl = me.predictions("finetuned"), me.predictions(best)
+    t = ft[ft["split"] == GATE_SPLIT].merge(
+        bl[bl["split"] == GATE_SPLIT], on=["split", "example_id"], suffixes=("_f", "_b")
+    )
+    return _evidence(t["prediction_f"] == t["label_f"], t["prediction_b"] == t["label_b"])
 
 
 def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[GateResult]:
@@ -87,7 +125,10 @@ def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[G
         why = "; ".join(notes) or "no examples scored by the same judge in both runs"
         why = why.replace("run A", f"run {prev}").replace("run B", "this run")
         return [judge_mean_gate(None, "judge", prev, why)]
-    return [judge_mean_gate(ci, f"{jm} {pv}", prev) for (jm, pv), ci in cis.items()]
+    return [
+        judge_mean_gate(ci, f"{jm} {pv}", prev, min_examples=args.judge_min_examples)
+        for (jm, pv), ci in cis.items()
+    ]
 
 
 def record_gates(

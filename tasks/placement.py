@@ -272,7 +272,7 @@ def run_placed_here(
         "worker": os.environ.get("PREFECT__WORKER_NAME"),
         "started": time.time(),
     }
-    mine = key_for(spec, args, inputs)
+    mine = key_for(spec, args, inputs, ctx)
     report["key"] = mine
     if mine != key:
         here = code_fingerprint(spec.module)
@@ -280,7 +280,8 @@ def run_placed_here(
             f"the code differs (fingerprint of {spec.module} here {here[:12]}, on the "
             f"flow's machine {code[:12]})"
             if here != code
-            else "the settings read differently here (another gptflow version)"
+            else "the settings, the versions of the packages its code imports or the input "
+            "files differ here (another gptflow or package version, or other datasets)"
         )
         message = (
             f"stage {name}: this worker ({report['host']}) computes key {mine}, the flow "
@@ -370,7 +371,7 @@ def run_placed(
     from prefect.deployments import run_deployment
 
     spec = load_spec(name)
-    key = key_for(spec, args, inputs)
+    key = key_for(spec, args, inputs, ctx)
     ctx.recorder.record_stage(
         ctx.run_id,
         name,

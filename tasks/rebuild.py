@@ -8,19 +8,27 @@ fill in a catalog that lacks some rows. The artifacts may be on an object store
 (``s3://…``): then only the ``rows/`` files of each published folder are downloaded.
 
 Rows of results that a recomputation replaced (a forced stage, a damaged folder) were
-kept beside the folder (``<key>.history/``) and are replayed too. Not rebuilt:
-``sources`` (download provenance; the next run records it again), ``benchmarks``, and
-rows of stages that never finished (their ``.partial`` folders).
+kept beside the folder (``<key>.history/``) and are replayed too. ``sources`` (the
+downloads' digests, among them the trust-on-first-use records of :mod:`gpt.data.trust`)
+is restored from the run records, the newest record of each file winning over an older
+one already in the catalog. Not rebuilt: ``benchmarks``, and rows of stages that never
+finished (their ``.partial`` folders).
 
 Two kinds of target (:func:`rebuild_into`):
 
 * **the DuckDB file**: a new file is built beside the old one and swapped in only when
-  complete (an existing file is refused unless ``replace``);
+  complete (an existing file is refused unless ``replace``); the old file's ``sources``
+  and ``benchmarks`` are carried over;
 * **a DuckLake** (``ducklake:postgres:…`` + data path): there is no file to swap, and
   every step is idempotent, so the rebuild fills the lake in place. A lake whose rebuilt
   tables hold rows is refused unless ``replace``, which first empties those tables, one
-  transaction per table. ``sources`` and ``benchmarks`` are kept (they cannot be rebuilt
-  and other machines may rely on the download digests); so is the schema.
+  transaction per table. ``sources`` and ``benchmarks`` are kept (other machines may rely
+  on the download digests); so is the schema.
+
+A rebuild never loses what it cannot get back: artifacts that are missing are refused,
+and so are artifacts without run records and a rebuilt catalog holding fewer rows in any
+table than the one it replaces (for a lake: built first in a scratch file and compared),
+unless ``allow_empty``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from tasks.catalog.schema import KNOWN_TABLES
 from tasks.catalog.values import quote_ident
 from tasks.distributed import SCRATCH_SUFFIX
 from tasks.rows import ingest
+from tasks.run_state import settle_run
 from tasks.runlog import typed_row
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,8 @@ class RebuildReport:
     history: int = 0
     """Replaced results whose rows were kept (``<key>.history/``)."""
     rows: int = 0
+    sources: int = 0
+    """Files whose ``sources`` row was restored from the run records."""
     skipped: list[str] = field(default_factory=list)
     """Stage folders left out, with the reason (damaged, unreadable)."""
 
@@ -104,8 +115,11 @@ def rebuild_catalog(
     else:
         artifacts = local_root(artifacts)
         records = _run_records(artifacts / "runs")
+    report.sources = restore_sources(
+        catalog, [row for rec in records for row in (rec.get("sources") or {}).values()]
+    )
     for rec in records:
-        run = rec["run"]
+        run = settle_run(rec["run"])  # a run recorded running whose process is gone: crashed
         catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
         rows = [typed_row(r) for r in rec.get("stages", {}).values()]
         if rows:
@@ -149,6 +163,28 @@ def rebuild_catalog(
     return report
 
 
+def restore_sources(catalog: Catalog, rows: list[dict]) -> int:
+    """Upsert ``sources`` rows (from run records or another catalog), keeping for each
+    file the newest record (by ``fetched_at``) of those given and the one the catalog
+    holds. Returns how many rows were written."""
+    import pandas as pd
+
+    def when(row: dict) -> pd.Timestamp:
+        value = pd.to_datetime(row.get("fetched_at"), errors="coerce")
+        return pd.Timestamp.min if pd.isna(value) else value
+
+    have = catalog.query_df("SELECT * FROM sources").to_dict("records")
+    newest = {r["name"]: r for r in have}
+    changed: dict[str, dict] = {}
+    for row in (typed_row(r) for r in rows if r.get("name") and r.get("sha256")):
+        old = newest.get(row["name"])
+        if old is None or when(row) > when(old):
+            newest[row["name"]] = changed[row["name"]] = row
+    if changed:
+        catalog.upsert_rows("sources", list(changed.values()), key=["name"])
+    return len(changed)
+
+
 def _replay_remote_folders(catalog: Catalog, url: str, report: RebuildReport) -> None:
     """Ingest the rows of every published stage folder whose objects match its manifest
     (only ``rows/`` is downloaded, into a temporary folder, and checked by sha256)."""
@@ -187,35 +223,118 @@ KEPT_TABLES = frozenset({"sources", "benchmarks"})
 #: Tables a rebuild fills (and ``replace`` empties first on a lake).
 REBUILT_TABLES = tuple(sorted(KNOWN_TABLES - KEPT_TABLES))
 
+#: Every table of the catalog.
+ALL_TABLES = tuple(sorted(KNOWN_TABLES))
+
 
 def rebuild_into(
-    target: CatalogSettings | str | Path, artifacts: str | Path, *, replace: bool = False
+    target: CatalogSettings | str | Path,
+    artifacts: str | Path,
+    *,
+    replace: bool = False,
+    allow_empty: bool = False,
 ) -> RebuildReport:
     """Rebuild the catalog ``target`` (settings, or the path of a DuckDB file) from
-    ``artifacts`` (module docstring: what ``replace`` means for each kind)."""
+    ``artifacts`` (module docstring: what ``replace`` means for each kind, and what
+    ``allow_empty`` lets through)."""
     settings = target if isinstance(target, CatalogSettings) else CatalogSettings(path=target)
-    if settings.is_lake:
-        return _rebuild_lake(settings, artifacts, replace=replace)
-    return _rebuild_file(settings.file_path(), artifacts, replace=replace)
-
-
-def _rebuild_file(db_path: Path, artifacts: str | Path, *, replace: bool) -> RebuildReport:
-    """Build the DuckDB file beside ``db_path``; swap it in when complete."""
-    db_path = Path(db_path)
-    if db_path.exists() and not replace:
+    if count_run_records(artifacts) == 0 and not allow_empty:
         raise CatalogError(
-            f"the catalog {db_path} exists; pass --replace to rebuild it from {artifacts} "
+            f"the artifacts {artifacts} hold no run records (runs/*.json): nothing to rebuild "
+            "from; check --artifacts (GPTFLOW_ARTIFACTS), or pass --allow-empty to build a "
+            "catalog without runs"
+        )
+    if settings.is_lake:
+        return _rebuild_lake(settings, artifacts, replace=replace, allow_empty=allow_empty)
+    return _rebuild_file(settings.file_path(), artifacts, replace=replace, allow_empty=allow_empty)
+
+
+def count_run_records(artifacts: str | Path) -> int:
+    """How many run records ``artifacts`` holds; :class:`CatalogError` when a local
+    artifacts folder does not exist."""
+    if is_remote(artifacts):
+        from tasks.storage import ObjectRoot
+
+        runs = ObjectRoot(str(root_child(artifacts, "runs")))
+        return sum(1 for n in runs.list() if "/" not in n and n.endswith(".json"))
+    root = local_root(artifacts)
+    if not root.is_dir():
+        raise CatalogError(
+            f"the artifacts folder {root} does not exist: give the folder holding runs/ and "
+            "stages/ with --artifacts (or GPTFLOW_ARTIFACTS); nothing was changed"
+        )
+    return sum(1 for _ in (root / "runs").glob("*.json"))
+
+
+def _refuse_emptier(
+    location: str, before: dict[str, int], after: dict[str, int], artifacts: str | Path
+) -> None:
+    """Raise when the rebuilt catalog (``after``) holds fewer rows in some table than
+    the one it would replace (``before``)."""
+    fewer = {t: (n, after.get(t, 0)) for t, n in sorted(before.items()) if after.get(t, 0) < n}
+    if fewer:
+        lost = ", ".join(f"{t} {old} -> {new}" for t, (old, new) in fewer.items())
+        raise CatalogError(
+            f"rebuilding {location} from {artifacts} would leave fewer rows ({lost}); "
+            "nothing was changed: check --artifacts, or pass --replace --allow-empty to "
+            "replace it anyway"
+        )
+
+
+def _rebuild_file(
+    db_path: Path, artifacts: str | Path, *, replace: bool, allow_empty: bool = False
+) -> RebuildReport:
+    """Build the DuckDB file beside ``db_path``; swap it in when complete and, unless
+    ``allow_empty``, when it holds no fewer rows than the file it replaces."""
+    db_path = Path(db_path)
+    target = Catalog(db_path)
+    if target.exists() and not replace:
+        which = db_path if db_path.exists() else f"{db_path} (its writers' file {target.live_path})"
+        raise CatalogError(
+            f"the catalog {which} exists; pass --replace to rebuild it from {artifacts} "
             "(built beside it, swapped in when complete), or --db NEW.duckdb"
         )
-    tmp = db_path.with_name(f".{db_path.name}.rebuild-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    tmp = Catalog(db_path.with_name(f".{db_path.name}.rebuild-{os.getpid()}"))
+    assert tmp.path is not None and tmp.live_path is not None
+    leftovers = [tmp.path, tmp.live_path, Path(f"{tmp.path}.wal"), Path(f"{tmp.live_path}.wal")]
+    for f in leftovers:
+        f.unlink(missing_ok=True)
     try:
-        report = rebuild_catalog(Catalog(tmp), artifacts)
-        os.replace(tmp, db_path)
+        report = rebuild_catalog(tmp, artifacts)
+        if target.exists():
+            before = _carry_kept_tables(target, tmp, report, allow_empty=allow_empty)
+            if not allow_empty:
+                _refuse_emptier(str(db_path), before, rows_per_table(tmp, ALL_TABLES), artifacts)
+        target.install(tmp)
     finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+        for f in leftovers:
+            f.unlink(missing_ok=True)
     return report
+
+
+def _carry_kept_tables(
+    old: Catalog, new: Catalog, report: RebuildReport, *, allow_empty: bool
+) -> dict[str, int]:
+    """Copy the old file's :data:`KEPT_TABLES` into the rebuilt one (its ``sources``
+    merged by date); returns the old file's row counts. An old file that cannot be read
+    is refused unless ``allow_empty`` (then nothing is carried)."""
+    try:
+        before = rows_per_table(old, ALL_TABLES)
+        kept = {t: old.query_df(f"SELECT * FROM {quote_ident(t)}") for t in sorted(KEPT_TABLES)}
+    except Exception as exc:
+        if not allow_empty:
+            raise CatalogError(
+                f"cannot read the catalog {old.location} to compare it with the rebuilt one "
+                f"({' '.join(str(exc).split())[:300]}); pass --replace --allow-empty to "
+                "replace it without comparing"
+            ) from exc
+        report.skipped.append(f"{old.location}: unreadable, nothing carried over ({exc})")
+        return {}
+    restore_sources(new, kept["sources"].to_dict("records"))
+    for table, df in kept.items():
+        if table != "sources" and len(df):
+            new.insert_rows(table, df)
+    return before
 
 
 def rows_per_table(catalog: Catalog, tables: tuple[str, ...] = REBUILT_TABLES) -> dict[str, int]:
@@ -228,10 +347,13 @@ def rows_per_table(catalog: Catalog, tables: tuple[str, ...] = REBUILT_TABLES) -
 
 
 def _rebuild_lake(
-    settings: CatalogSettings, artifacts: str | Path, *, replace: bool
+    settings: CatalogSettings, artifacts: str | Path, *, replace: bool, allow_empty: bool = False
 ) -> RebuildReport:
     """Fill the DuckLake in place (idempotent steps); with ``replace`` empty the rebuilt
-    tables first, one transaction each."""
+    tables first, one transaction each — after a trial rebuild into a scratch file holds
+    no fewer rows than the lake (unless ``allow_empty``)."""
+    import tempfile
+
     catalog = Catalog(settings=settings)
     catalog.migrate()
     filled = rows_per_table(catalog)
@@ -242,6 +364,11 @@ def _rebuild_lake(
             f"to empty those tables and rebuild them from {artifacts} (sources and "
             "benchmarks are kept), or name an empty lake"
         )
+    if filled and not allow_empty:
+        with tempfile.TemporaryDirectory(prefix="gptflow-rebuild-") as tmp:
+            trial = Catalog(Path(tmp) / "trial.duckdb")
+            rebuild_catalog(trial, artifacts)
+            _refuse_emptier(catalog.location, filled, rows_per_table(trial), artifacts)
     for table in sorted(filled):
         catalog.write(
             f"{table} (emptied for the rebuild)",

@@ -7,13 +7,17 @@ has two places:
 - **published**: ``<root>/stages/<stage>/<key>/`` on the object store, the shared truth;
 - **local**: ``<cache>/stages/<stage>/<key>/`` (:func:`gpt.paths.remote_cache_dir`), a
   verified copy that downstream stages read (``StageOutput.root``), beside the work
-  folder ``<key>.partial/`` (kept after a crash so training resumes on this machine).
+  work folder ``<key>.<owner>.partial/`` (kept after a crash so training resumes on
+  this machine).
 
 **Commit** uploads every file of the work folder, lists them back to record each
-object's ETag in the manifest, and publishes ``manifest.json`` last with a conditional
-put (``If-None-Match: *``): a reader never takes a folder without its manifest, and a
+object's ETag (in ``produced.json``, the record of who produced the folder, uploaded
+next), and publishes ``manifest.json`` last with a conditional put
+(``If-None-Match: *``): a reader never takes a folder without its manifest, and a
 folder whose objects changed after publishing no longer matches it. An older or damaged
-version is deleted first (its manifest first), under the stage's lease.
+version is deleted first (its manifest first), under the stage's lease: the commit
+checks that this run still holds it before touching anything published and again just
+before publishing the manifest.
 
 **Lookup** reads the manifest and lists the folder (two requests): every listed file must
 be there with its size and ETag, and nothing else. The local copy is used when it holds
@@ -28,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,19 +43,20 @@ from gpt.paths import remote_cache_dir
 from tasks.cache import (
     MANIFEST,
     MANIFEST_VERSION,
+    PRODUCED,
     ROWS_DIR,
     StageStore,
     Verify,
     content_digest,
     describe_files,
+    manifest_texts,
+    parse_manifest,
     verify_files,
+    write_manifest,
 )
+from tasks.lease import LeaseBase
 from tasks.object_lease import ObjectLease
 from tasks.storage import Entry, ObjectRoot, StorageError
-
-#: Leases held by this process, per (stage root, stage, key, thread): a commit checks
-#: that its run still holds the lease before publishing.
-_HELD: dict[tuple[str, str, str, int], ObjectLease] = {}
 
 
 def remote_problem(
@@ -68,20 +72,10 @@ def remote_problem(
             return f"{url}/{rel} has {entry.size} bytes, the manifest says {meta['bytes']}"
         if meta.get("etag") and entry.etag != meta["etag"]:
             return f"{url}/{rel} was changed after it was published (ETag differs)"
-    extra = sorted(set(listing) - set(files) - {MANIFEST})
+    extra = sorted(set(listing) - set(files) - {MANIFEST, PRODUCED})
     if extra:
         return f"{url}/{extra[0]} is not in the manifest"
     return None
-
-
-def _parse_manifest(data: bytes) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        return None
-    return manifest
 
 
 def _parse_history(data: bytes) -> dict[str, Any] | None:
@@ -124,11 +118,18 @@ class ObjectStageStore(StageStore):
         return self.remote.url_of(f"{stage}/{key}")
 
     def lease(self, stage: str, key: str, run_id: str) -> ObjectLease:
-        lease = ObjectLease(self.remote, f"{stage}/{key}.lease", run_id)
-        _HELD[(self.remote.url, stage, key, threading.get_ident())] = lease
-        return lease
+        return ObjectLease(self.remote, f"{stage}/{key}.lease", run_id)
 
     # ------------------------------------------------------------------ reading
+    def _read_published(self, rel: str, got: Any = None) -> dict[str, Any] | None:
+        """The full manifest published at ``rel`` (its ``manifest.json``, fetched unless
+        ``got``, and ``produced.json``); None when missing or unreadable."""
+        got = got if got is not None else self.remote.get(f"{rel}/{MANIFEST}")
+        if got is None:
+            return None
+        record = self.remote.get(f"{rel}/{PRODUCED}")
+        return parse_manifest(got.data, None if record is None else record.data)
+
     def remote_manifest(
         self, stage: str, key: str
     ) -> tuple[dict[str, Any] | None, dict[str, Entry], str | None]:
@@ -146,9 +147,9 @@ class ObjectStageStore(StageStore):
                     (f"{url} has {len(listing)} files but no {MANIFEST} (an unfinished commit)"),
                 )
             return None, listing, None
-        manifest = _parse_manifest(got.data)
+        manifest = self._read_published(rel, got)
         if manifest is None:
-            return None, listing, f"{url}/{MANIFEST} is unreadable"
+            return None, listing, f"{url}/{MANIFEST} or {PRODUCED} is unreadable"
         problem = remote_problem(url, listing, manifest.get("files", {}))
         return (None, listing, problem) if problem else (manifest, listing, None)
 
@@ -186,9 +187,7 @@ class ObjectStageStore(StageStore):
                     )
                 mtime = int(meta.get("mtime_ns") or time.time_ns())
                 os.utime(p, ns=(mtime, mtime))
-            (tmp / MANIFEST).write_text(
-                json.dumps(manifest, indent=1, sort_keys=True, default=str), encoding="utf-8"
-            )
+            write_manifest(tmp, manifest)
             _install(tmp, self.final_dir(stage, key), key)
             return None
         finally:
@@ -219,8 +218,7 @@ class ObjectStageStore(StageStore):
             if MANIFEST not in objects:
                 yield stage, key, None, f"{url}: no {MANIFEST} (an unfinished commit)"
                 continue
-            got = self.remote.get(f"{stage}/{key}/{MANIFEST}")
-            manifest = None if got is None else _parse_manifest(got.data)
+            manifest = self._read_published(f"{stage}/{key}")
             if manifest is None:
                 yield stage, key, None, f"{url}: no readable manifest"
                 continue
@@ -252,8 +250,7 @@ class ObjectStageStore(StageStore):
         rows (their Parquet objects, copied on the server) and its manifest (without the
         file list) under ``<key>.history/`` for ``gptflow catalog rebuild``, as a local
         store does."""
-        got = self.remote.get(f"{stage}/{key}/{MANIFEST}")
-        manifest = None if got is None else _parse_manifest(got.data)
+        manifest = self._read_published(f"{stage}/{key}")
         if manifest is None or not manifest.get("rows"):
             return
         dest = f"{stage}/{key}.history/{manifest['producer_run_id']}-{int(manifest['created_at'])}"
@@ -265,19 +262,17 @@ class ObjectStageStore(StageStore):
         body = {k: v for k, v in manifest.items() if k != "files"}
         self.remote.create(f"{dest}/{MANIFEST}", json.dumps(body, indent=1, default=str).encode())
 
-    def _confirm_lease(self, stage: str, key: str) -> None:
-        lease = _HELD.get((self.remote.url, stage, key, threading.get_ident()))
-        if lease is not None and lease.etag is not None:
-            lease.confirm()
-
-    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    def commit(
+        self, stage: str, key: str, manifest: dict[str, Any], lease: LeaseBase
+    ) -> dict[str, Any]:
         """Upload the work folder, publish its manifest last (conditional put), and move
-        the work folder into place as the local copy. Returns the manifest."""
+        the work folder into place as the local copy. Returns the manifest. Refuses
+        (:class:`~tasks.lease.LeaseLost`) when this run no longer holds ``lease``."""
         rel = f"{stage}/{key}"
-        work = self.work_dir(stage, key)
-        self._confirm_lease(stage, key)
+        work = self.held_work_dir(stage, key, lease)
         files = describe_files(work)
         old = self.remote.list(rel)
+        lease.confirm()
         if old:  # an older or damaged version: unpublish it (manifest first), then clear it
             self._keep_history(stage, key, old)
             self.remote.delete([f"{rel}/{MANIFEST}", *(f"{rel}/{n}" for n in old if n != MANIFEST)])
@@ -300,16 +295,16 @@ class ObjectStageStore(StageStore):
             "digest": content_digest(files, manifest.get("out")),
             "created_at": time.time(),
         }
-        body = json.dumps(full, indent=1, sort_keys=True, default=str)
-        self._confirm_lease(stage, key)
-        if self.remote.create(f"{rel}/{MANIFEST}", body.encode()) is None:
-            raise StorageError(
-                f"{self.published(stage, key)} was published by another run while this one "
-                "was committing it (its lease was taken over); the other result stands, rerun "
-                "to use it"
-            )
-        tmp = work / (MANIFEST + ".tmp")
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, work / MANIFEST)
+        full = json.loads(json.dumps(full, default=str))  # as it reads back
+        content, record = manifest_texts(full)
+        lease.confirm()
+        for name, text in ((PRODUCED, record), (MANIFEST, content)):  # the manifest last
+            if self.remote.create(f"{rel}/{name}", text.encode()) is None:
+                raise StorageError(
+                    f"{self.published(stage, key)} was published by another run while this "
+                    "one was committing it (its lease was taken over); the other result "
+                    "stands, rerun to use it"
+                )
+        write_manifest(work, full)
         _install(work, self.final_dir(stage, key), key)
-        return json.loads(body)
+        return full

@@ -43,7 +43,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "sms_messages": ("source_sha256",),
     "baselines": ("run_id",),
     "responses": ("run_id",),
-    "judgments": ("run_id", "judge_model", "prompt_version"),
+    "judgments": ("run_id", "judge_key"),
     "predictions": ("run_id", "stage"),
 }
 
@@ -51,7 +51,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
 ROW_KEYS: dict[str, tuple[str, ...]] = {
     "metrics": ("run_id", "stage", "step", "split", "name"),
     "samples": ("run_id", "stage", "epoch", "step"),
-    "judgments": ("run_id", "example_id", "judge_model", "prompt_version", "repeat"),
+    "judgments": ("run_id", "judge_key", "judge_model", "example_id", "repeat"),
 }
 
 PARTIAL_DIR = ".rows"
@@ -198,10 +198,21 @@ def read_parquet(path: Path) -> pd.DataFrame:
         con.close()
 
 
+def _scope(table: str, scope: Mapping[str, Any]) -> dict[str, Any]:
+    """A scope as recorded in a manifest, with the scope columns added since (e.g.
+    ``judge_key``) as NULL: a folder written before a column existed holds rows where
+    it is NULL, and replacing its scope must not touch rows that have one."""
+    return {**{c: None for c in SCOPES.get(table, ()) if c not in scope}, **scope}
+
+
 def ingest(catalog: Catalog, folder: Path, rows_meta: Mapping[str, Mapping[str, Any]]) -> int:
     """Replace each table's scope with the folder's rows, all in one transaction."""
     items = [
-        (table, folder / ROWS_DIR / f"{table}.parquet", [dict(s) for s in meta["scopes"]])
+        (
+            table,
+            folder / ROWS_DIR / f"{table}.parquet",
+            [_scope(table, s) for s in meta["scopes"]],
+        )
         for table, meta in sorted(rows_meta.items())
     ]
     return catalog.replace_from_parquet(items) if items else 0
@@ -216,7 +227,7 @@ def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]])
     out = []
     for table, meta in sorted(rows_meta.items()):
         conds, params = [], []
-        for scope in meta["scopes"]:
+        for scope in [_scope(table, x) for x in meta["scopes"]]:
             conds.append("(" + " AND ".join(f'"{c}" IS NOT DISTINCT FROM ?' for c in scope) + ")")
             params += list(scope.values())
         sql = f"SELECT count(*) AS n FROM {table} WHERE {' OR '.join(conds) or 'false'}"

@@ -2,7 +2,7 @@
 endpoint. Plain context managers; ``conftest.py`` wraps them as fixtures.
 
 Missing PostgreSQL binaries skip the tests that need them on a developer's machine, but
-fail them under CI (``CI=true``): there, a skip would hide that the suite did not run.
+fail them under CI (``_ci.in_ci``): there, a skip would hide that the suite did not run.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from _ci import unavailable
 
 
 def free_port() -> int:
@@ -31,9 +31,7 @@ def free_port() -> int:
 
 
 def _missing(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: the CI script must install it)", pytrace=False)
-    pytest.skip(reason)
+    unavailable(f"{reason}; the CI script must install it")
 
 
 def pg_binary(name: str) -> str | None:

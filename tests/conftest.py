@@ -1,4 +1,9 @@
-"""Shared fixtures.
+"""Shared fixtures, the suite's thread setting and the order test files run in.
+
+Where a new test file goes: ``tests/README.md`` (``tests/gpt/`` the library,
+``tests/tasks/`` stages, store and catalog, ``tests/flows/`` commands, config, report,
+server and deployments, ``tests/pipeline/`` whole-DAG runs through Prefect,
+``tests/reliability/`` injected faults).
 
 ``mirror`` is a folder laid out like the download mirror (datasets at the top, GPT-2
 tokenizer files under ``gpt2/``): ``GPTFLOW_TEST_MIRROR``, else ``../shared/data`` beside
@@ -14,11 +19,54 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
+import threading
 from pathlib import Path
 
 import pytest
+from _ci import in_ci, unavailable
+from _paths import REPO
+from prefect.logging.configuration import ensure_logging_setup
 
-REPO = Path(__file__).resolve().parents[1]
+# Prefect binds its console log handler to sys.stderr when it sets up logging (on first
+# use). Set up here, that is the session's stream; set up first inside a test that
+# captures output (capsys), it would be that test's buffer, closed afterwards — and every
+# later flow run's log line would fail, recursing through Prefect's print-as-log of the
+# logging error.
+ensure_logging_setup()
+
+# One torch (OpenMP) thread in every test process and every child it starts (torchrun
+# ranks, workers, servers inherit the environment). The suite runs several processes on
+# few cores, and the tests' models are tiny: threads gain nothing there, and OpenMP
+# threads spinning at barriers while their peers wait for a core burned 3-4x the CPU of
+# the single-threaded run (tests/gpt/test_classifier.py + test_generate.py: 45 vs 10.5
+# CPU-s). Set OMP_NUM_THREADS yourself to test with more.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): set it there too
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _cost(item: pytest.Item) -> int:
+    """How heavy a test's file is, from what its tests use: 2 with the Prefect server
+    (whole pipeline runs, deployments, workers), 1 marked slow, else 0."""
+    if "prefect_server" in getattr(item, "fixturenames", ()):
+        return 2
+    return 1 if item.get_closest_marker("slow") else 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the heaviest test files first, each file's tests together and in their order.
+
+    ``make test`` hands whole files to its worker processes in this order
+    (``--dist loadfile --no-loadscope-reorder``): a long file started last would leave
+    the other processes idle while it finishes (xdist's default order, by number of
+    tests, put the pipeline files, which hold few tests, last)."""
+    files: dict[str, int] = {}
+    for item in items:
+        path = str(item.path)
+        files[path] = max(files.get(path, 0), _cost(item))
+    items.sort(key=lambda item: -files[str(item.path)])  # stable: file order kept within
 
 
 def _find_mirror() -> Path | None:
@@ -31,15 +79,10 @@ def _find_mirror() -> Path | None:
     return None
 
 
-def in_ci() -> bool:
-    """True under CI (``CI`` set to true/1/yes, as CI services do)."""
-    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
 def _unavailable(reason: str) -> None:
     if in_ci():
         pytest.fail(f"test inputs unusable under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    unavailable(reason)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +118,22 @@ def tokenizer_dir(mirror: Path) -> Path:
     return mirror / "gpt2"
 
 
+@pytest.fixture
+def release_mirror(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """A mirror folder holding a GPT-2 1558M release (``gpt2/1558M/``) whose weight files,
+    which have no published sha256 (trust on first use), are small stand-ins; the
+    tokenizer files are the real ones."""
+    mirror = tmp_path / "release-mirror"
+    release = mirror / "gpt2" / "1558M"
+    release.mkdir(parents=True)
+    for name in ("checkpoint", "hparams.json", "model.ckpt.data-00000-of-00001",
+                 "model.ckpt.index", "model.ckpt.meta"):  # fmt: skip
+        (release / name).write_bytes(f"{name} v1".encode())
+    for name in ("encoder.json", "vocab.bpe"):
+        (release / name).symlink_to(tokenizer_dir / name)
+    return mirror
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test writes its catalog, artifacts, downloads and cache under its own tmp
@@ -107,6 +166,19 @@ def s3_server():
         yield server
 
 
+def _reap_when_it_exits(pidfile: Path) -> None:
+    """Wait for the server process (a child of this process) in a thread, so that it does
+    not stay a zombie once stopped: ``stop_server`` polls ``kill(pid, 0)``, which a zombie
+    answers, and waited its whole timeout (10 s per test process) at every session end."""
+    pid = int(pidfile.read_text().strip())
+
+    def reap() -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    threading.Thread(target=reap, name="reap-prefect-server", daemon=True).start()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,6 +206,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     url = f"http://127.0.0.1:{port}/api"
     try:
         server.start_server(url, wait_s=120)
+        _reap_when_it_exits(server.server_paths().pidfile)
         with temporary_settings(
             updates={
                 PREFECT_API_URL: url,

@@ -38,6 +38,9 @@ class Fault:
     """Send the full Content-Length header but only this many body bytes, then close."""
     times: int | None = None
     """Apply to this many requests, then serve normally (None: always)."""
+    throttle: float = 0.0
+    """Seconds to pause after each 4 KiB of the body: a slow mirror (the pauses of one
+    answer add up to MAX_DELAY_S at most)."""
 
 
 @dataclass
@@ -158,9 +161,15 @@ def _make_handler(state: LoopbackServer) -> type[BaseHTTPRequestHandler]:
             sent = body
             if fault is not None and fault.cut_after is not None:
                 sent = body[: fault.cut_after]
+            pause = fault.throttle if fault is not None else 0.0
+            step = 4096 if pause else max(len(sent), 1)
+            pause = min(pause, MAX_DELAY_S * step / max(len(sent), 1))
             try:
-                self.wfile.write(sent)
-                self.wfile.flush()
+                for i in range(0, len(sent), step):
+                    self.wfile.write(sent[i : i + step])
+                    self.wfile.flush()
+                    if pause and state._stop.wait(pause):
+                        break
             except OSError:
                 pass
             self.close_connection = True

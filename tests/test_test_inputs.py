@@ -26,7 +26,7 @@ def test_needs_the_inputs(mirror):
 def probe(tmp_path: Path) -> Path:
     folder = tmp_path / "probe"
     folder.mkdir()
-    for name in ("conftest.py", "_servers.py"):
+    for name in ("conftest.py", "_servers.py", "_ci.py", "_paths.py"):
         shutil.copy(TESTS / name, folder / name)
     (folder / "test_probe.py").write_text(PROBE)
     return folder

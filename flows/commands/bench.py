@@ -1,6 +1,6 @@
 """``gptflow bench [--quick] [--only NAME ...] [--vs-book] [--json PATH]``: run the
 benchmark suite, print a table, store the rows in the catalog's ``benchmarks`` table and a
-JSON file under ``artifacts/bench/`` (render it as the README table with
+JSON file under ``artifacts/bench/`` (render it as the docs/performance.md tables with
 ``python -m benchmarks.render FILE``).
 
 The benchmarks live in :mod:`benchmarks` (registry: :mod:`benchmarks.suite`).

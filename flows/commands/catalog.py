@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="rebuild an existing catalog: a file is built beside it and swapped in when "
         "complete; a lake's rebuilt tables are emptied first (sources, benchmarks kept)",
     )
+    r.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="build even from artifacts without run records, and with --replace replace a "
+        "catalog by one holding fewer rows (refused otherwise)",
+    )
     r.set_defaults(func=cmd_rebuild)
 
 
@@ -60,11 +66,12 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     art: str | Path = args.artifacts or artifacts_root()
     if not is_remote(art):
         art = local_path(art)
-    report = rebuild_into(target, art, replace=args.replace)
+    report = rebuild_into(target, art, replace=args.replace, allow_empty=args.allow_empty)
     print(
         f"rebuilt {target.location()} from {art}: {report.runs} runs "
         f"({report.stage_rows} stage rows), {report.folders} stage folders, "
-        f"{report.history} replaced results ({report.rows} rows)"
+        f"{report.history} replaced results ({report.rows} rows), "
+        f"{report.sources} download records restored"
     )
     for line in report.skipped:
         print(f"  skipped {line}")

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resamples must be >= 1, got {args.resamples}")
     if not 0 < args.confidence < 1:
         raise ConfigError(f"--confidence must lie between 0 and 1, got {args.confidence}")
-    cat = Catalog(args.db)
+    cat = Catalog(args.db, snapshot=True)
     if cat.exists():
         cat.migrate()  # an older catalog gains the views the comparison reads
     run_a, run_b = pick_runs(cat, args.run_a, args.run_b)

@@ -23,19 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from flows.server import ensure_server
-
-    api_url = ensure_server()
     from flows.deployment import (
+        check_parameters,
         deploy_all,
         ensure_work_pools,
         read_prefect_yaml,
         work_pools,
     )
+    from flows.server import ensure_server
     from gpt.paths import project_root
 
     root = project_root()
     spec = read_prefect_yaml(root)
+    check_parameters(spec)  # a bad setting is refused before anything is deployed
+    api_url = ensure_server()
     pools = work_pools(spec)
     for name, created in ensure_work_pools(pools).items():
         print(f"work pool {name!r}: {'created' if created else 'exists'} (type process)")

@@ -48,6 +48,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="catalog holding first-download digests (default: GPTFLOW_DB or artifacts/)",
     )
+    parser.add_argument(
+        "--retrust",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="accept a changed download of the files of this source (or file) that have no "
+        "published sha256: fetch them again and record the new digest (repeatable)",
+    )
     parser.add_argument("--mirror", metavar="DIR_OR_URL", default=None, help="use only this mirror")
     parser.add_argument(
         "--dest", metavar="DIR", default=None, help="target folder (default: the datasets folder)"
@@ -78,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     """Fetch the selected sources and print what was fetched or skipped."""
     from gpt.data.download import download_sources
     from gpt.data.sources import get_source, gpt2_source_name, list_sources
+    from gpt.data.trust import retrust_paths
 
     if args.list:
         rows = [[s.name, str(len(s.files)), s.description] for s in list_sources()]
@@ -90,7 +99,13 @@ def run(args: argparse.Namespace) -> int:
             names.append(name)
     for name in names:
         get_source(name)  # ConfigError listing the known names
+    again = retrust_paths(args.retrust)  # ConfigError for an unknown or pinned name
+    for src in list_sources():  # a retrusted file is fetched: its source is downloaded
+        if src.name not in names and any(f.path in again for f in src.files):
+            names.append(src.name)
     from tasks.catalog import Catalog
+    from tasks.lease import file_leases
+    from tasks.stages.download import source_rows
 
     catalog = Catalog(args.db)
     results = download_sources(
@@ -99,12 +114,13 @@ def run(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         progress=not args.no_progress,
         trusted=catalog.source_digests(),  # files with no published sha256: first use
+        lease=file_leases(f"gptflow-download-{os.getpid()}"),  # one writer per file
+        retrust=args.retrust,
     )
+    catalog.upsert_rows("sources", source_rows(results), key=["name"])  # as the pipeline
     rows = []
     for res in results:
         for f in res.files:
-            key = f"{res.name}:{f.relpath}" if len(res.files) > 1 else res.name  # as the pipeline
-            catalog.record_source(key, f.url or "", f.sha256, f.bytes)
             rows.append(
                 [
                     res.name,

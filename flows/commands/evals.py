@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "examples (unscored first)."
         ),
     )
-    parser.add_argument("--run", default=None, help="only this run (default: every run)")
+    parser.add_argument(
+        "--run", default=None, help="only this run: its id or a unique prefix (default: every run)"
+    )
     parser.add_argument(
         "--worst", type=int, default=None, metavar="N", help="only the N worst examples"
     )
@@ -48,11 +50,15 @@ def run(args: argparse.Namespace) -> int:
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
-    from tasks.judging import summarize
+    from tasks.stages.judge import summarize
 
     if args.worst is not None and args.worst < 1:
         raise ConfigError(f"--worst must be >= 1, got {args.worst}")
-    catalog = Catalog(args.db)
+    catalog = Catalog(args.db, snapshot=True)
+    if args.run is not None:
+        from tasks.catalog.lookup import resolve_run
+
+        args.run = resolve_run(catalog, args.run)  # a run that does not exist: an error
     summary = summarize(catalog, args.run)
 
     where, params = "", []

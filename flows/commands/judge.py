@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "field as the responses of a run, score them with one or more Ollama models "
             "(default llama3) on one or more Ollama servers, and print the run's "
             "eval_summary (and judge_agreement with several models). A rerun only sends "
-            "the judgments not yet made by that model, prompt version and repeat."
+            "the judgments not yet made under the same judge key (model and its digest, "
+            "prompt, sampling options, reader)."
         ),
     )
     parser.add_argument(
@@ -62,16 +63,13 @@ def run(args: argparse.Namespace) -> int:
     """Import the responses, judge them, print the summary; 1 when requests failed."""
     import logging
 
-    import pandas as pd
-
     from flows.pipeline import git_revision
-    from gpt.eval.judge import JudgeConfig
+    from gpt.eval.judge.settings import JudgeConfig
     from gpt.paths import artifacts_root, datasets_dir
     from tasks.catalog import Catalog
     from tasks.catalog.present import format_df
-    from tasks.judging import import_responses, summarize
     from tasks.stages.base import RunContext, run_stage
-    from tasks.stages.judge import responses_input
+    from tasks.stages.judge import import_responses, responses_input, summarize
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     given = {
@@ -119,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     how = (
         "cached: the same responses were judged with these settings before"
         if result.cache_hit
-        else f"sent {out.n_sent}, skipped {out.n_skipped} already judged"
+        else f"sent {out.n_sent}, skipped {out.n_skipped} already judged, reused "
+        f"{out.n_reused} stored replies"
     )
     print(
         f"judge {', '.join(out.judge_models)} (prompt {out.prompt_version}, "
@@ -129,14 +128,13 @@ def run(args: argparse.Namespace) -> int:
     for down in out.hosts_down:
         print(f"judge host down: {down}", file=sys.stderr)
     summary = summarize(catalog, run_id)
-    summary = summary[
-        summary["judge_model"].isin(out.judge_models)
-        & (summary["prompt_version"] == out.prompt_version)
-    ]
     print(format_df(summary, "table"))
-    if out.agreement:
+    agreement = catalog.query_df(
+        "SELECT * FROM judge_agreement WHERE run_id = ? ORDER BY judge_a, judge_b", [run_id]
+    )
+    if not agreement.empty:
         print("judge_agreement")
-        print(format_df(pd.DataFrame(out.agreement), "table"))
+        print(format_df(agreement, "table"))
     failed = int(summary["n_failed"].sum()) if "n_failed" in summary else 0
     if failed:
         print(

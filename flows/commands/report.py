@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "plots left out."
         ),
     )
-    p.add_argument("run", nargs="?", default=None, help="run id (default: the latest run)")
+    p.add_argument(
+        "run", nargs="?", default=None, help="run id or a unique prefix (default: the latest run)"
+    )
     p.add_argument("--html", metavar="FILE", help="write the report as one HTML file")
     p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
     add_db_arg(p)
@@ -48,12 +50,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from gpt.fileio import atomic_open
     from tasks.catalog import Catalog
 
-    cat = Catalog(args.db)
+    cat = Catalog(args.db, snapshot=True)
     if not cat.exists():
         raise CatalogError(
             f"the catalog {cat.location} does not exist yet: run `gptflow run` first"
         )
-    run_id = args.run or _latest_run(cat)
+    from tasks.catalog.lookup import resolve_run
+
+    run_id = resolve_run(cat, args.run) if args.run else _latest_run(cat)
     report = build_report(cat, run_id)
     written = []
     for target, render in ((args.html, to_html), (args.markdown, to_markdown)):
@@ -69,7 +73,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         n = len(report.images())
         print(f"report of run {run_id} ({n} plots) written to {', '.join(written)}")
         return 0
-    md = to_markdown(report)
+    md = to_markdown(report, wrap=False)  # a terminal wraps lines itself
     md = re.sub(r"!\[([^\]]*)\]\(data:image/png;base64,[^)]*\)", r"[plot: \1 — see --html]", md)
     sys.stdout.write(md)
     return 0

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE")
     p.add_argument("--mirror", help="local folder or http(s) URL mirroring the inputs")
     _verify_arg(p)
+    _retrust_arg(p)
     p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser(
@@ -74,6 +75,18 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
         help="recompute this stage even if cached (repeatable)",
     )
     _verify_arg(p)
+    _retrust_arg(p)
+
+
+def _retrust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--retrust",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="accept a changed download of the files of this source (or file) that have no "
+        "published sha256: fetch them again and record the new digest (repeatable)",
+    )
 
 
 def _verify_arg(p: argparse.ArgumentParser) -> None:
@@ -108,8 +121,10 @@ def _print_result(result: dict, command: str, log_file: Path | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.config import build_config
     from flows.server import ensure_server
 
+    build_config(args.profile, args.set)  # a bad setting: one line, before any server starts
     ensure_server()
     from flows.pipeline import run_pipeline
 
@@ -120,38 +135,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         mirror=args.mirror,
         force=args.force,
         verify=args.verify,
+        retrust=args.retrust,
     )
     return _print_result(result, "run", log_file)
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
+    from flows.config import build_config
     from flows.server import ensure_server
     from tasks.catalog import Catalog
+    from tasks.catalog.lookup import resolve_run
 
-    ensure_server()
-    from flows.pipeline import run_pipeline
-
-    log_file = quiet_console(verbose=getattr(args, "verbose", False))
-    if args.profile:
-        result = run_pipeline(
-            profile=args.profile,
-            overrides=args.set,
-            mirror=args.mirror,
-            force=[args.stage],
-            verify=args.verify,
-        )
-    else:
+    config = None
+    if not args.profile:  # the earlier run's config, found before any server starts
         cat = Catalog()
         if args.run:
-            df = cat.query_df("SELECT config, profile FROM runs WHERE run_id = ?", [args.run])
+            run_id = resolve_run(cat, args.run)
+            df = cat.query_df("SELECT config, profile FROM runs WHERE run_id = ?", [run_id])
             if df.empty:
-                raise ConfigError(f"no run {args.run!r} in the catalog (see `gptflow runs`)")
+                raise ConfigError(f"run {run_id} has no config in {cat.location} to rerun")
         else:
             df = cat.query_df("SELECT config, profile FROM runs ORDER BY started_at DESC LIMIT 1")
             if df.empty:
                 raise ConfigError("no earlier run in the catalog: use `gptflow run` first")
         config = df.iloc[0]["config"]
         config = json.loads(config) if isinstance(config, str) else config
+        build_config(config.get("profile", DEFAULT_PROFILE), args.set, base=config)
+    else:
+        build_config(args.profile, args.set)
+    ensure_server()
+    from flows.pipeline import run_pipeline
+
+    log_file = quiet_console(verbose=getattr(args, "verbose", False))
+    if config is None:
+        result = run_pipeline(
+            profile=args.profile,
+            overrides=args.set,
+            mirror=args.mirror,
+            force=[args.stage],
+            verify=args.verify,
+            retrust=args.retrust,
+        )
+    else:
         result = run_pipeline(
             profile=config.get("profile", DEFAULT_PROFILE),
             overrides=args.set,
@@ -159,6 +184,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
             mirror=args.mirror,
             force=[args.stage],
             verify=args.verify,
+            retrust=args.retrust,
         )
     return _print_result(result, "rerun", log_file)
 
@@ -227,18 +253,25 @@ def cmd_runs(args: argparse.Namespace) -> int:
     reasons (whole) under the table; with RUN, that run's stages one per line."""
     from flows.report import fmt
     from tasks.catalog import Catalog
+    from tasks.catalog.lookup import resolve_run
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
+    from tasks.run_state import settle_runs
 
-    cat = Catalog(args.db)
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    cat = Catalog(args.db, snapshot=True)
     if args.run:
-        runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [args.run])
+        run_id = resolve_run(cat, args.run)  # the id or a unique prefix
+        runs = cat.query_df("SELECT * FROM runs WHERE run_id = ?", [run_id])
         if runs.empty:
             raise ConfigError(
-                f"no run {args.run!r} in the catalog {cat.location} (see `gptflow runs`)"
+                f"run {run_id} has no `runs` row in the catalog {cat.location} (it only "
+                "holds judge scores: see `gptflow evals --run`)"
             )
     else:
         runs = cat.query_df("SELECT * FROM runs ORDER BY started_at DESC LIMIT ?", [args.limit])
+    runs = settle_runs(runs)  # a "running" run whose process is gone shows as crashed
     stages = stage_rows(cat, [str(r) for r in runs["run_id"]], STAGES)
     if args.format == "json":
         out = []
@@ -260,6 +293,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
             message=stages["message"].map(lambda m: m if isinstance(m, str) else ""),
         )[["stage", "status", "cached", "time", "message"]]
         print(format_df(view, args.format, uncut={"message"}))
+        if args.format == "table":
+            r = runs.iloc[0]
+            reason = f": {r['message']}" if isinstance(r["message"], str) else ""
+            print(f"run {r['run_id']} {r['status']}{reason}")
         return 0
     view = runs[["run_id", "profile", "status"]].copy()
     view["started"] = runs["started_at"].map(fmt.timestamp)
@@ -272,6 +309,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     view["stages"] = [stages_summary(stages[stages["run_id"] == r]) for r in runs["run_id"]]
     print(format_df(view, args.format, uncut={"run_id", "stages"}))
     if args.format == "table":
+        for r in runs[runs["message"].notna()].to_dict("records"):  # why it failed/crashed
+            print(f"{r['run_id']}: run {r['status']}: {r['message']}")
         notes = stages[~stages["status"].isin(["completed", "cached"]) & stages["message"].notna()]
         for r in notes.to_dict("records"):
             print(f"{r['run_id']}: {r['stage']} {r['status']}: {r['message']}")
@@ -300,6 +339,44 @@ def _check(ok: bool | None, what: str, detail: str) -> bool:
     return ok is not False
 
 
+def mirror_in_use() -> tuple[str | None, str, bool]:
+    """``(mirror, where it comes from, whether a new run takes it by default)``, looked
+    up in the order a run looks: ``GPTFLOW_MIRROR``, the default profile's
+    ``download.mirror``, else the one the latest run recorded (a ``--mirror`` flag or a
+    deployment's parameter leave no other trace)."""
+    from flows.config import build_config
+    from gpt.data.download import MIRROR_ENV
+    from gpt.errors import GPTFlowError
+
+    if os.environ.get(MIRROR_ENV):
+        return os.environ[MIRROR_ENV], MIRROR_ENV, True
+    try:
+        setting = build_config(DEFAULT_PROFILE, []).download.mirror
+    except GPTFlowError:
+        setting = None
+    if setting:
+        return setting, f"download.mirror of profile {DEFAULT_PROFILE}", True
+    try:
+        from tasks.catalog import Catalog
+
+        cat = Catalog()
+        latest = (
+            cat.query_df("SELECT run_id, config FROM runs ORDER BY started_at DESC LIMIT 1")
+            if cat.exists()
+            else None
+        )
+    except GPTFlowError:
+        latest = None
+    if latest is None or latest.empty:
+        return None, f"no {MIRROR_ENV}, no download.mirror setting, no run yet", True
+    run_id, config = latest.iloc[0]["run_id"], latest.iloc[0]["config"]
+    config = json.loads(config) if isinstance(config, str) else config or {}
+    used = (config.get("download") or {}).get("mirror")
+    if used:
+        return used, f"used by the latest run {run_id}, given as --mirror or a parameter", False
+    return None, f"the latest run {run_id} used none; {MIRROR_ENV} unset", True
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import torch
 
@@ -326,7 +403,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "prefect server",
         f"{st['api_url']} " + ("up" if st["healthy"] else "down (gptflow run starts it)"),
     )
-    from gpt.eval.judge import JudgeConfig, preflight
+    from gpt.eval.judge.hosts import preflight
+    from gpt.eval.judge.settings import JudgeConfig
 
     jcfg = JudgeConfig()
     try:
@@ -341,12 +419,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         )
     except Exception as exc:  # the judge is optional unless judge.required
         _check(None, "ollama", str(exc))
-    mirror = os.environ.get("GPTFLOW_MIRROR")
+    mirror, source, automatic = mirror_in_use()
     if mirror:
         exists = mirror.startswith(("http://", "https://")) or Path(mirror).is_dir()
-        good &= _check(exists, "mirror", mirror)
+        detail = f"{mirror} ({source})" + ("" if exists else ": not a folder (any more)")
+        # a missing mirror that new runs take by default fails; one a past run was given, warns
+        good &= _check(True if exists else (False if automatic else None), "mirror", detail)
     else:
-        _check(None, "mirror", "GPTFLOW_MIRROR unset: inputs come from the web")
+        _check(True, "mirror", f"none ({source}): inputs come from their web URLs")
     ds = datasets_dir()
     sizes = [p.name for p in sorted((ds / "gpt2").glob("*M")) if (p / "hparams.json").exists()]
     _check(

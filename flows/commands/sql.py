@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="table",
         help="output format (default: table)",
     )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="read what the writers wrote last (the live file, waiting while a run writes) "
+        "instead of the published snapshot (updated after every stage)",
+    )
     add_db_arg(parser)
     parser.set_defaults(func=run)
 
@@ -36,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from tasks.catalog.present import format_df
     from tasks.catalog.queries import run_readonly_sql
 
-    df = run_readonly_sql(args.db or None, args.query)
+    df = run_readonly_sql(args.db or None, args.query, live=args.live)
     text = format_df(df, args.format)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0

@@ -57,7 +57,7 @@ def publish_report(cat: Catalog, run_id: str) -> str:
             key="spam-accuracy",
             description="spam accuracy per split: finetuned vs baselines",
         )
-    summary = cat.query_df("SELECT * FROM eval_summary WHERE run_id = ?", [data.responses_run()])
+    summary = cat.query_df("SELECT * FROM eval_summary WHERE run_id = ?", [run_id])
     if not summary.empty:
         create_table_artifact(
             table=_records(summary),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -143,8 +144,113 @@ def _md_cell(cell: Cell) -> str:
     return _md_inline(text(cell) if isinstance(cell, str) else cell) or " "
 
 
-def to_markdown(report: Report) -> str:
-    """The report as Markdown (GitHub flavour: pipe tables)."""
+#: Characters of text a table row may take before its long cells are wrapped (one
+#: column of the Prefect UI's artifact page at a laptop's width). Its classic UI — where
+#: the links in a flow run's log lead — neither wraps table cells nor scrolls them: what
+#: does not fit is cut off at the right edge.
+TABLE_WIDTH = 96
+#: Characters a cell's padding and border take, roughly.
+_CELL_PAD = 4
+#: A wrapped column keeps at least this many characters per line.
+_MIN_WRAP = 14
+
+
+def _inline_of(cell: Cell) -> Inline:
+    return text(cell) if isinstance(cell, str) else cell
+
+
+def _cell_width(cell: Cell) -> int:
+    """The characters a cell shows on one line."""
+    return len(" ".join("".join(s for _, s in _inline_of(cell)).split()))
+
+
+def _longest_word(cell: Cell) -> int:
+    return max((len(w) for w in "".join(s for _, s in _inline_of(cell)).split()), default=0)
+
+
+def wrap_widths(columns: tuple[str, ...], rows: tuple[tuple[Cell, ...], ...]) -> list[int]:
+    """Per column, the line length its cells are wrapped at (its natural width when the
+    table fits :data:`TABLE_WIDTH`): the widest columns give way first, down to their
+    longest word (headers wrap between words: ``mean<br>score``), a longer word only
+    below :data:`_MIN_WRAP`. A table of many columns may stay wider than the budget."""
+    cols = [(c, *(r[i] for r in rows)) for i, c in enumerate(columns)]
+    natural = [max(_cell_width(c) for c in col) for col in cols]
+    floor = [min(_MIN_WRAP, max(_longest_word(c) for c in col)) for col in cols]
+    budget = TABLE_WIDTH - _CELL_PAD * len(columns)
+
+    def widths(cap: int) -> list[int]:
+        return [max(f, min(n, cap)) for n, f in zip(natural, floor, strict=True)]
+
+    if sum(natural) <= budget:
+        return natural
+    lo, hi = 1, max(natural)  # the largest cap under which the row fits
+    while lo < hi:
+        cap = (lo + hi + 1) // 2
+        if sum(widths(cap)) <= budget:
+            lo = cap
+        else:
+            hi = cap - 1
+    return widths(lo)
+
+
+def _tokens(cell: Cell) -> list[tuple[SpanKind, str, bool]]:
+    """``(kind, word, space before it)``: plain text split at whitespace, a code or
+    bold span kept whole."""
+    out: list[tuple[SpanKind, str, bool]] = []
+    space = False
+    for kind, s in _inline_of(cell):
+        if kind != "text":
+            if s.strip():
+                out.append((kind, " ".join(s.split()), space))
+            space = False
+            continue
+        for m in re.finditer(r"(\s*)(\S+)", s):
+            out.append(("text", m.group(2), space or bool(m.group(1))))
+            space = False
+        space = s[-1:].isspace()
+    return out
+
+
+def _md_wrapped(cell: Cell, width: int) -> str:
+    """A cell as Markdown on lines of at most ``width`` characters joined by ``<br>``
+    (words kept whole where they fit; a longer word or code span is cut into pieces)."""
+    lines: list[list[Span]] = [[]]
+    used = 0
+    for kind, word, space in _tokens(cell):
+        pieces = textwrap.wrap(word, width, break_on_hyphens=False) if len(word) > width else [word]
+        for n, piece in enumerate(pieces):
+            gap = 1 if used and space and n == 0 else 0
+            if used and used + gap + len(piece) > width:
+                lines.append([])
+                used, gap = 0, 0
+            if gap:
+                lines[-1].append(("text", " "))
+            lines[-1].append((kind, piece))
+            used += gap + len(piece)
+    return "<br>".join(_md_inline(tuple(line)) for line in lines if line) or " "
+
+
+def _md_table(b: Table, wrap: bool) -> str:
+    align = b.align or "l" * len(b.columns)
+    widths = wrap_widths(b.columns, b.rows) if wrap else None
+
+    def cell(c: Cell, i: int) -> str:
+        if widths is None or _cell_width(c) <= widths[i]:
+            return _md_cell(c)
+        return _md_wrapped(c, widths[i])
+
+    lines = [
+        "| " + " | ".join(cell(c, i) for i, c in enumerate(b.columns)) + " |",
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(c, i) for i, c in enumerate(row)) + " |" for row in b.rows]
+    return "\n".join(lines)
+
+
+def to_markdown(report: Report, *, wrap: bool = True) -> str:
+    """The report as Markdown (GitHub flavour: pipe tables). With ``wrap`` (what the
+    Prefect artifact gets) a table wider than :data:`TABLE_WIDTH` has its long cells
+    broken into lines with ``<br>``; without, cells stay on one line (a terminal)."""
     out = [f"# {_md_text(report.title)}"]
     for b in report.blocks:
         if isinstance(b, Heading):
@@ -154,13 +260,7 @@ def to_markdown(report: Report) -> str:
         elif isinstance(b, Bullets):
             out.append("\n".join("- " + _md_inline(i) for i in b.items))
         elif isinstance(b, Table):
-            align = b.align or "l" * len(b.columns)
-            lines = [
-                "| " + " | ".join(_md_text(c) for c in b.columns) + " |",
-                "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
-            ]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-            out.append("\n".join(lines))
+            out.append(_md_table(b, wrap))
         elif isinstance(b, Image):
             alt = re.sub(r"[\[\]]", "", b.alt)
             img = f"![{alt}]({data_uri(b.png)})"

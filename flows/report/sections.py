@@ -103,15 +103,6 @@ class RunData:
         """The run that computed stage ``name``'s rows (this run unless a cache hit)."""
         return str(self.outputs(name).get("producer_run_id") or self.run_id)
 
-    def responses_run(self) -> str:
-        """The run whose responses the judge scored (or would have)."""
-        judged = self.outputs("judge").get("responses_run_id")
-        if judged:
-            return str(judged)
-        if self.stage("extract_responses") is not None:
-            return self.producer("extract_responses")
-        return self.run_id
-
     def has(self, relation: str) -> bool:
         """Whether a table or view exists in the catalog."""
         return relation in self.columns_of_all()
@@ -316,7 +307,31 @@ def _stage_facts(d: RunData, stage: str) -> list[Block]:
         facts.append(f"training {fmt.duration(secs)}")
     if o.get("device"):
         facts.append(f"on {o['device']}")
-    return [Para(text(", ".join(facts) + "."))] if facts else []
+    blocks = [Para(text(", ".join(facts) + "."))] if facts else []
+    return blocks + _model_size_facts(o.get("model_size"))
+
+
+def _model_size_facts(size: dict[str, Any] | None) -> list[Block]:
+    """How a finetune trained (LoRA or full), what it stored and on which base."""
+    if not size:
+        return []
+    lora = size.get("lora")
+    how = (
+        f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g} on "
+        f"{', '.join(lora['layers'])}; the checkpoint holds the adapter only"
+        if lora
+        else "Full finetune"
+    )
+    base = size.get("base") or {}
+    return [
+        Para(
+            text(f"{how} ({fmt.size(size.get('checkpoint_bytes'))}); base ")
+            + code(str(base.get("name")))
+            + text(" (manifest sha256 ")
+            + code(str(base.get("sha256"))[:12])
+            + text(").")
+        )
+    ]
 
 
 def _spam_training(df: pd.DataFrame) -> list[Block]:
@@ -451,7 +466,6 @@ def spam_section(d: RunData) -> list[Block]:
 
 
 def judge_section(d: RunData) -> list[Block]:
-    resp_run = d.responses_run()
     judge = d.stage("judge")
     if judge is None and d.stage("extract_responses") is None:
         return []
@@ -468,7 +482,7 @@ def judge_section(d: RunData) -> list[Block]:
         )
     summary_df = d.cat.query_df(
         "SELECT * FROM eval_summary WHERE run_id = ? ORDER BY judge_model, prompt_version",
-        [resp_run],
+        [d.run_id],
     )
     if summary_df.empty:
         if judge is None:
@@ -481,10 +495,13 @@ def judge_section(d: RunData) -> list[Block]:
             why = text(f"the judge stage ended {judge['status']} without scores.")
         blocks.append(Para(join(bold("No scores:"), " ", why)))
         return blocks
-    blocks.append(generic_table(summary_df, drop=("run_id",)))
+    # n_examples is n / repeats: one column fewer keeps the table inside the page
+    blocks.append(
+        generic_table(summary_df, drop=("run_id", "responses_run_id", "judge_key", "n_examples"))
+    )
     scores = d.cat.query_df(
-        "SELECT judge_model, score FROM judgments WHERE run_id = ? AND score IS NOT NULL",
-        [resp_run],
+        "SELECT judge_model, score FROM run_judgments WHERE run_id = ? AND score IS NOT NULL",
+        [d.run_id],
     )
     if not scores.empty:
         by_model = {str(m): g["score"].tolist() for m, g in scores.groupby("judge_model")}
@@ -498,19 +515,22 @@ def agreement_section(d: RunData) -> list[Block]:
         return []
     cols = d.columns("judge_agreement")
     if "run_id" in cols:
-        df = d.cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [d.responses_run()])
+        df = d.cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [d.run_id])
     else:
         return []
     if df.empty:
         return []
-    return [Heading("Judge agreement", 3), generic_table(df, drop=("run_id",))]
+    return [
+        Heading("Judge agreement", 3),
+        generic_table(df, drop=("run_id", "key_a", "key_b")),
+    ]
 
 
 def worst_section(d: RunData) -> list[Block]:
     df = d.cat.query_df(
         "SELECT example_id, instruction, response, score, judge_model FROM eval_examples "
         "WHERE run_id = ? AND score IS NOT NULL ORDER BY score, example_id LIMIT 5",
-        [d.responses_run()],
+        [d.run_id],
     )
     if df.empty:
         return []
@@ -543,6 +563,8 @@ def gates_section(d: RunData) -> list[Block]:
     for r in df.to_dict("records"):
         passed = r.get("passed")
         verdict = fmt.MISSING if fmt.is_missing(passed) else ("passed" if passed else "FAILED")
+        if r.get("verdict") == "not enough data":  # passed, on too few examples
+            verdict = "not enough data"
         ref = r.get("compared_to_run")
         scope = r.get("scope")
         gate = str(r.get("gate")) + (f" ({scope})" if not fmt.is_missing(scope) else "")
@@ -556,8 +578,11 @@ def gates_section(d: RunData) -> list[Block]:
                 with_code_spans(str(r["message"])) if not fmt.is_missing(r.get("message")) else "",
             )
         )
-    n_failed = sum(1 for r in rows if r[1] != "passed" and r[1] != fmt.MISSING)
-    head = f"{len(rows) - n_failed} of {len(rows)} gates passed."
+    n_failed = sum(1 for r in rows if r[1] not in ("passed", "not enough data", fmt.MISSING))
+    thin = sum(1 for r in rows if r[1] == "not enough data")
+    head = f"{len(rows) - n_failed} of {len(rows)} gates passed." + (
+        f" {thin} of them on too few examples for a verdict (not enough data)." if thin else ""
+    )
     return [
         Heading("Gates"),
         Para(text(head)),

@@ -16,7 +16,6 @@ is deleted, and a ``.part`` kept after a cut transfer is only resumed, then veri
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +23,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -37,6 +37,7 @@ from gpt import paths
 from gpt.config import Args, operational
 from gpt.data.archives import extract_to_temp, install_dir
 from gpt.data.sources import SOURCES, Source, SourceFile
+from gpt.data.trust import held_to, retrust_paths, trust_records
 from gpt.errors import (
     ChecksumError,
     ConfigError,
@@ -167,6 +168,12 @@ class _Mirror:
         return str(self.folder / relpath)
 
 
+#: A lease on one destination file, held while it is fetched (e.g.
+#: :func:`tasks.lease.file_leases`): one writer per ``.part`` file across processes and
+#: machines sharing the folder; the others wait, then find the file verified.
+FileLease = Callable[[Path], AbstractContextManager[Any]]
+
+
 @dataclass
 class _Options:
     retries: int
@@ -176,6 +183,7 @@ class _Options:
     mirror: _Mirror | None
     refresh: bool = False
     client: Any = None  # httpx.Client, created lazily
+    lease: FileLease | None = None
 
 
 def _resolve_mirror(mirror: str | Path | None) -> _Mirror | None:
@@ -531,9 +539,11 @@ def _advice(
             lines.append(
                 "No published sha256 exists for this file: the expected one is the sha256 "
                 "recorded at its first verified download (trust on first use; gptflow keeps "
-                f"it in the catalog's sources table as {source}:{f.path}), and a later "
+                f"it beside the file in {_sidecar(Path(f.path)).as_posix()}, in the catalog's "
+                f"sources table as {source}:{f.path} and in the run records), and a later "
                 "download that differs is refused. If the upstream file was replaced on "
-                "purpose, delete that record and download again."
+                f"purpose, accept it with `--retrust {source}` (gptflow download or gptflow "
+                "run): it is fetched again and its new digest recorded."
             )
     if opts.mirror is not None:
         where = opts.mirror.location(f.path)
@@ -554,21 +564,117 @@ def _advice(
 
 
 def _with_trusted(
-    f: SourceFile, trusted: Mapping[str, tuple[str, int]] | None
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    trusted: Mapping[str, tuple[str, int]] | None,
+    retrust: Collection[str] = (),
 ) -> tuple[SourceFile, bool]:
-    """``f`` expecting the digest recorded at its first verified download, when it has no
-    published sha256 and ``trusted`` holds one for its path; the flag says so. Archives
-    are excluded (their bytes legitimately differ between hosts; members are verified)."""
-    if f.sha256 is not None or f.is_archive or not trusted or f.path not in trusted:
-        return f, False
-    sha, nbytes = trusted[f.path]
-    return dataclasses.replace(f, sha256=sha, size=f.size if f.size is not None else nbytes), True
+    """``f`` expecting the digest recorded at its first verified download (trust on first
+    use, :mod:`gpt.data.trust`): ``trusted``'s and the download record's beside the file;
+    the flag says so."""
+    final = dest / f.path
+    records = trust_records(f, trusted, _read_sidecar(final), str(_sidecar(final)))
+    return held_to(source, f, records, retrust)
+
+
+def _stat_verified(held: SourceFile, final: Path) -> bool:
+    """True when ``final`` is absent, or is the file its download record describes (same
+    size and mtime) and that record holds ``held``'s digest: no hashing needed."""
+    try:
+        st = final.stat()
+    except FileNotFoundError:
+        return True
+    rec = _read_sidecar(final) or {}
+    return (
+        rec.get("sha256") == held.sha256
+        and rec.get("bytes") == st.st_size
+        and rec.get("mtime_ns") == st.st_mtime_ns
+    )
+
+
+def _changed_here(held: SourceFile, dest: Path) -> str | None:
+    """The sha256 of the file in ``dest`` when it is present and differs from the digest
+    ``held`` is held to (changed since its verified download), else None."""
+    final = dest / held.path
+    if _stat_verified(held, final):
+        return None
+    sha = sha256_file(final)
+    return None if sha == held.sha256 else sha
+
+
+def expected_digests(
+    names: Sequence[str | Source],
+    dest: str | Path | None = None,
+    *,
+    sources: Mapping[str, Source] | None = None,
+    trusted: Mapping[str, tuple[str, int]] | None = None,
+    retrust: Collection[str] = (),
+) -> dict[str, str | None]:
+    """Path -> the sha256 of each file of ``names`` as a download into ``dest`` provides
+    it, without fetching or hashing: the published one (a present file that differs is
+    fetched again), else the trust record's (beside the file, or in ``trusted``) when the
+    file is absent or unchanged since its download. None where only the downloader can
+    tell: a file trusted on first use that has no record yet, is named in ``retrust`` or
+    was changed in ``dest`` since its download; an archive."""
+    resolved = _resolve(names, sources)
+    out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
+    again = (
+        retrust_paths(retrust, [*resolved, *(sources or SOURCES).values()]) if retrust else set()
+    )
+    out: dict[str, str | None] = {}
+    for src in resolved:
+        for f in src.files:
+            held, tofu = _with_trusted(src.name, f, out_dir, trusted, again)
+            known = not held.is_archive and f.path not in again
+            if tofu and not _stat_verified(held, out_dir / f.path):
+                known = False
+            out[f.path] = held.sha256 if known else None
+    return out
+
+
+def _resolve(names: Iterable[str | Source], sources: Mapping[str, Source] | None) -> list[Source]:
+    registry = SOURCES if sources is None else sources
+    resolved: list[Source] = []
+    for n in names:
+        if isinstance(n, Source):
+            resolved.append(n)
+        elif n in registry:
+            resolved.append(registry[n])
+        else:
+            raise ConfigError(f"unknown source {n!r}; known sources: {', '.join(registry)}")
+    return resolved
 
 
 def _ensure_file(
-    source: str, f: SourceFile, dest: Path, opts: _Options, tofu: bool = False
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    opts: _Options,
+    tofu: bool = False,
+    again: bool = False,
 ) -> FileResult:
-    found = None if opts.refresh else _present(f, dest)
+    """The file present and verified, else fetched under its lease (``opts.lease``; a
+    run that waited there finds the file the other one fetched)."""
+    found = None if opts.refresh or again else _present(f, dest)
+    if found is not None:
+        log.info("%s: present and verified, skipping", found.path)
+        return found
+    if opts.lease is None:
+        return _fetch_file(source, f, dest, opts, tofu, again)
+    with opts.lease(dest / f.path):
+        return _fetch_file(source, f, dest, opts, tofu, again)
+
+
+def _fetch_file(
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    opts: _Options,
+    tofu: bool = False,
+    again: bool = False,
+) -> FileResult:
+    found = None if opts.refresh or again else _present(f, dest)
     if found is not None:
         log.info("%s: present and verified, skipping", found.path)
         return found
@@ -613,6 +719,62 @@ def _ensure_file(
     raise DownloadError(msg)
 
 
+def _ensure_held(
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    opts: _Options,
+    trusted: Mapping[str, tuple[str, int]] | None,
+    again: bool,
+) -> FileResult:
+    """:func:`_ensure_file` for a file held to its published or trusted digest. A file
+    trusted on first use that was changed in ``dest`` since its verified download is
+    refused (never fetched over, never used) unless ``again`` (``--retrust``) accepts it
+    as it is; ``again`` on an unchanged or absent file fetches it and accepts the bytes."""
+    try:
+        held, tofu = _with_trusted(source, f, dest, trusted)
+    except ChecksumError:
+        if not again:
+            raise
+        held, tofu = f, False  # the records disagree: --retrust settles it
+    local = _changed_here(held, dest) if tofu and not opts.refresh else None
+    if local is not None and again:
+        return _accept_present(source, f, dest, local)
+    if local is not None:
+        raise ChecksumError(
+            f"{dest / f.path} of source {source!r} changed since its verified download "
+            f"(sha256 {local[:16]}…, trusted on first use as {held.sha256[:16]}…; no "
+            "published sha256 exists for it): delete it to download it again, or accept "
+            f"the file now there with `--retrust {source}` (gptflow download or gptflow run)"
+        )
+    if again:
+        return _ensure_file(source, f, dest, opts, False, again=True)
+    return _ensure_file(source, held, dest, opts, tofu)
+
+
+def _accept_present(source: str, f: SourceFile, dest: Path, sha: str) -> FileResult:
+    """Trust the file now in ``dest`` (``--retrust`` of a file changed there): its download
+    record takes its digest."""
+    final = dest / f.path
+    st = final.stat()
+    accepted = _now()
+    _write_json_atomic(
+        _sidecar(final),
+        {
+            "source": source,
+            "path": f.path,
+            "url": None,
+            "accepted": "--retrust: the file found in the datasets folder",
+            "sha256": sha,
+            "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "fetched_at": accepted.isoformat(),
+        },
+    )
+    log.warning("%s: changed since its download; its new sha256 %s is trusted", final, sha)
+    return FileResult(f.path, final, sha, st.st_size, None, True, accepted)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -627,6 +789,7 @@ def download_source(
     backoff: float = 1.0,
     timeout: float = 30.0,
     trusted: Mapping[str, tuple[str, int]] | None = None,
+    retrust: Collection[str] = (),
 ) -> DownloadResult:
     """Fetch (or skip, when present and verified) every file of one source.
 
@@ -645,6 +808,7 @@ def download_source(
         backoff=backoff,
         timeout=timeout,
         trusted=trusted,
+        retrust=retrust,
     )[0]
 
 
@@ -660,6 +824,8 @@ def download_sources(
     timeout: float = 30.0,
     refresh: bool = False,
     trusted: Mapping[str, tuple[str, int]] | None = None,
+    lease: FileLease | None = None,
+    retrust: Collection[str] = (),
 ) -> list[DownloadResult]:
     """Fetch several sources into ``dest`` (default :func:`gpt.paths.datasets_dir`).
 
@@ -669,23 +835,25 @@ def download_sources(
     DownloadError / ChecksumError / UnsafeArchiveError naming the source, every location
     tried and what failed there, and what to do.
 
-    ``trusted`` (trust on first use): file path -> ``(sha256, bytes)`` recorded at an
-    earlier verified download, for files with no published sha256. Such a file is then
-    held to the recorded digest like a published one: a download that differs raises
-    ChecksumError saying so (and nothing replaces the verified copy). Record each
-    returned :class:`FileResult`'s ``sha256``/``bytes`` after a first download.
+    ``trusted`` (trust on first use, :mod:`gpt.data.trust`): file path -> ``(sha256,
+    bytes)`` recorded at an earlier verified download (the catalog's record), for files
+    with no published sha256. Such a file is held to that digest and to the one in the
+    download record beside it, like a published one: a download that differs raises
+    ChecksumError saying so (and nothing replaces the verified copy), and records that
+    disagree are refused. Record each returned :class:`FileResult`'s ``sha256``/``bytes``
+    after a first download. ``retrust`` names sources or files (``--retrust NAME``)
+    whose trust-on-first-use files are fetched again and accepted whatever their digest:
+    the caller records the new one.
+
+    ``lease``: taken on each destination file while it is fetched (:data:`FileLease`);
+    give one whenever another process may download into the same folder.
     """
     if retries < 1:
         raise ConfigError(f"retries must be >= 1, got {retries}")
-    registry = SOURCES if sources is None else sources
-    resolved: list[Source] = []
-    for n in names:
-        if isinstance(n, Source):
-            resolved.append(n)
-        elif n in registry:
-            resolved.append(registry[n])
-        else:
-            raise ConfigError(f"unknown source {n!r}; known sources: {', '.join(registry)}")
+    resolved = _resolve(names, sources)
+    again = (
+        retrust_paths(retrust, [*resolved, *(sources or SOURCES).values()]) if retrust else set()
+    )
     out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = _Options(
@@ -695,13 +863,14 @@ def download_sources(
         progress=progress,
         mirror=_resolve_mirror(mirror),
         refresh=refresh,
+        lease=lease,
     )
     results: list[DownloadResult] = []
     try:
         for src in resolved:
             files = tuple(
-                _ensure_file(src.name, eff, out_dir, opts, tofu)
-                for eff, tofu in (_with_trusted(f, trusted) for f in src.files)
+                _ensure_held(src.name, f, out_dir, opts, trusted, f.path in again)
+                for f in src.files
             )
             results.append(DownloadResult(src.name, files))
     finally:
@@ -732,10 +901,14 @@ class DownloadArgs(Args):
         mirror: str | None = None,
         refresh: bool = False,
         trusted: Mapping[str, tuple[str, int]] | None = None,
+        lease: FileLease | None = None,
+        retrust: Collection[str] = (),
     ) -> list[DownloadResult]:
         """:func:`download_sources` with these settings (``mirror`` overrides the field;
         ``refresh`` fetches and verifies files again even when present; ``trusted``
-        holds files without a published sha256 to their first verified download)."""
+        holds files without a published sha256 to their first verified download;
+        ``lease`` is held on each file while it is fetched; ``retrust`` accepts a new
+        download of the ones it names)."""
         return download_sources(
             names,
             dest,
@@ -746,4 +919,6 @@ class DownloadArgs(Args):
             timeout=self.timeout_s,
             refresh=refresh,
             trusted=trusted,
+            lease=lease,
+            retrust=retrust,
         )

@@ -26,6 +26,9 @@ from gpt.errors import DataError
 SMS_LABELS: tuple[str, ...] = ("ham", "spam")
 #: Member of the UCI zip holding the data.
 SMS_MEMBER = "SMSSpamCollection"
+#: The splits of the spam and instruction data, in order (the names the tokenize stage
+#: writes and later stages read).
+SPLITS: tuple[str, str, str] = ("train", "val", "test")
 #: String fields every instruction record must have.
 INSTRUCTION_FIELDS: tuple[str, ...] = ("instruction", "input", "output")
 
@@ -276,7 +279,7 @@ def balance_and_split_spam(
 
     if len(ratios) != 3:
         raise DataError(f"ratios must be (train, val, test), got {ratios!r}")
-    for nm, r in zip(("train", "val", "test"), ratios, strict=True):
+    for nm, r in zip(SPLITS, ratios, strict=True):
         _check_ratio(nm, r)
     if abs(sum(ratios) - 1.0) > 1e-6:
         raise DataError(f"split ratios {ratios!r} must sum to 1")
@@ -315,7 +318,7 @@ def balance_and_split_spam(
             "int(n*train) / int(n*val) / rest"
         ),
         seed=seed,
-        ratios=dict(zip(("train", "val", "test"), ratios, strict=True)),
+        ratios=dict(zip(SPLITS, ratios, strict=True)),
         counts={k: len(v) for k, v in parts.items()},
         total=n,
         extra={

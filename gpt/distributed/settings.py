@@ -8,7 +8,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from gpt.config import Args
+from gpt.config import Args, FieldError
 
 __all__ = ["Backend", "DistributedArgs", "Strategy"]
 
@@ -81,14 +81,15 @@ class DistributedArgs(Args):
     @model_validator(mode="after")
     def _layout(self) -> Self:
         if self.rdzv_endpoint is not None and not _ENDPOINT.match(self.rdzv_endpoint):
-            raise ValueError(
-                f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port (e.g. 10.0.0.5:29400)"
+            raise FieldError(
+                "rdzv_endpoint", f"{self.rdzv_endpoint!r} is not host:port (e.g. 10.0.0.5:29400)"
             )
         if self.nnodes > 1 and self.rdzv_endpoint is None:
-            raise ValueError(
+            raise FieldError(
+                "rdzv_endpoint",
                 f"nnodes={self.nnodes} needs rdzv_endpoint (host:port of node 0 that every "
-                "machine can reach)"
+                "machine can reach)",
             )
         if self.node_rank is not None and self.node_rank >= self.nnodes:
-            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+            raise FieldError("node_rank", f"{self.node_rank} must be below nnodes {self.nnodes}")
         return self

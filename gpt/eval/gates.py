@@ -5,13 +5,22 @@ check below is a pure function of numbers the catalog holds and returns a
 :class:`GateResult`: ``passed`` is True or False, or None when the gate could not be
 evaluated (no earlier run to compare with, a stage that produced nothing); only False
 fails a run.
+
+A verdict needs evidence. Each gate compares paired examples (the same test messages
+classified by two classifiers, the same instructions judged in two runs) and has a
+minimum (:class:`GatesArgs`): at least ``*_min_examples`` paired examples (default 20)
+and, for the classifier gates, at least ``*_min_discordant`` discordant pairs — examples
+exactly one of the two classifiers gets right, the only ones McNemar's test (and any
+accuracy difference) rests on; the default 6 is the fewest with which the exact
+two-sided test can reach p < 0.05 at all (5 one-sided pairs give p = 0.0625). Below a
+minimum the gate reports "not enough data" (``verdict``) and passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
@@ -21,6 +30,12 @@ from gpt.eval.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, 
 
 #: The spam split the gates watch.
 GATE_SPLIT = "test"
+#: Paired examples a gate needs by default for a verdict.
+DEFAULT_MIN_EXAMPLES = 20
+#: Discordant pairs a classifier gate needs by default (see the module docstring).
+DEFAULT_MIN_DISCORDANT = 6
+#: What a gate concluded (the ``verdict`` column of ``gates``).
+Verdict = Literal["passed", "failed", "not evaluated", "not enough data"]
 
 
 class GatesArgs(Args):
@@ -52,6 +67,48 @@ class GatesArgs(Args):
     """Coverage of the judge gate's bootstrap interval."""
     seed: int = DEFAULT_SEED
     """Seed of the judge gate's bootstrap."""
+    spam_test_min_examples: int = Field(DEFAULT_MIN_EXAMPLES, ge=1)
+    """``spam_test_max_drop`` needs at least this many test messages classified by both
+    runs' classifiers; with fewer it reports "not enough data" and passes."""
+    spam_test_min_discordant: int = Field(DEFAULT_MIN_DISCORDANT, ge=0)
+    """… and at least this many of them that exactly one of the two classifiers gets
+    right (McNemar's discordant pairs)."""
+    judge_min_examples: int = Field(DEFAULT_MIN_EXAMPLES, ge=1)
+    """``judge_mean_must_not_drop`` needs at least this many examples scored in both runs
+    (per judge model and prompt version); with fewer it reports "not enough data" and
+    passes."""
+    baseline_min_examples: int = Field(DEFAULT_MIN_EXAMPLES, ge=1)
+    """``finetuned_beats_best_baseline`` needs at least this many test messages
+    classified by both the finetuned classifier and the best baseline; with fewer it
+    reports "not enough data" and passes."""
+    baseline_min_discordant: int = Field(DEFAULT_MIN_DISCORDANT, ge=0)
+    """… and at least this many of them that exactly one of the two gets right."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a gate's verdict rests on: the paired examples of the two things it
+    compares."""
+
+    n: int
+    """Paired examples."""
+    discordant: int | None = None
+    """Of those, how many exactly one of two classifiers got right (McNemar's ``b + c``);
+    None for a gate on scores."""
+
+    def shortfall(self, min_examples: int, min_discordant: int | None, what: str) -> str | None:
+        """Why this is too little for a verdict (naming the settings), else None."""
+        if self.n < min_examples:
+            return (
+                f"{self.n} paired example(s), fewer than gates.{what}_min_examples = {min_examples}"
+            )
+        if min_discordant is not None and (self.discordant or 0) < min_discordant:
+            return (
+                f"{self.discordant or 0} discordant pair(s) (examples only one of the two "
+                f"classifiers gets right) among {self.n}, fewer than "
+                f"gates.{what}_min_discordant = {min_discordant}"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -72,10 +129,39 @@ class GateResult:
     """The run compared with (drop gates), else None."""
     message: str
     """One line a person can act on."""
+    n: int | None = None
+    """Paired examples the verdict rests on (None when there were none to pair)."""
+    verdict: Verdict | None = None
+    """``passed``, ``failed``, ``not evaluated`` (``passed`` None) or ``not enough data``
+    (below the gate's minimum: ``passed`` is True); filled in from ``passed`` when not
+    given."""
+
+    def __post_init__(self) -> None:
+        if self.verdict is None:
+            v = {True: "passed", False: "failed", None: "not evaluated"}[self.passed]
+            object.__setattr__(self, "verdict", v)
+        if self.verdict not in get_args(Verdict):
+            raise ValueError(f"unknown gate verdict {self.verdict!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
         return asdict(self)
+
+
+def _judged(result: GateResult, evidence: Evidence, shortfall: str | None) -> GateResult:
+    """``result`` with its evidence; below the gate's minimum it passes as "not enough
+    data", keeping the measured value and saying what it would have concluded."""
+    if shortfall is None:
+        return GateResult(**{**asdict(result), "n": evidence.n})
+    return GateResult(
+        **{
+            **asdict(result),
+            "passed": True,
+            "n": evidence.n,
+            "verdict": "not enough data",
+            "message": f"not enough data ({shortfall}): passes without a verdict; {result.message}",
+        }
+    )
 
 
 def _pct(x: float) -> str:
@@ -88,9 +174,14 @@ def spam_drop_gate(
     max_drop: float,
     previous_run: str | None,
     split: str = GATE_SPLIT,
+    *,
+    evidence: Evidence | None = None,
+    min_examples: int = DEFAULT_MIN_EXAMPLES,
+    min_discordant: int = DEFAULT_MIN_DISCORDANT,
 ) -> GateResult:
     """``spam_test_max_drop``: value = points the accuracy fell (previous − current, in
-    percentage points; negative = it rose); passes when value ≤ ``max_drop``."""
+    percentage points; negative = it rose); passes when value ≤ ``max_drop``.
+    ``evidence``: the test messages both classifiers classified (none: no verdict)."""
     name, scope = "spam_test_max_drop", split
     if previous_run is None:
         return GateResult(
@@ -110,7 +201,8 @@ def spam_drop_gate(
     drop = 100 * (previous - current)
     passed = drop <= max_drop + 1e-9
     verdict = "within" if passed else "exceeds"
-    return GateResult(
+    evidence = evidence or Evidence(0, 0)
+    result = GateResult(
         name,
         scope,
         passed,
@@ -121,13 +213,20 @@ def spam_drop_gate(
         f"{'a drop' if drop > 0 else 'a change'} of {drop:+.1f} points ({verdict} the "
         f"allowed drop of {max_drop:g})",
     )
+    return _judged(result, evidence, evidence.shortfall(min_examples, min_discordant, "spam_test"))
 
 
 def judge_mean_gate(
-    ci: BootstrapCI | None, scope: str, previous_run: str | None, why_none: str = ""
+    ci: BootstrapCI | None,
+    scope: str,
+    previous_run: str | None,
+    why_none: str = "",
+    *,
+    min_examples: int = DEFAULT_MIN_EXAMPLES,
 ) -> GateResult:
     """``judge_mean_must_not_drop``: value = the mean score difference (this run −
-    previous); fails when the bootstrap interval's upper end lies below 0."""
+    previous); fails when the bootstrap interval's upper end lies below 0 — given at
+    least ``min_examples`` paired examples (``ci.n``)."""
     name = "judge_mean_must_not_drop"
     if previous_run is None:
         return GateResult(
@@ -137,7 +236,7 @@ def judge_mean_gate(
         return GateResult(name, scope, None, None, 0.0, previous_run, why_none or "no scores")
     passed = not ci.wholly_below_zero
     pct = round(100 * ci.confidence)
-    return GateResult(
+    result = GateResult(
         name,
         scope,
         passed,
@@ -149,23 +248,38 @@ def judge_mean_gate(
         f"({'wholly below 0: a real drop' if not passed else 'not wholly below 0'}; "
         f"{ci.n_resamples} resamples, seed {ci.seed})",
     )
+    evidence = Evidence(ci.n)
+    return _judged(result, evidence, evidence.shortfall(min_examples, None, "judge"))
+
+
+def best_baseline(baselines: Mapping[str, float]) -> str:
+    """The baseline with the highest accuracy (ties: the first by name)."""
+    return max(sorted(baselines), key=lambda m: baselines[m])
 
 
 def baseline_gate(
-    finetuned: float | None, baselines: Mapping[str, float], split: str = GATE_SPLIT
+    finetuned: float | None,
+    baselines: Mapping[str, float],
+    split: str = GATE_SPLIT,
+    *,
+    evidence: Evidence | None = None,
+    min_examples: int = DEFAULT_MIN_EXAMPLES,
+    min_discordant: int = DEFAULT_MIN_DISCORDANT,
 ) -> GateResult:
     """``finetuned_beats_best_baseline``: value = finetuned − best baseline accuracy in
-    percentage points; passes when it is > 0."""
+    percentage points; passes when it is > 0. ``evidence``: the test messages both the
+    finetuned classifier and the best baseline classified (none: no verdict)."""
     name = "finetuned_beats_best_baseline"
     if finetuned is None or not baselines:
         missing = "finetuned accuracy" if finetuned is None else "baseline accuracies"
         return GateResult(
             name, split, None, None, 0.0, None, f"this run has no {missing} on the {split} split"
         )
-    best = max(sorted(baselines), key=lambda m: baselines[m])
+    best = best_baseline(baselines)
     margin = 100 * (finetuned - baselines[best])
     passed = margin > 1e-9
-    return GateResult(
+    evidence = evidence or Evidence(0, 0)
+    result = GateResult(
         name,
         split,
         passed,
@@ -175,6 +289,7 @@ def baseline_gate(
         f"finetuned spam {split} accuracy {_pct(finetuned)} vs best baseline {best} "
         f"{_pct(baselines[best])}: {margin:+.1f} points" + ("" if passed else " (must be higher)"),
     )
+    return _judged(result, evidence, evidence.shortfall(min_examples, min_discordant, "baseline"))
 
 
 def failed(results: list[GateResult]) -> list[GateResult]:
@@ -197,11 +312,16 @@ class GateFailedError(GPTFlowError):
 
 
 __all__ = [
+    "DEFAULT_MIN_DISCORDANT",
+    "DEFAULT_MIN_EXAMPLES",
     "GATE_SPLIT",
+    "Evidence",
     "GateFailedError",
     "GateResult",
     "GatesArgs",
+    "Verdict",
     "baseline_gate",
+    "best_baseline",
     "failed",
     "judge_mean_gate",
     "spam_drop_gate",

@@ -95,11 +95,13 @@ def judge_change(
     pairs: Sequence[tuple[dict[str, Any], str, str]], sample: int, cfg: Any | None
 ) -> dict[str, Any]:
     """Score each differing ``(record, fp32 response, int8 response)`` pair with the judge
-    of ``cfg`` (a :class:`~gpt.eval.judge.JudgeConfig` or its dict); the change of the
+    of ``cfg`` (a :class:`~gpt.eval.judge.settings.JudgeConfig` or its dict); the change of the
     mean score over a sample of ``sample`` prompts, per judge model."""
     if cfg is None:
         return {"measured": False, "reason": "no judge settings were given"}
-    from gpt.eval.judge import JudgeConfig, preflight, score_examples
+    from gpt.eval.judge.hosts import preflight
+    from gpt.eval.judge.scoring import score_examples
+    from gpt.eval.judge.settings import JudgeConfig
 
     cfg = cfg if isinstance(cfg, JudgeConfig) else JudgeConfig.model_validate(cfg)
     models = {m: {"mean_change": 0.0, "pairs_judged": 0, "pairs_unscored": 0} for m in cfg.models}

@@ -34,14 +34,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from gpt import distributed as gd
+from gpt.adapter import model_size
 from gpt.config import Args, operational
 from gpt.device import resolve_device
 from gpt.distributed.settings import DistributedArgs
 from gpt.errors import CheckpointError, ConfigError, DataError
+from gpt.heap import release_free_memory
+from gpt.lora import LoraSetting
 from gpt.recipes.classifier_model import (
     build_classifier,
     n_frozen_blocks,
@@ -51,6 +54,7 @@ from gpt.recipes.classifier_model import (
     set_modes,
     suffix_logits,
 )
+from gpt.train import adamw
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +68,18 @@ class SpamArgs(Args):
     """Settings of the spam-classifier finetune (defaults: the reference recipe)."""
 
     trainable_blocks: int = Field(1, ge=0)
-    """How many of the last transformer blocks are trained (the rest stay frozen)."""
+    """How many of the last transformer blocks are trained (the rest stay frozen).
+    Default 1, or 0 with ``lora``."""
     train_final_norm: bool = True
-    """Also train the final LayerNorm (the reference does)."""
+    """Also train the final LayerNorm (the reference does). Default true, or false with
+    ``lora``."""
+    lora: LoraSetting = None
+    """Low-rank adaptation instead of training weights outright (None = off): every base
+    weight and the new head are frozen, adapters train (:class:`~gpt.lora.LoraArgs`).
+    The book's setting (appendix E) is ``lora = true``: rank 16, alpha 16, every linear
+    layer including the class head — 2,666,528 trainable parameters on GPT-2 124M.
+    ``trainable_blocks`` / ``train_final_norm``, when set too, still train those weights
+    outright beside the adapters."""
     epochs: int = Field(5, ge=1)
     """Passes over the training split."""
     lr: float = Field(5e-5, gt=0)
@@ -106,6 +119,14 @@ class SpamArgs(Args):
     losses, weights and predictions of 1 process within ~1e-5 (float rounding), so the
     layout is not part of the cache key; with dropout, another layout gives an equally
     valid but different sample, served from the same cache entry."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_defaults(cls, data: Any) -> Any:
+        """With ``lora`` on, nothing but the adapters trains unless asked."""
+        if isinstance(data, dict) and data.get("lora") not in (None, False):
+            data = {"trainable_blocks": 0, "train_final_norm": False, **data}
+        return data
 
     @field_validator("distributed")
     @classmethod
@@ -169,6 +190,25 @@ class _SplitData:
     labels: torch.Tensor  # [N] long
     last: torch.Tensor | None  # [N] long (pool last_real) or None
     cache: torch.Tensor | None = None  # [N, T, D] prefix activations
+
+
+def prepare_classifier(model: nn.Module, args: SpamArgs, *, base_dir: Path | None) -> nn.Module:
+    """``model`` (a GPT as loaded from ``base_dir``) made the classifier ``args`` trains:
+    the class head, what is frozen, and with ``args.lora`` the adapters (the base
+    identity recorded for the LoRA checkpoint). In place; returns the model."""
+    from gpt.adapter import adapt
+
+    build_classifier(
+        model,
+        len(LABELS),
+        args.trainable_blocks,
+        args.train_final_norm,
+        seed=args.seed,
+        train_head=args.lora is None,
+    )
+    if args.lora is not None:
+        adapt(model, args.lora, base_dir=base_dir, seed=args.seed, freeze=False)
+    return model
 
 
 def _build_cache(
@@ -266,7 +306,7 @@ def _train_loop(
             broadcast_buffers=False,
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = adamw(params, lr=args.lr, weight_decay=args.weight_decay)  # fused where available
     order_gen = torch.Generator().manual_seed(args.seed)
     n = train.ids.shape[0]
     n_batches = n // args.batch_size if args.drop_last else math.ceil(n / args.batch_size)
@@ -374,7 +414,7 @@ def finetune_classifier(
     index in its split; labels ``ham``/``spam``), as
     :func:`gpt.eval.baseline.prediction_rows` builds them.
     """
-    from gpt.checkpoint import load_checkpoint, save_checkpoint
+    from gpt.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
     from gpt.eval.baseline import binary_metrics, prediction_rows
 
     args = args or SpamArgs()
@@ -408,10 +448,8 @@ def finetune_classifier(
         )
     model.cfg = cfg.replace(drop_rate=args.drop_rate)
     set_dropout(model, args.drop_rate)
-    n_frozen = n_frozen_blocks(model, args.trainable_blocks)
-    build_classifier(
-        model, len(LABELS), args.trainable_blocks, args.train_final_norm, seed=args.seed
-    )
+    prepare_classifier(model, args, base_dir=Path(base_checkpoint_dir))
+    n_frozen = n_frozen_blocks(model)
     model.to(device)
     timings["load_s"] = time.perf_counter() - t0
 
@@ -419,9 +457,14 @@ def finetune_classifier(
     longest = max(len(tokenizer.encode(t)) for t in splits["train"][0])
     max_length = args.max_length or longest
     if max_length > cfg.context_length:
-        log.warning(
-            "max_length %d exceeds the context length %d: truncating",
+        # a max_length the user set is worth a warning; the default (the longest message,
+        # capped at the context: documented) is not
+        report = log.warning if args.max_length else log.info
+        report(
+            "%s %d exceeds the context length %d: truncating messages to %d tokens",
+            "max_length" if args.max_length else "the longest training message, at",
             max_length,
+            cfg.context_length,
             cfg.context_length,
         )
         max_length = cfg.context_length
@@ -463,14 +506,15 @@ def finetune_classifier(
 
     t0 = time.perf_counter()
     model.cpu()
-    hparams = {**args.to_dict(), "max_length": max_length, "n_frozen_blocks": n_frozen}
+    # the settings that shaped the model (how it ran — processes, checkpoints — is no part)
+    hparams = {**args.key_dict(), "max_length": max_length, "n_frozen_blocks": n_frozen}
     classifier_meta = {
         "kind": "classifier",
         "labels": list(LABELS),
         "num_classes": len(LABELS),
         "max_length": max_length,
         "pool": args.pool,
-        "base_checkpoint": str(base_checkpoint_dir),
+        "base_weights_sha256": weights_sha256(base_checkpoint_dir),
     }
     if gd.is_main():
         save_checkpoint(
@@ -481,13 +525,17 @@ def finetune_classifier(
             meta=classifier_meta,
         )
     gd.barrier()
+    release_free_memory()  # what gpt.heap's malloc settings kept while training
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
+    size = model_size(model, Path(out_dir), Path(base_checkpoint_dir), args.lora)
+    emit([_row(step, args.epochs, seen, "train", k, v) for k, v in size.metrics().items()])
     return {
         "checkpoint": str(out_dir),
         "max_length": max_length,
         "n_frozen_blocks": n_frozen,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": size.trainable_params,
+        "model_size": size.to_dict(),
         "steps": step,
         "examples_seen": seen,
         "step_losses": losses,

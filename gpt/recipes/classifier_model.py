@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt.errors import ConfigError
+from gpt.lora import has_lora, linear_rows, lora_modules
 
 
 def set_dropout(module: nn.Module, p: float) -> None:
@@ -36,10 +37,12 @@ def build_classifier(
     train_final_norm: bool = True,
     *,
     seed: int = 123,
+    train_head: bool = True,
 ) -> nn.Module:
     """Turn a GPT into a classifier in place: a fresh seeded ``Linear(emb, num_classes)``
     head, everything frozen except the last ``trainable_blocks`` blocks, the final norm
-    (if ``train_final_norm``) and the head. Returns the model."""
+    (if ``train_final_norm``) and the head (if ``train_head``; a LoRA finetune keeps it
+    frozen and adapts it). Returns the model."""
     n_layers = len(base_model.blocks)
     if trainable_blocks > n_layers:
         raise ConfigError(
@@ -57,12 +60,19 @@ def build_classifier(
         for p in base_model.final_norm.parameters():
             p.requires_grad_(True)
     for p in base_model.out_head.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(train_head)
     return base_model
 
 
-def n_frozen_blocks(model: nn.Module, trainable_blocks: int) -> int:
-    return len(model.blocks) - trainable_blocks
+def n_frozen_blocks(model: nn.Module) -> int:
+    """How many leading blocks receive no gradient (their output is a fixed function of
+    the input ids: :func:`prefix_hidden` may run them once and cache it)."""
+    n = 0
+    for block in model.blocks:
+        if any(p.requires_grad for p in block.parameters()):
+            break
+        n += 1
+    return n
 
 
 def prefix_hidden(model: nn.Module, idx: torch.Tensor, n_frozen: int) -> torch.Tensor:
@@ -89,12 +99,18 @@ def suffix_logits(
     )
     blocks = list(model.blocks)[n_frozen:]
     last = blocks[-1] if blocks else None
-    if last is not None and last.training and last.att.drop_rate > 0:
+    if last is not None and last.training and _dropout_active(last):
         last = None
     for i, block in enumerate(blocks[: -1 if last is not None else None], start=n_frozen):
         x = block(x, layer=i)
     h = block_at(last, x, where) if last is not None else x[torch.arange(b, device=x.device), where]
     return model.out_head(model.final_norm(h))
+
+
+def _dropout_active(block: nn.Module) -> bool:
+    """Whether a training-mode block draws dropout masks (its own or its adapters')."""
+    lora = any(getattr(m, "dropout", 0.0) for m in lora_modules(block).values())
+    return block.att.drop_rate > 0 or lora
 
 
 def block_at(block: nn.Module, x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -107,9 +123,16 @@ def block_at(block: nn.Module, x: torch.Tensor, where: torch.Tensor) -> torch.Te
     b, t, d = x.shape
     rows = torch.arange(b, device=x.device)
     h = block.norm1(x)
-    w, bias = att.qkv.weight, att.qkv.bias
-    q = F.linear(h[rows, where], w[:d], None if bias is None else bias[:d])
-    kv = F.linear(h, w[d:], None if bias is None else bias[d:])
+    if has_lora(att.qkv):
+        q = linear_rows(att.qkv, h[rows, where], 0, d)
+        kv = linear_rows(att.qkv, h, d, 3 * d)
+    else:
+        # split (not slicing): backward concatenates the two gradients in one pass instead
+        # of zero-filling a full-size buffer per slice and adding them up
+        w_q, w_kv = att.qkv.weight.split([d, 2 * d])
+        b_q, b_kv = (None, None) if att.qkv.bias is None else att.qkv.bias.split([d, 2 * d])
+        q = F.linear(h[rows, where], w_q, b_q)
+        kv = F.linear(h, w_kv, b_kv)
     q = q.view(b, att.n_heads, 1, att.head_dim)
     kv = kv.view(b, t, 2, att.n_heads, att.head_dim).permute(2, 0, 3, 1, 4)
     k, v = kv[0], kv[1]  # [B, H, T, hd]

@@ -52,7 +52,7 @@ def extract_responses(
     same responses as one-token decoding). ``example_id`` is the record's ``example_id``
     / ``id`` field, else its position. With ``args.weights = "int8"`` the
     ``args.int8_check`` sample is decoded with fp32 weights too and, when ``judge`` (the
-    run's :class:`~gpt.eval.judge.JudgeConfig` or its dict) reaches a judge, the
+    run's :class:`~gpt.eval.judge.settings.JudgeConfig` or its dict) reaches a judge, the
     differing responses are scored (:mod:`gpt.eval.int8_cost`).
     """
     from tqdm.auto import tqdm
@@ -144,5 +144,5 @@ def export_responses_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         for r in rows
     ]
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=4, ensure_ascii=False)
+        json.dump(data, fh, indent=4, ensure_ascii=False, sort_keys=True)
     return path

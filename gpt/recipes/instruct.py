@@ -20,10 +20,12 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gpt.adapter import adapt, model_size
 from gpt.config import Args, operational
 from gpt.decode_options import DraftName, WeightsKind
 from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
+from gpt.lora import LoraSetting
 from gpt.train import DistributedLMArgs
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,10 @@ class InstructArgs(DistributedLMArgs):
     sample_tokens: int = Field(35, ge=0)
     """Length of the greedy sample (the response to the first validation record)
     generated after each epoch (0 = no samples)."""
+    lora: LoraSetting = None
+    """Low-rank adaptation instead of training every weight (None = off): the base is
+    frozen, adapters train (:class:`~gpt.lora.LoraArgs`; ``true`` = rank 16, alpha 16,
+    every linear layer); the checkpoint holds the adapter alone and names its base."""
 
 
 class ExtractArgs(Args):
@@ -344,7 +350,7 @@ def finetune_instruct(
     and writes checkpoints.
     """
     from gpt import distributed as gd
-    from gpt.checkpoint import load_checkpoint, save_checkpoint
+    from gpt.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
     from gpt.tokenizer import Tokenizer
     from gpt.train import train_lm
 
@@ -365,6 +371,8 @@ def finetune_instruct(
     tokenizer = Tokenizer.from_dir(tok_dir) if tok_dir else Tokenizer.gpt2()
     model.cfg = model.cfg.replace(drop_rate=args.drop_rate)
     _set_dropout(model, args.drop_rate)
+    if args.lora is not None:
+        adapt(model, args.lora, base_dir=Path(base_checkpoint_dir), seed=args.seed)
     dev = resolve_device(device)
     model.to(dev)
     max_length = min(args.max_length or model.cfg.context_length, model.cfg.context_length)
@@ -430,19 +438,30 @@ def finetune_instruct(
         save_checkpoint(
             out_dir,
             model,
-            hparams={**args.to_dict(), "max_length": max_length},
+            hparams={**args.key_dict(), "max_length": max_length},  # not how it ran
             tokenizer_dir=Path(tok_dir) if tok_dir else None,
             meta={
                 "task": "instruct",
                 "prompt_format": "alpaca",
-                "base_checkpoint": str(base_checkpoint_dir),
+                "base_weights_sha256": weights_sha256(base_checkpoint_dir),
             },
         )
     gd.barrier()
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
+    size = model_size(model, out_dir, Path(base_checkpoint_dir), args.lora)
+    if on_metrics is not None and gd.is_main():
+        base_row = {"step": result.steps, "epoch": result.epochs_completed}
+        on_metrics(
+            [
+                {**base_row, "seen": result.tokens_seen, "split": "train", "name": k, "value": v}
+                for k, v in size.metrics().items()
+            ]
+        )
     return {
         "checkpoint": str(out_dir),
+        "trainable_params": size.trainable_params,
+        "model_size": size.to_dict(),
         "steps": result.steps,
         "tokens_seen": result.tokens_seen,
         "tokens_per_s": result.tokens_per_s,

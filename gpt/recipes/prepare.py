@@ -12,11 +12,11 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from gpt.config import Args
+from gpt.config import Args, FieldError
 from gpt.data import parsing
 from gpt.data.windows import SlidingWindowDataset, tokenize_to_npy
 from gpt.tokenizer import Tokenizer
@@ -41,7 +41,7 @@ class PrepareArgs(Args):
     spam_seed: int = 123
     """Seed of ham undersampling and of the shuffle before the spam split."""
     spam_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
-    """Train/validation/test shares of the balanced SMS set."""
+    """Train/validation/test shares of the balanced SMS set: each above 0, summing to 1."""
     spam_limit: int | None = Field(None, gt=0)
     """Keep at most N examples per spam split (smoke runs); None keeps all."""
     instruct_train: float = Field(0.85, gt=0, lt=1)
@@ -52,6 +52,28 @@ class PrepareArgs(Args):
     """Shuffle instruction records with this seed before splitting; None keeps file order."""
     instruct_limit: int | None = Field(None, gt=0)
     """Keep at most N records per instruction split (smoke runs)."""
+
+    @model_validator(mode="after")
+    def _shares(self) -> Self:
+        if not all(0 < r < 1 for r in self.spam_ratios):
+            raise FieldError(
+                "spam_ratios",
+                f"{list(self.spam_ratios)}: each share must lie strictly between 0 and 1 "
+                "(an empty split cannot be trained or scored)",
+            )
+        if abs(sum(self.spam_ratios) - 1.0) > 1e-6:
+            raise FieldError(
+                "spam_ratios",
+                f"{list(self.spam_ratios)} sum to {sum(self.spam_ratios):g}; the train, "
+                "validation and test shares must sum to 1, e.g. [0.7, 0.1, 0.2]",
+            )
+        if self.instruct_train + self.instruct_test > 1.0 + 1e-9:
+            raise FieldError(
+                "instruct_test",
+                f"instruct_train ({self.instruct_train}) + instruct_test "
+                f"({self.instruct_test}) exceed 1; the rest of the records is validation",
+            )
+        return self
 
 
 @dataclass
@@ -90,7 +112,7 @@ class PrepareResult:
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -18,15 +18,16 @@ import dataclasses
 import logging
 import math
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from gpt.config import Args, operational
+from gpt.config import Args, FieldError, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
 from gpt.errors import ConfigError, DataError
@@ -50,6 +51,51 @@ class ModelSpec(Args):
     def build(self) -> GPTConfig:
         """The :class:`~gpt.model.GPTConfig` (unknown names/fields raise ConfigError)."""
         return get_config(self.name, **self.overrides)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> Self:
+        """The architecture is built with the settings: a bad name, an unknown override
+        field, an override of the wrong type (strict, as every setting) or an impossible
+        combination (``emb_dim`` not divisible by ``n_heads``) is refused here."""
+        from gpt.tokenizer import GPT2_VOCAB_SIZE
+
+        try:
+            get_config(self.name)
+        except ConfigError as exc:
+            raise FieldError("name", str(exc)) from None
+        hints = typing.get_type_hints(GPTConfig)
+        for key, value in self.overrides.items():
+            if key not in hints:
+                raise FieldError(
+                    f"overrides.{key}", f"not a GPTConfig field; fields: {', '.join(hints)}"
+                )
+            try:
+                TypeAdapter(hints[key]).validate_python(value, strict=True)
+            except ValidationError as exc:
+                raise FieldError(f"overrides.{key}", exc.errors()[0]["msg"]) from None
+        try:
+            cfg = self.build()
+        except ConfigError as exc:
+            raise FieldError("overrides", str(exc)) from None
+        if cfg.vocab_size < GPT2_VOCAB_SIZE:
+            raise FieldError(
+                "overrides.vocab_size",
+                f"{cfg.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB_SIZE} ids",
+            )
+        return self
+
+
+def windows_problem(max_length: int, model: GPTConfig) -> str | None:
+    """Why windows of ``max_length`` tokens cannot train ``model`` (None when they can):
+    checked with the settings (``tokenize.max_length`` against ``pretrain.model``) and
+    again by :func:`pretrain` for direct callers."""
+    if max_length > model.context_length:
+        return (
+            f"the windows are {max_length} tokens but the model has a context length of "
+            f"{model.context_length}; lower tokenize.max_length or raise "
+            "pretrain.model.overrides.context_length"
+        )
+    return None
 
 
 class PretrainArgs(DistributedLMArgs):
@@ -164,7 +210,7 @@ def _write_outputs(
     save_checkpoint(
         out_dir / "final",
         model,
-        hparams={**args.to_dict(), "steps_per_epoch": steps_per_epoch},
+        hparams={**args.key_dict(), "steps_per_epoch": steps_per_epoch},  # not how it ran
         tokenizer_dir=tokenizer_dir,
         meta={
             "stage": "pretrain",
@@ -220,12 +266,9 @@ def pretrain(
         raise ConfigError(f"max_length and stride must be >= 1 (got {max_length}, {stride})")
 
     cfg = args.model.build()
-    if max_length > cfg.context_length:
-        raise ConfigError(
-            f"the windows are {max_length} tokens but model {args.model.name!r} has a "
-            f"context length of {cfg.context_length}; lower tokenize.max_length or raise "
-            "pretrain.model.overrides.context_length"
-        )
+    problem = windows_problem(max_length, cfg)
+    if problem:
+        raise ConfigError(problem)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     if cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(

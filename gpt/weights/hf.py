@@ -390,7 +390,7 @@ def convert_hf_checkpoint(
     model = load_hf_gpt2(folder, drop_rate=drop_rate)
     tok = _tokenizer_source(folder, tokenizer_dir)
     staged = tok is not None and tok.name.startswith(".hf-tokenizer-")
-    info = {"source": "hf-gpt2", "hf_dir": str(folder.resolve()), **(meta or {})}
+    info = {"source": "hf-gpt2", "hf_release": folder.name, **(meta or {})}  # not a path
     try:
         out = save_checkpoint(out_dir, model, tokenizer_dir=tok, meta=info)
     finally:

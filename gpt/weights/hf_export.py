@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,17 @@ from typing import Any
 import torch
 
 from gpt.errors import CheckpointError, ExportError
+from gpt.fileio import save_safetensors
 from gpt.weights.hf import BODY_PREFIX, HF_CONFIG, HF_WEIGHTS, gpt_to_hf_state, hf_config
 
-__all__ = ["HFExport", "export_hf", "fold_head_bias"]
+__all__ = [
+    "HFExport",
+    "classifier_pool",
+    "export_hf",
+    "export_tokenizer",
+    "fold_head_bias",
+    "write_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,29 @@ def fold_head_bias(
     return (norm_shift.detach().double().cpu() + delta).to(torch.float32)
 
 
+def write_folder(target: Path, fill: Callable[[Path], None]) -> None:
+    """Build a folder with ``fill(tmp)`` in a hidden sibling and rename it to ``target``
+    (an existing ``target`` is replaced only once the new folder is complete)."""
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        fill(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write the export folder {target}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _eot_id(encoder_json: Path) -> int:
     try:
         vocab = json.loads(encoder_json.read_text(encoding="utf-8"))
@@ -95,6 +127,24 @@ def _eot_id(encoder_json: Path) -> int:
     if not isinstance(vocab, dict) or EOT_TOKEN not in vocab:
         raise ExportError(f"{encoder_json} has no {EOT_TOKEN} entry: not a GPT-2 vocabulary")
     return int(vocab[EOT_TOKEN])
+
+
+def export_tokenizer(loaded: Any, tokenizer_dir: str | Path | None, ckpt: Path) -> tuple[Path, int]:
+    """(tokenizer folder, end-of-text id) for exporting ``loaded``: the checkpoint's own
+    tokenizer, else ``tokenizer_dir``; refused when neither is there or it does not fit."""
+    tok = loaded.tokenizer_dir or (Path(tokenizer_dir) if tokenizer_dir else None)
+    if tok is None or not all((tok / n).is_file() for n in ("encoder.json", "vocab.bpe")):
+        raise ExportError(
+            f"{ckpt} holds no tokenizer (tokenizer/encoder.json, vocab.bpe): pass "
+            "--tokenizer-dir FOLDER with GPT-2's encoder.json and vocab.bpe"
+        )
+    eot_id = _eot_id(tok / "encoder.json")
+    if loaded.config.vocab_size <= eot_id:
+        raise ExportError(
+            f"{ckpt}: the model's vocabulary ({loaded.config.vocab_size}) is smaller than the "
+            f"GPT-2 tokenizer's ({eot_id + 1}); it cannot be used with that tokenizer"
+        )
+    return tok, eot_id
 
 
 def _write_tokenizer(src: Path, dest: Path, *, max_length: int, eot_id: int, pad: bool) -> None:
@@ -136,25 +186,13 @@ def _classifier_setting(loaded: Any, name: str) -> Any:
     return (loaded.meta or {}).get(name, (loaded.hparams or {}).get(name))
 
 
-def _prepare(
+def classifier_pool(
     loaded: Any, eot_id: int, allow_padded_last: bool, ckpt: Path
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str], int]:
-    """(state dict, config, notes, tokenizer max length) for the folder."""
-    model = loaded.model
-    cfg = model.cfg
-    body = {BODY_PREFIX + k: v for k, v in gpt_to_hf_state(model).items()}
+) -> tuple[str, int | None, int, list[str]]:
+    """``(pool, pad_token_id, max_length, notes)`` of an exported classifier: how HF
+    must pool to compute what gptflow does (see the module docstring)."""
     notes: list[str] = []
-    if loaded.kind == "lm":
-        tied = model.is_tied
-        if not tied:
-            body["lm_head.weight"] = model.out_head.weight.detach().float().cpu().contiguous()
-            notes.append("untied output head: tie_word_embeddings=false + lm_head.weight")
-        if not cfg.qkv_bias:
-            notes.append("no QKV bias in gptflow: exported as an all-zero c_attn.bias")
-        return body, hf_config(cfg, eot_id=eot_id, tied=tied), notes, cfg.context_length
-
-    head = model.out_head
-    labels = list(loaded.labels or [str(i) for i in range(head.out_features)])
+    cfg = loaded.model.cfg
     pool = _classifier_setting(loaded, "pool") or "last"
     max_length = int(_classifier_setting(loaded, "max_length") or cfg.context_length)
     if pool == "last_real":
@@ -183,6 +221,30 @@ def _prepare(
         )
     else:
         raise ExportError(f"{ckpt}: unknown classifier pool {pool!r} (expected last|last_real)")
+    return pool, pad_id, max_length, notes
+
+
+def _prepare(
+    loaded: Any, eot_id: int, allow_padded_last: bool, ckpt: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str], int]:
+    """(state dict, config, notes, tokenizer max length) for the folder."""
+    model = loaded.model
+    cfg = model.cfg
+    body = {BODY_PREFIX + k: v for k, v in gpt_to_hf_state(model).items()}
+    notes: list[str] = []
+    if loaded.kind == "lm":
+        tied = model.is_tied
+        if not tied:
+            body["lm_head.weight"] = model.out_head.weight.detach().float().cpu().contiguous()
+            notes.append("untied output head: tie_word_embeddings=false + lm_head.weight")
+        if not cfg.qkv_bias:
+            notes.append("no QKV bias in gptflow: exported as an all-zero c_attn.bias")
+        return body, hf_config(cfg, eot_id=eot_id, tied=tied), notes, cfg.context_length
+
+    head = model.out_head
+    labels = list(loaded.labels or [str(i) for i in range(head.out_features)])
+    pool, pad_id, max_length, pool_notes = classifier_pool(loaded, eot_id, allow_padded_last, ckpt)
+    notes += pool_notes
     if head.bias is not None and bool(head.bias.detach().abs().max() > 0):
         body[BODY_PREFIX + "ln_f.bias"] = fold_head_bias(
             head.weight, head.bias, model.final_norm.bias
@@ -206,36 +268,23 @@ def export_hf(
     Face folder at ``out_dir`` (see the module docstring). The tokenizer comes from the
     checkpoint, else ``tokenizer_dir``. The folder is built aside and renamed into place;
     an existing ``out_dir`` is replaced only with ``overwrite``."""
-    from safetensors.torch import save_file
-
-    from gpt.checkpoint import load_checkpoint
+    from gpt.checkpoint import load_checkpoint, weights_sha256
 
     ckpt = Path(checkpoint_dir).expanduser()
     target = Path(out_dir).expanduser().resolve()
     if target.exists() and not overwrite:
         raise ExportError(f"{target} already exists; choose another --out or pass --force")
     loaded = load_checkpoint(ckpt)
-    tok = loaded.tokenizer_dir or (Path(tokenizer_dir) if tokenizer_dir else None)
-    if tok is None or not all((tok / n).is_file() for n in ("encoder.json", "vocab.bpe")):
-        raise ExportError(
-            f"{ckpt} holds no tokenizer (tokenizer/encoder.json, vocab.bpe): pass "
-            "--tokenizer-dir FOLDER with GPT-2's encoder.json and vocab.bpe"
-        )
-    eot_id = _eot_id(tok / "encoder.json")
-    if loaded.config.vocab_size <= eot_id:
-        raise ExportError(
-            f"{ckpt}: the model's vocabulary ({loaded.config.vocab_size}) is smaller than the "
-            f"GPT-2 tokenizer's ({eot_id + 1}); it cannot be used with that tokenizer"
-        )
+    tok, eot_id = export_tokenizer(loaded, tokenizer_dir, ckpt)
     state, config, notes, max_len = _prepare(loaded, eot_id, allow_padded_last, ckpt)
     arch = config["architectures"][0]
-    config["gptflow_source"] = str(ckpt.resolve())
+    # the source by its content (the sha256 of its weights), not its path: exporting one
+    # model from two artifacts folders gives the same bytes
+    source_sha = weights_sha256(ckpt)
+    config["gptflow_source"] = f"sha256:{source_sha}"
 
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        save_file(state, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
+    def fill(tmp: Path) -> None:
+        save_safetensors(state, tmp / HF_WEIGHTS, {"format": "pt"})
         _dump(tmp / HF_CONFIG, config)
         _write_tokenizer(
             tok, tmp, max_length=max_len, eot_id=eot_id, pad=loaded.kind == "classifier"
@@ -243,25 +292,14 @@ def export_hf(
         _dump(
             tmp / EXPORT_INFO,
             {
-                "source_checkpoint": str(ckpt.resolve()),
+                "source_weights_sha256": source_sha,
                 "kind": loaded.kind,
                 "architecture": arch,
                 "notes": notes,
             },
         )
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write the export folder {target}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(target, fill)
     for n in notes:
         log.info("export note: %s", n)
     return HFExport(

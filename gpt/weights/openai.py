@@ -197,7 +197,9 @@ def convert_openai_checkpoint(
     elif tokenizer_dir is not None:
         tok = Path(tokenizer_dir)
     hparams = json.loads((folder / "hparams.json").read_text(encoding="utf-8"))
-    meta = {"source": "openai-gpt2", "openai_dir": str(folder.resolve()), "openai_hparams": hparams}
+    # the release by its folder name (the size): a path would differ between two datasets
+    # folders holding the same verified files
+    meta = {"source": "openai-gpt2", "openai_release": folder.name, "openai_hparams": hparams}
     out = save_checkpoint(out_dir, model, tokenizer_dir=tok, meta=meta)
     if tok is None:
         log.warning("no encoder.json/vocab.bpe found; checkpoint %s has no tokenizer", out)

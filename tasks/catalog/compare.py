@@ -162,7 +162,7 @@ def metrics_side_by_side(ma: pd.DataFrame, mb: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- spam
 
 
-def _pair_spam(pa: pd.DataFrame, pb: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+def pair_spam(pa: pd.DataFrame, pb: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Examples both runs predicted, joined on (split, example_id) and kept only when the
     label and (where known) the text agree; returns the pairs and how many were dropped."""
     m = pa.merge(pb, on=["split", "example_id"], suffixes=("_a", "_b"))
@@ -246,7 +246,7 @@ def spam_comparison(
         if p.empty:
             notes.append(f"spam: run {name} has no per-example predictions of the finetuned model")
     if not pa.empty and not pb.empty:
-        pairs, dropped = _pair_spam(pa, pb)
+        pairs, dropped = pair_spam(pa, pb)
         if dropped:
             notes.append(
                 f"spam: {dropped} example(s) differ between the runs' splits (label or text) "

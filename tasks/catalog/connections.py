@@ -2,9 +2,10 @@
 secret, ATTACH), and retrying the write conflicts several writers cause.
 
 * **DuckDB file.** One process at a time may hold the file open, and while a writer holds
-  it even read-only opens from other processes fail (FACTS.md §7). So every operation opens
-  the file, runs one transaction and closes it, and opening is retried with jittered
-  backoff on the lock error, in writers and readers alike, for ``lock_timeout`` seconds.
+  it even read-only opens from other processes fail (FACTS.md §7). So writers write a file
+  of their own (the live file; readers get published copies: ``publish.py``), every
+  operation opens the file, runs one transaction and closes it, and opening is retried
+  with jittered backoff on the lock error for ``lock_timeout`` seconds.
 * **DuckLake.** Metadata in PostgreSQL, data as Parquet under ``data_path``; any number of
   processes attach at once. Loading the extensions and attaching cost ~0.3 s, so each
   process keeps one in-memory DuckDB with the lake attached (per lake, per read-only/
@@ -29,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gpt.errors import CatalogError
+from gpt.errors import CatalogError, CatalogLockedError
 from tasks.catalog.extensions import load_extension
 from tasks.catalog.settings import CatalogSettings, redact
 
@@ -130,7 +131,7 @@ def open_file(
             if time.monotonic() >= deadline:
                 m = _PID_RE.search(msg)
                 holder = f"PID {m.group(1)}" if m else "an unknown process"
-                raise CatalogError(
+                raise CatalogLockedError(
                     f"the catalog {path} is locked by another process ({holder}) and stayed "
                     f"locked for {timeout:g} s; DuckDB lets one process at a time open the "
                     "file. Wait for that process to finish (or stop it), or raise "

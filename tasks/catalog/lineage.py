@@ -71,22 +71,23 @@ class LineageRecords(abc.ABC):
         }
         self.upsert_rows("runs", [row], key=["run_id"])
 
-    def end_run(self, run_id: str, status: str) -> None:
-        """Set a run's final ``status`` and ``ended_at`` (now)."""
+    def end_run(self, run_id: str, status: str, message: str | None = None) -> None:
+        """Set a run's final ``status``, ``ended_at`` (now) and ``message`` (why it
+        failed or crashed)."""
         ended = utcnow()
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
             n = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
             if n:
                 con.execute(
-                    "UPDATE runs SET status = ?, ended_at = ? WHERE run_id = ?",
-                    [status, ended, run_id],
+                    "UPDATE runs SET status = ?, ended_at = ?, message = ? WHERE run_id = ?",
+                    [status, ended, message, run_id],
                 )
             else:
                 log.warning("end_run: run %s was never started; recording it now", run_id)
                 con.execute(
-                    "INSERT INTO runs (run_id, status, ended_at) VALUES (?, ?, ?)",
-                    [run_id, status, ended],
+                    "INSERT INTO runs (run_id, status, ended_at, message) VALUES (?, ?, ?, ?)",
+                    [run_id, status, ended, message],
                 )
 
         self.write("runs", body)

@@ -32,7 +32,9 @@ def run_ids_like(cat: Catalog, ref: str) -> list[str]:
 
 
 def resolve_run(cat: Catalog, ref: str) -> str:
-    """The run id ``ref`` names (the full id or a unique prefix of it)."""
+    """The run id ``ref`` names (the full id or a unique prefix of it): what every command
+    that takes a run uses. No such run, or a prefix of several: :class:`CatalogError`
+    (the candidates listed)."""
     ids = run_ids_like(cat, ref)
     if len(ids) == 1:
         return ids[0]
@@ -41,8 +43,11 @@ def resolve_run(cat: Catalog, ref: str) -> str:
             f"no run {ref!r} in the catalog {cat.location}; list the runs with `gptflow runs` "
             "(or `gptflow evals` for runs made by `gptflow judge`)"
         )
-    shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
-    raise CatalogError(f"run {ref!r} is ambiguous in {cat.location}: it starts {shown}; give more")
+    shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+    raise CatalogError(
+        f"run id prefix {ref!r} is ambiguous in {cat.location}: it matches {len(ids)} runs "
+        f"({shown}); give more of the id"
+    )
 
 
 def latest_completed_runs(cat: Catalog, n: int = 2) -> list[str]:

@@ -1,7 +1,8 @@
 """Read-only access for people: ``gptflow sql`` runs a user's query on a read-only
 connection with file-system access disabled.
 
-On the DuckDB file: the file opened ``read_only`` with ``enable_external_access=false``.
+On the DuckDB file: the published file (or, asked for, the live one) opened
+``read_only`` with ``enable_external_access=false``.
 
 On a DuckLake, DuckDB must still read the lake's Parquet files and reach its metadata
 database, so the extensions are loaded and the lake attached ``READ_ONLY`` first (its
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
-from tasks.catalog.connections import LAKE_ALIAS, new_lake_connection, open_file, process_lock
+from tasks.catalog.connections import LAKE_ALIAS, new_lake_connection
 from tasks.catalog.settings import CatalogSettings, lock_timeout_from_env
-from tasks.catalog.store import _is_write_refusal
+from tasks.catalog.store import Catalog, _is_write_refusal
 
 if TYPE_CHECKING:
     import duckdb
@@ -59,14 +60,20 @@ LAKE_READ_FUNCTIONS = frozenset(
 
 
 def run_readonly_sql(
-    db_path: str | Path | None, sql: str, *, settings: CatalogSettings | None = None
+    db_path: str | Path | None,
+    sql: str,
+    *,
+    settings: CatalogSettings | None = None,
+    live: bool = False,
 ) -> pd.DataFrame:
     """Run a user's query read-only (used by ``gptflow sql``) and return the result.
 
     ``db_path`` names a DuckDB file; with ``db_path`` and ``settings`` both None the
-    environment picks the catalog (:meth:`CatalogSettings.from_env`). File-system access
-    from SQL (COPY TO, ATTACH, INSTALL) is disabled. A write statement raises
-    :class:`CatalogError`; so does a missing database.
+    environment picks the catalog (:meth:`CatalogSettings.from_env`). On the DuckDB file
+    the query reads the published snapshot (it never waits for a run, nor makes one
+    wait); ``live`` reads the writers' live file instead (waiting while a writer holds
+    it). File-system access from SQL (COPY TO, ATTACH, INSTALL) is disabled. A write
+    statement raises :class:`CatalogError`; so does a missing database.
     """
     if settings is None:
         if db_path is not None:
@@ -77,34 +84,27 @@ def run_readonly_sql(
             settings = CatalogSettings.from_env()
     if settings.is_lake:
         return _lake_sql(settings, sql)
-    return _file_sql(settings.file_path(), sql, settings.lock_timeout)
+    return _file_sql(settings, sql, live=live)
 
 
 def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
     import duckdb
 
     try:
-        return con.execute(sql).df()
+        result = con.execute(sql)
+        if result is None:  # nothing but whitespace or comments
+            raise CatalogError(f"the query {sql.strip()!r} holds no statement: give a SELECT")
+        return result.df()
     except duckdb.Error as exc:
         if _is_write_refusal(exc):
             raise CatalogError(f"{_REFUSED} {where} is unchanged. DuckDB said: {exc}") from exc
         raise CatalogError(f"query failed on {where}: {exc}") from exc
 
 
-def _file_sql(path: Path, sql: str, timeout: float) -> pd.DataFrame:
-    if not path.exists():
-        raise CatalogError(
-            f"the catalog {path} does not exist yet; run the pipeline first (e.g. "
-            "`gptflow run`) or point --db / GPTFLOW_DB at an existing file"
-        )
-    with process_lock(path):
-        con = open_file(
-            path, read_only=True, timeout=timeout, config={"enable_external_access": False}
-        )
-        try:
-            return _run(con, sql, str(path))
-        finally:
-            con.close()
+def _file_sql(settings: CatalogSettings, sql: str, *, live: bool) -> pd.DataFrame:
+    cat = Catalog(settings=settings, snapshot=not live)
+    with cat.file_reader(config={"enable_external_access": False}) as con:
+        return _run(con, sql, str(cat.path))
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from tasks.catalog import Catalog
 
 _SPLIT_ORDER = {"train": 0, "val": 1, "validation": 1, "test": 2}
+#: What a finetune trained and stored (gpt.adapter.ModelSize): headline label of each.
+SIZE_METRICS = {"trainable_params": "trainable parameters", "checkpoint_bytes": "checkpoint MB"}
+_SIZE_NAMES = ", ".join(f"'{n}'" for n in SIZE_METRICS)
 
 
 def split_key(split: str) -> tuple[int, str]:
@@ -65,7 +68,7 @@ class RunData:
         return self.cat.query_df(
             "SELECT stage, split, name, arg_max(value, step) AS last, "
             "arg_max(value, time) AS latest FROM metrics "
-            f"WHERE ({cond}) AND (name IN ('loss', 'final_accuracy') "
+            f"WHERE ({cond}) AND (name IN ('loss', 'final_accuracy', {_SIZE_NAMES}) "
             "OR starts_with(name, 'perplexity')) GROUP BY stage, split, name",
             params,
         )
@@ -112,13 +115,14 @@ class RunData:
     @cached_property
     def judge_scores(self) -> pd.DataFrame:
         """Per judge model, prompt version and example: the mean of its scored judgments
-        (repeats averaged) and how many there were."""
+        (repeats averaged) and how many there were — the judgments of the judge keys this
+        run's judge stage used (``run_judgments``)."""
         return self.cat.query_df(
             "SELECT judge_model, prompt_version, example_id, avg(score) AS score, "
-            "count(score) AS n_scores FROM judgments WHERE run_id = ? "
+            "count(score) AS n_scores FROM run_judgments WHERE run_id = ? "
             "GROUP BY judge_model, prompt_version, example_id HAVING count(score) > 0 "
             "ORDER BY judge_model, prompt_version, example_id",
-            [self.responses_run],
+            [self.run_id],
         )
 
     @cached_property
@@ -145,11 +149,22 @@ class RunData:
         ppl = m[(m["stage"] == "load_gpt2") & m["name"].str.startswith("perplexity")]
         for name, v in sorted(zip(ppl["name"], ppl["latest"], strict=True)):
             rows.append(("load_gpt2", f"val {name}", float(v)))
+
+        def sizes(stage: str) -> None:  # LoRA vs full finetune: what trains, what is stored
+            d = m[(m["stage"] == stage) & m["name"].isin(list(SIZE_METRICS))]
+            for name, label in SIZE_METRICS.items():
+                v = d.loc[d["name"] == name, "latest"]
+                if len(v):
+                    scale = 1e-6 if name == "checkpoint_bytes" else 1.0
+                    rows.append((stage, label, float(v.iloc[0]) * scale))
+
+        sizes("finetune_spam")
         for model, by_split in sorted(self.accuracies.items(), key=lambda kv: kv[0] != "finetuned"):
             section = "finetune_spam" if model == "finetuned" else "baseline_spam"
             for s in sorted(by_split, key=split_key):
                 rows.append((section, f"{model} {s} accuracy", by_split[s]))
         losses("finetune_instruct")
+        sizes("finetune_instruct")
         for (jm, pv), g in self.judge_scores.groupby(["judge_model", "prompt_version"], sort=True):
             rows += [
                 ("judge", f"{jm} {pv} mean", float(g["score"].mean())),

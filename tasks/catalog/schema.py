@@ -335,12 +335,168 @@ _V4_EVALUATION = [
     LEFT JOIN bl ON bl.run_id = k.run_id AND bl.split IS NOT DISTINCT FROM k.split""",
 ]
 
+_V5_JUDGE_KEYS = [
+    # Every judgment records its judge key: the hash of every setting that can change it
+    # (model and the digest its server reported, prompt and schema digests, sampling
+    # options, structured output, reader version); judge_settings holds them by name and
+    # reply_key hashes all but the reader version.
+    "ALTER TABLE judgments ADD COLUMN IF NOT EXISTS judge_key VARCHAR",
+    "ALTER TABLE judgments ADD COLUMN IF NOT EXISTS reply_key VARCHAR",
+    "ALTER TABLE judgments ADD COLUMN IF NOT EXISTS judge_settings JSON",
+    # The judge keys each run used, on the responses of which run: those its judge stage
+    # recorded (outputs.judge_keys, model → key); a judge stage row from before judge keys
+    # reads the rows without one; judgments that no judge stage row of their run speaks
+    # for (written by the library directly) are read under their own run, key by key.
+    """CREATE OR REPLACE VIEW judge_runs AS
+    SELECT run_id, outputs->>'responses_run_id' AS responses_run_id,
+           unnest(map_values(from_json(outputs->'judge_keys', '"MAP(VARCHAR, VARCHAR)"')))
+               AS judge_key
+    FROM stages WHERE stage = 'judge' AND (outputs->'judge_keys') IS NOT NULL
+    UNION ALL
+    SELECT run_id, outputs->>'responses_run_id', NULL FROM stages
+    WHERE stage = 'judge' AND (outputs->'judge_keys') IS NULL
+      AND (outputs->>'responses_run_id') IS NOT NULL
+    UNION ALL
+    SELECT DISTINCT j.run_id, j.run_id, j.judge_key FROM judgments j
+    WHERE NOT EXISTS (SELECT 1 FROM stages s WHERE s.run_id = j.run_id AND s.stage = 'judge')""",
+    # The judgments each run used (run_id: that run; responses_run_id: whose rows).
+    """CREATE OR REPLACE VIEW run_judgments AS
+    SELECT u.run_id, j.run_id AS responses_run_id, j.example_id, j.judge_model,
+           j.prompt_version, j."repeat", j.score, j.raw_reply, j.parse_rule, j.latency_s,
+           j.judged_at, j.error, j.host, j.judge_key
+    FROM judge_runs u JOIN judgments j
+      ON j.run_id = u.responses_run_id AND j.judge_key IS NOT DISTINCT FROM u.judge_key""",
+    # Per responses run and judge key: every key ever used (older settings included).
+    """CREATE OR REPLACE VIEW judge_key_summary AS
+    SELECT run_id, judge_model, prompt_version, judge_key,
+           count(*) AS n,
+           count(score) AS n_scored,
+           count(*) FILTER (WHERE score IS NULL AND error IS NULL) AS n_unparsed,
+           count(*) FILTER (WHERE error IS NOT NULL) AS n_failed,
+           avg(score) AS mean_score,
+           median(score) AS median_score,
+           min(score) AS min_score,
+           max(score) AS max_score,
+           count(DISTINCT example_id) AS n_examples,
+           max("repeat") + 1 AS repeats
+    FROM judgments
+    GROUP BY run_id, judge_model, prompt_version, judge_key""",
+    # Per run: the summary of the keys that run used.
+    """CREATE OR REPLACE VIEW eval_summary AS
+    SELECT u.run_id, s.judge_model, s.prompt_version, s.n, s.n_scored, s.n_unparsed,
+           s.n_failed, s.mean_score, s.median_score, s.min_score, s.max_score, s.n_examples,
+           s.repeats, s.run_id AS responses_run_id, s.judge_key
+    FROM judge_runs u JOIN judge_key_summary s
+      ON s.run_id = u.responses_run_id AND s.judge_key IS NOT DISTINCT FROM u.judge_key""",
+    # Every response of the runs each run judged (or holds), with that run's judgments.
+    """CREATE OR REPLACE VIEW eval_examples AS
+    WITH viewers AS (
+        SELECT DISTINCT run_id, responses_run_id FROM judge_runs
+        UNION
+        SELECT DISTINCT r.run_id, r.run_id FROM responses r
+        WHERE NOT EXISTS (SELECT 1 FROM judge_runs u WHERE u.run_id = r.run_id))
+    SELECT v.run_id, r.example_id, r.instruction, r.input, r.output, r.response,
+           j.judge_model, j.prompt_version, j.score, j.raw_reply,
+           j."repeat", j.parse_rule, j.error, v.responses_run_id, j.judge_key
+    FROM viewers v JOIN responses r ON r.run_id = v.responses_run_id
+    LEFT JOIN run_judgments j ON j.run_id = v.run_id AND j.example_id = r.example_id""",
+    """CREATE OR REPLACE VIEW judge_spread AS
+    SELECT run_id, prompt_version, judge_model, example_id,
+           count(*) AS n_repeats,
+           count(score) AS n_scored,
+           avg(score) AS mean_score,
+           stddev_samp(score) AS stddev_score,
+           min(score) AS min_score,
+           max(score) AS max_score,
+           max(score) - min(score) AS range_score,
+           judge_key
+    FROM run_judgments
+    GROUP BY run_id, prompt_version, judge_model, judge_key, example_id""",
+    # judge_agreement as before, per run over the keys it used (key_a, key_b: the pair).
+    """CREATE OR REPLACE VIEW judge_agreement AS
+    WITH s AS (
+        SELECT run_id, prompt_version, judge_model, judge_key, example_id, mean_score AS score
+        FROM judge_spread WHERE mean_score IS NOT NULL),
+    pairs AS (
+        SELECT a.run_id, a.prompt_version, a.judge_model AS judge_a, b.judge_model AS judge_b,
+               a.judge_key AS key_a, b.judge_key AS key_b,
+               a.example_id, a.score AS sa, b.score AS sb,
+               least(floor(a.score / 10), 9) AS ba, least(floor(b.score / 10), 9) AS bb
+        FROM s a JOIN s b
+          ON a.run_id = b.run_id AND a.prompt_version = b.prompt_version
+         AND a.example_id = b.example_id AND a.judge_model < b.judge_model),
+    ranked AS (
+        SELECT *,
+               rank() OVER w_a + (count(*) OVER w_sa - 1) / 2.0 AS ra,
+               rank() OVER w_b + (count(*) OVER w_sb - 1) / 2.0 AS rb
+        FROM pairs
+        WINDOW w_a AS (PARTITION BY run_id, prompt_version, judge_a, judge_b, key_a, key_b
+                       ORDER BY sa),
+               w_sa AS (PARTITION BY run_id, prompt_version, judge_a, judge_b, key_a, key_b, sa),
+               w_b AS (PARTITION BY run_id, prompt_version, judge_a, judge_b, key_a, key_b
+                       ORDER BY sb),
+               w_sb AS (PARTITION BY run_id, prompt_version, judge_a, judge_b, key_a, key_b, sb)),
+    stats AS (
+        SELECT run_id, prompt_version, judge_a, judge_b, key_a, key_b,
+               count(*) AS n,
+               corr(ra, rb) AS rho,
+               avg((ba - bb) * (ba - bb)) AS observed,
+               var_pop(ba) + var_pop(bb) + (avg(ba) - avg(bb)) * (avg(ba) - avg(bb))
+                   AS expected,
+               avg(sa - sb) AS mean_diff,
+               avg(abs(sa - sb)) AS mean_abs_diff
+        FROM ranked
+        GROUP BY run_id, prompt_version, judge_a, judge_b, key_a, key_b),
+    kendall AS (
+        SELECT x.run_id, x.prompt_version, x.judge_a, x.judge_b, x.key_a, x.key_b,
+               sum(sign(x.sa - y.sa) * sign(x.sb - y.sb)) AS s_ab,
+               sum(abs(sign(x.sa - y.sa))) AS s_aa,
+               sum(abs(sign(x.sb - y.sb))) AS s_bb
+        FROM pairs x JOIN pairs y
+          ON x.run_id = y.run_id AND x.prompt_version = y.prompt_version
+         AND x.key_a IS NOT DISTINCT FROM y.key_a AND x.key_b IS NOT DISTINCT FROM y.key_b
+         AND x.judge_a = y.judge_a AND x.judge_b = y.judge_b AND x.example_id < y.example_id
+        GROUP BY x.run_id, x.prompt_version, x.judge_a, x.judge_b, x.key_a, x.key_b)
+    SELECT st.run_id, st.prompt_version, st.judge_a, st.judge_b, st.n,
+           CASE WHEN isnan(st.rho) THEN NULL ELSE st.rho END AS spearman,
+           k.s_ab / NULLIF(sqrt(k.s_aa * k.s_bb), 0) AS kendall_tau,
+           1 - st.observed / NULLIF(st.expected, 0) AS qwk,
+           st.mean_diff,
+           st.mean_abs_diff,
+           st.key_a,
+           st.key_b
+    FROM stats st
+    LEFT JOIN kendall k
+      ON k.run_id = st.run_id AND k.prompt_version = st.prompt_version
+     AND k.judge_a = st.judge_a AND k.judge_b = st.judge_b
+     AND k.key_a IS NOT DISTINCT FROM st.key_a AND k.key_b IS NOT DISTINCT FROM st.key_b""",
+]
+
+_V6_RUN_LIVENESS = [
+    # Why a run failed or crashed (one line); where its flow process runs and when it
+    # last beat, so a run whose process died is told from one still running.
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS message VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid INTEGER",
+]
+
+_V7_GATE_EVIDENCE = [
+    # What a gate's verdict rests on (paired examples) and the verdict itself: "not
+    # enough data" (below the gate's minimum, passed true) apart from a real pass.
+    "ALTER TABLE gates ADD COLUMN IF NOT EXISTS n INTEGER",
+    "ALTER TABLE gates ADD COLUMN IF NOT EXISTS verdict VARCHAR",
+]
+
 #: Append-only list of schema steps; step ``i`` (0-based) brings the schema to ``i + 1``.
 MIGRATIONS: list[list[str]] = [
     _V1_CORE,
     _V2_LATER_STAGES,
     _V3_JUDGE_RELIABILITY,
     _V4_EVALUATION,
+    _V5_JUDGE_KEYS,
+    _V6_RUN_LIVENESS,
+    _V7_GATE_EVIDENCE,
 ]
 
 #: The schema version this code writes.
@@ -377,6 +533,9 @@ KNOWN_VIEWS = frozenset(
         "judge_spread",
         "judge_agreement",
         "stage_producers",
+        "judge_runs",
+        "run_judgments",
+        "judge_key_summary",
     }
 )
 

@@ -2,7 +2,9 @@
 place (:meth:`CatalogSettings.from_env`).
 
 * ``url`` unset (the default): the embedded DuckDB file at ``path`` (``GPTFLOW_DB``, else
-  ``artifacts/gptflow.duckdb``). One process at a time writes it.
+  ``artifacts/gptflow.duckdb``). That is the *published* file people and dashboards open;
+  writers write the live file beside it (:meth:`CatalogSettings.live_path`, one process
+  at a time) and publish a copy over ``path`` by atomic rename (``store.py``).
 * ``url = "ducklake:postgres:dbname=… host=… port=… user=…"`` with a ``data_path`` (a
   local/shared folder or ``s3://bucket/prefix/``): a DuckLake whose metadata lives in
   PostgreSQL and whose rows are Parquet files under ``data_path``. Several processes on
@@ -229,6 +231,12 @@ class CatalogSettings(_Model):
         """The DuckDB file (``path`` or the default)."""
         return Path(self.path).expanduser() if self.path is not None else default_db_path()
 
+    def live_path(self) -> Path:
+        """The DuckDB file writers write (``<path>.live``): only gptflow's writers open
+        it, each for one transaction; :attr:`path` gets a checkpointed copy of it."""
+        published = self.file_path()
+        return published.with_name(published.name + ".live")
+
     def location(self) -> str:
         """What to name in messages: the file, or the lake URL (password hidden)."""
         if self.url is None:
@@ -236,8 +244,9 @@ class CatalogSettings(_Model):
         return f"{redact(self.url)} (data {self.data_path})"
 
     def exists(self) -> bool:
-        """Whether there is a catalog to read: the file exists (a lake always counts)."""
-        return self.is_lake or self.file_path().exists()
+        """Whether there is a catalog to read: the file (published or live) exists (a lake
+        always counts)."""
+        return self.is_lake or self.file_path().exists() or self.live_path().exists()
 
     def with_env_s3(self, environ: Mapping[str, str] | None = None) -> CatalogSettings:
         """These settings with the S3 part read from this machine's environment (a lake;

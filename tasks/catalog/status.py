@@ -4,7 +4,6 @@ judge scores."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +65,7 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
     elif cat.query_df("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).empty:
         return f"there is no run {run_id!r} in the catalog {cat.location} (see `gptflow runs`)"
     judge = cat.query_df(
-        "SELECT status, message, outputs FROM stages WHERE run_id = ? AND stage = 'judge'",
+        "SELECT status, message FROM stages WHERE run_id = ? AND stage = 'judge'",
         [run_id],
     )
     if judge.empty:
@@ -79,14 +78,6 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
     msg = _message(row["message"])
     if row["status"] in ("skipped", "failed"):
         return f"the judge stage of run {run_id} was {row['status']}: " + (msg or "no reason given")
-    outputs = row["outputs"]
-    outputs = json.loads(outputs) if isinstance(outputs, str) else (outputs or {})
-    target = outputs.get("responses_run_id")
-    if target and target != run_id:
-        return (
-            f"run {run_id} judged the responses of run {target}; its scores are stored under "
-            f"that run: `gptflow evals --run {target}`"
-        )
     return f"the judge stage of run {run_id} is {row['status']} and stored no scores"
 
 

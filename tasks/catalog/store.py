@@ -6,6 +6,11 @@ the embedded DuckDB file (default) and a DuckLake shared by several machines
 writes are re-run when another writer wins a conflict, and a :class:`CatalogError` names
 the catalog after ``lock_timeout`` seconds (default 60, ``GPTFLOW_DB_LOCK_TIMEOUT``).
 
+The DuckDB file is two files (``publish.py``): writers write the live file and publish
+copies of it over the file people open. A :class:`Catalog` reads the live file (it sees
+its own writes); ``Catalog(..., snapshot=True)`` reads the published file, as people's
+tools do: it never waits for a writer and never makes one wait.
+
 The schema is versioned: :data:`MIGRATIONS` is an append-only list of steps; the
 ``schema_version`` table records which were applied. Never edit a released step, add a
 new one.
@@ -15,6 +20,7 @@ Timestamps are stored as naive ``TIMESTAMP`` values in UTC.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -24,9 +30,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from gpt.errors import CatalogError
+from gpt.errors import CatalogError, CatalogLockedError
 from tasks.catalog.connections import lake_cursor, open_file, process_lock, retry_on_conflict
 from tasks.catalog.lineage import LineageRecords
+from tasks.catalog.publish import (
+    needs_publish,
+    note_write,
+    publish_copy,
+    seed_live,
+    unpublished,
+    wal_of,
+)
 from tasks.catalog.schema import KNOWN_TABLES, MIGRATIONS, SCHEMA_VERSION, migration_step
 from tasks.catalog.settings import (
     DEFAULT_LOCK_TIMEOUT,
@@ -68,6 +82,8 @@ class Catalog(LineageRecords):
     either; ``Catalog()`` whatever the environment selects
     (:meth:`CatalogSettings.from_env`: ``GPTFLOW_CATALOG_URL``, else ``GPTFLOW_DB``, else
     ``artifacts/gptflow.duckdb``). Every public method does its work in one transaction.
+    ``snapshot=True``: read the published file (what ``gptflow sql`` and people read;
+    writes are refused); no effect on a lake, whose readers never block writers.
     """
 
     def __init__(
@@ -78,6 +94,7 @@ class Catalog(LineageRecords):
         url: str | None = None,
         data_path: str | None = None,
         settings: CatalogSettings | None = None,
+        snapshot: bool = False,
     ):
         if settings is None:
             timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
@@ -100,8 +117,12 @@ class Catalog(LineageRecords):
             settings = settings.model_copy(update={"lock_timeout": float(lock_timeout)})
         #: Where this catalog lives (see :class:`CatalogSettings`).
         self.settings: CatalogSettings = settings
-        #: The DuckDB file, or None for a DuckLake.
+        #: The DuckDB file people open (the published copy), or None for a DuckLake.
         self.path: Path | None = None if settings.is_lake else settings.file_path()
+        #: The DuckDB file writers write, or None for a DuckLake.
+        self.live_path: Path | None = None if settings.is_lake else settings.live_path()
+        #: Reads go to the published file (and writes are refused).
+        self.snapshot: bool = snapshot and not settings.is_lake
         #: Seconds to keep retrying a locked file / conflicting writes.
         self.lock_timeout: float = settings.lock_timeout
         self._migrated = False
@@ -123,9 +144,48 @@ class Catalog(LineageRecords):
         return self.settings.location()
 
     def _lock_key(self) -> str:
-        return str(self.path) if self.path is not None else self.settings.lake_key()
+        return str(self.live_path) if self.live_path is not None else self.settings.lake_key()
 
     # ------------------------------------------------------------------ connections
+    def _missing(self) -> CatalogError:
+        return CatalogError(
+            f"the catalog {self.path} does not exist yet; run the pipeline first "
+            "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
+        )
+
+    def _open_file(
+        self, read_only: bool, config: dict[str, Any] | None = None
+    ) -> duckdb.DuckDBPyConnection:
+        """The file to use, opened: writers get the live file (created from the published
+        one if need be); readers the live file, or the published one when only that
+        exists; snapshot readers the published file, or the live one when only that
+        exists or a read-write connection holds the published file."""
+        assert self.path is not None and self.live_path is not None
+        live, published = self.live_path, self.path
+        if not read_only:
+            if self.snapshot:
+                raise CatalogError(
+                    f"this handle reads the published snapshot of {published}; write through "
+                    "Catalog(...) without snapshot=True"
+                )
+            live.parent.mkdir(parents=True, exist_ok=True)
+            seed_live(live, published)
+            return open_file(live, read_only=False, timeout=self.lock_timeout, config=config)
+        if not (live.exists() or published.exists()):
+            raise self._missing()
+        if self.snapshot and (live, published) in unpublished():
+            # this process wrote since its last publish: its reads see its writes
+            Catalog(settings=self.settings, lock_timeout=self.lock_timeout).publish()
+        if self.snapshot and published.exists():
+            try:
+                return open_file(published, read_only=True, timeout=0, config=config)
+            except CatalogLockedError:
+                if not live.exists():
+                    raise
+                log.info("%s is held open for writing elsewhere; reading %s", published, live)
+        target = live if live.exists() else published
+        return open_file(target, read_only=True, timeout=self.lock_timeout, config=config)
+
     @contextlib.contextmanager
     def _open(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection (file) or cursor (lake) for the ``with`` block, nothing else."""
@@ -133,18 +193,80 @@ class Catalog(LineageRecords):
             with lake_cursor(self.settings, read_only=read_only) as cur:
                 yield cur
             return
-        if read_only and not self.path.exists():
-            raise CatalogError(
-                f"the catalog {self.path} does not exist yet; run the pipeline first "
-                "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
-            )
-        if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = open_file(self.path, read_only=read_only, timeout=self.lock_timeout)
+        con = self._open_file(read_only)
         try:
             yield con
         finally:
             con.close()
+
+    @contextlib.contextmanager
+    def file_reader(
+        self, config: dict[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection, opened with DuckDB ``config``, to the file this handle
+        reads (the published one for a snapshot handle), for the ``with`` block."""
+        if self.path is None:
+            raise CatalogError("file_reader works on DuckDB catalog files, not on a DuckLake")
+        with process_lock(self._lock_key()):
+            con = self._open_file(True, config)
+            try:
+                yield con
+            finally:
+                con.close()
+
+    # ------------------------------------------------------------------ publishing
+    def _publish_in(self, con: duckdb.DuckDBPyConnection) -> bool:
+        """Publish through ``con``, the open write connection to the live file; a failure
+        is logged (the rows are safe in the live file; the next publish catches up)."""
+        import duckdb
+
+        assert self.path is not None and self.live_path is not None
+        try:
+            publish_copy(con, self.live_path, self.path)
+            return True
+        except (OSError, duckdb.Error) as exc:
+            log.warning("could not publish the catalog %s: %s", self.path, exc)
+            return False
+
+    def publish(self) -> bool:
+        """Put a copy of the live file in place of the published one now, if the live
+        file holds anything the published one lacks (written by any process). Returns
+        whether it published; a lake or a snapshot handle has nothing to publish."""
+        if self.path is None or self.live_path is None or self.snapshot:
+            return False
+        if not needs_publish(self.live_path, self.path):
+            return False
+        with process_lock(self._lock_key()), self._open(read_only=False) as con:
+            if not needs_publish(self.live_path, self.path):
+                return False
+            return self._publish_in(con)
+
+    def install(self, source: Catalog) -> None:
+        """Make the database of ``source`` (another catalog file, e.g. one rebuilt beside
+        this one) this catalog's: its live file replaces this one — while this one is held,
+        so no writer is half-way — and is published. ``source`` is left without files."""
+        if self.path is None or self.live_path is None or source.live_path is None:
+            raise CatalogError("install works on DuckDB catalog files, not on a DuckLake")
+        assert source.path is not None
+        with process_lock(source._lock_key()), source._open(read_only=False) as con:
+            con.execute("CHECKPOINT")  # the source's live file stands alone
+        self.live_path.parent.mkdir(parents=True, exist_ok=True)
+        with process_lock(self._lock_key()):
+            held = (
+                open_file(self.live_path, read_only=False, timeout=self.lock_timeout)
+                if self.live_path.exists()
+                else None
+            )
+            try:
+                wal_of(self.live_path).unlink(missing_ok=True)  # never replayed on the new file
+                os.replace(source.live_path, self.live_path)
+            finally:
+                if held is not None:
+                    held.close()
+        for leftover in (source.path, wal_of(source.path), wal_of(source.live_path)):
+            leftover.unlink(missing_ok=True)
+        self._migrated = self._checked = False
+        self.publish()
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -215,10 +337,19 @@ class Catalog(LineageRecords):
         import duckdb
 
         target = SCHEMA_VERSION if target is None else min(int(target), SCHEMA_VERSION)
+        if self.snapshot:  # a writer migrates the live file and publishes it
+            version = Catalog(settings=self.settings).migrate(target)
+            self._migrated = version >= SCHEMA_VERSION
+            return version
 
         def attempt() -> int:
             with process_lock(self._lock_key()), self._open(read_only=False) as con:
-                return self._migrate_once(con, target)
+                before = self._current_version(con)
+                version = self._migrate_once(con, target)
+                # readers of the published file see the schema as soon as it exists
+                if self.path is not None and (version > before or not self.path.exists()):
+                    self._publish_in(con)
+                return version
 
         try:
             version = retry_on_conflict(
@@ -234,7 +365,7 @@ class Catalog(LineageRecords):
 
     def schema_version(self) -> int:
         """The schema version recorded in the catalog (0 for a fresh/missing file)."""
-        if self.path is not None and not self.path.exists():
+        if not self.exists():
             return 0
         with process_lock(self._lock_key()), self._open(read_only=True) as con:
             return self._current_version(con)
@@ -254,11 +385,13 @@ class Catalog(LineageRecords):
                 try:
                     out = body(con)
                     con.execute("COMMIT")
-                    return out
                 except BaseException:
                     with contextlib.suppress(Exception):
                         con.execute("ROLLBACK")
                     raise
+                if self.path is not None and note_write(self.live_path, self.path):
+                    self._publish_in(con)
+                return out
 
         try:
             return retry_on_conflict(
@@ -500,7 +633,7 @@ class Catalog(LineageRecords):
 
     def exists(self) -> bool:
         """Whether there is a catalog to read (a lake always counts)."""
-        return self.is_lake or (self.path is not None and self.path.exists())
+        return self.settings.exists()
 
     def source_digests(self) -> dict[str, tuple[str, int]]:
         """sha256 and size of every recorded downloaded file, keyed by its path relative to
@@ -517,6 +650,25 @@ class Catalog(LineageRecords):
             str(name).split(":", 1)[1]: (str(sha), int(nbytes))
             for name, sha, nbytes in zip(df["name"], df["sha256"], df["bytes"], strict=True)
         }
+
+
+#: Bound on waiting for other writers when publishing at exit (they publish too).
+EXIT_PUBLISH_TIMEOUT = 10.0
+
+
+def publish_unpublished() -> None:
+    """Publish every catalog file this process wrote and has not published (run at
+    exit, so what a command wrote reaches the published file)."""
+    for live, published in unpublished():
+        try:
+            cat = Catalog(published, lock_timeout=EXIT_PUBLISH_TIMEOUT)
+            if cat.live_path == live:
+                cat.publish()
+        except Exception as exc:  # never fail an exit; the next publish catches up
+            log.warning("could not publish the catalog %s at exit: %s", published, exc)
+
+
+atexit.register(publish_unpublished)
 
 
 def _is_write_refusal(exc: BaseException) -> bool:

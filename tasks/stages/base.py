@@ -14,8 +14,11 @@ The parameters after ``args`` name the upstream stages whose results it reads (t
 typed results are ``tokenize.out``; files are ``tokenize.path(tokenize.out.train_tokens)``).
 :func:`run_stage` does everything else the same way for every stage:
 
-1. the key: the stage, its settings (:meth:`gpt.config.Args.key_dict`), the content
-   digests of its inputs and the fingerprint of the code its module imports;
+1. the key (:class:`tasks.cache.KeyParts`): the stage, its settings
+   (:meth:`gpt.config.Args.key_dict`), the content digests of its inputs, the
+   fingerprint of the code its module imports, the versions of the third-party packages
+   that code imports, and the sha256 of the files it reads from the datasets folder
+   (declared by ``@stage(reads=...)``);
 2. a verified cache hit is served — after making sure the current catalog holds the
    rows stored in its folder — unless the stage is forced;
 3. otherwise one computation per key at a time (:mod:`tasks.lease`): a run that finds
@@ -24,11 +27,14 @@ typed results are ``tokenize.out``; files are ``tokenize.path(tokenize.out.train
    rows go to the folder (and, live ones, to the catalog), the folder is committed with
    its manifest and its rows are ingested;
 5. ``stages`` rows (and the run record) say what happened: ``completed``, ``cached`` or
-   ``failed``, with the reason when a damaged cached result was recomputed.
+   ``failed``, with the reason when a damaged cached result was recomputed, and which
+   parts of the key changed since the stage's previous result. The key's parts are kept
+   in the manifest and the row's outputs (``key_parts``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -36,19 +42,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gpt.config import Args
 from gpt.data.download import DownloadArgs
 from gpt.errors import GPTFlowError
-from tasks.cache import StageOutput, StageStore, Verify, open_stage_store, root_child, stage_key
+from tasks.cache import (
+    KeyParts,
+    StageOutput,
+    StageStore,
+    Verify,
+    key_changes,
+    open_stage_store,
+    root_child,
+)
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.store import checkpoint_digest
-from tasks.fingerprint import code_fingerprint
-from tasks.lease import LeaseInfo
+from tasks.fingerprint import code_fingerprint, package_versions
+from tasks.lease import LeaseBase, LeaseInfo
 from tasks.rows import RowSink, ensure_ingested, ingest
+from tasks.run_state import check_alive, worker_died_reason
 from tasks.runlog import RunRecorder
 
 OWNER_FILE = ".owner_run"
@@ -69,6 +84,15 @@ def plain(value: Any) -> Any:
     return value
 
 
+def measured(**kwargs: Any) -> Any:
+    """Declare a result field that says how one computation went — a duration, a speed,
+    the step a resumed run started from — rather than what it produced. Such fields are
+    kept in the stage folder's record (``produced.json``), not in its manifest, so two
+    computations of one key write the same manifest; downstream stages and the report
+    still read them on the typed result."""
+    return Field(json_schema_extra={"measured": True}, **kwargs)
+
+
 class StageOut(BaseModel):
     """Base of a stage's typed result: small, JSON-able; paths relative to its folder."""
 
@@ -78,6 +102,25 @@ class StageOut(BaseModel):
     @classmethod
     def _plain(cls, data: Any) -> Any:
         return plain(data) if isinstance(data, dict) else data
+
+    @classmethod
+    def measured_fields(cls) -> frozenset[str]:
+        """The fields declared with :func:`measured`."""
+        return frozenset(
+            name
+            for name, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("measured")
+        )
+
+    def split_measured(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(content, measured)``: the result as JSON without and with only the
+        :func:`measured` fields."""
+        data = self.model_dump(mode="json")
+        timed = self.measured_fields()
+        return (
+            {k: v for k, v in data.items() if k not in timed},
+            {k: v for k, v in data.items() if k in timed},
+        )
 
 
 class StageSkipped(GPTFlowError):
@@ -115,6 +158,9 @@ class RunContext:
     judge: dict[str, Any] | None = None
     """The run's judge settings (``JudgeConfig`` as a dict), for stages that consult the
     judge besides the judge stage (the int8 check of extract_responses); None = none."""
+    retrust: tuple[str, ...] = ()
+    """Sources or files (``--retrust NAME``) whose trust-on-first-use files are fetched
+    again and accepted with a new digest (:mod:`gpt.data.trust`)."""
 
     @property
     def catalog(self) -> Catalog:
@@ -141,14 +187,30 @@ class StageSpec:
     out_type: type[StageOut]
     resumable: bool = False
     retries: int = 0
+    reads: Callable[[RunContext, Any], dict[str, str]] | None = None
+    """``reads(ctx, args)``: path -> sha256 of each file the stage reads from the
+    datasets folder with these settings (part of its key)."""
+    stale: Callable[[Any, Any], str | None] | None = None
+    """``stale(args, out)``: why a verified cached result is no longer what the stage
+    would compute, for what its key cannot hold (e.g. a judge model pulled anew on the
+    server); None when it still is."""
 
 
 #: Stages declared so far (a stage module registers itself when imported).
 REGISTRY: dict[str, StageSpec] = {}
 
 
-def stage(name: str, *, resumable: bool = False, retries: int = 0) -> Callable:
-    """Declare the decorated function as stage ``name`` (see the module docstring)."""
+def stage(
+    name: str,
+    *,
+    resumable: bool = False,
+    retries: int = 0,
+    reads: Callable[[RunContext, Any], dict[str, str]] | None = None,
+    stale: Callable[[Any, Any], str | None] | None = None,
+) -> Callable:
+    """Declare the decorated function as stage ``name`` (see the module docstring).
+    ``reads``: the files it reads from the datasets folder; ``stale``: why a cached
+    result is out of date (see :class:`StageSpec`)."""
 
     def deco(fn: Callable[..., StageOut]) -> Callable[..., StageOut]:
         sig = inspect.signature(fn, eval_str=True)
@@ -164,6 +226,8 @@ def stage(name: str, *, resumable: bool = False, retries: int = 0) -> Callable:
             out_type=out_type,
             resumable=resumable,
             retries=retries,
+            reads=reads,
+            stale=stale,
         )
         return fn
 
@@ -201,8 +265,13 @@ def _in_prefect_run() -> bool:
 class Progress:
     """A Prefect progress artifact advanced by a training loop (a no-op outside runs)."""
 
+    #: Markers short of 100 %: a stage that stops settles them (:meth:`settle_open`).
+    _open: ClassVar[list[Progress]] = []
+
     def __init__(self, key: str, total: int | None) -> None:
+        self.key = key
         self.total = total
+        self.percent = 0.0
         self.id = None
         if not _in_prefect_run():
             # outside a flow/task run Prefect would start a temporary server just for this
@@ -213,16 +282,36 @@ class Progress:
             self.id = create_progress_artifact(progress=0.0, key=key, description=key)
         except Exception:
             self.id = None
+        if self.id is not None:
+            Progress._open.append(self)
 
     def update(self, done: int) -> None:
         if self.id is None or not self.total:
             return
+        self.percent = min(100.0, 100.0 * done / self.total)
+        if self.percent >= 100.0 and self in Progress._open:
+            Progress._open.remove(self)
         try:
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.id, progress=min(100.0, 100.0 * done / self.total))
+            update_progress_artifact(self.id, progress=self.percent)
         except Exception:
             pass
+
+    @classmethod
+    def settle_open(cls, reason: str) -> None:
+        """Mark every marker left part-way as stopped there, and why (the bar keeps
+        showing how far its stage got; the description says it is not going on)."""
+        from prefect.artifacts import update_progress_artifact
+
+        while cls._open:
+            bar = cls._open.pop()
+            with contextlib.suppress(Exception):
+                update_progress_artifact(
+                    bar.id,
+                    progress=bar.percent,
+                    description=f"{bar.key}: stopped at {bar.percent:.0f}% — {reason}"[:2000],
+                )
 
 
 @dataclass
@@ -243,6 +332,8 @@ class StageRun:
     published: str | None = None
     """The folder's URL when the artifacts root is an object store (``final`` is then
     its local copy)."""
+    files: dict[str, str] = field(default_factory=dict)
+    """The datasets files in the key (path -> sha256): what the body must read."""
 
     @property
     def device(self) -> str:
@@ -259,6 +350,7 @@ class StageRun:
         """An ``on_metrics`` callback: rows go to the folder and, live, to the catalog."""
 
         def sink(rows: list[dict[str, Any]]) -> None:
+            check_alive()  # the worker died: stop at this step (resumable from a checkpoint)
             if not rows:
                 return
             t = now()
@@ -328,7 +420,7 @@ def _output(manifest: dict[str, Any], spec: StageSpec, folder: Path, hit: bool) 
         root=str(folder),
         run_id=manifest["producer_run_id"],
         digest=manifest["digest"],
-        out=spec.out_type.model_validate(manifest["out"]),
+        out=spec.out_type.model_validate({**manifest["out"], **(manifest.get("measured") or {})}),
         files=manifest["files"],
         cache_hit=hit,
         created_at=float(manifest.get("created_at") or 0.0),
@@ -356,6 +448,7 @@ def _stage_outputs(result: StageOutput, manifest: dict[str, Any]) -> dict[str, A
         "digest": result.digest,
         "device": manifest.get("device"),
         "wall_s": manifest.get("wall_s"),
+        "key_parts": manifest.get("key_parts"),
         **result.data,
     }
 
@@ -372,10 +465,70 @@ def load_spec(name: str) -> StageSpec:
         raise GPTFlowError(f"tasks.stages.{name} declares no stage {name!r}") from None
 
 
-def key_for(spec: StageSpec, args: Args, inputs: dict[str, StageOutput | None]) -> str:
-    """The cache key of running ``spec`` with ``args`` on ``inputs``."""
-    digests = {k: (v.digest if v is not None else None) for k, v in sorted(inputs.items())}
-    return stage_key(spec.name, args.key_dict(), digests, code_fingerprint(spec.module))
+def key_parts(
+    spec: StageSpec,
+    args: Args,
+    inputs: dict[str, StageOutput | None],
+    ctx: RunContext | None = None,
+) -> KeyParts:
+    """Everything the key of running ``spec`` with ``args`` on ``inputs`` hashes. A stage
+    that reads files from the datasets folder needs ``ctx`` (where they are)."""
+    files: dict[str, str] = {}
+    if spec.reads is not None:
+        if ctx is None:
+            raise TypeError(f"the key of stage {spec.name} needs the run's context")
+        files = dict(sorted(spec.reads(ctx, args).items()))
+    return KeyParts(
+        stage=spec.name,
+        settings=args.key_dict(),
+        inputs={k: (v.digest if v is not None else None) for k, v in sorted(inputs.items())},
+        code=code_fingerprint(spec.module),
+        packages=package_versions(spec.module),
+        files=files,
+    )
+
+
+def key_for(
+    spec: StageSpec,
+    args: Args,
+    inputs: dict[str, StageOutput | None],
+    ctx: RunContext | None = None,
+) -> str:
+    """The cache key of running ``spec`` with ``args`` on ``inputs`` (:func:`key_parts`)."""
+    return key_parts(spec, args, inputs, ctx).key
+
+
+def why_recomputed(ctx: RunContext, name: str, parts: KeyParts) -> str | None:
+    """Which parts of the key changed since the stage's previous result in the catalog
+    (another run's), in words; None when there is none to compare with."""
+    try:
+        df = ctx.catalog.query_df(
+            "SELECT run_id, outputs FROM stages WHERE stage = ? AND run_id <> ? "
+            "AND status IN ('completed', 'cached') "
+            "AND json_extract(outputs, '$.key_parts') IS NOT NULL "
+            "ORDER BY ended_at DESC LIMIT 1",
+            [name, ctx.run_id],
+        )
+    except GPTFlowError:
+        return None
+    if df.empty:
+        return None
+    import json
+
+    outputs = df["outputs"].iloc[0]
+    outputs = json.loads(outputs) if isinstance(outputs, str) else outputs
+    if outputs.get("key") == parts.key:
+        return None
+    changed = key_changes(outputs["key_parts"], parts.summary())
+    if not changed:
+        return None
+    return f"recomputed: {'; '.join(changed)} changed since run {df['run_id'].iloc[0]}"
+
+
+def _cpu_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _device_name(setting: str) -> str:
@@ -420,7 +573,13 @@ def run_stage(
     rec = ctx.recorder
     store = ctx.store
     started = now()
-    key = key_for(spec, args, inputs)
+    try:
+        parts = key_parts(spec, args, inputs, ctx)
+    except BaseException as exc:  # e.g. an input file refused by its trust record
+        message = f"{type(exc).__name__}: {exc}"[:4000]
+        rec.record_stage(ctx.run_id, name, status="failed", started_at=started, message=message)
+        raise
+    key = parts.key
     forced = name in ctx.force
 
     def serve(manifest: dict[str, Any]) -> StageOutput:
@@ -444,11 +603,19 @@ def run_stage(
         log.info("%s: cache hit (key %s, computed by run %s)", name, key, result.run_id)
         return result
 
+    def refusal(manifest: dict[str, Any]) -> str | None:
+        """Why the stage's own check refuses a verified result (None: serve it)."""
+        if spec.stale is None:
+            return None
+        return spec.stale(args, spec.out_type.model_validate(manifest["out"]))
+
     reason = None
     if not forced:
         manifest, reason = store.lookup(name, key, ctx.verify)
         if manifest is not None:
-            return serve(manifest)
+            reason = refusal(manifest)
+            if reason is None:
+                return serve(manifest)
         if reason:
             log.warning("%s: cached result not usable (%s); recomputing", name, reason)
     if cached_only:
@@ -471,9 +638,11 @@ def run_stage(
         if waited and not forced:
             manifest, reason2 = store.lookup(name, key, ctx.verify)
             if manifest is not None:
-                return serve(manifest)
+                reason2 = refusal(manifest)
+                if reason2 is None:
+                    return serve(manifest)
             reason = reason2 or reason
-        return _compute(ctx, spec, args, inputs, key, started, forced, reason)
+        return _compute(ctx, spec, args, inputs, parts, lease, started, forced, reason)
     finally:
         lease.release()
 
@@ -483,7 +652,8 @@ def _compute(
     spec: StageSpec,
     args: Args,
     inputs: dict[str, StageOutput | None],
-    key: str,
+    parts: KeyParts,
+    lease: LeaseBase,
     started: datetime,
     forced: bool,
     reason: str | None,
@@ -492,11 +662,13 @@ def _compute(
     rec = ctx.recorder
     store = ctx.store
     name = spec.name
+    key = parts.key
+    changed = None if forced else why_recomputed(ctx, name, parts)
     rec.record_stage(ctx.run_id, name, status="running", started_at=started, cache_hit=False)
     log.info("%s: computing (key %s)", name, key)
     t0 = time.perf_counter()
     try:
-        work = store.fresh_work_dir(name, key, resume=spec.resumable and not forced)
+        work = store.fresh_work_dir(name, key, lease, resume=spec.resumable and not forced)
         owner = work / OWNER_FILE
         producer = (owner.read_text().strip() if owner.exists() else "") or ctx.run_id
         if producer != ctx.run_id:
@@ -511,6 +683,7 @@ def _compute(
             producer=producer,
             rows=RowSink(work, ctx.catalog),
             published=store.published(name, key),
+            files=parts.files,
         )
         try:
             out = spec.fn(run, args, **{i: inputs[i] for i in spec.inputs})
@@ -533,6 +706,7 @@ def _compute(
             return result
         if not isinstance(out, spec.out_type):
             raise TypeError(f"stage {name} returned {type(out).__name__}, not {spec.out_type}")
+        content, timed = out.split_measured()
         rows_meta = run.rows.write_parquet()
         # rows reach the catalog before the folder is committed: a failed ingestion fails
         # the stage and leaves nothing in the cache
@@ -542,35 +716,40 @@ def _compute(
             key,
             {
                 "producer_run_id": producer,
-                "out": out.model_dump(mode="json"),
-                "args": args.to_dict(),
+                "out": content,
+                "measured": timed,
+                "args": args.key_dict(),  # what shaped the result
+                "run_args": args.to_dict(),  # and how it ran (operational fields too)
                 "inputs": {
                     k: None if v is None else {"key": v.key, "digest": v.digest, "run_id": v.run_id}
                     for k, v in sorted(inputs.items())
                 },
-                "code": code_fingerprint(spec.module),
+                "code": parts.code,
+                "key_parts": parts.summary(),
                 "rows": rows_meta,
                 "device": _device_name(ctx.device),
+                # CPU results depend on it in the last bits (reductions split by thread)
+                "cpu_threads": _cpu_threads(),
                 "wall_s": round(time.perf_counter() - t0, 3),
                 "resumed_by_run_id": ctx.run_id if producer != ctx.run_id else None,
             },
+            lease,
         )
         result = _output(manifest, spec, store.final_dir(name, key), hit=False)
     except StageSkipped:
         raise
     except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}"[:4000]
         rec.record_stage(
-            ctx.run_id,
-            name,
-            status="failed",
-            started_at=started,
-            cache_hit=False,
-            message=f"{type(exc).__name__}: {exc}"[:4000],
+            ctx.run_id, name, status="failed", started_at=started, cache_hit=False, message=message
         )
+        Progress.settle_open(worker_died_reason() or message)
         raise
     notes = list(run.notes)
     if reason:
         notes.insert(0, f"recomputed: the cached result was not usable ({reason})")
+    elif changed:
+        notes.insert(0, changed)
     rec.record_stage(
         ctx.run_id,
         name,

@@ -31,5 +31,6 @@ def baseline_spam(run: StageRun, args: BaselineArgs, tokenize: StageOutput) -> B
         [{"run_id": run.producer, "stage": run.stage, **r} for r in result.predictions],
     )
     rel = "baselines.json"
-    (run.work / rel).write_text(json.dumps(rows, indent=1, default=str), encoding="utf-8")
+    text = json.dumps(rows, indent=1, default=str, sort_keys=True)
+    (run.work / rel).write_text(text, encoding="utf-8")
     return BaselineOut(baselines_json=rel, rows=json.loads(json.dumps(rows, default=str)))

@@ -7,14 +7,17 @@ the bytes. ``--force download`` fetches and verifies everything again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from gpt.data.download import DownloadArgs
+from gpt.data.download import DownloadArgs, DownloadResult, expected_digests
 from gpt.data.sources import DATASET_SOURCES
+from gpt.errors import GPTFlowError
 from tasks.cache import StageOutput, content_digest
-from tasks.lease import Lease
+from tasks.lease import file_leases
 from tasks.stages.base import RunContext, StageOut, now
 
 STAGE = "download"
@@ -39,6 +42,72 @@ class DownloadOut(StageOut):
     sources: dict[str, SourceOut]
 
 
+def source_rows(results: Sequence[DownloadResult]) -> list[dict[str, Any]]:
+    """The ``sources`` rows of downloaded files: a source of several files has one row per
+    file, named ``<source>:<path>`` (the trust-on-first-use record of each file)."""
+    return [
+        {
+            "name": f"{res.name}:{f.relpath}" if len(res.files) > 1 else res.name,
+            "url": f.url or "",
+            "sha256": f.sha256,
+            "bytes": int(f.bytes),
+            "fetched_at": f.fetched_at,
+        }
+        for res in results
+        for f in res.files
+    ]
+
+
+def fetch_sources(
+    ctx: RunContext,
+    names: Sequence[str],
+    *,
+    args: DownloadArgs | None = None,
+    refresh: bool = False,
+    retrust: Sequence[str] = (),
+) -> list[DownloadResult]:
+    """Download (or verify) sources into the run's datasets folder, held to their trust
+    records, and record them in the run's record and the catalog (``sources``)."""
+    results = (args or ctx.download or DownloadArgs()).fetch(
+        list(names),
+        ctx.datasets,
+        mirror=ctx.mirror,
+        progress=ctx.progress,
+        refresh=refresh,
+        trusted=ctx.catalog.source_digests(),
+        retrust=retrust,
+        lease=file_leases(ctx.run_id),  # one writer per file across runs
+    )
+    ctx.recorder.record_sources(ctx.run_id, source_rows(results))
+    return results
+
+
+def held_digests(ctx: RunContext, names: Sequence[str]) -> dict[str, str]:
+    """Path -> sha256 of every file of ``names`` as a stage will read it from the
+    datasets folder: the digest its download is held to (published, or the trust
+    record's), known without fetching; files only a download can tell (first use, or
+    named by ``--retrust``) are fetched now."""
+    known = expected_digests(
+        names, ctx.datasets, trusted=ctx.catalog.source_digests(), retrust=ctx.retrust
+    )
+    if all(v is not None for v in known.values()):
+        return {k: v for k, v in known.items() if v is not None}
+    results = fetch_sources(ctx, names, retrust=ctx.retrust)
+    return {f.relpath: f.sha256 for res in results for f in res.files}
+
+
+def check_held(results: Sequence[DownloadResult], held: dict[str, str]) -> None:
+    """Raise when a downloaded file is not the one a stage's key holds (``held``)."""
+    for res in results:
+        for f in res.files:
+            if f.relpath in held and held[f.relpath] != f.sha256:
+                raise GPTFlowError(
+                    f"{f.path}: sha256 {f.sha256[:16]}… is not the {held[f.relpath][:16]}… the "
+                    "stage's key was computed with (its trust record changed during the run); "
+                    "run again"
+                )
+
+
 def run_download(ctx: RunContext, args: DownloadArgs) -> StageOutput:
     """Fetch the datasets and tokenizer files and record them in ``sources``."""
     started = now()
@@ -46,21 +115,14 @@ def run_download(ctx: RunContext, args: DownloadArgs) -> StageOutput:
     root = Path(ctx.datasets)
     rec.record_stage(ctx.run_id, STAGE, status="running", started_at=started)
     try:
-        # one download into a datasets folder at a time (a second run waits, then finds
-        # the files present and verified)
-        with Lease(root / ".download.lease", ctx.run_id).hold():
-            results = args.fetch(
-                list(DATASET_SOURCES),
-                root,
-                mirror=ctx.mirror,
-                progress=ctx.progress,
-                refresh=STAGE in ctx.force,
-            )
-        cat = ctx.catalog
-        for res in results:
-            for f in res.files:
-                name = f"{res.name}:{f.relpath}" if len(res.files) > 1 else res.name
-                cat.record_source(name, f.url or "", f.sha256, f.bytes)
+        # one writer per file (a second run waits, then finds it present and verified)
+        results = fetch_sources(
+            ctx,
+            DATASET_SOURCES,
+            args=args,
+            refresh=STAGE in ctx.force,
+            retrust=ctx.retrust,
+        )
     except BaseException as exc:
         rec.record_stage(
             ctx.run_id,

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
 from gpt.recipes.extract import export_responses_json, extract_responses
 from gpt.recipes.instruct import ExtractArgs
 from gpt.recipes.prepare import load_instruct_splits
 from tasks.cache import StageOutput
-from tasks.stages.base import StageOut, StageRun, stage
+from tasks.stages.base import StageOut, StageRun, measured, stage
 
 
 class ExtractOut(StageOut):
@@ -22,11 +20,12 @@ class ExtractOut(StageOut):
     responses_json: str
     n: int
     new_tokens: int
-    generation_s: float
+    generation_s: float = measured()
     weights: str = "fp32"
     """The weights the responses were decoded with (``fp32`` or the opt-in ``int8``)."""
-    decoding: dict[str, Any] = Field(default_factory=dict)
-    """Decoding passes, drafted and accepted tokens, acceptance rate."""
+    decoding: dict[str, Any] = measured(default_factory=dict)
+    """Decoding passes, drafted and accepted tokens, acceptance rate (how decoding went,
+    not what it produced: the responses are the same either way)."""
     int8_cost: dict[str, Any] | None = None
     """With int8 weights: the share of greedy tokens identical to fp32 on a sample and the
     change of the judge's mean score there (or why it was not measured)."""

@@ -11,7 +11,7 @@ from gpt.recipes.instruct import InstructArgs, finetune_instruct
 from gpt.recipes.prepare import load_instruct_splits
 from tasks.cache import StageOutput
 from tasks.distributed import relative_to_work, train
-from tasks.stages.base import Progress, StageOut, StageRun, finite, stage
+from tasks.stages.base import Progress, StageOut, StageRun, finite, measured, stage
 
 
 class InstructOut(StageOut):
@@ -21,15 +21,19 @@ class InstructOut(StageOut):
     """Checkpoint folder of the finetuned model."""
     steps: int
     tokens_seen: int
-    tokens_per_s: float
+    tokens_per_s: float = measured()
     final_train_loss: float | None
     final_val_loss: float | None
-    resumed_from_step: int | None
+    resumed_from_step: int | None = measured()
     max_length: int
     n_train: int
     n_val: int
     samples: list[dict[str, Any]]
-    timings: dict[str, float]
+    timings: dict[str, float] = measured()
+    trainable_params: int | None = None
+    model_size: dict[str, Any] | None = None
+    """Trainable parameters, checkpoint bytes, the base (path, sha256) and the LoRA
+    settings (None: full finetune) — :class:`gpt.adapter.ModelSize`."""
 
 
 @stage("finetune_instruct", resumable=True)
@@ -73,4 +77,6 @@ def finetune_instruct_stage(
         n_val=res["n_val"],
         samples=res["samples"],
         timings=res["timings"],
+        trainable_params=res["trainable_params"],
+        model_size=res["model_size"],
     )

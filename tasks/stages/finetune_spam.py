@@ -10,7 +10,7 @@ from gpt.recipes.classifier import SpamArgs, finetune_classifier
 from gpt.recipes.prepare import load_spam_splits
 from tasks.cache import StageOutput
 from tasks.distributed import relative_to_work, train
-from tasks.stages.base import StageOut, StageRun, stage
+from tasks.stages.base import StageOut, StageRun, measured, stage
 
 
 class SpamOut(StageOut):
@@ -25,7 +25,10 @@ class SpamOut(StageOut):
     examples_seen: int
     final: dict[str, dict[str, float | int]]
     """Per split: accuracy, precision, recall, F1 and the confusion matrix."""
-    timings: dict[str, float]
+    timings: dict[str, float] = measured()
+    model_size: dict[str, Any] | None = None
+    """Trainable parameters, checkpoint bytes, the base (path, sha256) and the LoRA
+    settings (None: full finetune) — :class:`gpt.adapter.ModelSize`."""
 
 
 @stage("finetune_spam")
@@ -66,4 +69,5 @@ def finetune_spam(
         examples_seen=res["examples_seen"],
         final=res["final"],
         timings=res["timings"],
+        model_size=res["model_size"],
     )

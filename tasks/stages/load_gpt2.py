@@ -1,17 +1,20 @@
 """load_gpt2: the base checkpoints of the finetunes — OpenAI's GPT-2 weights imported
 (downloaded through the verified downloader), or the pretrain checkpoint
-(``base_model = "scratch"``); each base evaluated once (:mod:`gpt.recipes.base`)."""
+(``base_model = "scratch"``); each base evaluated once (:mod:`gpt.recipes.base`).
+
+The release files it reads from the datasets folder are part of its key, by the sha256
+their download is held to (published, or trust on first use: :mod:`gpt.data.trust`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from gpt.data.download import DownloadArgs
 from gpt.data.sources import gpt2_source_name
 from gpt.recipes.base import LoadGPT2Args, prepare_bases
 from tasks.cache import StageOutput
-from tasks.stages.base import StageOut, StageRun, stage
+from tasks.stages.base import RunContext, StageOut, StageRun, stage
+from tasks.stages.download import check_held, fetch_sources, held_digests
 
 
 class LoadGPT2Out(StageOut):
@@ -26,35 +29,38 @@ class LoadGPT2Out(StageOut):
     """Per base folder: a greedy sample and the validation perplexity."""
 
 
-def fetch_releases(run: StageRun, args: LoadGPT2Args, download: DownloadArgs) -> dict[str, Path]:
-    """Download (or verify) the GPT-2 release files of each size the settings need."""
+def release_sources(args: LoadGPT2Args) -> list[str]:
+    """The registry names of the GPT-2 releases the settings import (none for scratch)."""
+    return [gpt2_source_name(s, args.source) for s in args.sizes()]
+
+
+def release_files(ctx: RunContext, args: LoadGPT2Args) -> dict[str, str]:
+    """Path -> sha256 of each release file the settings read from the datasets folder."""
+    return held_digests(ctx, release_sources(args)) if args.sizes() else {}
+
+
+def fetch_releases(run: StageRun, args: LoadGPT2Args) -> dict[str, Path]:
+    """Download (or verify) the GPT-2 release files of each size the settings need: the
+    files the key holds (held to their published or trusted sha256)."""
     if not args.sizes():
         return {}
-    cat = run.ctx.catalog
-    results = download.fetch(
-        [gpt2_source_name(s, args.source) for s in args.sizes()],
-        run.ctx.datasets,
-        mirror=run.ctx.mirror,
-        progress=run.progress,
-        trusted=cat.source_digests(),  # files without a published sha256: trust on first use
-    )
-    for res in results:
-        for f in res.files:
-            cat.record_source(f"{res.name}:{f.relpath}", f.url or "", f.sha256, f.bytes)
+    results = fetch_sources(run.ctx, release_sources(args))
+    check_held(results, run.files)
     return {s: r.folder for s, r in zip(args.sizes(), results, strict=True)}
 
 
-@stage("load_gpt2", retries=2)
+@stage("load_gpt2", retries=2, reads=release_files)
 def load_gpt2(
     run: StageRun, args: LoadGPT2Args, tokenize: StageOutput, pretrain: StageOutput | None
 ) -> LoadGPT2Out:
+    releases = fetch_releases(run, args)  # first: a refused download fails fast
     res = prepare_bases(
         args,
         run.work,
         tokenizer_dir=tokenize.path(tokenize.out.tokenizer),
         val_tokens=tokenize.path(tokenize.out.val_tokens),
         pretrain_checkpoint=pretrain.path(pretrain.out.checkpoint) if pretrain else None,
-        releases=fetch_releases(run, args, run.ctx.download or DownloadArgs()),
+        releases=releases,
         device=run.device,
     )
     metrics = []

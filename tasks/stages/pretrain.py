@@ -9,7 +9,7 @@ from typing import Any
 from gpt.recipes.pretrain import PretrainArgs, PretrainResult, pretrain
 from tasks.cache import StageOutput
 from tasks.distributed import relative_to_work, train
-from tasks.stages.base import Progress, StageOut, StageRun, finite, stage
+from tasks.stages.base import Progress, StageOut, StageRun, finite, measured, stage
 
 
 class PretrainOut(StageOut):
@@ -22,14 +22,14 @@ class PretrainOut(StageOut):
     steps: int
     epochs: int
     tokens_seen: int
-    tokens_per_s: float
-    train_seconds: float
+    tokens_per_s: float = measured()
+    train_seconds: float = measured()
     final_train_loss: float | None
     final_val_loss: float | None
     train_windows: int
     val_windows: int
     parameters: int
-    resumed_from_step: int | None
+    resumed_from_step: int | None = measured()
     samples: list[dict[str, Any]]
 
 

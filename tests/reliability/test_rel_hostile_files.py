@@ -221,6 +221,7 @@ def filled_catalog(tmp_path: Path) -> Path:
         "pretrain",
         [{"step": i, "split": "train", "name": "loss", "value": 1.0 / (i + 1)} for i in range(5)],
     )
+    cat.publish()  # as the writing process does when it ends
     return cat.path
 
 
@@ -248,13 +249,15 @@ def test_gptflow_sql_cannot_write(
     sql = sql.replace("OUT.csv", str(tmp_path / "out.csv")).replace(
         "OTHER.duckdb", str(tmp_path / "other.duckdb")
     )
-    before = sha256_bytes(filled_catalog.read_bytes())
-    rc = main(["sql", sql])
-    err = capsys.readouterr().err
-    assert rc == 1
-    assert err.startswith("gptflow sql: error:"), err
-    assert "Traceback" not in err
-    assert sha256_bytes(filled_catalog.read_bytes()) == before
+    live = filled_catalog.with_name(filled_catalog.name + ".live")  # the writers' file
+    before = sha256_bytes(filled_catalog.read_bytes()), sha256_bytes(live.read_bytes())
+    for live_flag in ([], ["--live"]):  # the published snapshot, and the writers' file
+        rc = main(["sql", sql, *live_flag])
+        err = capsys.readouterr().err
+        assert rc == 1
+        assert err.startswith("gptflow sql: error:"), err
+        assert "Traceback" not in err
+    assert (sha256_bytes(filled_catalog.read_bytes()), sha256_bytes(live.read_bytes())) == before
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "other.duckdb").exists()
     assert main(["sql", "SELECT count(*) AS n FROM metrics"]) == 0
     assert capsys.readouterr().out.split()[-3] == "5"

@@ -46,7 +46,7 @@ def catalog():
 
 
 def _cfg(host: str, **kw):
-    from gpt.eval.judge import JudgeConfig
+    from gpt.eval.judge.settings import JudgeConfig
 
     base = {
         "hosts": [host],
@@ -68,7 +68,7 @@ def _judgments(cat) -> pd.DataFrame:
 
 
 def _judge(cat, cfg):
-    from tasks.judging import judge_run
+    from tasks.stages.judge import judge_run
 
     return judge_run(cat, "r1", cfg, progress=False, save_every=2)
 
@@ -195,7 +195,7 @@ def test_non_json_http_replies_count_as_failures(catalog) -> None:
 def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool) -> None:
     """The pipeline's judge stage: Skipped with the exact fix (required=false), or a
     failed stage with that message (required=true); responses kept either way."""
-    from gpt.eval.judge import JudgeConfig
+    from gpt.eval.judge.settings import JudgeConfig
     from tasks.stages.base import RunContext, StageSkipped, run_stage
     from tasks.stages.judge import responses_input
 

@@ -1,0 +1,32 @@
+"""Targets for tests/gpt/test_distributed.py that run inside torchrun's processes (the test
+puts this folder on the workers' PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+
+def pretrain_killed_at(kill_at: int, workdir: str, **kwargs: Any) -> Any:
+    """:func:`gpt.recipes.pretrain.pretrain`, except that once rank 0 has sent the rows
+    of step ``kill_at`` it SIGKILLs the whole job at once — torchrun's agent, every rank
+    (their ``rank<R>.pid`` files in ``workdir``) and itself — as a machine crash would."""
+    from gpt.recipes.pretrain import pretrain
+
+    forward = kwargs.pop("on_metrics", None)
+
+    def on_metrics(rows: list[dict[str, Any]]) -> None:
+        if forward is not None:
+            forward(rows)
+        if max(r["step"] for r in rows) >= kill_at:
+            me = os.getpid()
+            others = [int(p.read_text()) for p in Path(workdir).glob("rank*.pid")]
+            os.kill(os.getppid(), signal.SIGKILL)  # the torchrun agent
+            for pid in others:
+                if pid != me:
+                    os.kill(pid, signal.SIGKILL)
+            os.kill(me, signal.SIGKILL)
+
+    return pretrain(**kwargs, on_metrics=on_metrics)
