@@ -14,9 +14,13 @@ import contextlib
 import dataclasses
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,9 @@ __all__ = [
     "BenchResult",
     "BenchSkipped",
     "Timings",
+    "completed_run",
+    "fresh_folders",
+    "gptflow",
     "hardware",
     "interleaved",
     "method_text",
@@ -262,3 +269,53 @@ def train_flops_per_token(model: nn.Module, n_layers: int, emb_dim: int, seq: in
     masked, not skipped) — PaLM's convention. Element-wise work (LayerNorm, GELU,
     softmax, dropout, the loss, AdamW) is not counted."""
     return 6 * linear_params(model) + 12 * n_layers * emb_dim * seq
+
+
+# --------------------------------------------------------------------------- gptflow runs
+
+
+def gptflow(args: Sequence[str], env: dict[str, str] | None = None, timeout: float = 600.0) -> str:
+    """``gptflow ARGS`` in a new process (the command line, as a user runs it; the
+    benchmarks import nothing of ``flows``); returns its stdout. A failure raises
+    RuntimeError with the end of its output."""
+    from gpt.paths import project_root
+
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(project_root()), env.get("PYTHONPATH", "")) if p
+    )
+    cmd = [sys.executable, "-m", "flows.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"`gptflow {' '.join(args)}` failed (exit {proc.returncode}): "
+            f"{(proc.stdout + proc.stderr).strip()[-1500:]}"
+        )
+    return proc.stdout
+
+
+def completed_run(out: str) -> str:
+    """The id of the completed run that ``gptflow run``'s output names."""
+    m = re.search(r"^run (\S+): completed", out, re.MULTILINE)
+    if m is None:
+        raise RuntimeError(f"no completed run in the `gptflow run` output: {out[-1500:]!r}")
+    return m.group(1)
+
+
+@contextlib.contextmanager
+def fresh_folders(prefix: str) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A temporary folder and the environment of a ``gptflow`` process whose artifacts,
+    datasets and catalog (``catalog.duckdb``) are in it. The local Prefect server is
+    started first (``gptflow server start``), so no timed run pays for it."""
+    gptflow(["server", "start"], timeout=300.0)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        folder = Path(tmp)
+        yield (
+            folder,
+            {
+                **os.environ,
+                "GPTFLOW_ARTIFACTS": str(folder / "artifacts"),
+                "GPTFLOW_DATASETS": str(folder / "datasets"),
+                "GPTFLOW_DB": str(folder / "catalog.duckdb"),
+            },
+        )

@@ -64,9 +64,22 @@ def find_instruct_checkpoint() -> Path:
     return max(found)[1]
 
 
+def _cpu_profile() -> tuple[Any, Any]:
+    """The cpu profile's tokenize and extract_responses settings, read from its TOML file
+    (benchmarks import nothing from flows/; a profile holds only what it changes)."""
+    import tomllib
+
+    from gpt.paths import project_root
+    from gpt.recipes.instruct import ExtractArgs
+    from gpt.recipes.prepare import PrepareArgs
+
+    path = project_root() / "flows" / "profiles" / "cpu.toml"
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    return PrepareArgs(**data.get("tokenize", {})), ExtractArgs(**data.get("extract_responses", {}))
+
+
 def _test_prompts(mirror: str | None, quick: bool) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The cpu profile's instruction test records and their Alpaca prompts' tokens."""
-    from flows.config import build_config
     from gpt.data import parsing
     from gpt.prompts import format_alpaca
     from gpt.tokenizer import Tokenizer
@@ -74,7 +87,7 @@ def _test_prompts(mirror: str | None, quick: bool) -> tuple[list[dict[str, Any]]
     mirror = mirror or os.environ.get("GPTFLOW_MIRROR")
     if not mirror or not (Path(mirror) / "instruction-data.json").is_file():
         raise BenchSkipped("needs the inputs' mirror with instruction-data.json: --mirror FOLDER")
-    prep = build_config("cpu").tokenize
+    prep, _ = _cpu_profile()
     recs = parsing.parse_instructions(Path(mirror) / "instruction-data.json")
     test = list(
         parsing.split_instructions(
@@ -94,7 +107,6 @@ def bench_extract_responses(mirror: str | None, quick: bool = False) -> BenchRes
     """The extract_responses stage's decoding on the cpu profile's 110 test prompts (batch
     8, at most 128 new tokens, stop at end-of-text): before (one token per pass,
     left-padded batches) against now (exact drafts, refilled batches)."""
-    from flows.config import build_config
     from gpt.checkpoint import load_checkpoint
     from gpt.decode import DecodeStats, greedy_decode
     from gpt.generate import DRAFTS, generate_padded
@@ -102,7 +114,7 @@ def bench_extract_responses(mirror: str | None, quick: bool = False) -> BenchRes
     ckpt = find_instruct_checkpoint()
     device = pick_device()
     setup_device(device)
-    args = build_config("cpu").extract_responses
+    _, args = _cpu_profile()
     new = 24 if quick else args.max_new_tokens
     _, prompts = _test_prompts(mirror, quick)
     model = load_checkpoint(ckpt).model.to(device).eval()

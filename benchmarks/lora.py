@@ -25,10 +25,8 @@ from __future__ import annotations
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,9 @@ import torch.nn.functional as F
 from benchmarks.core import (
     BenchResult,
     BenchSkipped,
+    completed_run,
+    fresh_folders,
+    gptflow,
     interleaved,
     method_text,
     pick_device,
@@ -231,18 +232,6 @@ def bench_lora_step(quick: bool = False) -> BenchResult:
 # --------------------------------------------------------------------------- quality
 
 
-def _pipeline(args: list[str], env: dict[str, str], timeout: float) -> str:
-    cmd = [sys.executable, "-m", "flows.cli", "run", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    m = re.search(r"^run (\S+): completed", proc.stdout, re.MULTILINE)
-    if proc.returncode != 0 or m is None:
-        raise RuntimeError(
-            f"`gptflow run {' '.join(args)}` failed (exit {proc.returncode}): "
-            f"{(proc.stdout + proc.stderr).strip()[-1500:]}"
-        )
-    return m.group(1)
-
-
 def _finetune_figures(db: Path, run_id: str) -> dict[str, Any]:
     from tasks.catalog import Catalog
     from tasks.catalog.rundata import RunData
@@ -270,35 +259,22 @@ def bench_lora_quality(
     """A profile's finetunes full vs LoRA (module docstring). Figure: the spam
     classifier's test accuracy; the rest in ``details``."""
     from benchmarks.ollama_stub import OllamaStub
-    from gpt.paths import project_root
 
     mirror = mirror or os.environ.get("GPTFLOW_MIRROR")
     if not mirror:
         raise BenchSkipped(
             "lora_quality needs the inputs offline: pass --mirror FOLDER or set GPTFLOW_MIRROR"
         )
-    from flows.server import ensure_server
-
     profile = "smoke" if quick else "cpu"
-    ensure_server()
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 50")
     stub.start()
     try:
-        with tempfile.TemporaryDirectory(prefix="gptflow-bench-lora-") as tmp:
-            env = {
-                **os.environ,
-                "GPTFLOW_ARTIFACTS": str(Path(tmp) / "artifacts"),
-                "GPTFLOW_DATASETS": str(Path(tmp) / "datasets"),
-                "GPTFLOW_DB": str(Path(tmp) / "catalog.duckdb"),
-                "PYTHONPATH": os.pathsep.join(
-                    p for p in (str(project_root()), os.environ.get("PYTHONPATH", "")) if p
-                ),
-            }
+        with fresh_folders("gptflow-bench-lora-") as (folder, env):
             common = ["--profile", profile, "--mirror", mirror, "--set", f"judge.hosts={stub.host}"]
             lora = ["--set", "finetune_spam.lora=true", "--set", "finetune_instruct.lora=true"]
-            full_run = _pipeline(common, env, timeout)
-            lora_run = _pipeline([*common, *lora], env, timeout)
-            db = Path(tmp) / "catalog.duckdb"
+            full_run = completed_run(gptflow(["run", *common], env, timeout))
+            lora_run = completed_run(gptflow(["run", *common, *lora], env, timeout))
+            db = folder / "catalog.duckdb"
             full, low = _finetune_figures(db, full_run), _finetune_figures(db, lora_run)
     finally:
         stub.stop()

@@ -5,30 +5,19 @@ look-ups) against the first one, in a fresh artifacts/datasets/catalog folder.""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.core import BenchResult, BenchSkipped, spread
+from benchmarks.core import BenchResult, BenchSkipped, completed_run, fresh_folders, gptflow, spread
 
 __all__ = ["bench_pipeline_rerun"]
 
 
-def _gptflow_run(args: list[str], env: dict[str, str], timeout: float) -> tuple[float, str]:
-    """Wall seconds and stdout of one ``gptflow run`` process."""
-    cmd = [sys.executable, "-m", "flows.cli", "run", *args]
+def _timed_run(args: list[str], env: dict[str, str], timeout: float) -> tuple[float, str]:
+    """Wall seconds and stdout of one ``gptflow`` process."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"`gptflow run {' '.join(args)}` failed (exit {proc.returncode}): "
-            f"{(proc.stdout + proc.stderr).strip()[-1500:]}"
-        )
-    return seconds, proc.stdout
+    out = gptflow(args, env, timeout)
+    return time.perf_counter() - t0, out
 
 
 def bench_pipeline_rerun(
@@ -38,7 +27,6 @@ def bench_pipeline_rerun(
     against the local Prefect server; ``quick``: one pair, else two (each pair in a fresh
     folder). Recomputed stages of the second run come from the catalog."""
     from benchmarks.ollama_stub import OllamaStub
-    from gpt.paths import project_root
 
     mirror = mirror or os.environ.get("GPTFLOW_MIRROR")
     if not mirror:
@@ -47,43 +35,22 @@ def bench_pipeline_rerun(
         )
     if not mirror.startswith(("http://", "https://")) and not Path(mirror).is_dir():
         raise BenchSkipped(f"pipeline_rerun: mirror folder {mirror} does not exist")
-    from flows.server import ensure_server
     from tasks.catalog import Catalog
 
-    ensure_server()  # started once here, so neither timed run pays for it
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 80")
     stub.start()
     firsts: list[float] = []
     seconds: list[float] = []
     recomputed: list[list[str]] = []
     n_stages = 0
+    args = ["run", "--profile", "smoke", "--set", f"judge.hosts={stub.host}", "--mirror", mirror]
     try:
         for _ in range(1 if quick else 2):
-            with tempfile.TemporaryDirectory(prefix="gptflow-bench-pipe-") as tmp:
-                env = {
-                    **os.environ,
-                    "GPTFLOW_ARTIFACTS": str(Path(tmp) / "artifacts"),
-                    "GPTFLOW_DATASETS": str(Path(tmp) / "datasets"),
-                    "GPTFLOW_DB": str(Path(tmp) / "catalog.duckdb"),
-                    "PYTHONPATH": os.pathsep.join(
-                        p for p in (str(project_root()), os.environ.get("PYTHONPATH", "")) if p
-                    ),
-                }
-                args = [
-                    "--profile",
-                    "smoke",
-                    "--set",
-                    f"judge.hosts={stub.host}",
-                    "--mirror",
-                    mirror,
-                ]
-                first, _ = _gptflow_run(args, env, timeout)
-                second, out = _gptflow_run(args, env, timeout)
-                m = re.search(r"^run (\S+): completed", out, re.MULTILINE)
-                if m is None:
-                    raise RuntimeError(f"cannot find the run id in `gptflow run` output: {out!r}")
-                df = Catalog(Path(tmp) / "catalog.duckdb").query_df(
-                    "SELECT stage, cache_hit FROM stages WHERE run_id = ?", [m.group(1)]
+            with fresh_folders("gptflow-bench-pipe-") as (folder, env):
+                first, _ = _timed_run(args, env, timeout)
+                second, out = _timed_run(args, env, timeout)
+                df = Catalog(folder / "catalog.duckdb").query_df(
+                    "SELECT stage, cache_hit FROM stages WHERE run_id = ?", [completed_run(out)]
                 )
                 n_stages = len(df)
                 recomputed.append(

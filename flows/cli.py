@@ -35,6 +35,8 @@ class _Parser(argparse.ArgumentParser):
 #: Sub-command modules under ``flows.commands``, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "run",
+    "runs",
+    "environment",
     "deploy",
     "report",
     "download",
@@ -42,7 +44,7 @@ COMMAND_MODULES = [
     "classify",
     "convert_gpt2",
     "export",
-    "judge",
+    "judge_responses",
     "evals",
     "compare",
     "sql",
@@ -52,7 +54,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser with every available sub-command registered."""
+    """The full parser with every sub-command registered."""
     parser = _Parser(
         prog="gptflow",
         description="Build-a-GPT-from-scratch as a re-runnable Prefect pipeline.",
@@ -60,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"flows.commands.{name}")
-        except ModuleNotFoundError as exc:  # a command not written yet
-            if exc.name == f"flows.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"flows.commands.{name}").register(sub)
     for command in sub.choices.values():  # -v after the command name works too
         command.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"

@@ -33,18 +33,6 @@ from gpt.recipes.prepare import PrepareArgs
 from gpt.recipes.pretrain import PretrainArgs, windows_problem
 from tasks.catalog.settings import CatalogArgs
 
-__all__ = [
-    "DEFAULT_PROFILE",
-    "PROFILES_DIR",
-    "STAGES",
-    "PipelineConfig",
-    "available_profiles",
-    "build_config",
-    "config_to_dict",
-    "parse_override",
-]
-
-
 #: The stage that cannot be placed on a work pool (see ``PipelineConfig.placement``).
 UNPLACEABLE = "download"
 #: What a work pool name in ``placement`` may look like.

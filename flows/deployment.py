@@ -84,7 +84,8 @@ def check_parameters(spec: dict[str, Any]) -> int:
     ``overrides``, ``config``), so that a bad value in ``prefect.yaml`` is refused by
     ``gptflow deploy``, naming the deployment and the field, rather than by the scheduled
     run. Returns how many deployments were checked."""
-    from flows.config import DEFAULT_PROFILE, PipelineConfig, build_config
+    from flows.config import PipelineConfig, build_config
+    from flows.profiles import DEFAULT_PROFILE
     from gpt.errors import ConfigError
 
     checked = 0

@@ -1,14 +1,15 @@
 """The ``gptflow-judge`` flow: score responses already in the catalog with the Ollama
 judge, without rerunning the pipeline (the ``judge-rescore`` deployment runs it). It runs
-the pipeline's own judge stage (:mod:`tasks.stages.judge`), on the responses of
-``responses_run`` (default: the latest run holding responses).
+the pipeline's own judge stage (:mod:`tasks.stages.judge`) on the responses of
+``responses_run`` (default: the latest run holding responses), as a recorded run of its
+own (:class:`~flows.run_start.FlowRun`).
 
 - The judge settings come from the profile's ``judge`` section + ``--set`` overrides;
   the ``required`` parameter wins over the profile.
 - Resumes: only examples without a judgment under the same judge key are sent; a result
   already computed for the same responses and settings is a cache hit.
-- Records a run with a ``judge`` stage row under the flow run id and a table artifact of
-  the ``eval_summary`` row.
+- Records a ``judge`` stage row under the flow run id and table artifacts of the
+  ``eval_summary`` rows and the judges' agreement.
 - With ``required`` false an unreachable Ollama (or a missing model) ends the stage
   ``skipped`` (the task's state is named Skipped) with the fix recorded; with
   ``required`` true the flow fails with that message.
@@ -17,22 +18,21 @@ the pipeline's own judge stage (:mod:`tasks.stages.judge`), on the responses of
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
-from prefect.runtime import flow_run
+from prefect.states import State
 from pydantic import StrictBool, StrictStr
 
-from flows.config import DEFAULT_PROFILE, build_config, config_to_dict
-from flows.pipeline import crashed_state, git_revision, make_context, record_failed_start
-from flows.run_logs import route_library_logs
-from gpt.errors import DataError, GPTFlowError
+from flows.config import build_config
+from flows.profiles import DEFAULT_PROFILE
+from flows.report.build import publish_table
+from flows.run_start import FlowRun
+from gpt.errors import DataError
 from tasks.cache import StageOutput
 from tasks.catalog import Catalog
+from tasks.catalog.lookup import resolve_run
 from tasks.flow_tasks import skipped_info, stage_task
-from tasks.stages.base import plain
 from tasks.stages.judge import responses_input
 
 
@@ -58,69 +58,57 @@ def gptflow_judge(
     overrides: list[StrictStr] | None = None,
     required: StrictBool = True,
     force: StrictBool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Score stored responses with the Ollama judge. ``responses_run``: the run whose
-    responses to judge (default: the latest one holding responses); ``profile`` +
-    ``overrides`` (``judge.field=value``) set the judge; ``required`` false turns an
-    unavailable judge into a skipped stage instead of a failed flow; ``force`` scores
-    every example again."""
-    log = get_run_logger()
-    route_library_logs()  # the judge's own INFO lines reach this run's logs
-    run_id = str(flow_run.get_id() or os.urandom(8).hex())
-    try:
-        cfg = build_config(profile, [*(overrides or []), f"judge.required={json.dumps(required)}"])
-        ctx = make_context(cfg, run_id, force=["judge"] if force else [], progress=False)
-    except GPTFlowError as exc:  # bad settings in a started flow run: a failed run too
-        record_failed_start(run_id, profile, exc)
-        raise
-    cat = ctx.catalog
-    rec = ctx.recorder
-    try:
-        with rec.running(
-            run_id,
-            flow_run_id=run_id,
-            profile=cfg.profile,
-            config=config_to_dict(cfg),
-            git_rev=git_revision(),
-        ):
-            target = responses_run or latest_responses_run(cat)
-            log.info(
-                "run %s: judging the responses of run %s with %s",
-                run_id,
-                target,
-                ", ".join(cfg.judge.models),
-            )
-            judged = stage_task("judge")(
-                ctx, cfg.judge, extract_responses=responses_input(cat, target)
-            )
-    except BaseException as exc:
-        return crashed_state(exc)  # the worker died: the flow run is Crashed, saying so
+    responses to judge, by its id or a unique prefix (default: the latest one holding
+    responses); ``profile`` + ``overrides`` (``judge.field=value``) set the judge;
+    ``required`` false turns an unavailable judge into a skipped stage instead of a
+    failed flow; ``force`` scores every example again."""
+    run = FlowRun.start(
+        profile,
+        lambda: build_config(
+            profile, [*(overrides or []), f"judge.required={json.dumps(required)}"]
+        ),
+        force=["judge"] if force else [],
+        progress=False,
+    )
+    cat = run.ctx.catalog
+
+    def judge() -> tuple[str, Any]:
+        target = resolve_run(cat, responses_run) if responses_run else latest_responses_run(cat)
+        get_run_logger().info(
+            "run %s: judging the responses of run %s with %s",
+            run.run_id,
+            target,
+            ", ".join(run.cfg.judge.models),
+        )
+        task = stage_task("judge")
+        return target, task(run.ctx, run.cfg.judge, extract_responses=responses_input(cat, target))
+
+    done = run.record(judge)
+    if isinstance(done, State):
+        return done  # the worker died: the flow run is Crashed, saying so
+    target, judged = done
     skipped = skipped_info(judged)
     if skipped is not None or not isinstance(judged, StageOutput):  # the reason and the fix
-        return {**(skipped or {}), "run_id": run_id, "responses_run_id": target}
+        return {**(skipped or {}), "run_id": run.run_id, "responses_run_id": target}
     out = judged.data
-    rows = out.get("summary") or []  # plain JSON values (a stage result)
-    if rows:
-        create_table_artifact(
-            key="eval-summary",
-            table=rows,
-            description=(
-                f"Judge scores of run `{target}` by "
-                f"{', '.join(f'`{m}`' for m in out['judge_models'])} "
-                f"(prompt {out['prompt_version']}, {out['repeats']} repeat(s))"
-                + (" — cached result" if judged.cache_hit else f": {out['n_sent']} sent")
-            ),
-        )
-    agreement = cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [run_id])
-    if not agreement.empty:
-        create_table_artifact(
-            key="judge-agreement",
-            table=plain(agreement.to_dict("records")),
-            description=f"Agreement between the judge models on run `{target}`.",
-        )
+    models = ", ".join(f"`{m}`" for m in out["judge_models"])
+    how = " — cached result" if judged.cache_hit else f": {out['n_sent']} sent"
+    publish_table(
+        "eval-summary",
+        out.get("summary") or [],
+        f"Judge scores of run `{target}` by {models} (prompt {out['prompt_version']}, "
+        f"{out['repeats']} repeat(s)){how}",
+    )
+    publish_table(
+        "judge-agreement",
+        cat.query_df("SELECT * FROM judge_agreement WHERE run_id = ?", [run.run_id]),
+        f"Agreement between the judge models on run `{target}`.",
+    )
     return {
         **out,
-        "run_id": run_id,
+        "run_id": run.run_id,
         "status": "cached" if judged.cache_hit else "completed",
         "cache_hit": judged.cache_hit,
     }

@@ -4,11 +4,11 @@ in the flow run's logs, wherever the flow runs.
 Prefect sends a logger's records to its API only when that logger has Prefect's API
 handler, and Python drops a record before any handler sees it when the logger's effective
 level is above the record's. ``PREFECT_LOGGING_EXTRA_LOGGERS`` attaches the handler but
-leaves the level alone: under ``gptflow run`` the CLI has set the root logger to INFO, so
-the lines arrive; in the process a Prefect worker starts for a deployment run, Prefect's
-logging config leaves the root logger at WARNING, so every INFO line of ``gpt.*`` and
-``tasks.*`` was dropped. :func:`route_library_logs`, called when a flow starts, fixes both
-for every deployment, whatever its ``job_variables``.
+leaves the level alone: under ``gptflow run`` the CLI sets the root logger to INFO, so the lines
+arrive; in the process a Prefect worker starts for a deployment run, Prefect's logging
+config leaves the root logger at WARNING, which would drop every INFO line of ``gpt.*``
+and ``tasks.*``. :func:`route_library_logs`, called when a flow starts, sets both up for
+every deployment, whatever its ``job_variables``.
 
 It also keeps a user error (a :class:`~gpt.errors.GPTFlowError`: a bad override, a missing
 input, a damaged checkpoint) to one ERROR line in the run's logs: Prefect reports an

@@ -90,16 +90,22 @@ def local_api_url() -> str:
     return f"http://{DEFAULT_HOST}:{port}/api"
 
 
-def configure_env() -> str:
-    """Set Prefect's environment for this process (keeping values the user set) and
-    return the API URL in use. Must run before ``prefect`` is imported."""
-    paths = server_paths()
-    defaults = {
-        "PREFECT_HOME": str(paths.home),
-        "PREFECT_API_URL": local_api_url(),
+def _prefect_env(api_url: str) -> dict[str, str]:
+    """Prefect's settings for the managed server and the processes that talk to it."""
+    return {
+        "PREFECT_HOME": str(server_paths().home),
+        "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_CLI_PROMPT": "false",
+    }
+
+
+def configure_env() -> str:
+    """Set Prefect's environment for this process (keeping values the user set) and
+    return the API URL in use. Must run before ``prefect`` is imported."""
+    defaults = {
+        **_prefect_env(local_api_url()),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(artifacts_dir() / "prefect-results"),
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         # the library's own loggers reach the flow run's logs in the UI too
@@ -120,20 +126,14 @@ def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 
 def _server_env(api_url: str) -> dict[str, str]:
-    env = dict(os.environ)
-    paths = server_paths()
-    env.update(
-        PREFECT_HOME=str(paths.home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        DO_NOT_TRACK="1",
-        PREFECT_CLI_PROMPT="false",
-        PREFECT_API_URL=api_url,
+    return {
+        **os.environ,
+        **_prefect_env(api_url),
         # the UI's own calls: without this, a server on another port than 4200 serves a UI
         # that asks port 4200 and shows "Oops. Something went wrong." (a user's own value
         # wins: a server reached from other machines needs its public address here)
-        PREFECT_UI_API_URL=os.environ.get("PREFECT_UI_API_URL") or api_url,
-    )
-    return env
+        "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or api_url,
+    }
 
 
 def _prefect_cmd(*args: str) -> list[str]:

@@ -5,9 +5,9 @@ The pipeline starts it (``tasks.placement.run_placed``) for each stage its
 ``prefect.yaml``. Everything it needs arrives as JSON parameters: the stage, its settings
 section, the run's context and the input stages' results (where their folders are, their
 digests, their typed results), plus the key and code fingerprint the flow computed. It
-refuses to run when this machine computes another key; otherwise it runs the stage
-exactly as the flow would, and reports back through the shared artifacts folder (not
-through Prefect's results).
+refuses to run when this machine computes another key; otherwise it runs the stage the
+way the flow does in its own process, and reports back through the shared artifacts
+folder (not through Prefect's results).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ asked not to, merges it (:func:`gpt.lora.merge_lora`) — so every reader of che
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -211,11 +212,12 @@ def build_adapted_model(
     map_location: str | torch.device,
     merge: bool,
     base: str | Path | None = None,
+    load_base: Callable[..., Any],
 ) -> GPT:
     """The model a LoRA checkpoint describes: its verified base with ``tensors`` (the
     folder's ``adapter.safetensors``) put on, merged when ``merge`` (else with trainable
-    adapters, as training left it)."""
-    from gpt.checkpoint import load_checkpoint
+    adapters, as training left it). ``load_base`` loads the base folder (the
+    checkpoint loader, passed in: it is the caller)."""
 
     if info.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(
@@ -223,7 +225,7 @@ def build_adapted_model(
             f"(expected {ADAPTER_FORMAT})"
         )
     base_dir = _find_base(folder, info["base"], base)
-    base_ck = load_checkpoint(base_dir, map_location=map_location)
+    base_ck = load_base(base_dir, map_location=map_location)
     if base_ck.kind != "lm" or base_ck.config.replace(drop_rate=cfg.drop_rate) != cfg:
         raise CheckpointError(
             f"{folder} does not fit its base {base_dir}: the architectures differ "

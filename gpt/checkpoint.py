@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpt.adapter import ADAPTER_WEIGHTS, adapter_payload, base_of, base_record, build_adapted_model
+from gpt.checkpoint_io import (
+    fsync_dir,
+    fsync_file,
+    join_tensors,
+    load_optimizer,
+    load_safetensors,
+    old_versions,
+    read_json,
+    remove_stale_olds,
+    restore_swapped,
+    split_tensors,
+    swap_in,
+    write_json,
+)
 from gpt.errors import CheckpointError, ConfigError
 from gpt.fileio import save_safetensors
 from gpt.fileio import sha256_file as _sha256
@@ -71,8 +85,6 @@ RECORD = "record.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe")
 ADAPTER = "adapter.safetensors"  # in place of model.safetensors in a LoRA folder (gpt.adapter)
-_TENSOR_REF = "__tensor__"
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass
@@ -110,69 +122,11 @@ class LoadedCheckpoint:
 # --------------------------------------------------------------------------- helpers
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=True)
-    except TypeError as exc:
-        raise CheckpointError(
-            f"cannot store {path.name}: value is not JSON-serializable ({exc})"
-        ) from exc
-    path.write_text(text + "\n", encoding="utf-8")
-
-
 def _unwrap(model: nn.Module) -> GPT:
     inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if not isinstance(inner, GPT):
         raise CheckpointError(f"save_checkpoint needs a gpt.model.GPT, got {type(model).__name__}")
     return inner
-
-
-def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
-    """Replace tensors inside nested dicts/lists by references; collect them in ``tensors``."""
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
-        return {_TENSOR_REF: prefix}
-    if isinstance(obj, dict):
-        return {str(k): _split_tensors(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_split_tensors(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
-    return obj
-
-
-def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {_TENSOR_REF}:
-            key = obj[_TENSOR_REF]
-            if key not in tensors:
-                raise CheckpointError(
-                    f"{TRAINER_TENSORS} lacks tensor {key!r} named in {TRAINER_STATE}"
-                )
-            return tensors[key]
-        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_join_tensors(v, tensors) for v in obj]
-    return obj
 
 
 def _model_kind(model: GPT) -> tuple[str, int | None]:
@@ -224,8 +178,6 @@ def save_checkpoint(
         files: list[Path] = []
 
         # weights
-        from gpt.adapter import ADAPTER_WEIGHTS, adapter_payload
-
         tied = gpt.is_tied
         adapter = adapter_payload(gpt, target)  # LoRA: the adapter alone (gpt.adapter)
         weights = WEIGHTS if adapter is None else ADAPTER_WEIGHTS
@@ -243,8 +195,6 @@ def save_checkpoint(
 
         config: dict[str, Any] = {**gpt.cfg.to_dict(), "kind": kind, "tied_head": tied}
         if adapter is not None:
-            from gpt.adapter import base_record
-
             config["adapter"] = adapter[1]
             record = {**(record or {}), **base_record(gpt)}  # where the base was: a fact
         if kind == "classifier":
@@ -257,9 +207,9 @@ def save_checkpoint(
                         f"labels {lab} do not match the classifier's {num_classes} outputs"
                     )
                 config["labels"] = lab
-        _write_json(tmp / CONFIG, config)
-        _write_json(tmp / HPARAMS, hparams or {})
-        _write_json(tmp / META, meta or {})
+        write_json(tmp / CONFIG, config)
+        write_json(tmp / HPARAMS, hparams or {})
+        write_json(tmp / META, meta or {})
         files += [tmp / CONFIG, tmp / HPARAMS, tmp / META]
 
         if optimizer is not None:
@@ -272,8 +222,8 @@ def save_checkpoint(
 
         if extra_state is not None:
             tensors: dict[str, torch.Tensor] = {}
-            plain = _split_tensors(dict(extra_state), tensors, "state")
-            _write_json(tmp / TRAINER_STATE, plain)
+            plain = split_tensors(dict(extra_state), tensors, "state")
+            write_json(tmp / TRAINER_STATE, plain)
             files.append(tmp / TRAINER_STATE)
             if tensors:
                 save_safetensors(tensors, tmp / TRAINER_TENSORS)
@@ -295,20 +245,20 @@ def save_checkpoint(
                 for f in files
             },
         }
-        _write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, manifest)
         written = [*files, tmp / MANIFEST]
         if record:
-            _write_json(tmp / RECORD, record)
+            write_json(tmp / RECORD, record)
             written.append(tmp / RECORD)
         for f in written:
-            _fsync_file(f)
-        _fsync_dir(tmp)
+            fsync_file(f)
+        fsync_dir(tmp)
 
         if target.exists():
-            _swap_in(tmp, target)
+            swap_in(tmp, target)
         else:
             os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -318,92 +268,17 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _remove_stale_olds(target)
+    remove_stale_olds(target)
     log.info("saved %s checkpoint to %s", kind, target)
     return target
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Replace the folder ``target`` by the complete folder ``tmp``.
-
-    ``target`` is renamed aside to ``.NAME.old-*`` first, then ``tmp`` renamed in. When
-    the second rename fails the old folder is renamed back. A process killed between
-    the two renames leaves only ``.NAME.old-*``: :func:`recover_checkpoint` (called on
-    load) puts it back.
-    """
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except Exception as exc:  # a kill (BaseException) is left to recover_checkpoint
-        try:
-            os.rename(old, target)
-        except OSError as back:
-            raise CheckpointError(
-                f"cannot write checkpoint {target}: moving the new version into place "
-                f"failed ({exc}) and so did moving the previous one back ({back}); the "
-                f"previous checkpoint is intact at {old} and is restored on the next load"
-            ) from exc
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _old_versions(path: Path) -> list[Path]:
-    """``.NAME.old-*`` siblings of ``path`` (left by an interrupted swap), newest first."""
-    if not path.parent.is_dir():
-        return []
-    olds = [p for p in path.parent.glob(f".{path.name}.old-*") if p.is_dir()]
-
-    def mtime(p: Path) -> float:
-        try:
-            return p.stat().st_mtime
-        except OSError:
-            return 0.0
-
-    return sorted(olds, key=mtime, reverse=True)
-
-
-def _remove_stale_olds(target: Path) -> None:
-    for old in _old_versions(target):
-        log.info("removing %s, left by an interrupted checkpoint save", old)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def recover_checkpoint(dir: str | Path) -> Path | None:
-    """Undo an interrupted :func:`save_checkpoint` swap.
-
-    When ``dir`` is missing but a save killed between its two renames left the previous
-    checkpoint aside as ``.NAME.old-*`` (complete: verified against its manifest), that
-    folder is renamed back to ``dir`` (with a warning). Returns ``dir`` when a checkpoint
-    folder is (now) there, else None.
-    """
-    path = Path(dir).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or path.is_symlink():
-        return None
-    for old in _old_versions(path):
-        try:
-            verify_checkpoint(old)
-        except CheckpointError as exc:
-            log.warning("not restoring %s: %s", old, exc)
-            continue
-        try:
-            os.rename(old, path)
-        except OSError as exc:
-            raise CheckpointError(
-                f"checkpoint folder {path} is missing and restoring the previous version "
-                f"from {old} failed ({exc}); rename it to {path.name} by hand"
-            ) from exc
-        _fsync_dir(path.parent)
-        log.warning(
-            "checkpoint folder %s was missing (a save was interrupted); restored the "
-            "previous checkpoint from %s",
-            path,
-            old,
-        )
-        return path
-    return None
+    """Undo an interrupted :func:`save_checkpoint` swap: when ``dir`` is missing but a
+    save killed between its two renames left the previous checkpoint aside (complete:
+    verified against its manifest), it is renamed back. Returns ``dir`` when a checkpoint
+    folder is (now) there, else None."""
+    return restore_swapped(dir, verify_checkpoint)
 
 
 # --------------------------------------------------------------------------- load
@@ -412,20 +287,11 @@ def recover_checkpoint(dir: str | Path) -> Path | None:
 def _require_dir(path: Path) -> None:
     if recover_checkpoint(path) is not None:
         return
-    olds = _old_versions(path)
+    olds = old_versions(path)
     hint = (
         f" (an interrupted save left an incomplete previous version at {olds[0]})" if olds else ""
     )
     raise CheckpointError(f"checkpoint folder {path} does not exist{hint}")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint file {path} is missing") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint file {path} is not valid JSON ({exc})") from exc
 
 
 def verify_checkpoint(dir: str | Path) -> dict[str, Any]:
@@ -433,7 +299,7 @@ def verify_checkpoint(dir: str | Path) -> dict[str, Any]:
     manifest. Raises :class:`CheckpointError` naming the first bad file."""
     path = Path(dir).expanduser()
     _require_dir(path)
-    manifest = _read_json(path / MANIFEST)
+    manifest = read_json(path / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path / MANIFEST} is not a {CHECKPOINT_FORMAT} manifest; re-save the checkpoint"
@@ -465,50 +331,10 @@ def read_checkpoint_config(dir: str | Path) -> dict[str, Any]:
     """config.json of a checkpoint (cheap: no weights are read, nothing verified)."""
     path = Path(dir).expanduser()
     _require_dir(path)
-    cfg = _read_json(path / CONFIG)
+    cfg = read_json(path / CONFIG)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path / CONFIG} must hold a JSON object")
     return cfg
-
-
-def _check_safetensors_header(f: Path) -> None:
-    """Refuse anything that is not a safetensors file (pickles, zips, garbage) before
-    handing it to the safetensors parser."""
-    size = f.stat().st_size
-    with f.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{f} is truncated: not a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            kind = (
-                "a pickle"
-                if head[:1] == b"\x80"
-                else "a zip (torch.save)"
-                if head[:2] == b"PK"
-                else "not safetensors"
-            )
-            raise CheckpointError(
-                f"{f} is not a valid safetensors file (looks like {kind}); refusing to load it"
-            )
-        header = fh.read(n)
-    try:
-        meta = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{f} has a corrupt safetensors header ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{f} has a corrupt safetensors header")
-
-
-def _load_safetensors(f: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    _check_safetensors_header(f)
-    try:
-        return load_file(str(f), device=str(device))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read {f}: {exc}") from exc
 
 
 def load_checkpoint(
@@ -550,41 +376,42 @@ def load_checkpoint(
         raise CheckpointError(f"{path / CONFIG}: classifier checkpoint needs num_classes")
 
     if adapter is not None:
-        from gpt.adapter import build_adapted_model
-
         model = build_adapted_model(
             path,
             adapter,
             cfg,
-            _load_safetensors(path / ADAPTER, map_location),
+            load_safetensors(path / ADAPTER, map_location),
             num_classes=int(num_classes) if kind == "classifier" else None,
             map_location=map_location,
             merge=merge,
             base=base,
+            load_base=load_checkpoint,
         )
     else:
         model = _load_model(path, cfg, kind, num_classes, map_location)
 
-    hparams = _read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
-    meta = _read_json(path / META) if (path / META).exists() else {}
+    hparams = read_json(path / HPARAMS) if (path / HPARAMS).exists() else {}
+    meta = read_json(path / META) if (path / META).exists() else {}
 
     trainer_state = None
     if (path / TRAINER_STATE).exists():
         tensors = (
-            _load_safetensors(path / TRAINER_TENSORS, "cpu")
+            load_safetensors(path / TRAINER_TENSORS, "cpu")
             if (path / TRAINER_TENSORS).exists()
             else {}
         )
-        trainer_state = _join_tensors(_read_json(path / TRAINER_STATE), tensors)
+        trainer_state = join_tensors(
+            read_json(path / TRAINER_STATE),
+            tensors,
+            f"{TRAINER_TENSORS} lacks tensor {{key}} named in {TRAINER_STATE}",
+        )
 
     optimizer_state = None
     if with_optimizer and (path / OPTIMIZER).exists():
-        optimizer_state = _load_optimizer(path / OPTIMIZER, map_location)
+        optimizer_state = load_optimizer(path / OPTIMIZER, map_location)
 
     tok = path / TOKENIZER_DIR
     if adapter is not None and not (tok / TOKENIZER_FILES[0]).is_file():
-        from gpt.adapter import base_of
-
         tok = Path(base_of(model)["path"]) / TOKENIZER_DIR  # a LoRA folder: its base's
     tokenizer_dir = tok if all((tok / n).is_file() for n in TOKENIZER_FILES) else None
     return LoadedCheckpoint(
@@ -608,7 +435,7 @@ def _load_model(
     path: Path, cfg: GPTConfig, kind: str, num_classes: Any, map_location: str | torch.device
 ) -> GPT:
     """The model of a full checkpoint folder (model.safetensors), in eval mode."""
-    state = _load_safetensors(path / WEIGHTS, map_location)
+    state = load_safetensors(path / WEIGHTS, map_location)
     with torch.device("meta"):
         model = GPT(cfg)
         if kind == "classifier":
@@ -652,7 +479,7 @@ def weights_sha256(dir: str | Path) -> str:
     two artifacts folders holding the same model)."""
     path = Path(dir).expanduser()
     _require_dir(path)
-    manifest = _read_json(path / MANIFEST)
+    manifest = read_json(path / MANIFEST)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     entry = (files.get(WEIGHTS) or files.get(ADAPTER)) if isinstance(files, dict) else None
     sha = entry.get("sha256") if isinstance(entry, dict) else None
@@ -661,18 +488,3 @@ def weights_sha256(dir: str | Path) -> str:
             f"{path / MANIFEST} lists neither {WEIGHTS} nor {ADAPTER}; re-save the checkpoint"
         )
     return sha
-
-
-def _load_optimizer(f: Path, map_location: str | torch.device) -> dict[str, Any]:
-    import pickle
-
-    try:
-        state = torch.load(f, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-        raise CheckpointError(
-            f"refusing to load {f}: not a plain optimizer state_dict "
-            f"(weights_only load failed: {str(exc).splitlines()[0] if str(exc) else exc!r})"
-        ) from exc
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{f} does not hold an optimizer state_dict")
-    return state

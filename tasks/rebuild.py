@@ -106,7 +106,13 @@ def rebuild_catalog(
     catalog: Catalog, artifacts: str | Path, *, verify: bool = True
 ) -> RebuildReport:
     """Replay the run records and every committed stage folder under ``artifacts`` (a
-    folder or an object-store URL) into ``catalog`` (created and migrated if needed)."""
+    folder or an object-store URL) into ``catalog`` (created and migrated if needed), on
+    one connection (a transaction per run record and per folder)."""
+    with catalog.held():
+        return _replay(catalog, artifacts, verify=verify)
+
+
+def _replay(catalog: Catalog, artifacts: str | Path, *, verify: bool) -> RebuildReport:
     report = RebuildReport()
     catalog.migrate()
     remote = is_remote(artifacts)

@@ -179,12 +179,10 @@ def _schema_connection() -> duckdb.DuckDBPyConnection:
 
 def _load_into(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
     """Insert rows the way the catalog does (same normalisation and casts)."""
-    from tasks.catalog import Catalog
+    from tasks.catalog.tables import insert_frame, table_columns, typed_frame
 
-    helper = Catalog(path="(in-memory rows)")
-    cols = helper._columns(con, table)
-    df = helper._frame(table, rows, cols)
-    helper._insert_df(con, table, df, cols)
+    cols = table_columns(con, table)
+    insert_frame(con, table, typed_frame(table, rows, cols, "(in-memory rows)"), cols)
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -220,6 +218,8 @@ def ingest(catalog: Catalog, folder: Path, rows_meta: Mapping[str, Mapping[str, 
 
 def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Tables whose scope in the catalog does not hold the folder's row count."""
+    from tasks.catalog.tables import match
+
     if not rows_meta:
         return []
     if not catalog.exists():
@@ -228,8 +228,9 @@ def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]])
     for table, meta in sorted(rows_meta.items()):
         conds, params = [], []
         for scope in [_scope(table, x) for x in meta["scopes"]]:
-            conds.append("(" + " AND ".join(f'"{c}" IS NOT DISTINCT FROM ?' for c in scope) + ")")
-            params += list(scope.values())
+            cond, values = match(scope)
+            conds.append(f"({cond})")
+            params += values
         sql = f"SELECT count(*) AS n FROM {table} WHERE {' OR '.join(conds) or 'false'}"
         try:
             n = int(catalog.query_df(sql, params).n.iloc[0])

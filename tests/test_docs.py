@@ -322,7 +322,8 @@ def settings_problem(command: Command) -> str | None:
     (None: they do, or they are placeholders)."""
     if command.words[0] not in ("run", "rerun") or command.fails:
         return None
-    from flows.config import DEFAULT_PROFILE, build_config
+    from flows.config import build_config
+    from flows.profiles import DEFAULT_PROFILE
     from gpt.errors import ConfigError
 
     words = list(command.words)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.names import ALL, SUITE, VS_BOOK
-from flows.commands import add_db_arg
+from flows.commands import add_db_arg, print_df
+from flows.report import fmt
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,15 +86,7 @@ def _tokenizer_dir(mirror: str | None) -> Path | None:
 
 
 def _fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if x == 0 or 0.01 <= abs(x) < 1e5:
-            return f"{x:.3g}" if abs(x) < 10 else f"{x:,.1f}"
-        return f"{x:.3g}"
-    return str(x)
+    return "-" if x is None else fmt.yes_no(x) if isinstance(x, bool) else fmt.number(x)
 
 
 def _range(r: dict[str, Any]) -> str:
@@ -103,9 +99,10 @@ def _range(r: dict[str, Any]) -> str:
     return " / ".join(parts) or "-"
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of benchmark rows (medians; min-max of each side's repeats)."""
-    head = ["name", "baseline", "optimized", "ratio", "unit", "min-max", "target", "met"]
+def format_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The benchmark rows for people (medians; min-max of each side's repeats)."""
+    import pandas as pd
+
     cells = [
         [
             r["name"],
@@ -119,18 +116,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    widths = [
-        max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)
-    ]
-    right = {1, 2, 3}
-
-    def line(vals: list[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if i in right else v.ljust(w)
-            for i, (v, w) in enumerate(zip(vals, widths, strict=True))
-        )
-
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+    head = ["name", "baseline", "optimized", "ratio", "unit", "min-max", "target", "met"]
+    return pd.DataFrame(cells, columns=head)
 
 
 def _mfu_note(rows: list[dict[str, Any]]) -> str | None:
@@ -206,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     print()
-    print(format_table(rows))
+    print_df(format_table(rows), uncut={"min-max", "target"})
     book = [r for r in rows if r["name"] in VS_BOOK]
     if book:
         print("\nside by side with the book's package (same inputs, same weights):")
@@ -255,11 +242,7 @@ def run(args: argparse.Namespace) -> int:
                     "hardware": hw,
                     "details": {
                         **r["details"],
-                        "target": r["target"],
-                        "met": r["met"],
-                        "method": r["method"],
-                        "spread": r["spread"],
-                        "workload": r["workload"],
+                        **{k: r[k] for k in ("target", "met", "method", "spread", "workload")},
                         "quick": bool(args.quick),
                     },
                     "time": now,

@@ -4,11 +4,10 @@ more than noise."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from flows.commands import add_db_arg, write_line
+from flows.commands import add_db_arg, add_format_arg, sections_text, write_line
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compare`` sub-command."""
+    from gpt.eval.gates import DEFAULT_MIN_EXAMPLES
     from gpt.eval.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 
     parser = subparsers.add_parser(
@@ -31,15 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "headline metrics side by side; spam examples whose finetuned prediction "
             "flipped, McNemar's exact test A vs B and finetuned vs the best baseline of "
             "each run; judge score deltas per example, the paired bootstrap interval of "
-            "the mean difference and the largest regressions. Cached stages are read "
+            "the mean difference with a verdict (given as many paired examples as the judge "
+            "gate needs) and the largest regressions. Cached stages are read "
             "from the run that computed them; a run lacking a section gets a note."
         ),
     )
     parser.add_argument("run_a", nargs="?", default=None, metavar="RUN_A")
     parser.add_argument("run_b", nargs="?", default=None, metavar="RUN_B")
-    parser.add_argument(
-        "--format", choices=["table", "csv", "json"], default="table", help="default: table"
-    )
+    add_format_arg(parser)
     parser.add_argument(
         "--top", type=int, default=5, help="largest judge regressions shown (default: 5)"
     )
@@ -58,15 +57,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help=f"bootstrap seed (default: {DEFAULT_SEED})"
     )
+    parser.add_argument(
+        "--min-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="paired examples a judge verdict needs; with fewer it says 'not enough data' "
+        "(default: run B's gates.judge_min_examples, else "
+        f"{DEFAULT_MIN_EXAMPLES} as the judge gate)",
+    )
     add_db_arg(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compare the runs and print the sections in the chosen format."""
+    """Compare the runs and print the sections in the chosen format (every table of
+    :class:`~tasks.catalog.compare.Comparison`, in its order)."""
+    import dataclasses
+
+    import pandas as pd
+
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
     from tasks.catalog.compare import compare_runs, pick_runs
+    from tasks.catalog.present import _jsonable
 
     if args.top < 0:
         raise ConfigError(f"--top must be >= 0, got {args.top}")
@@ -74,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resamples must be >= 1, got {args.resamples}")
     if not 0 < args.confidence < 1:
         raise ConfigError(f"--confidence must lie between 0 and 1, got {args.confidence}")
+    if args.min_examples is not None and args.min_examples < 1:
+        raise ConfigError(f"--min-examples must be >= 1, got {args.min_examples}")
     cat = Catalog(args.db, snapshot=True)
     if cat.exists():
         cat.migrate()  # an older catalog gains the views the comparison reads
@@ -86,60 +102,23 @@ def run(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         seed=args.seed,
         top=args.top,
+        min_examples=args.min_examples,
     )
+    if args.format == "table":
+        write_line(as_table(comp).removesuffix("\n"))
+        return 0
+    tables = {f.name: getattr(comp, f.name) for f in dataclasses.fields(comp)}
+    sections = {name: t for name, t in tables.items() if isinstance(t, pd.DataFrame)}
     if args.format == "json":
-        sys.stdout.write(json.dumps(as_json(comp), indent=2, ensure_ascii=False) + "\n")
-    elif args.format == "csv":
-        sys.stdout.write(as_csv(comp))
+        meta = {
+            **{k: {f: _jsonable(v) for f, v in i.items() if f != "config"}
+               for k, i in (("a", comp.run_a), ("b", comp.run_b))},
+            "settings": comp.settings,
+        }  # fmt: skip
     else:
-        for line in as_table(comp).splitlines():
-            write_line(line)
+        meta = {"runs": f"a={comp.run_a['run_id']} b={comp.run_b['run_id']}"}
+    sys.stdout.write(sections_text(args.format, sections, meta=meta, notes=comp.notes))
     return 0
-
-
-def _sections(comp: Comparison) -> list[tuple[str, pd.DataFrame]]:
-    return [
-        ("config", comp.config),
-        ("metrics", comp.metrics),
-        ("spam_flips", comp.spam_flips),
-        ("spam_tests", comp.spam_tests),
-        ("judge", comp.judge),
-        ("judge_deltas", comp.judge_deltas),
-        ("judge_regressions", comp.judge_regressions),
-    ]
-
-
-def _run_meta(info: dict[str, Any]) -> dict[str, Any]:
-    from tasks.catalog.present import _jsonable
-
-    return {k: _jsonable(v) for k, v in info.items() if k != "config"}
-
-
-def as_json(comp: Comparison) -> dict[str, Any]:
-    """The comparison as one JSON object (sections as lists of row objects)."""
-    from tasks.catalog.present import format_df
-
-    out: dict[str, Any] = {
-        "a": _run_meta(comp.run_a),
-        "b": _run_meta(comp.run_b),
-        "settings": comp.settings,
-    }
-    for name, df in _sections(comp):
-        out[name] = json.loads(format_df(df, "json"))
-    out["notes"] = comp.notes
-    return out
-
-
-def as_csv(comp: Comparison) -> str:
-    """Each section as a CSV block under a ``# section`` line."""
-    from tasks.catalog.present import format_df
-
-    parts = [f"# runs: a={comp.run_a['run_id']} b={comp.run_b['run_id']}\n"]
-    for name, df in _sections(comp):
-        parts.append(f"# {name}\n" + format_df(df, "csv") + "\n")
-    for note in comp.notes:
-        parts.append(f"# note: {note}\n")
-    return "".join(parts)
 
 
 def _run_line(tag: str, info: dict[str, Any]) -> str:
@@ -157,31 +136,23 @@ def _run_line(tag: str, info: dict[str, Any]) -> str:
 
 
 def _regression_blocks(df: pd.DataFrame) -> list[str]:
-    import textwrap
+    """Each regression: the scores, then its texts on one line each (an empty input is
+    left out)."""
+    from flows.report import fmt
 
-    def plain(text: Any) -> str:  # NULL / NaN → ""; whitespace runs → one space
-        return "" if text is None or text != text else " ".join(str(text).split())
-
-    def cut(text: Any, width: int = 300) -> str:
-        s = plain(text)
-        return textwrap.shorten(s, width, placeholder=" …") if s else "(empty)"
-
+    labels = {"instruction": "instruction", "input": "input", "reference": "reference",
+              "response_a": "response A", "response_b": "response B"}  # fmt: skip
     lines: list[str] = []
     for r in df.to_dict("records"):
         lines.append(
             f"- {r['judge_model']} {r['prompt_version']} example {r['example_id']}: "
             f"{r['score_a']:g} → {r['score_b']:g} ({r['delta']:+g})"
         )
-        for label, key in (
-            ("instruction", "instruction"),
-            ("input", "input"),
-            ("reference", "reference"),
-            ("response A", "response_a"),
-            ("response B", "response_b"),
-        ):
-            if key == "input" and not plain(r.get(key)):
-                continue
-            lines.append(f"    {label + ':':13s}{cut(r.get(key))}")
+        for key, label in labels.items():
+            empty = fmt.is_missing(r.get(key))
+            if not (key == "input" and empty):
+                text = "(empty)" if empty else fmt.shorten(r[key], 300)
+                lines.append(f"    {label + ':':13s}{text}")
     return lines
 
 
@@ -213,7 +184,8 @@ def as_table(comp: Comparison) -> str:
     )
     section(
         f"judge: mean score B − A, paired bootstrap {pct}% interval "
-        f"({s['n_resamples']} resamples, seed {s['seed']})",
+        f"({s['n_resamples']} resamples, seed {s['seed']}); a verdict needs "
+        f"{s['min_examples']} paired examples",
         comp.judge,
         "(no examples judged in both runs)",
     )

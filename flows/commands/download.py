@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from flows.commands import add_db_arg, add_retrust_arg
 from gpt.data.sources import DATASET_SOURCES, GPT2_SIZES, GPT2_WEIGHT_SOURCES
 
 
@@ -43,54 +43,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="openai",
         help="GPT-2 weights: OpenAI's TensorFlow release (openai) or the HF safetensors (hf)",
     )
-    parser.add_argument(
-        "--db",
-        default=None,
-        help="catalog holding first-download digests (default: GPTFLOW_DB or artifacts/)",
-    )
-    parser.add_argument(
-        "--retrust",
-        metavar="NAME",
-        action="append",
-        default=[],
-        help="accept a changed download of the files of this source (or file) that have no "
-        "published sha256: fetch them again and record the new digest (repeatable)",
-    )
+    add_retrust_arg(parser)
     parser.add_argument("--mirror", metavar="DIR_OR_URL", default=None, help="use only this mirror")
     parser.add_argument(
         "--dest", metavar="DIR", default=None, help="target folder (default: the datasets folder)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the known sources and exit")
+    add_db_arg(parser)  # the catalog holds the digests of first downloads
     parser.set_defaults(func=run)
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
     """Fetch the selected sources and print what was fetched or skipped."""
+    import pandas as pd
+
+    from flows.commands import print_df
+    from flows.report import fmt
     from gpt.data.download import download_sources
     from gpt.data.sources import get_source, gpt2_source_name, list_sources
     from gpt.data.trust import retrust_paths
 
     if args.list:
-        rows = [[s.name, str(len(s.files)), s.description] for s in list_sources()]
-        sys.stdout.write(_table(rows, ["source", "files", "description"]))
+        rows = [[s.name, len(s.files), s.description] for s in list_sources()]
+        print_df(
+            pd.DataFrame(rows, columns=["source", "files", "description"]), uncut={"description"}
+        )
         return 0
     names = list(args.only) if args.only else list(DATASET_SOURCES)
     for size in args.gpt2_size or []:
@@ -126,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                     res.name,
                     f.relpath,
                     "skipped (verified)" if f.skipped else "fetched",
-                    _human(f.bytes),
+                    fmt.size(f.bytes),
                     f.sha256[:12],
                     f.url or "",
                 ]
@@ -135,5 +113,6 @@ def run(args: argparse.Namespace) -> int:
                 rows.append(
                     ["", f"  -> {os.path.relpath(p, f.path.parent)}", "extracted", "", "", ""]
                 )
-    sys.stdout.write(_table(rows, ["source", "file", "status", "size", "sha256", "from"]))
+    table = pd.DataFrame(rows, columns=["source", "file", "status", "size", "sha256", "from"])
+    print_df(table, uncut={"file", "from"})
     return 0

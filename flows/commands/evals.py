@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.commands import add_db_arg
+from flows.commands import add_db_arg, add_format_arg, sections_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,12 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--worst", type=int, default=None, metavar="N", help="only the N worst examples"
     )
-    parser.add_argument(
-        "--format",
-        choices=["table", "csv", "json"],
-        default="table",
-        help="output format (default: table)",
-    )
+    add_format_arg(parser)
     add_db_arg(parser)
     parser.set_defaults(func=run)
 
@@ -45,10 +40,9 @@ _EXAMPLE_COLS = (
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary and the examples in the chosen format."""
-    import json
-
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
+    from tasks.catalog.lookup import resolve_run
     from tasks.catalog.present import format_df
     from tasks.stages.judge import summarize
 
@@ -56,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--worst must be >= 1, got {args.worst}")
     catalog = Catalog(args.db, snapshot=True)
     if args.run is not None:
-        from tasks.catalog.lookup import resolve_run
-
         args.run = resolve_run(catalog, args.run)  # a run that does not exist: an error
     summary = summarize(catalog, args.run)
 
@@ -74,14 +66,8 @@ def run(args: argparse.Namespace) -> int:
         f"SELECT {_EXAMPLE_COLS} FROM eval_examples {where} {order}", params
     )
 
-    if args.format == "json":
-        out = {
-            "summary": json.loads(format_df(summary, "json")),
-            "examples": json.loads(format_df(examples, "json")),
-        }
-        sys.stdout.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
-    elif args.format == "csv":
-        sys.stdout.write(format_df(summary, "csv") + "\n" + format_df(examples, "csv"))
+    if args.format != "table":
+        sys.stdout.write(sections_text(args.format, {"summary": summary, "examples": examples}))
     else:
         sys.stdout.write("eval_summary\n" + format_df(summary, "table") + "\n\n")
         title = f"worst {args.worst} examples" if args.worst is not None else "examples"

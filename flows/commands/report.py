@@ -33,32 +33,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _latest_run(cat) -> str:
-    from gpt.errors import CatalogError
-
-    df = cat.query_df("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
-    if df.empty:
-        raise CatalogError(f"the catalog {cat.location} holds no runs yet: run `gptflow run` first")
-    return str(df["run_id"].iloc[0])
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from flows.report import build_report, to_html, to_markdown
+    from flows.commands import run_or_latest
+    from flows.report.blocks import to_html, to_markdown
+    from flows.report.build import build_report
     from gpt.errors import CatalogError
     from gpt.fileio import atomic_open
     from tasks.catalog import Catalog
 
     cat = Catalog(args.db, snapshot=True)
-    if not cat.exists():
-        raise CatalogError(
-            f"the catalog {cat.location} does not exist yet: run `gptflow run` first"
-        )
-    from tasks.catalog.lookup import resolve_run
-
-    run_id = resolve_run(cat, args.run) if args.run else _latest_run(cat)
-    report = build_report(cat, run_id)
+    with cat.held(read_only=True):  # the report's queries on one reader: one snapshot
+        run_id = run_or_latest(cat, args.run)
+        report = build_report(cat, run_id)
     written = []
     for target, render in ((args.html, to_html), (args.markdown, to_markdown)):
         if target:

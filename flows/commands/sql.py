@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from flows.commands import add_db_arg
+from flows.commands import add_db_arg, add_format_arg, print_df
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,12 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("query", help='SQL text, e.g. "SELECT * FROM runs"')
-    parser.add_argument(
-        "--format",
-        choices=["table", "csv", "json"],
-        default="table",
-        help="output format (default: table)",
-    )
+    add_format_arg(parser)
     parser.add_argument(
         "--live",
         action="store_true",
@@ -39,10 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the query and print it in the chosen format."""
-    from tasks.catalog.present import format_df
     from tasks.catalog.queries import run_readonly_sql
 
-    df = run_readonly_sql(args.db or None, args.query, live=args.live)
-    text = format_df(df, args.format)
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    print_df(run_readonly_sql(args.db or None, args.query, live=args.live), args.format)
     return 0

@@ -16,44 +16,41 @@ is deleted, and a ``.part`` kept after a cut transfer is only resumed, then veri
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
-import re
-import shutil
-import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
-from urllib.parse import quote
-
-from tqdm.auto import tqdm
 
 from gpt import paths
 from gpt.config import Args, operational
-from gpt.data.archives import extract_to_temp, install_dir
-from gpt.data.sources import SOURCES, Source, SourceFile
-from gpt.data.trust import held_to, retrust_paths, trust_records
+from gpt.data.sources import SOURCES, Source, SourceFile, resolve_sources
+from gpt.data.transfer import (
+    Failure,
+    FileLease,
+    Options,
+    Tried,
+    advice,
+    candidates,
+    now,
+    read_sidecar,
+    resolve_mirror,
+    sidecar,
+    try_location,
+    unlink,
+    write_json_atomic,
+)
+from gpt.data.trust import changed_here, retrust_paths, stat_verified, with_trusted
 from gpt.errors import (
     ChecksumError,
     ConfigError,
-    DataError,
     DownloadError,
     UnsafeArchiveError,
 )
 from gpt.fileio import sha256_file
 
 log = logging.getLogger(__name__)
-
-#: Environment variable naming a mirror (local folder or http(s) base URL).
-MIRROR_ENV = "GPTFLOW_MIRROR"
-_CHUNK = 1 << 16
-_MAX_BACKOFF_S = 30.0
-_USER_AGENT = "gptflow/0.1 (+https://github.com/rasbt/LLMs-from-scratch inputs)"
 
 
 # --------------------------------------------------------------------------- results
@@ -131,268 +128,10 @@ class DownloadResult:
         return all(f.skipped for f in self.files)
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class _Failure(Exception):
-    """One URL's failure (internal)."""
-
-    detail: str
-    retryable: bool = False
-    kind: str = "network"  # network | http | checksum | archive | unsafe | missing
-    attempts: int = 1
-
-    def __str__(self) -> str:
-        return self.detail
-
-
-@dataclass
-class _Tried:
-    url: str
-    detail: str
-    kind: str
-    attempts: int = 1
-
-
-@dataclass
-class _Mirror:
-    raw: str
-    base_url: str | None = None
-    folder: Path | None = None
-
-    def location(self, relpath: str) -> str:
-        if self.base_url is not None:
-            return self.base_url.rstrip("/") + "/" + quote(relpath, safe="/")
-        assert self.folder is not None
-        return str(self.folder / relpath)
-
-
-#: A lease on one destination file, held while it is fetched (e.g.
-#: :func:`tasks.lease.file_leases`): one writer per ``.part`` file across processes and
-#: machines sharing the folder; the others wait, then find the file verified.
-FileLease = Callable[[Path], AbstractContextManager[Any]]
-
-
-@dataclass
-class _Options:
-    retries: int
-    backoff: float
-    timeout: float
-    progress: bool
-    mirror: _Mirror | None
-    refresh: bool = False
-    client: Any = None  # httpx.Client, created lazily
-    lease: FileLease | None = None
-
-
-def _resolve_mirror(mirror: str | Path | None) -> _Mirror | None:
-    raw: str | Path | None = mirror if mirror is not None else os.environ.get(MIRROR_ENV) or None
-    if raw is None or str(raw) == "":
-        return None
-    text = str(raw)
-    if re.match(r"^https?://", text, re.IGNORECASE):
-        return _Mirror(raw=text, base_url=text)
-    if text.startswith("file://"):
-        text = text[len("file://") :]
-    folder = Path(text).expanduser().resolve()
-    if not folder.is_dir():
-        raise ConfigError(
-            f"mirror folder {folder} (from {'--mirror' if mirror is not None else MIRROR_ENV}) "
-            "does not exist; give a folder holding the inputs (datasets at the top, gpt2/...) "
-            "or an http(s) base URL"
-        )
-    return _Mirror(raw=text, folder=folder)
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(f".{path.name}.download.json")
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_sidecar(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-# --------------------------------------------------------------------------- fetching
-
-
-def _client(opts: _Options) -> Any:
-    if opts.client is None:
-        import httpx
-
-        opts.client = httpx.Client(
-            timeout=httpx.Timeout(opts.timeout, connect=min(opts.timeout, 15.0)),
-            follow_redirects=True,
-            headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"},
-        )
-    return opts.client
-
-
-def _bar(total: int | None, initial: int, desc: str, opts: _Options) -> Any:
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        disable=not opts.progress,
-        leave=False,
-    )
-
-
-def _fetch_http(url: str, part: Path, f: SourceFile, opts: _Options) -> str:
-    """Stream ``url`` into ``part`` (resuming it when it exists); return the sha256."""
-    import httpx
-
-    offset = part.stat().st_size if part.exists() else 0
-    if f.size is not None and offset > f.size:
-        _unlink(part)
-        offset = 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    h = hashlib.sha256()
-    written = 0
-    total: int | None = None
-    try:
-        with _client(opts).stream("GET", url, headers=headers) as r:
-            if r.status_code == 416 and offset:
-                _unlink(part)
-                raise _Failure(
-                    f"HTTP 416 for Range bytes={offset}- (stale partial file discarded)",
-                    retryable=True,
-                    kind="http",
-                )
-            if r.status_code >= 400:
-                retry = r.status_code in (408, 425, 429) or r.status_code >= 500
-                raise _Failure(
-                    f"HTTP {r.status_code} {r.reason_phrase}".rstrip(), retryable=retry, kind="http"
-                )
-            if offset and r.status_code == 206:
-                m = re.match(r"bytes (\d+)-", r.headers.get("content-range", ""))
-                if not m or int(m.group(1)) != offset:
-                    _unlink(part)
-                    raise _Failure(
-                        f"bad Content-Range {r.headers.get('content-range')!r} for resume at "
-                        f"{offset}; partial file discarded",
-                        retryable=True,
-                    )
-                log.info("%s: resuming at byte %d", f.path, offset)
-                with open(part, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-                mode = "ab"
-            else:
-                if offset:
-                    log.info(
-                        "%s: server ignored Range (HTTP %d); restarting", f.path, r.status_code
-                    )
-                offset = 0
-                mode = "wb"
-            length = r.headers.get("content-length")
-            encoded = r.headers.get("content-encoding", "identity").lower() not in ("", "identity")
-            expected = int(length) if (length and length.isdigit() and not encoded) else None
-            total = offset + expected if expected is not None else f.size
-            with open(part, mode) as out, _bar(total, offset, f.filename, opts) as bar:
-                try:
-                    for chunk in r.iter_bytes():
-                        out.write(chunk)
-                        h.update(chunk)
-                        written += len(chunk)
-                        bar.update(len(chunk))
-                finally:
-                    out.flush()
-                    os.fsync(out.fileno())
-            if expected is not None and written != expected:
-                raise _Failure(
-                    f"connection cut after {offset + written:,} of {offset + expected:,} bytes",
-                    retryable=True,
-                )
-    except httpx.TimeoutException as exc:
-        raise _Failure(
-            f"timeout after {opts.timeout:g} s ({type(exc).__name__}"
-            + (f", {offset + written:,} bytes received" if written else "")
-            + ")",
-            retryable=True,
-        ) from exc
-    except httpx.ConnectError as exc:
-        msg = str(exc) or type(exc).__name__
-        hint = (
-            " (SSL certificate problem: update certifi or set SSL_CERT_FILE)"
-            if "CERTIFICATE" in msg.upper()
-            else ""
-        )
-        raise _Failure(f"connection failed: {msg}{hint}", retryable=True) from exc
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-        of = f" of {total:,}" if total is not None else ""
-        raise _Failure(
-            f"connection cut after {offset + written:,}{of} bytes ({exc or type(exc).__name__})",
-            retryable=True,
-        ) from exc
-    except httpx.HTTPError as exc:
-        raise _Failure(f"{type(exc).__name__}: {exc}", retryable=False) from exc
-    return h.hexdigest()
-
-
-def _fetch_local(src: Path, part: Path, f: SourceFile, opts: _Options) -> str:
-    """Copy a mirror folder's file into ``part``; return the sha256."""
-    if not src.is_file():
-        raise _Failure(f"not found in the mirror folder (looked for {src})", kind="missing")
-    h = hashlib.sha256()
-    try:
-        with (
-            open(src, "rb") as fh,
-            open(part, "wb") as out,
-            _bar(src.stat().st_size, 0, f.filename, opts) as bar,
-        ):
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                out.write(chunk)
-                h.update(chunk)
-                bar.update(len(chunk))
-    except OSError as exc:
-        raise _Failure(f"could not read mirror file: {exc}") from exc
-    return h.hexdigest()
-
-
-def _verify_members(tmp: Path, f: SourceFile) -> list[Path]:
-    out = []
-    for m in f.members:
-        p = tmp.joinpath(*PurePosixPath(m.name).parts)
-        if not p.is_file():
-            raise _Failure(f"archive has no member {m.name!r}", kind="archive")
-        if m.sha256 is not None:
-            got = sha256_file(p)
-            if got != m.sha256:
-                raise _Failure(
-                    f"sha256 mismatch for archive member {m.name}: expected {m.sha256}, got {got}",
-                    kind="checksum",
-                )
-        out.append(p.relative_to(tmp))
-    return out
-
-
 def _present(f: SourceFile, dest: Path) -> FileResult | None:
     """A FileResult when ``f`` is already present and verified in ``dest``, else None."""
     final = dest / f.path
-    rec = _read_sidecar(final)
+    rec = read_sidecar(final)
     if f.is_archive:
         assert f.extract_to is not None
         folder = dest / f.extract_to
@@ -432,7 +171,7 @@ def _present(f: SourceFile, dest: Path) -> FileResult | None:
         else:
             return None
         size, extracted = st.st_size, []
-    fetched = _now()
+    fetched = now()
     if rec and isinstance(rec.get("fetched_at"), str):
         with contextlib.suppress(ValueError):
             fetched = datetime.fromisoformat(rec["fetched_at"])
@@ -446,161 +185,6 @@ def _present(f: SourceFile, dest: Path) -> FileResult | None:
         fetched_at=fetched,
         extracted=tuple(extracted),
     )
-
-
-def _candidates(f: SourceFile, opts: _Options) -> list[tuple[str, str]]:
-    """(kind, location) pairs to try, in order: the mirror alone, or the real URLs."""
-    if opts.mirror is not None:
-        kind = "http" if opts.mirror.base_url is not None else "local"
-        return [(kind, opts.mirror.location(f.path))]
-    return [("http", u) for u in f.urls]
-
-
-def _try_location(
-    kind: str, loc: str, f: SourceFile, final: Path, part: Path, dest: Path, opts: _Options
-) -> tuple[str, int, tuple[Path, ...], int]:
-    """Fetch + verify from one location with bounded retries. Returns (sha, bytes,
-    extracted, attempts); raises _Failure (with .attempts set) when it gives up."""
-    attempts = 0
-    fresh_retry_done = False
-    while True:
-        attempts += 1
-        resumed = kind == "http" and part.exists() and part.stat().st_size > 0
-        try:
-            if kind == "http":
-                sha = _fetch_http(loc, part, f, opts)
-            else:
-                _unlink(part)
-                sha = _fetch_local(Path(loc), part, f, opts)
-            size = part.stat().st_size
-            if f.size is not None and size != f.size:
-                raise _Failure(
-                    f"size mismatch: expected {f.size:,} bytes, got {size:,}", kind="checksum"
-                )
-            if f.sha256 is not None and sha != f.sha256:
-                raise _Failure(f"sha256 mismatch: expected {f.sha256}, got {sha}", kind="checksum")
-            extracted: tuple[Path, ...] = ()
-            if f.is_archive:
-                assert f.extract_to is not None
-                target = dest / f.extract_to
-                try:
-                    tmp = extract_to_temp(part, target.parent, target.name, 4 << 30)
-                except UnsafeArchiveError as exc:
-                    raise _Failure(str(exc), kind="unsafe") from exc
-                except DataError as exc:
-                    raise _Failure(str(exc), kind="archive") from exc
-                try:
-                    rel = _verify_members(tmp, f)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                install_dir(tmp, target)
-                extracted = tuple(target / r for r in rel)
-            return sha, size, extracted, attempts
-        except _Failure as fail:
-            fail.attempts = attempts
-            if fail.kind in ("checksum", "archive", "unsafe"):
-                _unlink(part)  # never keep bytes that failed verification
-                if resumed and not fresh_retry_done:
-                    # The bad bytes may come from mixing a stale partial file: retry once fresh.
-                    log.warning("%s: %s after a resume; retrying from scratch", loc, fail.detail)
-                    fresh_retry_done = True
-                    continue
-                raise
-            if not fail.retryable or attempts >= opts.retries:
-                raise
-            delay = min(opts.backoff * (2 ** (attempts - 1)), _MAX_BACKOFF_S)
-            log.warning(
-                "%s: %s; retry %d/%d in %.1f s", loc, fail.detail, attempts, opts.retries - 1, delay
-            )
-            time.sleep(delay)
-
-
-def _advice(
-    source: str, f: SourceFile, tried: list[_Tried], opts: _Options, part: Path, tofu: bool
-) -> str:
-    lines = [f"could not fetch {f.path!r} of source {source!r}; every location failed:"]
-    for t in tried:
-        extra = f" (after {t.attempts} attempts)" if t.attempts > 1 else ""
-        lines.append(f"  - {t.url}: {t.detail}{extra}")
-    if part.exists():
-        lines.append(
-            f"A partial download is kept at {part} and resumed next time "
-            "(it is never used before it is verified)."
-        )
-    else:
-        lines.append("No file was kept.")
-    if any(t.kind == "checksum" for t in tried):
-        lines.append(
-            "The bytes received differ from the expected ones: the upstream file may have "
-            "changed, or a proxy altered the transfer."
-        )
-        if tofu:
-            lines.append(
-                "No published sha256 exists for this file: the expected one is the sha256 "
-                "recorded at its first verified download (trust on first use; gptflow keeps "
-                f"it beside the file in {_sidecar(Path(f.path)).as_posix()}, in the catalog's "
-                f"sources table as {source}:{f.path} and in the run records), and a later "
-                "download that differs is refused. If the upstream file was replaced on "
-                f"purpose, accept it with `--retrust {source}` (gptflow download or gptflow "
-                "run): it is fetched again and its new digest recorded."
-            )
-    if opts.mirror is not None:
-        where = opts.mirror.location(f.path)
-        lines.append(
-            f"Mirror-only mode (mirror {opts.mirror.raw!r} from --mirror/{MIRROR_ENV}): the "
-            f"real URLs were not tried. What to do: put the file at {where} (same name as the "
-            f"remote URL's last path segment), or drop --mirror / unset {MIRROR_ENV} to "
-            f"download from {', '.join(f.urls) or 'the remote URLs'}."
-        )
-    else:
-        lines.append(
-            "What to do: check the internet connection / proxy and retry later (these hosts "
-            f"are sometimes down), or fetch the file elsewhere and set {MIRROR_ENV} (or "
-            f"--mirror) to a folder or http(s) base URL holding {f.path!r} (datasets at the "
-            "top, gpt2/encoder.json, gpt2/vocab.bpe, gpt2/<size>/<file>)."
-        )
-    return "\n".join(lines)
-
-
-def _with_trusted(
-    source: str,
-    f: SourceFile,
-    dest: Path,
-    trusted: Mapping[str, tuple[str, int]] | None,
-    retrust: Collection[str] = (),
-) -> tuple[SourceFile, bool]:
-    """``f`` expecting the digest recorded at its first verified download (trust on first
-    use, :mod:`gpt.data.trust`): ``trusted``'s and the download record's beside the file;
-    the flag says so."""
-    final = dest / f.path
-    records = trust_records(f, trusted, _read_sidecar(final), str(_sidecar(final)))
-    return held_to(source, f, records, retrust)
-
-
-def _stat_verified(held: SourceFile, final: Path) -> bool:
-    """True when ``final`` is absent, or is the file its download record describes (same
-    size and mtime) and that record holds ``held``'s digest: no hashing needed."""
-    try:
-        st = final.stat()
-    except FileNotFoundError:
-        return True
-    rec = _read_sidecar(final) or {}
-    return (
-        rec.get("sha256") == held.sha256
-        and rec.get("bytes") == st.st_size
-        and rec.get("mtime_ns") == st.st_mtime_ns
-    )
-
-
-def _changed_here(held: SourceFile, dest: Path) -> str | None:
-    """The sha256 of the file in ``dest`` when it is present and differs from the digest
-    ``held`` is held to (changed since its verified download), else None."""
-    final = dest / held.path
-    if _stat_verified(held, final):
-        return None
-    sha = sha256_file(final)
-    return None if sha == held.sha256 else sha
 
 
 def expected_digests(
@@ -617,7 +201,7 @@ def expected_digests(
     file is absent or unchanged since its download. None where only the downloader can
     tell: a file trusted on first use that has no record yet, is named in ``retrust`` or
     was changed in ``dest`` since its download; an archive."""
-    resolved = _resolve(names, sources)
+    resolved = resolve_sources(names, sources)
     out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
     again = (
         retrust_paths(retrust, [*resolved, *(sources or SOURCES).values()]) if retrust else set()
@@ -625,32 +209,19 @@ def expected_digests(
     out: dict[str, str | None] = {}
     for src in resolved:
         for f in src.files:
-            held, tofu = _with_trusted(src.name, f, out_dir, trusted, again)
+            held, tofu = with_trusted(src.name, f, out_dir, trusted, again)
             known = not held.is_archive and f.path not in again
-            if tofu and not _stat_verified(held, out_dir / f.path):
+            if tofu and not stat_verified(held, out_dir / f.path):
                 known = False
             out[f.path] = held.sha256 if known else None
     return out
-
-
-def _resolve(names: Iterable[str | Source], sources: Mapping[str, Source] | None) -> list[Source]:
-    registry = SOURCES if sources is None else sources
-    resolved: list[Source] = []
-    for n in names:
-        if isinstance(n, Source):
-            resolved.append(n)
-        elif n in registry:
-            resolved.append(registry[n])
-        else:
-            raise ConfigError(f"unknown source {n!r}; known sources: {', '.join(registry)}")
-    return resolved
 
 
 def _ensure_file(
     source: str,
     f: SourceFile,
     dest: Path,
-    opts: _Options,
+    opts: Options,
     tofu: bool = False,
     again: bool = False,
 ) -> FileResult:
@@ -670,7 +241,7 @@ def _fetch_file(
     source: str,
     f: SourceFile,
     dest: Path,
-    opts: _Options,
+    opts: Options,
     tofu: bool = False,
     again: bool = False,
 ) -> FileResult:
@@ -681,25 +252,25 @@ def _fetch_file(
     final = dest / f.path
     final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_name(final.name + ".part")
-    tried: list[_Tried] = []
-    candidates = _candidates(f, opts)
-    for idx, (kind, loc) in enumerate(candidates):
+    tried: list[Tried] = []
+    locations = candidates(f, opts)
+    for idx, (kind, loc) in enumerate(locations):
         log.info("fetching %s from %s", f.path, loc)
         try:
-            sha, size, extracted, _ = _try_location(kind, loc, f, final, part, dest, opts)
-        except _Failure as fail:
-            tried.append(_Tried(loc, fail.detail, fail.kind, fail.attempts))
+            sha, size, extracted, _ = try_location(kind, loc, f, final, part, dest, opts)
+        except Failure as fail:
+            tried.append(Tried(loc, fail.detail, fail.kind, fail.attempts))
             log.warning("%s: %s", loc, fail.detail)
             if fail.kind not in ("network", "http"):
-                _unlink(part)
-            elif idx < len(candidates) - 1:
-                _unlink(part)  # the next URL may serve other bytes: do not resume across hosts
+                unlink(part)
+            elif idx < len(locations) - 1:
+                unlink(part)  # the next URL may serve other bytes: do not resume across hosts
             continue
         os.replace(part, final)
         st = final.stat()
-        fetched = _now()
-        _write_json_atomic(
-            _sidecar(final),
+        fetched = now()
+        write_json_atomic(
+            sidecar(final),
             {
                 "source": source,
                 "path": f.path,
@@ -711,7 +282,7 @@ def _fetch_file(
             },
         )
         return FileResult(f.path, final, sha, size, loc, False, fetched, extracted)
-    msg = _advice(source, f, tried, opts, part, tofu)
+    msg = advice(source, f, tried, opts, part, tofu)
     if any(t.kind == "unsafe" for t in tried):
         raise UnsafeArchiveError(msg)
     if tried and all(t.kind == "checksum" for t in tried):
@@ -723,7 +294,7 @@ def _ensure_held(
     source: str,
     f: SourceFile,
     dest: Path,
-    opts: _Options,
+    opts: Options,
     trusted: Mapping[str, tuple[str, int]] | None,
     again: bool,
 ) -> FileResult:
@@ -732,12 +303,12 @@ def _ensure_held(
     refused (never fetched over, never used) unless ``again`` (``--retrust``) accepts it
     as it is; ``again`` on an unchanged or absent file fetches it and accepts the bytes."""
     try:
-        held, tofu = _with_trusted(source, f, dest, trusted)
+        held, tofu = with_trusted(source, f, dest, trusted)
     except ChecksumError:
         if not again:
             raise
         held, tofu = f, False  # the records disagree: --retrust settles it
-    local = _changed_here(held, dest) if tofu and not opts.refresh else None
+    local = changed_here(held, dest) if tofu and not opts.refresh else None
     if local is not None and again:
         return _accept_present(source, f, dest, local)
     if local is not None:
@@ -757,9 +328,9 @@ def _accept_present(source: str, f: SourceFile, dest: Path, sha: str) -> FileRes
     record takes its digest."""
     final = dest / f.path
     st = final.stat()
-    accepted = _now()
-    _write_json_atomic(
-        _sidecar(final),
+    accepted = now()
+    write_json_atomic(
+        sidecar(final),
         {
             "source": source,
             "path": f.path,
@@ -850,18 +421,18 @@ def download_sources(
     """
     if retries < 1:
         raise ConfigError(f"retries must be >= 1, got {retries}")
-    resolved = _resolve(names, sources)
+    resolved = resolve_sources(names, sources)
     again = (
         retrust_paths(retrust, [*resolved, *(sources or SOURCES).values()]) if retrust else set()
     )
     out_dir = Path(dest).expanduser().resolve() if dest is not None else paths.datasets_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    opts = _Options(
+    opts = Options(
         retries=retries,
         backoff=backoff,
         timeout=timeout,
         progress=progress,
-        mirror=_resolve_mirror(mirror),
+        mirror=resolve_mirror(mirror),
         refresh=refresh,
         lease=lease,
     )

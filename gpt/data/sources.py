@@ -12,6 +12,7 @@ Files without a published sha256 are trusted on first use: see
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -401,3 +402,19 @@ def get_source(name: str) -> Source:
         return SOURCES[name]
     except KeyError:
         raise ConfigError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}") from None
+
+
+def resolve_sources(
+    names: Iterable[str | Source], sources: Mapping[str, Source] | None
+) -> list[Source]:
+    """The sources ``names`` (names in ``sources``, default :data:`SOURCES`, or sources)."""
+    registry = SOURCES if sources is None else sources
+    resolved: list[Source] = []
+    for n in names:
+        if isinstance(n, Source):
+            resolved.append(n)
+        elif n in registry:
+            resolved.append(registry[n])
+        else:
+            raise ConfigError(f"unknown source {n!r}; known sources: {', '.join(registry)}")
+    return resolved

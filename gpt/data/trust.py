@@ -22,10 +22,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gpt.data.sources import SOURCES, Source, SourceFile
+from gpt.data.transfer import read_sidecar, sidecar
 from gpt.errors import ChecksumError, ConfigError
+from gpt.fileio import sha256_file
 
 #: How the catalog's record of a file is named (``<source>:<path>``).
 CATALOG_RECORD = "the catalog's sources table"
@@ -122,3 +125,43 @@ def retrust_paths(names: Iterable[str], sources: Iterable[Source] | None = None)
             )
         out.update(f.path for f in files)
     return out
+
+
+def with_trusted(
+    source: str,
+    f: SourceFile,
+    dest: Path,
+    trusted: Mapping[str, tuple[str, int]] | None,
+    retrust: Collection[str] = (),
+) -> tuple[SourceFile, bool]:
+    """``f`` expecting the digest recorded at its first verified download (trust on first
+    use, :mod:`gpt.data.trust`): ``trusted``'s and the download record's beside the file;
+    the flag says so."""
+    final = dest / f.path
+    records = trust_records(f, trusted, read_sidecar(final), str(sidecar(final)))
+    return held_to(source, f, records, retrust)
+
+
+def stat_verified(held: SourceFile, final: Path) -> bool:
+    """True when ``final`` is absent, or is the file its download record describes (same
+    size and mtime) and that record holds ``held``'s digest: no hashing needed."""
+    try:
+        st = final.stat()
+    except FileNotFoundError:
+        return True
+    rec = read_sidecar(final) or {}
+    return (
+        rec.get("sha256") == held.sha256
+        and rec.get("bytes") == st.st_size
+        and rec.get("mtime_ns") == st.st_mtime_ns
+    )
+
+
+def changed_here(held: SourceFile, dest: Path) -> str | None:
+    """The sha256 of the file in ``dest`` when it is present and differs from the digest
+    ``held`` is held to (changed since its verified download), else None."""
+    final = dest / held.path
+    if stat_verified(held, final):
+        return None
+    sha = sha256_file(final)
+    return None if sha == held.sha256 else sha

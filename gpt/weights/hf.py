@@ -291,14 +291,14 @@ def load_hf_gpt2(folder: str | Path, *, drop_rate: float = 0.0, attention: str =
     """
     from safetensors import SafetensorError, safe_open
 
-    from gpt.checkpoint import _check_safetensors_header
+    from gpt.checkpoint_io import check_safetensors_header
 
     folder = Path(folder)
     cfg, tied = read_hf_config(folder, drop_rate=drop_rate, attention=attention)
     f = folder / HF_WEIGHTS
     if not f.is_file():
         raise CheckpointError(f"{f} not found: a Hugging Face GPT-2 folder holds {HF_WEIGHTS}")
-    _check_safetensors_header(f)
+    check_safetensors_header(f)
     name_map = hf_name_map(cfg.n_layers)
     with torch.device("meta"):
         model = GPT(cfg)

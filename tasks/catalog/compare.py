@@ -17,8 +17,9 @@ Differences are always ``B − A`` (A = the older / reference run).
   split, ties by name) within each run.
 - judge (per judge model + prompt version; repeated judgments of an example are
   averaged first): per-example score deltas, the paired bootstrap interval of the mean
-  difference, and the largest regressions with the instruction, the reference and both
-  responses.
+  difference with a verdict — given as many paired examples as the judge gate needs
+  (:mod:`gpt.eval.gates`), else "not enough data" — and the largest regressions with the
+  instruction, the reference and both responses.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from gpt.errors import CatalogError
+from gpt.eval.gates import DEFAULT_MIN_EXAMPLES
 from gpt.eval.stats import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -77,7 +79,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     """Why a section is empty or partial."""
     settings: dict[str, Any] = field(default_factory=dict)
-    """n_resamples, confidence, seed, top."""
+    """n_resamples, confidence, seed, top, min_examples."""
 
 
 # --------------------------------------------------------------------------- runs
@@ -353,7 +355,9 @@ def judge_ci(
     return out
 
 
-def _verdict(ci: BootstrapCI) -> str:
+def _verdict(ci: BootstrapCI, min_examples: int) -> str:
+    if ci.n < min_examples:  # the judge gate's rule: too few pairs for any verdict
+        return f"not enough data ({ci.n} paired, fewer than {min_examples})"
     if ci.wholly_below_zero:
         return "drop (interval below 0)"
     if ci.wholly_above_zero:
@@ -370,8 +374,10 @@ def judge_comparison(
     confidence: float,
     seed: int,
     top: int,
+    min_examples: int = DEFAULT_MIN_EXAMPLES,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(summary, per-example deltas, largest regressions) of the judge's scores."""
+    """(summary, per-example deltas, largest regressions) of the judge's scores; a
+    verdict needs ``min_examples`` paired examples."""
     pairs = judge_pairs(run_a, run_b, notes)
     cis = judge_ci(pairs, n_resamples=n_resamples, confidence=confidence, seed=seed)
     summary = pd.DataFrame(
@@ -385,7 +391,7 @@ def judge_comparison(
                 "mean_diff": ci.mean_diff,
                 "ci_low": ci.low,
                 "ci_high": ci.high,
-                "verdict": _verdict(ci),
+                "verdict": _verdict(ci, min_examples),
             }
             for (jm, pv), ci in cis.items()
         ],
@@ -428,35 +434,55 @@ def compare_runs(
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int = DEFAULT_SEED,
     top: int = 5,
+    min_examples: int | None = None,
 ) -> Comparison:
-    """Compare two runs (ids as stored; see :func:`pick_runs` for references)."""
-    notes: list[str] = []
-    da, db = RunData(cat, run_a), RunData(cat, run_b)
-    info_a, info_b = da.info, db.info
-    if info_a["config"] is None or info_b["config"] is None:
-        which = [n for n, i in (("A", info_a), ("B", info_b)) if i["config"] is None]
-        notes.append(f"config: run {' and '.join(which)} recorded no config")
-        cfg = config_diff(None, None)
-    else:
-        cfg = config_diff(info_a["config"], info_b["config"])
-    metrics = metrics_side_by_side(da.headline(), db.headline())
-    flips, tests = spam_comparison(da, db, notes)
-    judge, deltas, worst = judge_comparison(
-        da, db, notes, n_resamples=n_resamples, confidence=confidence, seed=seed, top=top
-    )
-    return Comparison(
-        run_a=info_a,
-        run_b=info_b,
-        config=cfg,
-        metrics=metrics,
-        spam_flips=flips,
-        spam_tests=tests,
-        judge=judge,
-        judge_deltas=deltas.reset_index(drop=True),
-        judge_regressions=worst,
-        notes=notes,
-        settings={"n_resamples": n_resamples, "confidence": confidence, "seed": seed, "top": top},
-    )
+    """Compare two runs (ids as stored; see :func:`pick_runs` for references), reading
+    the catalog on one connection. A judge verdict needs ``min_examples`` paired examples
+    (default: B's ``gates.judge_min_examples``, else the gates' default)."""
+    with cat.held(read_only=True):
+        notes: list[str] = []
+        da, db = RunData(cat, run_a), RunData(cat, run_b)
+        info_a, info_b = da.info, db.info
+        if info_a["config"] is None or info_b["config"] is None:
+            which = [n for n, i in (("A", info_a), ("B", info_b)) if i["config"] is None]
+            notes.append(f"config: run {' and '.join(which)} recorded no config")
+            cfg = config_diff(None, None)
+        else:
+            cfg = config_diff(info_a["config"], info_b["config"])
+        if min_examples is None:
+            gates = (info_b["config"] or {}).get("gates") or {}
+            min_examples = int(gates.get("judge_min_examples", DEFAULT_MIN_EXAMPLES))
+        metrics = metrics_side_by_side(da.headline(), db.headline())
+        flips, tests = spam_comparison(da, db, notes)
+        judge, deltas, worst = judge_comparison(
+            da,
+            db,
+            notes,
+            n_resamples=n_resamples,
+            confidence=confidence,
+            seed=seed,
+            top=top,
+            min_examples=min_examples,
+        )
+        return Comparison(
+            run_a=info_a,
+            run_b=info_b,
+            config=cfg,
+            metrics=metrics,
+            spam_flips=flips,
+            spam_tests=tests,
+            judge=judge,
+            judge_deltas=deltas.reset_index(drop=True),
+            judge_regressions=worst,
+            notes=notes,
+            settings={
+                "n_resamples": n_resamples,
+                "confidence": confidence,
+                "seed": seed,
+                "top": top,
+                "min_examples": min_examples,
+            },
+        )
 
 
 __all__ = [

@@ -46,6 +46,7 @@ T = TypeVar("T")
 LAKE_ALIAS = "gptflow_lake"
 
 _LOCK_RE = re.compile(r"Could not set lock|Conflicting lock", re.IGNORECASE)
+_READONLY_RE = re.compile(r"read-only mode|read_only|in read-only", re.IGNORECASE)
 _PID_RE = re.compile(r"PID (\d+)")
 
 #: Errors that mean "another writer got there first; the whole transaction can be re-run":
@@ -249,6 +250,17 @@ def lake_cursor(
         yield cur
     finally:
         cur.close()
+
+
+def is_write_refusal(exc: BaseException) -> bool:
+    """``exc`` is DuckDB refusing a write on a read-only connection or transaction."""
+    import duckdb
+
+    msg = str(exc)
+    if isinstance(exc, duckdb.PermissionException):
+        return True
+    refused = "Cannot execute statement" in msg or "Cannot write to database" in msg
+    return bool(_READONLY_RE.search(msg)) and refused
 
 
 # ---------------------------------------------------------------------- conflicts

@@ -49,6 +49,30 @@ class LineageRecords(abc.ABC):
     ) -> int:
         """See :class:`~tasks.catalog.store.Catalog`."""
 
+    @abc.abstractmethod
+    def query_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """See :class:`~tasks.catalog.store.Catalog`."""
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """See :class:`~tasks.catalog.store.Catalog`."""
+
+    def source_digests(self) -> dict[str, tuple[str, int]]:
+        """sha256 and size of every recorded downloaded file, keyed by its path relative to
+        the datasets folder (rows named ``<source>:<path>``): the trust-on-first-use record
+        that ``gpt.data.download.download_sources(trusted=...)`` holds later downloads to.
+        Empty while there is no catalog yet."""
+        if not self.exists():
+            return {}
+        df = self.query_df(
+            "SELECT name, sha256, bytes FROM sources "
+            "WHERE position(':' IN name) > 0 AND sha256 IS NOT NULL"
+        )
+        return {
+            str(name).split(":", 1)[1]: (str(sha), int(nbytes))
+            for name, sha, nbytes in zip(df["name"], df["sha256"], df["bytes"], strict=True)
+        }
+
     def start_run(
         self,
         run_id: str,

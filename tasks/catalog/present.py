@@ -78,29 +78,35 @@ def format_df(
         raise CatalogError(f"unknown output format {fmt!r}; use table, csv or json")
 
     headers = [str(c) for c in df.columns]
-    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
-    rows: list[list[str]] = []
-    keep = [str(c) in uncut for c in df.columns]
-    for row in df.itertuples(index=False, name=None):
-        cells = []
-        for v, whole in zip(row, keep, strict=True):
-            s = _cell(v).replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
-            if len(s) > max_width and not whole:
-                s = s[: max_width - 3] + "..."
-            cells.append(s)
-        rows.append(cells)
-    widths = [len(h) for h in headers]
-    for cells in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
+    columns = [
+        _column_cells(df.iloc[:, i], max_width, str(c) in uncut) for i, c in enumerate(df.columns)
+    ]
+    widths = [max([len(h), *map(len, cells)]) for h, cells in zip(headers, columns, strict=True)]
+    numeric = [pd.api.types.is_numeric_dtype(df.iloc[:, i]) for i in range(len(df.columns))]
+    pads = [str.rjust if num else str.ljust for num in numeric]
 
-    def line(cells: list[str]) -> str:
-        parts = [
-            c.rjust(w) if num else c.ljust(w)
-            for c, w, num in zip(cells, widths, numeric, strict=True)
-        ]
+    def line(cells: tuple[str, ...] | list[str]) -> str:
+        parts = [pad(c, w) for c, w, pad in zip(cells, widths, pads, strict=True)]
         return " | ".join(parts).rstrip()
 
     out = [line(headers), "-+-".join("-" * w for w in widths)]
-    out += [line(cells) for cells in rows]
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    n = len(df)
+    out += [line(cells) for cells in (zip(*columns, strict=True) if columns else [()] * n)]
+    out.append(f"({n} row{'s' if n != 1 else ''})")
     return "\n".join(out)
+
+
+def _column_cells(col: pd.Series, max_width: int, whole: bool) -> list[str]:
+    """One column's cells as table text: NULL for missing values, floats to 6 significant
+    digits, line breaks and tabs escaped, cut to ``max_width`` unless ``whole``. Done a
+    column at a time (a year of judged examples is ~10^6 cells)."""
+    missing = col.isna().to_numpy()
+    cells = [
+        "NULL" if na else (f"{v:.6g}" if isinstance(v, float) else str(v))
+        for v, na in zip(col.to_numpy(dtype=object), missing, strict=True)
+    ]
+    if any("\r" in c or "\n" in c or "\t" in c for c in cells):
+        cells = [c.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ") for c in cells]
+    if not whole:
+        cells = [c if len(c) <= max_width else c[: max_width - 3] + "..." for c in cells]
+    return cells

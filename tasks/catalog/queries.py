@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
-from tasks.catalog.connections import LAKE_ALIAS, new_lake_connection
+from tasks.catalog.connections import LAKE_ALIAS, is_write_refusal, new_lake_connection
 from tasks.catalog.settings import CatalogSettings, lock_timeout_from_env
-from tasks.catalog.store import Catalog, _is_write_refusal
+from tasks.catalog.store import Catalog
 
 if TYPE_CHECKING:
     import duckdb
@@ -96,7 +96,7 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
             raise CatalogError(f"the query {sql.strip()!r} holds no statement: give a SELECT")
         return result.df()
     except duckdb.Error as exc:
-        if _is_write_refusal(exc):
+        if is_write_refusal(exc):
             raise CatalogError(f"{_REFUSED} {where} is unchanged. DuckDB said: {exc}") from exc
         raise CatalogError(f"query failed on {where}: {exc}") from exc
 

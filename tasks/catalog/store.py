@@ -11,9 +11,8 @@ copies of it over the file people open. A :class:`Catalog` reads the live file (
 its own writes); ``Catalog(..., snapshot=True)`` reads the published file, as people's
 tools do: it never waits for a writer and never makes one wait.
 
-The schema is versioned: :data:`MIGRATIONS` is an append-only list of steps; the
-``schema_version`` table records which were applied. Never edit a released step, add a
-new one.
+The first write brings the catalog to this code's schema (``migrate.py``); rows reach
+the tables through ``tables.py``, lineage records through ``lineage.py``.
 
 Timestamps are stored as naive ``TIMESTAMP`` values in UTC.
 """
@@ -24,15 +23,20 @@ import atexit
 import contextlib
 import logging
 import os
-import re
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gpt.errors import CatalogError, CatalogLockedError
-from tasks.catalog.connections import lake_cursor, open_file, process_lock, retry_on_conflict
+from tasks.catalog.connections import (
+    is_write_refusal,
+    lake_cursor,
+    open_file,
+    process_lock,
+    retry_on_conflict,
+)
 from tasks.catalog.lineage import LineageRecords
+from tasks.catalog.migrate import apply_steps, check_version, current_version
 from tasks.catalog.publish import (
     needs_publish,
     note_write,
@@ -41,21 +45,18 @@ from tasks.catalog.publish import (
     unpublished,
     wal_of,
 )
-from tasks.catalog.schema import KNOWN_TABLES, MIGRATIONS, SCHEMA_VERSION, migration_step
-from tasks.catalog.settings import (
-    DEFAULT_LOCK_TIMEOUT,
-    CatalogSettings,
-    S3Settings,
-    lock_timeout_from_env,
+from tasks.catalog.schema import SCHEMA_VERSION
+from tasks.catalog.settings import CatalogSettings, S3Settings, lock_timeout_from_env
+from tasks.catalog.tables import (
+    check_table,
+    insert_frame,
+    insert_parquet,
+    replace_in,
+    table_columns,
+    typed_frame,
+    upsert_in,
 )
-from tasks.catalog.values import (
-    as_frame,
-    checkpoint_digest,
-    quote_ident,
-    to_json,
-    to_utc_naive,
-    utcnow,
-)
+from tasks.catalog.values import as_frame
 
 if TYPE_CHECKING:
     import duckdb
@@ -65,13 +66,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_READONLY_RE = re.compile(r"read-only mode|read_only|in read-only", re.IGNORECASE)
-
-# Kept under their earlier names for the modules and tests that import them from here.
-_open_with_retry = open_file
-_process_lock = process_lock
-_lock_timeout_from_env = lock_timeout_from_env
-__all__ = ["DEFAULT_LOCK_TIMEOUT", "MIGRATIONS", "Catalog", "checkpoint_digest", "utcnow"]
+__all__ = ["Catalog", "publish_unpublished"]
 
 
 class Catalog(LineageRecords):
@@ -127,6 +122,8 @@ class Catalog(LineageRecords):
         self.lock_timeout: float = settings.lock_timeout
         self._migrated = False
         self._checked = False
+        self._held: duckdb.DuckDBPyConnection | None = None
+        self._held_read_only = False
 
     def __repr__(self) -> str:
         if self.path is not None:
@@ -188,7 +185,16 @@ class Catalog(LineageRecords):
 
     @contextlib.contextmanager
     def _open(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection (file) or cursor (lake) for the ``with`` block, nothing else."""
+        """A connection (file) or cursor (lake) for the ``with`` block, nothing else
+        (the held one inside :meth:`held`)."""
+        if self._held is not None:
+            if self._held_read_only and not read_only:
+                raise CatalogError(
+                    f"this handle holds a read-only connection to {self.location} "
+                    "(Catalog.held(read_only=True)); write after the block"
+                )
+            yield self._held
+            return
         if self.path is None:
             with lake_cursor(self.settings, read_only=read_only) as cur:
                 yield cur
@@ -198,6 +204,30 @@ class Catalog(LineageRecords):
             yield con
         finally:
             con.close()
+
+    @contextlib.contextmanager
+    def held(self, *, read_only: bool = False) -> Iterator[Catalog]:
+        """Keep one connection open for the ``with`` block: this handle's transactions
+        and queries all run on it (a rebuild's writes, a command's queries open and
+        close the file once). A writer makes other processes wait for the block's end;
+        ``read_only`` holds one reader (one snapshot) and refuses writes. No effect on a
+        lake (cheap cursors) or inside a block already holding one."""
+        if self.path is None or self._held is not None:
+            yield self
+            return
+        if not read_only and not self._migrated:
+            self.migrate()
+        with process_lock(self._lock_key()):
+            con = self._open_file(read_only=read_only)
+            if read_only and not self._checked:
+                check_version(con, self.location)
+                self._checked = True
+            self._held, self._held_read_only = con, read_only
+            try:
+                yield self
+            finally:
+                self._held = None
+                con.close()
 
     @contextlib.contextmanager
     def file_reader(
@@ -280,55 +310,9 @@ class Catalog(LineageRecords):
             self.migrate()
         with process_lock(self._lock_key()), self._open(read_only) as con:
             if not self._checked:
-                self._check_version(con)
+                check_version(con, self.location)
                 self._checked = True
             yield con
-
-    def _current_version(self, con: duckdb.DuckDBPyConnection) -> int:
-        exists = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_catalog = "
-            "current_database() AND table_schema = 'main' AND table_name = 'schema_version'"
-        ).fetchone()
-        if not exists or not exists[0]:
-            return 0
-        row = con.execute("SELECT max(version) FROM schema_version").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
-
-    def _check_version(self, con: duckdb.DuckDBPyConnection) -> int:
-        version = self._current_version(con)
-        if version > SCHEMA_VERSION:
-            raise CatalogError(
-                f"the catalog {self.location} has schema version {version}, newer than this "
-                f"gptflow knows ({SCHEMA_VERSION}); upgrade gptflow or use another --db / "
-                "GPTFLOW_DB / GPTFLOW_CATALOG_URL"
-            )
-        return version
-
-    def _migrate_once(self, con: duckdb.DuckDBPyConnection, target: int) -> int:
-        """Apply the missing steps up to ``target``, one transaction each."""
-        version = self._check_version(con)
-        con.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP)"
-        )
-        for step in range(version, target):
-            con.execute("BEGIN TRANSACTION")
-            try:
-                if self._current_version(con) > step:  # another process applied it
-                    con.execute("ROLLBACK")
-                    continue
-                for stmt in migration_step(step, lake=self.is_lake):
-                    con.execute(stmt)
-                con.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                    [step + 1, utcnow()],
-                )
-                con.execute("COMMIT")
-            except Exception:
-                with contextlib.suppress(Exception):
-                    con.execute("ROLLBACK")
-                raise
-            log.info("catalog %s migrated to schema version %d", self.location, step + 1)
-        return max(version, target)
 
     def migrate(self, target: int | None = None) -> int:
         """Apply missing migration steps (idempotent, safe from several processes at
@@ -344,8 +328,8 @@ class Catalog(LineageRecords):
 
         def attempt() -> int:
             with process_lock(self._lock_key()), self._open(read_only=False) as con:
-                before = self._current_version(con)
-                version = self._migrate_once(con, target)
+                before = current_version(con)
+                version = apply_steps(con, target, lake=self.is_lake, location=self.location)
                 # readers of the published file see the schema as soon as it exists
                 if self.path is not None and (version > before or not self.path.exists()):
                     self._publish_in(con)
@@ -368,7 +352,7 @@ class Catalog(LineageRecords):
         if not self.exists():
             return 0
         with process_lock(self._lock_key()), self._open(read_only=True) as con:
-            return self._current_version(con)
+            return current_version(con)
 
     def write(self, what: str, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``body(con)`` inside BEGIN/COMMIT on a write connection; ROLLBACK on error.
@@ -403,101 +387,6 @@ class Catalog(LineageRecords):
                 f"rolled back (earlier rows are unchanged): {exc}"
             ) from exc
 
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _check_table(table: str) -> None:
-        if table not in KNOWN_TABLES:
-            raise CatalogError(
-                f"unknown catalog table {table!r}; known tables: {', '.join(sorted(KNOWN_TABLES))}"
-            )
-
-    @staticmethod
-    def _columns(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
-        rows = con.execute(
-            "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog "
-            "= current_database() AND table_schema = 'main' AND table_name = ? "
-            "ORDER BY ordinal_position",
-            [table],
-        ).fetchall()
-        return {name: dtype for name, dtype in rows}
-
-    def _frame(
-        self, table: str, rows: pd.DataFrame | Sequence[Mapping[str, Any]], cols: dict[str, str]
-    ) -> pd.DataFrame:
-        """Rows as a DataFrame with table columns only, JSON/TIMESTAMP values normalised."""
-        import pandas as pd
-
-        df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-        unknown = [c for c in df.columns if c not in cols]
-        if unknown:
-            raise CatalogError(
-                f"columns {unknown} are not in catalog table {table!r} of {self.location}; "
-                f"its columns are {list(cols)}"
-            )
-        for col in df.columns:
-            dtype = cols[col].upper()
-            if dtype == "JSON":
-                df[col] = pd.Series([to_json(v) for v in df[col]], index=df.index, dtype=object)
-            elif dtype.startswith("TIMESTAMP"):
-                df[col] = pd.Series(
-                    [to_utc_naive(v) for v in df[col]], index=df.index, dtype=object
-                )
-        return df
-
-    def _delete_where(
-        self,
-        con: duckdb.DuckDBPyConnection,
-        table: str,
-        where: Mapping[str, Any],
-        cols: dict[str, str],
-    ) -> None:
-        for key in where:
-            if key not in cols:
-                raise CatalogError(
-                    f"where-column {key!r} is not in catalog table {table!r}; "
-                    f"its columns are {list(cols)}"
-                )
-        if not where:
-            raise CatalogError(
-                f"replace_rows on {table!r} needs a non-empty `where` (e.g. run_id and "
-                "stage); use a where that names the rows to replace"
-            )
-        cond = " AND ".join(f"{quote_ident(k)} IS NOT DISTINCT FROM ?" for k in where)
-        con.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
-
-    def _insert_df(
-        self,
-        con: duckdb.DuckDBPyConnection,
-        table: str,
-        df: pd.DataFrame,
-        cols: dict[str, str],
-    ) -> int:
-        if len(df) == 0 or len(df.columns) == 0:
-            return 0
-        names = list(df.columns)
-        view = f"_gptflow_in_{os.getpid()}_{threading.get_ident()}"
-        con.register(view, df)
-        try:
-            target = ", ".join(quote_ident(c) for c in names)
-            select = ", ".join(
-                f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in names
-            )
-            con.execute(f"INSERT INTO {table} ({target}) SELECT {select} FROM {view}")
-        finally:
-            con.unregister(view)
-        return len(df)
-
-    def _replace_in(
-        self, con: duckdb.DuckDBPyConnection, table: str, rows: pd.DataFrame, where: Mapping
-    ) -> int:
-        cols = self._columns(con, table)
-        df = self._frame(table, rows, cols)
-        for k, v in where.items():
-            if k not in df.columns and len(df):
-                df[k] = [v] * len(df)
-        self._delete_where(con, table, where, cols)
-        return self._insert_df(con, table, df, cols)
-
     # ------------------------------------------------------------------ generic writes
     def replace_rows(
         self,
@@ -511,9 +400,9 @@ class Catalog(LineageRecords):
         Missing columns become NULL; ``where`` values are filled into rows lacking them.
         Returns the number of rows inserted.
         """
-        self._check_table(table)
+        check_table(table)
         rows = as_frame(df)
-        return self.write(table, lambda con: self._replace_in(con, table, rows, where))
+        return self.write(table, lambda con: replace_in(con, table, rows, where, self.location))
 
     def replace_many(
         self,
@@ -522,11 +411,11 @@ class Catalog(LineageRecords):
         """Several ``replace_rows`` ``(table, rows, where)`` in ONE transaction: either
         every table gets its new rows or none changes. Returns the rows inserted."""
         for table, _, _ in items:
-            self._check_table(table)
+            check_table(table)
         frames = [(table, as_frame(rows), where) for table, rows, where in items]
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            return sum(self._replace_in(con, t, rows, where) for t, rows, where in frames)
+            return sum(replace_in(con, t, r, w, self.location) for t, r, w in frames)
 
         return self.write(", ".join(t for t, _, _ in frames), body)
 
@@ -537,41 +426,22 @@ class Catalog(LineageRecords):
         ``wheres`` and insert the file's rows, all in ONE transaction. The file's columns
         must be the table's (as written by :mod:`tasks.rows`). Returns the rows inserted."""
         for table, _, _ in items:
-            self._check_table(table)
+            check_table(table)
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            total = 0
-            for table, path, wheres in items:
-                cols = self._columns(con, table)
-                src = str(path).replace("'", "''")
-                desc = con.execute(f"SELECT * FROM read_parquet('{src}') LIMIT 0").description
-                have = [d[0] for d in desc]
-                unknown = [c for c in have if c not in cols]
-                if unknown:
-                    raise CatalogError(
-                        f"{path}: columns {unknown} are not in catalog table {table!r}"
-                    )
-                for where in wheres:
-                    self._delete_where(con, table, where, cols)
-                target = ", ".join(quote_ident(c) for c in have)
-                select = ", ".join(
-                    f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in have
-                )
-                total += con.execute(
-                    f"INSERT INTO {table} ({target}) SELECT {select} FROM read_parquet('{src}')"
-                ).fetchone()[0]
-            return total
+            return sum(insert_parquet(con, t, path, w) for t, path, w in items)
 
         return self.write(", ".join(t for t, _, _ in items), body)
 
     def insert_rows(self, table: str, rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> int:
         """Append rows (one transaction); returns the number inserted."""
-        self._check_table(table)
+        check_table(table)
         frame = as_frame(rows)
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
-            cols = self._columns(con, table)
-            return self._insert_df(con, table, self._frame(table, frame, cols), cols)
+            cols = table_columns(con, table)
+            df = typed_frame(table, frame, cols, self.location)
+            return insert_frame(con, table, df, cols)
 
         return self.write(table, body)
 
@@ -582,38 +452,12 @@ class Catalog(LineageRecords):
         key: Sequence[str],
     ) -> int:
         """Replace rows having the same ``key`` values as a given row, then insert."""
-        self._check_table(table)
+        check_table(table)
         key = list(key)
         if not key:
             raise CatalogError(f"upsert_rows on {table!r} needs at least one key column")
         frame = as_frame(rows)
-
-        def body(con: duckdb.DuckDBPyConnection) -> int:
-            cols = self._columns(con, table)
-            df = self._frame(table, frame, cols)
-            missing = [k for k in key if k not in df.columns]
-            if missing:
-                raise CatalogError(
-                    f"upsert_rows on {table!r}: key columns {missing} are missing from the rows"
-                )
-            if len(df) == 0:
-                return 0
-            df = df.drop_duplicates(subset=key, keep="last").reset_index(drop=True)
-            view = f"_gptflow_keys_{os.getpid()}_{threading.get_ident()}"
-            con.register(view, df[key])
-            try:
-                cond = " AND ".join(
-                    f"t.{quote_ident(k)} IS NOT DISTINCT FROM CAST(k.{quote_ident(k)} AS {cols[k]})"
-                    for k in key
-                )
-                con.execute(
-                    f"DELETE FROM {table} t WHERE EXISTS (SELECT 1 FROM {view} k WHERE {cond})"
-                )
-            finally:
-                con.unregister(view)
-            return self._insert_df(con, table, df, cols)
-
-        return self.write(table, body)
+        return self.write(table, lambda con: upsert_in(con, table, frame, key, self.location))
 
     # ------------------------------------------------------------------ reads
     def query_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
@@ -624,7 +468,7 @@ class Catalog(LineageRecords):
             try:
                 return con.execute(sql, list(params) if params else None).df()
             except duckdb.Error as exc:
-                if _is_write_refusal(exc):
+                if is_write_refusal(exc):
                     raise CatalogError(
                         f"query_df opens the catalog {self.location} read-only; use the write "
                         f"methods (replace_rows, insert_rows, ...) to change it: {exc}"
@@ -634,22 +478,6 @@ class Catalog(LineageRecords):
     def exists(self) -> bool:
         """Whether there is a catalog to read (a lake always counts)."""
         return self.settings.exists()
-
-    def source_digests(self) -> dict[str, tuple[str, int]]:
-        """sha256 and size of every recorded downloaded file, keyed by its path relative to
-        the datasets folder (rows named ``<source>:<path>``): the trust-on-first-use record
-        that ``gpt.data.download.download_sources(trusted=...)`` holds later downloads to.
-        Empty while there is no catalog yet."""
-        if not self.exists():
-            return {}
-        df = self.query_df(
-            "SELECT name, sha256, bytes FROM sources "
-            "WHERE position(':' IN name) > 0 AND sha256 IS NOT NULL"
-        )
-        return {
-            str(name).split(":", 1)[1]: (str(sha), int(nbytes))
-            for name, sha, nbytes in zip(df["name"], df["sha256"], df["bytes"], strict=True)
-        }
 
 
 #: Bound on waiting for other writers when publishing at exit (they publish too).
@@ -669,12 +497,3 @@ def publish_unpublished() -> None:
 
 
 atexit.register(publish_unpublished)
-
-
-def _is_write_refusal(exc: BaseException) -> bool:
-    import duckdb
-
-    msg = str(exc)
-    if isinstance(exc, duckdb.PermissionException):
-        return True
-    return bool(_READONLY_RE.search(msg)) and "Cannot execute statement" in msg

@@ -59,7 +59,7 @@ from tasks.cache import (
     root_child,
 )
 from tasks.catalog import Catalog, CatalogSettings
-from tasks.catalog.store import checkpoint_digest
+from tasks.catalog.values import checkpoint_digest
 from tasks.fingerprint import code_fingerprint, package_versions
 from tasks.lease import LeaseBase, LeaseInfo
 from tasks.rows import RowSink, ensure_ingested, ingest

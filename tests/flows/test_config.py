@@ -7,15 +7,8 @@ import tomllib
 
 import pytest
 
-from flows.config import (
-    PROFILES_DIR,
-    STAGES,
-    PipelineConfig,
-    available_profiles,
-    build_config,
-    config_to_dict,
-    parse_override,
-)
+from flows.config import PipelineConfig, build_config, config_to_dict, parse_override
+from flows.profiles import PROFILES_DIR, STAGES, available_profiles
 from gpt.errors import ConfigError
 
 

@@ -9,6 +9,7 @@ traceback at DEBUG.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ ERRORS = [
     ("compare ab12 e0c8", ["'e0c8'", RUNS[0], RUNS[1]]),
     ("rerun pretrain --run zz", ["'zz'"]),
     ("rerun pretrain --run e0c8", ["'e0c8'", RUNS[0], RUNS[1]]),
+    ("judge --responses {dir}/ok.json --run e0c8", ["'e0c8'", RUNS[0], RUNS[1]]),
     # settings
     ("run --set pretrain.nosuch=1", ["pretrain.nosuch"]),
     ("run --set pretrain.epochs=-1", ["pretrain.epochs"]),
@@ -116,6 +118,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict
     save_checkpoint(d / "clf", clf, tokenizer_dir=tokenizer_dir, labels=["ham", "spam"])
     (d / "bad.json").write_text('{"bad json', encoding="utf-8")
     (d / "noresp.json").write_text('[{"instruction": "x"}]', encoding="utf-8")
+    ok = [{"instruction": "x", "input": "", "output": "y", "model_response": "z"}]
+    (d / "ok.json").write_text(json.dumps(ok), encoding="utf-8")
     (d / "exists").mkdir()
     (d / "file").write_text("a file, not a folder", encoding="utf-8")
     return {

@@ -18,8 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from flows.report import build_report, fmt, to_html, to_markdown
-from flows.report.blocks import Para, Report, Table, join, text, with_code_spans
+from flows.report import fmt
+from flows.report.blocks import (
+    Para,
+    Report,
+    Table,
+    join,
+    text,
+    to_html,
+    to_markdown,
+    with_code_spans,
+)
+from flows.report.build import build_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 JUDGE_MSG = (

@@ -18,7 +18,7 @@ import pytest
 
 from flows.cli import main as cli_main
 from flows.config import build_config, config_to_dict
-from flows.pipeline import make_context
+from flows.run_start import make_context
 from gpt.distributed import DistributedArgs
 from gpt.errors import CatalogError, ConfigError, DistributedError
 from tasks.catalog import Catalog, CatalogArgs, CatalogSettings

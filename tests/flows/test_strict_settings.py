@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 import flows.config as config_module
-from flows.config import PipelineConfig, available_profiles, build_config, config_to_dict
+from flows.config import PipelineConfig, build_config, config_to_dict
+from flows.profiles import available_profiles
 from gpt.config import Args
 from gpt.errors import ConfigError
 
@@ -75,6 +76,10 @@ VALID = [
     ('pretrain.model.overrides={"n_layers": 1, "drop_rate": 0}', "pretrain.model.overrides",
      {"n_layers": 1, "drop_rate": 0}),
     ("finetune_spam.trainable_blocks=2", "finetune_spam.trainable_blocks", 2),
+    ("judge.hosts=localhost:11434", "judge.hosts", ("localhost:11434",)),
+    ('judge.hosts=["http://a:1", "https://b.example/ollama"]', "judge.hosts",
+     ("http://a:1", "https://b.example/ollama")),
+    ("judge.hosts=http://[::1]:11434", "judge.hosts", ("http://[::1]:11434",)),
 ]  # fmt: skip
 
 
@@ -145,6 +150,15 @@ INVALID = [
     ("device=gpu", "device"),
     ("device=CUDA", "device"),
     ("device=cuda:-1", "device"),
+    # judge URLs: a typo shows here, not at the judge stage hours later
+    ("judge.hosts=htp://localhost:11434", "judge.hosts"),
+    ("judge.hosts=http//localhost:11434", "judge.hosts"),
+    ("judge.hosts=http://localhost:11434x", "judge.hosts"),
+    ("judge.hosts=http://localhost:99999", "judge.hosts"),
+    ("judge.hosts=http://a:1,http://b:2", "judge.hosts"),
+    ("judge.hosts=http://", "judge.hosts"),
+    ("judge.hosts=http://local host:1", "judge.hosts"),
+    ('judge.hosts=["http://a:1", "http://b_c:2"]', "judge.hosts"),
 ]
 
 

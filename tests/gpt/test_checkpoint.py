@@ -337,7 +337,7 @@ def test_disk_errors_are_checkpoint_errors(
         def full(*a: object, **k: object) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(ck, "_write_json", full)
+        monkeypatch.setattr(ck, "write_json", full)
         reason = "No space left"
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(target, m1, hparams={"v": 2})

@@ -41,8 +41,8 @@ def _run(args: list[str], capsys: pytest.CaptureFixture) -> str:
 def test_smoke_run_with_lora_end_to_end_and_cached_rerun(
     prefect_server, mirror: Path, ollama, capsys, tmp_path: Path
 ) -> None:
-    from flows.report import build_report
     from flows.report.blocks import to_markdown
+    from flows.report.build import build_report
     from gpt.checkpoint import load_checkpoint
     from tasks.catalog import Catalog
     from tasks.catalog.compare import compare_runs

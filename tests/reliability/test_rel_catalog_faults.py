@@ -218,14 +218,16 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     # (b) valid input, but a catalog write fails half-way through the stage's tables
     # (corpus is written, then instructions fails)
     shutil.copy(mirror / "instruction-data.json", data / "instruction-data.json")
-    real = Catalog._delete_where
+    from tasks.catalog import tables as catalog_tables
 
-    def failing(self, con, table, where, cols):
+    real = catalog_tables.delete_where
+
+    def failing(con, table, where, cols):
         if table == "instructions":
             raise CatalogError("simulated disk error while writing 'instructions'")
-        return real(self, con, table, where, cols)
+        return real(con, table, where, cols)
 
-    monkeypatch.setattr(Catalog, "_delete_where", failing)
+    monkeypatch.setattr(catalog_tables, "delete_where", failing)
     with pytest.raises(CatalogError):
         run_stage(ctx("run3"), "tokenize", cfg.tokenize, download=dl("d3"))
     monkeypatch.undo()

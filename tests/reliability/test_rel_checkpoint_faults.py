@@ -158,7 +158,7 @@ def test_disk_full_mid_save_keeps_previous_checkpoint(
     elif where == "optimizer":
         monkeypatch.setattr(torch, "save", full)
     else:
-        monkeypatch.setattr(ck, "_write_json", full)
+        monkeypatch.setattr(ck, "write_json", full)
     new_model = _model(1)
     with pytest.raises((CheckpointError, OSError)) as info:
         ck.save_checkpoint(ckpt, new_model, optimizer=torch.optim.AdamW(new_model.parameters()))

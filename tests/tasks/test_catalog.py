@@ -20,10 +20,12 @@ from _paths import REPO
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
 from tasks.catalog import Catalog
-from tasks.catalog import store as catalog_mod
+from tasks.catalog import tables as catalog_tables
 from tasks.catalog.present import format_df
 from tasks.catalog.queries import run_readonly_sql
-from tasks.catalog.schema import KNOWN_TABLES, KNOWN_VIEWS, SCHEMA_VERSION
+from tasks.catalog.schema import KNOWN_TABLES, SCHEMA_VERSION
+from tasks.catalog.settings import DEFAULT_LOCK_TIMEOUT
+from tasks.catalog.views import KNOWN_VIEWS
 
 
 def _objects(path: Path) -> tuple[set[str], set[str]]:
@@ -189,18 +191,18 @@ def test_exception_after_delete_rolls_back(cat: Catalog, monkeypatch: pytest.Mon
         where={"run_id": "r", "split": "train"},
     )
     calls: list[str] = []
-    real_delete = Catalog._delete_where
+    real_delete = catalog_tables.delete_where
 
-    def delete_then_note(self, con, table, where, cols):
-        real_delete(self, con, table, where, cols)
+    def delete_then_note(con, table, where, cols):
+        real_delete(con, table, where, cols)
         # inside the transaction the old row is really gone
         calls.append(con.execute("SELECT count(*) FROM spam_examples").fetchone()[0])
 
     def boom(*args, **kwargs):
         raise RuntimeError("injected crash after DELETE")
 
-    monkeypatch.setattr(Catalog, "_delete_where", delete_then_note)
-    monkeypatch.setattr(Catalog, "_insert_df", boom)
+    monkeypatch.setattr(catalog_tables, "delete_where", delete_then_note)
+    monkeypatch.setattr(catalog_tables, "insert_frame", boom)
     with pytest.raises(RuntimeError, match="injected"):
         cat.replace_rows(
             "spam_examples",
@@ -215,16 +217,90 @@ def test_exception_after_delete_rolls_back(cat: Catalog, monkeypatch: pytest.Mon
     ]
 
 
+def test_replace_where_none_matches_null_only(cat: Catalog) -> None:
+    """A ``where`` value None names the rows holding NULL there (and no others)."""
+    cat.insert_rows(
+        "corpus",
+        [
+            {"run_id": "r", "split": None, "chars": 1},
+            {"run_id": "r", "split": "train", "chars": 2},
+            {"run_id": None, "split": None, "chars": 3},
+        ],
+    )
+    cat.replace_rows("corpus", [{"chars": 9}], where={"run_id": "r", "split": None})
+    df = cat.query_df("SELECT run_id, split, chars FROM corpus ORDER BY chars")
+    assert df.astype(object).where(df.notna(), None).values.tolist() == [
+        ["r", "train", 2],
+        [None, None, 3],
+        ["r", None, 9],
+    ]
+
+
+def test_held_runs_every_transaction_on_one_connection(
+    cat: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside ``held()`` writes and reads share one open file (a rebuild's many small
+    transactions open and checkpoint it once); a failed transaction still rolls back
+    alone, and the rows are there for other handles after the block."""
+    from tasks.catalog import store
+
+    opened: list[bool] = []
+    real_open = store.open_file
+
+    def counting(path, *, read_only, timeout, config=None):
+        opened.append(read_only)
+        return real_open(path, read_only=read_only, timeout=timeout, config=config)
+
+    monkeypatch.setattr(store, "open_file", counting)
+    with cat.held():
+        for run in ("a", "b", "c"):
+            cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": run, "split": "train"})
+        with pytest.raises(CatalogError, match="rolled back"):
+            cat.replace_rows("corpus", [{"chars": "x"}], where={"run_id": "a", "split": "train"})
+        assert cat.query_df("SELECT count(*) AS n FROM corpus").n.tolist() == [3]
+    assert opened == [False]
+    monkeypatch.undo()
+    df = Catalog(cat.path, snapshot=True).query_df("SELECT run_id FROM corpus ORDER BY run_id")
+    assert df.run_id.tolist() == ["a", "b", "c"]
+
+
+def test_held_read_only_reads_one_snapshot_and_refuses_writes(
+    cat: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``held(read_only=True)`` serves a command's queries from one reader of the
+    published file; a write through the handle is refused with the reason."""
+    from tasks.catalog import store
+
+    cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": "a", "split": "train"})
+    cat.publish()
+    reader = Catalog(cat.path, snapshot=True)
+    opened: list[bool] = []
+    real_open = store.open_file
+
+    def counting(path, *, read_only, timeout, config=None):
+        opened.append(read_only)
+        return real_open(path, read_only=read_only, timeout=timeout, config=config)
+
+    monkeypatch.setattr(store, "open_file", counting)
+    with reader.held(read_only=True):
+        for _ in range(3):
+            assert reader.query_df("SELECT count(*) AS n FROM corpus").n.tolist() == [1]
+    assert opened == [True]
+    with cat.held(read_only=True), pytest.raises(CatalogError, match="read-only connection"):
+        cat.replace_rows("corpus", [{"chars": 2}], where={"run_id": "a", "split": "train"})
+    assert cat.query_df("SELECT chars FROM corpus").chars.tolist() == [1]
+
+
 def test_process_killed_mid_write_leaves_old_rows(cat: Catalog) -> None:
     cat.replace_rows("metrics", _metric_rows(4, 0.0), where={"run_id": "r", "stage": "s"})
     script = textwrap.dedent(
         f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from tasks.catalog import Catalog
+        from tasks.catalog import Catalog, tables
         def die(*a, **k):
             os._exit(3)  # hard crash: no rollback, no close
-        Catalog._insert_df = die
+        tables.insert_frame = die
         Catalog({str(cat.path)!r}).replace_rows(
             "metrics", [{{"value": 99.0}}], where={{"run_id": "r", "stage": "s"}})
         """
@@ -569,4 +645,4 @@ def test_sql_live_waits_for_a_brief_writer_lock(
     finally:
         holder.wait(timeout=30)
     assert df.n.tolist() == [2]
-    assert catalog_mod.DEFAULT_LOCK_TIMEOUT == 60.0
+    assert DEFAULT_LOCK_TIMEOUT == 60.0

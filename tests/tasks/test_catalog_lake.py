@@ -23,6 +23,7 @@ from _paths import REPO
 from flows.cli import main as cli_main
 from gpt.errors import CatalogError
 from tasks.catalog import Catalog
+from tasks.catalog import tables as catalog_tables
 from tasks.catalog.connections import (
     CONFLICT_RETRIES,
     LAKE_ALIAS,
@@ -32,8 +33,9 @@ from tasks.catalog.connections import (
 )
 from tasks.catalog.extensions import load_extension
 from tasks.catalog.queries import run_readonly_sql
-from tasks.catalog.schema import KNOWN_TABLES, KNOWN_VIEWS, MIGRATIONS, SCHEMA_VERSION, lake_ddl
+from tasks.catalog.schema import KNOWN_TABLES, MIGRATIONS, SCHEMA_VERSION, lake_ddl
 from tasks.catalog.settings import CatalogSettings, S3Settings
+from tasks.catalog.views import KNOWN_VIEWS
 
 
 @pytest.fixture
@@ -472,16 +474,16 @@ def test_a_write_losing_a_conflict_is_rerun(
     for run in ("mine", "other"):
         cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": run, "split": "train"})
     other = new_lake_connection(lake, read_only=False)  # a second writer, own DuckDB
-    real = Catalog._insert_df
+    real = catalog_tables.insert_frame
     calls: list[str] = []
 
-    def interfere(self, con, table, df, cols):
+    def interfere(con, table, df, cols):
         calls.append(table)
         if len(calls) == 1:
             other.execute("DELETE FROM corpus WHERE run_id = 'other'")
-        return real(self, con, table, df, cols)
+        return real(con, table, df, cols)
 
-    monkeypatch.setattr(Catalog, "_insert_df", interfere)
+    monkeypatch.setattr(catalog_tables, "insert_frame", interfere)
     before = CONFLICT_RETRIES["writing corpus"]
     try:
         assert cat.replace_rows("corpus", [{"chars": 2}], where={"run_id": "mine"}) == 1
@@ -499,14 +501,14 @@ def test_a_write_that_keeps_conflicting_fails_cleanly(
     cat = Catalog(settings=lake.model_copy(update={"lock_timeout": 1.0}))
     cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": "mine", "split": "train"})
     other = new_lake_connection(lake, read_only=False)
-    real = Catalog._insert_df
+    real = catalog_tables.insert_frame
 
-    def interfere(self, con, table, df, cols):  # every attempt loses to another writer
+    def interfere(con, table, df, cols):  # every attempt loses to another writer
         other.execute("INSERT INTO corpus (run_id, chars) VALUES ('tmp', 0)")
         other.execute("DELETE FROM corpus WHERE run_id = 'tmp'")
-        return real(self, con, table, df, cols)
+        return real(con, table, df, cols)
 
-    monkeypatch.setattr(Catalog, "_insert_df", interfere)
+    monkeypatch.setattr(catalog_tables, "insert_frame", interfere)
     try:
         with pytest.raises(CatalogError, match="kept conflicting with other writers") as info:
             cat.replace_rows("corpus", [{"chars": 2}], where={"run_id": "mine", "split": "train"})
@@ -524,9 +526,9 @@ def test_a_migration_losing_a_create_race_is_rerun(
     """Another process migrates while ours is inside its first step: our CREATE TABLE
     fails ("created by another transaction already"); the migration re-runs and finds
     the schema complete."""
-    from tasks.catalog import store
+    from tasks.catalog import migrate
 
-    real = store.migration_step
+    real = migrate.migration_step
     raced: list[int] = []
 
     def racing(step: int, *, lake: bool = False) -> list[str]:
@@ -536,7 +538,7 @@ def test_a_migration_losing_a_create_race_is_rerun(
         return real(step, lake=lake)
 
     lake_settings = lake
-    monkeypatch.setattr(store, "migration_step", racing)
+    monkeypatch.setattr(migrate, "migration_step", racing)
     before = CONFLICT_RETRIES["migrate"]
     assert Catalog(settings=lake).migrate() == SCHEMA_VERSION
     assert raced == [0]

@@ -23,6 +23,7 @@ import re
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,7 +246,7 @@ def test_stage_producers_view(cat: Catalog) -> None:
 def test_compare_sections_by_hand(cat: Catalog) -> None:
     from tasks.catalog.compare import compare_runs
 
-    comp = compare_runs(cat, "r1", "r2", n_resamples=2000, seed=0, top=2)
+    comp = compare_runs(cat, "r1", "r2", n_resamples=2000, seed=0, top=2, min_examples=3)
     # config: only the changed path
     assert comp.config.to_dict("records") == [
         {"path": "finetune_spam.lr", "a": "0.001", "b": "1e-07"}
@@ -287,6 +288,42 @@ def test_compare_sections_by_hand(cat: Catalog) -> None:
     assert worst[0]["reference"] == "reference 0"
     assert (worst[0]["response_a"], worst[0]["response_b"]) == ("r1 answer 0", "r2 answer 0")
     assert any("judge-b v1 scored only one" in n for n in comp.notes)
+
+
+def test_compare_judge_verdict_needs_the_gates_minimum(
+    cat: Catalog, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A judge verdict rests on as many paired examples as the judge gate needs
+    (``gates.judge_min_examples``): the 3 pairs here, interval wholly below 0, are "not
+    enough data" under the gates' default, a drop once the minimum is 3 — given, or
+    recorded in run B's gates settings."""
+    from flows.cli import main
+    from gpt.eval.gates import DEFAULT_MIN_EXAMPLES
+    from tasks.catalog.compare import compare_runs
+
+    def verdict(**kw: Any) -> str:
+        comp = compare_runs(cat, "r1", "r2", n_resamples=2000, seed=0, **kw)
+        (row,) = comp.judge.to_dict("records")
+        assert row["ci_high"] < 0 and row["n_paired"] == 3
+        return row["verdict"]
+
+    assert verdict() == f"not enough data (3 paired, fewer than {DEFAULT_MIN_EXAMPLES})"
+    assert verdict(min_examples=4) == "not enough data (3 paired, fewer than 4)"
+    assert verdict(min_examples=3) == "drop (interval below 0)"
+    assert main(["compare", "r1", "r2", "--db", str(cat.path)]) == 0
+    out = capsys.readouterr().out
+    assert f"a verdict needs {DEFAULT_MIN_EXAMPLES} paired examples" in out
+    assert "not enough data (3 paired" in out and "drop (interval" not in out
+    argv = ["compare", "r1", "r2", "--db", str(cat.path), "--format", "json"]
+    assert main([*argv, "--min-examples", "3"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["settings"]["min_examples"] == 3 and data["judge"][0]["verdict"].startswith("drop")
+    with cat.connect() as con:  # run B's own gates setting is the default
+        con.execute(
+            "UPDATE runs SET config = ? WHERE run_id = 'r2'",
+            [json.dumps({**CFG2, "gates": {"judge_min_examples": 3}})],
+        )
+    assert verdict() == "drop (interval below 0)"
 
 
 def test_compare_bootstrap_is_the_library_interval(cat: Catalog) -> None:
@@ -436,7 +473,8 @@ def test_gates_without_enough_data_pass_and_say_so(cat: Catalog) -> None:
     """The default minimums (20 paired examples, 6 discordant pairs) are more than this
     catalog holds: each gate that would fail reports "not enough data" and passes; the
     gates table and the report say so, and an enforced run does not fail."""
-    from flows.report import build_report, to_markdown
+    from flows.report.blocks import to_markdown
+    from flows.report.build import build_report
     from gpt.eval.gates import GatesArgs
     from tasks.gates import GATES_QUERY, raise_for_gates, run_gates
 

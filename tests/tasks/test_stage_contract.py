@@ -431,7 +431,7 @@ def test_force_download_fetches_again(smoke) -> None:
 
 def test_force_judge_scores_again_and_unknown_names_are_refused(smoke) -> None:
     from benchmarks.ollama_stub import OllamaStub
-    from flows.pipeline import make_context
+    from flows.run_start import make_context
     from tasks.stages.judge import responses_input
 
     cat = Catalog(smoke["root"] / "catalog.duckdb")
@@ -468,7 +468,7 @@ def test_one_judge_stage() -> None:
         assert 'stage_task("judge")' in (REPO / module).read_text(encoding="utf-8") or (
             'step("judge")' in (REPO / module).read_text(encoding="utf-8")
         ), module
-    judge_cli = (REPO / "flows" / "commands" / "judge.py").read_text(encoding="utf-8")
+    judge_cli = (REPO / "flows" / "commands" / "judge_responses.py").read_text(encoding="utf-8")
     assert 'run_stage(ctx, "judge"' in judge_cli
 
 

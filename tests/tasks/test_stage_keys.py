@@ -122,11 +122,14 @@ def test_an_accepted_new_weight_file_changes_the_load_gpt2_key(
     assert index in first.files and (root / "datasets" / index).exists()  # first use: fetched
 
     # known from the trust records now: computing the key downloads and hashes nothing
-    import gpt.data.download as download
+    import gpt.data.download
+    import gpt.data.transfer
+    import gpt.data.trust
 
     hidden = release_mirror.rename(tmp_path / "away")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(download, "sha256_file", lambda p: pytest.fail(f"{p} was hashed"))
+        for module in (gpt.data.download, gpt.data.transfer, gpt.data.trust):
+            mp.setattr(module, "sha256_file", lambda p: pytest.fail(f"{p} was hashed"))
         assert key_for(spec, args, inputs, _ctx(root, "r2", mirror=str(hidden))) == first.key
     hidden.rename(release_mirror)
 

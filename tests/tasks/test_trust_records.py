@@ -114,7 +114,7 @@ def test_retrust_names_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="published sha256"):
         retrust_paths(["gpt2-124M"])  # every file pinned
     from flows.config import build_config
-    from flows.pipeline import make_context
+    from flows.run_start import make_context
 
     with pytest.raises(ConfigError, match="--retrust gpt2-typo"):
         make_context(build_config("smoke"), "r", retrust=["gpt2-typo"])

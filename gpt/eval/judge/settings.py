@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
@@ -21,7 +23,7 @@ from gpt.config import Args, operational
 from gpt.eval.judge.prompt import PROMPT_VERSION, prompt_digest, schema_digest
 from gpt.eval.judge.reply import READER_VERSION
 
-__all__ = ["JudgeConfig", "JudgeKey", "judge_fix"]
+__all__ = ["JudgeConfig", "JudgeKey", "host_url_problem", "judge_fix"]
 
 
 def _default_hosts() -> tuple[str, ...]:
@@ -31,6 +33,35 @@ def _default_hosts() -> tuple[str, ...]:
 def _as_tuple(value: Any) -> Any:
     """A single name is a one-element list (``--set judge.models=phi3``)."""
     return (value,) if isinstance(value, str) else value
+
+
+#: A DNS name or an IPv4 address (an IPv6 address goes in brackets).
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def host_url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as an Ollama server address, or None. The forms the
+    ``ollama`` client takes: ``[http[s]://]host[:port][/path]``."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        if "//" in url or re.match(r"https?:", url):
+            return "a mangled scheme (write http://host:port)"
+        scheme, url = "http", f"http://{url}"
+    if scheme not in ("http", "https"):
+        return f"scheme {scheme!r} (use http:// or https://)"
+    if any(c.isspace() for c in url) or "," in url:
+        return "one URL per entry, without spaces or commas (give a list for several)"
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018  (raises on a port that is no number in 0-65535)
+    except ValueError:
+        return f"port {parts.netloc.rpartition(':')[2]!r} is not a number up to 65535"
+    host = parts.hostname or ""
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        return "no query, fragment or user part"
+    if not (_HOST_NAME.fullmatch(host) or (parts.netloc.startswith("[") and host)):
+        return f"host {host!r} is not a host name or address"
+    return None
 
 
 def _digest(value: Any) -> str:
@@ -120,6 +151,17 @@ class JudgeConfig(Args):
             raise ValueError("names must be non-empty")
         if len(set(value)) != len(value):
             raise ValueError(f"names must be distinct, got {list(value)}")
+        return value
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            problem = host_url_problem(url)
+            if problem:
+                raise ValueError(
+                    f"{url!r} is not an Ollama URL: {problem}; e.g. http://localhost:11434"
+                )
         return value
 
     def options(self, repeat: int = 0) -> dict[str, Any]:

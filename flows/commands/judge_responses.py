@@ -1,12 +1,18 @@
-"""``gptflow judge --responses FILE.json``: score responses with the Ollama judge."""
+"""``gptflow judge --responses FILE.json``: score a file of responses with the Ollama
+judge, as a run of its own (or as the responses of an existing run)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flows.commands import add_db_arg
+from flows.commands import add_db_arg, print_df
+
+if TYPE_CHECKING:
+    from tasks.catalog import Catalog
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--responses", required=True, type=Path, help="JSON list of response records"
     )
-    parser.add_argument("--run", default=None, help="run id (default: judge-<file stem>)")
+    parser.add_argument(
+        "--run",
+        default=None,
+        help="the run to store the responses under: an existing run's id or a unique "
+        "prefix of it, or a new name (default: judge-<file stem>)",
+    )
     parser.add_argument(
         "--model",
         action="append",
@@ -60,14 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Import the responses, judge them, print the summary; 1 when requests failed."""
+    """Import the responses, judge them as a recorded run, print the summary; 1 when
+    requests failed."""
     import logging
 
-    from flows.pipeline import git_revision
+    from flows.run_start import recorded_run
     from gpt.eval.judge.settings import JudgeConfig
     from gpt.paths import artifacts_root, datasets_dir
     from tasks.catalog import Catalog
-    from tasks.catalog.present import format_df
     from tasks.stages.base import RunContext, run_stage
     from tasks.stages.judge import import_responses, responses_input, summarize
 
@@ -83,9 +94,8 @@ def run(args: argparse.Namespace) -> int:
         auto_pull=bool(args.auto_pull),
         **{k: v for k, v in given.items() if v is not None},
     )
-
-    run_id = args.run or f"judge-{args.responses.stem}"
     catalog = Catalog(args.db)
+    run_id = _run_for(catalog, args.run, f"judge-{args.responses.stem}")
     n = import_responses(catalog, run_id, args.responses, response_key=args.response_key)
     print(f"stored {n} responses from {args.responses} under run {run_id!r}")
     ctx = RunContext(
@@ -95,24 +105,16 @@ def run(args: argparse.Namespace) -> int:
         datasets=str(datasets_dir()),
         progress=not args.no_progress,
     )
-    rec = ctx.recorder
-    new_run = catalog.query_df("SELECT count(*) AS n FROM runs WHERE run_id = ?", [run_id]).n[0]
-    if not new_run:  # a judge-only run: its config is the judge section
-        rec.start_run(
-            run_id,
-            flow_run_id=None,
-            profile="judge",  # a judge-only run (`gptflow judge`)
-            config={"judge": cfg.to_dict()},
-            git_rev=git_revision(),
-        )
-    try:
+    # a judge-only run is recorded, its config the judge section; a pipeline run (its
+    # responses imported again) keeps its own record
+    profile = catalog.query_df("SELECT profile FROM runs WHERE run_id = ?", [run_id])
+    record = profile.empty or profile["profile"].iloc[0] == "judge"
+    with (
+        recorded_run(ctx, profile="judge", config={"judge": cfg.to_dict()})
+        if record
+        else contextlib.nullcontext()
+    ):
         result = run_stage(ctx, "judge", cfg, extract_responses=responses_input(catalog, run_id))
-    except BaseException:
-        if not new_run:
-            rec.end_run(run_id, "failed")
-        raise
-    if not new_run:
-        rec.end_run(run_id, "completed")
     out = result.out
     how = (
         "cached: the same responses were judged with these settings before"
@@ -128,13 +130,13 @@ def run(args: argparse.Namespace) -> int:
     for down in out.hosts_down:
         print(f"judge host down: {down}", file=sys.stderr)
     summary = summarize(catalog, run_id)
-    print(format_df(summary, "table"))
+    print_df(summary)
     agreement = catalog.query_df(
         "SELECT * FROM judge_agreement WHERE run_id = ? ORDER BY judge_a, judge_b", [run_id]
     )
     if not agreement.empty:
         print("judge_agreement")
-        print(format_df(agreement, "table"))
+        print_df(agreement)
     failed = int(summary["n_failed"].sum()) if "n_failed" in summary else 0
     if failed:
         print(
@@ -144,3 +146,16 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _run_for(catalog: Catalog, ref: str | None, default: str) -> str:
+    """The run to store the responses under: ``ref`` as an existing run's id or unique
+    prefix (:func:`~tasks.catalog.lookup.resolve_run`), else as a new run's name; without
+    ``ref``, ``default`` (taken as it is)."""
+    from tasks.catalog.lookup import resolve_run, run_ids_like
+
+    if ref is None:
+        return default
+    if not catalog.exists() or not run_ids_like(catalog, ref):
+        return ref  # a new run
+    return resolve_run(catalog, ref)
