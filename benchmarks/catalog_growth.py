@@ -39,7 +39,7 @@ from benchmarks.catalog_year import PlannedRun, YearPlan, build_catalog, judge_k
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The tables each stage's folder holds rows of (what ``tasks.rows.SCOPES`` scopes).
+#: The tables each stage's folder holds rows of (what ``tasks.records.rows.SCOPES`` scopes).
 STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "tokenize": ("corpus", "spam_examples", "instructions"),
     "pretrain": ("metrics", "samples", "checkpoints"),
@@ -154,7 +154,7 @@ def _file_bytes(cat: Any) -> int:
 
 def _table_rows(cat: Any) -> dict[str, int]:
     from tasks.catalog.schema import KNOWN_TABLES
-    from tasks.rebuild import rows_per_table
+    from tasks.records.rebuild import rows_per_table
 
     return rows_per_table(cat, tuple(sorted(KNOWN_TABLES)))
 
@@ -211,7 +211,7 @@ def time_views(cat: Any, run_id: str, repeats: int) -> dict[str, Any]:
 
 def time_rebuild(artifacts: Path, db: Path) -> dict[str, Any]:
     """``catalog rebuild`` of ``artifacts`` into a new file ``db``."""
-    from tasks.rebuild import rebuild_into
+    from tasks.records.rebuild import rebuild_into
 
     t, c = time.perf_counter(), time.process_time()
     report = rebuild_into(db, artifacts)

@@ -69,7 +69,7 @@ def _sides(
 
     def fill(store) -> None:  # untimed: the stage body's output in a fresh work folder
         if hasattr(store, "remote"):  # a first publish: a prefix nobody wrote yet
-            from tasks.storage import ObjectRoot
+            from tasks.store.objects import ObjectRoot
 
             store.remote = ObjectRoot(f"{store.url}/{uuid.uuid4().hex[:8]}/stages")
         for stage, key, src in folders:
@@ -119,8 +119,8 @@ def bench_shared_artifacts(
     stages: Path, *, endpoint: str | None = None, repeats: int = 5
 ) -> list[BenchResult]:
     """The three operations (module docstring), local vs S3; one row each."""
-    from tasks.cache import StageStore
-    from tasks.remote_store import ObjectStageStore
+    from tasks.store.folder import StageStore
+    from tasks.store.object_store import ObjectStageStore
 
     folders = smoke_folders(Path(stages))
     if not folders:

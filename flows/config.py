@@ -15,7 +15,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from flows.profiles import DEFAULT_PROFILE, PROFILES_DIR, STAGES, available_profiles
+from flows.profiles import DEFAULT_PROFILE, PROFILES_DIR, available_profiles
 from gpt.config import Args, ArgsError, FieldError, describe_problems
 from gpt.data.download import DownloadArgs
 from gpt.data.parsing import SPLITS
@@ -32,6 +32,7 @@ from gpt.recipes.instruct import ExtractArgs, InstructArgs
 from gpt.recipes.prepare import PrepareArgs
 from gpt.recipes.pretrain import PretrainArgs, windows_problem
 from tasks.catalog.settings import CatalogArgs
+from tasks.stages import STAGES
 
 #: The stage that cannot be placed on a work pool (see ``PipelineConfig.placement``).
 UNPLACEABLE = "download"

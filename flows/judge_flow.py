@@ -29,11 +29,11 @@ from flows.profiles import DEFAULT_PROFILE
 from flows.report.build import publish_table
 from flows.run_start import FlowRun
 from gpt.errors import DataError
-from tasks.cache import StageOutput
 from tasks.catalog import Catalog
 from tasks.catalog.lookup import resolve_run
-from tasks.flow_tasks import skipped_info, stage_task
+from tasks.stages.contract import StageOutput
 from tasks.stages.judge import responses_input
+from tasks.stages.prefect_tasks import skipped_info, stage_task
 
 
 def latest_responses_run(catalog: Catalog) -> str:

@@ -17,15 +17,16 @@ from prefect.states import State
 from pydantic import StrictBool, StrictStr
 
 from flows.config import PipelineConfig, build_config
-from flows.profiles import DEFAULT_PROFILE, STAGES
+from flows.profiles import DEFAULT_PROFILE
 from flows.run_start import FlowRun, make_context
 from gpt.errors import JudgeError
-from tasks.cache import StageOutput
 from tasks.catalog import Catalog, utcnow
-from tasks.flow_tasks import skipped_info, stage_task
-from tasks.gates import raise_for_gates, run_gates
-from tasks.placement import check_placement
-from tasks.stages.base import RunContext
+from tasks.records.gate_results import raise_for_gates, run_gates
+from tasks.records.runs import StageRecord
+from tasks.stages import STAGES
+from tasks.stages.contract import RunContext, StageOutput
+from tasks.stages.placement import check_placement
+from tasks.stages.prefect_tasks import skipped_info, stage_task
 
 
 @flow(name="gptflow-pipeline", log_prints=True, validate_parameters=True)
@@ -115,8 +116,10 @@ def preflight_required_judge(ctx: RunContext, cfg: PipelineConfig) -> None:
             "was computed. Fix that, then start the run again (or set judge.required=false "
             "to run without the judge and score later with `gptflow rerun judge`)"
         )
-        ctx.recorder.record_stage(
-            ctx.run_id, "judge", status="failed", started_at=started, ended_at=utcnow(), message=msg
+        ctx.recorder.record(
+            StageRecord(
+                ctx.run_id, "judge", "failed", started_at=started, ended_at=utcnow(), message=msg
+            )
         )
         raise type(exc)(msg) from None
 

@@ -3,7 +3,7 @@
 
 A run is recorded ``running`` for the span of its work (a heartbeat beats; the process
 that started it is watched), then ``completed``, or ``failed`` / ``crashed`` with the
-reason (:meth:`~tasks.runlog.RunRecorder.running`). In a flow run the run id is the flow
+reason (:meth:`~tasks.records.runs.RunRecorder.running`). In a flow run the run id is the flow
 run's: settings that fail once the flow run started still leave a ``failed`` run with
 the reason, so it shows in ``gptflow runs``, and a run whose worker died ends the flow
 run Crashed, saying so.
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flows.config import PipelineConfig, config_to_dict
-from flows.profiles import STAGES
 from flows.run_logs import route_library_logs
 from gpt.errors import ConfigError, GPTFlowError
 from gpt.paths import artifacts_root, datasets_dir, project_root
-from tasks.stages.base import RunContext
+from tasks.stages import STAGES
+from tasks.stages.contract import RunContext
 
 if TYPE_CHECKING:
     from prefect.states import State
@@ -155,9 +155,9 @@ def record_failed_start(run_id: str, profile: str | None, exc: BaseException) ->
     ``gptflow runs`` with the reason. Best effort: a broken catalog setting is logged."""
     from prefect import get_run_logger
 
-    from tasks.cache import root_child
     from tasks.catalog import Catalog
-    from tasks.runlog import RunRecorder
+    from tasks.records.runs import RunRecorder
+    from tasks.store.roots import root_child
 
     try:
         rec = RunRecorder(Catalog(), root_child(artifacts_root(), "runs"))
@@ -173,7 +173,7 @@ def crashed_state(exc: BaseException) -> State:
     started it (the worker) died; otherwise ``exc`` is raised again."""
     from prefect.states import Crashed
 
-    from tasks.run_state import worker_died_reason
+    from tasks.records.run_state import worker_died_reason
 
     died = worker_died_reason()
     if died is None:

@@ -1,6 +1,6 @@
 """The ``gptflow-stage`` flow: one stage of a pipeline run, on a worker of a work pool.
 
-The pipeline starts it (``tasks.placement.run_placed``) for each stage its
+The pipeline starts it (``tasks.stages.placement.run_placed``) for each stage its
 ``placement`` puts on a pool, through the deployment ``gptflow-stage/<pool>`` in
 ``prefect.yaml``. Everything it needs arrives as JSON parameters: the stage, its settings
 section, the run's context and the input stages' results (where their folders are, their
@@ -21,13 +21,8 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig
 from flows.run_logs import route_library_logs
 from gpt.config import Args
-from tasks.placement import (
-    STAGE_FLOW,
-    PlacedContext,
-    context_from_json,
-    output_from_json,
-    run_placed_here,
-)
+from gpt.distributed.codec import decode
+from tasks.stages.placement import STAGE_FLOW, run_placed_here
 
 
 def settings_type(stage: str) -> type[Args]:
@@ -48,9 +43,9 @@ def gptflow_stage(
     here; ``key``/``code``: the cache key and code fingerprint the flow computed."""
     route_library_logs()
     me = str(flow_run.get_id() or f"local-{os.getpid()}")
-    ctx = PlacedContext(**context_from_json(context), flow_run_id=me)
+    ctx = decode(context, "run context").placed_on(me)
     args = settings_type(stage).model_validate(settings)
-    ins = {name: output_from_json(value) for name, value in inputs.items()}
+    ins = decode(inputs, "inputs")
     report = run_placed_here(ctx, stage, args, ins, key=key, code=code)
     return {k: report.get(k) for k in ("stage", "key", "outcome", "host", "worker")}
 

@@ -218,7 +218,6 @@ def build_adapted_model(
     folder's ``adapter.safetensors``) put on, merged when ``merge`` (else with trainable
     adapters, as training left it). ``load_base`` loads the base folder (the
     checkpoint loader, passed in: it is the caller)."""
-
     if info.get("format") != ADAPTER_FORMAT:
         raise CheckpointError(
             f"{folder}/config.json: unknown adapter format {info.get('format')!r} "

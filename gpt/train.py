@@ -129,11 +129,10 @@ class DistributedLMArgs(LMTrainArgs):
     :func:`train_lm` (pretraining, the instruction finetune)."""
 
     distributed: gd.DistributedArgs = operational(default_factory=gd.DistributedArgs)
-    """How many processes train (``nproc = 1``: the calling process, as before; more:
-    under torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays
-    the global batch and must split evenly over the processes. Read by the caller that
-    launches the training (the pipeline's stage, through
-    :func:`gpt.distributed.run_distributed`). Operational: with dropout off, N processes
+    """How many processes train (``nproc = 1``: the calling process; more: under
+    torchrun, see :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays the
+    global batch and must split evenly over the processes. The recipes launch
+    themselves on this layout (:func:`gpt.distributed.launch.launchable`). Operational: with dropout off, N processes
     give the per-step losses and final weights of 1 process with the same global batch
     within ~1e-5 (float rounding), so the layout is not part of the cache key; with
     dropout on, the masks depend on the layout and another layout gives an equally valid
@@ -145,10 +144,6 @@ class DistributedLMArgs(LMTrainArgs):
         if "batch_size" in info.data:  # else batch_size itself was invalid
             v.check_batch(info.data["batch_size"], "batch_size")
         return v
-
-    def train_args(self) -> LMTrainArgs:
-        """The :class:`LMTrainArgs` part."""
-        return LMTrainArgs(**{k: getattr(self, k) for k in LMTrainArgs.model_fields})
 
 
 @dataclass
@@ -327,6 +322,7 @@ def train_lm(
     out_dir: Path | None = None,
     on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
     on_sample: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     resume: bool = True,
     tokenizer: Any = None,
     sample_prompt: str | None = None,
@@ -342,7 +338,10 @@ def train_lm(
     ``step`` counts optimizer steps from 1, ``epoch`` is 1-based, ``seen`` is the number of
     training tokens processed. After each epoch, when ``tokenizer`` and ``sample_prompt``
     are set and ``sample_tokens`` > 0, a greedy sample ``{epoch, step, prompt, text}`` of
-    ``sample_tokens`` new tokens goes to ``on_sample``.
+    ``sample_tokens`` new tokens goes to ``on_sample``. ``on_progress(step, steps)``
+    follows the optimizer steps: called at the start and after every step with the
+    steps done and the steps this run will take in total (``epochs × len(train_loader)``,
+    at most ``args.max_steps``), so a caller never derives that count itself.
 
     With ``out_dir``, checkpoints (model, optimizer, trainer state) go to
     ``out_dir/"last"`` at the end of each epoch, every ``args.checkpoint_every`` steps and
@@ -477,6 +476,8 @@ def train_lm(
         desc="train",
         disable=not progress or not main,
     )
+    if on_progress is not None and main:
+        on_progress(prog.step, stop_at)
     try:
         while prog.step < stop_at and prog.epoch < args.epochs:
             if prog.position > 0:  # resuming inside an epoch: replay its batch order
@@ -513,6 +514,8 @@ def train_lm(
                 interval_seconds += dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                if on_progress is not None and main:
+                    on_progress(prog.step, stop_at)
                 is_last = prog.step >= stop_at
                 rows: list[dict[str, Any]] = []
                 if args.log_every and prog.step % args.log_every == 0:

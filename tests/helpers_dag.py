@@ -32,15 +32,15 @@ def main(argv: list[str]) -> int:
 
     from flows.config import build_config
     from tasks.catalog import CatalogSettings
-    from tasks.stages.base import RunContext, StageRun, run_stage
-    from tasks.stages.download import run_download
+    from tasks.stages.contract import RunContext, StageRun
+    from tasks.stages.runner import run_stage
 
     if a.kill:
         kill_stage, kill_step = a.kill.split(":")
         sink_of = StageRun.metrics_sink
 
-        def killing_sink(self: StageRun, progress=None):  # type: ignore[no-untyped-def]
-            sink = sink_of(self, progress)
+        def killing_sink(self: StageRun):  # type: ignore[no-untyped-def]
+            sink = sink_of(self)
 
             def wrapped(rows: list[dict]) -> None:
                 sink(rows)
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         device="cpu",
         progress=False,
     )
-    dl = run_download(ctx, cfg.download)
+    dl = run_stage(ctx, "download", cfg.download)
     tok = run_stage(ctx, "tokenize", cfg.tokenize, download=dl)
     pre = run_stage(ctx, "pretrain", cfg.pretrain, tokenize=tok)
     base = run_stage(ctx, "load_gpt2", cfg.load_gpt2, tokenize=tok, pretrain=pre)

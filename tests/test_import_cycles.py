@@ -22,8 +22,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("gpt", "tasks", "flows", "benchmarks")
 #: Packages that must not import ``flows`` (the layer above them).
@@ -226,12 +224,6 @@ def test_flows_and_benchmarks_have_no_cycles_and_no_loop() -> None:
     assert not [loop for loop in package_loops(g) if "flows" in loop]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="cycles in tasks/ (cache <-> remote_store) and gpt/ (gpt.distributed <-> launch/"
-    "worker) remain until the architect's part of issue 19 "
-    "lands; remove this mark then",
-)
 def test_no_import_cycles_and_no_package_loops() -> None:
     g = import_graph()
     assert cycles(g) == []

@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from gpt.paths import artifacts_root, is_remote, local_path
     from tasks.catalog import CatalogArgs
-    from tasks.rebuild import rebuild_into
+    from tasks.records.rebuild import rebuild_into
 
     target = CatalogArgs(url=args.url, data_path=args.data_path, path=args.db).resolve()
     art: str | Path = args.artifacts or artifacts_root()

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
     from tasks.catalog.compare import compare_runs, pick_runs
-    from tasks.catalog.present import _jsonable
+    from tasks.jsonable import plain
 
     if args.top < 0:
         raise ConfigError(f"--top must be >= 0, got {args.top}")
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     sections = {name: t for name, t in tables.items() if isinstance(t, pd.DataFrame)}
     if args.format == "json":
         meta = {
-            **{k: {f: _jsonable(v) for f, v in i.items() if f != "config"}
+            **{k: {f: plain(v) for f, v in i.items() if f != "config"}
                for k, i in (("a", comp.run_a), ("b", comp.run_b))},
             "settings": comp.settings,
         }  # fmt: skip

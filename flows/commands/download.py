@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         if src.name not in names and any(f.path in again for f in src.files):
             names.append(src.name)
     from tasks.catalog import Catalog
-    from tasks.lease import file_leases
     from tasks.stages.download import source_rows
+    from tasks.store.lease import file_leases
 
     catalog = Catalog(args.db)
     results = download_sources(

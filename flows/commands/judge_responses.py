@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from gpt.eval.judge.settings import JudgeConfig
     from gpt.paths import artifacts_root, datasets_dir
     from tasks.catalog import Catalog
-    from tasks.stages.base import RunContext, run_stage
+    from tasks.stages.contract import RunContext
     from tasks.stages.judge import import_responses, responses_input, summarize
+    from tasks.stages.runner import run_stage
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     given = {

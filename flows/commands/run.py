@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.commands import add_retrust_arg
-from flows.profiles import DEFAULT_PROFILE, STAGES, available_profiles
+from flows.profiles import DEFAULT_PROFILE, available_profiles
+from tasks.stages import STAGES
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,14 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_runs(args: argparse.Namespace) -> int:
     """Runs with a stage summary that names every stage not completed/cached, and the
     reasons (whole) under the table; with RUN, that run's stages one per line."""
-    from flows.profiles import STAGES
     from flows.report import fmt
     from gpt.errors import ConfigError
     from tasks.catalog import Catalog
     from tasks.catalog.lookup import resolve_run
     from tasks.catalog.present import format_df
     from tasks.catalog.status import stage_rows, stages_summary
-    from tasks.run_state import settle_runs
+    from tasks.records.run_state import settle_runs
+    from tasks.stages import STAGES
 
     if args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")

@@ -11,12 +11,12 @@ from typing import Any
 
 import pandas as pd
 
-from flows.profiles import STAGES
 from flows.report import fmt
 from flows.report.blocks import Inline, Table, code
 from gpt.errors import CatalogError
 from tasks.catalog import Catalog
 from tasks.catalog.rundata import RunData
+from tasks.stages import STAGES
 
 
 class ReportData(RunData):

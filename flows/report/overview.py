@@ -106,7 +106,7 @@ def gates_section(d: ReportData) -> list[Block]:
     """Regression gates of this run (the ``gates`` table)."""
     if "gates" not in d.relations:
         return []
-    from tasks.gates import GATES_QUERY
+    from tasks.records.gate_results import GATES_QUERY
 
     df = d.cat.query_df(GATES_QUERY, [d.run_id])
     if df.empty:

@@ -76,7 +76,7 @@ class Mirror:
 
 
 #: A lease on one destination file, held while it is fetched (e.g.
-#: :func:`tasks.lease.file_leases`): one writer per ``.part`` file across processes and
+#: :func:`tasks.store.lease.file_leases`): one writer per ``.part`` file across processes and
 #: machines sharing the folder; the others wait, then find the file verified.
 FileLease = Callable[[Path], AbstractContextManager[Any]]
 

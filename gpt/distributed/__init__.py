@@ -3,6 +3,8 @@
 - :class:`DistributedArgs`: the ``distributed`` settings of a training stage;
 - :func:`run_distributed`: run a library function under torchrun (or in-process for a
   single process) and get rank 0's result, with callbacks forwarded through a file;
+  :func:`gpt.distributed.launch.launchable` makes a training recipe do that by itself
+  when its settings' ``distributed`` layout asks for more than one process;
 - rank/world helpers (:func:`rank`, :func:`world_size`, :func:`is_main`, …) that the
   training loops use and that are trivial without a process group;
 - :class:`TrainEngine`: DDP / FSDP2 wrapping with single-process checkpoint layout;

@@ -1,11 +1,14 @@
-"""JSON for what crosses the process boundary of a distributed run: the target's
-keyword arguments (going in) and rank 0's result (coming back).
+"""JSON for what crosses a process boundary: a distributed run's keyword arguments
+(going in) and rank 0's result (coming back), and a placed stage's run context and
+inputs (a Prefect flow run's parameters, :mod:`tasks.stages.placement`).
 
 Plain JSON values pass as they are; a few types are tagged so they come back as the
-same type: paths (``{"__path__": "..."}``), settings models (``{"__args__":
+same type: paths (``{"__path__": "..."}``), pydantic models (``{"__args__":
 "module:Class", "value": model_dump}``, rebuilt with ``model_validate``), dataclasses
 (``{"__dataclass__": "module:Class", "fields": {...}}``) and tuples. Anything else is
-refused with the argument's name.
+refused with the argument's name. Decoding rebuilds only pydantic models and
+dataclasses (a tag naming any other class is refused), and a dataclass field the
+receiving side does not know is refused with the fix (the same version on both sides).
 """
 
 from __future__ import annotations
@@ -85,19 +88,31 @@ def encode(obj: Any, where: str = "value") -> Any:
     )
 
 
-def decode(obj: Any) -> Any:
-    """The inverse of :func:`encode`."""
+def decode(obj: Any, where: str = "value") -> Any:
+    """The inverse of :func:`encode`; ``where`` names the value in errors."""
     if isinstance(obj, list):
-        return [decode(v) for v in obj]
+        return [decode(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if not isinstance(obj, dict):
         return obj
     if _PATH in obj:
         return Path(obj[_PATH])
     if _ARGS in obj:
-        return import_target(obj[_ARGS]).model_validate(obj["value"])
+        model = import_target(obj[_ARGS])
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise ConfigError(f"{where}: {obj[_ARGS]} is not a settings model")
+        return model.model_validate(obj["value"])
     if _DATACLASS in obj:
         cls = import_target(obj[_DATACLASS])
-        return cls(**{k: decode(v) for k, v in obj["fields"].items()})
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise ConfigError(f"{where}: {obj[_DATACLASS]} is not a dataclass")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(obj["fields"]) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where} fields {unknown} are unknown to this {cls.__qualname__}: run the "
+                "same gptflow version on both sides"
+            )
+        return cls(**{k: decode(v, f"{where}.{k}") for k, v in obj["fields"].items()})
     if _TUPLE in obj:
-        return tuple(decode(v) for v in obj[_TUPLE])
-    return {k: decode(v) for k, v in obj.items()}
+        return tuple(decode(v, f"{where}[{i}]") for i, v in enumerate(obj[_TUPLE]))
+    return {k: decode(v, f"{where}.{k}") for k, v in obj.items()}

@@ -1,6 +1,11 @@
 """Run a library function in ``nproc × nnodes`` processes under torchrun, or in this
 process when that is one.
 
+:func:`launchable` makes a training recipe do this by itself: a call with settings
+whose ``distributed`` layout asks for more than one process re-launches the same
+recipe under torchrun (its callbacks forwarded, rank 0's result returned), so a caller
+makes the same typed call whatever the layout.
+
 The function (``"gpt.recipes.pretrain:pretrain"``) gets its keyword arguments through a
 JSON file (:mod:`gpt.distributed.codec`); the callbacks the caller gives
 (``on_metrics``, ``on_sample``, …) become channels: rank 0 appends each call as a JSON
@@ -13,30 +18,36 @@ models and dataclasses are rebuilt).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import gpt
 from gpt.distributed.codec import decode, encode, import_target, target_path
-from gpt.distributed.context import resolve_backend
+from gpt.distributed.context import resolve_backend, world_size
 from gpt.distributed.settings import DistributedArgs
 from gpt.distributed.worker import EVENTS, RESULT, SPEC
 from gpt.errors import ConfigError, DistributedError, GPTFlowError
 
-__all__ = ["launch_command", "run_distributed"]
+__all__ = ["launch_command", "launchable", "run_distributed", "scratch_dir"]
 
 log = logging.getLogger(__name__)
 
 STDOUT, STDERR, PID = "torchrun.out", "torchrun.err", "torchrun.pid"
 _TAIL_LINES = 40
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def launch_command(args: DistributedArgs, workdir: Path) -> list[str]:
@@ -271,3 +282,66 @@ def run_distributed(
             return None  # rank 0 ran on another machine
         raise DistributedError(f"{what} exited cleanly but wrote no {result_file}")
     return decode(json.loads(result_file.read_text(encoding="utf-8"))["result"])
+
+
+def scratch_dir(out_dir: str | Path) -> Path:
+    """Where torchrun's files of a recipe writing ``out_dir`` go: the hidden sibling
+    ``.<name>.torchrun`` (beside the output, never inside it: a checkpoint folder is
+    replaced as a whole when written)."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.torchrun"
+
+
+def launchable(recipe: Callable[P, R]) -> Callable[P, R]:
+    """Make ``recipe`` run on the process layout its settings ask for.
+
+    ``recipe`` takes its settings as ``args`` (with a ``distributed`` layout,
+    :class:`~gpt.distributed.DistributedArgs`) and writes into ``out_dir``. Called with
+    one process (the default), or inside a process group already (a torchrun rank), it
+    is a plain call. Otherwise the same call runs under torchrun
+    (:func:`run_distributed`): the keyword arguments cross as JSON
+    (:mod:`gpt.distributed.codec`), the callables among them (``on_metrics``,
+    ``on_sample``, …) are forwarded from rank 0, and rank 0's result is returned.
+    torchrun's files go to :func:`scratch_dir` of ``out_dir``: removed when the
+    training succeeds, kept when it fails (``torchrun.err`` holds every rank's log).
+    """
+    signature = inspect.signature(recipe)
+
+    @functools.wraps(recipe)
+    def call(*a: P.args, **kw: P.kwargs) -> R:
+        given = signature.bind(*a, **kw).arguments
+        layout = getattr(given.get("args"), "distributed", None)
+        if layout is None or not layout.is_distributed or world_size() > 1:
+            return recipe(*a, **kw)
+        kwargs = {k: v for k, v in given.items() if not callable(v)}
+        callbacks = {k: v for k, v in given.items() if callable(v)}
+        scratch = scratch_dir(given["out_dir"])
+        what = target_path(call)
+        log.info(
+            "%s: training on %d processes (%d node(s) × %d, %s, backend %s); torchrun files "
+            "in %s",
+            what, layout.world_size, layout.nnodes, layout.nproc, layout.strategy,
+            layout.backend, scratch,
+        )  # fmt: skip
+        try:
+            result = run_distributed(
+                what,
+                kwargs,
+                layout,
+                workdir=scratch,
+                callbacks=callbacks,
+                echo=bool(given.get("progress", False)),
+            )
+        except BaseException:
+            if scratch.exists():
+                log.warning("%s failed; torchrun's files are kept in %s", what, scratch)
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
+        if result is None:
+            raise DistributedError(
+                f"{what}: global rank 0 of the {layout.nnodes}-node training ran on another "
+                "machine, which holds the result; this machine has none to return"
+            )
+        return result
+
+    return call

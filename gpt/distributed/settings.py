@@ -1,5 +1,5 @@
-"""The ``distributed`` settings of a training stage (one declaration, used by the
-pipeline's stage sections and by :func:`gpt.distributed.run_distributed`)."""
+"""The ``distributed`` settings of a training recipe (one declaration: the pipeline's
+stage sections hold it, :func:`gpt.distributed.launch.launchable` reads it)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ _ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 class DistributedArgs(Args):
     """How a training stage runs across processes with torch.distributed.
 
-    ``nproc = 1`` and ``nnodes = 1`` (the default) run the stage in the calling process
-    as before. Otherwise the stage's library function runs under ``torchrun`` in
+    ``nproc = 1`` and ``nnodes = 1`` (the default) run the training in the calling
+    process. Otherwise the training recipe runs under ``torchrun`` in
     ``nproc × nnodes`` processes: the global batch (``batch_size``) is split across them,
     gradients are averaged (DDP, or FSDP with ``strategy = "fsdp"``), and rank 0 alone
     writes checkpoints, metrics and samples.

@@ -73,7 +73,7 @@ def main(argv: list[str]) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
-    from gpt.distributed import context
+    import gpt.distributed.context as context
     from gpt.distributed.codec import decode, encode, import_target
 
     try:

@@ -41,6 +41,7 @@ from gpt import distributed as gd
 from gpt.adapter import model_size
 from gpt.config import Args, operational
 from gpt.device import resolve_device
+from gpt.distributed.launch import launchable
 from gpt.distributed.settings import DistributedArgs
 from gpt.errors import CheckpointError, ConfigError, DataError
 from gpt.heap import release_free_memory
@@ -110,11 +111,11 @@ class SpamArgs(Args):
     log_every: int = Field(0, ge=0)
     """Emit a ``step_loss`` metrics row every this many steps (0 = never)."""
     distributed: DistributedArgs = operational(default_factory=DistributedArgs)
-    """How many processes train (``nproc = 1``: the calling process, as before; more:
-    under torchrun with DDP — ``strategy = "fsdp"`` is refused here, see
+    """How many processes train (``nproc = 1``: the calling process; more: under
+    torchrun with DDP — ``strategy = "fsdp"`` is refused here, see
     :class:`~gpt.distributed.DistributedArgs`). ``batch_size`` stays the global batch
-    and must split evenly over the processes. Read by the caller that launches the
-    training (the pipeline's stage, through :func:`gpt.distributed.run_distributed`).
+    and must split evenly over the processes. :func:`finetune_classifier` launches
+    itself on this layout (:func:`gpt.distributed.launch.launchable`).
     Operational: with ``drop_rate = 0`` (the default), N processes give the per-step
     losses, weights and predictions of 1 process within ~1e-5 (float rounding), so the
     layout is not part of the cache key; with dropout, another layout gives an equally
@@ -391,6 +392,7 @@ def _row(step: int, epoch: int, seen: int, split: str, name: str, value: float) 
     }
 
 
+@launchable
 def finetune_classifier(
     base_checkpoint_dir: Path,
     splits: Splits,

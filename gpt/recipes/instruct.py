@@ -24,6 +24,7 @@ from gpt.adapter import adapt, model_size
 from gpt.config import Args, operational
 from gpt.decode_options import DraftName, WeightsKind
 from gpt.device import resolve_device
+from gpt.distributed.launch import launchable
 from gpt.errors import ConfigError, DataError
 from gpt.lora import LoraSetting
 from gpt.train import DistributedLMArgs
@@ -35,6 +36,7 @@ EOT_TEXT = "<|endoftext|>"
 IGNORE_INDEX = -100
 MetricsCallback = Callable[[list[dict[str, Any]]], None]
 SampleCallback = Callable[[dict[str, Any]], None]
+ProgressCallback = Callable[[int, int], None]
 
 
 class InstructArgs(DistributedLMArgs):
@@ -321,6 +323,7 @@ def _sample_response(text: str, prompt: str) -> str:
     return clean_response(new.split(EOT_TEXT, 1)[0])
 
 
+@launchable
 def finetune_instruct(
     base_checkpoint_dir: Path,
     train_records: Sequence[dict[str, Any]],
@@ -332,6 +335,7 @@ def finetune_instruct(
     device: str = "auto",
     on_metrics: MetricsCallback | None = None,
     on_sample: SampleCallback | None = None,
+    on_progress: ProgressCallback | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -341,7 +345,8 @@ def finetune_instruct(
     Metrics rows ``{step, epoch, seen (tokens), split, name, value}`` (train/val
     ``loss``, ``lr``, ``tokens_per_s``) go to ``on_metrics``; after each epoch a greedy
     sample ``{epoch, step, prompt, text}`` for the first validation record (text = the
-    response only) goes to ``on_sample``. Training state lives in ``out_dir/"train"``
+    response only) goes to ``on_sample``; ``on_progress(step, steps)`` follows the
+    optimizer steps (:func:`gpt.train.train_lm`). Training state lives in ``out_dir/"train"``
     (resumable); the finished model replaces it as the checkpoint in ``out_dir``.
 
     Under a torch.distributed process group (``gpt.distributed.run_distributed``) the
@@ -413,16 +418,16 @@ def finetune_instruct(
         if on_sample is not None:
             on_sample(clean)
 
-    lm_args = args.train_args()
     t0 = time.perf_counter()
     result = train_lm(
         model,
         train_loader,
         val_loader,
-        lm_args,
+        args,
         out_dir=out_dir / "train",
         on_metrics=on_metrics,
         on_sample=sample_hook,
+        on_progress=on_progress,
         resume=resume,
         tokenizer=tokenizer,
         sample_prompt=sample_prompt,

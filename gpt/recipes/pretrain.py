@@ -30,6 +30,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from gpt.config import Args, FieldError, operational
 from gpt.data.windows import SlidingWindowDataset, load_tokens, make_loader
 from gpt.device import resolve_device
+from gpt.distributed.launch import launchable
 from gpt.errors import ConfigError, DataError
 from gpt.fileio import atomic_open
 from gpt.model import GPTConfig, get_config
@@ -230,6 +231,7 @@ def _write_outputs(
         shutil.rmtree(res.last_checkpoint, ignore_errors=True)
 
 
+@launchable
 def pretrain(
     train_tokens: Path,
     val_tokens: Path,
@@ -243,14 +245,16 @@ def pretrain(
     keep_last: bool = True,
     on_metrics: Callable[[list[dict[str, Any]]], None] | None = None,
     on_sample: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
     progress: bool = True,
 ) -> PretrainResult:
     """Pretrain a GPT from scratch on two uint16 token files (train, validation); see the
     module docstring.
 
-    Windows are ``max_length`` tokens every ``stride``. ``on_metrics`` / ``on_sample``
-    receive what :func:`gpt.train.train_lm` emits (rows ``{step, epoch, seen, split,
-    name, value}`` and samples ``{epoch, step, prompt, text}``). Rerunning with the same
+    Windows are ``max_length`` tokens every ``stride``. ``on_metrics`` / ``on_sample`` /
+    ``on_progress`` receive what :func:`gpt.train.train_lm` emits (rows ``{step, epoch,
+    seen, split, name, value}``, samples ``{epoch, step, prompt, text}``, ``(step,
+    steps)``). Rerunning with the same
     ``out_dir`` continues from ``out_dir/last``; ``keep_last=False`` deletes that
     resumable state (weights + optimizer, ~12 bytes/parameter) once ``final`` is written.
     """
@@ -310,10 +314,11 @@ def pretrain(
         model,
         train_loader,
         val_loader,
-        args.train_args(),
+        args,
         out_dir=out_dir,
         on_metrics=on_metrics,
         on_sample=on_sample,
+        on_progress=on_progress,
         resume=True,
         tokenizer=tokenizer,
         sample_prompt=args.sample_prompt,

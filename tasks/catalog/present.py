@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
+from tasks.jsonable import plain
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,32 +28,6 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _jsonable(value: Any) -> Any:
-    import numpy as np
-    import pandas as pd
-
-    if value is None:
-        return None
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()]
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, pd.Timestamp | dt.datetime | dt.date | dt.time):
-        return value.isoformat()
-    if isinstance(value, float | int | str | bool):
-        return value
-    return str(value)
-
-
 def format_df(
     df: pd.DataFrame,
     fmt: str = "table",
@@ -70,7 +44,7 @@ def format_df(
         return df.to_csv(index=False)
     if fmt == "json":
         records = [
-            {str(k): _jsonable(v) for k, v in zip(df.columns, row, strict=True)}
+            {str(k): plain(v) for k, v in zip(df.columns, row, strict=True)}
             for row in df.itertuples(index=False, name=None)
         ]
         return json.dumps(records, indent=2, ensure_ascii=False)

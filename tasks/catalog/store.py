@@ -424,7 +424,7 @@ class Catalog(LineageRecords):
     ) -> int:
         """For each ``(table, parquet file, wheres)``: delete the rows matching any of the
         ``wheres`` and insert the file's rows, all in ONE transaction. The file's columns
-        must be the table's (as written by :mod:`tasks.rows`). Returns the rows inserted."""
+        must be the table's (as written by :mod:`tasks.records.rows`). Returns the rows inserted."""
         for table, _, _ in items:
             check_table(table)
 

@@ -1,7 +1,7 @@
 """Rows into catalog tables, on an open connection: a table's columns, rows normalised to
 its types, delete by key, typed inserts.
 
-:class:`~tasks.catalog.store.Catalog` runs these inside its transactions; :mod:`tasks.rows`
+:class:`~tasks.catalog.store.Catalog` runs these inside its transactions; :mod:`tasks.records.rows`
 uses them to type a stage's rows exactly as the catalog stores them. ``location`` (the
 catalog, for messages) is the only thing they know of the catalog they write.
 """

@@ -8,8 +8,8 @@ from typing import Any
 
 from gpt.eval.baseline import BaselineArgs, evaluate_baselines
 from gpt.recipes.prepare import load_spam_splits
-from tasks.cache import StageOutput
-from tasks.stages.base import StageOut, StageRun, stage
+from tasks.stages.contract import StageOut, StageOutput, StageRun
+from tasks.stages.runner import stage
 
 
 class BaselineOut(StageOut):

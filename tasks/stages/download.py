@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from gpt.data.download import DownloadArgs, DownloadResult, expected_digests
 from gpt.data.sources import DATASET_SOURCES
 from gpt.errors import GPTFlowError
-from tasks.cache import StageOutput, content_digest
-from tasks.lease import file_leases
-from tasks.stages.base import RunContext, StageOut, now
+from tasks.stages.contract import RunContext, StageOut, StageRun
+from tasks.stages.runner import stage
+from tasks.store.lease import file_leases
 
 STAGE = "download"
 
@@ -108,31 +108,15 @@ def check_held(results: Sequence[DownloadResult], held: dict[str, str]) -> None:
                 )
 
 
-def run_download(ctx: RunContext, args: DownloadArgs) -> StageOutput:
+@stage("download", retries=2, kept=False)
+def download(run: StageRun, args: DownloadArgs) -> DownloadOut:
     """Fetch the datasets and tokenizer files and record them in ``sources``."""
-    started = now()
-    rec = ctx.recorder
-    root = Path(ctx.datasets)
-    rec.record_stage(ctx.run_id, STAGE, status="running", started_at=started)
-    try:
-        # one writer per file (a second run waits, then finds it present and verified)
-        results = fetch_sources(
-            ctx,
-            DATASET_SOURCES,
-            args=args,
-            refresh=STAGE in ctx.force,
-            retrust=ctx.retrust,
-        )
-    except BaseException as exc:
-        rec.record_stage(
-            ctx.run_id,
-            STAGE,
-            status="failed",
-            started_at=started,
-            message=f"{type(exc).__name__}: {exc}"[:4000],
-        )
-        raise
-    out = DownloadOut(
+    root = Path(run.ctx.datasets)
+    results = fetch_sources(
+        run.ctx, DATASET_SOURCES, args=args, refresh=run.forced, retrust=run.ctx.retrust
+    )
+    run.reused = all(f.skipped for r in results for f in r.files)
+    return DownloadOut(
         sources={
             r.name: SourceOut(
                 path=r.path.relative_to(root).as_posix(),
@@ -142,22 +126,3 @@ def run_download(ctx: RunContext, args: DownloadArgs) -> StageOutput:
             for r in results
         }
     )
-    skipped = all(f.skipped for r in results for f in r.files)
-    result = StageOutput(
-        stage=STAGE,
-        key="",
-        root=str(root),
-        run_id=ctx.run_id,
-        digest=content_digest({}, {k: v.sha256 for k, v in out.sources.items()}),
-        out=out,
-        cache_hit=skipped,
-    )
-    rec.record_stage(
-        ctx.run_id,
-        STAGE,
-        status="cached" if skipped else "completed",
-        started_at=started,
-        cache_hit=skipped,
-        outputs={"root": str(root), "digest": result.digest, **result.data},
-    )
-    return result

@@ -10,8 +10,8 @@ from typing import Any
 from gpt.recipes.extract import export_responses_json, extract_responses
 from gpt.recipes.instruct import ExtractArgs
 from gpt.recipes.prepare import load_instruct_splits
-from tasks.cache import StageOutput
-from tasks.stages.base import StageOut, StageRun, measured, stage
+from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
+from tasks.stages.runner import stage
 
 
 class ExtractOut(StageOut):

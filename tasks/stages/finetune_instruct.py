@@ -1,17 +1,15 @@
 """finetune_instruct: instruction finetuning on the Alpaca-formatted train split
-(:func:`gpt.recipes.instruct.finetune_instruct`), in one process or under torchrun
-(``finetune_instruct.distributed``); resumable after a crash."""
+(:func:`gpt.recipes.instruct.finetune_instruct`, under torchrun when
+``finetune_instruct.distributed`` asks); resumable after a crash."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from gpt.recipes.instruct import InstructArgs, finetune_instruct
 from gpt.recipes.prepare import load_instruct_splits
-from tasks.cache import StageOutput
-from tasks.distributed import relative_to_work, train
-from tasks.stages.base import Progress, StageOut, StageRun, finite, measured, stage
+from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
+from tasks.stages.runner import stage
 
 
 class InstructOut(StageOut):
@@ -41,42 +39,16 @@ def finetune_instruct_stage(
     run: StageRun, args: InstructArgs, tokenize: StageOutput, load_gpt2: StageOutput
 ) -> InstructOut:
     splits = load_instruct_splits(tokenize.path(tokenize.out.instruct_splits))
-    steps = math.ceil(len(splits["train"]) / args.batch_size) * args.epochs
-    if args.max_steps:
-        steps = min(steps, args.max_steps)
-    res: dict[str, Any] = train(
-        run,
-        finetune_instruct,
-        {
-            "base_checkpoint_dir": load_gpt2.path(load_gpt2.out.instruct_base),
-            "train_records": splits["train"],
-            "val_records": splits["val"],
-            "args": args,
-            "out_dir": run.work / "instruct",
-            "device": run.device,
-            "progress": run.progress,
-        },
-        args.distributed,
-        callbacks={
-            "on_metrics": run.metrics_sink(Progress("finetune-instruct-progress", steps)),
-            "on_sample": run.sample_sink(),
-        },
+    res = finetune_instruct(
+        load_gpt2.path(load_gpt2.out.instruct_base),
+        splits["train"],
+        splits["val"],
+        args,
+        out_dir=run.work / "instruct",
+        device=run.device,
+        on_metrics=run.metrics_sink(),
+        on_sample=run.sample_sink(),
+        on_progress=run.progress_sink(),
+        progress=run.progress,
     )
-    folder = relative_to_work(run, res["checkpoint"])
-    run.record_checkpoint(folder)
-    return InstructOut(
-        checkpoint=folder,
-        steps=res["steps"],
-        tokens_seen=res["tokens_seen"],
-        tokens_per_s=res["tokens_per_s"],
-        final_train_loss=finite(res["final_train_loss"]),
-        final_val_loss=finite(res["final_val_loss"]),
-        resumed_from_step=res["resumed_from_step"],
-        max_length=res["max_length"],
-        n_train=res["n_train"],
-        n_val=res["n_val"],
-        samples=res["samples"],
-        timings=res["timings"],
-        trainable_params=res["trainable_params"],
-        model_size=res["model_size"],
-    )
+    return InstructOut.from_result(res, checkpoint=run.checkpoint(res["checkpoint"]))

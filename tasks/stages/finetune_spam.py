@@ -1,6 +1,6 @@
 """finetune_spam: the spam classifier on the base model, with frozen-prefix caching
-(:func:`gpt.recipes.classifier.finetune_classifier`), in one process or under torchrun
-(``finetune_spam.distributed``)."""
+(:func:`gpt.recipes.classifier.finetune_classifier`, under torchrun when
+``finetune_spam.distributed`` asks)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 
 from gpt.recipes.classifier import SpamArgs, finetune_classifier
 from gpt.recipes.prepare import load_spam_splits
-from tasks.cache import StageOutput
-from tasks.distributed import relative_to_work, train
-from tasks.stages.base import StageOut, StageRun, measured, stage
+from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
+from tasks.stages.runner import stage
 
 
 class SpamOut(StageOut):
@@ -35,39 +34,21 @@ class SpamOut(StageOut):
 def finetune_spam(
     run: StageRun, args: SpamArgs, tokenize: StageOutput, load_gpt2: StageOutput
 ) -> SpamOut:
-    splits = load_spam_splits(tokenize.path(tokenize.out.spam_splits))
-    res: dict[str, Any] = train(
-        run,
-        finetune_classifier,
-        {
-            "base_checkpoint_dir": load_gpt2.path(load_gpt2.out.spam_base),
-            "splits": splits,
-            "args": args,
-            "out_dir": run.work / "classifier",
-            "tokenizer_dir": tokenize.path(tokenize.out.tokenizer),
-            "device": run.device,
-            "progress": run.progress,
-        },
-        args.distributed,
-        callbacks={"on_metrics": run.metrics_sink()},
+    res = finetune_classifier(
+        load_gpt2.path(load_gpt2.out.spam_base),
+        load_spam_splits(tokenize.path(tokenize.out.spam_splits)),
+        args,
+        out_dir=run.work / "classifier",
+        tokenizer_dir=tokenize.path(tokenize.out.tokenizer),
+        device=run.device,
+        on_metrics=run.metrics_sink(),
+        progress=run.progress,
     )
     run.rows.add(  # per-example predictions: rows for the catalog, not the result
         "predictions",
         [
             {"run_id": run.producer, "stage": run.stage, "model": "finetuned", **r}
-            for r in res.pop("predictions")
+            for r in res["predictions"]
         ],
     )
-    folder = relative_to_work(run, res["checkpoint"])
-    run.record_checkpoint(folder)
-    return SpamOut(
-        classifier=folder,
-        max_length=res["max_length"],
-        n_frozen_blocks=res["n_frozen_blocks"],
-        trainable_params=res["trainable_params"],
-        steps=res["steps"],
-        examples_seen=res["examples_seen"],
-        final=res["final"],
-        timings=res["timings"],
-        model_size=res["model_size"],
-    )
+    return SpamOut.from_result(res, classifier=run.checkpoint(res["checkpoint"]))

@@ -38,9 +38,18 @@ from gpt.eval.judge.responses import RESPONSE_FIELDS, changed_examples, read_res
 from gpt.eval.judge.scoring import Judgment, score_examples
 from gpt.eval.judge.settings import JudgeConfig, JudgeKey
 from gpt.eval.judge.settings import judge_fix as availability_fix
-from tasks.cache import StageOutput, stable_json
-from tasks.rows import ROW_KEYS
-from tasks.stages.base import StageIncomplete, StageOut, StageRun, StageSkipped, logger, stage
+from tasks.jsonable import plain_rows
+from tasks.records.rows import ROW_KEYS
+from tasks.stages.contract import (
+    StageIncomplete,
+    StageOut,
+    StageOutput,
+    StageRun,
+    StageSkipped,
+    logger,
+)
+from tasks.stages.runner import stage
+from tasks.store.keys import stable_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,18 +116,13 @@ def _in(values: list[Any]) -> str:
     return ", ".join("?" for _ in values)
 
 
-def _rows(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """A frame's rows as dicts, NULL (NaN, NA, NaT) as ``None``."""
-    return df.astype(object).where(df.notna(), None).to_dict("records")
-
-
 def _load_responses(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
     df = catalog.query_df(
         f"SELECT example_id, {', '.join(RESPONSE_FIELDS)} FROM responses "
         "WHERE run_id = ? ORDER BY example_id",
         [run_id],
     )
-    return _rows(df)
+    return plain_rows(df)
 
 
 def _no_responses(catalog: Catalog, run_id: str) -> DataError:
@@ -198,7 +202,7 @@ def _reuse(
         [run_id, *by_reply, *current],
     )
     out: dict[tuple[int, str, int], dict[str, Any]] = {}
-    for row in _rows(df):
+    for row in plain_rows(df):
         jk = by_reply[row.pop("reply_key")]
         item = (int(row["example_id"]), jk.model, int(row["repeat"]))
         if item in wanted:
@@ -319,7 +323,7 @@ def judge_run(
         n_scored=n_scored,
         n_unparsed=len(judgments) - n_scored - n_failed,
         n_failed=n_failed,
-        summary=_rows(summary),
+        summary=plain_rows(summary),
         hosts_down=hosts_down,
     )
 
@@ -370,9 +374,7 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
     cat = run.ctx.catalog
     responses_run = extract_responses.run_id
     try:
-        out = judge_run(
-            cat, responses_run, args, progress=run.progress, again=STAGE in run.ctx.force
-        )
+        out = judge_run(cat, responses_run, args, progress=run.progress, again=run.forced)
     except JudgeError as exc:
         msg = f"{exc} — fix: {judge_fix(args)}"
         if args.required:
@@ -389,7 +391,7 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
         "SELECT * FROM responses WHERE run_id = ? ORDER BY example_id", [responses_run]
     )
     for table, df in (("judgments", judgments), ("responses", responses)):
-        run.rows.add(table, _rows(df))
+        run.rows.add(table, plain_rows(df))
     run.log().info(
         "judged run %s with %s: %d sent (%d scored, %d unparsed, %d failed), %d already "
         "judged, %d reused",

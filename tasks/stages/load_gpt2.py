@@ -12,9 +12,9 @@ from typing import Any
 
 from gpt.data.sources import gpt2_source_name
 from gpt.recipes.base import LoadGPT2Args, prepare_bases
-from tasks.cache import StageOutput
-from tasks.stages.base import RunContext, StageOut, StageRun, stage
+from tasks.stages.contract import RunContext, StageOut, StageOutput, StageRun
 from tasks.stages.download import check_held, fetch_sources, held_digests
+from tasks.stages.runner import stage
 
 
 class LoadGPT2Out(StageOut):
@@ -68,7 +68,7 @@ def load_gpt2(
         run.sample_sink()({"epoch": None, "step": None, **ev["sample"]})
         name = "perplexity" if folder == "scratch" else f"perplexity_{folder.removeprefix('gpt2-')}"
         metrics.append({"step": 0, "split": "val", "name": name, "value": ev["val_perplexity"]})
-        run.record_checkpoint(folder)
+        run.checkpoint(run.work / folder)
     run.metrics_sink()(metrics)
     return LoadGPT2Out(
         base_model=args.base_model,

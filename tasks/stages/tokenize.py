@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 from gpt.recipes.prepare import PrepareArgs, load_instruct_splits, prepare_datasets
-from tasks.cache import StageOutput
-from tasks.stages.base import StageOut, StageRun, stage
+from tasks.stages.contract import StageOut, StageOutput, StageRun
+from tasks.stages.runner import stage
 
 
 class TokenizeOut(StageOut):

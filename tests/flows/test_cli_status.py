@@ -9,7 +9,7 @@ import json
 import pytest
 
 from flows.cli import main
-from flows.profiles import STAGES
+from tasks.stages import STAGES
 
 SKIP_MSG = (
     "Ollama is not reachable at http://127.0.0.1:11434 — start it with `ollama serve` — "

@@ -8,8 +8,9 @@ import tomllib
 import pytest
 
 from flows.config import PipelineConfig, build_config, config_to_dict, parse_override
-from flows.profiles import PROFILES_DIR, STAGES, available_profiles
+from flows.profiles import PROFILES_DIR, available_profiles
 from gpt.errors import ConfigError
+from tasks.stages import STAGES
 
 
 def _leaves(d: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:

@@ -242,7 +242,7 @@ def test_kill_9_of_a_flow_run_process_and_of_the_worker(prefect_server, mirror, 
 
     from flows.cli import main
     from tasks.catalog import Catalog
-    from tasks.run_state import process_alive
+    from tasks.records.run_state import process_alive
 
     _run([sys.executable, "-m", "flows.cli", "deploy"], _env(prefect_server), REPO)
     shell = tmp_path / "elsewhere"

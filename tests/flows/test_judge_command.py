@@ -48,7 +48,7 @@ def _run_row(db: Path, run_id: str) -> dict:
 def test_a_judge_run_beats_and_ends_with_its_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tasks import run_state
+    from tasks.records import run_state
 
     monkeypatch.setattr(run_state, "HEARTBEAT_EVERY", 0.05)
     monkeypatch.setattr(run_state, "PARENT_CHECK_EVERY", 0.05)

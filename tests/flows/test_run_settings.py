@@ -4,9 +4,7 @@
   and the spam finetune's DDP-only rule checked with the settings);
 - the ``catalog`` section: what it resolves to against the environment, that the run's
   context carries the resolved catalog and never S3 credentials, and that the commands
-  that read the catalog share one ``--db`` resolution;
-- the torchrun scratch folder of a training stage: removed after success, kept after a
-  failure.
+  that read the catalog share one ``--db`` resolution.
 """
 
 from __future__ import annotations
@@ -20,9 +18,9 @@ from flows.cli import main as cli_main
 from flows.config import build_config, config_to_dict
 from flows.run_start import make_context
 from gpt.distributed import DistributedArgs
-from gpt.errors import CatalogError, ConfigError, DistributedError
+from gpt.errors import CatalogError, ConfigError
 from tasks.catalog import Catalog, CatalogArgs, CatalogSettings
-from tasks.stages.base import RunContext
+from tasks.stages.contract import RunContext
 
 TRAINING = ("pretrain", "finetune_spam", "finetune_instruct")
 LAKE_URL = "ducklake:postgres:dbname=lake host=127.0.0.1 port=5999 user=gptflow"
@@ -158,51 +156,3 @@ def test_commands_read_the_catalog_named_by_db(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "missing.duckdb"
     assert cli_main(["report", "--db", str(missing)]) != 0
     assert f"the catalog {missing} does not exist yet" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------- torchrun scratch
-
-
-def _stage_run(tmp_path: Path):
-    from tasks.rows import RowSink
-    from tasks.stages.base import StageRun
-
-    ctx = RunContext(
-        run_id="r",
-        catalog_settings=CatalogSettings(path=tmp_path / "c.duckdb"),
-        artifacts=str(tmp_path / "artifacts"),
-        datasets=str(tmp_path / "datasets"),
-        progress=False,
-    )
-    work = tmp_path / "artifacts" / "stages" / "pretrain" / "k123.partial"
-    work.mkdir(parents=True)
-    return StageRun(
-        ctx=ctx, stage="pretrain", key="k123", work=work, final=work.with_name("k123"),
-        producer="r", rows=RowSink(work, ctx.catalog),
-    )  # fmt: skip
-
-
-@pytest.mark.slow
-def test_torchrun_scratch_is_beside_the_work_folder_and_kept_only_on_failure(
-    tmp_path: Path,
-) -> None:
-    from gpt.distributed.context import all_gather_objects
-    from tasks.distributed import scratch_dir, train
-
-    run = _stage_run(tmp_path)
-    scratch = scratch_dir(run)
-    assert scratch == run.work.parent / "k123.torchrun"
-    two = DistributedArgs(nproc=2, backend="gloo")
-    got = train(run, all_gather_objects, {"obj": {"rank": "x"}}, two, callbacks={})
-    assert got == [{"rank": "x"}, {"rank": "x"}]  # rank 0's result: both ranks took part
-    assert not scratch.exists() and sorted(p.name for p in run.work.iterdir()) == []
-
-    with pytest.raises(DistributedError, match="json:loads on 2 processes") as info:
-        train(run, json.loads, {"s": "{not json"}, two, callbacks={})
-    assert "JSONDecodeError" in str(info.value)
-    assert (scratch / "torchrun.err").is_file() and (scratch / "spec.json").is_file()
-    assert sorted(p.name for p in run.work.iterdir()) == []  # nothing of torchrun's in work
-    # one process: a plain call here, no scratch at all
-    scratch.rename(tmp_path / "kept")
-    assert train(run, json.loads, {"s": "[1]"}, DistributedArgs(), callbacks={}) == [1]
-    assert not scratch.exists()

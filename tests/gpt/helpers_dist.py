@@ -3,10 +3,16 @@ puts this folder on the workers' PYTHONPATH)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
+
+from gpt.distributed.launch import launchable
+from gpt.distributed.settings import DistributedArgs
 
 
 def pretrain_killed_at(kill_at: int, workdir: str, **kwargs: Any) -> Any:
@@ -30,3 +36,23 @@ def pretrain_killed_at(kill_at: int, workdir: str, **kwargs: Any) -> Any:
             os.kill(me, signal.SIGKILL)
 
     return pretrain(**kwargs, on_metrics=on_metrics)
+
+
+class Layout(BaseModel):
+    """Settings that carry only a process layout (what :func:`launchable` reads)."""
+
+    distributed: DistributedArgs = DistributedArgs()
+
+
+@launchable
+def gather(args: Layout, out_dir: Path, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, as rank 0 gathers them."""
+    from gpt.distributed.context import all_gather_objects
+
+    return all_gather_objects(obj)
+
+
+@launchable
+def parse(args: Layout, out_dir: Path, text: str) -> Any:
+    """``json.loads(text)``: fails on every rank for text that is not JSON."""
+    return json.loads(text)

@@ -454,3 +454,37 @@ def test_instruct_finetune_two_processes_equal_one(
     _assert_close_rows(_by_key(rows2, ("loss",)), _by_key(rows1, ("loss",)))
     assert [s["text"] for s in r2["samples"]] == [s["text"] for s in r1["samples"]]
     assert _max_weight_diff(_weights(out2), _weights(out1)) <= TOL
+
+
+@pytest.mark.slow
+def test_launchable_recipe_runs_under_torchrun_and_keeps_scratch_only_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A :func:`~gpt.distributed.launch.launchable` recipe called with a 2-process layout
+    runs on both ranks and returns rank 0's result; torchrun's files go beside its
+    ``out_dir`` (never inside it), are removed after success and kept after a failure;
+    with one process it is a plain call with no scratch folder."""
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    )
+    monkeypatch.syspath_prepend(str(TESTS))
+    import helpers_dist as hd
+
+    from gpt.distributed.launch import scratch_dir
+
+    out = tmp_path / "work" / "k123.partial"
+    out.mkdir(parents=True)
+    scratch = scratch_dir(out)
+    assert scratch == out.parent / ".k123.partial.torchrun"
+    two = hd.Layout(distributed=DistributedArgs(nproc=2, backend="gloo"))
+    assert hd.gather(two, out, {"rank": "x"}) == [{"rank": "x"}, {"rank": "x"}]
+    assert not scratch.exists() and list(out.iterdir()) == []
+
+    with pytest.raises(DistributedError, match="parse on 2 processes") as info:
+        hd.parse(two, out, "{not json")
+    assert "JSONDecodeError" in str(info.value)
+    assert (scratch / "torchrun.err").is_file() and (scratch / "spec.json").is_file()
+    assert list(out.iterdir()) == []  # nothing of torchrun's in the output folder
+    scratch.rename(tmp_path / "kept")
+    assert hd.parse(hd.Layout(), out, "[1]") == [1]
+    assert not scratch.exists()

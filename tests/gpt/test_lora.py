@@ -168,7 +168,7 @@ def test_settings_validate_at_config_time() -> None:
 
 
 def test_lora_settings_are_part_of_the_stage_key() -> None:
-    from tasks.stages.base import key_for, load_spec
+    from tasks.stages.runner import key_for, load_spec
 
     spam, inst = load_spec("finetune_spam"), load_spec("finetune_instruct")
     inputs = {"tokenize": None, "load_gpt2": None}

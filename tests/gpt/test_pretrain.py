@@ -187,5 +187,4 @@ def test_bad_inputs(tmp_path: Path, tokenizer_dir: Path, verdict_tokens) -> None
         PretrainArgs.model_validate({"epochz": 3})
     with pytest.raises(ConfigError, match="epochz"):
         PretrainArgs(epochz=3)
-    assert PretrainArgs(epochs=3).train_args().epochs == 3
     assert PretrainArgs.model_validate({"model": {"name": "tiny"}}).model.name == "tiny"

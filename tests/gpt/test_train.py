@@ -204,6 +204,25 @@ def test_interrupted_and_resumed_equals_uninterrupted(
     assert again == [] and res3.steps == 27 and _det(res3.metrics) == _det(rows_full)
 
 
+def test_progress_reports_the_steps_the_loop_takes() -> None:
+    """``on_progress(done, total)`` follows the optimizer steps with the total the loop
+    itself takes — full batches only (the loader drops a last partial one) × epochs,
+    capped by ``max_steps`` — so a caller never derives that count (rounding up there
+    left the bar short of 100 %)."""
+    train = SlidingWindowDataset(_tokens()[:580], 16, 14)
+    assert len(train) % 4  # a last partial batch, dropped by the loader
+    tl = make_loader(train, 4, shuffle=True, drop_last=True, seed=5)
+    _, vl = _loaders()
+    for max_steps, steps in ((None, 2 * (len(train) // 4)), (5, 5)):
+        calls: list[tuple[int, int]] = []
+        args = LMTrainArgs(epochs=2, eval_every=100, eval_batches=1, max_steps=max_steps)
+        res = train_lm(
+            _model(), tl, vl, args, on_progress=lambda *dt, c=calls: c.append(dt), progress=False
+        )
+        assert res.steps == steps
+        assert calls == [(done, steps) for done in range(steps + 1)]
+
+
 def test_resume_refuses_changed_data(uninterrupted, tmp_path: Path) -> None:
     tl, vl = _loaders()
     train_lm(

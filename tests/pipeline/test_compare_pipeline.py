@@ -102,7 +102,7 @@ def test_cached_run_reads_rows_of_its_producer(runs) -> None:
 
 def test_gates_fail_the_worse_run_and_say_by_how_much(runs) -> None:
     from tasks.catalog import Catalog
-    from tasks.gates import GATES_QUERY
+    from tasks.records.gate_results import GATES_QUERY
 
     r2, r3 = runs["r2"], runs["r3"]
     cat = Catalog(runs["db"])

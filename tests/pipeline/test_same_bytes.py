@@ -21,7 +21,7 @@ from _paths import REPO
 
 from gpt.checkpoint import RECORD, load_checkpoint, save_checkpoint
 from gpt.model import GPT, GPTConfig
-from tasks.cache import MANIFEST, PRODUCED, merge_manifest, split_manifest
+from tasks.store.manifest import MANIFEST, PRODUCED, merge_manifest, split_manifest
 
 CFG = GPTConfig(vocab_size=97, context_length=16, emb_dim=16, n_heads=2, n_layers=2)
 

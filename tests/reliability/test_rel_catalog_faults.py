@@ -162,10 +162,10 @@ def test_tokenize_stage_failing_leaves_earlier_rows(
     import shutil
 
     from flows.config import build_config
-    from tasks.cache import StageOutput
     from tasks.catalog import Catalog
-    from tasks.stages.base import RunContext, run_stage
+    from tasks.stages.contract import RunContext, StageOutput
     from tasks.stages.download import DownloadOut, SourceOut
+    from tasks.stages.runner import run_stage
 
     cfg = build_config("smoke")
     data = tmp_path / "inputs"

@@ -196,8 +196,9 @@ def test_judge_stage_unreachable_per_required(catalog, tmp_path, required: bool)
     """The pipeline's judge stage: Skipped with the exact fix (required=false), or a
     failed stage with that message (required=true); responses kept either way."""
     from gpt.eval.judge.settings import JudgeConfig
-    from tasks.stages.base import RunContext, StageSkipped, run_stage
+    from tasks.stages.contract import RunContext, StageSkipped
     from tasks.stages.judge import responses_input
+    from tasks.stages.runner import run_stage
 
     before = _responses(catalog)
     ctx = RunContext(

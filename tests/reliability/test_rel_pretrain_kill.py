@@ -3,7 +3,7 @@ checkpoint (steps continue), the catalog's metric rows are not duplicated, and t
 weights equal those of an uninterrupted run, bit for bit.
 
 Each run is a child process running the pretrain stage library (gpt.recipes.pretrain.pretrain)
-with the pipeline's own metrics sink (tasks.stages.base.StageRun.metrics_sink), on a tiny
+with the pipeline's own metrics sink (tasks.stages.contract.StageRun.metrics_sink), on a tiny
 model over the first 3,000 characters of the-verdict. The reference run and the run
 that gets killed execute concurrently to save wall time. A kill inside the checkpoint
 write itself is covered in-process by ``test_crash_between_checkpoint_renames_resumes``.
@@ -34,8 +34,8 @@ from gpt.data.windows import tokenize_to_npy
 from gpt.recipes.pretrain import ModelSpec, PretrainArgs, pretrain
 from gpt.tokenizer import Tokenizer
 from tasks.catalog import CatalogSettings
-from tasks.rows import RowSink
-from tasks.stages.base import RunContext, StageRun
+from tasks.records.rows import RowSink
+from tasks.stages.contract import RunContext, StageRun
 
 args = PretrainArgs(
     model=ModelSpec(name="tiny"), batch_size=2, epochs=epochs, eval_every=2,
@@ -162,7 +162,7 @@ def test_kill_9_during_pretrain_resumes_exactly(
     pd.testing.assert_frame_equal(losses, ref_losses, check_exact=True)  # ... same losses
     # the rows the stage folder will hold: the interrupted attempt's and the resumed
     # one's, each (step, split, name) once, equal to the uninterrupted run's
-    from tasks.rows import RowSink
+    from tasks.records.rows import RowSink
 
     folder_rows = pd.DataFrame(RowSink(killed).rows()["metrics"])
     ref_rows = pd.DataFrame(RowSink(ref).rows()["metrics"])

@@ -20,9 +20,9 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 from typing import Any  # noqa: E402
 
-from tasks.cache import StageOutput  # noqa: E402
 from tasks.catalog import CatalogSettings  # noqa: E402
-from tasks.stages.base import RunContext, load_spec, run_stage  # noqa: E402
+from tasks.stages.contract import RunContext, StageOutput  # noqa: E402
+from tasks.stages.runner import load_spec, run_stage  # noqa: E402
 
 PROJECT = ("gpt", "tasks", "flows")
 

@@ -35,8 +35,8 @@ def main(argv: list[str]) -> int:
 
     from flows.config import build_config
     from tasks.catalog import CatalogSettings
-    from tasks.stages.base import RunContext, run_stage
-    from tasks.stages.download import run_download
+    from tasks.stages.contract import RunContext
+    from tasks.stages.runner import run_stage
 
     seen = _Seen()
     stages_log = logging.getLogger("gptflow.stages")
@@ -51,9 +51,9 @@ def main(argv: list[str]) -> int:
         mirror=mirror,
         progress=False,
     )
-    dl = run_download(ctx, cfg.download)
+    dl = run_stage(ctx, "download", cfg.download)
     if mode == "kill":
-        from tasks.storage import ObjectRoot
+        from tasks.store.objects import ObjectRoot
 
         create = ObjectRoot.create
 

@@ -9,7 +9,7 @@ from benchmarks.catalog_growth import export_artifacts, time_rebuild
 from benchmarks.catalog_rows import CPU_RUN
 from benchmarks.catalog_year import YearPlan, build_catalog, judge_keys
 from tasks.catalog import Catalog
-from tasks.rebuild import REBUILT_TABLES, rows_per_table
+from tasks.records.rebuild import REBUILT_TABLES, rows_per_table
 
 
 def test_two_weeks_write_their_rows_and_rebuild_gives_them_back(tmp_path: Path) -> None:

@@ -402,7 +402,7 @@ SMALL = {
 
 def test_gates_by_hand(cat: Catalog) -> None:
     from gpt.eval.gates import GateFailedError, GatesArgs
-    from tasks.gates import GATES_QUERY, raise_for_gates, run_gates
+    from tasks.records.gate_results import GATES_QUERY, raise_for_gates, run_gates
 
     args = GatesArgs(bootstrap_resamples=2000, **SMALL)
     res = {r.gate: r for r in run_gates(cat, "r2", args)}
@@ -448,7 +448,7 @@ def test_gates_by_hand(cat: Catalog) -> None:
 def test_gates_compare_to_last_passed(cat: Catalog) -> None:
     from gpt.eval.gates import GatesArgs
     from tasks.catalog.lookup import previous_completed_run
-    from tasks.gates import run_gates
+    from tasks.records.gate_results import run_gates
 
     args = GatesArgs(bootstrap_resamples=500, **SMALL)
     run_gates(cat, "r2", args)  # r2 fails its gates
@@ -476,7 +476,7 @@ def test_gates_without_enough_data_pass_and_say_so(cat: Catalog) -> None:
     from flows.report.blocks import to_markdown
     from flows.report.build import build_report
     from gpt.eval.gates import GatesArgs
-    from tasks.gates import GATES_QUERY, raise_for_gates, run_gates
+    from tasks.records.gate_results import GATES_QUERY, raise_for_gates, run_gates
 
     args = GatesArgs(bootstrap_resamples=500, fail_run=True)
     res = {r.gate: r for r in run_gates(cat, "r2", args)}

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from _paths import REPO
 
-from flows.profiles import STAGES
-from tasks.fingerprint import code_fingerprint, module_closure
+from tasks.stages import STAGES
+from tasks.store.fingerprint import code_fingerprint, module_closure
 
 HERE = Path(__file__).resolve().parent
 CACHED = [s for s in STAGES if s != "download"]  # download is content-addressed by bytes
@@ -39,7 +39,7 @@ def tree(tmp_path: Path) -> Path:
 
 
 def _fp(stage: str, root: Path) -> str:
-    from tasks.fingerprint import _fingerprint
+    from tasks.store.fingerprint import _fingerprint
 
     _fingerprint.cache_clear()  # the per-process cache assumes files don't change
     return code_fingerprint(f"tasks.stages.{stage}", root)
@@ -73,7 +73,7 @@ def test_editing_reported_modules_changes_the_key(tree: Path, stage: str, rel: s
 @pytest.mark.parametrize("stage", CACHED)
 def test_editing_any_module_of_the_closure_changes_the_key(tree: Path, stage: str) -> None:
     closure = module_closure(f"tasks.stages.{stage}", tree)
-    assert f"tasks.stages.{stage}" in closure and "tasks.stages.base" in closure
+    assert f"tasks.stages.{stage}" in closure and "tasks.stages.runner" in closure
     assert not [m for m in closure if m.startswith("flows")], closure
     for module in closure:
         rel = module.replace(".", "/")
@@ -122,7 +122,7 @@ def test_keys_computed_in_parallel_threads(tree: Path) -> None:
     import threading
     import time
 
-    from tasks.fingerprint import _imports
+    from tasks.store.fingerprint import _imports
 
     errors: list[BaseException] = []
 
@@ -162,8 +162,8 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     from benchmarks.ollama_stub import OllamaStub
     from flows.config import build_config
     from tasks.catalog import CatalogSettings
-    from tasks.stages.base import RunContext, load_spec
-    from tasks.stages.download import run_download
+    from tasks.stages.contract import RunContext
+    from tasks.stages.runner import load_spec, run_stage
 
     root = tmp_path_factory.mktemp("probe")
     context = {
@@ -182,7 +182,7 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     loaded: dict[str, list] = {}
     with OllamaStub(reply=lambda req: {"score": 50, "reason": "fine"}) as stub:
         cfg = build_config("smoke", [f"judge.hosts={stub.host}"])
-        dl = run_download(ctx, cfg.download)
+        dl = run_stage(ctx, "download", cfg.download)
         results: dict[str, Any] = {
             "download": {"stage": "download", "key": dl.key, "root": dl.root,
                          "run_id": dl.run_id, "digest": dl.digest, "out": dl.data}

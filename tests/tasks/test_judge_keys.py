@@ -21,10 +21,10 @@ import pytest
 
 from benchmarks.ollama_stub import OllamaStub
 from gpt.eval.judge.settings import JudgeConfig
-from tasks.cache import StageOutput
 from tasks.catalog import Catalog
-from tasks.stages.base import RunContext, run_stage
+from tasks.stages.contract import RunContext, StageOutput
 from tasks.stages.judge import responses_input
+from tasks.stages.runner import run_stage
 
 N = 5
 STATS = ["judge_model", "judge_key", "n", "n_scored", "n_unparsed", "n_failed", "mean_score",
@@ -234,7 +234,7 @@ def test_a_folder_from_before_judge_keys_replaces_only_rows_without_one(
 ) -> None:
     """Rebuilding a catalog replays stage folders in any order: an older judge folder
     (its scope recorded without judge_key) must not delete judgments that have a key."""
-    from tasks.rows import RowSink, ingest, missing_tables
+    from tasks.records.rows import RowSink, ingest, missing_tables
 
     with OllamaStub() as stub:
         keyed = _judge(cat, tmp_path, "k1", _cfg(stub))

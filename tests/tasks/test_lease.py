@@ -1,4 +1,4 @@
-"""Leases: one computation per stage key, one writer per downloaded file (:mod:`tasks.lease`).
+"""Leases: one computation per stage key, one writer per downloaded file (:mod:`tasks.store.lease`).
 
 Unit tests of the file lease, then the two ways a lease could be stolen silently — a
 renewal that writes over the lease a breaker took, and a stalled owner (``SIGSTOP``)
@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 from helpers_http import Fault, serve
 
-from tasks.cache import StageStore
-from tasks.lease import Lease, LeaseLost
+from tasks.store.folder import StageStore
+from tasks.store.lease import Lease, LeaseLost
 
 
 def _until(cond: Callable[[], object], timeout: float = 20.0) -> None:
@@ -166,7 +166,7 @@ def test_a_stalled_renewal_never_overwrites_the_lease_a_breaker_took(
 # --------------------------------------------------------------------------- commits
 _OWNER = r"""
 import sys
-from tasks.cache import open_stage_store
+from tasks.store.roots import open_stage_store
 store = open_stage_store(sys.argv[1])
 lease = store.lease("s", "k", "owner")
 lease.acquire()
@@ -212,7 +212,7 @@ def test_a_stopped_owner_never_commits_over_the_breaker(
     refused, and the breaker's result is the one published — whether the breaker
     committed before the owner woke or only after; for a local artifacts folder and an
     object store alike."""
-    from tasks.cache import open_stage_store
+    from tasks.store.roots import open_stage_store
 
     root = _artifacts_root(backend, tmp_path, monkeypatch, request)
     monkeypatch.setenv("GPTFLOW_LEASE_TTL_S", "1")

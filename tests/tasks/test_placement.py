@@ -1,6 +1,6 @@
 """Placed stages without workers: the ``placement`` setting, the JSON the flow sends a
-placed stage, the worker side (:func:`tasks.placement.run_placed_here`) and the flow side
-reading the result back (:func:`tasks.placement.collect`) through the artifacts folder.
+placed stage, the worker side (:func:`tasks.stages.placement.run_placed_here`) and the flow side
+reading the result back (:func:`tasks.stages.placement.collect`) through the artifacts folder.
 The same through real Prefect workers is ``test_placement_pools.py``."""
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def upstream(mirror, tmp_path):
     """A run context and real download + tokenize results (smoke settings)."""
     from gpt.data.download import DownloadArgs
     from tasks.catalog import Catalog
-    from tasks.stages.base import RunContext, run_stage
-    from tasks.stages.download import run_download
+    from tasks.stages.contract import RunContext
+    from tasks.stages.runner import run_stage
 
     cfg = build_config("smoke")
     ctx = RunContext(
@@ -60,18 +60,17 @@ def upstream(mirror, tmp_path):
         download=DownloadArgs(retries=1),
     )
     ctx.recorder.start_run(ctx.run_id, flow_run_id=None, profile="smoke", config={}, git_rev=None)
-    dl = run_download(ctx, cfg.download)
+    dl = run_stage(ctx, "download", cfg.download)
     tok = run_stage(ctx, "tokenize", cfg.tokenize, download=dl)
     return cfg, ctx, dl, tok
 
 
 def _placed(ctx, flow_run_id: str):
-    from tasks.placement import PlacedContext, context_from_json, context_to_json
+    """``ctx`` as the placed stage's flow run gets it: through the JSON Prefect sends."""
+    from gpt.distributed.codec import decode, encode
 
-    return PlacedContext(
-        **context_from_json(json.loads(json.dumps(context_to_json(ctx)))),
-        flow_run_id=flow_run_id,
-    )
+    wire = json.loads(json.dumps(encode(ctx, "run context")))
+    return decode(wire, "run context").placed_on(flow_run_id)
 
 
 def _flow_run(flow_run_id: str, pool: str = "gpu", worker: str = "gpu-worker-1"):
@@ -86,21 +85,15 @@ def _flow_run(flow_run_id: str, pool: str = "gpu", worker: str = "gpu-worker-1")
 
 def test_the_json_sent_to_a_worker_keeps_context_inputs_and_key(upstream):
     from flows.stage_flow import settings_type
-    from tasks.placement import (
-        context_from_json,
-        context_to_json,
-        output_from_json,
-        output_to_json,
-    )
-    from tasks.stages.base import RunContext, key_for, load_spec
+    from gpt.distributed.codec import decode, encode
+    from gpt.errors import ConfigError
+    from tasks.stages.runner import key_for, load_spec
 
     cfg, ctx, dl, tok = upstream
-    wire = json.loads(json.dumps(context_to_json(ctx)))  # what Prefect stores and sends
-    assert RunContext(**context_from_json(wire)) == ctx
+    wire = json.loads(json.dumps(encode(ctx, "run context")))  # what Prefect stores and sends
+    assert decode(wire, "run context") == ctx
     inputs = {"tokenize": tok, "download": dl}
-    back = {
-        k: output_from_json(json.loads(json.dumps(output_to_json(v)))) for k, v in inputs.items()
-    }
+    back = decode(json.loads(json.dumps(encode(inputs, "inputs"))), "inputs")
     assert back["tokenize"].out == tok.out and back["download"].out == dl.out
     assert back["tokenize"].path("x") == tok.path("x")
     args = settings_type("baseline_spam").model_validate(
@@ -110,14 +103,15 @@ def test_the_json_sent_to_a_worker_keeps_context_inputs_and_key(upstream):
     assert key_for(spec, args, {"tokenize": back["tokenize"]}) == key_for(
         spec, cfg.baseline_spam, {"tokenize": tok}
     )
-    with pytest.raises(Exception, match="run context fields \\['shard'\\]"):
-        context_from_json({**wire, "shard": 3})
+    with pytest.raises(ConfigError, match="run context fields \\['shard'\\] are unknown"):
+        decode({**wire, "fields": {**wire["fields"], "shard": 3}}, "run context")
 
 
 def test_placed_stage_runs_on_the_worker_and_is_read_back(upstream):
     from tasks.catalog import Catalog
-    from tasks.placement import REPORT, collect, placed_dir, run_placed_here
-    from tasks.stages.base import key_for, load_spec, run_stage
+    from tasks.records.runs import placed_records_dir
+    from tasks.stages.placement import REPORT, collect, run_placed_here
+    from tasks.stages.runner import key_for, load_spec, run_stage
 
     cfg, ctx, _, tok = upstream
     spec = load_spec("baseline_spam")
@@ -127,7 +121,9 @@ def test_placed_stage_runs_on_the_worker_and_is_read_back(upstream):
         _placed(ctx, child), "baseline_spam", cfg.baseline_spam, {"tokenize": tok}, key=key, code=""
     )
     assert report["outcome"] == "done" and report["committed"] and report["key"] == key
-    assert json.loads((placed_dir(ctx.artifacts, child) / REPORT).read_text()) == report
+    assert (
+        json.loads((Path(placed_records_dir(ctx.artifacts, child)) / REPORT).read_text()) == report
+    )
     # the worker wrote its stage row to the catalog and to its own record, not the run's
     assert "baseline_spam" not in (ctx.recorder.read(ctx.run_id) or {})["stages"]
     assert report["row"]["status"] == "completed"
@@ -153,8 +149,9 @@ def test_placed_stage_runs_on_the_worker_and_is_read_back(upstream):
 
 
 def test_a_worker_with_other_code_is_refused(upstream):
-    from tasks.placement import PlacementError, collect, placed_dir, run_placed_here
-    from tasks.stages.base import key_for, load_spec
+    from tasks.records.runs import placed_records_dir
+    from tasks.stages.placement import PlacementError, collect, run_placed_here
+    from tasks.stages.runner import key_for, load_spec
 
     cfg, ctx, _, tok = upstream
     spec = load_spec("baseline_spam")
@@ -189,11 +186,11 @@ def test_a_worker_with_other_code_is_refused(upstream):
     )
     with pytest.raises(PlacementError, match=f"the worker computed key {key}"):
         collect(ctx, "baseline_spam", flow_key, _flow_run(good))
-    assert Path(placed_dir(ctx.artifacts, good)).is_dir()
+    assert Path(placed_records_dir(ctx.artifacts, good)).is_dir()
 
 
 def test_a_placed_run_that_left_no_report_is_retryable(upstream):
-    from tasks.placement import PlacedStageCrashed, collect
+    from tasks.stages.placement import PlacedStageCrashed, collect
 
     _, ctx, _, _ = upstream
     with pytest.raises(PlacedStageCrashed, match="without a report"):
@@ -203,9 +200,10 @@ def test_a_placed_run_that_left_no_report_is_retryable(upstream):
 
 
 def _report(ctx, child: str, **fields) -> None:
-    from tasks.placement import REPORT, placed_dir
+    from tasks.records.runs import placed_records_dir
+    from tasks.stages.placement import REPORT
 
-    folder = placed_dir(ctx.artifacts, child)
+    folder = Path(placed_records_dir(ctx.artifacts, child))
     folder.mkdir(parents=True)
     (folder / REPORT).write_text(json.dumps({"stage": "baseline_spam", **fields}))
 
@@ -213,8 +211,9 @@ def _report(ctx, child: str, **fields) -> None:
 def test_a_stage_skipped_or_incomplete_on_the_worker_comes_back_as_such(upstream):
     """A skip (e.g. the judge without Ollama) is a skip in the flow; an incomplete result
     (not committed, so a rerun continues it) comes back from the report, not the store."""
-    from tasks.placement import collect, output_to_json
-    from tasks.stages.base import StageSkipped
+    from gpt.distributed.codec import encode
+    from tasks.stages.contract import StageSkipped
+    from tasks.stages.placement import collect
 
     _, ctx, _, tok = upstream
     skipped = str(uuid.uuid4())
@@ -232,7 +231,7 @@ def test_a_stage_skipped_or_incomplete_on_the_worker_comes_back_as_such(upstream
         key="k" * 24,
         outcome="done",
         committed=False,
-        result=output_to_json(tok),  # any typed result: the report's is used as is
+        result=encode(tok, "result"),  # any typed result: the report's is used as is
         row=row,
     )
     got = collect(ctx, "baseline_spam", "k" * 24, _flow_run(partial))
@@ -251,9 +250,9 @@ def test_a_placed_stage_round_trips_through_an_object_store(
     back into its own local cache."""
     from gpt.data.download import DownloadArgs
     from tasks.catalog import Catalog
-    from tasks.placement import collect, run_placed_here
-    from tasks.stages.base import RunContext, key_for, load_spec, run_stage
-    from tasks.stages.download import run_download
+    from tasks.stages.contract import RunContext
+    from tasks.stages.placement import collect, run_placed_here
+    from tasks.stages.runner import key_for, load_spec, run_stage
 
     for name, value in (
         ("ENDPOINT", s3_server.endpoint),
@@ -274,7 +273,9 @@ def test_a_placed_stage_round_trips_through_an_object_store(
         download=DownloadArgs(retries=1),
     )
     ctx.recorder.start_run(ctx.run_id, flow_run_id=None, profile="smoke", config={}, git_rev=None)
-    tok = run_stage(ctx, "tokenize", cfg.tokenize, download=run_download(ctx, cfg.download))
+    tok = run_stage(
+        ctx, "tokenize", cfg.tokenize, download=run_stage(ctx, "download", cfg.download)
+    )
     key = key_for(load_spec("baseline_spam"), cfg.baseline_spam, {"tokenize": tok})
     child = str(uuid.uuid4())
     monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "worker-cache"))  # another machine

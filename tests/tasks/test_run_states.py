@@ -20,14 +20,14 @@ from _paths import REPO
 
 from flows.cli import main
 from gpt.errors import CatalogLockedError
-from tasks import run_state
 from tasks.catalog import Catalog
-from tasks.runlog import RunRecorder
+from tasks.records import run_state
+from tasks.records.runs import RunRecorder
 
 
 def _recorder() -> RunRecorder:
     from gpt.paths import artifacts_root
-    from tasks.cache import root_child
+    from tasks.store.roots import root_child
 
     return RunRecorder(Catalog(), root_child(artifacts_root(), "runs"))
 
@@ -47,9 +47,9 @@ def _status(run_id: str) -> tuple[str, str | None]:
 _RUNNER = textwrap.dedent(
     """
     import sys, time
-    from tasks.cache import root_child
+    from tasks.store.roots import root_child
     from tasks.catalog import Catalog
-    from tasks.runlog import RunRecorder
+    from tasks.records.runs import RunRecorder, StageRecord
     from gpt.paths import artifacts_root
     rec = RunRecorder(Catalog(), root_child(artifacts_root(), "runs"))
     with rec.running(sys.argv[1], flow_run_id=None, profile="smoke", config=None, git_rev=None):
@@ -202,16 +202,16 @@ _FLOW = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from tasks.cache import root_child
+    from tasks.store.roots import root_child
     from tasks.catalog import Catalog
-    from tasks.runlog import RunRecorder
-    from tasks.run_state import check_alive
+    from tasks.records.runs import RunRecorder, StageRecord
+    from tasks.records.run_state import check_alive
     from gpt.paths import artifacts_root
     run_id, out = sys.argv[1], Path(sys.argv[2])
     rec = RunRecorder(Catalog(), root_child(artifacts_root(), "runs"))
     try:
         with rec.running(run_id, flow_run_id=None, profile="smoke", config=None, git_rev=None):
-            rec.record_stage(run_id, "pretrain", status="running")
+            rec.record(StageRecord(run_id, "pretrain", "running"))
             out.with_suffix(".started").touch()
             for step in range(10000):
                 print(f"step {step}", flush=True)  # the progress bar

@@ -34,7 +34,7 @@ def s3_root(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def _ctx(tmp_path: Path, url: str, run_id: str, mirror: Path, db: str = "catalog.duckdb"):
     from tasks.catalog import CatalogSettings
-    from tasks.stages.base import RunContext
+    from tasks.stages.contract import RunContext
 
     return RunContext(
         run_id=run_id,
@@ -48,11 +48,12 @@ def _ctx(tmp_path: Path, url: str, run_id: str, mirror: Path, db: str = "catalog
 
 def _tokenize(ctx):
     from flows.config import build_config
-    from tasks.stages.base import run_stage
-    from tasks.stages.download import run_download
+    from tasks.stages.runner import run_stage
 
     cfg = build_config("smoke", [])
-    return run_stage(ctx, "tokenize", cfg.tokenize, download=run_download(ctx, cfg.download))
+    return run_stage(
+        ctx, "tokenize", cfg.tokenize, download=run_stage(ctx, "download", cfg.download)
+    )
 
 
 def _stage_message(ctx, stage: str) -> str:
@@ -64,8 +65,9 @@ def test_artifacts_root_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     """A plain path, a file:// URL and an s3:// URL; an s3 root's local side lives in the
     cache; unsupported protocols are refused with the fix."""
     from gpt.paths import artifacts_dir, artifacts_root, default_db_path
-    from tasks.cache import StageStore, open_stage_store
-    from tasks.storage import ObjectRoot, StorageError
+    from tasks.store.folder import StageStore
+    from tasks.store.objects import ObjectRoot, StorageError
+    from tasks.store.roots import open_stage_store
 
     monkeypatch.setenv("GPTFLOW_ARTIFACTS", f"file://{tmp_path}/a")
     assert artifacts_root() == str(tmp_path / "a") and artifacts_dir() == tmp_path / "a"
@@ -88,8 +90,8 @@ def test_artifacts_root_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_missing_bucket_is_a_clear_error(s3_root) -> None:
     """A root in a bucket that does not exist: a miss to read, and a one-line error naming
     the bucket at the first write (nothing is created)."""
-    from tasks.cache import open_stage_store
-    from tasks.storage import StorageError
+    from tasks.store.objects import StorageError
+    from tasks.store.roots import open_stage_store
 
     store = open_stage_store("s3://no-such-bucket-here/gptflow")
     assert store.lookup("tokenize", "k") == (None, None)
@@ -112,12 +114,13 @@ def test_stage_folder_published_and_read_back_verified(
     first = _tokenize(ctx)
     assert first.cache_hit is False
     assert Path(first.root).is_relative_to(tmp_path / "cache")
+    files = json.loads(Path(first.root, "manifest.json").read_text())["files"]
     prefix = s3_root.split("/", 3)[3] + f"/stages/tokenize/{first.key}/"
     published = {k.removeprefix(prefix) for k in s3_server.keys(prefix)}
-    assert published == {*first.files, "manifest.json", "produced.json"}
+    assert published == {*files, "manifest.json", "produced.json"}
     # the ETags are records of the upload: in produced.json, beside the manifest
     produced = json.loads(Path(first.root, "produced.json").read_text())
-    assert {rel for rel, meta in produced["files"].items() if meta.get("etag")} == set(first.files)
+    assert {rel for rel, meta in produced["files"].items() if meta.get("etag")} == set(files)
     assert ctx.recorder.read("run-a")["stages"]["tokenize"]["status"] == "completed"
 
     # another machine: nothing local, a catalog of its own
@@ -126,16 +129,16 @@ def test_stage_folder_published_and_read_back_verified(
     hit = _tokenize(ctx_b)
     assert hit.cache_hit is True and hit.run_id == "run-a" and hit.digest == first.digest
     assert Path(hit.root).is_relative_to(tmp_path / "cache-b")
-    for rel, meta in first.files.items():
+    for rel in files:
         assert Path(hit.root, rel).read_bytes() == Path(first.root, rel).read_bytes(), rel
-        assert Path(hit.root, rel).stat().st_mtime_ns == meta["mtime_ns"]
+        assert Path(hit.root, rel).stat().st_mtime_ns == produced["files"][rel]["mtime_ns"]
     n = ctx_b.catalog.query_df("SELECT count(*) n FROM instructions WHERE run_id='run-a'")
     assert n.n[0] == 36  # the rows came with the folder
 
-    from tasks.storage import ObjectRoot
+    from tasks.store.objects import ObjectRoot
 
     stages = ObjectRoot(f"{s3_root}/stages")
-    name = f"tokenize/{first.key}/" + sorted(r for r in first.files if r.endswith(".json"))[0]
+    name = f"tokenize/{first.key}/" + sorted(r for r in files if r.endswith(".json"))[0]
     data = stages.get(name).data
     stages.put(name, bytes([data[0] ^ 1]) + data[1:])  # same size, other bytes
     ctx_c = _ctx(tmp_path, s3_root, "run-c", mirror, db="b.duckdb")
@@ -161,7 +164,7 @@ def test_stage_folder_published_and_read_back_verified(
     assert _tokenize(ctx_f).cache_hit is True
 
     # each replaced result kept its rows (history): a rebuild from S3 has all four runs'
-    from tasks.rebuild import rebuild_catalog
+    from tasks.records.rebuild import rebuild_catalog
 
     rebuilt = Catalog(tmp_path / "rebuilt.duckdb")
     report = rebuild_catalog(rebuilt, s3_root)
@@ -200,7 +203,7 @@ def _child(mode: str, run_id: str, url: str, tmp_path: Path, mirror: Path, cache
 def test_commit_killed_before_the_manifest_is_not_a_hit(s3_root, s3_server, mirror, tmp_path):
     """A process SIGKILLed when every file is uploaded but the manifest is not published
     leaves objects that are no cache hit: the next run recomputes, saying why."""
-    from tasks.cache import open_stage_store
+    from tasks.store.roots import open_stage_store
 
     proc = _child("kill", "run-killed", s3_root, tmp_path, mirror, "cache-killed")
     _, err = proc.communicate(timeout=300)
@@ -225,10 +228,10 @@ def test_two_processes_racing_for_one_key_compute_it_once(s3_root, s3_server, mi
     """Two processes with their own local caches start tokenize on the same S3 key at
     once: one computes under the lease, the other waits and takes its result."""
     from flows.config import build_config
-    from tasks.stages.download import run_download
+    from tasks.stages.runner import run_stage
 
     warm = _ctx(tmp_path, s3_root, "inputs", mirror, db="inputs.duckdb")
-    run_download(warm, build_config("smoke", []).download)  # the local inputs, once
+    run_stage(warm, "download", build_config("smoke", []).download)  # the local inputs, once
     go = tmp_path / "go"
     s3 = s3_root
     procs = [
@@ -271,8 +274,8 @@ def _foreign_lease(root, rel: str, ttl_s: float) -> None:
 def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
     """A lease whose owner (on another machine) stopped renewing is broken once its TTL
     passed, by one of two waiters; the other then waits for the breaker's lease."""
-    from tasks.object_lease import ObjectLease
-    from tasks.storage import ObjectRoot
+    from tasks.store.object_lease import ObjectLease
+    from tasks.store.objects import ObjectRoot
 
     root = ObjectRoot(f"{s3_root}/stages")
     _foreign_lease(root, "tokenize/k.lease", ttl_s=2.0)
@@ -293,7 +296,7 @@ def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
-    caplog.set_level(logging.WARNING, logger="tasks.object_lease")
+    caplog.set_level(logging.WARNING, logger="tasks.store.object_lease")
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
@@ -310,8 +313,8 @@ def test_stale_lease_is_broken_by_exactly_one_waiter(s3_root, caplog) -> None:
 def test_live_lease_is_renewed_not_broken(s3_root) -> None:
     """An owner that keeps renewing holds its lease well past the TTL; a waiter times
     out instead of breaking it. Breaking is a take-over only one writer wins."""
-    from tasks.object_lease import LeaseLost, ObjectLease
-    from tasks.storage import ObjectRoot
+    from tasks.store.object_lease import LeaseLost, ObjectLease
+    from tasks.store.objects import ObjectRoot
 
     root = ObjectRoot(f"{s3_root}/stages")
     owner = ObjectLease(root, "pretrain/k.lease", "owner", ttl_s=2.0, poll_s=0.2)
@@ -342,7 +345,7 @@ def test_live_lease_is_renewed_not_broken(s3_root) -> None:
 def test_run_record_updates_from_two_writers_lose_nothing(s3_root) -> None:
     """Stages of one run recorded by two writers at once (e.g. two machines): the
     compare-and-swap update keeps every stage row."""
-    from tasks.runlog import RunRecorder
+    from tasks.records.runs import RunRecorder
 
     a, b = (RunRecorder(None, f"{s3_root}/runs") for _ in range(2))  # type: ignore[arg-type]
 

@@ -27,8 +27,8 @@ from gpt.config import Args
 from gpt.errors import ConfigError
 from tasks.catalog import Catalog
 from tasks.catalog.settings import CatalogSettings
-from tasks.stages.base import RunContext, StageRun, load_spec, run_stage
-from tasks.stages.download import run_download
+from tasks.stages.contract import RunContext, StageRun
+from tasks.stages.runner import load_spec, run_stage
 
 
 def _ctx(root: Path, run_id: str, *, db: str = "catalog.duckdb", **kw: Any) -> RunContext:
@@ -58,7 +58,7 @@ def smoke(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     cfg = build_config("smoke")
     ctx = _ctx(root, "run-1", mirror=str(mirror))
     ctx.recorder.start_run("run-1", flow_run_id=None, profile="smoke", config={}, git_rev=None)
-    dl = run_download(ctx, cfg.download)
+    dl = run_stage(ctx, "download", cfg.download)
     tok = run_stage(ctx, "tokenize", cfg.tokenize, download=dl)
     pre = run_stage(ctx, "pretrain", cfg.pretrain, tokenize=tok)
     return {"root": root, "cfg": cfg, "mirror": mirror, "dl": dl, "tok": tok, "pre": pre}
@@ -99,7 +99,7 @@ def test_large_files_rehash_on_mtime_change_or_full_verify(smoke, monkeypatch) -
     verify="full"; a same-size, same-mtime edit is only caught by "full"."""
     import os
 
-    import tasks.cache as cache
+    import tasks.store.manifest as cache
 
     monkeypatch.setattr(cache, "SMALL_FILE_BYTES", 0)  # every file counts as large
     tok = smoke["tok"]
@@ -129,7 +129,7 @@ def test_a_hit_in_another_catalog_brings_its_rows(smoke) -> None:
     """Same artifacts, a new catalog: the hit ingests the producing run's rows (and its
     run record) into it; a second hit ingests nothing."""
     ctx_b = _ctx(smoke["root"], "run-b", db="b.duckdb", mirror=str(smoke["mirror"]))
-    dl = run_download(ctx_b, smoke["cfg"].download)
+    dl = run_stage(ctx_b, "download", smoke["cfg"].download)
     tok = run_stage(ctx_b, "tokenize", smoke["cfg"].tokenize, download=dl)
     assert tok.cache_hit and tok.run_id == "run-1"
     b = ctx_b.catalog
@@ -263,7 +263,7 @@ def test_the_section_object_itself_reaches_the_library_call(
     it arrives), and the run's device reaches every stage that runs a model."""
     import importlib
 
-    from tasks.rows import RowSink
+    from tasks.records.rows import RowSink
 
     module = importlib.import_module(f"tasks.stages.{stage}")
     seen: dict[str, Any] = {}
@@ -276,7 +276,8 @@ def test_the_section_object_itself_reaches_the_library_call(
     cfg = smoke["cfg"]
     section = getattr(cfg, stage)
     ctx = RunContext(**{**_ctx(smoke["root"], "probe").__dict__, "device": "cuda:7"})
-    run = StageRun(ctx, stage, "k", tmp_path, tmp_path, "probe", RowSink(tmp_path))
+    # the runner resolves the run's device once where the stage runs (here: as named)
+    run = StageRun(ctx, stage, "k", tmp_path, tmp_path, "probe", RowSink(tmp_path), "cuda:7")
     tok, pre = smoke["tok"], smoke["pre"]
     inputs = {"download": smoke["dl"], "tokenize": tok, "pretrain": pre, "load_gpt2": pre,
               "finetune_instruct": pre, "extract_responses": pre}  # fmt: skip
@@ -325,13 +326,15 @@ def test_download_settings_reach_the_downloader(smoke, monkeypatch) -> None:
     monkeypatch.setattr(DownloadArgs, "fetch", fetch)
     args = DownloadArgs(retries=5, backoff_s=0.25, timeout_s=7.0)
     with pytest.raises(_Called):
-        run_download(_ctx(smoke["root"], "dl-probe"), args)
+        run_stage(_ctx(smoke["root"], "dl-probe"), "download", args)
     assert seen["self"] is args
 
 
 def test_device_is_recorded_in_the_stage_outputs(smoke) -> None:
+    from tasks.store.manifest import read_manifest
+
     store = _ctx(smoke["root"], "x").store
-    manifest = store.read_manifest(store.final_dir("pretrain", smoke["pre"].key))
+    manifest = read_manifest(store.final_dir("pretrain", smoke["pre"].key))
     assert manifest["device"] == "cpu"
     assert build_config("smoke", ["device=cpu"]).model_dump()["device"] == "cpu"
 
@@ -421,10 +424,10 @@ def test_stage_inputs_and_settings_types_match_the_config() -> None:
 
 def test_force_download_fetches_again(smoke) -> None:
     ctx = _ctx(smoke["root"], "dl-plain", mirror=str(smoke["mirror"]))
-    out = run_download(ctx, smoke["cfg"].download)
+    out = run_stage(ctx, "download", smoke["cfg"].download)
     assert out.cache_hit  # everything present and verified: nothing fetched
     forced = _ctx(smoke["root"], "dl-forced", mirror=str(smoke["mirror"]), force=("download",))
-    out2 = run_download(forced, smoke["cfg"].download)
+    out2 = run_stage(forced, "download", smoke["cfg"].download)
     assert not out2.cache_hit and out2.digest == out.digest  # fetched again, same bytes
     assert _stage_row(forced, "download")["status"] == "completed"
 
@@ -475,11 +478,11 @@ def test_one_judge_stage() -> None:
 def test_manifest_lists_every_file_of_the_folder(smoke) -> None:
     """Every file is listed: the result's files in manifest.json, the rows (records of
     the run) in produced.json beside it."""
-    from tasks.cache import StageStore
+    from tasks.store.manifest import read_manifest
 
     pre = smoke["pre"]
     folder = Path(pre.root)
-    manifest = StageStore(folder.parent.parent).read_manifest(folder)
+    manifest = read_manifest(folder)
     on_disk = sorted(
         rel
         for p in folder.rglob("*")
@@ -498,7 +501,7 @@ def test_progress_outside_a_prefect_run_asks_no_server(monkeypatch) -> None:
     temporary server for a progress artifact (15-30 s and a logging error at exit)."""
     import prefect.artifacts
 
-    from tasks.stages.base import Progress
+    from tasks.stages.contract import ProgressArtifact
 
     calls: list[str] = []
     monkeypatch.setattr(
@@ -507,6 +510,6 @@ def test_progress_outside_a_prefect_run_asks_no_server(monkeypatch) -> None:
     monkeypatch.setattr(
         prefect.artifacts, "update_progress_artifact", lambda *a, **kw: calls.append("update")
     )
-    bar = Progress("pretrain-steps", total=10)
-    bar.update(5)
+    bar = ProgressArtifact("pretrain-steps")
+    bar.update(5, 10)
     assert calls == [] and bar.id is None

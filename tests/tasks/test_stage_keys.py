@@ -16,16 +16,16 @@ from typing import Any
 import pytest
 from _paths import REPO
 
-import tasks.fingerprint as fingerprint
+import tasks.store.fingerprint as fingerprint
 from flows.cli import main
 from flows.config import build_config
 from gpt.errors import ChecksumError
 from gpt.recipes.base import LoadGPT2Args
-from tasks.cache import KeyParts, StageOutput, key_changes
 from tasks.catalog.settings import CatalogSettings
-from tasks.fingerprint import package_versions
-from tasks.stages.base import RunContext, key_for, key_parts, load_spec, run_stage
-from tasks.stages.download import run_download
+from tasks.stages.contract import RunContext, StageOutput
+from tasks.stages.runner import key_for, key_parts, load_spec, run_stage
+from tasks.store.fingerprint import package_versions
+from tasks.store.keys import KeyParts, key_changes
 
 
 def _ctx(root: Path, run_id: str, **kw: Any) -> RunContext:
@@ -222,7 +222,7 @@ def tokenized(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     root = tmp_path_factory.mktemp("keys")
     cfg = build_config("smoke")
     ctx = _ctx(root, "run-0", mirror=str(mirror))
-    dl = run_download(ctx, cfg.download)
+    dl = run_stage(ctx, "download", cfg.download)
     return {"root": root, "cfg": cfg, "tok": run_stage(ctx, "tokenize", cfg.tokenize, download=dl)}
 
 

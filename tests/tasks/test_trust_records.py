@@ -25,7 +25,7 @@ from gpt.data.sources import Source, SourceFile
 from gpt.errors import ChecksumError, ConfigError
 from tasks.catalog import Catalog
 from tasks.catalog.settings import CatalogSettings
-from tasks.stages.base import RunContext
+from tasks.stages.contract import RunContext
 
 FAST = {"retries": 1, "backoff": 0.01, "timeout": 2.0, "progress": False}
 REL = "gpt2/355M/model.ckpt.index"

@@ -15,16 +15,15 @@ its rows (another catalog, a deleted or damaged one) and does nothing otherwise.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import math
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
-from tasks.cache import ROWS_DIR
+from tasks.jsonable import plain
+from tasks.store.manifest import ROWS_DIR
 
 if TYPE_CHECKING:
     import duckdb
@@ -57,19 +56,6 @@ ROW_KEYS: dict[str, tuple[str, ...]] = {
 PARTIAL_DIR = ".rows"
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-able value (datetimes as ISO text, numpy scalars as Python numbers)."""
-    if isinstance(value, dt.datetime):
-        return value.isoformat(sep=" ")
-    if hasattr(value, "item") and not isinstance(value, (list, dict, str)):
-        return value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _scopes_of(table: str, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The distinct scope values of ``rows`` (usually one: one run, one stage)."""
     cols = SCOPES[table]
@@ -98,7 +84,7 @@ class RowSink:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps({k: _plain(v) for k, v in r.items()}, default=str) + "\n")
+                f.write(json.dumps(plain(dict(r))) + "\n")
             f.flush()
         if live and self.catalog is not None:
             key = ROW_KEYS.get(table)

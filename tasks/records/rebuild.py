@@ -33,7 +33,6 @@ unless ``allow_empty``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -41,14 +40,13 @@ from pathlib import Path
 
 from gpt.errors import CatalogError
 from gpt.paths import is_remote
-from tasks.cache import StageStore, local_root, root_child, verify_files
 from tasks.catalog import Catalog, CatalogSettings
 from tasks.catalog.schema import KNOWN_TABLES
 from tasks.catalog.values import quote_ident
-from tasks.distributed import SCRATCH_SUFFIX
-from tasks.rows import ingest
-from tasks.run_state import settle_run
-from tasks.runlog import typed_row
+from tasks.records.rows import ingest
+from tasks.records.run_state import settle_run
+from tasks.records.runs import RunRecorder, typed_row
+from tasks.store.roots import local_root, open_stage_store, root_child
 
 log = logging.getLogger(__name__)
 
@@ -69,39 +67,6 @@ class RebuildReport:
     """Stage folders left out, with the reason (damaged, unreadable)."""
 
 
-def _sorted_records(records: list[dict]) -> list[dict]:
-    records = [r for r in records if isinstance(r, dict) and r.get("run")]
-    return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
-
-
-def _run_records(runs_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(runs_dir.glob("*.json")):
-        try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("skipping unreadable run record %s: %s", path, exc)
-            continue
-        records.append(rec)
-    return _sorted_records(records)
-
-
-def _remote_run_records(url: str) -> list[dict]:
-    from tasks.storage import ObjectRoot
-
-    root = ObjectRoot(url)
-    records = []
-    for name in sorted(root.list()):
-        if "/" in name or not name.endswith(".json"):
-            continue
-        got = root.get(name)
-        try:
-            records.append(json.loads(got.data) if got is not None else None)
-        except (ValueError, UnicodeDecodeError) as exc:
-            log.warning("skipping unreadable run record %s: %s", root.url_of(name), exc)
-    return _sorted_records(records)
-
-
 def rebuild_catalog(
     catalog: Catalog, artifacts: str | Path, *, verify: bool = True
 ) -> RebuildReport:
@@ -115,12 +80,7 @@ def rebuild_catalog(
 def _replay(catalog: Catalog, artifacts: str | Path, *, verify: bool) -> RebuildReport:
     report = RebuildReport()
     catalog.migrate()
-    remote = is_remote(artifacts)
-    if remote:
-        records = _remote_run_records(str(root_child(artifacts, "runs")))
-    else:
-        artifacts = local_root(artifacts)
-        records = _run_records(artifacts / "runs")
+    records = RunRecorder(catalog, root_child(artifacts, "runs")).records()
     report.sources = restore_sources(
         catalog, [row for rec in records for row in (rec.get("sources") or {}).values()]
     )
@@ -134,38 +94,23 @@ def _replay(catalog: Catalog, artifacts: str | Path, *, verify: bool) -> Rebuild
             catalog.replace_rows(table, table_rows, where={"run_id": run["run_id"]})
         report.runs += 1
         report.stage_rows += len(rows)
-    if remote:
-        _replay_remote_folders(catalog, str(artifacts), report)
-        return report
-    store = StageStore(Path(artifacts) / "stages")
-    if store.root.is_dir():
-        for folder in sorted(p for p in store.root.glob("*/*") if p.is_dir()):
-            skip = (".partial", ".history", SCRATCH_SUFFIX)
-            if folder.name.endswith(skip) or ".old-" in folder.name:
-                continue
-            manifest = store.read_manifest(folder)
-            if manifest is None:
-                report.skipped.append(f"{folder}: no readable manifest")
-                continue
-            if verify:
-                problem = verify_files(folder, manifest.get("files", {}))
-                if problem:
-                    report.skipped.append(f"{folder}: {problem}")
-                    continue
-            meta = manifest.get("rows") or {}
-            if meta:
-                report.rows += ingest(catalog, folder, meta)
-            report.folders += 1
-        # rows of results a recomputation replaced (another producer's: history)
-        for entry in sorted(store.root.glob("*/*.history/*/manifest.json")):
+    store = open_stage_store(artifacts)
+    for entry in store.committed(verify=verify):
+        if entry.manifest is None:
+            report.skipped.append(entry.problem or f"{entry.where}: unusable")
+            continue
+        meta = entry.manifest.get("rows") or {}
+        if meta:
             try:
-                old = json.loads(entry.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                report.skipped.append(f"{entry.parent}: unreadable manifest")
+                with store.rows_folder(entry) as folder:
+                    report.rows += ingest(catalog, folder, meta)
+            except (OSError, CatalogError) as exc:
+                report.skipped.append(f"{entry.where}: {exc}")
                 continue
-            if old.get("rows"):
-                report.rows += ingest(catalog, entry.parent, old["rows"])
-                report.history += 1
+        if entry.history:
+            report.history += 1
+        else:
+            report.folders += 1
     return report
 
 
@@ -189,38 +134,6 @@ def restore_sources(catalog: Catalog, rows: list[dict]) -> int:
     if changed:
         catalog.upsert_rows("sources", list(changed.values()), key=["name"])
     return len(changed)
-
-
-def _replay_remote_folders(catalog: Catalog, url: str, report: RebuildReport) -> None:
-    """Ingest the rows of every published stage folder whose objects match its manifest
-    (only ``rows/`` is downloaded, into a temporary folder, and checked by sha256)."""
-    import tempfile
-
-    from tasks.remote_store import ObjectStageStore
-
-    store = ObjectStageStore(url)
-    for stage, key, manifest, problem in store.published_folders():
-        if manifest is None:
-            report.skipped.append(problem or f"{store.published(stage, key)}: unusable")
-            continue
-        meta = manifest.get("rows") or {}
-        if meta:
-            with tempfile.TemporaryDirectory(prefix="gptflow-rebuild-") as tmp:
-                problem = store.fetch_rows(stage, key, manifest, Path(tmp))
-                if problem:
-                    report.skipped.append(problem)
-                    continue
-                report.rows += ingest(catalog, Path(tmp), meta)
-        report.folders += 1
-    for prefix, old in store.history():  # rows of results a recomputation replaced
-        with tempfile.TemporaryDirectory(prefix="gptflow-rebuild-") as tmp:
-            try:
-                store.fetch_history_rows(prefix, old, Path(tmp))
-                report.rows += ingest(catalog, Path(tmp), old["rows"])
-            except (OSError, CatalogError) as exc:
-                report.skipped.append(f"{store.remote.url_of(prefix)}: {exc}")
-                continue
-        report.history += 1
 
 
 #: Tables a rebuild leaves alone: their rows are not in the artifacts.
@@ -259,7 +172,7 @@ def count_run_records(artifacts: str | Path) -> int:
     """How many run records ``artifacts`` holds; :class:`CatalogError` when a local
     artifacts folder does not exist."""
     if is_remote(artifacts):
-        from tasks.storage import ObjectRoot
+        from tasks.store.objects import ObjectRoot
 
         runs = ObjectRoot(str(root_child(artifacts, "runs")))
         return sum(1 for n in runs.list() if "/" not in n and n.endswith(".json"))

@@ -2,22 +2,26 @@
 
 Every ``runs`` / ``stages`` row the pipeline writes is also written to
 ``artifacts/runs/<run_id>.json`` (atomically, the same values), so that the catalog can
-be rebuilt from the artifacts alone (:mod:`tasks.rebuild`). On an object-store root
+be rebuilt from the artifacts alone (:mod:`tasks.records.rebuild`). On an object-store root
 (``s3://…/runs``) a record is updated by compare-and-swap (a write conditional on the
 ETag read), so stages of one run recorded from several machines lose nothing.
 
 A run ends in ``completed``, ``failed`` or ``crashed`` on every path
 (:meth:`RunRecorder.running`), with the reason in ``message``; while it runs it beats
-(:mod:`tasks.run_state`), so a run whose process died is told from a running one, and the
+(:mod:`tasks.records.run_state`), so a run whose process died is told from a running one, and the
 next run records it ``crashed`` (:meth:`RunRecorder.reap`). The run record file is written
 first: when the catalog cannot be written (locked), the record still tells how the run
 ended, and the next run or a rebuild brings the catalog in line. Each run and stage
 event publishes the catalog (readers see it at once).
+
+What happens to a stage in a run is one :class:`StageRecord` (its ``stages`` row):
+running, waiting, cached, completed, skipped or failed, with its times, outputs and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -27,14 +31,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from gpt.errors import CatalogError, WorkerDiedError
+from gpt.errors import CatalogError, WorkerDiedError, one_line
 from gpt.paths import is_remote
 from tasks.catalog.values import to_json as _to_json
-from tasks.catalog.values import to_utc_naive as _to_utc_naive
 from tasks.catalog.values import utcnow
-from tasks.run_state import (
+from tasks.jsonable import plain
+from tasks.records.run_state import (
     TERMINAL,
     RunWatch,
     check_alive,
@@ -42,10 +46,11 @@ from tasks.run_state import (
     this_host,
     worker_died_reason,
 )
+from tasks.store.roots import root_child
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
-    from tasks.storage import ObjectRoot
+    from tasks.store.objects import ObjectRoot
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +65,7 @@ RECENT_S = 7 * 24 * 3600.0
 _TIME_FIELDS = ("started_at", "ended_at", "heartbeat_at", "fetched_at")
 
 
-def _ts(value: dt.datetime | None) -> str | None:
-    value = _to_utc_naive(value)
-    return None if value is None else value.isoformat(sep=" ")
+StageStatus = Literal["running", "waiting", "cached", "completed", "skipped", "failed"]
 
 
 def parse_ts(text: str | None) -> dt.datetime | None:
@@ -70,19 +73,64 @@ def parse_ts(text: str | None) -> dt.datetime | None:
     return None if text is None else dt.datetime.fromisoformat(text)
 
 
-class RunRecorder:
-    """Writes ``runs`` and ``stages`` rows to the catalog and to the run's record file."""
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """What happened to one stage in one run: its ``stages`` row. ``running`` without
+    ``started_at`` starts now; other statuses end now (unless ``ended_at``) and keep the
+    start recorded before."""
 
-    def __init__(self, catalog: Catalog, runs_dir: str | Path) -> None:
+    run_id: str
+    stage: str
+    status: StageStatus = "running"
+    started_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    cache_hit: bool | None = None
+    outputs: dict[str, Any] | None = None
+    message: str | None = None
+
+    def then(self, status: StageStatus, **changes: Any) -> StageRecord:
+        """The same stage's next event: ``status`` with ``changes`` (the start kept)."""
+        return dataclasses.replace(self, status=status, **changes)
+
+    def failed(self, exc: BaseException, **changes: Any) -> StageRecord:
+        """The stage failed with ``exc`` (its type and message on one line)."""
+        return self.then("failed", message=failure(exc), **changes)
+
+
+def failure(exc: BaseException, limit: int = 4000) -> str:
+    """``Type: message`` of ``exc`` on one line (at most ``limit`` characters)."""
+    return f"{type(exc).__name__}: {one_line(str(exc)) or '(no message)'}"[:limit]
+
+
+def placed_records_dir(artifacts: str | Path, flow_run_id: str) -> str | Path:
+    """The folder of the record and report of one placed stage's flow run,
+    ``<artifacts>/runs/placed/<flow_run_id>`` (a URL on an object store)."""
+    return root_child(root_child(root_child(artifacts, "runs"), "placed"), flow_run_id)
+
+
+class RunRecorder:
+    """Writes ``runs`` and ``stages`` rows to the catalog and to the run's record file.
+
+    ``placed = (run_id, folder)``: that run's record file is written in ``folder``
+    instead (a stage placed on another machine keeps its own copy there; the run's
+    record file has a single writer, the flow, which copies the stage's row in)."""
+
+    def __init__(
+        self, catalog: Catalog, runs_dir: str | Path, placed: tuple[str, Path] | None = None
+    ) -> None:
         self.catalog = catalog
         self.remote: ObjectRoot | None = None
         if is_remote(runs_dir):
-            from tasks.storage import ObjectRoot
+            from tasks.store.objects import ObjectRoot
 
             self.remote = ObjectRoot(str(runs_dir))
         self.runs_dir = Path(runs_dir) if self.remote is None else Path()
+        self.placed = placed
 
     def path(self, run_id: str) -> Path:
+        """The local record file of ``run_id``."""
+        if self.placed is not None and self.placed[0] == run_id:
+            return self.placed[1] / f"{run_id}.json"
         return self.runs_dir / f"{run_id}.json"
 
     def read(self, run_id: str) -> dict[str, Any] | None:
@@ -96,6 +144,23 @@ class RunRecorder:
             return json.loads(self.path(run_id).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every readable run record, oldest run first (unreadable ones are logged)."""
+        if self.remote is not None:
+            names = [n for n in self.remote.list() if "/" not in n and n.endswith(".json")]
+            where = self.remote.url_of
+        else:
+            names = [p.name for p in self.runs_dir.glob("*.json")] if self.runs_dir.is_dir() else []
+            where = lambda n: str(self.runs_dir / n)  # noqa: E731
+        records = []
+        for name in sorted(names):
+            rec = self.read(name.removesuffix(".json"))
+            if isinstance(rec, dict) and rec.get("run"):
+                records.append(rec)
+            else:
+                log.warning("skipping unreadable run record %s", where(name))
+        return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
 
     def _update_remote(self, run_id: str, fn: Callable[[dict[str, Any]], None]) -> None:
         """Read, change, write back only if nobody wrote in between; else again."""
@@ -117,7 +182,7 @@ class RunRecorder:
             if written is not None:
                 return
             time.sleep(random.uniform(0.01, 0.1))  # another writer won: read again
-        from tasks.storage import StorageError
+        from tasks.store.objects import StorageError
 
         raise StorageError(f"could not update the run record {self.remote.url_of(name)}")
 
@@ -147,7 +212,7 @@ class RunRecorder:
     ) -> None:
         """Record the run as ``running`` here, now, in this process (record file first,
         then the catalog, which is published)."""
-        now = _ts(utcnow())
+        now = plain(utcnow())
         row = {
             "run_id": run_id,
             "flow_run_id": flow_run_id,
@@ -173,7 +238,7 @@ class RunRecorder:
         then (unless ``catalog`` is false) in the catalog. Returns False when only the
         record was written (the catalog's error is logged: a run's end is never lost to
         a locked catalog; the next run copies it in)."""
-        ended = _ts(utcnow())
+        ended = plain(utcnow())
 
         def fn(rec: dict[str, Any]) -> None:
             if rec.get("run"):
@@ -206,7 +271,7 @@ class RunRecorder:
     def beat(self, run_id: str) -> None:
         """The run's heartbeat: ``heartbeat_at`` = now, in the record and the catalog (a
         run another process took for dead is running again)."""
-        now = _ts(utcnow())
+        now = plain(utcnow())
         alive = {"heartbeat_at": now, "status": "running", "ended_at": None, "message": None}
 
         def fn(rec: dict[str, Any]) -> None:
@@ -270,7 +335,7 @@ class RunRecorder:
         for row in df.to_dict("records"):
             run_id = str(row["run_id"])
             recorded = (self.read(run_id) or {}).get("run") or {}
-            base = recorded or {k: _plain_value(v) for k, v in row.items()}
+            base = recorded or {k: plain(v) for k, v in row.items()}
             final = base if base.get("status") in TERMINAL else settle_run(base)
             if final.get("status") == "running":
                 continue
@@ -313,9 +378,9 @@ class RunRecorder:
     def record_run_rows(self, run_id: str, table: str, rows: list[dict[str, Any]]) -> None:
         """Replace the run's rows in ``table`` (e.g. its regression gates), in the record
         and in the catalog."""
-        plain = [{k: _plain_value(v) for k, v in r.items()} for r in rows]
-        self._update(run_id, lambda rec: rec.setdefault("rows", {}).__setitem__(table, plain))
-        self.catalog.replace_rows(table, plain, where={"run_id": run_id})
+        values = [plain(dict(r)) for r in rows]
+        self._update(run_id, lambda rec: rec.setdefault("rows", {}).__setitem__(table, values))
+        self.catalog.replace_rows(table, values, where={"run_id": run_id})
         self.catalog.publish()
 
     # ------------------------------------------------------------------ sources
@@ -324,63 +389,42 @@ class RunRecorder:
         fetched_at), in the run's record as well as the catalog: the record keeps the
         trust-on-first-use digests when the catalog is lost (``gptflow catalog rebuild``
         restores ``sources`` from it)."""
-        plain = [{k: _plain_value(v) for k, v in r.items()} for r in rows]
+        values = [plain(dict(r)) for r in rows]
         self._update(
             run_id,
-            lambda rec: rec.setdefault("sources", {}).update({r["name"]: r for r in plain}),
+            lambda rec: rec.setdefault("sources", {}).update({r["name"]: r for r in values}),
         )
-        self.catalog.upsert_rows("sources", [typed_row(r) for r in plain], key=["name"])
+        self.catalog.upsert_rows("sources", [typed_row(r) for r in values], key=["name"])
 
     # ------------------------------------------------------------------ stages
-    def record_stage(
-        self,
-        run_id: str,
-        stage: str,
-        *,
-        status: str,
-        started_at: dt.datetime | None = None,
-        ended_at: dt.datetime | None = None,
-        cache_hit: bool | None = None,
-        outputs: dict[str, Any] | None = None,
-        message: str | None = None,
-    ) -> None:
-        """Upsert the (run, stage) row in both places and publish the catalog; ``running``
-        without ``started_at`` starts now, other statuses end now and keep the start. A
-        stage about to run stops the run if the process that started it died."""
-        if status == "running":
+    def record(self, row: StageRecord) -> None:
+        """Write the stage's ``row`` in both places (replacing its earlier one) and
+        publish the catalog. A stage about to run stops the run if the process that
+        started it died; a failure then says so, whatever error the stage saw."""
+        if row.status == "running":
             check_alive()
-        died = worker_died_reason() if status == "failed" else None
-        if died is not None:  # whatever error the stage saw (a broken pipe): this is why
-            message = f"WorkerDiedError: {died}"
+        died = worker_died_reason() if row.status == "failed" else None
         now = utcnow()
-        prev = ((self.read(run_id) or {}).get("stages") or {}).get(stage) or {}
-        if status == "running":
-            started_at = started_at or now
+        started, ended = row.started_at, row.ended_at
+        if row.status == "running":
+            started = started or now
         else:
-            ended_at = ended_at or now
-            if started_at is None and prev.get("started_at"):
-                started_at = parse_ts(prev["started_at"])
-        row = {
-            "run_id": run_id,
-            "stage": stage,
-            "status": status,
-            "started_at": _ts(started_at),
-            "ended_at": _ts(ended_at),
-            "cache_hit": cache_hit,
-            "outputs": _to_json(outputs),
-            "message": message,
+            ended = ended or now
+            if started is None:
+                prev = ((self.read(row.run_id) or {}).get("stages") or {}).get(row.stage) or {}
+                started = parse_ts(prev.get("started_at"))
+        data = {
+            **dataclasses.asdict(row),
+            "started_at": plain(started),
+            "ended_at": plain(ended),
+            "outputs": _to_json(row.outputs),
+            "message": f"WorkerDiedError: {died}" if died is not None else row.message,
         }
-        self._update(run_id, lambda rec: rec["stages"].__setitem__(stage, row))
+        self._update(row.run_id, lambda rec: rec["stages"].__setitem__(row.stage, data))
         self.catalog.replace_rows(
-            "stages", [typed_row(row)], where={"run_id": run_id, "stage": stage}
+            "stages", [typed_row(data)], where={"run_id": row.run_id, "stage": row.stage}
         )
         self.catalog.publish()
-
-
-def one_line(exc: BaseException, limit: int = 2000) -> str:
-    """``Type: message`` of ``exc`` on one line (at most ``limit`` characters)."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"{type(exc).__name__}: {text}"[:limit]
 
 
 def run_outcome(exc: BaseException | None) -> tuple[str, str | None]:
@@ -395,8 +439,8 @@ def run_outcome(exc: BaseException | None) -> tuple[str, str | None]:
     if isinstance(exc, WorkerDiedError):
         return "crashed", str(exc)
     if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, a signal
-        return "crashed", f"the run's process was stopped: {one_line(exc)}"
-    return "failed", one_line(exc)
+        return "crashed", f"the run's process was stopped: {failure(exc, 2000)}"
+    return "failed", failure(exc, 2000)
 
 
 def _crash_flow_run(flow_run_id: Any, message: str | None) -> None:
@@ -419,18 +463,6 @@ def _crash_flow_run(flow_run_id: Any, message: str | None) -> None:
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
     except Exception as exc:  # an id that is no flow run, a server that is down
         log.debug("could not mark flow run %s crashed: %s", flow_run_id, exc)
-
-
-def _plain_value(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return _ts(value)
-    if isinstance(value, float) and value != value:  # NaN: a missing value in a frame
-        return None
-    if value is not None and type(value).__name__ in ("NaTType", "NAType"):
-        return None
-    if hasattr(value, "item") and not isinstance(value, (str, bytes, list, dict)):
-        return value.item()
-    return value
 
 
 def typed_row(row: dict[str, Any]) -> dict[str, Any]:

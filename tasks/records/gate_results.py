@@ -28,7 +28,8 @@ from tasks.catalog import utcnow
 from tasks.catalog.compare import judge_ci, judge_pairs, pair_spam
 from tasks.catalog.lookup import previous_completed_run
 from tasks.catalog.rundata import RunData
-from tasks.runlog import RunRecorder
+from tasks.records.runs import RunRecorder
+from tasks.run_logger import run_logger
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
@@ -40,15 +41,6 @@ GATES_QUERY = (
     "SELECT gate, scope, passed, verdict, n, value, threshold, compared_to_run, message "
     "FROM gates WHERE run_id = ? ORDER BY gate, scope"
 )
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        from prefect import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # outside a flow run
-        return log
 
 
 def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResult]:
@@ -150,7 +142,7 @@ def run_gates(
     """Evaluate and store the gates of a finished run; never raises for a failed gate
     (see :func:`raise_for_gates`). When the gates are not enforced (``fail_run`` false)
     an error while evaluating them is logged, not raised."""
-    logger = _logger()
+    logger = run_logger(__name__)
     if not args.enabled:
         return []
     try:

@@ -3,12 +3,13 @@
 A placed stage runs as a flow run of the deployment ``gptflow-stage/<pool>``
 (:mod:`flows.stage_flow`), started by the flow's stage task with Prefect's
 ``run_deployment`` and picked up by a worker of that pool. Both sides call the same
-:func:`tasks.stages.base.run_stage`, so the cache key, the lease, the cache hit and the
+:func:`tasks.stages.runner.run_stage`, so the cache key, the lease, the cache hit and the
 rows are exactly those of the stage run in-process. Nothing comes back through Prefect's
 results (a child's return value is unreadable without result storage both machines
 reach): the worker commits the stage folder to the shared artifacts store and writes a
 small report; the flow reads the report, checks the key, and reads the committed
-manifest itself.
+manifest itself. The run's context and the input stages' results travel as the flow
+run's parameters, in the JSON of :mod:`gpt.distributed.codec`.
 
 Why one deployment per *pool* and the stage as a parameter: Prefect 3.9.1's
 ``run_deployment`` cannot move a flow run to another pool (``work_queue_name`` is looked
@@ -29,36 +30,22 @@ Without a placement nothing here is called: an unplaced run makes no extra API c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import socket
 import time
-import types
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from gpt.config import Args
+from gpt.distributed.codec import decode, encode
 from gpt.errors import GPTFlowError
 from gpt.paths import is_remote
-from tasks.cache import StageOutput, root_child
-from tasks.catalog import Catalog
-from tasks.fingerprint import code_fingerprint
-from tasks.runlog import RunRecorder, parse_ts
-from tasks.stages.base import (
-    RunContext,
-    StageSkipped,
-    committed_output,
-    key_for,
-    load_spec,
-    logger,
-    run_stage,
-)
+from tasks.records.runs import StageRecord, StageStatus, parse_ts, placed_records_dir
+from tasks.stages.contract import RunContext, StageOutput, StageSkipped, logger
+from tasks.stages.runner import committed_output, key_for, load_spec, run_stage
+from tasks.store.fingerprint import code_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -84,146 +71,11 @@ def deployment_name(pool: str) -> str:
     return f"{STAGE_FLOW}/{pool}"
 
 
-def placed_dir(artifacts: str | Path, flow_run_id: str) -> str | Path:
-    """The folder of the record and report of one placed stage's flow run (a URL when
-    the artifacts are on an object store)."""
-    return root_child(root_child(root_child(artifacts, "runs"), "placed"), flow_run_id)
-
-
-# --------------------------------------------------------------------------- JSON forms
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model in a field annotation such as ``DownloadArgs | None``."""
-    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
-    for option in options:
-        if isinstance(option, type) and issubclass(option, BaseModel):
-            return option
-    return None
-
-
-def _is_union(annotation: Any) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
-
-
-def context_to_json(ctx: RunContext) -> dict[str, Any]:
-    """The fields of the run's context as JSON (settings models as dicts)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(RunContext):
-        value = getattr(ctx, f.name)
-        if isinstance(value, BaseModel):
-            value = value.model_dump(mode="json")
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
-
-
-def context_from_json(data: dict[str, Any]) -> dict[str, Any]:
-    """``RunContext`` keyword arguments from :func:`context_to_json`'s output."""
-    hints = typing.get_type_hints(RunContext)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise PlacementError(
-            f"the flow sent run context fields {unknown} this worker's gptflow does not "
-            "know: run the same gptflow version on the flow's machine and the workers"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        model = _model_in(hints[name])
-        if model is not None and value is not None:
-            value = model.model_validate(value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return kwargs
-
-
-def _out_type(stage: str) -> type[BaseModel]:
-    if stage == "download":
-        from tasks.stages.download import DownloadOut
-
-        return DownloadOut
-    return load_spec(stage).out_type
-
-
-def output_to_json(output: StageOutput | None) -> dict[str, Any] | None:
-    """A stage's result as JSON: where its folder is, who made it, its digest and its
-    typed result (the list of files stays in the folder's manifest)."""
-    if output is None:
-        return None
-    return {
-        "stage": output.stage,
-        "key": output.key,
-        "root": output.root,
-        "run_id": output.run_id,
-        "digest": output.digest,
-        "out": output.data,
-        "cache_hit": output.cache_hit,
-        "created_at": output.created_at,
-    }
-
-
-def output_from_json(data: dict[str, Any] | None) -> StageOutput | None:
-    """The inverse of :func:`output_to_json` (``out`` typed again)."""
-    if data is None:
-        return None
-    return StageOutput(
-        stage=data["stage"],
-        key=data["key"],
-        root=data["root"],
-        run_id=data["run_id"],
-        digest=data["digest"],
-        out=_out_type(data["stage"]).model_validate(data["out"]),
-        cache_hit=bool(data.get("cache_hit")),
-        created_at=float(data.get("created_at") or 0.0),
-    )
-
-
-# --------------------------------------------------------------------------- the worker side
-
-
-class PlacedRecorder(RunRecorder):
-    """The recorder of a placed stage: its rows of run ``run_id`` go to the catalog as
-    usual, but its record file to the flow run's own folder (the run's record file has
-    a single writer, the flow); other runs' records are read where they always are."""
-
-    def __init__(self, catalog: Catalog, runs_dir: Path, own: Path, run_id: str) -> None:
-        super().__init__(catalog, runs_dir)
-        self.own = own
-        self.run_id = run_id
-
-    def path(self, run_id: str) -> Path:
-        if run_id == self.run_id:
-            return self.own / f"{run_id}.json"
-        return super().path(run_id)
-
-
-@dataclass(frozen=True)
-class PlacedContext(RunContext):
-    """The run's context as a placed stage's flow run sees it."""
-
-    flow_run_id: str = ""
-    """The placed stage's own flow run (names its record folder)."""
-
-    @property
-    def folder(self) -> str | Path:
-        return placed_dir(self.artifacts, self.flow_run_id)
-
-    @property
-    def recorder(self) -> RunRecorder:
-        if is_remote(self.artifacts):  # an object store: records are updated by CAS
-            return super().recorder
-        return PlacedRecorder(
-            self.catalog, root_child(self.artifacts, "runs"), Path(self.folder), self.run_id
-        )
-
-
 def _write_json(folder: str | Path, name: str, value: dict[str, Any]) -> None:
     """``folder/name`` as JSON: a local file written atomically, or an object."""
     data = json.dumps(value, indent=1, sort_keys=True, default=str)
     if is_remote(folder):
-        from tasks.storage import open_root
+        from tasks.store.objects import open_root
 
         open_root(str(folder)).put(name, data.encode("utf-8"))
         return
@@ -238,7 +90,7 @@ def _read_json(folder: str | Path, name: str) -> dict[str, Any] | None:
     """``folder/name`` as JSON, or None when absent or unreadable."""
     try:
         if is_remote(folder):
-            from tasks.storage import open_root
+            from tasks.store.objects import open_root
 
             got = open_root(str(folder)).get(name)
             return None if got is None else json.loads(got.data)
@@ -248,7 +100,7 @@ def _read_json(folder: str | Path, name: str) -> dict[str, Any] | None:
 
 
 def run_placed_here(
-    ctx: PlacedContext,
+    ctx: RunContext,
     name: str,
     args: Args,
     inputs: dict[str, StageOutput | None],
@@ -256,16 +108,19 @@ def run_placed_here(
     key: str,
     code: str,
 ) -> dict[str, Any]:
-    """Run stage ``name`` in this (worker's) process, as the flow asked: refuse when this
-    machine computes another key than the flow did, else :func:`run_stage`. Writes the
-    report the flow reads back, and returns it. Raises what the stage raised (a skip is
-    reported, not raised)."""
+    """Run stage ``name`` in this (worker's) process, as the flow asked (``ctx`` is the
+    run's context :meth:`~tasks.stages.contract.RunContext.placed_on` this flow run):
+    refuse when this machine computes another key than the flow did, else
+    :func:`run_stage`. Writes the report the flow reads back, and returns it. Raises
+    what the stage raised (a skip is reported, not raised)."""
+    assert ctx.placed_flow_run is not None
+    folder = placed_records_dir(ctx.artifacts, ctx.placed_flow_run)
     spec = load_spec(name)
     report: dict[str, Any] = {
         "version": REPORT_VERSION,
         "stage": name,
         "run_id": ctx.run_id,
-        "flow_run_id": ctx.flow_run_id,
+        "flow_run_id": ctx.placed_flow_run,
         "expected_key": key,
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -288,7 +143,7 @@ def run_placed_here(
             f"computed {key}: {why}. Run the same gptflow commit on the flow's machine "
             "and on every worker"
         )
-        _write_json(ctx.folder, REPORT, {**report, "outcome": "refused", "message": message})
+        _write_json(folder, REPORT, {**report, "outcome": "refused", "message": message})
         raise PlacementError(message)
     try:
         result = run_stage(ctx, name, args, **inputs)
@@ -306,13 +161,13 @@ def run_placed_here(
         report.update(
             outcome="done",
             committed=Path(result.root) == ctx.store.final_dir(name, key),
-            result=output_to_json(result),
+            result=encode(result, "result"),
         )
     finally:
         report["row"] = ((ctx.recorder.read(ctx.run_id) or {}).get("stages") or {}).get(name)
         report["ended"] = time.time()
         if "outcome" in report:
-            _write_json(ctx.folder, REPORT, report)
+            _write_json(folder, REPORT, report)
     return report
 
 
@@ -372,20 +227,16 @@ def run_placed(
 
     spec = load_spec(name)
     key = key_for(spec, args, inputs, ctx)
-    ctx.recorder.record_stage(
-        ctx.run_id,
-        name,
-        status="running",
-        message=f"placed on work pool {pool}: waiting for a worker",
-    )
+    waiting = f"placed on work pool {pool}: waiting for a worker"
+    ctx.recorder.record(StageRecord(ctx.run_id, name, message=waiting))
     logger().info("%s: running on work pool %s (key %s)", name, pool, key)
     flow_run = run_deployment(
         deployment_name(pool),
         parameters={
             "stage": name,
             "settings": args.to_dict(),
-            "context": context_to_json(ctx),
-            "inputs": {k: output_to_json(v) for k, v in sorted(inputs.items())},
+            "context": encode(ctx, "run context"),
+            "inputs": encode(dict(sorted(inputs.items())), "inputs"),
             "key": key,
             "code": code_fingerprint(spec.module),
         },
@@ -416,7 +267,7 @@ def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
     key is refused). Records the stage's final row, with where it ran, in the run's
     record and the catalog."""
     rec = ctx.recorder
-    folder = placed_dir(ctx.artifacts, str(flow_run.id))
+    folder = placed_records_dir(ctx.artifacts, str(flow_run.id))
     report = _read_json(folder, REPORT)
     where = _where(flow_run, report)
     state = flow_run.state
@@ -427,23 +278,23 @@ def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
             f"report in {folder} ({state.message if state else ''}); does the worker see the "
             f"artifacts folder {ctx.artifacts}?"
         )
-        rec.record_stage(ctx.run_id, name, status="failed", outputs=where, message=message)
+        rec.record(StageRecord(ctx.run_id, name, "failed", outputs=where, message=message))
         raise PlacedStageCrashed(message)
     row = report.get("row") or {}
     raw = row.get("outputs")
     outputs = {**((json.loads(raw) if isinstance(raw, str) else raw) or {}), **where}
 
-    def record(status: str, message: str | None) -> None:
-        rec.record_stage(
-            ctx.run_id,
-            name,
-            status=status,
-            started_at=parse_ts(row.get("started_at")),
-            ended_at=parse_ts(row.get("ended_at")),
-            cache_hit=row.get("cache_hit"),
-            outputs=outputs,
-            message=message,
-        )
+    placed = StageRecord(
+        ctx.run_id,
+        name,
+        started_at=parse_ts(row.get("started_at")),
+        ended_at=parse_ts(row.get("ended_at")),
+        cache_hit=row.get("cache_hit"),
+        outputs=outputs,
+    )
+
+    def record(status: StageStatus, message: str | None) -> None:
+        rec.record(placed.then(status, message=message))
 
     outcome = report.get("outcome")
     message = report.get("message")
@@ -475,8 +326,7 @@ def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
             record("failed", message)
             raise PlacementError(message)
     else:  # an incomplete result (StageIncomplete): not committed, described by the report
-        result = output_from_json(report["result"])
-        assert result is not None
+        result = decode(report["result"], "result")
     record(row.get("status") or ("cached" if hit else "completed"), row.get("message"))
     logger().info("%s: done on %s", name, desc)
     return result
@@ -484,17 +334,11 @@ def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
 
 __all__ = [
     "STAGE_FLOW",
-    "PlacedContext",
     "PlacedStageCrashed",
     "PlacementError",
     "check_placement",
     "collect",
-    "context_from_json",
-    "context_to_json",
     "deployment_name",
-    "output_from_json",
-    "output_to_json",
-    "placed_dir",
     "run_placed",
     "run_placed_here",
 ]

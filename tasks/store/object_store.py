@@ -1,7 +1,7 @@
 """Stage folders on object storage, used through verified local copies.
 
 Stage bodies and the library compute in a local folder (libraries write files, torch
-loads local paths), so for an object-store root (:mod:`tasks.storage`) a stage folder
+loads local paths), so for an object-store root (:mod:`tasks.store.objects`) a stage folder
 has two places:
 
 - **published**: ``<root>/stages/<stage>/<key>/`` on the object store, the shared truth;
@@ -29,9 +29,11 @@ written last, and the folder moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,23 +42,25 @@ from typing import Any
 
 from gpt.fileio import sha256_file
 from gpt.paths import remote_cache_dir
-from tasks.cache import (
+from tasks.store.folder import Committed, StageStore, install
+from tasks.store.lease import LeaseBase
+from tasks.store.manifest import (
     MANIFEST,
-    MANIFEST_VERSION,
     PRODUCED,
     ROWS_DIR,
-    StageStore,
     Verify,
-    content_digest,
+    complete,
     describe_files,
+    history_name,
+    history_text,
     manifest_texts,
     parse_manifest,
+    read_manifest,
     verify_files,
     write_manifest,
 )
-from tasks.lease import LeaseBase
-from tasks.object_lease import ObjectLease
-from tasks.storage import Entry, ObjectRoot, StorageError
+from tasks.store.object_lease import ObjectLease
+from tasks.store.objects import Entry, ObjectRoot, StorageError
 
 
 def remote_problem(
@@ -76,31 +80,6 @@ def remote_problem(
     if extra:
         return f"{url}/{extra[0]} is not in the manifest"
     return None
-
-
-def _parse_history(data: bytes) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("rows") else None
-
-
-def _install(tmp: Path, final: Path, key: str) -> None:
-    """Move the complete folder ``tmp`` to ``final``, replacing an older copy."""
-    if final.exists():
-        trash = final.with_name(f"{key}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(final, trash)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process installed the same folder meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(trash, ignore_errors=True)
-        return
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process installed it first: theirs verified too
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class ObjectStageStore(StageStore):
@@ -163,7 +142,7 @@ class ObjectStageStore(StageStore):
             return None, reason
         local = self.final_dir(stage, key)
         files = manifest.get("files", {})
-        if self.read_manifest(local) == manifest and verify_files(local, files, verify) is None:
+        if read_manifest(local) == manifest and verify_files(local, files, verify) is None:
             return manifest, None
         problem = self._download(stage, key, manifest)
         return (None, problem) if problem else (manifest, None)
@@ -188,25 +167,15 @@ class ObjectStageStore(StageStore):
                 mtime = int(meta.get("mtime_ns") or time.time_ns())
                 os.utime(p, ns=(mtime, mtime))
             write_manifest(tmp, manifest)
-            _install(tmp, self.final_dir(stage, key), key)
+            install(tmp, self.final_dir(stage, key))
             return None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def fetch_rows(self, stage: str, key: str, manifest: dict[str, Any], dest: Path) -> str | None:
-        """Download only the ``rows/`` files of a published folder into ``dest`` and
-        verify them (for a catalog rebuild); the problem in words, or None."""
-        rel = f"{stage}/{key}"
-        rows = {f: m for f, m in manifest.get("files", {}).items() if f.startswith(f"{ROWS_DIR}/")}
-        self.remote.download([(f"{rel}/{f}", dest / f) for f in sorted(rows)])
-        for f, meta in sorted(rows.items()):
-            if sha256_file(dest / f) != meta["sha256"]:
-                return f"{self.published(stage, key)}/{f} does not match its manifest"
-        return None
-
-    def published_folders(self) -> Iterator[tuple[str, str, dict[str, Any] | None, str | None]]:
-        """``(stage, key, manifest, problem)`` for every published folder (one listing of
-        the whole store); manifest None with the problem for a damaged one."""
+    def committed(self, verify: bool = True) -> Iterator[Committed]:
+        """Every published folder whose objects match its manifest (one listing of the
+        whole store; ``verify`` is implied), then the kept rows of every replaced one
+        (``<stage>/<key>.history/<producer>-<time>/``)."""
         listing = self.remote.list()
         folders: dict[tuple[str, str], dict[str, Entry]] = {}
         for name, entry in listing.items():
@@ -216,36 +185,43 @@ class ObjectStageStore(StageStore):
         for (stage, key), objects in sorted(folders.items()):
             url = self.published(stage, key)
             if MANIFEST not in objects:
-                yield stage, key, None, f"{url}: no {MANIFEST} (an unfinished commit)"
+                yield Committed(url, None, f"{url}: no {MANIFEST} (an unfinished commit)")
                 continue
             manifest = self._read_published(f"{stage}/{key}")
             if manifest is None:
-                yield stage, key, None, f"{url}: no readable manifest"
+                yield Committed(url, None, f"{url}: no readable manifest")
                 continue
             problem = remote_problem(url, objects, manifest.get("files", {}))
-            yield stage, key, (None if problem else manifest), problem
-
-    def history(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """``(prefix, manifest)`` of every kept history entry (rows of replaced results:
-        ``<stage>/<key>.history/<producer>-<time>/``)."""
-        for name in sorted(self.remote.list()):
+            yield Committed(url, None if problem else manifest, problem)
+        for name in sorted(listing):
             parts = name.split("/")
             if len(parts) == 4 and parts[1].endswith(".history") and parts[3] == MANIFEST:
                 got = self.remote.get(name)
-                old = None if got is None else _parse_history(got.data)
-                if old is not None:
-                    yield name.removesuffix(f"/{MANIFEST}"), old
+                old = None if got is None else _json_dict(got.data)
+                where = self.remote.url_of(name.removesuffix(f"/{MANIFEST}"))
+                yield Committed(where, old, None if old else f"{where}: unreadable manifest", True)
 
-    def fetch_history_rows(self, prefix: str, manifest: dict[str, Any], dest: Path) -> None:
-        """Download the ``rows/`` files of the history entry ``prefix`` into ``dest``."""
-        tables = sorted(manifest.get("rows") or {})
-        pairs = [
-            (f"{prefix}/{ROWS_DIR}/{t}.parquet", dest / ROWS_DIR / f"{t}.parquet") for t in tables
-        ]
-        self.remote.download(pairs)
+    @contextlib.contextmanager
+    def rows_folder(self, entry: Committed) -> Iterator[Path]:
+        """A temporary local folder holding ``rows/`` of ``entry``, downloaded and (for a
+        committed folder) checked against its manifest; StorageError when they differ."""
+        assert entry.manifest is not None
+        prefix = entry.where.removeprefix(self.remote.url + "/")
+        with tempfile.TemporaryDirectory(prefix="gptflow-rows-") as tmp:
+            dest = Path(tmp)
+            if entry.history:
+                names = {f"{ROWS_DIR}/{t}.parquet": None for t in sorted(entry.manifest["rows"])}
+            else:
+                files = entry.manifest.get("files", {})
+                names = {f: m for f, m in files.items() if f.startswith(f"{ROWS_DIR}/")}
+            self.remote.download([(f"{prefix}/{f}", dest / f) for f in sorted(names)])
+            for f, meta in sorted(names.items()):
+                if meta is not None and sha256_file(dest / f) != meta["sha256"]:
+                    raise StorageError(f"{entry.where}/{f} does not match its manifest")
+            yield dest
 
     # ------------------------------------------------------------------ writing
-    def _keep_history(self, stage: str, key: str, old: dict[str, Entry]) -> None:
+    def _keep_published_history(self, stage: str, key: str, old: dict[str, Entry]) -> None:
         """Before a recomputation replaces a published result, keep the replaced run's
         rows (their Parquet objects, copied on the server) and its manifest (without the
         file list) under ``<key>.history/`` for ``gptflow catalog rebuild``, as a local
@@ -253,28 +229,27 @@ class ObjectStageStore(StageStore):
         manifest = self._read_published(f"{stage}/{key}")
         if manifest is None or not manifest.get("rows"):
             return
-        dest = f"{stage}/{key}.history/{manifest['producer_run_id']}-{int(manifest['created_at'])}"
+        dest = f"{stage}/{key}.history/{history_name(manifest)}"
         if self.remote.get(f"{dest}/{MANIFEST}") is not None:
             return
         for name in sorted(old):
             if name.startswith(f"{ROWS_DIR}/"):
                 self.remote.copy(f"{stage}/{key}/{name}", f"{dest}/{name}")
-        body = {k: v for k, v in manifest.items() if k != "files"}
-        self.remote.create(f"{dest}/{MANIFEST}", json.dumps(body, indent=1, default=str).encode())
+        self.remote.create(f"{dest}/{MANIFEST}", history_text(manifest).encode())
 
     def commit(
-        self, stage: str, key: str, manifest: dict[str, Any], lease: LeaseBase
+        self, stage: str, key: str, entries: dict[str, Any], lease: LeaseBase
     ) -> dict[str, Any]:
         """Upload the work folder, publish its manifest last (conditional put), and move
         the work folder into place as the local copy. Returns the manifest. Refuses
-        (:class:`~tasks.lease.LeaseLost`) when this run no longer holds ``lease``."""
+        (:class:`~tasks.store.lease.LeaseLost`) when this run no longer holds ``lease``."""
         rel = f"{stage}/{key}"
         work = self.held_work_dir(stage, key, lease)
         files = describe_files(work)
         old = self.remote.list(rel)
         lease.confirm()
         if old:  # an older or damaged version: unpublish it (manifest first), then clear it
-            self._keep_history(stage, key, old)
+            self._keep_published_history(stage, key, old)
             self.remote.delete([f"{rel}/{MANIFEST}", *(f"{rel}/{n}" for n in old if n != MANIFEST)])
         self.remote.upload([(work / f, f"{rel}/{f}") for f in sorted(files)])
         listing = self.remote.list(rel)
@@ -286,16 +261,7 @@ class ObjectStageStore(StageStore):
                     "nothing was published, rerun the stage"
                 )
             meta["etag"] = entry.etag
-        full = {
-            **manifest,
-            "version": MANIFEST_VERSION,
-            "stage": stage,
-            "key": key,
-            "files": files,
-            "digest": content_digest(files, manifest.get("out")),
-            "created_at": time.time(),
-        }
-        full = json.loads(json.dumps(full, default=str))  # as it reads back
+        full = complete(stage, key, entries, files)
         content, record = manifest_texts(full)
         lease.confirm()
         for name, text in ((PRODUCED, record), (MANIFEST, content)):  # the manifest last
@@ -306,5 +272,14 @@ class ObjectStageStore(StageStore):
                     "stands, rerun to use it"
                 )
         write_manifest(work, full)
-        _install(work, self.final_dir(stage, key), key)
+        install(work, self.final_dir(stage, key))
         return full
+
+
+def _json_dict(data: bytes) -> dict[str, Any] | None:
+    """``data`` as a JSON object with rows (a history entry's manifest), else None."""
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) and value.get("rows") else None

@@ -1,15 +1,15 @@
 """One computation per stage key across machines: a lease object on the object store.
 
-The object-store backend of the lease protocol (:class:`tasks.lease.LeaseBase`, same
+The object-store backend of the lease protocol (:class:`tasks.store.lease.LeaseBase`, same
 interface as the file lease), built on conditional writes only
-(:class:`tasks.storage.ObjectRoot`), so runs on different machines exclude each other
+(:class:`tasks.store.objects.ObjectRoot`), so runs on different machines exclude each other
 without a lock server:
 
 - **create**: ``<stage>/<key>.lease`` with ``If-None-Match: *`` — exactly one of
   several creators succeeds; the others wait and poll.
 - **renew**: the owner rewrites it every ``ttl_s / 4`` with ``If-Match: <its ETag>``; a
   renewal that fails because the object changed (or is gone) means the lease was taken
-  over: its owner stops renewing and :meth:`~tasks.lease.LeaseBase.confirm` refuses, so
+  over: its owner stops renewing and :meth:`~tasks.store.lease.LeaseBase.confirm` refuses, so
   it does not publish.
 - **age**: measured by the server's clock (its ``Date`` header minus the object's
   ``Last-Modified``), so the machines' clocks do not matter; a waiter that cannot see
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 
-from tasks.lease import LeaseBase, LeaseLost, Seen
-from tasks.storage import Fetched, ObjectRoot
+from tasks.store.lease import LeaseBase, LeaseLost, Seen
+from tasks.store.objects import Fetched, ObjectRoot
 
 __all__ = ["LeaseLost", "ObjectLease"]
 

@@ -1,7 +1,7 @@
 """Leases: one computation per stage key, and one writer per downloaded file, at a time.
 
 A lease is a small object in the store it guards — ``<stage>/<key>.lease`` beside the
-stage folder (a file, or an object on an object store, :mod:`tasks.object_lease`), or
+stage folder (a file, or an object on an object store, :mod:`tasks.store.object_lease`), or
 ``<file>.lease`` beside a file being downloaded — holding who owns it. Its owner renews
 it from a heartbeat thread every ``ttl_s / 4``. Another run that needs it waits until it
 is released; a lease not renewed for ``ttl_s`` (a killed worker, a lost machine, a
@@ -13,7 +13,7 @@ version its writer saw last, so a stalled owner that wakes up after its lease wa
 broken cannot write over the breaker's lease; it finds out at its next renewal
 (:attr:`LeaseBase.lost`) and :meth:`LeaseBase.confirm` refuses it before it publishes
 anything (:class:`LeaseLost`). The stage store also names each holder's work folder by
-its lease (:meth:`tasks.cache.StageStore.work_dir`): a breaker takes the stalled owner's
+its lease (:meth:`tasks.store.folder.StageStore.work_dir`): a breaker takes the stalled owner's
 folder over by renaming it, so the two never write into one folder and the stalled
 owner's commit finds nothing to publish.
 
@@ -26,7 +26,7 @@ two backends, which only supply the conditional operations:
   the lease while the name still points at that inode. Breaking renames the name aside
   (a rename succeeds for exactly one breaker), checks that the moved lease is still the
   very version judged stale (else puts it back), and creates a new one exclusively.
-- **object stores** (:class:`tasks.object_lease.ObjectLease`): conditional puts and
+- **object stores** (:class:`tasks.store.object_lease.ObjectLease`): conditional puts and
   deletes on the ETag (``If-None-Match: *``, ``If-Match``).
 
 Why not Prefect's global concurrency limits (``prefect.concurrency.sync.concurrency``

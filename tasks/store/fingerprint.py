@@ -34,7 +34,7 @@ PROJECT_PACKAGES = ("gpt", "tasks")
 LIBRARY_PACKAGES = ("gpt",)
 
 #: The checkout holding those packages.
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 #: ``ast.parse`` is not thread-safe in CPython before 3.13 (gh-106905: a thread switch
 #: inside it breaks its recursion bookkeeping, "SystemError: AST constructor recursion
