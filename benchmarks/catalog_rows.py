@@ -24,20 +24,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
+from tasks.stages import STAGES
+
 __all__ = ["CPU_RUN", "STAGES", "Templates", "key", "metric_template", "templates"]
 
-#: The stages of a pipeline run, in order.
-STAGES = (
-    "download",
-    "tokenize",
-    "pretrain",
-    "load_gpt2",
-    "finetune_spam",
-    "baseline_spam",
-    "finetune_instruct",
-    "extract_responses",
-    "judge",
-)
 SPAM_SPLITS = {"train": 1045, "val": 149, "test": 300}
 INSTRUCT_SPLITS = {"train": 400, "val": 55, "test": 110}
 BASELINE_MODELS = ("majority", "logreg_bow", "logreg_tfidf")

@@ -70,7 +70,7 @@ def _cpu_profile() -> tuple[Any, Any]:
     import tomllib
 
     from gpt.paths import project_root
-    from gpt.recipes.instruct import ExtractArgs
+    from gpt.recipes.extract import ExtractArgs
     from gpt.recipes.prepare import PrepareArgs
 
     path = project_root() / "flows" / "profiles" / "cpu.toml"

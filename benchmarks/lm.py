@@ -132,11 +132,12 @@ def _batch(cfg: Any, batch: int, seq: int, device: torch.device) -> tuple[torch.
 
 def bench_train_step(quick: bool = False, *, threads: int | None = None) -> BenchResult:
     """Training throughput: explicit attention + a plain for-loop AdamW (baseline) vs the
-    default path (SDPA + :func:`gpt.train.make_optimizer`'s fused AdamW, bf16 autocast
+    default path (SDPA + :func:`gpt.lm_step.make_optimizer`'s fused AdamW, bf16 autocast
     on CUDA). Model-FLOPs utilisation two ways: against the hardware's nominal peak
     (:mod:`benchmarks.peak`) and against plain-matmul GFLOP/s measured in the same rounds."""
     from benchmarks.peak import nominal_peak
-    from gpt.train import LMTrainArgs, make_optimizer, train_step
+    from gpt.lm_step import make_optimizer, train_step
+    from gpt.train import LMTrainArgs
 
     device = pick_device()
     setup_device(device)
@@ -373,7 +374,8 @@ def bench_train_step_compile(quick: bool = False) -> BenchResult:
     """The default training step eager (baseline) vs through ``torch.compile`` (the
     ``compile = true`` option). The first compiled calls (compilation) are warm-up and
     reported separately."""
-    from gpt.train import LMTrainArgs, make_optimizer, train_step
+    from gpt.lm_step import make_optimizer, train_step
+    from gpt.train import LMTrainArgs
 
     device = pick_device()
     setup_device(device)

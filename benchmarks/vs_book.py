@@ -146,8 +146,9 @@ def bench_vs_book_train_step(quick: bool = False) -> BenchResult:
     ch04 = _book()
     from llms_from_scratch.ch05 import calc_loss_batch
 
+    from gpt.lm_step import make_optimizer, train_step
     from gpt.model import CONFIGS
-    from gpt.train import LMTrainArgs, make_optimizer, train_step
+    from gpt.train import LMTrainArgs
 
     device = pick_device()
     setup_device(device)

@@ -28,7 +28,8 @@ from gpt.eval.judge.settings import JudgeConfig
 from gpt.model import GPTConfig, get_config
 from gpt.recipes.base import LoadGPT2Args
 from gpt.recipes.classifier import SpamArgs
-from gpt.recipes.instruct import ExtractArgs, InstructArgs
+from gpt.recipes.extract import ExtractArgs
+from gpt.recipes.instruct import InstructArgs
 from gpt.recipes.prepare import PrepareArgs
 from gpt.recipes.pretrain import PretrainArgs, windows_problem
 from tasks.catalog.settings import CatalogArgs

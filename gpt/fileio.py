@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,10 +77,20 @@ def atomic_open(
     """Open a hidden temp file beside ``path`` for writing; on a clean exit it is flushed,
     fsync'ed and renamed onto ``path``, otherwise removed (``path`` is never half-written).
     The file is created like a plain ``open()`` would (0o666 less the umask), unlike
-    ``tempfile.mkstemp``'s 0600."""
+    ``tempfile.mkstemp``'s 0600. A ``path`` that exists and is not a regular file (a
+    device such as ``/dev/null`` or ``/dev/stdout``, a named pipe) is written in place:
+    renaming onto it would replace the device with a file."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', not {mode!r}")
     path = Path(path)
+    try:
+        special = not stat.S_ISREG(path.stat().st_mode) and not path.is_dir()
+    except FileNotFoundError:
+        special = False
+    if special:
+        with open(path, mode, encoding=(encoding or "utf-8") if mode == "w" else None) as out:
+            yield out
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -5,7 +5,6 @@ Markdown, or as text on the terminal."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from flows.commands import add_db_arg
@@ -61,7 +60,6 @@ def cmd_report(args: argparse.Namespace) -> int:
         n = len(report.images())
         print(f"report of run {run_id} ({n} plots) written to {', '.join(written)}")
         return 0
-    md = to_markdown(report, wrap=False)  # a terminal wraps lines itself
-    md = re.sub(r"!\[([^\]]*)\]\(data:image/png;base64,[^)]*\)", r"[plot: \1 — see --html]", md)
+    md = to_markdown(report, wrap=False, images=False)  # a terminal wraps lines itself
     sys.stdout.write(md)
     return 0

@@ -12,9 +12,11 @@ UIs; inline ``<svg>`` is stripped), and the HTML file needs no other file.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import re
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,9 +85,16 @@ class Table:
 
 @dataclass(frozen=True)
 class Image:
-    png: bytes
+    """A plot: its PNG bytes, or the function that draws them (drawn on first use, so a
+    report printed as text never draws its plots)."""
+
+    source: bytes | Callable[[], bytes]
     alt: str
     caption: str = ""
+
+    @functools.cached_property
+    def png(self) -> bytes:
+        return self.source if isinstance(self.source, bytes) else self.source()
 
 
 @dataclass(frozen=True)
@@ -247,10 +256,11 @@ def _md_table(b: Table, wrap: bool) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(report: Report, *, wrap: bool = True) -> str:
+def to_markdown(report: Report, *, wrap: bool = True, images: bool = True) -> str:
     """The report as Markdown (GitHub flavour: pipe tables). With ``wrap`` (what the
     Prefect artifact gets) a table wider than :data:`TABLE_WIDTH` has its long cells
-    broken into lines with ``<br>``; without, cells stay on one line (a terminal)."""
+    broken into lines with ``<br>``; without, cells stay on one line (a terminal).
+    Without ``images`` a plot is a line naming it (nothing is drawn)."""
     out = [f"# {_md_text(report.title)}"]
     for b in report.blocks:
         if isinstance(b, Heading):
@@ -263,7 +273,7 @@ def to_markdown(report: Report, *, wrap: bool = True) -> str:
             out.append(_md_table(b, wrap))
         elif isinstance(b, Image):
             alt = re.sub(r"[\[\]]", "", b.alt)
-            img = f"![{alt}]({data_uri(b.png)})"
+            img = f"![{alt}]({data_uri(b.png)})" if images else f"[plot: {alt} — see --html]"
             out.append(img + (f"\n\n_{_md_text(b.caption)}_" if b.caption else ""))
         elif isinstance(b, Code):
             fence = "````" if "```" in b.body else "```"

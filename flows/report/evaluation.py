@@ -77,7 +77,7 @@ def spam_section(d: ReportData) -> list[Block]:
         }
         blocks.append(
             Image(
-                plots.confusion_matrices(matrices, split=test),
+                lambda: plots.confusion_matrices(matrices, split=test),
                 f"confusion matrices on the {test} split",
                 f"Rows: true label; columns: prediction ({test} split).",
             )
@@ -168,7 +168,7 @@ def judge_section(d: ReportData) -> list[Block]:
     )
     if not scores.empty:
         by_model = {str(m): g["score"].tolist() for m, g in scores.groupby("judge_model")}
-        blocks.append(Image(plots.score_histogram(by_model), "judge score histogram"))
+        blocks.append(Image(lambda: plots.score_histogram(by_model), "judge score histogram"))
     return blocks
 
 

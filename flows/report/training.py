@@ -60,10 +60,15 @@ def training_section(d: ReportData) -> list[Block]:
         if stage == "finetune_spam":
             blocks += _spam_training(df)
         else:
-            png = plots.line_chart(
-                _curves(df, "loss"), title=f"{title}: loss", xlabel="step", ylabel="cross-entropy"
+            curves = _curves(df, "loss")
+            blocks.append(
+                Image(
+                    lambda c=curves, t=title: plots.line_chart(
+                        c, title=f"{t}: loss", xlabel="step", ylabel="cross-entropy"
+                    ),
+                    f"{title} loss curves",
+                )
             )
-            blocks.append(Image(png, f"{title} loss curves"))
     if not loss_rows:
         return []
     table = Table(
@@ -130,7 +135,7 @@ def _spam_training(df: pd.DataFrame) -> list[Block]:
         if not step.empty
         else None
     )
-    png = plots.spam_training(step_series, _curves(df, "loss"), _curves(df, "accuracy"))
+    loss, accuracy = _curves(df, "loss"), _curves(df, "accuracy")
     epochs = df[df["name"].isin(["loss", "accuracy"])]
     splits = sorted(epochs["split"].unique(), key=split_key)
     rows = []
@@ -146,7 +151,10 @@ def _spam_training(df: pd.DataFrame) -> list[Block]:
         )
     cols = ("epoch", "step", *(f"{s} loss" for s in splits), *(f"{s} accuracy" for s in splits))
     return [
-        Image(png, "spam classifier training: loss and accuracy per epoch"),
+        Image(
+            lambda: plots.spam_training(step_series, loss, accuracy),
+            "spam classifier training: loss and accuracy per epoch",
+        ),
         Table(cols, tuple(rows), "r" * len(cols)),
     ]
 

@@ -217,6 +217,14 @@ def expected_digests(
     return out
 
 
+def _already_here(f: SourceFile, dest: Path, opts: Options, again: bool) -> FileResult | None:
+    """The file's result when it is present and verified (and not to be fetched again)."""
+    found = None if opts.refresh or again else _present(f, dest)
+    if found is not None:
+        log.info("%s: present and verified, skipping", found.path)
+    return found
+
+
 def _ensure_file(
     source: str,
     f: SourceFile,
@@ -226,10 +234,8 @@ def _ensure_file(
     again: bool = False,
 ) -> FileResult:
     """The file present and verified, else fetched under its lease (``opts.lease``; a
-    run that waited there finds the file the other one fetched)."""
-    found = None if opts.refresh or again else _present(f, dest)
-    if found is not None:
-        log.info("%s: present and verified, skipping", found.path)
+    run that waited there finds the file the other one fetched: checked again inside)."""
+    if (found := _already_here(f, dest, opts, again)) is not None:
         return found
     if opts.lease is None:
         return _fetch_file(source, f, dest, opts, tofu, again)
@@ -245,9 +251,7 @@ def _fetch_file(
     tofu: bool = False,
     again: bool = False,
 ) -> FileResult:
-    found = None if opts.refresh or again else _present(f, dest)
-    if found is not None:
-        log.info("%s: present and verified, skipping", found.path)
+    if (found := _already_here(f, dest, opts, again)) is not None:
         return found
     final = dest / f.path
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ IGNORE_INDEX = -100
 def evaluate_lm_sharded(
     module: nn.Module, loader: Any, max_batches: int, device: torch.device
 ) -> float:
-    """:func:`gpt.train.evaluate_lm` under a process group: every rank iterates the same batches
+    """:func:`gpt.lm_step.evaluate_lm` under a process group: every rank iterates the same batches
     (so shuffling generators advance alike), runs its shard of each and the per-batch
     loss sums are all-reduced; the result is the average of per-batch mean losses."""
     n = len(loader)

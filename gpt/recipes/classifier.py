@@ -25,15 +25,12 @@ calls blocks outside the root module's forward.)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
@@ -46,16 +43,20 @@ from gpt.distributed.settings import DistributedArgs
 from gpt.errors import CheckpointError, ConfigError, DataError
 from gpt.heap import release_free_memory
 from gpt.lora import LoraSetting
+from gpt.recipes.classifier_loop import (
+    SplitData,
+    build_cache,
+    evaluate,
+    metric_row,
+    train_loop,
+)
 from gpt.recipes.classifier_model import (
     build_classifier,
     n_frozen_blocks,
     pool,
-    prefix_hidden,
     set_dropout,
     set_modes,
-    suffix_logits,
 )
-from gpt.train import adamw
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +186,6 @@ def _load_tokenizer(tokenizer_dir: Path | None) -> Any:
 # --------------------------------------------------------------------------- training
 
 
-@dataclass
-class _SplitData:
-    ids: torch.Tensor  # [N, T] long
-    labels: torch.Tensor  # [N] long
-    last: torch.Tensor | None  # [N] long (pool last_real) or None
-    cache: torch.Tensor | None = None  # [N, T, D] prefix activations
-
-
 def prepare_classifier(model: nn.Module, args: SpamArgs, *, base_dir: Path | None) -> nn.Module:
     """``model`` (a GPT as loaded from ``base_dir``) made the classifier ``args`` trains:
     the class head, what is frozen, and with ``args.lora`` the adapters (the base
@@ -210,186 +203,6 @@ def prepare_classifier(model: nn.Module, args: SpamArgs, *, base_dir: Path | Non
     if args.lora is not None:
         adapt(model, args.lora, base_dir=base_dir, seed=args.seed, freeze=False)
     return model
-
-
-def _build_cache(
-    model: nn.Module, data: _SplitData, n_frozen: int, chunk: int, device: torch.device
-) -> torch.Tensor:
-    """Prefix activations of every row (under a process group: each rank computes its
-    contiguous shard of the rows, then the shards are gathered)."""
-    ids = gd.shard(data.ids)
-    dtype = model.tok_emb.weight.dtype
-    parts = [torch.empty((0, ids.shape[1], model.cfg.emb_dim), device=device, dtype=dtype)]
-    with torch.no_grad():
-        for s in range(0, ids.shape[0], chunk):
-            parts.append(prefix_hidden(model, ids[s : s + chunk].to(device), n_frozen))
-    return gd.all_gather_rows(torch.cat(parts))
-
-
-def _batch_logits(
-    model: nn.Module, data: _SplitData, index: torch.Tensor, n_frozen: int, device: torch.device
-) -> torch.Tensor:
-    """Pooled class logits [B, C] for the rows ``index`` of a split."""
-    last = data.last[index].to(device) if data.last is not None else None
-    if data.cache is not None:
-        return suffix_logits(model, data.cache[index], n_frozen, last)
-    return pool(model(data.ids[index].to(device)), last)
-
-
-def _evaluate(
-    model: nn.Module, data: _SplitData, n_frozen: int, chunk: int, device: torch.device
-) -> tuple[float, list[int], list[float]]:
-    """Mean loss, predictions and spam probabilities over a whole split (under a
-    process group: each rank scores its contiguous shard of the rows; the results are
-    gathered in row order)."""
-    was_training = model.training
-    model.eval()
-    total, preds, probs = 0.0, [], []
-    n = data.ids.shape[0]
-    rows = gd.shard(torch.arange(n))
-    with torch.no_grad():
-        for s in range(0, len(rows), chunk):
-            index = rows[s : s + chunk]
-            logits = _batch_logits(model, data, index, n_frozen, device)
-            labels = data.labels[index].to(device)
-            total += F.cross_entropy(logits, labels, reduction="sum").item()
-            p = torch.softmax(logits.float(), dim=-1)
-            preds += logits.argmax(-1).tolist()
-            probs += p[:, 1].tolist()
-    set_modes(model, n_frozen, train=was_training)
-    if gd.is_distributed():
-        parts = gd.all_gather_objects((total, preds, probs))
-        total = sum(p[0] for p in parts)
-        preds = [x for p in parts for x in p[1]]
-        probs = [x for p in parts for x in p[2]]
-    return total / n, preds, probs
-
-
-class _StepModule(nn.Module):
-    """The training forward as one module (pooled logits of given rows), so DDP can
-    wrap it: the loop calls the suffix directly when the prefix is cached."""
-
-    def __init__(self, model: nn.Module, n_frozen: int) -> None:
-        super().__init__()
-        self.model = model
-        self.n_frozen = n_frozen
-
-    def forward(
-        self, inputs: torch.Tensor, last: torch.Tensor | None, cached: bool
-    ) -> torch.Tensor:
-        if cached:
-            return suffix_logits(self.model, inputs, self.n_frozen, last)
-        return pool(self.model(inputs), last)
-
-
-def _train_loop(
-    model: nn.Module,
-    train: _SplitData,
-    evals: dict[str, _SplitData],
-    args: SpamArgs,
-    n_frozen: int,
-    device: torch.device,
-    emit: Callable[[list[dict[str, Any]]], None],
-    progress: bool,
-) -> tuple[list[float], int, int, float]:
-    """Shared training loop (cached or full forward). Returns per-step losses, the last
-    step, examples seen and the seconds spent evaluating."""
-    from tqdm.auto import tqdm
-
-    world = gd.world_size()
-    step_module: nn.Module = _StepModule(model, n_frozen)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_module = DistributedDataParallel(
-            step_module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, lr=args.lr, weight_decay=args.weight_decay)  # fused where available
-    order_gen = torch.Generator().manual_seed(args.seed)
-    n = train.ids.shape[0]
-    n_batches = n // args.batch_size if args.drop_last else math.ceil(n / args.batch_size)
-    if n_batches == 0:
-        raise DataError(
-            f"training split has {n} messages, fewer than one batch of {args.batch_size}"
-        )
-    step, seen, eval_s = 0, 0, 0.0
-    losses: list[float] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed + gd.rank())  # dropout masks differ per rank
-        for epoch in range(1, args.epochs + 1):
-            set_modes(model, n_frozen, train=True)
-            perm = torch.randperm(n, generator=order_gen)
-            bar = tqdm(
-                range(n_batches),
-                desc=f"spam epoch {epoch}",
-                disable=not progress or not gd.is_main(),
-            )
-            for b in bar:
-                index = perm[b * args.batch_size : (b + 1) * args.batch_size]
-                opt.zero_grad(set_to_none=True)
-                if world == 1:
-                    logits = _batch_logits(model, train, index, n_frozen, device)
-                    loss = F.cross_entropy(logits, train.labels[index].to(device))
-                    loss.backward()
-                    step_loss = loss.item()
-                else:
-                    step_loss = _sharded_backward(step_module, train, index, device)
-                opt.step()
-                step += 1
-                seen += len(index)
-                losses.append(step_loss)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if args.log_every and step % args.log_every == 0:
-                    emit([_row(step, epoch, seen, "train", "step_loss", losses[-1])])
-            if args.eval_per_epoch or epoch == args.epochs:
-                t0 = time.perf_counter()
-                rows = []
-                for split, data in evals.items():
-                    loss_v, preds, _ = _evaluate(model, data, n_frozen, args.cache_chunk, device)
-                    acc = _accuracy(preds, data.labels.tolist())
-                    rows += [
-                        _row(step, epoch, seen, split, "loss", loss_v),
-                        _row(step, epoch, seen, split, "accuracy", acc),
-                    ]
-                    log.info("epoch %d %s loss %.4f accuracy %.4f", epoch, split, loss_v, acc)
-                emit(rows)
-                eval_s += time.perf_counter() - t0
-    return losses, step, seen, eval_s
-
-
-def _sharded_backward(
-    step_module: nn.Module, data: _SplitData, index: torch.Tensor, device: torch.device
-) -> float:
-    """Forward/backward of this rank's shard of the global batch ``index``, scaled so
-    the ranks' averaged gradient is that of the global batch's mean loss; returns that
-    mean loss."""
-    world = gd.world_size()
-    mine = gd.shard(index)
-    cached = data.cache is not None
-    inputs = data.cache[mine] if cached else data.ids[mine].to(device)  # type: ignore[index]
-    last = data.last[mine].to(device) if data.last is not None else None
-    logits = step_module(inputs, last, cached)
-    total = F.cross_entropy(logits, data.labels[mine].to(device), reduction="sum")
-    (total * (world / len(index))).backward()
-    return float(gd.all_reduce_sum(total.detach().reshape(1).double())) / len(index)
-
-
-def _accuracy(preds: list[int], labels: list[int]) -> float:
-    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / max(len(labels), 1)
-
-
-def _row(step: int, epoch: int, seen: int, split: str, name: str, value: float) -> dict:
-    return {
-        "step": step,
-        "epoch": epoch,
-        "seen": seen,
-        "split": split,
-        "name": name,
-        "value": float(value),
-    }
 
 
 @launchable
@@ -470,9 +283,9 @@ def finetune_classifier(
             cfg.context_length,
         )
         max_length = cfg.context_length
-    datasets: dict[str, _SplitData] = {}
+    datasets: dict[str, SplitData] = {}
     for name, (texts, labels) in splits.items():
-        datasets[name] = _SplitData(
+        datasets[name] = SplitData(
             ids=encode_spam(texts, tokenizer, max_length),
             labels=torch.tensor(labels, dtype=torch.long),
             last=_last_real_index(texts, tokenizer, max_length)
@@ -485,11 +298,11 @@ def finetune_classifier(
     if args.prefix_cache:
         set_modes(model, n_frozen, train=False)
         for data in datasets.values():
-            data.cache = _build_cache(model, data, n_frozen, args.cache_chunk, device)
+            data.cache = build_cache(model, data, n_frozen, args.cache_chunk, device)
     timings["prefix_cache_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    losses, step, seen, eval_s = _train_loop(
+    losses, step, seen, eval_s = train_loop(
         model, datasets["train"], datasets, args, n_frozen, device, emit, progress
     )
     timings["train_s"] = time.perf_counter() - t0 - eval_s
@@ -499,11 +312,11 @@ def finetune_classifier(
     final: dict[str, dict[str, float | int]] = {}
     predictions: list[dict[str, Any]] = []
     for split, data in datasets.items():
-        _, preds, probs = _evaluate(model, data, n_frozen, args.cache_chunk, device)
+        _, preds, probs = evaluate(model, data, n_frozen, args.cache_chunk, device)
         m = binary_metrics(data.labels.tolist(), preds)
         final[split] = m
         predictions += prediction_rows(split, data.labels.tolist(), preds, probs)
-        emit([_row(step, args.epochs, seen, split, f"final_{k}", v) for k, v in m.items()])
+        emit([metric_row(step, args.epochs, seen, split, f"final_{k}", v) for k, v in m.items()])
     timings["final_eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -531,7 +344,7 @@ def finetune_classifier(
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     size = model_size(model, Path(out_dir), Path(base_checkpoint_dir), args.lora)
-    emit([_row(step, args.epochs, seen, "train", k, v) for k, v in size.metrics().items()])
+    emit([metric_row(step, args.epochs, seen, "train", k, v) for k, v in size.metrics().items()])
     return {
         "checkpoint": str(out_dir),
         "max_length": max_length,

@@ -1,6 +1,9 @@
-"""Response extraction: greedy responses of an instruction-finetuned model for a split
-(:class:`~gpt.recipes.instruct.ExtractArgs`), decoded by :func:`gpt.decode.greedy_decode`,
-and the reference's JSON export."""
+"""Responses of an instruction-finetuned model to the test split (the
+``extract_responses`` stage, :func:`extract_responses`): greedy decoding with the KV
+cache by :func:`gpt.decode.greedy_decode` (drafted tokens verified several per pass, the
+same responses as one token per pass), stopping at end-of-text; opt-in int8 weights with
+their cost measured; and the reference's JSON export.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +14,53 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
+from gpt.config import Args, operational
+from gpt.decode_options import DraftName, WeightsKind
 from gpt.device import resolve_device
 from gpt.errors import ConfigError
 from gpt.fileio import atomic_open
-from gpt.recipes.instruct import EOT_ID, ExtractArgs, _check_record, _format_alpaca, clean_response
+from gpt.recipes.instruct import EOT_ID, check_record, format_prompt
 
 if TYPE_CHECKING:
     from gpt.eval.int8_cost import Int8Cost
 
-__all__ = ["Extraction", "export_responses_json", "extract_responses"]
+__all__ = ["ExtractArgs", "Extraction", "clean_response", "export_responses_json",
+           "extract_responses"]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+
+class ExtractArgs(Args):
+    """How test-split responses are generated (greedy, KV cache, stop at end-of-text)."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    """Greedy tokens generated per example at most."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts decoded together (a finished prompt's place goes to the next one)."""
+    draft: DraftName = operational("prompt_lookup")
+    """Tokens drafted for one forward pass to verify several at once: 'prompt_lookup'
+    (n-grams of the prompt and the response so far) or 'none' (one token per pass).
+    Greedy decoding returns the same responses either way (:mod:`gpt.decode`), so this
+    is not part of the stage's key; only the speed depends on it."""
+    draft_tokens: int = operational(8, ge=1, le=15)
+    """Most tokens drafted per prompt and pass (fewer after rejected drafts)."""
+    weights: WeightsKind = "fp32"
+    """'int8' (opt-in, CPU): decode with int8 weights (:mod:`gpt.quantize`), faster but
+    the responses change; the stage then states the cost on ``int8_check`` examples (share
+    of greedy tokens identical to fp32, change of the judge's mean score) in its outputs
+    and log. Part of the key (the responses differ)."""
+    int8_check: int = Field(12, ge=0)
+    """With ``weights = "int8"``: how many test examples (evenly spaced) are decoded with
+    fp32 weights too, to measure int8's cost (0 = not measured). Ignored with fp32."""
+
+
+def clean_response(text: str) -> str:
+    """Generated text -> response: "### Response:" removed, whitespace trimmed."""
+    from gpt.prompts import extract_response
+
+    return extract_response(text)
 
 
 @dataclass
@@ -79,10 +118,9 @@ def extract_responses(
         Tokenizer.from_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else Tokenizer.gpt2()
     )
     for i, rec in enumerate(records):
-        _check_record(rec, i)
+        check_record(rec, i)
     prompts = [
-        tokenizer.encode(_format_alpaca(r["instruction"], r.get("input", "") or ""))
-        for r in records
+        tokenizer.encode(format_prompt(r["instruction"], r.get("input", "") or "")) for r in records
     ]
     common = {"eos_id": EOT_ID, "draft": DRAFTS[args.draft], "draft_tokens": args.draft_tokens,
               "batch_size": args.batch_size}  # fmt: skip

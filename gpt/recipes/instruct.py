@@ -1,5 +1,4 @@
-"""Instruction finetuning (Alpaca prompt format); the settings of response extraction
-(:class:`ExtractArgs`, run by :mod:`gpt.recipes.extract`).
+"""Instruction finetuning (Alpaca prompt format) and response extraction.
 
 The collate follows the reference rule: append one end-of-text token (50256) to every
 sequence, pad with 50256 to the batch maximum, take inputs = seq[:-1] and
@@ -21,8 +20,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gpt.adapter import adapt, model_size
-from gpt.config import Args, operational
-from gpt.decode_options import DraftName, WeightsKind
 from gpt.device import resolve_device
 from gpt.distributed.launch import launchable
 from gpt.errors import ConfigError, DataError
@@ -73,40 +70,16 @@ class InstructArgs(DistributedLMArgs):
     every linear layer); the checkpoint holds the adapter alone and names its base."""
 
 
-class ExtractArgs(Args):
-    """How test-split responses are generated (greedy, KV cache, stop at end-of-text)."""
-
-    max_new_tokens: int = Field(256, ge=1)
-    """Greedy tokens generated per example at most."""
-    batch_size: int = Field(8, ge=1)
-    """Prompts decoded together (a finished prompt's place goes to the next one)."""
-    draft: DraftName = operational("prompt_lookup")
-    """Tokens drafted for one forward pass to verify several at once: 'prompt_lookup'
-    (n-grams of the prompt and the response so far) or 'none' (one token per pass).
-    Greedy decoding returns the same responses either way (:mod:`gpt.decode`), so this
-    is not part of the stage's key; only the speed depends on it."""
-    draft_tokens: int = operational(8, ge=1, le=15)
-    """Most tokens drafted per prompt and pass (fewer after rejected drafts)."""
-    weights: WeightsKind = "fp32"
-    """'int8' (opt-in, CPU): decode with int8 weights (:mod:`gpt.quantize`), faster but
-    the responses change; the stage then states the cost on ``int8_check`` examples (share
-    of greedy tokens identical to fp32, change of the judge's mean score) in its outputs
-    and log. Part of the key (the responses differ)."""
-    int8_check: int = Field(12, ge=0)
-    """With ``weights = "int8"``: how many test examples (evenly spaced) are decoded with
-    fp32 weights too, to measure int8's cost (0 = not measured). Ignored with fp32."""
-
-
 # --------------------------------------------------------------------------- prompts
 
 
-def _format_alpaca(instruction: str, input: str, output: str | None = None) -> str:
+def format_prompt(instruction: str, input: str, output: str | None = None) -> str:
     from gpt.prompts import format_alpaca
 
     return format_alpaca(instruction, input, output)
 
 
-def _check_record(rec: dict[str, Any], i: int) -> None:
+def check_record(rec: dict[str, Any], i: int) -> None:
     for key in ("instruction", "input", "output"):
         if not isinstance(rec.get(key, ""), str):
             raise DataError(f"instruction record {i}: field {key!r} must be a string")
@@ -117,7 +90,7 @@ def _check_record(rec: dict[str, Any], i: int) -> None:
 def prompt_and_full(rec: dict[str, Any]) -> tuple[str, str]:
     """(prompt text up to and including the response header, full training text)."""
     output = rec.get("output", "") or ""
-    full = _format_alpaca(rec["instruction"], rec.get("input", "") or "", output)
+    full = format_prompt(rec["instruction"], rec.get("input", "") or "", output)
     if output and not full.endswith(output):
         raise DataError("format_alpaca must end the text with the output")
     return full[: len(full) - len(output)], full
@@ -130,7 +103,7 @@ class InstructionDataset:
         self.ids: list[list[int]] = []
         self.prompt_lengths: list[int] = []
         for i, rec in enumerate(records):
-            _check_record(rec, i)
+            check_record(rec, i)
             prompt, full = prompt_and_full(rec)
             ids = tokenizer.encode(full)
             p_ids = tokenizer.encode(prompt)
@@ -320,7 +293,9 @@ def _sample_response(text: str, prompt: str) -> str:
     """A train_lm sample (prompt + greedy continuation) -> the response part, cut at the
     first end-of-text."""
     new = text[len(prompt) :] if text.startswith(prompt) else text
-    return clean_response(new.split(EOT_TEXT, 1)[0])
+    from gpt.prompts import extract_response
+
+    return extract_response(new.split(EOT_TEXT, 1)[0])
 
 
 @launchable
@@ -405,7 +380,7 @@ def finetune_instruct(
     )
 
     sample_rec = val_records[0] if val_records else train_records[0]
-    sample_prompt = _format_alpaca(sample_rec["instruction"], sample_rec.get("input", "") or "")
+    sample_prompt = format_prompt(sample_rec["instruction"], sample_rec.get("input", "") or "")
     samples: list[dict[str, Any]] = []
 
     def sample_hook(row: dict[str, Any]) -> None:
@@ -481,13 +456,3 @@ def finetune_instruct(
         "args": args.to_dict(),
         "device": str(dev),
     }
-
-
-# --------------------------------------------------------------------------- extraction
-
-
-def clean_response(text: str) -> str:
-    """Generated text -> response: "### Response:" removed, whitespace trimmed."""
-    from gpt.prompts import extract_response
-
-    return extract_response(text)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpt.recipes.extract import export_responses_json, extract_responses
-from gpt.recipes.instruct import ExtractArgs
+from gpt.recipes.extract import ExtractArgs, export_responses_json, extract_responses
 from gpt.recipes.prepare import load_instruct_splits
 from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
 from tasks.stages.runner import stage

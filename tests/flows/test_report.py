@@ -338,3 +338,25 @@ def test_cli_report_html_is_self_contained(catalog, tmp_path, capsys):
     assert "# gptflow run new" in shown and "base64" not in shown
     assert main(["report", "nope"]) == 1
     assert "no run 'nope'" in capsys.readouterr().err
+
+
+def test_cli_report_as_text_draws_no_plot(catalog, capsys, monkeypatch, tmp_path):
+    """The terminal report names its plots and draws none (drawing them was most of a
+    report's time on a year-sized catalog); the HTML report draws them."""
+    from flows.cli import main
+    from flows.report import plots
+
+    drawn: list[str] = []
+    for name in ("confusion_matrices", "score_histogram", "line_chart", "spam_training"):
+        real = getattr(plots, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            drawn.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(plots, name, spy)
+    assert main(["report", "new"]) == 0
+    shown = capsys.readouterr().out
+    assert drawn == [] and shown.count("[plot: ") == 4, shown
+    assert main(["report", "new", "--markdown", str(tmp_path / "r.md")]) == 0
+    assert len(drawn) == 4

@@ -275,8 +275,8 @@ def test_fused_adamw_keeps_the_plain_results(
     """The finetune steps with torch's fused AdamW (one pass per tensor instead of about
     ten): per-step losses within float rounding of the plain implementation's, the same
     predictions and metrics on every split."""
-    import gpt.recipes.classifier as clf
-    from gpt.train import adamw
+    import gpt.recipes.classifier_loop as clf
+    from gpt.lm_step import adamw
 
     base = _base_ckpt(tmp_path / "base", tokenizer_dir, drop=0.0)
     args = SpamArgs(epochs=2, batch_size=8, lr=1e-3, max_length=48)

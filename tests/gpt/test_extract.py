@@ -18,8 +18,7 @@ from gpt.eval.judge.settings import JudgeConfig
 from gpt.model import GPT, GPTConfig
 from gpt.prompts import format_alpaca
 from gpt.quantize import quantize_int8
-from gpt.recipes.extract import extract_responses
-from gpt.recipes.instruct import ExtractArgs, clean_response
+from gpt.recipes.extract import ExtractArgs, clean_response, extract_responses
 from gpt.tokenizer import Tokenizer
 
 # GPT-2 vocabulary, tiny. Tied random weights: greedy text that repeats itself (drafts

@@ -87,3 +87,22 @@ def test_atomic_open_replaces_whole_files_only(tmp_path: Path) -> None:
         fh.write("new")
     assert target.read_text() == "new"
     assert stat.S_IMODE(target.stat().st_mode) == default_file_mode()
+
+
+def test_atomic_open_writes_into_a_device_or_pipe_in_place(tmp_path: Path) -> None:
+    """``--markdown /dev/stdout`` or a named pipe: the bytes go through it and the special
+    file stays what it was (renaming a temp file onto it replaced /dev/null with a
+    regular file when run as root)."""
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    with atomic_open(fifo, "w") as fh:
+        fh.write("through the pipe")
+    reader.join(timeout=10)
+    assert got == [b"through the pipe"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temp file beside it

@@ -11,9 +11,8 @@ import torch
 
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.model import GPT, get_config
-from gpt.recipes.extract import export_responses_json, extract_responses
+from gpt.recipes.extract import ExtractArgs, export_responses_json, extract_responses
 from gpt.recipes.instruct import (
-    ExtractArgs,
     InstructArgs,
     InstructionDataset,
     batch_indices,
@@ -118,7 +117,7 @@ def test_dataset_prompt_lengths_and_masking(records: list[dict], tok: Tokenizer)
 
 def test_training_loss_ignores_minus_100() -> None:
     """The loss train_lm uses averages over the non -100 targets only."""
-    from gpt.train import lm_loss
+    from gpt.lm_step import lm_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)

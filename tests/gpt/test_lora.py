@@ -318,8 +318,8 @@ def test_instruct_finetune_with_lora_generate_and_extract(
     tmp_path: Path, tokenizer_dir: Path, mirror: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from flows.cli import main
-    from gpt.recipes.extract import extract_responses
-    from gpt.recipes.instruct import ExtractArgs, finetune_instruct
+    from gpt.recipes.extract import ExtractArgs, extract_responses
+    from gpt.recipes.instruct import finetune_instruct
 
     records = json.loads((mirror / "instruction-data.json").read_text(encoding="utf-8"))[:12]
     torch.manual_seed(5)

@@ -205,7 +205,8 @@ def test_training_steps_on_cpu_equal_the_sdpa_path(monkeypatch: pytest.MonkeyPat
     """Whole training steps (dropout 0.1): the CPU attention path and torch's SDPA give
     the same losses, gradients and weights, bit for bit."""
     import gpt.model as model_module
-    from gpt.train import LMTrainArgs, make_optimizer, train_step
+    from gpt.lm_step import make_optimizer, train_step
+    from gpt.train import LMTrainArgs
 
     cfg = TINY.replace(drop_rate=0.1)
     x = torch.randint(0, cfg.vocab_size, (3, cfg.context_length + 1), generator=torch.Generator())

@@ -165,7 +165,7 @@ class _Spy:
     of the frozen-prefix forward passes of the classifier."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import gpt.recipes.classifier as classifier
+        import gpt.recipes.classifier_loop as classifier
 
         self.calls: list[Any] = []
         real_adamw, real_prefix = torch.optim.AdamW, classifier.prefix_hidden

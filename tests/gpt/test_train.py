@@ -13,16 +13,9 @@ import torch.nn.functional as F
 
 from gpt.data.windows import SlidingWindowDataset, make_loader
 from gpt.errors import CheckpointError
+from gpt.lm_step import evaluate_lm, lr_at, make_optimizer, perplexity, train_step
 from gpt.model import GPT, get_config
-from gpt.train import (
-    LMTrainArgs,
-    evaluate_lm,
-    lr_at,
-    make_optimizer,
-    perplexity,
-    train_lm,
-    train_step,
-)
+from gpt.train import LMTrainArgs, train_lm
 
 CFG = get_config("tiny", vocab_size=96, context_length=16, emb_dim=32, drop_rate=0.1)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from _paths import REPO
+from helpers_proc import finish
 
 from gpt.checkpoint import RECORD, load_checkpoint, save_checkpoint
 from gpt.model import GPT, GPTConfig
@@ -162,13 +163,7 @@ def _run(root: Path, run_id: str, mirror: Path, env: dict[str, str], *extra: str
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=540)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out, err
+    return finish(proc, timeout=540)
 
 
 @pytest.mark.slow

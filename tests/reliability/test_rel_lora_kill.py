@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from _rel_helpers import PYTHON
+from helpers_proc import finish
 
 KILL_AT = 5  # one step after the checkpoint at step 4 (checkpoint_every 2, 3 steps/epoch)
 TOTAL = 6
@@ -54,13 +55,7 @@ def _start(base: Path, out: Path, data: Path, mode: str, env: dict[str, str]) ->
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out, err
+    return finish(proc, timeout=240)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from _rel_helpers import PYTHON
+from helpers_proc import finish
 
 STEPS_PER_EPOCH = 21  # 676 training tokens -> 42 windows of 16 -> 21 batches of 2
 EPOCHS = 2
@@ -90,13 +91,7 @@ def _start(
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, out, err
+    return finish(proc, timeout=240)
 
 
 def _metrics(db: Path, run_id: str) -> pd.DataFrame:
