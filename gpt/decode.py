@@ -47,170 +47,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from gpt.decode_step import CHUNK, BlockOps, RowPlan, SlotCache, row_plan, run
 from gpt.drafts import NgramIndex, PromptLookup
-from gpt.model import GPT, KVCache
+from gpt.model import GPT
 
 __all__ = ["DecodeStats", "Decoded", "RowPlan", "greedy_decode", "row_plan"]
 
 log = logging.getLogger(__name__)
-
-#: Largest number of rows per call the probe tries (a batch's step is split into blocks).
-PROBE_ROWS = 16
-
-
-@dataclass(frozen=True)
-class RowPlan:
-    """Row counts per call that give every row the same bits (see the module docstring)."""
-
-    min_rows: int
-    """Fewer rows are padded up to this many (1, or 2 where a 1-row call is a GEMV)."""
-    max_rows: int
-    """More rows are split into blocks of at most this many."""
-
-    @property
-    def multi(self) -> bool:
-        """Whether several rows may share a call (what makes drafting pay off)."""
-        return self.max_rows >= 2
-
-    def blocks(self, m: int) -> list[tuple[int, int]]:
-        """``m`` rows as near-equal consecutive ``(start, stop)`` blocks."""
-        n = -(-m // self.max_rows)
-        base, extra = divmod(m, n)
-        out, s = [], 0
-        for i in range(n):
-            e = s + base + (1 if i < extra else 0)
-            out.append((s, e))
-            s = e
-        return out
-
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``fn`` over the rows of ``x`` [M, D], in certified blocks (padded with copies of
-        a block's last row where short)."""
-        outs = []
-        for s, e in self.blocks(x.shape[0]):
-            chunk = x[s:e]
-            short = self.min_rows - (e - s)
-            if short > 0:
-                chunk = torch.cat([chunk, chunk[-1:].expand(short, -1)])
-            outs.append(fn(chunk)[: e - s])
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _probe(fn: Callable[[torch.Tensor], torch.Tensor], ref: torch.Tensor) -> RowPlan:
-    """The row range over which ``fn`` gives each row of ``ref`` the bits it gets in a
-    2-row call (rows at shifting offsets, so a row's place in its block is tested too)."""
-    x = ref
-    pairs = torch.cat([fn(x[i : i + 2]) for i in range(0, x.shape[0] - 1, 2)])
-    top = 1
-    for m in range(2, PROBE_ROWS + 1):
-        o = 1 if m % 2 == 0 else 0
-        if not torch.equal(fn(x[o : o + m]), pairs[o : o + m]):
-            break
-        top = m
-    if top < 2:
-        return RowPlan(1, 1)
-    ones = all(torch.equal(fn(x[i : i + 1]), pairs[i : i + 1]) for i in range(3))
-    return RowPlan(1 if ones else 2, top)
-
-
-def _signature(module: nn.Module) -> tuple[Any, ...]:
-    """What selects a module's kernels: its module types, parameter and buffer shapes and
-    dtypes."""
-    mods = tuple((n, type(m).__qualname__) for n, m in module.named_modules())
-    tensors = tuple(
-        (n, tuple(t.shape), str(t.dtype))
-        for n, t in [*module.named_parameters(), *module.named_buffers()]
-    )
-    return mods, tensors
-
-
-_PLANS: dict[tuple[Any, ...], RowPlan] = {}
-
-
-def _block_ops(model: GPT) -> list[tuple[tuple[Any, ...], Callable[[torch.Tensor], torch.Tensor]]]:
-    """Every row-wise computation of a decoding step, one per distinct kernel signature."""
-    ops: list[tuple[tuple[Any, ...], Callable[[torch.Tensor], torch.Tensor]]] = []
-    seen: set[tuple[Any, ...]] = set()
-    for blk in model.blocks:
-        sig = _signature(blk)
-        if sig in seen:
-            continue
-        seen.add(sig)
-        ops += [
-            (("qkv", sig), lambda c, b=blk: b.att.qkv(b.norm1(c))),
-            (("out", sig), lambda c, b=blk: b.att.out_proj(c)),
-            (("ff", sig), lambda c, b=blk: b.ff(b.norm2(c))),
-        ]
-    head = (_signature(model.final_norm), _signature(model.out_head))
-    ops.append((("head", head), lambda c: model.out_head(model.final_norm(c))))
-    return ops
-
-
-@torch.inference_mode()
-def row_plan(model: GPT) -> RowPlan:
-    """The certified row range for ``model``'s decoding steps on this machine (probed once
-    per kernel signature, thread count and device; see the module docstring)."""
-    ref_w = model.tok_emb.weight
-    where = (str(ref_w.device), str(ref_w.dtype), torch.get_num_threads())
-    lo, hi = 1, PROBE_ROWS
-    for key, fn in _block_ops(model):
-        full = (key, where)
-        if full not in _PLANS:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(PROBE_ROWS + 2, model.cfg.emb_dim, generator=g)
-            _PLANS[full] = _probe(fn, x.to(device=ref_w.device, dtype=ref_w.dtype))
-            log.debug("decode row plan for %s on %s: %s", key[0], where, _PLANS[full])
-        p = _PLANS[full]
-        lo, hi = max(lo, p.min_rows), min(hi, p.max_rows)
-    if hi < 2 or lo > hi:
-        return RowPlan(1, 1)
-    return RowPlan(lo, hi)
-
-
-# --------------------------------------------------------------------------- the step
-
-
-def _step_logits(
-    model: GPT, work: Sequence[tuple[KVCache, Sequence[int]]], plan: RowPlan, *, head: bool = True
-) -> torch.Tensor | None:
-    """Logits [sum of lengths, V] for each row's new tokens after its cached positions
-    (their keys/values are written into the caches; lengths are left to the caller).
-
-    Mirrors :class:`gpt.model.TransformerBlock` (pre-LN, eval mode) with the row-wise
-    work in certified blocks and attention one query at a time."""
-    device = model.tok_emb.weight.device
-    ids = [t for _, toks in work for t in toks]
-    pos = [c.length + j for c, toks in work for j in range(len(toks))]
-    x = model.embed(torch.tensor([ids], device=device), torch.tensor([pos], device=device))[
-        0
-    ]  # [M, D]
-    d = model.cfg.emb_dim
-    h, hd = model.cfg.n_heads, model.cfg.head_dim
-    for layer, blk in enumerate(model.blocks):
-        qkv = plan.apply(lambda c, b=blk: b.att.qkv(b.norm1(c)), x)
-        att = torch.empty_like(x)
-        i0 = 0
-        for cache, toks in work:
-            t, past = len(toks), cache.length
-            rows = qkv[i0 : i0 + t]
-            k = rows[:, d : 2 * d].reshape(t, h, hd).transpose(0, 1).unsqueeze(0)
-            v = rows[:, 2 * d :].reshape(t, h, hd).transpose(0, 1).unsqueeze(0)
-            keys, values = cache.update(layer, k, v)
-            for j in range(t):
-                q = rows[j, :d].reshape(1, h, 1, hd)
-                s = past + j + 1
-                o = F.scaled_dot_product_attention(q, keys[:, :, :s], values[:, :, :s])
-                att[i0 + j] = o.reshape(d)
-            i0 += t
-        x = x + plan.apply(blk.att.out_proj, att)
-        x = x + plan.apply(lambda c, b=blk: b.ff(b.norm2(c)), x)
-    if not head:
-        return None
-    return plan.apply(lambda c: model.out_head(model.final_norm(c)), x)
-
 
 # --------------------------------------------------------------------------- decoding
 
@@ -279,7 +123,7 @@ class _Row:
     i: int
     prompt: list[int]
     out: list[int] = field(default_factory=list)
-    cache: KVCache | None = None
+    slot: int = -1
     index: NgramIndex | None = None
     k: int = 0
     done: bool = False
@@ -307,24 +151,26 @@ def greedy_decode(
     tokens), identical to one-token-at-a-time greedy decoding (module docstring).
 
     ``draft``: where drafted tokens come from (None: one token per pass);
-    ``draft_tokens``: most tokens drafted per row and pass (the decoder drafts fewer for a
-    row whose drafts were rejected). ``use_cache=False`` rebuilds each row's cache from
-    its text at every step (same tokens; quadratic time). ``batch_size``: most rows
-    decoded together; a finished row's place goes to the next prompt. ``on_done(i,
+    ``draft_tokens``: most tokens drafted per row and pass (at most ``CHUNK - 1``; the
+    decoder drafts fewer for a row whose drafts were rejected). ``use_cache=False``
+    recomputes each row's keys and values from its text at every step (same tokens;
+    quadratic time). ``batch_size``: most rows decoded together; a finished row's place
+    goes to the next prompt, whose prefill shares the others' next pass. ``on_done(i,
     tokens)`` is called as each prompt finishes.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if draft_tokens < 0:
         raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
+    draft_tokens = min(draft_tokens, CHUNK - 1)
     ctx = model.cfg.context_length
     stats = DecodeStats(prompts=len(prompts))
     rows = [_Row(i, [int(t) for t in p][-ctx:]) for i, p in enumerate(prompts)]
     if max_new_tokens <= 0 or not rows:
         return Decoded([[] for _ in rows], [0.0] * len(rows), stats)
     plan = row_plan(model)
-    stats.block_rows = [plan.min_rows, plan.max_rows]
     drafting = draft is not None and draft_tokens > 0 and plan.multi
+    stats.block_rows = [plan.min_rows, plan.max_rows]
     if draft is not None and draft_tokens > 0 and not plan.multi:
         log.info(
             "multi-token decoding off: this machine's kernels round rows differently in "
@@ -333,8 +179,10 @@ def greedy_decode(
     device = model.tok_emb.weight.device
     was_training = model.training
     model.eval()
-
-    spare: list[KVCache] = []  # caches of finished rows, reused (no new allocation)
+    limit = min(batch_size or len(rows), len(rows))
+    cache = SlotCache(model, limit)
+    ops = BlockOps(model)
+    free = list(reversed(range(limit)))
 
     def emit(row: _Row, toks: Sequence[int]) -> None:
         added = []
@@ -351,97 +199,77 @@ def greedy_decode(
             row.index.extend(added)
         if row.done:
             stats.new_tokens += len(row.out)
-            if row.cache is not None:
-                spare.append(row.cache)
-                row.cache = None
+            free.append(row.slot)
             if on_done is not None:
                 on_done(row.i, row.out)
-
-    def argmax(logits: torch.Tensor) -> list[int]:  # sample_next's greedy rule
-        return logits.float().argmax(dim=-1).tolist()
-
-    def prefill(row: _Row) -> torch.Tensor:
-        if row.cache is None:
-            row.cache = spare.pop() if spare else KVCache.for_model(model)
-        row.cache.reset()
-        h = model.hidden(torch.tensor([row.prompt], device=device), kv_cache=row.cache)
-        return h[:, -1]
-
-    def admit(row: _Row) -> None:
-        t0 = time.perf_counter()
-        first = argmax(model.out_head(prefill(row)))
-        row.k = draft_tokens
-        if drafting:
-            assert draft is not None
-            row.index = draft.index(row.prompt)
-        emit(row, first)
-        row.seconds += time.perf_counter() - t0
-
-    def rebuild(row: _Row) -> None:
-        """No-cache mode: the cache recomputed from the text (same kernels and blocks)."""
-        prefill(row)
-        assert row.cache is not None
-        if len(row.out) > 1:
-            _step_logits(model, [(row.cache, row.out[:-1])], plan, head=False)
-            row.cache.length += len(row.out) - 1
 
     def window_step(row: _Row) -> None:
         t0 = time.perf_counter()
         window = torch.tensor([row.text[-ctx:]], device=device)
-        emit(row, argmax(model.out_head(model.hidden(window)[:, -1])))
+        logits = model.out_head(model.hidden(window)[:, -1])
+        emit(row, logits.float().argmax(dim=-1).tolist())
         stats.window_passes += 1
         row.seconds += time.perf_counter() - t0
 
     queue = list(reversed(rows))
     active: list[_Row] = []
-    limit = batch_size or len(rows)
     try:
         while queue or active:
-            while queue and len(active) < limit:
+            admitted: list[_Row] = []
+            while queue and len(active) + len(admitted) < limit:
                 row = queue.pop()
-                admit(row)
-                if not row.done:
-                    active.append(row)
-            stepping: list[_Row] = []
+                row.slot = free.pop()
+                cache.length[row.slot] = 0
+                admitted.append(row)
+            work: list[tuple[int, list[int]]] = [(r.slot, r.prompt) for r in admitted]
+            need = [1] * len(admitted)
+            stepping, drafts, starts = [], [], []
             for row in active:
                 if len(row.prompt) + len(row.out) > ctx:  # the pending token has no room
                     window_step(row)
                     continue
-                if not use_cache:
-                    rebuild(row)
+                if not use_cache:  # recompute the keys and values from the text
+                    cache.length[row.slot] = 0
+                    start, head = 0, row.text[:-1]
+                else:
+                    start, head = cache.length[row.slot], []
+                room = min(row.k, max_new_tokens - len(row.out) - 1)
+                room = min(room, ctx - (start + len(head)) - 1)
+                d = row.index.draft(room) if row.index is not None and room > 0 else []
+                work.append((row.slot, [*head, row.out[-1], *d]))
+                need.append(1 + len(d))
                 stepping.append(row)
-            if stepping:
+                drafts.append(d)
+                starts.append(start + len(head))
+            if work:
                 t0 = time.perf_counter()
-                work, drafts = [], []
-                for row in stepping:
-                    assert row.cache is not None
-                    room = min(row.k, max_new_tokens - len(row.out) - 1)
-                    room = min(room, ctx - row.cache.length - 1)
-                    d = row.index.draft(room) if row.index is not None and room > 0 else []
-                    drafts.append(d)
-                    work.append((row.cache, [row.out[-1], *d]))
-                logits = _step_logits(model, work, plan)
-                assert logits is not None
-                preds = argmax(logits)
-                stats.passes += 1
-                stats.row_passes += len(stepping)
-                i0 = 0
-                for row, d, (cache, toks) in zip(stepping, drafts, work, strict=True):
-                    p = preds[i0 : i0 + len(toks)]
-                    i0 += len(toks)
+                preds = run(model, plan, cache, work, need, ops=ops).argmax(dim=-1).tolist()
+                share = (time.perf_counter() - t0) / len(work)
+                for row, p in zip(admitted, preds, strict=False):
+                    row.k = draft_tokens
+                    if drafting:
+                        assert draft is not None
+                        row.index = draft.index(row.prompt)
+                    row.seconds += share
+                    emit(row, [p])
+                i0 = len(admitted)
+                if stepping:
+                    stats.passes += 1
+                    stats.row_passes += len(stepping)
+                for row, d, start in zip(stepping, drafts, starts, strict=True):
+                    p = preds[i0 : i0 + 1 + len(d)]
+                    i0 += 1 + len(d)
                     a = 0
                     while a < len(d) and d[a] == p[a]:
                         a += 1
-                    cache.length += a + 1
+                    cache.length[row.slot] = start + a + 1
                     stats.drafted += len(d)
                     stats.accepted += a
                     if d:  # draft more after a full match, less after a miss
                         row.k = min(draft_tokens, row.k + 2) if a == len(d) else max(1, a + 1)
-                    emit(row, [*d[:a], p[a]])
-                share = (time.perf_counter() - t0) / len(stepping)
-                for row in stepping:
                     row.seconds += share
-            active = [r for r in active if not r.done]
+                    emit(row, [*d[:a], p[a]])
+            active = [r for r in active + admitted if not r.done]
     finally:
         model.train(was_training)
     return Decoded([r.out for r in rows], [r.seconds for r in rows], stats)

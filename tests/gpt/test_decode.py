@@ -12,18 +12,20 @@ import pytest
 import torch
 
 from gpt.data.parsing import split_instructions
-from gpt.decode import (
-    PROBE_ROWS,
-    DecodeStats,
+from gpt.decode import DecodeStats, greedy_decode
+from gpt.decode_step import (
+    _ATTENTION_OK,
+    CHUNK,
     RowPlan,
-    _probe,
-    _step_logits,
-    greedy_decode,
+    SlotCache,
+    _Probe,
+    attention_certified,
     row_plan,
+    run,
 )
 from gpt.drafts import NgramIndex, PromptLookup
 from gpt.generate import generate
-from gpt.model import GPT, GPTConfig, KVCache
+from gpt.model import GPT, GPTConfig
 from gpt.prompts import format_alpaca
 from gpt.tokenizer import Tokenizer
 
@@ -72,12 +74,6 @@ def _prompts(vocab: int, seed: int, lengths: list[int]) -> list[list[int]]:
 # --------------------------------------------------------------------------- bitwise
 
 
-def _prefilled(m: GPT, prompt: list[int]) -> KVCache:
-    cache = KVCache.for_model(m)
-    m.hidden(torch.tensor([prompt]), kv_cache=cache)
-    return cache
-
-
 @pytest.mark.parametrize("name", ["small", "loopy"])
 @torch.inference_mode()
 def test_step_logits_bitwise_independent_of_grouping(name: str, request) -> None:
@@ -87,43 +83,72 @@ def test_step_logits_bitwise_independent_of_grouping(name: str, request) -> None
     prompts = _prompts(m.cfg.vocab_size, 1, [5, 9, 2])
     news = _prompts(m.cfg.vocab_size, 2, [6, 3, 7])
 
-    def one_at_a_time(p: list[int], new: list[int]) -> torch.Tensor:
-        cache, rows = _prefilled(m, p), []
-        for t in new:
-            rows.append(_step_logits(m, [(cache, [t])], plan))
-            cache.length += 1
+    def prefilled(slots: int) -> SlotCache:
+        cache = SlotCache(m, slots)
+        run(m, plan, cache, list(enumerate(prompts[:slots])), [1] * slots)
+        return cache
+
+    def one_at_a_time(i: int) -> torch.Tensor:
+        cache, rows = prefilled(3), []
+        for t in news[i]:
+            rows.append(run(m, plan, cache, [(i, [t])], [1]))
         return torch.cat(rows)
 
-    alone = [one_at_a_time(p, n) for p, n in zip(prompts, news, strict=True)]
-    # all new tokens of a row in one pass
-    for p, n, ref in zip(prompts, news, alone, strict=True):
-        assert torch.equal(_step_logits(m, [(_prefilled(m, p), n)], plan), ref)
-    # three rows of different lengths in one pass (18 rows: more than one block)
-    caches = [_prefilled(m, p) for p in prompts]
-    together = _step_logits(m, list(zip(caches, news, strict=True)), plan)
+    alone = [one_at_a_time(i) for i in range(3)]
+    for i, ref in enumerate(alone):  # all new tokens of a row in one pass
+        assert torch.equal(run(m, plan, prefilled(3), [(i, news[i])], [len(news[i])]), ref)
+    # three rows of different lengths in one pass (16 rows: more than one block)
+    together = run(m, plan, prefilled(3), list(enumerate(news)), [len(t) for t in news])
     assert torch.equal(together, torch.cat(alone))
+    # prefill and new tokens in one chunked call (longer than CHUNK), from an empty slot
+    long = (prompts[0] * (CHUNK // 4))[: CHUNK + 1]
+    once = run(m, plan, SlotCache(m, 1), [(0, long + news[0])], [len(news[0])])
+    cache = SlotCache(m, 1)
+    run(m, plan, cache, [(0, long)], [1])
+    assert torch.equal(once, run(m, plan, cache, [(0, news[0])], [len(news[0])]))
     # the model's own forward computes the same function (not the same bits)
     full = m(torch.tensor([prompts[0] + news[0]]))[0, len(prompts[0]) :]
     assert torch.allclose(alone[0], full, atol=1e-5, rtol=1e-5)
 
 
+def _plan(fn, min_rows: int | None = None) -> RowPlan:
+    probe = _Probe(fn, 8, torch.zeros(1), {})
+    ones = probe.check(1, 0) and probe.check(1, 1)
+    return RowPlan(probe.check, min_rows or (1 if ones else 2))
+
+
 def test_probe_finds_the_rows_a_kernel_treats_alike() -> None:
-    x = torch.randn(PROBE_ROWS + 2, 8, generator=torch.Generator().manual_seed(0))
-    assert _probe(lambda c: c * 3.0, x) == RowPlan(1, PROBE_ROWS)
+    same = _plan(lambda c: c * 3.0)
+    assert same.min_rows == 1 and same.size(40) == 40 and same.size(17) == 24
 
     def gemv_then_blocks(c: torch.Tensor) -> torch.Tensor:  # 1 row, 2-5 rows, 6+ rows
         m = c.shape[0]
         return c * (1.0 if m == 1 else 1.0 + 2**-20 if m >= 6 else 1.0 + 2**-21)
 
-    assert _probe(gemv_then_blocks, x) == RowPlan(2, 5)
+    plan = _plan(gemv_then_blocks)
+    assert plan.min_rows == 2 and plan.size(11) == 5 and plan.max_rows == 5 and plan.multi
+    x = torch.randn(11, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plan.apply(gemv_then_blocks, x), x * (1.0 + 2**-21))  # 5, 5, 1 -> 2
+    assert torch.equal(plan.apply(gemv_then_blocks, x[:1]), x[:1] * (1.0 + 2**-21))
 
     def by_position(c: torch.Tensor) -> torch.Tensor:  # a row's bits depend on its place
         return c + torch.arange(c.shape[0], dtype=c.dtype)[:, None] * 1e-3
 
-    assert _probe(by_position, x) == RowPlan(1, 1)
-    assert RowPlan(2, 5).blocks(11) == [(0, 4), (4, 8), (8, 11)]
-    y = RowPlan(2, 5).apply(gemv_then_blocks, x[:1])  # a lone row is padded to 2
-    assert torch.equal(y, x[:1] * (1.0 + 2**-21))
+    alone = _plan(by_position)
+    assert not alone.multi and alone.size(3) == 1
+    assert torch.equal(alone.apply(by_position, x), x)  # one row per call
+
+
+def test_one_query_per_call_where_batched_attention_is_not_certified(
+    loopy: GPT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = _prompts(LOOPY.vocab_size, 12, [3, 9, 20])
+    assert attention_certified(loopy)[0]  # this machine's kernels: batched
+    batched = greedy_decode(loopy, prompts, 20, batch_size=3)
+    key = next(k for k in _ATTENTION_OK if k[0] == LOOPY.n_heads and k[2] == LOOPY.head_dim)
+    monkeypatch.setitem(_ATTENTION_OK, key, (False, False))
+    assert greedy_decode(loopy, prompts, 20, batch_size=3).tokens == batched.tokens
+    assert batched.stats.accepted > 0
 
 
 # --------------------------------------------------------------------------- tokens
