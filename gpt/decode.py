@@ -5,31 +5,29 @@ Why it is exact
 Greedy decoding takes the argmax of fp32 logits. A forward pass over k new tokens
 computes the same function as k one-token passes, but not necessarily the same bits:
 a BLAS matmul rounds each output row differently depending on how many rows share the
-call (MKL on this project's CPUs: a 1-row call is a GEMV, 2-15 rows and >= 16 rows are
-two further kernels, each rounding differently), and a fused attention kernel reduces
-over a different number of keys when queries are batched. On a near-tie those last
+call (MKL on this project's CPUs, ``x @ W.T``: a 1-row call is a GEMV, 2-15 rows and
+>= 16 rows are two further kernels, each rounding differently), and a fused attention
+kernel reduces over a different number of keys when queries are batched. On a near-tie those last
 bits pick a different token. So this decoder never compares numbers computed in
 different ways; it computes every generated position in one way, whichever way the
 positions are grouped:
 
-- each linear layer (and its LayerNorm/GELU) runs on blocks of rows whose sizes lie in
-  one range that :func:`row_plan` certified on this machine: rows computed in calls of
-  any size of that range equal, bit for bit, the same rows computed in 2-row calls (a
-  lone row is padded to the range's smallest size). The certificate is a bitwise probe
-  of the model's own modules, per process, thread count and device: kernels choose
-  their code path by shape, not by data, so a probe on random rows speaks for all rows.
-  Where no range of two or more rows is certified, rows run one per call and nothing
-  is drafted;
-- attention runs one query at a time over exactly that row's cached keys (the same
-  call whether the query came alone or with drafts, in a batch or not);
-- each prompt is prefilled in one call of its own, and once a row's text outgrows the
-  context every token is recomputed over the sliding window in one call of its own, as
-  one-token decoding does.
+- each step's work (every active row's pending token and drafts, and the prompts of
+  rows just admitted, in chunks) runs through :func:`gpt.decode_step.run`: linear
+  layers on row counts a bitwise probe of the model's own modules certified on this
+  machine, attention in one call of fixed per-query shape for all rows (details in
+  :mod:`gpt.decode_step`). The certificates are per process, thread count and device:
+  kernels choose their code path by shape, not by data, so a probe on random rows
+  speaks for all rows. Where no call of two or more rows is certified, rows run one per
+  call and nothing is drafted; where batched attention is not, it runs one query per
+  call;
+- once a row's text outgrows the context every token is recomputed over the sliding
+  window in one call of its own, as one-token decoding does.
 
 Plain greedy decoding (``draft=None``) runs the very same computation one token per
 pass, so multi-token decoding, batching (rows accept different numbers of tokens and
-are admitted and retired independently: no padding) and the no-KV-cache mode (the
-cache rebuilt from the text at every step) all return the tokens plain greedy decoding
+are admitted and retired independently) and the no-KV-cache mode (the keys and values
+recomputed from the text at every step) all return the tokens plain greedy decoding
 returns, by construction, with no tolerance anywhere. Sampling is not covered: it
 decodes one token per pass (:func:`gpt.generate.generate`).
 
@@ -78,7 +76,8 @@ class DecodeStats:
     window_passes: int = 0
     """One-token passes over a full sliding window (rows past the context)."""
     block_rows: list[int] = field(default_factory=lambda: [1, 1])
-    """The certified row range per call ``[min, max]`` (see :class:`RowPlan`)."""
+    """Rows per call ``[min, max]``: a lone row is padded to min; max is the largest
+    certified call size reached (see :class:`RowPlan`)."""
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -170,7 +169,6 @@ def greedy_decode(
         return Decoded([[] for _ in rows], [0.0] * len(rows), stats)
     plan = row_plan(model)
     drafting = draft is not None and draft_tokens > 0 and plan.multi
-    stats.block_rows = [plan.min_rows, plan.max_rows]
     if draft is not None and draft_tokens > 0 and not plan.multi:
         log.info(
             "multi-token decoding off: this machine's kernels round rows differently in "
@@ -272,4 +270,5 @@ def greedy_decode(
             active = [r for r in active + admitted if not r.done]
     finally:
         model.train(was_training)
+    stats.block_rows = [plan.min_rows, plan.max_rows]  # certified by now
     return Decoded([r.out for r in rows], [r.seconds for r in rows], stats)

@@ -1,20 +1,24 @@
 """One exact decoding step over many rows: the computation :mod:`gpt.decode` runs for
 every position it generates, the same bits however the positions are grouped.
 
-- **Linear layers** (with their LayerNorm/GELU) run on blocks of rows whose sizes a
-  bitwise probe of the model's own modules certified (:class:`RowPlan`): a row gets the
-  same bits in a block of any certified size as in a 2-row call (a lone row is padded
-  to 2). An ``nn.Linear`` is computed as ``W @ x.T`` (rows as the GEMM's columns): on
-  this project's CPUs (MKL) that rounds a row the same way for every block size from 2
-  up, where ``x @ W.T`` has three roundings (1, 2-15 and 16+ rows), so one call serves a
-  whole step. Sizes are certified lazily up a ladder (every size to 16, then steps of 8)
-  and blocks are padded up to the next certified size.
-- **Attention** runs for all rows of a step in one call of fixed shape per (row, head):
-  keys and values come from a :class:`SlotCache` whose every slot holds the full
-  context (``capacity`` keys, unwritten ones zero, masked to -inf before the softmax),
-  scores are ``K @ q.T`` and the output ``V.T @ p.T`` — each query's reductions run over
-  the same ``head_dim`` and ``capacity`` whatever else shares the call (certified by
-  :func:`attention_certified`; where not, one call per query).
+- **Linear layers** (with their LayerNorm/GELU) run on row counts that a bitwise
+  probe of the model's own modules certified (:class:`RowPlan`): a row gets the same
+  bits in a call of any certified size as in a 2-row call (a lone row is padded to 2).
+  An ``nn.Linear`` is computed as ``W @ x.T`` (rows as the GEMM's columns): on this
+  project's CPUs (MKL) that rounds a row one way for every call from 2 rows up to a
+  limit the probe finds (56 rows for the 124M model's 3072-wide ``fc2``), where
+  ``x @ W.T`` has three roundings (1, 2-15 and 16+ rows). Sizes are certified lazily up
+  :data:`LADDER` (every count to 16, then steps of 8); a step's rows are padded once to
+  the next certified size (copies of the last row ride along), longer steps run in
+  blocks.
+- **Attention** runs for all rows of a step in one call per layer whose shape per
+  (slot, head) is fixed but for the number of queries: keys and values come from a
+  :class:`SlotCache` (one slot per row, room for the whole context, zeros where
+  unwritten), scores are ``K @ q.T`` and the output ``V.T @ p.T``, so a query's
+  reductions run over ``head_dim`` and over the keys whatever else shares the call;
+  the keys are trimmed to a multiple of :data:`WIDTH` past the last one attended
+  (masked keys add exact zeros). Both are certified by :func:`attention_certified`;
+  where batching is not, one call per query.
 
 A row's work in a step is up to :data:`CHUNK` tokens after its cached positions (its
 prompt is prefilled in chunks of that size, with other rows' steps).
