@@ -35,7 +35,8 @@ from torch import nn
 
 from gpt.model import GPT
 
-__all__ = ["CHUNK", "LADDER", "RowPlan", "SlotCache", "attention_certified", "row_plan", "run"]
+__all__ = ["CHUNK", "LADDER", "WIDTH", "BlockOps", "RowPlan", "SlotCache", "attend",
+           "attention_certified", "attention_mask", "row_plan", "rows_linear", "run"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
