@@ -10,6 +10,7 @@ ALL: tuple[str, ...] = (
     "generate",
     "generate_compile",
     "generate_batched",
+    "extract_responses",
     "spam_finetune",
     "judge",
     "windowing",
@@ -18,6 +19,8 @@ ALL: tuple[str, ...] = (
     "lora_quality",
     "vs_book_train_step",
     "vs_book_generate",
+    "vs_book_generate_int8",
+    "vs_book_generate_trained",
     "vs_book_spam_epoch",
 )
 #: The side-by-side comparisons with the book's package (``gptflow bench --vs-book``).

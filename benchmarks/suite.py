@@ -2,7 +2,8 @@
 :mod:`benchmarks.core` for the method every row states).
 
 Modules: :mod:`benchmarks.lm` (training step with MFU, generation, batched generation,
-``torch.compile``), :mod:`benchmarks.recipes` (spam finetune, judge, windowing),
+``torch.compile``), :mod:`benchmarks.decode` (decoding on a trained checkpoint: the
+extract stage, batch 1 against the book), :mod:`benchmarks.recipes` (spam finetune, judge, windowing),
 :mod:`benchmarks.rerun` (a second ``gptflow run`` vs the first), :mod:`benchmarks.vs_book`
 (side by side with the book's own package), :mod:`benchmarks.lora` (LoRA vs the full
 finetune: step time, memory, accuracy and loss), :mod:`benchmarks.peak` (nominal hardware
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.core import BenchResult, BenchSkipped, hardware, pick_device
+from benchmarks.decode import bench_extract_responses, bench_vs_book_generate_trained
 from benchmarks.lm import (
     bench_generate,
     bench_generate_batched,
@@ -34,6 +36,7 @@ from benchmarks.recipes import bench_judge, bench_spam_finetune, bench_windowing
 from benchmarks.rerun import bench_pipeline_rerun
 from benchmarks.vs_book import (
     bench_vs_book_generate,
+    bench_vs_book_generate_int8,
     bench_vs_book_spam_epoch,
     bench_vs_book_train_step,
 )
@@ -73,6 +76,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "generate": Benchmark(bench_generate),
     "generate_compile": Benchmark(bench_generate_compile),
     "generate_batched": Benchmark(bench_generate_batched),
+    "extract_responses": Benchmark(bench_extract_responses, needs_mirror=True),
     "spam_finetune": Benchmark(bench_spam_finetune, needs_tokenizer=True),
     "judge": Benchmark(bench_judge),
     "windowing": Benchmark(bench_windowing, needs_tokenizer=True),
@@ -81,6 +85,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "lora_quality": Benchmark(bench_lora_quality, needs_mirror=True),
     "vs_book_train_step": Benchmark(bench_vs_book_train_step),
     "vs_book_generate": Benchmark(bench_vs_book_generate),
+    "vs_book_generate_int8": Benchmark(bench_vs_book_generate_int8),
+    "vs_book_generate_trained": Benchmark(bench_vs_book_generate_trained, needs_mirror=True),
     "vs_book_spam_epoch": Benchmark(bench_vs_book_spam_epoch, needs_tokenizer=True),
 }
 if tuple(BENCHMARKS) != ALL:  # pragma: no cover - a registry edit without benchmarks.names

@@ -78,6 +78,7 @@ def make_context(
         verify="full" if verify == "full" else "auto",
         progress=progress,
         download=cfg.download,
+        judge=cfg.judge.model_dump(mode="json"),
         retrust=tuple(retrust),
     )
 

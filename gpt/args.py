@@ -25,6 +25,7 @@ from pydantic import (
 
 from gpt.architecture import GPTConfig, get_config
 from gpt.config import Args, FieldError, operational
+from gpt.decode_options import DraftName, WeightsKind
 from gpt.errors import ConfigError
 from gpt.layout import DistributedArgs
 
@@ -459,4 +460,19 @@ class ExtractArgs(Args):
     max_new_tokens: int = Field(256, ge=1)
     """Greedy tokens generated per example at most."""
     batch_size: int = Field(8, ge=1)
-    """Prompts generated together (left-padded)."""
+    """Prompts decoded together (a finished prompt's place goes to the next one)."""
+    draft: DraftName = operational("prompt_lookup")
+    """Tokens drafted for one forward pass to verify several at once: 'prompt_lookup'
+    (n-grams of the prompt and the response so far) or 'none' (one token per pass).
+    Greedy decoding returns the same responses either way (:mod:`gpt.decode`), so this
+    is not part of the stage's key; only the speed depends on it."""
+    draft_tokens: int = operational(8, ge=1, le=15)
+    """Most tokens drafted per prompt and pass (fewer after rejected drafts)."""
+    weights: WeightsKind = "fp32"
+    """'int8' (opt-in, CPU): decode with int8 weights (:mod:`gpt.quantize`), faster but
+    the responses change; the stage then states the cost on ``int8_check`` examples (share
+    of greedy tokens identical to fp32, change of the judge's mean score) in its outputs
+    and log. Part of the key (the responses differ)."""
+    int8_check: int = Field(12, ge=0)
+    """With ``weights = "int8"``: how many test examples (evenly spaced) are decoded with
+    fp32 weights too, to measure int8's cost (0 = not measured). Ignored with fp32."""

@@ -1,5 +1,7 @@
-"""Text generation: greedy / temperature / top-k sampling with a KV cache, for batches of
-prompts of different lengths (left padding + key-padding mask + per-row positions)."""
+"""Text generation: greedy decoding (exact, several tokens per pass where drafts match:
+:mod:`gpt.decode`) and temperature / top-k sampling with a KV cache, for batches of
+prompts of different lengths (sampling: left padding + key-padding mask + per-row
+positions)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,15 @@ from typing import Any
 
 import torch
 
+from gpt.decode import DecodeStats, greedy_decode
+from gpt.decode_options import DRAFT_NAMES, DraftName
+from gpt.drafts import PromptLookup
 from gpt.model import GPT, KVCache, positions_from_mask
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["DRAFTS", "generate", "generate_padded", "sample_next"]
+
+#: The drafter of each :data:`~gpt.decode_options.DraftName`.
+DRAFTS: dict[str, PromptLookup | None] = dict(zip(DRAFT_NAMES, (PromptLookup(), None), strict=True))
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +74,83 @@ def generate(
     generator: torch.Generator | None = None,
     pad_id: int = 0,
     compile: bool = False,
+    draft: DraftName = "prompt_lookup",
+    draft_tokens: int = 8,
+    stats: DecodeStats | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
-    Returns the new tokens per prompt, stopped before ``eos_id`` (not included). Prompts
-    of different lengths are left-padded with ``pad_id`` and masked, so each row gets the
-    same tokens as generating it alone (greedy). Inputs longer than the context keep their
-    last ``context_length`` tokens. ``generator`` seeds sampling. The model runs in eval
-    mode (its training flag is restored afterwards). ``compile`` runs the model through
-    ``torch.compile`` (the first call pays the compilation; see ``gptflow bench``).
+    Returns the new tokens per prompt, stopped before ``eos_id`` (not included). Inputs
+    longer than the context keep their last ``context_length`` tokens. The model runs in
+    eval mode (its training flag is restored afterwards).
+
+    Greedy (``temperature <= 0``) runs :func:`gpt.decode.greedy_decode`: ``draft`` (a
+    key of :data:`DRAFTS`) proposes up to ``draft_tokens`` tokens per row and pass and
+    one pass verifies them; the tokens are identical to one-token-at-a-time decoding,
+    batched or alone, with or without the KV cache (``stats`` receives the acceptance
+    counts). Sampling cannot be verified that way: it decodes one token per pass, prompts
+    of different lengths left-padded with ``pad_id`` and masked; ``generator`` seeds it.
+    ``compile`` runs that one-token loop through ``torch.compile`` (greedy included; the
+    first call pays the compilation; see ``gptflow bench``).
     """
     prompts = _as_prompts(idx)
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if draft not in DRAFTS:
+        raise ValueError(f"unknown draft {draft!r}; choose one of {sorted(DRAFTS)}")
     if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    if temperature <= 0 and not compile and isinstance(model, GPT):
+        done = greedy_decode(
+            model,
+            prompts,
+            max_new_tokens,
+            eos_id=eos_id,
+            draft=DRAFTS[draft],
+            draft_tokens=draft_tokens,
+            use_cache=use_cache,
+        )
+        if stats is not None:
+            stats.add(done.stats)
+        return done.tokens
+    return generate_padded(
+        model,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        eos_id=eos_id,
+        use_cache=use_cache,
+        generator=generator,
+        pad_id=pad_id,
+        compile=compile,
+    )
+
+
+@torch.inference_mode()
+def generate_padded(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    compile: bool = False,
+) -> list[list[int]]:
+    """One token per forward pass for the whole batch: prompts left-padded with
+    ``pad_id`` and masked, one KV cache, finished rows carried along until all are done.
+    What sampling and ``compile`` run; greedy decoding ran this way before
+    :mod:`gpt.decode` (the benchmarks' baseline). Greedy rows get the same tokens as
+    decoding them alone up to the last bits of the logits (padding changes the
+    reductions' grouping)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     ctx = model.cfg.context_length
     device = model.tok_emb.weight.device

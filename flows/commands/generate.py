@@ -7,6 +7,8 @@ import argparse
 import logging
 from typing import Any
 
+from gpt.decode_options import DRAFT_NAMES, WEIGHTS
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,27 @@ def register(subparsers: Any) -> None:
         help="encoder.json + vocab.bpe when the checkpoint has no tokenizer/ folder",
     )
     p.add_argument("--no-cache", action="store_true", help="disable the KV cache")
+    p.add_argument(
+        "--draft",
+        choices=DRAFT_NAMES,
+        default="prompt_lookup",
+        help="greedy decoding verifies tokens drafted from n-grams of the prompt and the "
+        "text so far, several per forward pass, and returns exactly the tokens of "
+        "one-token decoding (none: one token per pass). Sampling (--temperature > 0) "
+        "always decodes one token per pass",
+    )
+    p.add_argument(
+        "--draft-tokens", type=int, default=8, help="most tokens drafted per pass (1-15)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="fp32",
+        help="int8 (opt-in, CPU): int8 weights and per-row int8 inputs, faster decoding that "
+        "CHANGES the output: the greedy tokens drift from fp32 ones wherever the model's top "
+        "two choices are close (extract_responses.weights=int8 measures the share of "
+        "identical tokens and the judge's score change on every run; see the README)",
+    )
     p.set_defaults(func=run)
 
 
@@ -46,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from gpt.errors import CheckpointError, ConfigError
     from gpt.generate import generate
     from gpt.prompts import extract_response, format_alpaca
+    from gpt.quantize import with_weights
     from gpt.tokenizer import Tokenizer
 
     if (args.prompt is None) == (args.instruction is None):
@@ -56,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if not 1 <= args.draft_tokens <= 15:
+        raise ConfigError(f"--draft-tokens must be between 1 and 15, got {args.draft_tokens}")
 
     info = read_checkpoint_config(args.checkpoint)
     if info.get("kind", "lm") != "lm":
@@ -91,9 +117,12 @@ def run(args: argparse.Namespace) -> int:
         )
         ids = ids[-keep:]
 
+    if args.temperature > 0 and args.draft != "none":
+        log.info("sampling decodes one token per pass (drafts are verified for greedy only)")
+    model = with_weights(ck.model, args.weights)
     gen = torch.Generator().manual_seed(args.seed)
     new = generate(
-        ck.model,
+        model,
         [ids],
         args.max_new_tokens,
         temperature=args.temperature,
@@ -101,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         eos_id=tok.eot_id,
         use_cache=not args.no_cache,
         generator=gen,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
     )[0]
     out = tok.decode(new)
     if args.instruction is not None:

@@ -1,21 +1,32 @@
 """Responses of an instruction-finetuned model to the test split (the
 ``extract_responses`` stage, :func:`extract_responses`): greedy decoding with the KV
-cache, prompts batched, stopping at end-of-text; and the reference's JSON export.
+cache by :func:`gpt.decode.greedy_decode` (drafted tokens verified several per pass, the
+same responses as one token per pass), stopping at end-of-text; opt-in int8 weights with
+their cost measured; and the reference's JSON export.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpt.args import ExtractArgs
 from gpt.device import resolve_device
 from gpt.errors import ConfigError
 from gpt.fileio import atomic_open
 from gpt.recipes.instruct import EOT_ID, check_record, format_prompt
+
+if TYPE_CHECKING:
+    from gpt.eval.int8_cost import Int8Cost
+
+__all__ = ["Extraction", "clean_response", "export_responses_json",
+           "extract_responses"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 def clean_response(text: str) -> str:
@@ -25,6 +36,20 @@ def clean_response(text: str) -> str:
     return extract_response(text)
 
 
+@dataclass
+class Extraction:
+    """What :func:`extract_responses` produced."""
+
+    rows: list[dict[str, Any]]
+    """One per record: ``{example_id, instruction, input, output, response, new_tokens,
+    seconds}`` (``seconds``: its share of the decoding time)."""
+    decoding: dict[str, Any]
+    """:class:`gpt.decode.DecodeStats` as a dict: passes, drafted and accepted tokens,
+    acceptance rate (what the speed-up depends on)."""
+    int8_cost: Int8Cost | None = None
+    """With int8 weights and ``int8_check > 0``: the cost against fp32 weights."""
+
+
 def extract_responses(
     checkpoint_dir: Path,
     records: Sequence[dict[str, Any]],
@@ -32,17 +57,22 @@ def extract_responses(
     *,
     device: str = "auto",
     progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Greedy responses (KV cache, batched, stop at 50256) for each record.
-
-    Rows: ``{example_id, instruction, input, output, response, new_tokens, seconds}``
-    (``seconds``: the batch's generation time divided by its size). ``example_id`` is the
-    record's ``example_id`` / ``id`` field, else its position.
+    judge: Any | None = None,
+) -> Extraction:
+    """Greedy responses (stop at 50256) for each record, decoded by
+    :func:`gpt.decode.greedy_decode` (several tokens per pass where drafts match; the
+    same responses as one-token decoding). ``example_id`` is the record's ``example_id``
+    / ``id`` field, else its position. With ``args.weights = "int8"`` the
+    ``args.int8_check`` sample is decoded with fp32 weights too and, when ``judge`` (the
+    run's :class:`~gpt.eval.judge.settings.JudgeConfig` or its dict) reaches a judge, the
+    differing responses are scored (:mod:`gpt.eval.int8_cost`).
     """
     from tqdm.auto import tqdm
 
     from gpt.checkpoint import load_checkpoint
-    from gpt.generate import generate
+    from gpt.decode import greedy_decode
+    from gpt.generate import DRAFTS
+    from gpt.quantize import with_weights
     from gpt.tokenizer import Tokenizer
 
     args = args or ExtractArgs()
@@ -52,8 +82,11 @@ def extract_responses(
             f"{checkpoint_dir} is a {loaded.kind} checkpoint; response extraction needs an "
             "instruction-finetuned language model"
         )
-    model = loaded.model.to(resolve_device(device))
-    model.eval()
+    dev = resolve_device(device)
+    model = loaded.model.to(dev).eval()
+    if args.weights != "fp32" and dev.type != "cpu":
+        log.warning("int8 weights speed up CPU decoding only; on %s they just cost accuracy", dev)
+    decoder = with_weights(model, args.weights)
     tokenizer = (
         Tokenizer.from_dir(loaded.tokenizer_dir) if loaded.tokenizer_dir else Tokenizer.gpt2()
     )
@@ -62,28 +95,49 @@ def extract_responses(
     prompts = [
         tokenizer.encode(format_prompt(r["instruction"], r.get("input", "") or "")) for r in records
     ]
-    rows: list[dict[str, Any]] = []
-    step = args.batch_size
-    bar = tqdm(range(0, len(records), step), desc="responses", disable=not progress)
-    for s in bar:
-        chunk = list(range(s, min(s + step, len(records))))
-        t0 = time.perf_counter()
-        outs = generate(model, [prompts[i] for i in chunk], args.max_new_tokens, eos_id=EOT_ID)
-        per = (time.perf_counter() - t0) / len(chunk)
-        for i, new in zip(chunk, outs, strict=True):
-            rec = records[i]
-            rows.append(
-                {
-                    "example_id": rec.get("example_id", rec.get("id", i)),
-                    "instruction": rec["instruction"],
-                    "input": rec.get("input", "") or "",
-                    "output": rec.get("output", "") or "",
-                    "response": clean_response(tokenizer.decode(new)),
-                    "new_tokens": len(new),
-                    "seconds": per,
-                }
-            )
-    return rows
+    common = {"eos_id": EOT_ID, "draft": DRAFTS[args.draft], "draft_tokens": args.draft_tokens,
+              "batch_size": args.batch_size}  # fmt: skip
+    with tqdm(total=len(records), desc="responses", disable=not progress) as bar:
+        done = greedy_decode(
+            decoder, prompts, args.max_new_tokens, on_done=lambda i, t: bar.update(1), **common
+        )
+    rows = [
+        {
+            "example_id": rec.get("example_id", rec.get("id", i)),
+            "instruction": rec["instruction"],
+            "input": rec.get("input", "") or "",
+            "output": rec.get("output", "") or "",
+            "response": clean_response(tokenizer.decode(new)),
+            "new_tokens": len(new),
+            "seconds": sec,
+        }
+        for i, (rec, new, sec) in enumerate(zip(records, done.tokens, done.seconds, strict=True))
+    ]
+    stats = done.stats.to_dict()
+    log.info(
+        "responses: %d new tokens in %d passes, %s of drafted tokens accepted",
+        stats["new_tokens"], stats["passes"],
+        "none" if stats["acceptance_rate"] is None else f"{100 * stats['acceptance_rate']:.0f} %",
+    )  # fmt: skip
+    cost = None
+    if args.weights == "int8" and args.int8_check > 0 and records:
+        from gpt.eval.int8_cost import measure_int8_cost
+
+        cost = measure_int8_cost(
+            records,
+            done.tokens,
+            [r["response"] for r in rows],
+            sample=args.int8_check,
+            fp32=lambda idx: (
+                greedy_decode(
+                    model, [prompts[i] for i in idx], args.max_new_tokens, **common
+                ).tokens
+            ),
+            to_response=lambda new: clean_response(tokenizer.decode(new)),
+            judge=judge,
+        )
+        log.info("%s", cost.summary())
+    return Extraction(rows=rows, decoding=stats, int8_cost=cost)
 
 
 def export_responses_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:

@@ -155,6 +155,9 @@ class RunContext:
     progress: bool = True
     download: DownloadArgs | None = None
     """How stages fetch files (retries, timeouts); None = the defaults."""
+    judge: dict[str, Any] | None = None
+    """The run's judge settings (``JudgeConfig`` as a dict), for stages that consult the
+    judge besides the judge stage (the int8 check of extract_responses); None = none."""
     retrust: tuple[str, ...] = ()
     """Sources or files (``--retrust NAME``) whose trust-on-first-use files are fetched
     again and accepted with a new digest (:mod:`gpt.data.trust`)."""

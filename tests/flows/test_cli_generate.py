@@ -172,3 +172,27 @@ def test_from_argv_and_write_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buf, encoding="ascii", write_through=True))
     write_line("é\ufffd")
     assert buf.getvalue() == b"\\xe9\\ufffd\n"
+
+
+def test_draft_and_int8_weights(ckpt, tokenizer_dir: Path, capsys) -> None:
+    """Drafting changes nothing printed; --weights int8 decodes with the int8 copy."""
+    from gpt.quantize import quantize_int8
+
+    path, m = ckpt
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    base = ["generate", "--checkpoint", str(path), "--prompt", "one two one two one",
+            "--max-new-tokens", "12"]  # fmt: skip
+    outs = []
+    for extra in ([], ["--draft", "none"], ["--draft-tokens", "3"]):
+        assert main([*base, *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] == outs[2] == _expected(m, tok, tok.encode(base[4]), 12) + "\n"
+    assert main([*base, "--weights", "int8"]) == 0
+    ids = tok.encode(base[4])
+    q = generate(quantize_int8(m), [ids], 12, eos_id=tok.eot_id, draft="none")[0]
+    assert capsys.readouterr().out == tok.decode(q) + "\n"
+    assert main([*base, "--draft-tokens", "0"]) == 1
+    assert "--draft-tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse refuses the choice
+        main([*base, "--weights", "int4"])
+    assert "int8" in capsys.readouterr().err

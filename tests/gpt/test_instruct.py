@@ -269,7 +269,7 @@ def test_extract_stops_at_eos_without_prompt(
     recs = [dict(r, example_id=f"ex{i}") for i, r in enumerate(records[:7])]
     rows = extract_responses(
         ckpt, recs, ExtractArgs(max_new_tokens=20, batch_size=3), progress=False
-    )
+    ).rows
     assert [r["example_id"] for r in rows] == [f"ex{i}" for i in range(7)]
     assert len({tok.encode(alpaca(rec))[-1] % 3 for rec in recs}) > 1  # chains differ
     for rec, row in zip(recs, rows, strict=True):
@@ -299,7 +299,7 @@ def test_extract_strips_response_header(
         next_of[i] = script[i] if i < len(script) else EOT
     rec = next(r for r in records if tok.encode(alpaca(r))[-1] not in script)
     ckpt = _scripted_lm(tmp_path / "lm", tokenizer_dir, class_of, next_of)
-    rows = extract_responses(ckpt, [rec], ExtractArgs(max_new_tokens=50), progress=False)
+    rows = extract_responses(ckpt, [rec], ExtractArgs(max_new_tokens=50), progress=False).rows
     assert rows[0]["response"] == "The answer is 42."
     assert rows[0]["new_tokens"] == len(script)
     assert rows[0]["example_id"] == 0

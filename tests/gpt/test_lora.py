@@ -342,7 +342,7 @@ def test_instruct_finetune_with_lora_generate_and_extract(
     assert res["trainable_params"] == 2 * per_block + 4 * (d + vocab)
     assert res["model_size"]["checkpoint_bytes"] < (base / "model.safetensors").stat().st_size
     # every reader gets the merged model: extraction and `gptflow generate`
-    out = extract_responses(ck, records[10:12], ExtractArgs(max_new_tokens=4), progress=False)
+    out = extract_responses(ck, records[10:12], ExtractArgs(max_new_tokens=4), progress=False).rows
     assert len(out) == 2 and all(r["new_tokens"] <= 4 for r in out)
     merged = load_checkpoint(ck).model
     from gpt.generate import generate

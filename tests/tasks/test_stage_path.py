@@ -31,8 +31,9 @@ def _name(frame: FrameType) -> str:
 def _instruct_stage(tmp_path: Path, tokenizer_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     """The finetune_instruct stage's task function, a run context and the stage's inputs
     (a tiny base model, eight records)."""
+    from gpt.architecture import get_config
     from gpt.checkpoint import save_checkpoint
-    from gpt.model import GPT, get_config
+    from gpt.model import GPT
     from tasks.catalog import CatalogSettings
     from tasks.stages.contract import RunContext, StageOutput
     from tasks.stages.prefect_tasks import stage_task
@@ -59,7 +60,7 @@ def test_max_steps_reaches_the_loop_in_five_calls_unchanged(
     tmp_path: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gpt.train
-    from gpt.recipes.instruct import InstructArgs
+    from gpt.args import InstructArgs
     from tasks.stages.contract import StageRun
 
     task_fn, ctx, inputs = _instruct_stage(tmp_path, tokenizer_dir)
@@ -100,8 +101,8 @@ def test_a_two_process_layout_takes_the_same_call_through_torchrun(
 ) -> None:
     """With ``distributed.nproc = 2`` the same stage call relaunches the recipe under
     torchrun (once), and rank 0's metrics reach the stage's catalog."""
+    from gpt.args import InstructArgs
     from gpt.distributed import launch
-    from gpt.recipes.instruct import InstructArgs
 
     task_fn, ctx, inputs = _instruct_stage(tmp_path, tokenizer_dir)
     args = InstructArgs(epochs=1, batch_size=2, max_steps=2, eval_every=1, eval_batches=1,
