@@ -102,7 +102,7 @@ def generate(
         raise ValueError(f"unknown draft {draft!r}; choose one of {sorted(DRAFTS)}")
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
-    if temperature <= 0 and not compile and isinstance(model, GPT):
+    if temperature <= 0 and not compile and isinstance(model, GPT) and _plain_weights(model):
         done = greedy_decode(
             model,
             prompts,
@@ -127,6 +127,13 @@ def generate(
         pad_id=pad_id,
         compile=compile,
     )
+
+
+def _plain_weights(model: GPT) -> bool:
+    """Whether the model's weights are plain tensors: :mod:`gpt.decode` reads them outside
+    the modules' forward, which an FSDP-sharded model (DTensor weights, gathered only
+    inside forward) does not allow; such a model decodes one token per pass."""
+    return not any(hasattr(p, "placements") for p in model.parameters())
 
 
 @torch.inference_mode()
