@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _paths import REPO
+from helpers_fork import ForkServer
 
 from tasks.stages import STAGES
 from tasks.store.fingerprint import code_fingerprint, module_closure
@@ -158,9 +157,9 @@ def test_keys_computed_in_parallel_threads(tree: Path) -> None:
 @pytest.fixture(scope="module")
 def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
     """The project modules each stage of the smoke pipeline loads, each stage run in a
-    process of its own that starts without any project module, on its upstream stages'
-    results (download runs here). One probe process (``_stage_probe.py``) imports the
-    third-party libraries once and forks a child per stage."""
+    process of its own that starts without any project module (``_stage_probe.py``,
+    forked by one ``helpers_fork.ForkServer``), on its upstream stages' results
+    (download runs here)."""
     from benchmarks.ollama_stub import OllamaStub
     from flows.config import build_config
     from tasks.catalog import CatalogSettings
@@ -182,19 +181,9 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     ctx.recorder.start_run("probe", flow_run_id=None, profile="smoke", config={}, git_rev=None)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     loaded: dict[str, list] = {}
-    errors = root / "probe-stderr.txt"
     with (
         OllamaStub(reply=lambda req: {"score": 50, "reason": "fine"}) as stub,
-        errors.open("w") as err,
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_stage_probe.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            cwd=REPO,
-            env=env,
-        ) as probe_proc,
+        ForkServer(env, root / "probe-logs") as children,
     ):
         cfg = build_config("smoke", [f"judge.hosts={stub.host}"])
         dl = run_stage(ctx, "download", cfg.download)
@@ -202,25 +191,19 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
             "download": {"stage": "download", "key": dl.key, "root": dl.root,
                          "run_id": dl.run_id, "digest": dl.digest, "out": dl.data}
         }  # fmt: skip
-        try:
-            for stage in CACHED:  # in the order of the DAG
-                inputs = {i: results.get(i) for i in load_spec(stage).inputs}
-                if stage == "load_gpt2" and cfg.load_gpt2.base_model != "scratch":
-                    inputs["pretrain"] = None
-                request = {"stage": stage, "settings": getattr(cfg, stage).to_dict(),
-                           "context": context, "inputs": inputs}  # fmt: skip
-                probe_proc.stdin.write(json.dumps(request) + "\n")
-                probe_proc.stdin.flush()
-                line = ""
-                for line in probe_proc.stdout:  # the stage's own lines may come first
-                    if line.startswith(("PROBE ", "FAILED ")):
-                        break
-                assert line.startswith("PROBE "), f"{stage}: {errors.read_text()[-3000:]}"
-                probe = json.loads(line.removeprefix("PROBE "))
-                results[stage], loaded[stage] = probe["result"], probe["loaded"]
-        finally:
-            probe_proc.stdin.close()
-            probe_proc.wait(timeout=60)
+        for stage in CACHED:  # in the order of the DAG
+            inputs = {i: results.get(i) for i in load_spec(stage).inputs}
+            if stage == "load_gpt2" and cfg.load_gpt2.base_model != "scratch":
+                inputs["pretrain"] = None
+            request = root / f"{stage}.json"
+            request.write_text(json.dumps({"stage": stage, "settings": getattr(cfg, stage).to_dict(),
+                                           "context": context, "inputs": inputs}))  # fmt: skip
+            children.start(stage, [str(HERE / "_stage_probe.py"), str(request)])
+            code, out, err = children.finish(stage, timeout=600)
+            line = next((x for x in out.splitlines() if x.startswith("PROBE ")), None)
+            assert code == 0 and line, f"{stage}: {err[-3000:]}"
+            probe = json.loads(line.removeprefix("PROBE "))
+            results[stage], loaded[stage] = probe["result"], probe["loaded"]
     return loaded
 
 
