@@ -30,9 +30,9 @@ import time
 import traceback
 from pathlib import Path
 
-#: Third-party libraries the children import, loaded once before forking. Each loads no
-#: project module and starts no thread (duckdb starts one when imported, so each child
-#: imports it itself); the server checks both before every fork.
+#: Third-party libraries the children import, loaded once before forking (the default of
+#: ``preload``). Each loads no project module and starts no thread (duckdb starts one when
+#: imported, so each child imports it itself); the server checks both before every fork.
 SHARED = ("torch", "numpy", "pandas", "tiktoken", "prefect", "pydantic", "sklearn")
 PROJECT = ("gpt", "tasks", "flows")
 
@@ -64,9 +64,9 @@ def _run_child(argv: list[str]) -> int:
     return 0
 
 
-def serve() -> int:
-    """The server loop (module docstring)."""
-    for name in SHARED:
+def serve(preload: list[str]) -> int:
+    """The server loop (module docstring), after importing ``preload``."""
+    for name in preload:
         importlib.import_module(name)
     children: dict[int, str] = {}
     open_input = True
@@ -113,13 +113,17 @@ def serve() -> int:
 class ForkServer:
     """Children forked by one server process: ``start`` one by name, ``finish`` it for
     ``(code, stdout, stderr)`` (killed when it outlives its timeout); ``close`` (or the
-    ``with`` block's end) ends the server, killing what still runs."""
+    ``with`` block's end) ends the server, killing what still runs. ``preload``: the
+    libraries the server imports for its children (only what they all import pays)."""
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, env: dict[str, str], logs: Path, preload: tuple[str, ...] = SHARED) -> None:
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, __file__], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, __file__, *preload],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         self.pids: dict[str, int] = {}
         self.codes: dict[str, int] = {}
@@ -194,4 +198,4 @@ class ForkServer:
 
 
 if __name__ == "__main__":
-    sys.exit(serve())
+    sys.exit(serve(sys.argv[1:]))
