@@ -185,6 +185,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _migrated_prefect_db(tmp_path_factory: pytest.TempPathFactory, home: Path) -> None:
+    """Give ``home`` a migrated Prefect database and gptflow's marker saying so, when
+    this is one of several xdist workers: the first worker migrates one database for the
+    session (``prefect server database upgrade``, ~7 CPU-s), the others copy it. Alone,
+    the server manager migrates as it always does."""
+    import shutil
+    import subprocess
+
+    from filelock import FileLock
+
+    from flows import server
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # the session's, shared by its workers
+    template = shared / "prefect-db-template"
+    with FileLock(str(shared / "prefect-db-template.lock")):
+        if not (template / ".db-migrated").exists():
+            template.mkdir(exist_ok=True)
+            env = {**os.environ, "PREFECT_HOME": str(template),
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+            env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+            subprocess.run(
+                [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                env=env, check=True, capture_output=True, timeout=300,
+            )  # fmt: skip
+            (template / ".db-migrated").touch()
+    for db in template.glob("prefect.db*"):
+        shutil.copy2(db, home / db.name)
+    server.server_paths().migrated_marker.touch()
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     """One local Prefect server for the whole test session, started by gptflow's own
@@ -205,6 +237,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     os.environ["GPTFLOW_PREFECT_PORT"] = str(port)
     url = f"http://127.0.0.1:{port}/api"
     try:
+        _migrated_prefect_db(tmp_path_factory, home)
         server.start_server(url, wait_s=120)
         _reap_when_it_exits(server.server_paths().pidfile)
         with temporary_settings(

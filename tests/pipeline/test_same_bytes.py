@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from _paths import REPO
-from helpers_proc import finish
 
 from gpt.architecture import GPTConfig
 from gpt.checkpoint import RECORD, load_checkpoint, save_checkpoint
@@ -146,25 +143,17 @@ def test_the_stage_manifest_keeps_records_in_their_own_file() -> None:
     assert content["args"] == {"epochs": 2} and "measured" not in content
 
 
-def _run(root: Path, run_id: str, mirror: Path, env: dict[str, str], *extra: str):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tests" / "helpers_dag.py"),
-            str(root),
-            run_id,
-            str(mirror),
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+#: The smoke profile with half its pretraining text (5 steps an epoch, 10 in all) and an
+#: evaluation — the metrics rows the kill waits for — every 2 steps: the kill inside
+#: pretraining still lands in its second epoch, after a checkpoint, at a third of the
+#: smoke profile's pretraining cost.
+SHORTER = ["--set", "tokenize.text_chars=3000", "--set", "pretrain.eval_every=2"]
 
 
-def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    return finish(proc, timeout=540)
+def _argv(root: Path, run_id: str, mirror: Path, *extra: str) -> list[str]:
+    """``python tests/helpers_dag.py …`` for one run."""
+    return [str(REPO / "tests" / "helpers_dag.py"), str(root), run_id, str(mirror), *SHORTER,
+            *extra]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -174,8 +163,11 @@ def test_every_stage_writes_the_same_bytes_twice_and_after_a_kill(
     """The smoke stages (tokenize to extract_responses) in two artifacts folders, and in
     a third killed with SIGKILL inside pretrain and again inside finetune_instruct (more
     checkpoints there: an operational setting, not in the key), then resumed: the same
-    keys and digests, and every result file with the same sha256."""
+    keys and digests, and every result file with the same sha256. Each run is a process
+    of its own, forked by one fork server (``helpers_fork``)."""
     import os
+
+    from helpers_fork import ForkServer
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
@@ -183,28 +175,32 @@ def test_every_stage_writes_the_same_bytes_twice_and_after_a_kill(
     killed = tmp_path / "killed"
     often = [
         "--set",
-        "pretrain.checkpoint_every=3",
+        "pretrain.checkpoint_every=2",
         "--set",
         "finetune_instruct.checkpoint_every=1",
     ]
-    procs = [
-        _run(tmp_path / "one", "one", mirror, env),
-        _run(tmp_path / "two", "two", mirror, env),
-        _run(killed, "k1", mirror, env, "--kill", "pretrain:16", *often),
-    ]
-    rc, _, err = _finish(procs[2])
-    assert rc == -9, err[-3000:]
-    partial = list((killed / "artifacts" / "stages" / "pretrain").glob("*.partial/last"))
-    assert partial, "the kill left no resumable pretrain checkpoint"
-    rc, _, err = _finish(_run(killed, "k2", mirror, env, "--kill", "finetune_instruct:3", *often))
-    assert rc == -9, err[-3000:]
-    assert list(
-        (killed / "artifacts" / "stages" / "finetune_instruct").glob(
-            "*.partial/instruct/train/last"
+    dags = ForkServer(env, tmp_path / "logs")
+    try:
+        dags.start("one", _argv(tmp_path / "one", "one", mirror))
+        dags.start("two", _argv(tmp_path / "two", "two", mirror))
+        dags.start("k1", _argv(killed, "k1", mirror, "--kill", "pretrain:8", *often))
+        rc, _, err = dags.finish("k1", timeout=540)
+        assert rc == -9, err[-3000:]
+        partial = list((killed / "artifacts" / "stages" / "pretrain").glob("*.partial/last"))
+        assert partial, "the kill left no resumable pretrain checkpoint"
+        dags.start("k2", _argv(killed, "k2", mirror, "--kill", "finetune_instruct:3", *often))
+        rc, _, err = dags.finish("k2", timeout=540)
+        assert rc == -9, err[-3000:]
+        assert list(
+            (killed / "artifacts" / "stages" / "finetune_instruct").glob(
+                "*.partial/instruct/train/last"
+            )
         )
-    )
-    results = [_finish(p) for p in procs[:2]]
-    results.append(_finish(_run(killed, "k3", mirror, env, *often)))
+        results = [dags.finish(name, timeout=540) for name in ("one", "two")]
+        dags.start("k3", _argv(killed, "k3", mirror, *often))
+        results.append(dags.finish("k3", timeout=540))
+    finally:
+        dags.close()
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
     summaries = [json.loads(out.splitlines()[-1]) for _, out, _ in results]
@@ -215,7 +211,8 @@ def test_every_stage_writes_the_same_bytes_twice_and_after_a_kill(
 
     # the resumed stages did resume, under the run that started them
     k = summaries[2]
-    assert k["pretrain"]["producer"] == "k1" and k["pretrain"]["out"]["resumed_from_step"] == 15
+    # killed at the evaluation of step 9, in epoch 2: resumed from the checkpoint of step 8
+    assert k["pretrain"]["producer"] == "k1" and k["pretrain"]["out"]["resumed_from_step"] == 8
     assert k["finetune_instruct"]["producer"] == "k2"
     assert k["finetune_instruct"]["out"]["resumed_from_step"] == 2
     trees = [_contents(r / "artifacts" / "stages") for r in (tmp_path / "one", tmp_path / "two")]

@@ -11,13 +11,11 @@ concurrently to save wall time.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from _rel_helpers import PYTHON
-from helpers_proc import finish
+from helpers_fork import ForkServer
 
 KILL_AT = 5  # one step after the checkpoint at step 4 (checkpoint_every 2, 3 steps/epoch)
 TOTAL = 6
@@ -45,18 +43,9 @@ print(json.dumps({"steps": res["steps"], "resumed_from_step": res["resumed_from_
 """
 
 
-def _start(base: Path, out: Path, data: Path, mode: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [PYTHON, "-c", _CHILD, str(base), str(out), str(data), mode, str(KILL_AT)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    return finish(proc, timeout=240)
+def _start(children: ForkServer, name: str, base: Path, out: Path, data: Path, mode: str) -> None:
+    """The child ``name``: ``python -c _CHILD …``, forked by ``children``."""
+    children.start(name, ["-c", _CHILD, str(base), str(out), str(data), mode, str(KILL_AT)])
 
 
 @pytest.mark.slow
@@ -67,20 +56,21 @@ def test_kill_9_during_lora_finetune_resumes_exactly(
 
     data = mirror / "instruction-data.json"
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    procs = {
-        "ref": _start(lm_checkpoint, ref, data, "none", sub_env),
-        "killed": _start(lm_checkpoint, killed, data, "kill", sub_env),
-    }
-    results = {k: _finish(p) for k, p in procs.items()}
-    rc, out, err = results["ref"]
-    assert rc == 0, err
-    assert json.loads(out.splitlines()[-1]) == {"steps": TOTAL, "resumed_from_step": None}
-    assert results["killed"][0] == -9, results["killed"][2]
-    last = killed / "train" / "last"
-    assert json.loads((last / "trainer_state.json").read_text())["step"] == KILL_AT - 1
-    assert (last / "adapter.safetensors").exists() and not (last / "model.safetensors").exists()
+    with ForkServer(sub_env, tmp_path / "logs", preload=("torch",)) as children:
+        _start(children, "ref", lm_checkpoint, ref, data, "none")
+        _start(children, "killed", lm_checkpoint, killed, data, "kill")
+        results = {k: children.finish(k, timeout=240) for k in ("ref", "killed")}
+        rc, out, err = results["ref"]
+        assert rc == 0, err
+        assert json.loads(out.splitlines()[-1]) == {"steps": TOTAL, "resumed_from_step": None}
+        assert results["killed"][0] == -9, results["killed"][2]
+        last = killed / "train" / "last"
+        assert json.loads((last / "trainer_state.json").read_text())["step"] == KILL_AT - 1
+        assert (last / "adapter.safetensors").exists()
+        assert not (last / "model.safetensors").exists()
 
-    rc, out, err = _finish(_start(lm_checkpoint, killed, data, "none", sub_env))
+        _start(children, "again", lm_checkpoint, killed, data, "none")
+        rc, out, err = children.finish("again", timeout=240)
     assert rc == 0, err
     assert json.loads(out.splitlines()[-1]) == {"steps": TOTAL, "resumed_from_step": KILL_AT - 1}
     want = load_file(str(ref / "adapter.safetensors"))

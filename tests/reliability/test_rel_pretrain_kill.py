@@ -12,14 +12,12 @@ write itself is covered in-process by ``test_crash_between_checkpoint_renames_re
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from _rel_helpers import PYTHON
-from helpers_proc import finish
+from helpers_fork import ForkServer
 
 STEPS_PER_EPOCH = 21  # 676 training tokens -> 42 windows of 16 -> 21 batches of 2
 EPOCHS = 2
@@ -67,32 +65,18 @@ print(json.dumps({"steps": res.steps, "resumed_from_step": res.resumed_from_step
 
 
 def _start(
-    out: Path, db: Path, text: Path, tok: Path, run_id: str, mode: str, env: dict[str, str]
-) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            PYTHON,
-            "-c",
-            _CHILD,
-            str(out),
-            str(db),
-            str(text),
-            str(tok),
-            run_id,
-            mode,
-            str(EPOCHS),
-            str(CHECKPOINT_EVERY),
-            str(KILL_AT),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    return finish(proc, timeout=240)
+    children: ForkServer,
+    name: str,
+    out: Path,
+    db: Path,
+    text: Path,
+    tok: Path,
+    run_id: str,
+    mode: str,
+) -> None:
+    """The child ``name``: ``python -c _CHILD …``, forked by ``children``."""
+    children.start(name, ["-c", _CHILD, str(out), str(db), str(text), str(tok), run_id, mode,
+                          str(EPOCHS), str(CHECKPOINT_EVERY), str(KILL_AT)])  # fmt: skip
 
 
 def _metrics(db: Path, run_id: str) -> pd.DataFrame:
@@ -119,27 +103,27 @@ def test_kill_9_during_pretrain_resumes_exactly(
     db = tmp_path / "catalog.duckdb"
     Catalog(db).migrate()
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    procs = {
-        "ref": _start(ref, db, text, tokenizer_dir, "ref", "none", sub_env),
-        "killed": _start(killed, db, text, tokenizer_dir, "killed", "metrics", sub_env),
-    }
-    results = {k: _finish(p) for k, p in procs.items()}
-    rc, out, err = results["ref"]
-    assert rc == 0, err
-    assert json.loads(out.splitlines()[-1]) == {
-        "steps": STEPS_PER_EPOCH * EPOCHS,
-        "resumed_from_step": None,
-    }
-    assert results["killed"][0] == -9, results["killed"][2]
-    # what the kill left: a resumable checkpoint at step 24, no final weights, and the
-    # catalog rows of step 25 (written after that checkpoint)
-    state = json.loads((killed / "last" / "trainer_state.json").read_text())
-    assert state["step"] == KILL_AT - 1 and state["epoch"] == 1
-    assert not (killed / "final").exists()
-    assert _metrics(db, "killed")["step"].max() == KILL_AT
+    with ForkServer(sub_env, tmp_path / "logs", preload=("torch",)) as children:
+        _start(children, "ref", ref, db, text, tokenizer_dir, "ref", "none")
+        _start(children, "killed", killed, db, text, tokenizer_dir, "killed", "metrics")
+        results = {k: children.finish(k, timeout=240) for k in ("ref", "killed")}
+        rc, out, err = results["ref"]
+        assert rc == 0, err
+        assert json.loads(out.splitlines()[-1]) == {
+            "steps": STEPS_PER_EPOCH * EPOCHS,
+            "resumed_from_step": None,
+        }
+        assert results["killed"][0] == -9, results["killed"][2]
+        # what the kill left: a resumable checkpoint at step 24, no final weights, and the
+        # catalog rows of step 25 (written after that checkpoint)
+        state = json.loads((killed / "last" / "trainer_state.json").read_text())
+        assert state["step"] == KILL_AT - 1 and state["epoch"] == 1
+        assert not (killed / "final").exists()
+        assert _metrics(db, "killed")["step"].max() == KILL_AT
 
-    # run it again: what `gptflow rerun pretrain` does with the kept work folder
-    rc, out, err = _finish(_start(killed, db, text, tokenizer_dir, "killed", "none", sub_env))
+        # run it again: what `gptflow rerun pretrain` does with the kept work folder
+        _start(children, "resumed", killed, db, text, tokenizer_dir, "killed", "none")
+        rc, out, err = children.finish("resumed", timeout=240)
     assert rc == 0, err
     summary = json.loads(out.splitlines()[-1])
     # steps continue from the last checkpoint (not from scratch) up to the same end

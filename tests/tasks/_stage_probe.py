@@ -1,9 +1,12 @@
-"""Run one stage in a fresh interpreter and report the project modules it loaded.
+"""Run one stage in a process that starts without any project module and report the
+project modules it loaded.
 
 Used by ``test_fingerprint.py``: the modules a stage really loads must all be in the
-import closure its key hashes. Reads a JSON request on stdin (stage, settings, run
-context fields, the upstream results) and prints one line ``PROBE <json>`` with the
-loaded ``gpt``/``tasks``/``flows`` modules and the stage's result.
+import closure its key hashes. ``python _stage_probe.py REQUEST.json`` reads the request
+(stage, settings, run context fields, the upstream results) and prints one line
+``PROBE <json>`` with the loaded ``gpt``/``tasks``/``flows`` modules and the stage's
+result. The test forks it from ``helpers_fork.ForkServer`` (third-party libraries
+already imported, no project module), or it runs in a fresh interpreter.
 
 Upstream results are given to the stage as plain attribute-access dicts, so that their
 stage modules are not imported here: everything loaded is what the stage itself (and the
@@ -46,7 +49,8 @@ def fields(value: Any) -> Any:
 
 
 def main() -> None:
-    req = json.loads(sys.stdin.read())
+    with open(sys.argv[1], encoding="utf-8") as f:
+        req = json.load(f)
     spec = load_spec(req["stage"])
     args_type = list(inspect.signature(spec.fn, eval_str=True).parameters.values())[1].annotation
     args = args_type.model_validate_json(json.dumps(req["settings"]))

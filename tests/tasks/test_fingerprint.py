@@ -4,9 +4,9 @@ Each stage's code fingerprint is computed over a copy of the source tree, the co
 edited, and the fingerprint is computed again: editing any module in a stage's import
 closure (its wrapper in ``tasks/`` included) changes it; editing the run report, the
 command line or another stage's wrapper does not. The closure is checked against what
-a stage really loads: every stage of the smoke pipeline runs in a fresh interpreter
-(``_stage_probe.py``), and every project module it loaded must be in its closure, so
-that editing it changes the key (an edit test over the closure alone could not see a
+a stage really loads: every stage of the smoke pipeline runs in a process of its own
+that starts without any project module (``_stage_probe.py``), and every project module
+it loaded must be in its closure, so that editing it changes the key (an edit test over the closure alone could not see a
 module the closure misses).
 """
 
@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _paths import REPO
+from helpers_fork import ForkServer
 
 from tasks.stages import STAGES
 from tasks.store.fingerprint import code_fingerprint, module_closure, package_versions
@@ -158,8 +157,10 @@ def test_keys_computed_in_parallel_threads(tree: Path) -> None:
 
 @pytest.fixture(scope="module")
 def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
-    """The project modules each stage of the smoke pipeline loads, each stage run in its
-    own fresh interpreter on its upstream stages' results (download runs here)."""
+    """The project modules each stage of the smoke pipeline loads, each stage run in a
+    process of its own that starts without any project module (``_stage_probe.py``,
+    forked by one ``helpers_fork.ForkServer``), on its upstream stages' results
+    (download runs here)."""
     from benchmarks.ollama_stub import OllamaStub
     from flows.config import build_config
     from tasks.catalog import CatalogSettings
@@ -181,7 +182,10 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     ctx.recorder.start_run("probe", flow_run_id=None, profile="smoke", config={}, git_rev=None)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     loaded: dict[str, list] = {}
-    with OllamaStub(reply=lambda req: {"score": 50, "reason": "fine"}) as stub:
+    with (
+        OllamaStub(reply=lambda req: {"score": 50, "reason": "fine"}) as stub,
+        ForkServer(env, root / "probe-logs") as children,
+    ):
         cfg = build_config("smoke", [f"judge.hosts={stub.host}"])
         dl = run_stage(ctx, "download", cfg.download)
         results: dict[str, Any] = {
@@ -192,19 +196,13 @@ def loaded_by_stage(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> d
             inputs = {i: results.get(i) for i in load_spec(stage).inputs}
             if stage == "load_gpt2" and cfg.load_gpt2.base_model != "scratch":
                 inputs["pretrain"] = None
-            request = {"stage": stage, "settings": getattr(cfg, stage).to_dict(),
-                       "context": context, "inputs": inputs}  # fmt: skip
-            proc = subprocess.run(
-                [sys.executable, str(HERE / "_stage_probe.py")],
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
-                timeout=600,
-                cwd=REPO,
-                env=env,
-            )
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
-            assert proc.returncode == 0 and line, f"{stage}: {proc.stderr[-3000:]}"
+            request = root / f"{stage}.json"
+            request.write_text(json.dumps({"stage": stage, "settings": getattr(cfg, stage).to_dict(),
+                                           "context": context, "inputs": inputs}))  # fmt: skip
+            children.start(stage, [str(HERE / "_stage_probe.py"), str(request)])
+            code, out, err = children.finish(stage, timeout=600)
+            line = next((x for x in out.splitlines() if x.startswith("PROBE ")), None)
+            assert code == 0 and line, f"{stage}: {err[-3000:]}"
             probe = json.loads(line.removeprefix("PROBE "))
             results[stage], loaded[stage] = probe["result"], probe["loaded"]
     return loaded

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers_fork import ForkServer
 from helpers_http import Fault, serve
 
 from tasks.store.folder import StageStore
@@ -367,17 +368,17 @@ def test_two_runs_of_one_config_at_once_compute_each_stage_once(
         "PREFECT_API_URL": prefect_server["url"],
         "GPTFLOW_LEASE_POLL_S": "0.2",
     }
-    with OllamaStub(models=["llama3"], reply=lambda req: {"score": 60}) as stub:
-        procs = [
-            subprocess.Popen([sys.executable, "-c", _RUN, stub.host], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)
-        ]  # fmt: skip
-        outs = [p.communicate(timeout=900) for p in procs]
+    with (
+        OllamaStub(models=["llama3"], reply=lambda req: {"score": 60}) as stub,
+        ForkServer(env, tmp_path / "logs") as children,
+    ):
+        for name in ("a", "b"):
+            children.start(name, ["-c", _RUN, stub.host])
+        outs = [children.finish(name, timeout=900) for name in ("a", "b")]
         chats = stub.chat_count
     results = []
-    for (out, err), proc in zip(outs, procs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
+    for code, out, err in outs:
+        assert code == 0, err[-3000:]
         line = next(x for x in out.splitlines() if x.startswith("RESULT "))
         results.append(json.loads(line.removeprefix("RESULT ")))
     assert [r["status"] for r in results] == ["completed", "completed"], results

@@ -51,11 +51,18 @@ def _ctx(root: Path, run_id: str, *, db: str = "catalog.duckdb", **kw: Any) -> R
     )
 
 
+#: The module's tests check what the runner does with a pretrain result (verify,
+#: recompute, ingest), not training: one epoch without evaluations is a third of the
+#: smoke profile's pretraining, which the damage tests run four times.
+SHORT_PRETRAIN = ["pretrain.epochs=1", "pretrain.eval_every=100"]
+
+
 @pytest.fixture(scope="module")
 def smoke(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """download → tokenize → pretrain of the smoke profile, run once for the module."""
+    """download → tokenize → pretrain of the smoke profile (pretraining shortened to
+    :data:`SHORT_PRETRAIN`), run once for the module."""
     root = tmp_path_factory.mktemp("contract")
-    cfg = build_config("smoke")
+    cfg = build_config("smoke", SHORT_PRETRAIN)
     ctx = _ctx(root, "run-1", mirror=str(mirror))
     ctx.recorder.start_run("run-1", flow_run_id=None, profile="smoke", config={}, git_rev=None)
     dl = run_stage(ctx, "download", cfg.download)
