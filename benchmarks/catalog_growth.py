@@ -95,7 +95,7 @@ def export_artifacts(cat: Any, runs: list[PlannedRun], root: Path) -> int:
 
     (root / "runs").mkdir(parents=True, exist_ok=True)
     folders = 0
-    with cat.file_reader() as con:
+    with cat.connect(read_only=True) as con:
         for run in runs:
             rid = run.run_id
             record: dict[str, Any] = {"run": _records(con, "runs", rid)[0]}
@@ -191,7 +191,7 @@ def time_views(cat: Any, run_id: str, repeats: int) -> dict[str, Any]:
     from tasks.catalog.views import VIEWS
 
     out: dict[str, Any] = {}
-    with cat.file_reader() as con:
+    with cat.connect(read_only=True) as con:
         for view in VIEWS:
             entry: dict[str, Any] = {}
             for label, sql, params in (

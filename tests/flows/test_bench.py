@@ -162,7 +162,7 @@ def test_decode_benchmarks_on_a_checkpoint(
 ) -> None:
     """The trained-checkpoint rows (here a tiny tied model whose text loops) compare like
     with like: the same responses before and after, the same tokens drafted or not."""
-    pytest.importorskip("llms_from_scratch", reason="pip install --no-deps llms-from-scratch")
+    require_module("llms_from_scratch", "a dev dependency: pip install --no-deps llms-from-scratch")
     import torch
 
     from benchmarks.decode import bench_extract_responses, bench_vs_book_generate_trained

@@ -393,10 +393,11 @@ def test_report_reused_when_nothing_changed_rebuilt_when_a_stage_recomputes(
     config = {"profile": "smoke", "pretrain": {"epochs": 1}}
 
     def run(run_id: str, producers: dict[str, str]) -> str:
-        cat.start_run(run_id, profile="smoke", config=config)
+        start_run(cat, run_id, profile="smoke", config=config)
         for name, producer in producers.items():
             computed = producer == run_id
-            cat.record_stage(
+            record_stage(
+                cat,
                 run_id,
                 name,
                 status="completed" if computed else "cached",
@@ -404,7 +405,7 @@ def test_report_reused_when_nothing_changed_rebuilt_when_a_stage_recomputes(
                 outputs={"producer_run_id": producer, "key": f"k-{name}-{producer}",
                          "digest": f"d-{name}-{producer}"},
             )  # fmt: skip
-        cat.record_stage(run_id, "judge", status="skipped", message="Ollama is not reachable")
+        record_stage(cat, run_id, "judge", status="skipped", message="Ollama is not reachable")
         cat.end_run(run_id, "completed")
         return build.publish_report(cat, run_id)
 
