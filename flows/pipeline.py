@@ -21,7 +21,6 @@ from flows.profiles import DEFAULT_PROFILE
 from flows.run_start import FlowRun, make_context
 from gpt.errors import JudgeError
 from tasks.catalog import Catalog, utcnow
-from tasks.catalog.connections import keep_idle
 from tasks.records.gate_results import raise_for_gates, run_gates
 from tasks.records.runs import StageRecord
 from tasks.stages import STAGES
@@ -45,33 +44,31 @@ def gptflow_pipeline(
     ``overrides``; ``force`` names stages to recompute even when cached; ``verify="full"``
     re-hashes every file of a cached result before trusting it; ``retrust`` accepts a
     changed download of the trust-on-first-use files it names. Parameters are validated
-    strictly, as every setting (a deployment's ``"yes"`` is not a boolean). The run
-    keeps its catalog connections open while it is busy (:func:`keep_idle`)."""
-    with keep_idle():
-        run = FlowRun.start(
-            profile,
-            lambda: config if config is not None else build_config(profile, overrides),
-            mirror=mirror,
-            force=force or (),
-            verify=verify,
-            progress=progress,
-            retrust=retrust or (),
-        )
-        judged = run.record(lambda: run_stages(run.cfg, run.ctx))
-        if isinstance(judged, State) and judged.is_crashed():
-            return judged  # the worker died: the flow run is Crashed, saying so
-        cat, rec = run.ctx.catalog, run.ctx.recorder
-        # regression gates, evaluated and stored before the report shows them
-        gate_results = run_gates(cat, run.run_id, run.cfg.gates, recorder=rec)
-        try:
-            from flows.report.build import publish_report
+    strictly, as every setting (a deployment's ``"yes"`` is not a boolean)."""
+    run = FlowRun.start(
+        profile,
+        lambda: config if config is not None else build_config(profile, overrides),
+        mirror=mirror,
+        force=force or (),
+        verify=verify,
+        progress=progress,
+        retrust=retrust or (),
+    )
+    judged = run.record(lambda: run_stages(run.cfg, run.ctx))
+    if isinstance(judged, State) and judged.is_crashed():
+        return judged  # the worker died: the flow run is Crashed, saying so
+    cat, rec = run.ctx.catalog, run.ctx.recorder
+    # regression gates, evaluated and stored before the report shows them
+    gate_results = run_gates(cat, run.run_id, run.cfg.gates, recorder=rec)
+    try:
+        from flows.report.build import publish_report
 
-            publish_report(cat, run.run_id)  # the report reads everything from the catalog
-        except Exception as exc:  # a report must never fail a finished run
-            get_run_logger().warning("could not publish the run report: %s", exc)
-        # a failed gate fails the flow run (automations fire), after every result is stored
-        raise_for_gates(run.run_id, gate_results, run.cfg.gates)
-        return {"run_id": run.run_id, "status": "completed", "judge": _judge_info(judged)}
+        publish_report(cat, run.run_id)  # the report reads everything from the catalog
+    except Exception as exc:  # a report must never fail a finished run
+        get_run_logger().warning("could not publish the run report: %s", exc)
+    # a failed gate fails the flow run (automations fire), after every result is stored
+    raise_for_gates(run.run_id, gate_results, run.cfg.gates)
+    return {"run_id": run.run_id, "status": "completed", "judge": _judge_info(judged)}
 
 
 def run_stages(cfg: PipelineConfig, ctx: RunContext) -> Any:

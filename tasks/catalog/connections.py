@@ -5,11 +5,7 @@ secret, ATTACH), and retrying the write conflicts several writers cause.
   it even read-only opens from other processes fail (FACTS.md §7). So writers write a file
   of their own (the live file; readers get published copies: ``publish.py``), every
   operation opens the file, runs one transaction and closes it, and opening is retried
-  with jittered backoff on the lock error for ``lock_timeout`` seconds. Inside
-  :func:`keep_idle` (a pipeline run), a closed connection stays open, idle, for
-  :data:`IDLE_CLOSE_S` and serves the process's next operation in the same mode on the
-  same file (a cached rerun's ~90 operations open the file ~25 times instead of ~90);
-  other processes wait at most that long more.
+  with jittered backoff on the lock error for ``lock_timeout`` seconds.
 * **DuckLake.** Metadata in PostgreSQL, data as Parquet under ``data_path``; any number of
   processes attach at once. Loading the extensions and attaching cost ~0.3 s, so each
   process keeps one in-memory DuckDB with the lake attached (per lake, per read-only/
@@ -22,7 +18,6 @@ secret, ATTACH), and retrying the write conflicts several writers cause.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import logging
@@ -32,9 +27,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gpt.errors import CatalogError, CatalogLockedError
 from tasks.catalog.extensions import load_extension
@@ -90,12 +84,8 @@ _INHERITED: list[duckdb.DuckDBPyConnection] = []
 
 
 def _after_fork_in_child() -> None:
-    global _IDLE_GUARD, _KEEPERS, _LAKES_GUARD, _PROCESS_LOCKS_GUARD
+    global _LAKES_GUARD, _PROCESS_LOCKS_GUARD
     _INHERITED.extend(_LAKES.values())
-    _INHERITED.extend(p.con for p in _IDLE.values())  # the parent's: its timers close them
-    _IDLE.clear()
-    _IDLE_GUARD = threading.Lock()
-    _KEEPERS = 0
     _LAKES.clear()
     _LAKES_GUARD = threading.Lock()  # another thread of the parent may have held these
     _PROCESS_LOCKS_GUARD = threading.Lock()
@@ -119,174 +109,7 @@ def _backoff(delay: float, deadline: float) -> float:
 
 
 # ---------------------------------------------------------------------- the DuckDB file
-#: Seconds a closed connection to a catalog file stays open for this process's next
-#: operation in the same mode before it is really closed.
-IDLE_CLOSE_S = 0.5
-
-_PoolKey = tuple[str, bool, tuple[tuple[str, Any], ...]]
-
-
-@dataclass
-class _Parked:
-    """An idle connection: its file (device, inode) when it was opened, and the timer
-    that closes it."""
-
-    con: duckdb.DuckDBPyConnection
-    file_id: tuple[int, int] | None
-    timer: threading.Timer
-
-
-# key -> the idle connection of that file and mode (taken out while in use)
-_IDLE: dict[_PoolKey, _Parked] = {}
-_IDLE_GUARD = threading.Lock()
-# how many keep_idle() blocks are open in this process
-_KEEPERS = 0
-
-
-@contextlib.contextmanager
-def keep_idle() -> Iterator[None]:
-    """For the ``with`` block (e.g. one pipeline run, whose process is gptflow's alone),
-    keep closed catalog-file connections idle for the next operation; at its end every
-    idle connection is closed (outside such a block the file is closed after each
-    operation, so code of the same process may open it with another mode right after)."""
-    global _KEEPERS
-    with _IDLE_GUARD:
-        _KEEPERS += 1
-    try:
-        yield
-    finally:
-        with _IDLE_GUARD:
-            _KEEPERS -= 1
-            last = _KEEPERS == 0
-        if last:
-            close_idle()
-
-
-def _file_id(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _close_quietly(con: duckdb.DuckDBPyConnection) -> None:
-    with contextlib.suppress(Exception):
-        con.close()
-
-
-def _take_idle(key: _PoolKey, file_id: tuple[int, int] | None) -> duckdb.DuckDBPyConnection | None:
-    """The idle connection for ``key`` if it still opens the same file; every other idle
-    connection to that path or file is closed (DuckDB refuses a read-only and a
-    read-write connection to one file in a process, and a replaced file must be
-    reopened)."""
-    found = None
-    stale: list[_Parked] = []
-    with _IDLE_GUARD:
-        for k in list(_IDLE):
-            parked = _IDLE[k]
-            same_file = file_id is not None and parked.file_id == file_id
-            if k == key and same_file:
-                found = _IDLE.pop(k)
-            elif k[0] == key[0] or same_file:
-                stale.append(_IDLE.pop(k))
-    for parked in stale:
-        parked.timer.cancel()
-        _close_quietly(parked.con)
-    if found is None:
-        return None
-    found.timer.cancel()
-    return found.con
-
-
-def _park(key: _PoolKey, con: duckdb.DuckDBPyConnection, file_id: tuple[int, int] | None) -> None:
-    """Keep ``con`` idle for :data:`IDLE_CLOSE_S` (rolled back to no open transaction);
-    a connection that cannot be reused is closed."""
-    import duckdb
-
-    try:
-        con.execute("ROLLBACK")  # a transaction a failed operation left open
-    except duckdb.TransactionException:
-        pass  # none was open
-    except Exception:
-        _close_quietly(con)
-        return
-    if file_id is None or not _KEEPERS:
-        _close_quietly(con)
-        return
-    timer = threading.Timer(IDLE_CLOSE_S, _expire, args=(key, con))
-    timer.daemon = True
-    with _IDLE_GUARD:
-        previous = _IDLE.pop(key, None)
-        _IDLE[key] = _Parked(con, file_id, timer)
-    if previous is not None:
-        previous.timer.cancel()
-        _close_quietly(previous.con)
-    timer.start()
-
-
-def _expire(key: _PoolKey, con: duckdb.DuckDBPyConnection) -> None:
-    with _IDLE_GUARD:
-        parked = _IDLE.get(key)
-        if parked is None or parked.con is not con:
-            return  # taken again (or replaced) since
-        del _IDLE[key]
-    _close_quietly(con)
-
-
-def close_idle() -> None:
-    """Close every idle connection now (at exit, and wherever a file is to be free)."""
-    with _IDLE_GUARD:
-        parked = list(_IDLE.values())
-        _IDLE.clear()
-    for p in parked:
-        p.timer.cancel()
-        _close_quietly(p.con)
-
-
-atexit.register(close_idle)
-
-
-class _LentConnection:
-    """A DuckDB connection lent to one operation: everything is the connection's, but
-    :meth:`close` keeps it idle for the next one (:func:`_park`)."""
-
-    __slots__ = ("_con", "_file_id", "_key")
-
-    def __init__(
-        self, con: duckdb.DuckDBPyConnection, key: _PoolKey, file_id: tuple[int, int] | None
-    ) -> None:
-        self._con, self._key, self._file_id = con, key, file_id
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._con, name)
-
-    def __enter__(self) -> _LentConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        con, self._con = self._con, None
-        if con is not None:
-            _park(self._key, con, self._file_id)
-
-
 def open_file(
-    path: Path, *, read_only: bool, timeout: float, config: dict[str, Any] | None = None
-) -> duckdb.DuckDBPyConnection:
-    """A connection to the catalog file ``path``: this process's idle one of the same
-    file and mode, else ``duckdb.connect`` retried with jittered exponential backoff on
-    the lock error. Its ``close()`` keeps it idle for :data:`IDLE_CLOSE_S`."""
-    key: _PoolKey = (str(path), read_only, tuple(sorted((config or {}).items())))
-    con = _take_idle(key, _file_id(path))
-    if con is None:
-        con = _connect(path, read_only=read_only, timeout=timeout, config=config)
-    return cast("duckdb.DuckDBPyConnection", _LentConnection(con, key, _file_id(path)))
-
-
-def _connect(
     path: Path, *, read_only: bool, timeout: float, config: dict[str, Any] | None = None
 ) -> duckdb.DuckDBPyConnection:
     """``duckdb.connect`` retried with jittered exponential backoff on the lock error."""
