@@ -113,6 +113,10 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+#: The /proc/cpuinfo flags the results JSON records: the vector and matrix units.
+_VECTOR_FLAGS = ("sse", "ssse", "avx", "fma", "f16c", "amx")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -123,10 +127,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _clock_source() -> str | None:
+    """The kernel's clock source (``tsc``, ``kvm-clock``, …): what ``perf_counter`` reads."""
+    path = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def hardware() -> dict[str, Any]:
-    """What the numbers were measured on: CPU model, cores, vector ISA and nominal peak,
-    torch, threads, device (and GPU name), and the glibc malloc tunables in force."""
-    from benchmarks.peak import cpu_peak
+    """What the numbers were measured on: CPU model, its vector flags, cores, vector ISA
+    and nominal peak, the clock source, torch, threads, device (and GPU name), and the
+    glibc malloc tunables in force."""
+    from benchmarks.peak import cpu_peak, cpuinfo
 
     device = pick_device()
     peak = cpu_peak()
@@ -137,7 +151,11 @@ def hardware() -> dict[str, Any]:
         if hasattr(os, "sched_getaffinity")
         else None,
         "cpu_isa": peak["isa"],
+        "cpu_flags": sorted(
+            f for f in cpuinfo().get("flags", "").split() if f.startswith(_VECTOR_FLAGS)
+        ),
         "cpu_clock_ghz": peak["clock_ghz"],
+        "clock_source": _clock_source(),
         "cpu_peak_gflops_fp32": peak["gflops"],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

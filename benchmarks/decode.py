@@ -70,9 +70,9 @@ def _cpu_profile() -> tuple[Any, Any]:
     import tomllib
 
     from gpt.args import ExtractArgs, PrepareArgs
-    from gpt.paths import project_root
 
-    path = project_root() / "flows" / "profiles" / "cpu.toml"
+    # the source tree's profile (GPTFLOW_HOME moves the data, not the code)
+    path = Path(__file__).resolve().parents[1] / "flows" / "profiles" / "cpu.toml"
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     return PrepareArgs(**data.get("tokenize", {})), ExtractArgs(**data.get("extract_responses", {}))
 

@@ -51,7 +51,7 @@ GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
 _FLOPS_PER_CYCLE = {"avx512": 64, "avx2+fma": 32, "avx": 16, "sse": 8}
 
 
-def _cpuinfo() -> dict[str, str]:
+def cpuinfo() -> dict[str, str]:
     """The first processor block of /proc/cpuinfo (empty off Linux)."""
     info: dict[str, str] = {}
     try:
@@ -72,7 +72,7 @@ def cpu_vector_isa(flags: set[str] | None = None) -> str:
     """The widest float32 vector extension the CPU advertises: ``avx512``, ``avx2+fma``,
     ``avx`` or ``sse``."""
     if flags is None:
-        flags = set(_cpuinfo().get("flags", "").split())
+        flags = set(cpuinfo().get("flags", "").split())
     if "avx512f" in flags and "fma" in flags:
         return "avx512"
     if "avx2" in flags and "fma" in flags:
@@ -102,7 +102,7 @@ def cpu_peak(threads: int | None = None) -> dict[str, Any]:
     with every term of the formula, or ``gflops: None`` when the clock is unknown."""
     import torch
 
-    info = _cpuinfo()
+    info = cpuinfo()
     isa = cpu_vector_isa(set(info.get("flags", "").split()))
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     threads = threads or torch.get_num_threads()

@@ -277,3 +277,39 @@ def test_render_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "Measured 2026-01-02 03:04 UTC" in text
     assert "| judge | 40 examples | concurrency 1: 4 ex/s (3.9–4.1, n=3) |" in text
     assert "7.5×" in text and "| yes |" in text
+
+
+def test_decode_benchmarks_read_the_cpu_profile_of_the_source_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPTFLOW_HOME moves the data folders, not the code: the decoding rows still find the
+    cpu profile's settings (they looked under GPTFLOW_HOME and failed)."""
+    import tomllib
+
+    from benchmarks.decode import _cpu_profile
+
+    monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path))
+    _, extract = _cpu_profile()
+    here = Path(__file__).resolve().parents[2] / "flows" / "profiles" / "cpu.toml"
+    want = tomllib.loads(here.read_text(encoding="utf-8")).get("extract_responses", {})
+    assert want, "the cpu profile sets extract_responses"
+    for field, value in want.items():
+        assert getattr(extract, field) == value, field
+
+
+def test_results_name_the_machine() -> None:
+    """A results file says what it was measured on: CPU model, its vector flags, cores,
+    clock and clock source, besides torch and the device."""
+    from benchmarks.core import hardware
+    from benchmarks.peak import cpuinfo
+
+    hw = hardware()
+    assert hw["cpu"] and hw["cores"] >= 1 and hw["cpu_clock_ghz"] > 0
+    flags = set(cpuinfo().get("flags", "").split())
+    assert set(hw["cpu_flags"]) <= flags
+    assert ("avx2" in flags) == ("avx2" in hw["cpu_flags"])
+    source = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+    if source.exists():
+        assert hw["clock_source"] == source.read_text().strip()
+    else:
+        assert hw["clock_source"] is None
