@@ -19,7 +19,7 @@ from pydantic import StrictBool, StrictStr
 
 from flows.config import build_config
 from flows.profiles import DEFAULT_PROFILE
-from flows.report.build import publish_table
+from flows.report.publish import publish_table
 from flows.run_start import FlowRun
 from gpt.errors import DataError
 from tasks.catalog import Catalog

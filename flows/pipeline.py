@@ -21,6 +21,7 @@ from flows.profiles import DEFAULT_PROFILE
 from flows.run_start import FlowRun, make_context
 from gpt.errors import JudgeError
 from tasks.catalog import Catalog, utcnow
+from tasks.catalog.connections import catalog_session
 from tasks.records.gate_results import raise_for_gates, run_gates
 from tasks.records.runs import StageRecord
 from tasks.stages import STAGES
@@ -44,7 +45,22 @@ def gptflow_pipeline(
     ``overrides``; ``force`` names stages to recompute even when cached; ``verify="full"``
     re-hashes every file of a cached result before trusting it; ``retrust`` accepts a
     changed download of the trust-on-first-use files it names. Parameters are validated
-    strictly, as every setting (a deployment's ``"yes"`` is not a boolean)."""
+    strictly, as every setting (a deployment's ``"yes"`` is not a boolean). The run
+    keeps one write connection to a catalog file while it is busy (:func:`catalog_session`)."""
+    with catalog_session():
+        return _pipeline(profile, overrides, config, mirror, force, verify, progress, retrust)
+
+
+def _pipeline(
+    profile: str,
+    overrides: list[str] | None,
+    config: PipelineConfig | None,
+    mirror: str | None,
+    force: list[str] | None,
+    verify: Literal["auto", "full"],
+    progress: bool,
+    retrust: list[str] | None,
+) -> dict[str, Any] | State:
     run = FlowRun.start(
         profile,
         lambda: config if config is not None else build_config(profile, overrides),
@@ -61,7 +77,7 @@ def gptflow_pipeline(
     # regression gates, evaluated and stored before the report shows them
     gate_results = run_gates(cat, run.run_id, run.cfg.gates, recorder=rec)
     try:
-        from flows.report.build import publish_report
+        from flows.report.publish import publish_report
 
         publish_report(cat, run.run_id)  # the report reads everything from the catalog
     except Exception as exc:  # a report must never fail a finished run
@@ -135,16 +151,20 @@ def _judge_info(judged: Any) -> dict[str, Any]:
 def stage_statuses(run_id: str, catalog: Catalog | None = None) -> dict[str, dict[str, Any]]:
     """Status, cache hit and message of each stage of a run, in the pipeline's order, from
     ``catalog`` (default: the one the environment selects)."""
-    from tasks.catalog.status import stage_rows
-
-    df = stage_rows(catalog or Catalog(), [run_id], STAGES)
+    rows = (catalog or Catalog()).query_rows(
+        "SELECT stage, status, cache_hit, message FROM stages WHERE run_id = ? "
+        "ORDER BY started_at, stage",
+        [run_id],
+    )
+    rank = {s: i for i, s in enumerate(STAGES)}
+    rows.sort(key=lambda r: rank.get(r["stage"], len(rank)))
     return {
         r["stage"]: {
             "status": r["status"],
-            "cache_hit": bool(r["cache_hit"]) if r["cache_hit"] is not None else False,
+            "cache_hit": bool(r["cache_hit"]),
             "message": r["message"] if isinstance(r["message"], str) else None,
         }
-        for r in df.to_dict("records")
+        for r in rows
     }
 
 

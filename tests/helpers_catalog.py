@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from tasks.catalog import Catalog, checkpoint_digest, utcnow
-from tasks.catalog.values import as_frame, to_json, to_utc_naive
+from tasks.catalog.values import to_json, to_utc_naive
 
 
 def start_run(
@@ -116,7 +116,7 @@ def record_metrics(
 ) -> int:
     """Append metric rows (step, epoch, seen, split, name, value[, time]); ``replace``
     first deletes the (run, stage)'s metrics, in the same transaction."""
-    df = as_frame(rows)
+    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     if len(df) == 0 and not replace:
         return 0
     df["run_id"], df["stage"] = run_id, stage

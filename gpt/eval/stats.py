@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 from gpt.errors import DataError
 
 #: Bootstrap resamples used unless told otherwise (``gptflow compare``, the gates).
@@ -125,6 +123,8 @@ def paired_bootstrap_ci(
 
     Deterministic for a given ``seed`` (and independent of ``chunk``, the resamples drawn
     per step to bound memory)."""
+    import numpy as np
+
     a = np.asarray(first, dtype=float)
     b = np.asarray(second, dtype=float)
     if a.shape != b.shape or a.ndim != 1:

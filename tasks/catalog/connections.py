@@ -5,7 +5,12 @@ secret, ATTACH), and retrying the write conflicts several writers cause.
   it even read-only opens from other processes fail (FACTS.md §7). So writers write a file
   of their own (the live file; readers get published copies: ``publish.py``), every
   operation opens the file, runs one transaction and closes it, and opening is retried
-  with jittered backoff on the lock error for ``lock_timeout`` seconds.
+  with jittered backoff on the lock error for ``lock_timeout`` seconds. Inside
+  :func:`catalog_session` (a pipeline run) the process keeps its write connection to the
+  live file between operations instead (reads run in ``BEGIN TRANSACTION READ ONLY``):
+  a cached rerun's ~70 operations open the file once. It is closed after
+  :data:`IDLE_CLOSE_S` idle, and after the operation in progress as soon as another
+  process says it waits for the file (it touches ``<live>.waiting`` while retrying).
 * **DuckLake.** Metadata in PostgreSQL, data as Parquet under ``data_path``; any number of
   processes attach at once. Loading the extensions and attaching cost ~0.3 s, so each
   process keeps one in-memory DuckDB with the lake attached (per lake, per read-only/
@@ -18,6 +23,7 @@ secret, ATTACH), and retrying the write conflicts several writers cause.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import logging
@@ -84,15 +90,19 @@ _INHERITED: list[duckdb.DuckDBPyConnection] = []
 
 
 def _after_fork_in_child() -> None:
-    global _LAKES_GUARD, _PROCESS_LOCKS_GUARD
+    global _LAKES_GUARD, _PROCESS_LOCKS_GUARD, _POOL_GUARD, _SESSIONS
     _INHERITED.extend(_LAKES.values())
+    _INHERITED.extend(_IN_USE)  # a connection another thread used at the fork: the parent's
+    _IN_USE.clear()
+    _POOL_GUARD = threading.Lock()
+    _SESSIONS = 0
     _LAKES.clear()
     _LAKES_GUARD = threading.Lock()  # another thread of the parent may have held these
     _PROCESS_LOCKS_GUARD = threading.Lock()
     _PROCESS_LOCKS.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=lambda: close_idle(), after_in_child=_after_fork_in_child)
 
 
 def process_lock(key: str | Path) -> threading.RLock:
@@ -117,9 +127,10 @@ def open_file(
 
     deadline = time.monotonic() + max(0.0, timeout)
     delay = 0.02
+    waited = False
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=config or {})
+            con = duckdb.connect(str(path), read_only=read_only, config=config or {})
         except duckdb.IOException as exc:
             msg = str(exc)
             if not _LOCK_RE.search(msg):
@@ -129,6 +140,8 @@ def open_file(
                         "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
                     ) from exc
                 raise CatalogError(f"cannot open the catalog {path}: {msg}") from exc
+            _say_waiting(path)
+            waited = True
             if time.monotonic() >= deadline:
                 m = _PID_RE.search(msg)
                 holder = f"PID {m.group(1)}" if m else "an unknown process"
@@ -140,6 +153,155 @@ def open_file(
                 ) from exc
             log.debug("catalog %s locked (%s); retrying", path, msg)
             delay = _backoff(delay, deadline)
+            continue
+        if waited:
+            with contextlib.suppress(OSError):
+                waiting_marker(path).unlink()
+        return con
+
+
+def waiting_marker(path: Path) -> Path:
+    """The file a process touches while it waits for ``path`` to be free."""
+    return path.with_name(path.name + ".waiting")
+
+
+def _say_waiting(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        waiting_marker(path).touch()
+
+
+def _someone_waits(path: Path) -> bool:
+    """Another process touched the waiting marker of ``path`` in the last
+    :data:`WAIT_FRESH_S` seconds."""
+    try:
+        mtime = waiting_marker(path).stat().st_mtime
+    except OSError:
+        return False
+    return time.time() - mtime < WAIT_FRESH_S
+
+
+# ---------------------------------------------------------------------- the run's connection
+#: Seconds a pooled write connection stays open, idle, before it is closed.
+IDLE_CLOSE_S = 0.5
+#: A waiting marker touched this recently makes holders close after their operation.
+WAIT_FRESH_S = 2.0
+
+# live file -> (its idle connection, the timer that closes it); in use: taken out
+_IDLE: dict[str, tuple[duckdb.DuckDBPyConnection, threading.Timer]] = {}
+# connections lent to an operation now (closed, not parked, when no session is left)
+_IN_USE: list[duckdb.DuckDBPyConnection] = []
+_POOL_GUARD = threading.Lock()
+_SESSIONS = 0
+# open descriptors of the live file that must outlive the connection: closing any
+# descriptor of a file drops every POSIX lock this process holds on it (DuckDB's lock)
+_KEEP_FDS: dict[int, list[int]] = {}
+
+
+@contextlib.contextmanager
+def catalog_session() -> Iterator[None]:
+    """For the ``with`` block (a pipeline run), keep this process's write connection to
+    a catalog file open between operations (see the module's docstring); at its end every
+    idle connection is closed."""
+    global _SESSIONS
+    with _POOL_GUARD:
+        _SESSIONS += 1
+    try:
+        yield
+    finally:
+        with _POOL_GUARD:
+            _SESSIONS -= 1
+            last = _SESSIONS == 0
+        if last:
+            close_idle()
+
+
+def in_session() -> bool:
+    """Whether connections are pooled now (inside :func:`catalog_session`)."""
+    return _SESSIONS > 0
+
+
+def keep_fd_with(con: duckdb.DuckDBPyConnection, fd: int) -> None:
+    """Close ``fd`` (a descriptor of the file ``con`` holds) only after ``con``."""
+    _KEEP_FDS.setdefault(id(con), []).append(fd)
+
+
+def close_connection(con: duckdb.DuckDBPyConnection) -> None:
+    """Close ``con``, then the descriptors kept with it (:func:`keep_fd_with`)."""
+    try:
+        con.close()
+    finally:
+        for fd in _KEEP_FDS.pop(id(con), []):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def take_pooled(path: Path, timeout: float) -> duckdb.DuckDBPyConnection:
+    """The process's write connection to ``path``: the idle one, else a new one (the
+    caller holds the catalog's process lock and gives it back with :func:`give_back`)."""
+    with _POOL_GUARD:
+        parked = _IDLE.pop(str(path), None)
+    if parked is not None:
+        parked[1].cancel()
+        con = parked[0]
+    else:
+        con = open_file(path, read_only=False, timeout=timeout)
+    with _POOL_GUARD:
+        _IN_USE.append(con)
+    return con
+
+
+def give_back(path: Path, con: duckdb.DuckDBPyConnection) -> None:
+    """End an operation on a pooled connection: its open transaction is rolled back; it
+    is kept idle for the next one, unless the session ended or another process waits for
+    the file, when it is closed."""
+    import duckdb
+
+    with _POOL_GUARD, contextlib.suppress(ValueError):
+        _IN_USE.remove(con)
+    try:
+        con.execute("ROLLBACK")  # what a failed operation left open
+    except duckdb.TransactionException:
+        pass  # none was open
+    except Exception:
+        close_connection(con)
+        return
+    if not in_session() or _someone_waits(path):
+        close_connection(con)
+        return
+    timer = threading.Timer(IDLE_CLOSE_S, _expire, args=(str(path), con))
+    timer.daemon = True
+    with _POOL_GUARD:
+        previous = _IDLE.pop(str(path), None)
+        _IDLE[str(path)] = (con, timer)
+    if previous is not None:
+        previous[1].cancel()
+        close_connection(previous[0])
+    timer.start()
+
+
+def _expire(key: str, con: duckdb.DuckDBPyConnection) -> None:
+    with _POOL_GUARD:
+        parked = _IDLE.get(key)
+        if parked is None or parked[0] is not con:
+            return  # taken again (or replaced) since
+        del _IDLE[key]
+    with contextlib.suppress(Exception):
+        close_connection(con)
+
+
+def close_idle(path: Path | None = None) -> None:
+    """Close the idle pooled connection of ``path`` (all of them when None) now: before a
+    fork, at a session's end, and wherever the file is to be free or replaced."""
+    with _POOL_GUARD:
+        keys = [k for k in _IDLE if path is None or k == str(path)]
+        parked = [_IDLE.pop(k) for k in keys]
+    for con, timer in parked:
+        timer.cancel()
+        with contextlib.suppress(Exception):
+            close_connection(con)
+
+
+atexit.register(close_idle)
 
 
 # ---------------------------------------------------------------------- DuckLake

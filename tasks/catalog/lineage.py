@@ -42,14 +42,11 @@ class LineageRecords(abc.ABC):
         Empty while there is no catalog yet."""
         if not self.exists():
             return {}
-        df = self.query_df(
+        rows = self.query_rows(
             "SELECT name, sha256, bytes FROM sources "
             "WHERE position(':' IN name) > 0 AND sha256 IS NOT NULL"
         )
-        return {
-            str(name).split(":", 1)[1]: (str(sha), int(nbytes))
-            for name, sha, nbytes in zip(df["name"], df["sha256"], df["bytes"], strict=True)
-        }
+        return {str(r["name"]).split(":", 1)[1]: (str(r["sha256"]), int(r["bytes"])) for r in rows}
 
     def end_run(self, run_id: str, status: str, message: str | None = None) -> None:
         """Set a run's final ``status``, ``ended_at`` (now) and ``message`` (why it

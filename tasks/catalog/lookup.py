@@ -74,22 +74,47 @@ def previous_completed_run(cat: Catalog, run_id: str, *, passed_only: bool = Fal
         if passed_only
         else ""
     )
-    df = cat.query_df(
+    rows = cat.query_rows(
         "SELECT r.run_id FROM runs r, (SELECT profile, started_at FROM runs WHERE run_id = ?) me "
         "WHERE r.status = 'completed' AND r.run_id <> ? "
         "AND r.profile IS NOT DISTINCT FROM me.profile AND r.started_at < me.started_at "
         f"{gate_filter} ORDER BY r.started_at DESC LIMIT 1",
         [run_id, run_id],
     )
-    return str(df["run_id"].iloc[0]) if len(df) else None
+    return str(rows[0]["run_id"]) if rows else None
+
+
+def stage_outcomes(cat: Catalog, run_id: str) -> list[list[Any]]:
+    """Per stage of the run, sorted: ``[stage, "done" or its status, why not done, the run
+    that produced its results, their key, their digest]`` — what its results are, whichever
+    run computed them (two runs with equal outcomes hold the same results)."""
+    out = []
+    for row in cat.query_rows(
+        "SELECT stage, status, outputs, message FROM stages WHERE run_id = ?", [run_id]
+    ):
+        outputs = row["outputs"]
+        outputs = json.loads(outputs) if isinstance(outputs, str) else outputs
+        outputs = outputs if isinstance(outputs, dict) else {}  # none recorded (skipped)
+        done = row["status"] in ("completed", "cached")
+        out.append(
+            [
+                row["stage"],
+                "done" if done else row["status"],
+                None if done else str(row["message"]),
+                outputs.get("producer_run_id"),
+                outputs.get("key"),
+                outputs.get("digest"),
+            ]
+        )
+    return sorted(out, key=lambda r: str(r[0]))
 
 
 def producers(cat: Catalog, run_id: str) -> dict[str, str]:
     """``{stage: run whose rows the stage's results are}`` for every stage of the run."""
-    df = cat.query_df(
+    rows = cat.query_rows(
         "SELECT stage, producer_run_id FROM stage_producers WHERE run_id = ?", [run_id]
     )
-    return {str(s): str(p) for s, p in zip(df["stage"], df["producer_run_id"], strict=True)}
+    return {str(r["stage"]): str(r["producer_run_id"]) for r in rows}
 
 
 def run_info(cat: Catalog, run_id: str) -> dict[str, Any]:

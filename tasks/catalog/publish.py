@@ -3,9 +3,11 @@
 DuckDB lets no writer open a file another process holds open, even read-only
 (FACTS §7). So gptflow's writers write the **live** file (``<path>.live``, one
 transaction at a time) and publish a checkpointed copy of it over the **published**
-file (``path``, what people open) with ``os.replace``: when a writer asks (run and stage
-starts and ends, migrations, rebuilds), after a write when the last publish is
-:data:`PUBLISH_EVERY` seconds old, and at exit. Writes made into the published file are
+file (``path``, what people open) with ``os.replace``: when a writer asks (run ends,
+migrations, rebuilds), at most every :data:`PUBLISH_GAP` seconds for run and stage events
+(a later event's publish waits for the gap, so a burst of them — a cached rerun's — makes
+one copy, not one each), after a write when the last publish is :data:`PUBLISH_EVERY`
+seconds old, and at exit. Writes made into the published file are
 lost at the next publish, which removes a WAL it finds there (docs/catalog.md).
 """
 
@@ -17,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two publishes triggered by plain writes (forced ones do not wait).
 PUBLISH_EVERY = 30.0
+#: Seconds between two publishes asked for by run and stage events.
+PUBLISH_GAP = 1.0
 
 
 def wal_of(path: Path) -> Path:
@@ -44,6 +49,8 @@ class _State:
     """``time.monotonic()`` of this process's last publish."""
     dirty: bool = False
     """This process wrote since its last publish."""
+    timer: threading.Timer | None = None
+    """A publish waiting for :data:`PUBLISH_GAP` to pass."""
 
 
 _STATES: dict[Path, _State] = {}
@@ -72,6 +79,21 @@ def note_write(live: Path, published: Path) -> bool:
     return time.monotonic() - st.last >= PUBLISH_EVERY
 
 
+def due_or_deferred(live: Path, published: Path, publish: Callable[[], object]) -> bool:
+    """True when this process last published :data:`PUBLISH_GAP` seconds ago or more
+    (publish now); else ``publish`` is scheduled for when that is (once) and False."""
+    st = _state(live, published)
+    wait = st.last + PUBLISH_GAP - time.monotonic()
+    if wait <= 0:
+        return True
+    with _GUARD:
+        if st.timer is None or not st.timer.is_alive():
+            st.timer = threading.Timer(wait, publish)
+            st.timer.daemon = True
+            st.timer.start()
+    return False
+
+
 def unpublished() -> list[tuple[Path, Path]]:
     """``(live, published)`` of every file this process wrote and has not published."""
     with _GUARD:
@@ -95,31 +117,51 @@ def needs_publish(live: Path, published: Path) -> bool:
 
 
 def copy_file(src: Path, dst: Path) -> None:
-    """``dst`` = a copy of ``src``, through ``copy_file_range`` (a reflink, no bytes
-    moved, where the file system shares extents: XFS, Btrfs), else a plain copy."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        left = os.fstat(fin.fileno()).st_size
+    """``dst`` = a copy of ``src`` (see :func:`copy_fd`)."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        copy_fd(fd, dst)
+    finally:
+        os.close(fd)
+
+
+def copy_fd(src: int, dst: Path) -> None:
+    """``dst`` = a copy of the open file ``src`` (its offset untouched), through
+    ``copy_file_range`` (a reflink, no bytes moved, where the file system shares extents:
+    XFS, Btrfs), else by reading it."""
+    size = os.fstat(src).st_size
+    with open(dst, "wb") as fout:
+        pos = 0
         try:
-            while left > 0:
-                done = os.copy_file_range(fin.fileno(), fout.fileno(), left)
+            while pos < size:
+                done = os.copy_file_range(src, fout.fileno(), size - pos, pos)
                 if done == 0:
                     break
-                left -= done
+                pos += done
         except (AttributeError, OSError):  # not on this platform / file system
             pass
-        if left == 0:
-            return
-    shutil.copyfile(src, dst)
+        while pos < size:
+            chunk = os.pread(src, min(1 << 22, size - pos), pos)
+            if not chunk:
+                break
+            fout.write(chunk)
+            pos += len(chunk)
 
 
 def publish_copy(con: duckdb.DuckDBPyConnection, live: Path, published: Path) -> None:
     """Checkpoint ``live`` through ``con`` — the caller's open write connection to it,
     which keeps every other writer out until the copy is in place — and replace
     ``published`` with a copy of it (atomically: readers see the old or the new file)."""
+    from tasks.catalog.connections import keep_fd_with
+
     con.execute("CHECKPOINT")
     tmp = published.with_name(f".{published.name}.{os.getpid()}-{threading.get_ident()}.publish")
+    # closing a descriptor of the live file would drop DuckDB's lock on it while ``con``
+    # is still open: the descriptor is closed after ``con``
+    fd = os.open(live, os.O_RDONLY)
+    keep_fd_with(con, fd)
     try:
-        copy_file(live, tmp)
+        copy_fd(fd, tmp)
         stray = wal_of(published)
         if stray.exists():
             log.warning(

@@ -20,15 +20,21 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gpt.errors import CatalogError, CatalogLockedError
 from tasks.catalog.connections import (
+    close_connection,
+    close_idle,
+    give_back,
+    in_session,
     is_write_refusal,
     lake_cursor,
     open_file,
     process_lock,
     retry_on_conflict,
+    take_pooled,
 )
 from tasks.catalog.lineage import LineageRecords
 from tasks.catalog.migrate import apply_steps, check_version, current_version
 from tasks.catalog.publish import (
+    due_or_deferred,
     needs_publish,
     note_write,
     publish_copy,
@@ -40,14 +46,14 @@ from tasks.catalog.schema import SCHEMA_VERSION
 from tasks.catalog.settings import CatalogSettings, S3Settings, lock_timeout_from_env
 from tasks.catalog.tables import (
     check_table,
-    insert_frame,
     insert_parquet,
+    insert_typed,
     replace_in,
     table_columns,
-    typed_frame,
+    typed_rows,
     upsert_in,
 )
-from tasks.catalog.values import as_frame
+from tasks.catalog.values import inline_params, materialize
 
 if TYPE_CHECKING:
     import duckdb
@@ -190,11 +196,36 @@ class Catalog(LineageRecords):
             with lake_cursor(self.settings, read_only=read_only) as cur:
                 yield cur
             return
-        con = self._open_file(read_only, config)
+        with self._file_connection(read_only, config) as con:
+            yield con
+
+    @contextlib.contextmanager
+    def _file_connection(
+        self, read_only: bool, config: dict[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection to the catalog file for the ``with`` block: inside a
+        :func:`catalog_session` the process's pooled write connection to the live file
+        (a reader's block in a read-only transaction), else one opened for the block."""
+        assert self.path is not None and self.live_path is not None
+        if not in_session() or self.snapshot or config:
+            close_idle(self.live_path)  # DuckDB refuses two configurations of one file
+            con = self._open_file(read_only, config)
+            try:
+                yield con
+            finally:
+                close_connection(con)
+            return
+        if read_only and not (self.live_path.exists() or self.path.exists()):
+            raise self._missing()
+        self.live_path.parent.mkdir(parents=True, exist_ok=True)
+        seed_live(self.live_path, self.path)
+        con = take_pooled(self.live_path, self.lock_timeout)
         try:
+            if read_only:
+                con.execute("BEGIN TRANSACTION READ ONLY")
             yield con
         finally:
-            con.close()
+            give_back(self.live_path, con)
 
     @contextlib.contextmanager
     def held(self, *, read_only: bool = False) -> Iterator[Catalog]:
@@ -208,8 +239,7 @@ class Catalog(LineageRecords):
             return
         if not read_only and not self._migrated:
             self.migrate()
-        with process_lock(self._lock_key()):
-            con = self._open_file(read_only=read_only)
+        with process_lock(self._lock_key()), self._file_connection(read_only) as con:
             if read_only and not self._checked:
                 check_version(con, self.location)
                 self._checked = True
@@ -218,7 +248,6 @@ class Catalog(LineageRecords):
                 yield self
             finally:
                 self._held = None
-                con.close()
 
     # ------------------------------------------------------------------ publishing
     def _publish_in(self, con: duckdb.DuckDBPyConnection) -> bool:
@@ -234,18 +263,29 @@ class Catalog(LineageRecords):
             log.warning("could not publish the catalog %s: %s", self.path, exc)
             return False
 
-    def publish(self) -> bool:
+    def publish(self, *, soon: bool = False) -> bool:
         """Put a copy of the live file in place of the published one now, if the live
-        file holds anything the published one lacks (written by any process). Returns
-        whether it published; a lake or a snapshot handle has nothing to publish."""
+        file holds anything the published one lacks (written by any process). ``soon``
+        (run and stage events): now when this process last published
+        :data:`~tasks.catalog.publish.PUBLISH_GAP` seconds ago or more, else once that
+        gap has passed. Returns whether it published now; a lake or a snapshot handle has
+        nothing to publish."""
         if self.path is None or self.live_path is None or self.snapshot:
             return False
         if not needs_publish(self.live_path, self.path):
+            return False
+        if soon and not due_or_deferred(self.live_path, self.path, self._publish_later):
             return False
         with process_lock(self._lock_key()), self._open(read_only=False) as con:
             if not needs_publish(self.live_path, self.path):
                 return False
             return self._publish_in(con)
+
+    def _publish_later(self) -> None:
+        try:
+            Catalog(settings=self.settings, lock_timeout=EXIT_PUBLISH_TIMEOUT).publish()
+        except Exception as exc:  # the next publish (or the one at exit) catches up
+            log.warning("could not publish the catalog %s: %s", self.path, exc)
 
     def install(self, source: Catalog) -> None:
         """Make the database of ``source`` (another catalog file, e.g. one rebuilt beside
@@ -256,8 +296,10 @@ class Catalog(LineageRecords):
         assert source.path is not None
         with process_lock(source._lock_key()), source._open(read_only=False) as con:
             con.execute("CHECKPOINT")  # the source's live file stands alone
+        close_idle(source.live_path)
         self.live_path.parent.mkdir(parents=True, exist_ok=True)
         with process_lock(self._lock_key()):
+            close_idle(self.live_path)  # a pooled connection must not outlive its file
             held = (
                 open_file(self.live_path, read_only=False, timeout=self.lock_timeout)
                 if self.live_path.exists()
@@ -268,7 +310,7 @@ class Catalog(LineageRecords):
                 os.replace(source.live_path, self.live_path)
             finally:
                 if held is not None:
-                    held.close()
+                    close_connection(held)
         for leftover in (source.path, wal_of(source.path), wal_of(source.live_path)):
             leftover.unlink(missing_ok=True)
         self._migrated = self._checked = False
@@ -380,7 +422,7 @@ class Catalog(LineageRecords):
         Returns the number of rows inserted.
         """
         check_table(table)
-        rows = as_frame(df)
+        rows = materialize(df)
         return self.write(table, lambda con: replace_in(con, table, rows, where, self.location))
 
     def replace_many(
@@ -391,7 +433,7 @@ class Catalog(LineageRecords):
         every table gets its new rows or none changes. Returns the rows inserted."""
         for table, _, _ in items:
             check_table(table)
-        frames = [(table, as_frame(rows), where) for table, rows, where in items]
+        frames = [(table, materialize(rows), where) for table, rows, where in items]
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
             return sum(replace_in(con, t, r, w, self.location) for t, r, w in frames)
@@ -415,12 +457,11 @@ class Catalog(LineageRecords):
     def insert_rows(self, table: str, rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> int:
         """Append rows (one transaction); returns the number inserted."""
         check_table(table)
-        frame = as_frame(rows)
+        frame = materialize(rows)
 
         def body(con: duckdb.DuckDBPyConnection) -> int:
             cols = table_columns(con, table)
-            df = typed_frame(table, frame, cols, self.location)
-            return insert_frame(con, table, df, cols)
+            return insert_typed(con, table, typed_rows(table, frame, cols, self.location), cols)
 
         return self.write(table, body)
 
@@ -435,21 +476,39 @@ class Catalog(LineageRecords):
         key = list(key)
         if not key:
             raise CatalogError(f"upsert_rows on {table!r} needs at least one key column")
-        frame = as_frame(rows)
+        frame = materialize(rows)
         return self.write(table, lambda con: upsert_in(con, table, frame, key, self.location))
 
     # ------------------------------------------------------------------ reads
     def query_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         """Run ``sql`` on a read-only connection and return a DataFrame."""
+        return self._query(sql, params, lambda res: res.df())
+
+    def query_rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Run ``sql`` on a read-only connection and return its rows as dicts (no pandas:
+        what a cached rerun's few look-ups use)."""
+
+        def rows(res: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+            names = [d[0] for d in res.description or []]
+            return [dict(zip(names, row, strict=True)) for row in res.fetchall()]
+
+        return self._query(sql, params, rows)
+
+    def _query(
+        self,
+        sql: str,
+        params: Sequence[Any] | None,
+        fetch: Callable[[duckdb.DuckDBPyConnection], T],
+    ) -> T:
         import duckdb
 
         with self.connect(read_only=True) as con:
             try:
-                return con.execute(sql, list(params) if params else None).df()
+                return fetch(con.execute(*inline_params(sql, params)))
             except duckdb.Error as exc:
                 if is_write_refusal(exc):
                     raise CatalogError(
-                        f"query_df opens the catalog {self.location} read-only; use the write "
+                        f"queries open the catalog {self.location} read-only; use the write "
                         f"methods (replace_rows, insert_rows, ...) to change it: {exc}"
                     ) from exc
                 raise CatalogError(f"query on the catalog {self.location} failed: {exc}") from exc

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
 from tasks.catalog.schema import KNOWN_TABLES
-from tasks.catalog.values import quote_ident, to_json, to_utc_naive
+from tasks.catalog.values import inline_params, is_frame, quote_ident, to_json, to_utc_naive
 
 if TYPE_CHECKING:
     import duckdb
@@ -33,37 +33,53 @@ def check_table(table: str) -> None:
 
 def table_columns(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
     """``{column: SQL type}`` of ``table``, in column order."""
-    rows = con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_catalog "
-        "= current_database() AND table_schema = 'main' AND table_name = ? "
-        "ORDER BY ordinal_position",
-        [table],
-    ).fetchall()
-    return {name: dtype for name, dtype in rows}
+    check_table(table)  # the name reaches SQL as text
+    # DESCRIBE: ~0.3 ms; information_schema.columns: ~12 ms on the catalog
+    return {row[0]: row[1] for row in con.execute(f"DESCRIBE {table}").fetchall()}
 
 
-def typed_frame(
+#: Row lists up to this long are written through SQL parameters (no pandas); longer ones
+#: and DataFrames through a registered DataFrame.
+PARAM_ROWS = 256
+
+
+def _converter(dtype: str) -> Callable[[Any], Any] | None:
+    dtype = dtype.upper()
+    if dtype == "JSON":
+        return to_json
+    if dtype.startswith("TIMESTAMP"):
+        return to_utc_naive
+    return None
+
+
+def typed_rows(
     table: str,
     rows: pd.DataFrame | Sequence[Mapping[str, Any]],
     cols: dict[str, str],
     location: str,
-) -> pd.DataFrame:
-    """Rows as a DataFrame with table columns only, JSON/TIMESTAMP values normalised."""
-    import pandas as pd
+) -> pd.DataFrame | list[dict[str, Any]]:
+    """Rows with table columns only, JSON/TIMESTAMP values normalised: a DataFrame for a
+    DataFrame or a long list, else a list of dicts."""
+    frame = is_frame(rows)
+    if not frame and len(rows) > PARAM_ROWS:
+        import pandas as pd
 
-    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    unknown = [c for c in df.columns if c not in cols]
+        rows, frame = pd.DataFrame(list(rows)), True
+    names = list(rows.columns) if frame else list(dict.fromkeys(k for r in rows for k in r))
+    unknown = [c for c in names if c not in cols]
     if unknown:
         raise CatalogError(
             f"columns {unknown} are not in catalog table {table!r} of {location}; "
             f"its columns are {list(cols)}"
         )
-    for col in df.columns:
-        dtype = cols[col].upper()
-        if dtype == "JSON":
-            df[col] = pd.Series([to_json(v) for v in df[col]], index=df.index, dtype=object)
-        elif dtype.startswith("TIMESTAMP"):
-            df[col] = pd.Series([to_utc_naive(v) for v in df[col]], index=df.index, dtype=object)
+    convert = {c: f for c in names if (f := _converter(cols[c])) is not None}
+    if not frame:
+        return [{k: convert[k](v) if k in convert else v for k, v in r.items()} for r in rows]
+    import pandas as pd
+
+    df = rows.copy()
+    for col, f in convert.items():
+        df[col] = pd.Series([f(v) for v in df[col]], index=df.index, dtype=object)
     return df
 
 
@@ -83,7 +99,7 @@ def delete_where(
             "stage); use a where that names the rows to replace"
         )
     cond, params = match(where)
-    con.execute(f"DELETE FROM {table} WHERE {cond}", params)
+    con.execute(*inline_params(f"DELETE FROM {table} WHERE {cond}", params))
 
 
 def match(where: Mapping[str, Any]) -> tuple[str, list[Any]]:
@@ -102,24 +118,35 @@ def _view_name(kind: str) -> str:
     return f"_gptflow_{kind}_{os.getpid()}_{threading.get_ident()}"
 
 
-def insert_frame(
-    con: duckdb.DuckDBPyConnection, table: str, df: pd.DataFrame, cols: dict[str, str]
+def insert_typed(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    rows: pd.DataFrame | list[dict[str, Any]],
+    cols: dict[str, str],
 ) -> int:
-    """Insert ``df`` (columns of ``table``), each value cast to its column's type."""
-    if len(df) == 0 or len(df.columns) == 0:
+    """Insert ``rows`` (from :func:`typed_rows`), each value cast to its column's type."""
+    frame = is_frame(rows)
+    names = list(rows.columns) if frame else list(dict.fromkeys(k for r in rows for k in r))
+    if len(rows) == 0 or not names:
         return 0
-    names = list(df.columns)
-    view = _view_name("in")
-    con.register(view, df)
-    try:
-        target = ", ".join(quote_ident(c) for c in names)
-        select = ", ".join(
-            f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in names
+    target = ", ".join(quote_ident(c) for c in names)
+    select = ", ".join(f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in names)
+    if not frame:
+        one = "(" + ", ".join("?" for _ in names) + ")"
+        params = [r.get(c) for r in rows for c in names]
+        sql = (
+            f"INSERT INTO {table} ({target}) SELECT {select} FROM "
+            f"(VALUES {', '.join(one for _ in rows)}) AS v({target})"
         )
+        con.execute(*inline_params(sql, params))
+        return len(rows)
+    view = _view_name("in")
+    con.register(view, rows)
+    try:
         con.execute(f"INSERT INTO {table} ({target}) SELECT {select} FROM {view}")
     finally:
         con.unregister(view)
-    return len(df)
+    return len(rows)
 
 
 def replace_in(
@@ -132,12 +159,15 @@ def replace_in(
     """Delete the rows matching ``where`` and insert ``rows`` (``where`` values filled
     into rows lacking them). Returns the rows inserted."""
     cols = table_columns(con, table)
-    df = typed_frame(table, rows, cols, location)
-    for k, v in where.items():
-        if k not in df.columns and len(df):
-            df[k] = [v] * len(df)
+    typed = typed_rows(table, rows, cols, location)
+    if is_frame(typed):
+        for k, v in where.items():
+            if k not in typed.columns and len(typed):
+                typed[k] = [v] * len(typed)
+    else:
+        typed = [{**where, **r} for r in typed]
     delete_where(con, table, where, cols)
-    return insert_frame(con, table, df, cols)
+    return insert_typed(con, table, typed, cols)
 
 
 def insert_parquet(
@@ -174,14 +204,25 @@ def upsert_in(
     """Delete the rows sharing a ``key`` with one of ``rows`` (the last of duplicate
     keys wins), then insert ``rows``. Returns the rows inserted."""
     cols = table_columns(con, table)
-    df = typed_frame(table, rows, cols, location)
-    missing = [k for k in key if k not in df.columns]
+    df = typed_rows(table, rows, cols, location)
+    names = set(df.columns) if is_frame(df) else {k for r in df for k in r}
+    missing = [k for k in key if k not in names]
     if missing:
         raise CatalogError(
             f"upsert_rows on {table!r}: key columns {missing} are missing from the rows"
         )
     if len(df) == 0:
         return 0
+    if not is_frame(df):
+        last = {tuple(r.get(k) for k in key): r for r in df}  # the last of duplicate keys
+        df = [r for r in df if last[tuple(r.get(k) for k in key)] is r]
+        conds, params = [], []
+        for r in df:
+            cond, values = match({k: r.get(k) for k in key})
+            conds.append(f"({cond})")
+            params += values
+        con.execute(*inline_params(f"DELETE FROM {table} WHERE {' OR '.join(conds)}", params))
+        return insert_typed(con, table, df, cols)
     df = df.drop_duplicates(subset=list(key), keep="last").reset_index(drop=True)
     view = _view_name("keys")
     con.register(view, df[list(key)])
@@ -193,4 +234,4 @@ def upsert_in(
         con.execute(f"DELETE FROM {table} t WHERE EXISTS (SELECT 1 FROM {view} k WHERE {cond})")
     finally:
         con.unregister(view)
-    return insert_frame(con, table, df, cols)
+    return insert_typed(con, table, df, cols)

@@ -2,15 +2,17 @@
 the flow run (after everything is stored) when a gate failed and ``gates.fail_run``.
 
 The rules are :mod:`gpt.eval.gates`; the numbers come from the catalog through
-:mod:`tasks.catalog.compare`, so cached stages count as the run's own results.
+:mod:`tasks.catalog.compare`, so cached stages count as the run's own results. Verdicts
+are kept under a key of what they read (:func:`gates_key`): a run whose results and
+whose previous run's results are those an earlier evaluation saw reuses its verdicts
+(a cached rerun reads no rows and imports no pandas for its gates).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
-
-import pandas as pd
+import re
+from typing import TYPE_CHECKING, Any
 
 from gpt.eval.gates import (
     GATE_SPLIT,
@@ -24,16 +26,17 @@ from gpt.eval.gates import (
     judge_mean_gate,
     spam_drop_gate,
 )
-from gpt.eval.paired import judge_ci, judge_pairs, pair_spam
 from tasks.catalog import utcnow
-from tasks.catalog.compare import finetuned_and_baseline
-from tasks.catalog.lookup import previous_completed_run
-from tasks.catalog.rundata import RunData
+from tasks.catalog.lookup import previous_completed_run, stage_outcomes
 from tasks.records.runs import RunRecorder
 from tasks.run_logger import run_logger
+from tasks.store.memo import memo_key, read_memo, write_memo
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from tasks.catalog import Catalog
+    from tasks.catalog.rundata import RunData
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,13 @@ GATES_QUERY = (
 )
 
 
-def evaluate_gates(cat: Catalog, run_id: str, args: GatesArgs) -> list[GateResult]:
-    """Every enabled gate's verdict on ``run_id`` (nothing stored)."""
-    prev = previous_completed_run(cat, run_id, passed_only=args.compare_to == "last_passed")
+def evaluate_gates(
+    cat: Catalog, run_id: str, args: GatesArgs, prev: str | None
+) -> list[GateResult]:
+    """Every enabled gate's verdict on ``run_id`` against the earlier run ``prev``
+    (nothing stored)."""
+    from tasks.catalog.rundata import RunData
+
     results: list[GateResult] = []
     me = RunData(cat, run_id)
     before = RunData(cat, prev) if prev else None
@@ -90,6 +97,8 @@ def _evidence(right_a: pd.Series, right_b: pd.Series) -> Evidence:
 def _spam_pairs(before: RunData, me: RunData) -> Evidence:
     """The gate split's messages both runs' finetuned classifiers classified (the same
     message: label and text agree)."""
+    from gpt.eval.paired import pair_spam
+
     pairs, _ = pair_spam(before.predictions(), me.predictions())
     t = pairs[pairs["split"] == GATE_SPLIT]
     return _evidence(t["prediction_a"] == t["label_a"], t["prediction_b"] == t["label_b"])
@@ -98,11 +107,15 @@ def _spam_pairs(before: RunData, me: RunData) -> Evidence:
 def _baseline_pairs(me: RunData, best: str) -> Evidence:
     """The gate split's messages both the finetuned classifier and baseline ``best``
     classified."""
+    from tasks.catalog.compare import finetuned_and_baseline
+
     t = finetuned_and_baseline(me, best, GATE_SPLIT)
     return _evidence(t["prediction_f"] == t["label_f"], t["prediction_b"] == t["label_b"])
 
 
 def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[GateResult]:
+    from gpt.eval.paired import judge_ci, judge_pairs
+
     if before is None:
         return [judge_mean_gate(None, "judge", None)]
     prev = before.run_id
@@ -134,6 +147,41 @@ def record_gates(
         cat.replace_rows("gates", rows, where={"run_id": run_id})
 
 
+def gates_key(cat: Catalog, run_id: str, prev: str | None, args: GatesArgs) -> str | None:
+    """What the gates of ``run_id`` against ``prev`` read, as a key: both runs' stage
+    outcomes (:func:`~tasks.catalog.lookup.stage_outcomes`), the gate settings and the
+    code the gates run (derived from what this module imports). None when a finished
+    stage's outcome lacks the digest of its results (then only its rows tell)."""
+    from tasks.store.fingerprint import code_fingerprint
+
+    outcomes = [stage_outcomes(cat, r) if r else [] for r in (run_id, prev)]
+    if any(o[1] == "done" and o[5] is None for side in outcomes for o in side):
+        return None
+    return memo_key(
+        {
+            "outcomes": outcomes,
+            "args": args.model_dump(mode="json"),
+            "code": code_fingerprint(__name__),
+        }
+    )
+
+
+def _reused(key: str | None, run_id: str, prev: str | None) -> list[GateResult] | None:
+    """The verdicts kept under ``key``, their run ids made ``run_id`` and ``prev``."""
+    kept = read_memo("gates", key) if key else None
+    if kept is None:
+        return None
+    ids = {kept["run_id"]: run_id, **({kept["prev"]: prev} if kept["prev"] and prev else {})}
+
+    pattern = re.compile("|".join(re.escape(old) for old in ids))
+
+    def swap(value: Any) -> Any:  # every id at once: the new ids may be old ones
+        return pattern.sub(lambda m: ids[m.group(0)], value) if isinstance(value, str) else value
+
+    log.info("gates: same inputs as run %s; its verdicts are reused", kept["run_id"])
+    return [GateResult(**{k: swap(v) for k, v in r.items()}) for r in kept["results"]]
+
+
 def run_gates(
     cat: Catalog, run_id: str, args: GatesArgs, *, recorder: RunRecorder | None = None
 ) -> list[GateResult]:
@@ -144,7 +192,14 @@ def run_gates(
     if not args.enabled:
         return []
     try:
-        results = evaluate_gates(cat, run_id, args)
+        prev = previous_completed_run(cat, run_id, passed_only=args.compare_to == "last_passed")
+        key = gates_key(cat, run_id, prev, args)
+        results = _reused(key, run_id, prev)
+        if results is None:
+            results = evaluate_gates(cat, run_id, args, prev)
+            if key is not None:
+                kept = {"run_id": run_id, "prev": prev, "results": [r.to_dict() for r in results]}
+                write_memo("gates", key, kept)
         record_gates(cat, run_id, results, recorder)
     except Exception as exc:
         if args.fail_run:

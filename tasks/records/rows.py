@@ -159,10 +159,10 @@ def _schema_connection() -> duckdb.DuckDBPyConnection:
 
 def _load_into(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
     """Insert rows the way the catalog does (same normalisation and casts)."""
-    from tasks.catalog.tables import insert_frame, table_columns, typed_frame
+    from tasks.catalog.tables import insert_typed, table_columns, typed_rows
 
     cols = table_columns(con, table)
-    insert_frame(con, table, typed_frame(table, rows, cols, "(in-memory rows)"), cols)
+    insert_typed(con, table, typed_rows(table, rows, cols, "(in-memory rows)"), cols)
 
 
 def _scope(table: str, scope: Mapping[str, Any]) -> dict[str, Any]:
@@ -187,27 +187,29 @@ def ingest(catalog: Catalog, folder: Path, rows_meta: Mapping[str, Mapping[str, 
 
 def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Tables whose scope in the catalog does not hold the folder's row count."""
-    from tasks.catalog.tables import match
+    from tasks.catalog.tables import check_table, match
 
     if not rows_meta:
         return []
     if not catalog.exists():
         return sorted(rows_meta)
-    out = []
+    counts, params = [], []
     for table, meta in sorted(rows_meta.items()):
-        conds, params = [], []
+        check_table(table)
+        conds = []
         for scope in [_scope(table, x) for x in meta["scopes"]]:
             cond, values = match(scope)
             conds.append(f"({cond})")
             params += values
-        sql = f"SELECT count(*) AS n FROM {table} WHERE {' OR '.join(conds) or 'false'}"
-        try:
-            n = int(catalog.query_df(sql, params).n.iloc[0])
-        except CatalogError:
-            n = -1  # table missing (an older schema): ingesting migrates first
-        if n != int(meta["n"]):
-            out.append(table)
-    return out
+        counts.append(
+            f"SELECT '{table}' AS t, count(*) AS n FROM {table} "
+            f"WHERE {' OR '.join(conds) or 'false'}"
+        )
+    try:  # one query for every table
+        have = {r["t"]: int(r["n"]) for r in catalog.query_rows(" UNION ALL ".join(counts), params)}
+    except CatalogError:
+        have = {}  # a table missing (an older schema): ingesting migrates first
+    return [t for t, meta in sorted(rows_meta.items()) if have.get(t, -1) != int(meta["n"])]
 
 
 def ensure_ingested(

@@ -217,7 +217,7 @@ class RunRecorder:
         }
         self._update(run_id, lambda rec: rec.__setitem__("run", row))
         self.catalog.upsert_rows("runs", [typed_row(row)], key=["run_id"])
-        self.catalog.publish()
+        self.catalog.publish(soon=True)
 
     def end_run(
         self, run_id: str, status: str, message: str | None = None, *, catalog: bool = True
@@ -271,7 +271,7 @@ class RunRecorder:
         run = (self.read(run_id) or {}).get("run")
         if run and run.get("status") == "running":
             self.catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
-            self.catalog.publish()
+            self.catalog.publish(soon=True)
 
     @contextlib.contextmanager
     def running(
@@ -315,12 +315,12 @@ class RunRecorder:
         the end of a run that only its record file holds (the catalog was locked then; a
         record changed in the last :data:`RECENT_S` seconds) is copied in. Returns their
         ids."""
-        df = self.catalog.query_df(
+        running = self.catalog.query_rows(
             "SELECT * FROM runs WHERE status = 'running' AND run_id IS DISTINCT FROM ?",
             [current],
         )
         ends: dict[str, dict[str, Any]] = {}
-        for row in df.to_dict("records"):
+        for row in running:
             run_id = str(row["run_id"])
             recorded = (self.read(run_id) or {}).get("run") or {}
             base = recorded or {k: plain(v) for k, v in row.items()}
@@ -337,7 +337,7 @@ class RunRecorder:
             self.catalog.upsert_rows("runs", [typed_row(final)], key=["run_id"])
             log.warning("run %s: recorded %s (%s)", run_id, final["status"], final.get("message"))
         if ends:
-            self.catalog.publish()
+            self.catalog.publish(soon=True)
         return sorted(ends)
 
     def _ends_missing_in_catalog(self, current: str | None, skip: set[str]) -> dict[str, dict]:
@@ -356,10 +356,10 @@ class RunRecorder:
         if not recent:
             return {}
         marks = ", ".join("?" for _ in recent)
-        have = self.catalog.query_df(
+        have = self.catalog.query_rows(
             f"SELECT run_id, status FROM runs WHERE run_id IN ({marks})", list(recent)
         )
-        known = dict(zip(have["run_id"], have["status"], strict=True))
+        known = {r["run_id"]: r["status"] for r in have}
         return {k: run for k, run in recent.items() if known.get(k) != run["status"]}
 
     # ------------------------------------------------------------------ run-level rows
@@ -369,7 +369,7 @@ class RunRecorder:
         values = [plain(dict(r)) for r in rows]
         self._update(run_id, lambda rec: rec.setdefault("rows", {}).__setitem__(table, values))
         self.catalog.replace_rows(table, values, where={"run_id": run_id})
-        self.catalog.publish()
+        self.catalog.publish(soon=True)
 
     # ------------------------------------------------------------------ sources
     def record_sources(self, run_id: str, rows: list[dict[str, Any]]) -> None:
@@ -412,7 +412,7 @@ class RunRecorder:
         self.catalog.replace_rows(
             "stages", [typed_row(data)], where={"run_id": row.run_id, "stage": row.stage}
         )
-        self.catalog.publish()
+        self.catalog.publish(soon=True)
 
 
 def run_outcome(exc: BaseException | None) -> tuple[str, str | None]:

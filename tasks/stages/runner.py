@@ -227,8 +227,7 @@ def _ensure_producer_run(ctx: RunContext, producer: str) -> None:
     if producer == ctx.run_id:
         return
     cat = ctx.catalog
-    have = cat.query_df("SELECT count(*) AS n FROM runs WHERE run_id = ?", [producer]).n.iloc[0]
-    if have:
+    if cat.query_rows("SELECT 1 FROM runs WHERE run_id = ?", [producer]):
         return
     rec = ctx.recorder.read(producer)
     if rec and rec.get("run"):

@@ -374,7 +374,7 @@ def test_report_reused_when_nothing_changed_rebuilt_when_a_stage_recomputes(
     in which one stage recomputed gets its report rebuilt."""
     import prefect.artifacts
 
-    from flows.report import build
+    from flows.report import build, publish
     from tasks.catalog import Catalog
 
     published: list[str] = []
@@ -407,7 +407,7 @@ def test_report_reused_when_nothing_changed_rebuilt_when_a_stage_recomputes(
             )  # fmt: skip
         record_stage(cat, run_id, "judge", status="skipped", message="Ollama is not reachable")
         cat.end_run(run_id, "completed")
-        return build.publish_report(cat, run_id)
+        return publish.publish_report(cat, run_id)
 
     first = run("r1", {"tokenize": "r1", "pretrain": "r1"})
     assert built == ["r1"] and "Nothing changed" not in first

@@ -209,7 +209,7 @@ def test_exception_after_delete_rolls_back(cat: Catalog, monkeypatch: pytest.Mon
         raise RuntimeError("injected crash after DELETE")
 
     monkeypatch.setattr(catalog_tables, "delete_where", delete_then_note)
-    monkeypatch.setattr(catalog_tables, "insert_frame", boom)
+    monkeypatch.setattr(catalog_tables, "insert_typed", boom)
     with pytest.raises(RuntimeError, match="injected"):
         cat.replace_rows(
             "spam_examples",
@@ -307,7 +307,7 @@ def test_process_killed_mid_write_leaves_old_rows(cat: Catalog) -> None:
         from tasks.catalog import Catalog, tables
         def die(*a, **k):
             os._exit(3)  # hard crash: no rollback, no close
-        tables.insert_frame = die
+        tables.insert_typed = die
         Catalog({str(cat.path)!r}).replace_rows(
             "metrics", [{{"value": 99.0}}], where={{"run_id": "r", "stage": "s"}})
         """

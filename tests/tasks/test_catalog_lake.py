@@ -476,7 +476,7 @@ def test_a_write_losing_a_conflict_is_rerun(
     for run in ("mine", "other"):
         cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": run, "split": "train"})
     other = new_lake_connection(lake, read_only=False)  # a second writer, own DuckDB
-    real = catalog_tables.insert_frame
+    real = catalog_tables.insert_typed
     calls: list[str] = []
 
     def interfere(con, table, df, cols):
@@ -485,7 +485,7 @@ def test_a_write_losing_a_conflict_is_rerun(
             other.execute("DELETE FROM corpus WHERE run_id = 'other'")
         return real(con, table, df, cols)
 
-    monkeypatch.setattr(catalog_tables, "insert_frame", interfere)
+    monkeypatch.setattr(catalog_tables, "insert_typed", interfere)
     before = CONFLICT_RETRIES["writing corpus"]
     try:
         assert cat.replace_rows("corpus", [{"chars": 2}], where={"run_id": "mine"}) == 1
@@ -503,14 +503,14 @@ def test_a_write_that_keeps_conflicting_fails_cleanly(
     cat = Catalog(settings=lake.model_copy(update={"lock_timeout": 1.0}))
     cat.replace_rows("corpus", [{"chars": 1}], where={"run_id": "mine", "split": "train"})
     other = new_lake_connection(lake, read_only=False)
-    real = catalog_tables.insert_frame
+    real = catalog_tables.insert_typed
 
     def interfere(con, table, df, cols):  # every attempt loses to another writer
         other.execute("INSERT INTO corpus (run_id, chars) VALUES ('tmp', 0)")
         other.execute("DELETE FROM corpus WHERE run_id = 'tmp'")
         return real(con, table, df, cols)
 
-    monkeypatch.setattr(catalog_tables, "insert_frame", interfere)
+    monkeypatch.setattr(catalog_tables, "insert_typed", interfere)
     try:
         with pytest.raises(CatalogError, match="kept conflicting with other writers") as info:
             cat.replace_rows("corpus", [{"chars": 2}], where={"run_id": "mine", "split": "train"})
