@@ -86,9 +86,15 @@ def due_or_deferred(live: Path, published: Path, publish: Callable[[], object]) 
     wait = st.last + PUBLISH_GAP - time.monotonic()
     if wait <= 0:
         return True
+
+    def fire() -> None:
+        with _GUARD:
+            st.timer = None  # an event during this publish schedules the next one
+        publish()
+
     with _GUARD:
-        if st.timer is None or not st.timer.is_alive():
-            st.timer = threading.Timer(wait, publish)
+        if st.timer is None:
+            st.timer = threading.Timer(wait, fire)
             st.timer.daemon = True
             st.timer.start()
     return False
