@@ -3,8 +3,8 @@
 DuckDB lets no writer open a file another process holds open, even read-only
 (FACTS §7). So gptflow's writers write the **live** file (``<path>.live``, one
 transaction at a time) and publish a checkpointed copy of it over the **published**
-file (``path``, what people open) with ``os.replace``: when a writer asks (run ends,
-migrations, rebuilds), at most every :data:`PUBLISH_GAP` seconds for run and stage events
+file (``path``, what people open) with ``os.replace``: when a writer asks (run starts and
+ends, migrations, rebuilds), at most every :data:`PUBLISH_GAP` seconds for stage events
 (a later event's publish waits for the gap, so a burst of them — a cached rerun's — makes
 one copy, not one each), after a write when the last publish is :data:`PUBLISH_EVERY`
 seconds old, and at exit. Writes made into the published file are

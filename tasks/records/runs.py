@@ -217,7 +217,7 @@ class RunRecorder:
         }
         self._update(run_id, lambda rec: rec.__setitem__("run", row))
         self.catalog.upsert_rows("runs", [typed_row(row)], key=["run_id"])
-        self.catalog.publish(soon=True)
+        self.catalog.publish()
 
     def end_run(
         self, run_id: str, status: str, message: str | None = None, *, catalog: bool = True
