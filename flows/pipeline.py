@@ -20,8 +20,7 @@ from flows.config import PipelineConfig, build_config
 from flows.profiles import DEFAULT_PROFILE
 from flows.run_start import FlowRun, make_context
 from gpt.errors import JudgeError
-from tasks.catalog import Catalog, utcnow
-from tasks.catalog.connections import catalog_session
+from tasks.catalog import Catalog, catalog_session, utcnow
 from tasks.records.gate_results import raise_for_gates, run_gates
 from tasks.records.runs import StageRecord
 from tasks.stages import STAGES
@@ -184,6 +183,19 @@ def run_pipeline(
     cfg = build_config(profile, overrides, base=base_config)
     # a bad --force or --retrust: an error up front
     ctx = make_context(cfg, "check", force=force or (), retrust=retrust or ())
+    with catalog_session():  # the flow's connection serves the summary below too
+        return _run_and_summarise(cfg, ctx, mirror, force, verify, progress, retrust)
+
+
+def _run_and_summarise(
+    cfg: PipelineConfig,
+    ctx: RunContext,
+    mirror: str | None,
+    force: list[str] | None,
+    verify: str,
+    progress: bool,
+    retrust: list[str] | None,
+) -> dict[str, Any]:
     state = gptflow_pipeline(
         profile=cfg.profile,
         config=cfg,

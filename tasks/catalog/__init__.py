@@ -6,7 +6,15 @@ the catalog (the stages) does not import the presentation modules.
 """
 
 from tasks.catalog.settings import CatalogArgs, CatalogSettings, S3Settings
-from tasks.catalog.store import Catalog
+from tasks.catalog.store import Catalog, catalog_session
 from tasks.catalog.values import checkpoint_digest, utcnow
 
-__all__ = ["Catalog", "CatalogArgs", "CatalogSettings", "S3Settings", "checkpoint_digest", "utcnow"]
+__all__ = [
+    "Catalog",
+    "CatalogArgs",
+    "CatalogSettings",
+    "S3Settings",
+    "catalog_session",
+    "checkpoint_digest",
+    "utcnow",
+]

@@ -6,7 +6,7 @@ secret, ATTACH), and retrying the write conflicts several writers cause.
   of their own (the live file; readers get published copies: ``publish.py``), every
   operation opens the file, runs one transaction and closes it, and opening is retried
   with jittered backoff on the lock error for ``lock_timeout`` seconds. Inside
-  :func:`catalog_session` (a pipeline run) the process keeps its write connection to the
+  :func:`pooled_connections` (a pipeline run's catalog session) the process keeps its write connection to the
   live file between operations instead (reads run in ``BEGIN TRANSACTION READ ONLY``):
   a cached rerun's ~70 operations open the file once. It is closed after
   :data:`IDLE_CLOSE_S` idle, and after the operation in progress as soon as another
@@ -198,7 +198,7 @@ _KEEP_FDS: dict[int, list[int]] = {}
 
 
 @contextlib.contextmanager
-def catalog_session() -> Iterator[None]:
+def pooled_connections() -> Iterator[None]:
     """For the ``with`` block (a pipeline run), keep this process's write connection to
     a catalog file open between operations (see the module's docstring); at its end every
     idle connection is closed."""
@@ -215,8 +215,13 @@ def catalog_session() -> Iterator[None]:
             close_idle()
 
 
+def pooled_depth() -> int:
+    """How many :func:`pooled_connections` blocks are open in this process."""
+    return _SESSIONS
+
+
 def in_session() -> bool:
-    """Whether connections are pooled now (inside :func:`catalog_session`)."""
+    """Whether connections are pooled now (inside :func:`pooled_connections`)."""
     return _SESSIONS > 0
 
 

@@ -51,6 +51,8 @@ class _State:
     """This process wrote since its last publish."""
     timer: threading.Timer | None = None
     """A publish waiting for :data:`PUBLISH_GAP` to pass."""
+    pending: Callable[[], object] | None = None
+    """What that timer calls."""
 
 
 _STATES: dict[Path, _State] = {}
@@ -89,15 +91,28 @@ def due_or_deferred(live: Path, published: Path, publish: Callable[[], object]) 
 
     def fire() -> None:
         with _GUARD:
-            st.timer = None  # an event during this publish schedules the next one
+            if st.pending is not fire:
+                return  # made already (publish_deferred)
+            st.timer = st.pending = None  # an event during this publish schedules the next
         publish()
 
     with _GUARD:
         if st.timer is None:
-            st.timer = threading.Timer(wait, fire)
+            st.timer, st.pending = threading.Timer(wait, fire), fire
             st.timer.daemon = True
             st.timer.start()
     return False
+
+
+def publish_deferred() -> None:
+    """Make every publish still waiting for its gap now (at a run's end)."""
+    with _GUARD:
+        waiting = [(st.timer, st.pending) for st in _STATES.values() if st.pending is not None]
+    for timer, pending in waiting:
+        if timer is not None:
+            timer.cancel()
+        if pending is not None:
+            pending()
 
 
 def unpublished() -> list[tuple[Path, Path]]:

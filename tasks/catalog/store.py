@@ -27,6 +27,8 @@ from tasks.catalog.connections import (
     is_write_refusal,
     lake_cursor,
     open_file,
+    pooled_connections,
+    pooled_depth,
     process_lock,
     retry_on_conflict,
     take_pooled,
@@ -38,6 +40,7 @@ from tasks.catalog.publish import (
     needs_publish,
     note_write,
     publish_copy,
+    publish_deferred,
     seed_live,
     unpublished,
     wal_of,
@@ -516,6 +519,20 @@ class Catalog(LineageRecords):
     def exists(self) -> bool:
         """Whether there is a catalog to read (a lake always counts)."""
         return self.settings.exists()
+
+
+@contextlib.contextmanager
+def catalog_session() -> Iterator[None]:
+    """A run's catalog session: for the ``with`` block this process keeps one write
+    connection to a catalog file between operations
+    (:func:`~tasks.catalog.connections.pooled_connections`); at its end a publish still
+    waiting for its gap is made at once, through that connection."""
+    with pooled_connections():
+        try:
+            yield
+        finally:
+            if pooled_depth() == 1:
+                publish_deferred()
 
 
 #: Bound on waiting for other writers when publishing at exit (they publish too).

@@ -380,7 +380,9 @@ def test_cached_rerun_in_a_new_process_imports_no_heavy_module(prefect_server, e
     """`gptflow run` again, as a new process, with every stage cached (the judge, without
     Ollama here, is skipped): torch is not imported (settings come from torch-free
     modules, stages import their recipes only to compute); once a cached rerun stored its
-    report, the next one reuses it (nothing changed) and imports no matplotlib either.
+    report and gates, the next one reuses them (nothing changed) and imports no
+    matplotlib, pandas or numpy either, and opens the catalog file once or twice for its
+    ~70 operations (again only after half a second idle) instead of once each.
     The first of the three runs only brings the cache up to date after the tests above;
     the second may rebuild the report (its gates compare with a run of other results)."""
     import subprocess
@@ -389,10 +391,14 @@ def test_cached_rerun_in_a_new_process_imports_no_heavy_module(prefect_server, e
     from _paths import REPO
 
     probe = (
-        "import sys\n"
+        "import sys, duckdb\n"
+        "real, opens = duckdb.connect, []\n"
+        "duckdb.connect = lambda db=':memory:', *a, **k: opens.append(str(db)) or real(db, *a, **k)\n"
         "from flows.cli import main\n"
         "code = main(['run', '--profile', 'smoke'])\n"
-        "print('LOADED', sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))\n"
+        "heavy = ('torch', 'matplotlib', 'pandas', 'numpy')\n"
+        "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
+        "print('OPENS', sum(p.endswith('.live') for p in opens))\n"
         "sys.exit(code)\n"
     )
     outs = []
@@ -414,3 +420,5 @@ def test_cached_rerun_in_a_new_process_imports_no_heavy_module(prefect_server, e
         assert "torch" not in loaded, loaded
     assert "its stored report is reused" in outs[2], outs[2][-3000:]
     assert "LOADED []" in outs[2], outs[2][-3000:]
+    opens = int(next(line for line in outs[2].splitlines() if line.startswith("OPENS")).split()[1])
+    assert 1 <= opens <= 3, outs[2][-3000:]

@@ -18,10 +18,9 @@ import pytest
 from _paths import REPO
 
 from gpt.errors import CatalogError
-from tasks.catalog import Catalog
+from tasks.catalog import Catalog, catalog_session
 from tasks.catalog import connections as conns
 from tasks.catalog import publish as publish_mod
-from tasks.catalog.connections import catalog_session
 from tasks.catalog.values import inline_params
 
 
