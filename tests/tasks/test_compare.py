@@ -450,6 +450,61 @@ def test_gates_by_hand(cat: Catalog) -> None:
     assert off == [] and cat.query_df(GATES_QUERY, ["r2"]).empty
 
 
+def test_gates_are_reused_when_both_runs_hold_the_same_results(
+    cat: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """r3 and r4 are cached reruns of r2 (every stage's outcome the same): r4's gates
+    against r3 read what r3's against r2 read, so r3's verdicts are reused with the run
+    ids swapped, without reading a row; a run whose results differ is evaluated."""
+    from gpt.eval.gates import GatesArgs
+    from tasks.records import gate_results
+
+    monkeypatch.setenv("GPTFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
+    args = GatesArgs(bootstrap_resamples=500, **SMALL)
+    with cat.connect() as con:  # every stage's results get a digest, as real runs record
+        con.execute(
+            "UPDATE stages SET outputs = json_merge_patch(outputs, json_object('digest', "
+            "'d-' || stage || '-' || coalesce(json_extract_string(outputs, "
+            "'$.producer_run_id'), run_id)))"
+        )
+        for i, run in ((3, "r3"), (4, "r4"), (5, "r5")):
+            con.execute(
+                "INSERT INTO runs (run_id, profile, status, started_at) "
+                "VALUES (?, 'smoke', 'completed', ?)",
+                [run, T0 + timedelta(hours=i)],
+            )
+            con.execute(
+                "INSERT INTO stages (run_id, stage, status, outputs) "
+                "SELECT ?, stage, 'cached', outputs FROM stages WHERE run_id = 'r2'",
+                [run],
+            )
+        con.execute(  # r5 recomputed its finetune
+            'UPDATE stages SET outputs = json_merge_patch(outputs, \'{"digest": "new"}\') '
+            "WHERE run_id = 'r5' AND stage = 'finetune_spam'"
+        )
+    evaluated: list[str] = []
+    real = gate_results.evaluate_gates
+    monkeypatch.setattr(
+        gate_results,
+        "evaluate_gates",
+        lambda c, run_id, a, prev: evaluated.append(run_id) or real(c, run_id, a, prev),
+    )
+    r3 = gate_results.run_gates(cat, "r3", args)
+    r4 = gate_results.run_gates(cat, "r4", args)
+    assert evaluated == ["r3"]
+    assert {r.compared_to_run for r in r3} == {"r2", None}  # the baseline gate: none
+    assert [r.compared_to_run for r in r4] == ["r3" if r.compared_to_run else None for r in r3]
+    swapped = [m.message.replace("r3", "r4").replace("r2", "r3") for m in r3]
+    assert [r.message for r in r4] == swapped and "r2" not in " ".join(swapped)
+    assert [(r.gate, r.passed, r.value, r.n) for r in r4] == [
+        (r.gate, r.passed, r.value, r.n) for r in r3
+    ]
+    stored = cat.query_rows("SELECT compared_to_run FROM gates WHERE run_id = 'r4'")
+    assert {r["compared_to_run"] for r in stored} == {"r3", None}
+    gate_results.run_gates(cat, "r5", args)  # other results than r4's: evaluated
+    assert evaluated == ["r3", "r5"]
+
+
 def test_gates_compare_to_last_passed(cat: Catalog) -> None:
     from gpt.eval.gates import GatesArgs
     from tasks.catalog.lookup import previous_completed_run
