@@ -319,7 +319,7 @@ def train_loop(
                 rows = []
                 for split, data in evals.items():
                     loss_v, preds, _ = evaluate(model, data, n_frozen, args.cache_chunk, device)
-                    acc = accuracy(preds, data.labels.tolist())
+                    acc = binary_metrics(data.labels.tolist(), preds)["accuracy"]
                     rows += [
                         metric_row(step, epoch, seen, split, "loss", loss_v),
                         metric_row(step, epoch, seen, split, "accuracy", acc),
@@ -328,10 +328,6 @@ def train_loop(
                 emit(rows)
                 eval_s += time.perf_counter() - t0
     return losses, step, seen, eval_s
-
-
-def accuracy(preds: list[int], labels: list[int]) -> float:
-    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / max(len(labels), 1)
 
 
 def metric_row(step: int, epoch: int, seen: int, split: str, name: str, value: float) -> dict:
