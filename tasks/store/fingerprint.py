@@ -337,4 +337,3 @@ def distribution_version(dist: str) -> str | None:
 def _canonical(dist: str) -> str:
     """A distribution's normalised name (PEP 503: ``tensorflow_cpu`` -> ``tensorflow-cpu``)."""
     return re.sub(r"[-_.]+", "-", dist).lower()
-
