@@ -6,9 +6,11 @@ Labels follow the classifier: ham = 0, spam = 1 (spam is the positive class).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -101,7 +103,9 @@ class BaselineResult:
     prediction, prob_spam}`` (:func:`prediction_rows` plus the model)."""
 
 
-def _check_splits(splits: Splits, train_split: str) -> None:
+def check_spam_splits(splits: Splits, train_split: str = "train") -> None:
+    """Raise a :class:`DataError` unless ``splits`` has ``train_split``, as many labels as
+    texts in every split, and labels 0 (ham) / 1 (spam) only."""
     if train_split not in splits:
         raise DataError(f"spam splits have no {train_split!r} split (have {sorted(splits)})")
     for name, (texts, labels) in splits.items():
@@ -110,8 +114,16 @@ def _check_splits(splits: Splits, train_split: str) -> None:
         bad = sorted({y for y in labels if y not in (0, 1)})
         if bad:
             raise DataError(f"spam split {name!r}: labels must be 0 (ham) / 1 (spam), got {bad}")
-    if len(set(splits[train_split][1])) < 2:
-        raise DataError(f"spam split {train_split!r} holds a single class: cannot fit a baseline")
+
+
+def load_spam_splits(path: Path) -> Splits:
+    """``spam/splits.json`` (written by :func:`gpt.recipes.prepare.prepare_datasets`) as
+    {split: (texts, labels)} with ham=0, spam=1."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {
+        split: ([r["text"] for r in recs], [1 if r["label"] == "spam" else 0 for r in recs])
+        for split, recs in data.items()
+    }
 
 
 def run_baselines(splits: Splits, args: BaselineArgs | None = None) -> list[dict]:
@@ -143,8 +155,12 @@ def evaluate_baselines(splits: Splits, args: BaselineArgs | None = None) -> Base
     from sklearn.pipeline import make_pipeline
 
     args = args or BaselineArgs()
-    _check_splits(splits, args.train_split)
+    check_spam_splits(splits, args.train_split)
     x_train, y_train = splits[args.train_split]
+    if len(set(y_train)) < 2:
+        raise DataError(
+            f"spam split {args.train_split!r} holds a single class: cannot fit a baseline"
+        )
 
     models: list[tuple[str, object, dict]] = [
         (

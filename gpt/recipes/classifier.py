@@ -41,6 +41,7 @@ from gpt.args import SpamArgs
 from gpt.device import resolve_device
 from gpt.distributed.launch import asks_torchrun, relaunch
 from gpt.errors import ConfigError, DataError
+from gpt.eval.baseline import Splits, binary_metrics, check_spam_splits, prediction_rows
 from gpt.heap import release_free_memory
 from gpt.lm_step import adamw
 from gpt.recipes.classifier_model import (
@@ -61,24 +62,14 @@ from gpt.recipes.classifier_model import (
 
 log = logging.getLogger(__name__)
 
-Splits = dict[str, tuple[list[str], list[int]]]
 MetricsCallback = Callable[[list[dict[str, Any]]], None]
 
 
-# --------------------------------------------------------------------------- data
-
-
 def _check_splits(splits: Splits) -> None:
-    if "train" not in splits:
-        raise DataError(f"spam splits have no 'train' split (have {sorted(splits)})")
-    for name, (texts, labels) in splits.items():
-        if len(texts) != len(labels):
-            raise DataError(f"spam split {name!r}: {len(texts)} texts but {len(labels)} labels")
+    check_spam_splits(splits)
+    for name, (texts, _) in splits.items():
         if not texts:
             raise DataError(f"spam split {name!r} is empty")
-        bad = sorted({y for y in labels if y not in (0, 1)})
-        if bad:
-            raise DataError(f"spam split {name!r}: labels must be 0 (ham) / 1 (spam), got {bad}")
 
 
 # --------------------------------------------------------------------------- training
@@ -129,7 +120,6 @@ def finetune_classifier(
     if asks_torchrun(args):  # the same call on the processes args.distributed asks for
         return relaunch(finetune_classifier, locals())
     from gpt.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
-    from gpt.eval.baseline import binary_metrics, prediction_rows
     from gpt.tokenizer import Tokenizer
 
     args = args or SpamArgs()
@@ -329,7 +319,7 @@ def train_loop(
                 rows = []
                 for split, data in evals.items():
                     loss_v, preds, _ = evaluate(model, data, n_frozen, args.cache_chunk, device)
-                    acc = accuracy(preds, data.labels.tolist())
+                    acc = binary_metrics(data.labels.tolist(), preds)["accuracy"]
                     rows += [
                         metric_row(step, epoch, seen, split, "loss", loss_v),
                         metric_row(step, epoch, seen, split, "accuracy", acc),
@@ -338,10 +328,6 @@ def train_loop(
                 emit(rows)
                 eval_s += time.perf_counter() - t0
     return losses, step, seen, eval_s
-
-
-def accuracy(preds: list[int], labels: list[int]) -> float:
-    return sum(int(p == y) for p, y in zip(preds, labels, strict=True)) / max(len(labels), 1)
 
 
 def metric_row(step: int, epoch: int, seen: int, split: str, name: str, value: float) -> dict:

@@ -39,7 +39,7 @@ class PrepareResult:
     val_tokens: str = "tokens/val.npy"
     """The validation part as a token file."""
     spam_splits: str = "spam/splits.json"
-    """The balanced SMS splits (:func:`load_spam_splits`)."""
+    """The balanced SMS splits (:func:`gpt.eval.baseline.load_spam_splits`)."""
     spam_messages: str = "spam/messages.json"
     """Every parsed SMS message."""
     instruct_splits: str = "instruct/splits.json"
@@ -169,15 +169,6 @@ def prepare_datasets(
     result.files.append(result.instruct_splits)
     result.manifests["instruct"] = inst_splits.manifest.to_dict()
     return result
-
-
-def load_spam_splits(path: Path) -> dict[str, tuple[list[str], list[int]]]:
-    """``spam/splits.json`` as {split: (texts, labels)} with ham=0, spam=1."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {
-        split: ([r["text"] for r in recs], [1 if r["label"] == "spam" else 0 for r in recs])
-        for split, recs in data.items()
-    }
 
 
 def load_instruct_splits(path: Path) -> dict[str, list[dict[str, Any]]]:

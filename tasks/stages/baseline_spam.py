@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gpt.eval.baseline import BaselineArgs, evaluate_baselines
+from gpt.eval.baseline import BaselineArgs, evaluate_baselines, load_spam_splits
 from tasks.stages.contract import StageOut, StageOutput, StageRun
 from tasks.stages.runner import stage
 
@@ -21,8 +21,6 @@ class BaselineOut(StageOut):
 
 @stage("baseline_spam")
 def baseline_spam(run: StageRun, args: BaselineArgs, tokenize: StageOutput) -> BaselineOut:
-    from gpt.recipes.prepare import load_spam_splits
-
     splits = load_spam_splits(tokenize.path(tokenize.out.spam_splits))
     result = evaluate_baselines(splits, args)  # metrics rows + per-example predictions
     rows = result.rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpt.args import SpamArgs
+from gpt.eval.baseline import load_spam_splits
 from tasks.stages.contract import StageOut, StageOutput, StageRun, measured
 from tasks.stages.runner import stage
 
@@ -34,7 +35,6 @@ def finetune_spam(
     run: StageRun, args: SpamArgs, tokenize: StageOutput, load_gpt2: StageOutput
 ) -> SpamOut:
     from gpt.recipes.classifier import finetune_classifier
-    from gpt.recipes.prepare import load_spam_splits
 
     res = finetune_classifier(
         load_gpt2.path(load_gpt2.out.spam_base),

@@ -36,8 +36,7 @@ from gpt.eval.judge.prompt import PROMPT_VERSION
 from gpt.eval.judge.reply import parse_reply
 from gpt.eval.judge.responses import RESPONSE_FIELDS, changed_examples, read_responses
 from gpt.eval.judge.scoring import Judgment, score_examples
-from gpt.eval.judge.settings import JudgeConfig, JudgeKey
-from gpt.eval.judge.settings import judge_fix as availability_fix
+from gpt.eval.judge.settings import JudgeConfig, JudgeKey, judge_fix
 from tasks.jsonable import plain_rows
 from tasks.records.rows import ROW_KEYS
 from tasks.stages.contract import (
@@ -98,14 +97,6 @@ class JudgeOut(StageOut):
     hosts_down: list[str]
     """``url: why`` of each server found down, taken out of rotation, or left out for
     holding another digest of a model."""
-
-
-def judge_fix(cfg: JudgeConfig) -> str:
-    """The exact commands that make the judges available, then the rerun."""
-    return (
-        f"{availability_fix(cfg)}, then `gptflow rerun judge` (or run the "
-        "`prefect deployment run 'gptflow-judge/judge-rescore'` deployment)"
-    )
 
 
 # --------------------------------------------------------------------------- responses
@@ -376,7 +367,10 @@ def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> J
     try:
         out = judge_run(cat, responses_run, args, progress=run.progress, again=run.forced)
     except JudgeError as exc:
-        msg = f"{exc} — fix: {judge_fix(args)}"
+        msg = (
+            f"{exc} — fix: {judge_fix(args)}, then `gptflow rerun judge` (or run the "
+            "`prefect deployment run 'gptflow-judge/judge-rescore'` deployment)"
+        )
         if args.required:
             raise JudgeError(msg) from None
         logger().warning("judge skipped: %s", msg)

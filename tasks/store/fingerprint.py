@@ -320,14 +320,10 @@ def _distributions(root: Path) -> dict[str, Any]:
 _SCANNED_VERSIONS: dict[str, str | None] = {}
 
 
-def distribution_version(dist: str) -> str | None:
-    """The release version of an installed distribution (None when it is not installed)."""
-    return _installed_version(dist)
-
-
 @lru_cache(maxsize=256)
-def _installed_version(dist: str) -> str | None:
-    """:func:`distribution_version`, once per process (from the scan when it saw ``dist``)."""
+def distribution_version(dist: str) -> str | None:
+    """The release version of an installed distribution (None when it is not installed),
+    once per process (from the scan when it saw ``dist``)."""
     if dist in _SCANNED_VERSIONS:
         version = _SCANNED_VERSIONS[dist]
         return version.split("+", 1)[0] if version else None
@@ -341,12 +337,3 @@ def _installed_version(dist: str) -> str | None:
 def _canonical(dist: str) -> str:
     """A distribution's normalised name (PEP 503: ``tensorflow_cpu`` -> ``tensorflow-cpu``)."""
     return re.sub(r"[-_.]+", "-", dist).lower()
-
-
-def module_origin(module: str) -> Path:
-    """Where the running interpreter imports ``module`` from (a sanity check that the
-    hashed sources are the ones that run)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ValueError(f"module {module!r} not found")
-    return Path(spec.origin).resolve()

@@ -55,7 +55,7 @@ def _edit(root: Path, rel: str) -> None:
 REPORTED = [
     ("load_gpt2", "gpt/eval/metrics.py"),  # was gpt/evaluate.py
     ("finetune_spam", "gpt/eval/baseline.py"),
-    ("finetune_spam", "gpt/recipes/prepare.py"),
+    ("baseline_spam", "gpt/eval/baseline.py"),
     ("extract_responses", "gpt/recipes/prepare.py"),
     ("load_gpt2", "tasks/stages/load_gpt2.py"),  # the stage's own wrapper (was tasks/stages.py)
     ("finetune_spam", "tasks/stages/finetune_spam.py"),
