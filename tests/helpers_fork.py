@@ -1,4 +1,5 @@
-"""A fork server for tests that start several Python children (kill-and-resume runs).
+"""A fork server for tests that start several Python children (kill-and-resume runs,
+`prefect …` commands).
 
 A child Python importing torch and Prefect costs 3-4 CPU-s before it does anything. The
 server (``python helpers_fork.py``, driven by :class:`ForkServer`) imports those
