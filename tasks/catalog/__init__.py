@@ -5,8 +5,9 @@ Only the handle, its settings and value helpers are re-exported here, so code th
 the catalog (the stages) does not import the presentation modules.
 """
 
+from tasks.catalog.publish import catalog_session
 from tasks.catalog.settings import CatalogArgs, CatalogSettings, S3Settings
-from tasks.catalog.store import Catalog, catalog_session
+from tasks.catalog.store import Catalog
 from tasks.catalog.values import checkpoint_digest, utcnow
 
 __all__ = [

@@ -13,16 +13,19 @@ lost at the next publish, which removes a WAL it finds there (docs/catalog.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tasks.catalog.connections import keep_fd_with, pooled_connections, pooled_depth
 
 if TYPE_CHECKING:
     import duckdb
@@ -173,7 +176,6 @@ def publish_copy(con: duckdb.DuckDBPyConnection, live: Path, published: Path) ->
     """Checkpoint ``live`` through ``con`` — the caller's open write connection to it,
     which keeps every other writer out until the copy is in place — and replace
     ``published`` with a copy of it (atomically: readers see the old or the new file)."""
-    from tasks.catalog.connections import keep_fd_with
 
     con.execute("CHECKPOINT")
     tmp = published.with_name(f".{published.name}.{os.getpid()}-{threading.get_ident()}.publish")
@@ -226,3 +228,17 @@ def seed_live(live: Path, published: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
         wal_of(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def catalog_session() -> Iterator[None]:
+    """A run's catalog session: for the ``with`` block this process keeps one write
+    connection to a catalog file between operations
+    (:func:`~tasks.catalog.connections.pooled_connections`); at its end a publish still
+    waiting for its gap is made at once, through that connection."""
+    with pooled_connections():
+        try:
+            yield
+        finally:
+            if pooled_depth() == 1:
+                publish_deferred()

@@ -14,7 +14,7 @@ import atexit
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,8 +27,6 @@ from tasks.catalog.connections import (
     is_write_refusal,
     lake_cursor,
     open_file,
-    pooled_connections,
-    pooled_depth,
     process_lock,
     retry_on_conflict,
     take_pooled,
@@ -40,23 +38,14 @@ from tasks.catalog.publish import (
     needs_publish,
     note_write,
     publish_copy,
-    publish_deferred,
     seed_live,
     unpublished,
     wal_of,
 )
 from tasks.catalog.schema import SCHEMA_VERSION
 from tasks.catalog.settings import CatalogSettings, S3Settings, lock_timeout_from_env
-from tasks.catalog.tables import (
-    check_table,
-    insert_parquet,
-    insert_typed,
-    replace_in,
-    table_columns,
-    typed_rows,
-    upsert_in,
-)
-from tasks.catalog.values import inline_params, materialize
+from tasks.catalog.tables import TableWrites
+from tasks.catalog.values import inline_params
 
 if TYPE_CHECKING:
     import duckdb
@@ -67,7 +56,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Catalog(LineageRecords):
+class Catalog(LineageRecords, TableWrites):
     """The project's catalog: a DuckDB file or a shared DuckLake.
 
     ``Catalog(path)`` is the DuckDB file at ``path``; ``Catalog(url=..., data_path=...)``
@@ -411,77 +400,6 @@ class Catalog(LineageRecords):
                 f"rolled back (earlier rows are unchanged): {exc}"
             ) from exc
 
-    # ------------------------------------------------------------------ generic writes
-    def replace_rows(
-        self,
-        table: str,
-        df: pd.DataFrame | Iterable[Mapping[str, Any]],
-        *,
-        where: Mapping[str, Any],
-    ) -> int:
-        """Delete the rows matching ``where`` and insert ``df``, in ONE transaction.
-
-        Missing columns become NULL; ``where`` values are filled into rows lacking them.
-        Returns the number of rows inserted.
-        """
-        check_table(table)
-        rows = materialize(df)
-        return self.write(table, lambda con: replace_in(con, table, rows, where, self.location))
-
-    def replace_many(
-        self,
-        items: Sequence[tuple[str, pd.DataFrame | Iterable[Mapping[str, Any]], Mapping[str, Any]]],
-    ) -> int:
-        """Several ``replace_rows`` ``(table, rows, where)`` in ONE transaction: either
-        every table gets its new rows or none changes. Returns the rows inserted."""
-        for table, _, _ in items:
-            check_table(table)
-        frames = [(table, materialize(rows), where) for table, rows, where in items]
-
-        def body(con: duckdb.DuckDBPyConnection) -> int:
-            return sum(replace_in(con, t, r, w, self.location) for t, r, w in frames)
-
-        return self.write(", ".join(t for t, _, _ in frames), body)
-
-    def replace_from_parquet(
-        self, items: Sequence[tuple[str, str | Path, Sequence[Mapping[str, Any]]]]
-    ) -> int:
-        """For each ``(table, parquet file, wheres)``: delete the rows matching any of the
-        ``wheres`` and insert the file's rows, all in ONE transaction. The file's columns
-        must be the table's (as written by :mod:`tasks.records.rows`). Returns the rows inserted."""
-        for table, _, _ in items:
-            check_table(table)
-
-        def body(con: duckdb.DuckDBPyConnection) -> int:
-            return sum(insert_parquet(con, t, path, w) for t, path, w in items)
-
-        return self.write(", ".join(t for t, _, _ in items), body)
-
-    def insert_rows(self, table: str, rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> int:
-        """Append rows (one transaction); returns the number inserted."""
-        check_table(table)
-        frame = materialize(rows)
-
-        def body(con: duckdb.DuckDBPyConnection) -> int:
-            cols = table_columns(con, table)
-            return insert_typed(con, table, typed_rows(table, frame, cols, self.location), cols)
-
-        return self.write(table, body)
-
-    def upsert_rows(
-        self,
-        table: str,
-        rows: pd.DataFrame | Iterable[Mapping[str, Any]],
-        key: Sequence[str],
-    ) -> int:
-        """Replace rows having the same ``key`` values as a given row, then insert."""
-        check_table(table)
-        key = list(key)
-        if not key:
-            raise CatalogError(f"upsert_rows on {table!r} needs at least one key column")
-        frame = materialize(rows)
-        return self.write(table, lambda con: upsert_in(con, table, frame, key, self.location))
-
     # ------------------------------------------------------------------ reads
     def query_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         """Run ``sql`` on a read-only connection and return a DataFrame."""
@@ -519,20 +437,6 @@ class Catalog(LineageRecords):
     def exists(self) -> bool:
         """Whether there is a catalog to read (a lake always counts)."""
         return self.settings.exists()
-
-
-@contextlib.contextmanager
-def catalog_session() -> Iterator[None]:
-    """A run's catalog session: for the ``with`` block this process keeps one write
-    connection to a catalog file between operations
-    (:func:`~tasks.catalog.connections.pooled_connections`); at its end a publish still
-    waiting for its gap is made at once, through that connection."""
-    with pooled_connections():
-        try:
-            yield
-        finally:
-            if pooled_depth() == 1:
-                publish_deferred()
 
 
 #: Bound on waiting for other writers when publishing at exit (they publish too).

@@ -8,19 +8,29 @@ catalog, for messages) is the only thing they know of the catalog they write.
 
 from __future__ import annotations
 
+import abc
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gpt.errors import CatalogError
 from tasks.catalog.schema import KNOWN_TABLES
-from tasks.catalog.values import inline_params, is_frame, quote_ident, to_json, to_utc_naive
+from tasks.catalog.values import (
+    inline_params,
+    is_frame,
+    materialize,
+    quote_ident,
+    to_json,
+    to_utc_naive,
+)
 
 if TYPE_CHECKING:
     import duckdb
     import pandas as pd
+
+T = TypeVar("T")
 
 
 def check_table(table: str) -> None:
@@ -235,3 +245,84 @@ def upsert_in(
     finally:
         con.unregister(view)
     return insert_typed(con, table, df, cols)
+
+
+class TableWrites(abc.ABC):
+    """Rows into tables, each call one transaction (mixed into
+    :class:`~tasks.catalog.store.Catalog`, which provides :meth:`write` and ``location``)."""
+
+    location: str
+
+    @abc.abstractmethod
+    def write(self, what: str, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """See :class:`~tasks.catalog.store.Catalog`."""
+
+    def replace_rows(
+        self,
+        table: str,
+        df: pd.DataFrame | Iterable[Mapping[str, Any]],
+        *,
+        where: Mapping[str, Any],
+    ) -> int:
+        """Delete the rows matching ``where`` and insert ``df``, in ONE transaction.
+
+        Missing columns become NULL; ``where`` values are filled into rows lacking them.
+        Returns the number of rows inserted.
+        """
+        check_table(table)
+        rows = materialize(df)
+        return self.write(table, lambda con: replace_in(con, table, rows, where, self.location))
+
+    def replace_many(
+        self,
+        items: Sequence[tuple[str, pd.DataFrame | Iterable[Mapping[str, Any]], Mapping[str, Any]]],
+    ) -> int:
+        """Several ``replace_rows`` ``(table, rows, where)`` in ONE transaction: either
+        every table gets its new rows or none changes. Returns the rows inserted."""
+        for table, _, _ in items:
+            check_table(table)
+        frames = [(table, materialize(rows), where) for table, rows, where in items]
+
+        def body(con: duckdb.DuckDBPyConnection) -> int:
+            return sum(replace_in(con, t, r, w, self.location) for t, r, w in frames)
+
+        return self.write(", ".join(t for t, _, _ in frames), body)
+
+    def replace_from_parquet(
+        self, items: Sequence[tuple[str, str | Path, Sequence[Mapping[str, Any]]]]
+    ) -> int:
+        """For each ``(table, parquet file, wheres)``: delete the rows matching any of the
+        ``wheres`` and insert the file's rows, all in ONE transaction. The file's columns
+        must be the table's (as written by :mod:`tasks.records.rows`). Returns the rows inserted."""
+        for table, _, _ in items:
+            check_table(table)
+
+        def body(con: duckdb.DuckDBPyConnection) -> int:
+            return sum(insert_parquet(con, t, path, w) for t, path, w in items)
+
+        return self.write(", ".join(t for t, _, _ in items), body)
+
+    def insert_rows(self, table: str, rows: pd.DataFrame | Iterable[Mapping[str, Any]]) -> int:
+        """Append rows (one transaction); returns the number inserted."""
+        check_table(table)
+        frame = materialize(rows)
+
+        def body(con: duckdb.DuckDBPyConnection) -> int:
+            cols = table_columns(con, table)
+            return insert_typed(con, table, typed_rows(table, frame, cols, self.location), cols)
+
+        return self.write(table, body)
+
+    def upsert_rows(
+        self,
+        table: str,
+        rows: pd.DataFrame | Iterable[Mapping[str, Any]],
+        key: Sequence[str],
+    ) -> int:
+        """Replace rows having the same ``key`` values as a given row, then insert."""
+        check_table(table)
+        key = list(key)
+        if not key:
+            raise CatalogError(f"upsert_rows on {table!r} needs at least one key column")
+        frame = materialize(rows)
+        return self.write(table, lambda con: upsert_in(con, table, frame, key, self.location))
