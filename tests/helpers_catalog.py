@@ -128,3 +128,8 @@ def record_metrics(
     if replace:
         return cat.replace_rows("metrics", df, where={"run_id": run_id, "stage": stage})
     return cat.insert_rows("metrics", df)
+
+
+def metric_rows(n: int, run: str) -> list[dict]:
+    """``n`` pretrain metric rows of run ``run`` (steps 0..n-1, value = step)."""
+    return [{"run_id": run, "stage": "pretrain", "step": i, "value": float(i)} for i in range(n)]

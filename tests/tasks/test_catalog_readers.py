@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from _paths import REPO
-from helpers_catalog import record_stage
+from helpers_catalog import metric_rows, record_stage
 from helpers_notebook import Notebook
 
 from flows.cli import main
@@ -25,14 +25,10 @@ COUNT = "sql SELECT count(*) FROM metrics"
 WRITE = "write INSERT INTO metrics (run_id, value) VALUES ('notebook', 1)"
 
 
-def _rows(n: int, run: str) -> list[dict]:
-    return [{"run_id": run, "stage": "pretrain", "step": i, "value": float(i)} for i in range(n)]
-
-
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
     c = Catalog(tmp_path / "cat.duckdb", lock_timeout=2)
-    c.insert_rows("metrics", _rows(3, "before"))
+    c.insert_rows("metrics", metric_rows(3, "before"))
     c.publish()
     return c
 
@@ -46,7 +42,7 @@ def test_a_notebook_holding_the_catalog_never_blocks_writers(
         assert notebook.ask(COUNT) == "3"
         # a run writes and publishes while the notebook holds the file (lock timeout 2 s)
         writer = Catalog(cat.path, lock_timeout=2)
-        writer.insert_rows("metrics", _rows(4, "during"))
+        writer.insert_rows("metrics", metric_rows(4, "during"))
         record_stage(writer, "during", "pretrain", status="completed")
         assert writer.publish()
         # the notebook keeps its snapshot; on reconnect it sees the new data
@@ -71,7 +67,7 @@ def test_writes_into_the_published_file_are_discarded_never_replayed(
     try:
         assert rw.ask(WRITE) == "wrote"  # its WAL now lies beside the published file
         assert publish_mod.wal_of(cat.path).exists()
-        cat.insert_rows("metrics", _rows(2, "after"))
+        cat.insert_rows("metrics", metric_rows(2, "after"))
         with caplog.at_level(logging.WARNING, logger="tasks.catalog.publish"):
             assert cat.publish()
         assert "writes are discarded" in caplog.text and str(cat.path) in caplog.text
@@ -103,7 +99,7 @@ def test_a_one_file_catalog_of_an_older_gptflow_is_taken_over(tmp_path: Path) ->
     subprocess.run([sys.executable, "-c", killed], check=True)
     assert publish_mod.wal_of(db).exists()
     cat = Catalog(db)
-    cat.insert_rows("metrics", _rows(1, "new"))
+    cat.insert_rows("metrics", metric_rows(1, "new"))
     assert cat.publish()
     got = Catalog(db, snapshot=True).query_df("SELECT run_id FROM metrics ORDER BY run_id")
     assert got.run_id.tolist() == ["new", "unchecked"]
@@ -120,10 +116,10 @@ def test_plain_writes_publish_at_most_every_interval_and_at_exit(
             con.close()
 
     monkeypatch.setattr(publish_mod, "PUBLISH_EVERY", 3600.0)
-    cat.insert_rows("metrics", _rows(1, "x"))  # published just before: not due yet
+    cat.insert_rows("metrics", metric_rows(1, "x"))  # published just before: not due yet
     assert published_count() == 3
     monkeypatch.setattr(publish_mod, "PUBLISH_EVERY", 0.0)
-    cat.insert_rows("metrics", _rows(1, "y"))
+    cat.insert_rows("metrics", metric_rows(1, "y"))
     assert published_count() == 5
     assert not cat.publish()  # nothing new
     # another process writes (never due) and exits: its writes are published at exit

@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from _paths import REPO
+from helpers_catalog import metric_rows
 
 from gpt.errors import CatalogError
 from tasks.catalog import Catalog, catalog_session
@@ -24,14 +25,10 @@ from tasks.catalog import publish as publish_mod
 from tasks.catalog.values import inline_params
 
 
-def _rows(n: int, run: str) -> list[dict]:
-    return [{"run_id": run, "stage": "pretrain", "step": i, "value": float(i)} for i in range(n)]
-
-
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
     c = Catalog(tmp_path / "cat.duckdb", lock_timeout=5)
-    c.insert_rows("metrics", _rows(2, "before"))
+    c.insert_rows("metrics", metric_rows(2, "before"))
     c.publish()
     return c
 
@@ -50,14 +47,14 @@ def _count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _operations(cat: Catalog, run: str) -> None:
     other = Catalog(cat.path, lock_timeout=5)  # another handle, as every stage makes one
-    cat.replace_rows("metrics", _rows(3, run), where={"run_id": run})
+    cat.replace_rows("metrics", metric_rows(3, run), where={"run_id": run})
     assert len(cat.query_rows("SELECT * FROM metrics WHERE run_id = ?", [run])) == 3
     other.upsert_rows("runs", [{"run_id": run, "status": "running"}], key=["run_id"])
     assert other.query_df("SELECT status FROM runs WHERE run_id = ?", [run]).status[0] == "running"
     with cat.held(read_only=True):
         assert cat.query_rows("SELECT count(*) AS n FROM metrics")[0]["n"] >= 3
     cat.publish()
-    other.insert_rows("metrics", _rows(1, run + "-more"))
+    other.insert_rows("metrics", metric_rows(1, run + "-more"))
 
 
 def test_a_session_opens_the_catalog_file_once(
@@ -105,7 +102,7 @@ def test_the_pooled_connection_keeps_its_lock_after_a_publish(
     corrupted catalog). The descriptor is closed only with the connection."""
     monkeypatch.setattr(conns, "IDLE_CLOSE_S", 60.0)
     with catalog_session():
-        cat.insert_rows("metrics", _rows(1, "x"))
+        cat.insert_rows("metrics", metric_rows(1, "x"))
         assert cat.publish()
         assert conns._IDLE  # idle, still open
         assert _try_open(cat.live_path) == "locked"
@@ -178,19 +175,19 @@ def test_a_forked_child_never_inherits_the_pooled_connection(
     so the child opens the file itself and both processes' writes are kept."""
     monkeypatch.setattr(conns, "IDLE_CLOSE_S", 60.0)
     with catalog_session():
-        cat.insert_rows("metrics", _rows(1, "parent-before"))
+        cat.insert_rows("metrics", metric_rows(1, "parent-before"))
         assert conns._IDLE
         pid = os.fork()
         if pid == 0:  # the child
             code = 1
             try:
-                Catalog(cat.path, lock_timeout=10).insert_rows("metrics", _rows(1, "child"))
+                Catalog(cat.path, lock_timeout=10).insert_rows("metrics", metric_rows(1, "child"))
                 code = 0
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        cat.insert_rows("metrics", _rows(1, "parent-after"))
+        cat.insert_rows("metrics", metric_rows(1, "parent-after"))
     runs = {r["run_id"] for r in cat.query_rows("SELECT DISTINCT run_id FROM metrics")}
     assert runs == {"before", "parent-before", "child", "parent-after"}
 
@@ -208,7 +205,7 @@ def test_stage_events_publish_at_most_once_a_gap(
     )
     publish_mod._state(cat.live_path, cat.path).last -= 3.0  # the fixture's publish: a gap ago
     for i in range(6):
-        cat.insert_rows("metrics", _rows(1, f"event-{i}"))
+        cat.insert_rows("metrics", metric_rows(1, f"event-{i}"))
         cat.publish(soon=True)
     assert len(copies) == 1
     deadline = time.monotonic() + 10
@@ -224,7 +221,7 @@ def test_stage_events_publish_at_most_once_a_gap(
 def test_look_ups_and_small_writes_import_no_pandas(tmp_path: Path) -> None:
     """DuckDB's Python client imports pandas to bind any parameter (~0.4 s): what a cached
     rerun reads and writes inlines its values as literals instead."""
-    Catalog(tmp_path / "c.duckdb").insert_rows("metrics", _rows(2, "r"))
+    Catalog(tmp_path / "c.duckdb").insert_rows("metrics", metric_rows(2, "r"))
     script = textwrap.dedent(
         f"""
         import datetime, sys
