@@ -47,43 +47,30 @@ def gptflow_pipeline(
     strictly, as every setting (a deployment's ``"yes"`` is not a boolean). The run
     keeps one write connection to a catalog file while it is busy (:func:`catalog_session`)."""
     with catalog_session():
-        return _pipeline(profile, overrides, config, mirror, force, verify, progress, retrust)
+        run = FlowRun.start(
+            profile,
+            lambda: config if config is not None else build_config(profile, overrides),
+            mirror=mirror,
+            force=force or (),
+            verify=verify,
+            progress=progress,
+            retrust=retrust or (),
+        )
+        judged = run.record(lambda: run_stages(run.cfg, run.ctx))
+        if isinstance(judged, State) and judged.is_crashed():
+            return judged  # the worker died: the flow run is Crashed, saying so
+        cat, rec = run.ctx.catalog, run.ctx.recorder
+        # regression gates, evaluated and stored before the report shows them
+        gate_results = run_gates(cat, run.run_id, run.cfg.gates, recorder=rec)
+        try:
+            from flows.report.publish import publish_report
 
-
-def _pipeline(
-    profile: str,
-    overrides: list[str] | None,
-    config: PipelineConfig | None,
-    mirror: str | None,
-    force: list[str] | None,
-    verify: Literal["auto", "full"],
-    progress: bool,
-    retrust: list[str] | None,
-) -> dict[str, Any] | State:
-    run = FlowRun.start(
-        profile,
-        lambda: config if config is not None else build_config(profile, overrides),
-        mirror=mirror,
-        force=force or (),
-        verify=verify,
-        progress=progress,
-        retrust=retrust or (),
-    )
-    judged = run.record(lambda: run_stages(run.cfg, run.ctx))
-    if isinstance(judged, State) and judged.is_crashed():
-        return judged  # the worker died: the flow run is Crashed, saying so
-    cat, rec = run.ctx.catalog, run.ctx.recorder
-    # regression gates, evaluated and stored before the report shows them
-    gate_results = run_gates(cat, run.run_id, run.cfg.gates, recorder=rec)
-    try:
-        from flows.report.publish import publish_report
-
-        publish_report(cat, run.run_id)  # the report reads everything from the catalog
-    except Exception as exc:  # a report must never fail a finished run
-        get_run_logger().warning("could not publish the run report: %s", exc)
-    # a failed gate fails the flow run (automations fire), after every result is stored
-    raise_for_gates(run.run_id, gate_results, run.cfg.gates)
-    return {"run_id": run.run_id, "status": "completed", "judge": _judge_info(judged)}
+            publish_report(cat, run.run_id)  # the report reads everything from the catalog
+        except Exception as exc:  # a report must never fail a finished run
+            get_run_logger().warning("could not publish the run report: %s", exc)
+        # a failed gate fails the flow run (automations fire), after every result is stored
+        raise_for_gates(run.run_id, gate_results, run.cfg.gates)
+        return {"run_id": run.run_id, "status": "completed", "judge": _judge_info(judged)}
 
 
 def run_stages(cfg: PipelineConfig, ctx: RunContext) -> Any:
@@ -184,38 +171,23 @@ def run_pipeline(
     # a bad --force or --retrust: an error up front
     ctx = make_context(cfg, "check", force=force or (), retrust=retrust or ())
     with catalog_session():  # the flow's connection serves the summary below too
-        return _run_and_summarise(cfg, ctx, mirror, force, verify, progress, retrust)
-
-
-def _run_and_summarise(
-    cfg: PipelineConfig,
-    ctx: RunContext,
-    mirror: str | None,
-    force: list[str] | None,
-    verify: str,
-    progress: bool,
-    retrust: list[str] | None,
-) -> dict[str, Any]:
-    state = gptflow_pipeline(
-        profile=cfg.profile,
-        config=cfg,
-        mirror=mirror,
-        force=force or [],
-        verify=verify,
-        progress=progress,
-        retrust=retrust or [],
-        return_state=True,
-    )
-    run_id = str(state.state_details.flow_run_id)
-    status = "completed" if state.is_completed() else "failed"
-    result: dict[str, Any] = {"run_id": run_id, "status": status}
-    try:
-        result["stages"] = stage_statuses(run_id, ctx.catalog)
-    except Exception:
-        result["stages"] = {}
-    if status == "failed":
-        result["error"] = state.message
-    return result
-
-
-__all__ = ["gptflow_pipeline", "run_pipeline", "run_stages", "stage_statuses"]
+        state = gptflow_pipeline(
+            profile=cfg.profile,
+            config=cfg,
+            mirror=mirror,
+            force=force or [],
+            verify=verify,
+            progress=progress,
+            retrust=retrust or [],
+            return_state=True,
+        )
+        run_id = str(state.state_details.flow_run_id)
+        status = "completed" if state.is_completed() else "failed"
+        result: dict[str, Any] = {"run_id": run_id, "status": status}
+        try:
+            result["stages"] = stage_statuses(run_id, ctx.catalog)
+        except Exception:
+            result["stages"] = {}
+        if status == "failed":
+            result["error"] = state.message
+        return result

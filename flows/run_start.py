@@ -179,13 +179,3 @@ def crashed_state(exc: BaseException) -> State:
     if died is None:
         raise exc
     return Crashed(message=died)
-
-
-__all__ = [
-    "FlowRun",
-    "crashed_state",
-    "git_revision",
-    "make_context",
-    "record_failed_start",
-    "recorded_run",
-]

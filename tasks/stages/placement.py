@@ -40,6 +40,7 @@ from typing import Any
 
 from gpt.config import Args
 from gpt.errors import GPTFlowError
+from gpt.fileio import atomic_open
 from gpt.paths import is_remote
 from tasks.records.runs import StageRecord, StageStatus, parse_ts, placed_records_dir
 from tasks.stages.contract import RunContext, StageOutput, StageSkipped, logger
@@ -78,11 +79,8 @@ def _write_json(folder: str | Path, name: str, value: dict[str, Any]) -> None:
 
         open_root(str(folder)).put(name, data.encode("utf-8"))
         return
-    path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_open(Path(folder) / name, "w", encoding="utf-8") as fh:
+        fh.write(data)
 
 
 def _read_json(folder: str | Path, name: str) -> dict[str, Any] | None:
@@ -335,15 +333,3 @@ def collect(ctx: RunContext, name: str, key: str, flow_run: Any) -> StageOutput:
     record(row.get("status") or ("cached" if hit else "completed"), row.get("message"))
     logger().info("%s: done on %s", name, desc)
     return result
-
-
-__all__ = [
-    "STAGE_FLOW",
-    "PlacedStageCrashed",
-    "PlacementError",
-    "check_placement",
-    "collect",
-    "deployment_name",
-    "run_placed",
-    "run_placed_here",
-]
