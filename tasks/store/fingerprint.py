@@ -176,26 +176,11 @@ def _resolve_relative(module: str, is_package: bool, level: int, target: str | N
     return ".".join([*base, target] if target else base)
 
 
-def imported_modules(name: str, root: Path = SOURCE_ROOT) -> set[str]:
-    """Project modules that module ``name`` imports directly (and the packages that
-    contain them, whose ``__init__`` runs first)."""
-    return set(_parsed(name, root)[0])
-
-
-def third_party_imports(name: str, root: Path = SOURCE_ROOT) -> set[str]:
-    """Top-level names of the non-project, non-standard-library modules that module
-    ``name`` imports (``sklearn`` for ``from sklearn.linear_model import ...``)."""
-    return set(_parsed(name, root)[1])
-
-
-def _parsed(name: str, root: Path) -> tuple[frozenset[str], frozenset[str]]:
-    _, found, external = _source_facts(name, root)
-    return found, external
-
-
 def _source_facts(name: str, root: Path) -> tuple[str, frozenset[str], frozenset[str]]:
-    """The sha256 of module ``name``'s source, the project modules and the third-party
-    top-level names it imports: from the stat cache while the file is unchanged."""
+    """The sha256 of module ``name``'s source, the project modules it imports directly
+    (and the packages holding them, whose ``__init__`` runs first) and the third-party
+    top-level names it imports (``sklearn`` for ``from sklearn.linear_model import …``):
+    from the stat cache while the file is unchanged."""
     path = _module_file(name, root)
     if path is None:
         raise ValueError(f"module {name!r} has no source file under {root}")
@@ -263,7 +248,7 @@ def module_closure(name: str, root: Path = SOURCE_ROOT) -> list[str]:
         if mod in seen:
             continue
         seen.add(mod)
-        todo.extend(imported_modules(mod, root) - seen)
+        todo.extend(_source_facts(mod, root)[1] - seen)
     return sorted(seen)
 
 
@@ -294,7 +279,7 @@ def package_versions(module: str, root: Path | None = None) -> dict[str, str | N
     tops: set[str] = set()
     for mod in module_closure(module, root):
         if mod.split(".", 1)[0] in LIBRARY_PACKAGES:
-            tops |= third_party_imports(mod, root)
+            tops |= _source_facts(mod, root)[2]
     providers = _distributions(root)["providers"]
     out: dict[str, str | None] = {}
     for top in sorted(tops):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -45,15 +45,7 @@ class KeyParts:
     @property
     def key(self) -> str:
         """The cache key (24 hex characters)."""
-        payload = {
-            "stage": self.stage,
-            "settings": self.settings,
-            "inputs": self.inputs,
-            "code": self.code,
-            "packages": self.packages,
-            "files": self.files,
-        }
-        return sha256_json(payload)[:24]
+        return sha256_json(asdict(self))[:24]
 
     def summary(self) -> dict[str, Any]:
         """The parts as kept in the manifest and the stage's outputs: settings as a short
@@ -67,24 +59,15 @@ class KeyParts:
         }
 
 
-#: The key's parts as :func:`key_changes` names them.
-KEY_PART_NAMES = {
-    "settings": "settings",
-    "inputs": "inputs",
-    "code": "code",
-    "packages": "packages",
-    "files": "input files",
-}
-
-
 def key_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """What differs between two :meth:`KeyParts.summary` values, one phrase per changed
     part, e.g. ``"packages (scikit-learn 1.4.2 -> 1.5.0)"`` or ``"inputs (tokenize)"``.
     A part the older summary lacks counts as unchanged (it was not recorded then)."""
     out = []
-    for part, label in KEY_PART_NAMES.items():
+    for part in ("settings", "inputs", "code", "packages", "files"):
         if part not in before or before[part] == after.get(part):
             continue
+        label = "input files" if part == "files" else part
         old, new = before[part], after.get(part)
         if isinstance(old, dict) and isinstance(new, dict):
             names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -4,7 +4,7 @@
 need, among them :meth:`~ObjectRoot.create` (``If-None-Match: *``) and
 :meth:`~ObjectRoot.replace_if` / :meth:`~ObjectRoot.delete_if` (``If-Match``), which make
 them safe across machines without a lock server. Only S3 (s3fs, the ``lake`` extra) is
-implemented; credentials come from the environment (:class:`ObjectStoreSettings`).
+implemented; credentials come from the environment (:func:`storage_options`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from gpt.errors import GPTFlowError
 from gpt.paths import is_remote, url_protocol
@@ -48,45 +46,15 @@ def s3_env(prefix: str, environ: Mapping[str, str] | None = None) -> dict[str, s
     }
 
 
-class ObjectStoreSettings(BaseModel):
-    """How to reach an ``s3://`` artifacts root (read from the environment)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    endpoint: str | None = None
-    """``http(s)://host:port`` of an S3-compatible server; None: AWS (or botocore's own
-    ``AWS_ENDPOINT_URL*`` handling)."""
-    key_id: str | None = None
-    """Access key id; None: botocore's credential chain (profiles, instance roles)."""
-    secret: SecretStr | None = None
-    """Secret access key (never printed)."""
-    region: str | None = None
-    """Bucket region; None: botocore's default."""
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ObjectStoreSettings:
-        """``GPTFLOW_ARTIFACTS_S3_*``, else the AWS variables (:func:`s3_env`)."""
-        values = s3_env("GPTFLOW_ARTIFACTS_S3", environ)
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            raise StorageError(f"invalid GPTFLOW_ARTIFACTS_S3_* setting: {exc}") from exc
-
-    def storage_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``s3fs.S3FileSystem``."""
-        opts: dict[str, Any] = {}
-        client: dict[str, Any] = {}
-        if self.key_id:
-            opts["key"] = self.key_id
-        if self.secret is not None:
-            opts["secret"] = self.secret.get_secret_value()
-        if self.endpoint:
-            client["endpoint_url"] = self.endpoint
-        if self.region:
-            client["region_name"] = self.region
-        if client:
-            opts["client_kwargs"] = client
-        return opts
+def storage_options() -> dict[str, Any]:
+    """Keyword arguments for ``s3fs.S3FileSystem`` from ``GPTFLOW_ARTIFACTS_S3_*``, else
+    the AWS variables (:func:`s3_env`); what is unset is left to botocore (its endpoint
+    handling, credential chain and default region)."""
+    env = s3_env("GPTFLOW_ARTIFACTS_S3")
+    opts = {k: v for k, v in (("key", env["key_id"]), ("secret", env["secret"])) if v}
+    client = {"endpoint_url": env["endpoint"], "region_name": env["region"]}
+    client = {k: v for k, v in client.items() if v}
+    return {**opts, "client_kwargs": client} if client else opts
 
 
 @dataclass(frozen=True)
@@ -120,14 +88,12 @@ def _filesystem(protocol: str) -> Any:
         raise StorageError(
             f"an {protocol}:// artifacts root needs s3fs: pip install 'gptflow[lake]'"
         ) from exc
-    settings = ObjectStoreSettings.from_env()
-    ident = (protocol, json.dumps(settings.storage_options(), sort_keys=True))
+    options = storage_options()
+    ident = (protocol, json.dumps(options, sort_keys=True))
     with _FS_LOCK:
         fs = _FS.get(ident)
         if fs is None:
-            fs = s3fs.S3FileSystem(
-                use_listings_cache=False, skip_instance_cache=True, **settings.storage_options()
-            )
+            fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, **options)
             _FS[ident] = fs
         return fs
 
