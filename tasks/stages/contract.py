@@ -265,8 +265,6 @@ class StageRun:
     producer: str
     """The run the rows belong to (the run that started this computation)."""
     rows: RowSink
-    device_setting: str = "auto"
-    """The run's device setting (:attr:`device` resolves it)."""
     notes: list[str] = field(default_factory=list)
     """Remarks the stage's ``stages`` row carries."""
     published: str | None = None
@@ -280,16 +278,16 @@ class StageRun:
 
     @functools.cached_property
     def device(self) -> str:
-        """The device this stage computes on, resolved once where it runs, when the stage
-        first asks (``cpu``, ``cuda``, ``cuda:1``, ``mps``; the setting itself when it
-        names no device here — the library then says why). Lazy: resolving imports
+        """The device this stage computes on: the run's setting, resolved once where the
+        stage runs, when it first asks (``cpu``, ``cuda``, ``cuda:1``, ``mps``; the
+        setting itself when it names no device here — the library then says why). Lazy: resolving imports
         torch, which a stage that computes on no device (download, judge) never needs."""
         from gpt.device import resolve_device
 
         try:
-            return str(resolve_device(self.device_setting))
+            return str(resolve_device(self.ctx.device))
         except GPTFlowError:
-            return self.device_setting
+            return self.ctx.device
 
     @property
     def progress(self) -> bool:

@@ -90,16 +90,9 @@ class StageSpec:
 REGISTRY: dict[str, StageSpec] = {}
 
 
-def stage(
-    name: str,
-    *,
-    resumable: bool = False,
-    retries: int = 0,
-    kept: bool = True,
-    reads: Callable[[RunContext, Any], dict[str, str]] | None = None,
-    stale: Callable[[Any, Any], str | None] | None = None,
-) -> Callable:
-    """Declare the decorated body as stage ``name`` (see :class:`StageSpec`)."""
+def stage(name: str, **options: Any) -> Callable:
+    """Declare the decorated body as stage ``name``; ``options`` are the other fields of
+    its :class:`StageSpec` (``resumable``, ``retries``, ``kept``, ``reads``, ``stale``)."""
 
     def deco(fn: Callable[..., StageOut]) -> Callable[..., StageOut]:
         sig = inspect.signature(fn, eval_str=True)
@@ -114,11 +107,7 @@ def stage(
             args_type=params[1].annotation,
             inputs=tuple(p.name for p in params[2:]),
             out_type=out_type,
-            resumable=resumable,
-            retries=retries,
-            kept=kept,
-            reads=reads,
-            stale=stale,
+            **options,
         )
         return fn
 
@@ -366,7 +355,6 @@ def _stage_run(ctx: RunContext, spec: StageSpec, parts: KeyParts, lease: LeaseBa
         final=store.final_dir(name, key),
         producer=producer,
         rows=RowSink(work, ctx.catalog),
-        device_setting=ctx.device,
         published=store.published(name, key),
         files=parts.files,
     )
@@ -431,7 +419,6 @@ def _run_unkept(
         final=root,
         producer=ctx.run_id,
         rows=RowSink(root, ctx.catalog),
-        device_setting=ctx.device,
     )
     try:
         out = _typed(spec, spec.fn(run, args, **{i: inputs[i] for i in spec.inputs}))

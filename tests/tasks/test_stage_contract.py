@@ -287,7 +287,7 @@ def test_the_section_object_itself_reaches_the_library_call(
     section = getattr(cfg, stage)
     ctx = RunContext(**{**_ctx(smoke["root"], "probe").__dict__, "device": "cuda:7"})
     # the runner resolves the run's device once where the stage runs (here: as named)
-    run = StageRun(ctx, stage, "k", tmp_path, tmp_path, "probe", RowSink(tmp_path), "cuda:7")
+    run = StageRun(ctx, stage, "k", tmp_path, tmp_path, "probe", RowSink(tmp_path))
     tok, pre = smoke["tok"], smoke["pre"]
     inputs = {"download": smoke["dl"], "tokenize": tok, "pretrain": pre, "load_gpt2": pre,
               "finetune_instruct": pre, "extract_responses": pre}  # fmt: skip
