@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.paths import artifacts_dir
 from tasks.store.lease import Lease, LeaseBase, LeaseLost
 from tasks.store.manifest import (
     MANIFEST,
@@ -53,10 +52,10 @@ class Committed:
 
 
 class StageStore:
-    """Stage folders under ``root`` (default ``artifacts/stages``) on a file system."""
+    """Stage folders under ``root`` on a file system."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else artifacts_dir() / "stages"
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
 
     def final_dir(self, stage: str, key: str) -> Path:
         """The committed folder (for an object store: its verified local copy)."""

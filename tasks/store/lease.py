@@ -257,15 +257,8 @@ class LeaseBase(ABC):
 class Lease(LeaseBase):
     """A lease file ``path`` on a local or shared file system (module docstring)."""
 
-    def __init__(
-        self,
-        path: Path,
-        run_id: str,
-        *,
-        ttl_s: float | None = None,
-        poll_s: float | None = None,
-    ) -> None:
-        super().__init__(run_id, ttl_s=ttl_s, poll_s=poll_s)
+    def __init__(self, path: Path, run_id: str, **timing: float | None) -> None:
+        super().__init__(run_id, **timing)
         self.path = Path(path)
         self._fd: int | None = None
         self._inode: tuple[int, int] | None = None

@@ -41,7 +41,6 @@ def write_memo(kind: str, key: str, value: dict[str, Any]) -> None:
 
     path = memo_path(kind, key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "w", encoding="utf-8") as fh:
             json.dump(value, fh, default=str)
     except OSError as exc:

@@ -16,28 +16,16 @@ from tasks.store.objects import Fetched, ObjectRoot
 class ObjectLease(LeaseBase):
     """An exclusive, renewed lease object ``rel`` under ``root`` (use :meth:`hold`)."""
 
-    def __init__(
-        self,
-        root: ObjectRoot,
-        rel: str,
-        run_id: str,
-        *,
-        ttl_s: float | None = None,
-        poll_s: float | None = None,
-    ) -> None:
-        super().__init__(run_id, ttl_s=ttl_s, poll_s=poll_s)
+    def __init__(self, root: ObjectRoot, rel: str, run_id: str, **timing: float | None) -> None:
+        super().__init__(run_id, **timing)
         self.root = root
         self.rel = rel
         self.etag: str | None = None
         """The ETag of this holder's lease object as it last wrote it."""
 
     @property
-    def url(self) -> str:
-        return self.root.url_of(self.rel)
-
-    @property
     def where(self) -> str:
-        return self.url
+        return self.root.url_of(self.rel)
 
     def _seen(self, got: Fetched) -> Seen:
         info = self._parse(got.data) or self._unknown(0.0)

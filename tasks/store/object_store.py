@@ -67,9 +67,9 @@ class ObjectStageStore(StageStore):
     """Stage folders published under ``<url>/stages`` (module docstring). ``root`` is the
     local side: the work folders and verified copies."""
 
-    def __init__(self, url: str, cache: Path | None = None) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        super().__init__((cache or remote_cache_dir(self.url)) / "stages")
+        super().__init__(remote_cache_dir(self.url) / "stages")
         self.remote = ObjectRoot(f"{self.url}/stages")
 
     # ------------------------------------------------------------------ names
