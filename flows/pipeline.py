@@ -134,10 +134,9 @@ def _judge_info(judged: Any) -> dict[str, Any]:
     return skipped_info(judged) or {"status": "unknown"}
 
 
-def stage_statuses(run_id: str, catalog: Catalog | None = None) -> dict[str, dict[str, Any]]:
-    """Status, cache hit and message of each stage of a run, in the pipeline's order, from
-    ``catalog`` (default: the one the environment selects)."""
-    rows = (catalog or Catalog()).query_rows(
+def stage_statuses(run_id: str, catalog: Catalog) -> dict[str, dict[str, Any]]:
+    """Status, cache hit and message of each stage of a run, in the pipeline's order."""
+    rows = catalog.query_rows(
         "SELECT stage, status, cache_hit, message FROM stages WHERE run_id = ? "
         "ORDER BY started_at, stage",
         [run_id],

@@ -144,9 +144,8 @@ def _read_pid() -> int | None:
     return pid
 
 
-def start_server(api_url: str | None = None, *, wait_s: float = 90.0) -> str:
-    """Start the managed local server if it is not already up; return its API URL."""
-    api_url = api_url or local_api_url()
+def start_server(api_url: str, *, wait_s: float = 90.0) -> str:
+    """Start the managed local server at ``api_url`` unless it is up; return the URL."""
     if is_healthy(api_url):
         return api_url
     if not api_url.startswith(f"http://{DEFAULT_HOST}:"):
@@ -224,10 +223,7 @@ def stop_server(timeout_s: float = 20.0) -> bool:
 
 def ensure_server() -> str:
     """Point this process at a healthy Prefect server, starting the local one if needed."""
-    api_url = configure_env()
-    if is_healthy(api_url):
-        return api_url
-    return start_server(api_url)
+    return start_server(configure_env())
 
 
 def status() -> dict[str, object]:

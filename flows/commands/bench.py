@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``bench`` sub-command."""
     parser = subparsers.add_parser(
         "bench",
         help="run the performance benchmarks (baseline vs optimized, same process)",
@@ -149,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
     from tasks.catalog import Catalog
 
     log = logging.getLogger("gptflow.bench")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = selected(args.only, args.vs_book)

@@ -9,7 +9,6 @@ from flows.commands import from_argv, write_line
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``classify`` sub-command."""
     parser = subparsers.add_parser(
         "classify",
         help="classify texts as spam/ham with a finetuned classifier checkpoint",

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``compare`` sub-command."""
     from gpt.eval.gates import DEFAULT_MIN_EXAMPLES
     from gpt.eval.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 

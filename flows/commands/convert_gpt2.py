@@ -7,7 +7,6 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``convert-gpt2`` sub-command."""
     p = subparsers.add_parser(
         "convert-gpt2",
         help="convert OpenAI's GPT-2 TensorFlow checkpoint into a gptflow checkpoint",

@@ -10,7 +10,6 @@ from gpt.data.sources import DATASET_SOURCES, GPT2_SIZES, GPT2_WEIGHT_SOURCES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``download`` sub-command."""
     parser = subparsers.add_parser(
         "download",
         help="fetch and verify the datasets (and GPT-2 release files)",

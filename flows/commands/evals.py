@@ -9,7 +9,6 @@ from flows.commands import add_db_arg, add_format_arg, sections_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``evals`` sub-command."""
     parser = subparsers.add_parser(
         "evals",
         help="show judge scores: eval_summary, then per-example rows",

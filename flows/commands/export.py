@@ -10,7 +10,6 @@ FORMATS = ("hf", "peft")
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``export`` sub-command."""
     p = subparsers.add_parser(
         "export",
         help="write a checkpoint in another library's format (hf: transformers, peft)",

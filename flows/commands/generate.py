@@ -13,7 +13,6 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``generate`` sub-command."""
     p = subparsers.add_parser(
         "generate",
         help="generate text from a language-model checkpoint",

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``judge`` sub-command."""
     parser = subparsers.add_parser(
         "judge",
         help="score a JSON file of responses with the local Ollama judge",
@@ -73,8 +72,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Import the responses, judge them as a recorded run, print the summary; 1 when
     requests failed."""
-    import logging
-
     from flows.run_start import recorded_run
     from gpt.eval.judge.settings import JudgeConfig
     from gpt.paths import artifacts_root, datasets_dir
@@ -83,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
     from tasks.stages.judge import import_responses, responses_input, summarize
     from tasks.stages.runner import run_stage
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     given = {
         "models": args.model,
         "hosts": args.host,

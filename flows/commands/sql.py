@@ -8,7 +8,6 @@ from flows.commands import add_db_arg, add_format_arg, print_df
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``sql`` sub-command."""
     parser = subparsers.add_parser(
         "sql",
         help="query the DuckDB catalog (read-only)",

@@ -107,28 +107,26 @@ def _in(values: list[Any]) -> str:
     return ", ".join("?" for _ in values)
 
 
-def _load_responses(catalog: Catalog, run_id: str) -> list[dict[str, Any]]:
+def _load_responses(catalog: Catalog, run_id: str, *, required: bool = True) -> list[dict]:
+    """The run's ``responses`` rows; with ``required``, a DataError naming the fix when
+    there are none."""
     df = catalog.query_df(
         f"SELECT example_id, {', '.join(RESPONSE_FIELDS)} FROM responses "
         "WHERE run_id = ? ORDER BY example_id",
         [run_id],
     )
+    if required and df.empty:
+        raise DataError(
+            f"run {run_id!r} has no responses in the catalog {catalog.location} — run the "
+            "response-extraction stage or `gptflow judge --responses FILE.json` first"
+        )
     return plain_rows(df)
-
-
-def _no_responses(catalog: Catalog, run_id: str) -> DataError:
-    return DataError(
-        f"run {run_id!r} has no responses in the catalog {catalog.location} — run the "
-        "response-extraction stage or `gptflow judge --responses FILE.json` first"
-    )
 
 
 def responses_input(catalog: Catalog, run_id: str) -> StageOutput:
     """The responses a run holds in the catalog, as the judge stage's input (its digest
     hashes the run and their text, so re-imported, changed responses get a new key)."""
     rows = _load_responses(catalog, run_id)
-    if not rows:
-        raise _no_responses(catalog, run_id)
     # judgments belong to a run's responses: the run is part of what is judged
     digest = hashlib.sha256(stable_json({"run_id": run_id, "rows": rows}).encode()).hexdigest()
     return StageOutput(
@@ -151,7 +149,7 @@ def import_responses(
     """
     rows = [{"run_id": run_id, **r} for r in read_responses(json_path, response_key)]
     catalog.migrate()  # the catalog may not exist yet
-    stale = changed_examples(_load_responses(catalog, run_id), rows)
+    stale = changed_examples(_load_responses(catalog, run_id, required=False), rows)
     if stale:
         with catalog.connect() as con:
             con.execute(
@@ -225,8 +223,6 @@ def judge_run(
     loses at most that many.
     """
     responses = _load_responses(catalog, run_id)
-    if not responses:
-        raise _no_responses(catalog, run_id)
     statuses = preflight(cfg, progress=progress)
     routing = route(statuses, cfg.models)
     hosts_down = [f"{s.url}: {s.error}" for s in statuses if not s.up] + routing.left_out
@@ -321,13 +317,9 @@ def judge_run(
 
 def summarize(catalog: Catalog, run_id: str | None = None) -> pd.DataFrame:
     """``eval_summary`` rows for ``run_id`` (every run when ``None``)."""
-    if run_id is None:
-        return catalog.query_df(
-            "SELECT * FROM eval_summary ORDER BY run_id, judge_model, prompt_version"
-        )
+    where, params = ("WHERE run_id = ? ", [run_id]) if run_id is not None else ("", [])
     return catalog.query_df(
-        "SELECT * FROM eval_summary WHERE run_id = ? ORDER BY judge_model, prompt_version",
-        [run_id],
+        f"SELECT * FROM eval_summary {where}ORDER BY run_id, judge_model, prompt_version", params
     )
 
 

@@ -372,6 +372,8 @@ def _commit(
     t0: float,
 ) -> dict[str, Any]:
     """Ingest the body's rows and commit its folder with its manifest (returned)."""
+    import torch
+
     content, timed = out.split_measured()
     rows_meta = run.rows.write_parquet()
     # rows reach the catalog before the folder is committed: a failed ingestion fails
@@ -392,7 +394,7 @@ def _commit(
         "rows": rows_meta,
         "device": run.device,
         # CPU results depend on it in the last bits (reductions split by thread)
-        "cpu_threads": _cpu_threads(),
+        "cpu_threads": torch.get_num_threads(),
         "wall_s": round(time.perf_counter() - t0, 3),
         "resumed_by_run_id": ctx.run_id if run.producer != ctx.run_id else None,
     }
@@ -449,9 +451,3 @@ def _typed(spec: StageSpec, out: Any) -> StageOut:
     if not isinstance(out, spec.out_type):
         raise TypeError(f"stage {spec.name} returned {type(out).__name__}, not {spec.out_type}")
     return out
-
-
-def _cpu_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
