@@ -20,8 +20,6 @@ from tasks.stages.contract import RunContext, StageOut, StageRun
 from tasks.stages.runner import stage
 from tasks.store.lease import file_leases
 
-STAGE = "download"
-
 
 class SourceOut(BaseModel):
     """One downloaded source; paths relative to the datasets folder."""

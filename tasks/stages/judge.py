@@ -57,8 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAGE = "judge"
-
 
 class JudgeOut(StageOut):
     """What the judge did for one run's responses (the stage's result, and what
@@ -352,7 +350,7 @@ def models_changed(args: JudgeConfig, out: JudgeOut) -> str | None:
     return f"judge model(s) pulled anew since these scores were made: {', '.join(changed)}"
 
 
-@stage(STAGE, stale=models_changed)
+@stage("judge", stale=models_changed)
 def judge(run: StageRun, args: JudgeConfig, extract_responses: StageOutput) -> JudgeOut:
     cat = run.ctx.catalog
     responses_run = extract_responses.run_id

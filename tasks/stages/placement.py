@@ -75,9 +75,9 @@ def _write_json(folder: str | Path, name: str, value: dict[str, Any]) -> None:
     """``folder/name`` as JSON: a local file written atomically, or an object."""
     data = json.dumps(value, indent=1, sort_keys=True, default=str)
     if is_remote(folder):
-        from tasks.store.objects import open_root
+        from tasks.store.objects import ObjectRoot
 
-        open_root(str(folder)).put(name, data.encode("utf-8"))
+        ObjectRoot(str(folder)).put(name, data.encode("utf-8"))
         return
     with atomic_open(Path(folder) / name, "w", encoding="utf-8") as fh:
         fh.write(data)
@@ -87,9 +87,9 @@ def _read_json(folder: str | Path, name: str) -> dict[str, Any] | None:
     """``folder/name`` as JSON, or None when absent or unreadable."""
     try:
         if is_remote(folder):
-            from tasks.store.objects import open_root
+            from tasks.store.objects import ObjectRoot
 
-            got = open_root(str(folder)).get(name)
+            got = ObjectRoot(str(folder)).get(name)
             return None if got is None else json.loads(got.data)
         return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):

@@ -305,18 +305,11 @@ def _distributions(root: Path) -> dict[str, Any]:
 _SCANNED_VERSIONS: dict[str, str | None] = {}
 
 
-@lru_cache(maxsize=256)
 def distribution_version(dist: str) -> str | None:
-    """The release version of an installed distribution (None when it is not installed),
-    once per process (from the scan when it saw ``dist``)."""
-    if dist in _SCANNED_VERSIONS:
-        version = _SCANNED_VERSIONS[dist]
-        return version.split("+", 1)[0] if version else None
-    try:
-        version = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return version.split("+", 1)[0]
+    """The release version of an installed distribution as the scan of the installed
+    distributions saw it (:func:`_distributions`); None when it is not installed."""
+    version = _SCANNED_VERSIONS.get(dist)
+    return version.split("+", 1)[0] if version else None
 
 
 def _canonical(dist: str) -> str:

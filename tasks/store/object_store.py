@@ -81,44 +81,36 @@ class ObjectStageStore(StageStore):
         return ObjectLease(self.remote, f"{stage}/{key}.lease", run_id)
 
     # ------------------------------------------------------------------ reading
-    def _read_published(self, rel: str, got: Any = None) -> dict[str, Any] | None:
-        """The full manifest published at ``rel`` (its ``manifest.json``, fetched unless
-        ``got``, and ``produced.json``); None when missing or unreadable."""
-        got = got if got is not None else self.remote.get(f"{rel}/{MANIFEST}")
+    def _read_published(self, rel: str) -> dict[str, Any] | None:
+        """The full manifest published at ``rel`` (its ``manifest.json`` and
+        ``produced.json``); None when missing or unreadable."""
+        got = self.remote.get(f"{rel}/{MANIFEST}")
         if got is None:
             return None
         record = self.remote.get(f"{rel}/{PRODUCED}")
         return parse_manifest(got.data, None if record is None else record.data)
 
-    def remote_manifest(
-        self, stage: str, key: str
-    ) -> tuple[dict[str, Any] | None, dict[str, Entry], str | None]:
-        """``(manifest, listing, None)`` for a published folder whose objects match its
-        manifest; ``(None, listing, reason)`` otherwise (reason None: nothing there)."""
-        rel = f"{stage}/{key}"
+    def _checked_manifest(
+        self, stage: str, key: str, objects: dict[str, Entry]
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """``(manifest, None)`` for a published folder whose ``objects`` (its listing)
+        match its manifest; ``(None, reason)`` otherwise (reason None: nothing there)."""
         url = self.published(stage, key)
-        got = self.remote.get(f"{rel}/{MANIFEST}")
-        listing = self.remote.list(rel)
-        if got is None:
-            if listing:
-                return (
-                    None,
-                    listing,
-                    (f"{url} has {len(listing)} files but no {MANIFEST} (an unfinished commit)"),
-                )
-            return None, listing, None
-        manifest = self._read_published(rel, got)
+        if MANIFEST not in objects:
+            unfinished = f"{url} has {len(objects)} files but no {MANIFEST} (an unfinished commit)"
+            return None, unfinished if objects else None
+        manifest = self._read_published(f"{stage}/{key}")
         if manifest is None:
-            return None, listing, f"{url}/{MANIFEST} or {PRODUCED} is unreadable"
-        problem = remote_problem(url, listing, manifest.get("files", {}))
-        return (None, listing, problem) if problem else (manifest, listing, None)
+            return None, f"{url}/{MANIFEST} or {PRODUCED} is unreadable"
+        problem = remote_problem(url, objects, manifest.get("files", {}))
+        return (None, problem) if problem else (manifest, None)
 
     def lookup(
         self, stage: str, key: str, verify: Verify = "auto"
     ) -> tuple[dict[str, Any] | None, str | None]:
         """``(manifest, None)`` when the published folder verifies and a verified local
         copy is at :meth:`final_dir`; ``(None, reason)`` otherwise (reason None: none)."""
-        manifest, _, reason = self.remote_manifest(stage, key)
+        manifest, reason = self._checked_manifest(stage, key, self.remote.list(f"{stage}/{key}"))
         if manifest is None:
             return None, reason
         local = self.final_dir(stage, key)
@@ -164,16 +156,9 @@ class ObjectStageStore(StageStore):
             if len(parts) == 3 and not parts[1].endswith((".lease", ".history")):
                 folders.setdefault((parts[0], parts[1]), {})[parts[2]] = entry
         for (stage, key), objects in sorted(folders.items()):
-            url = self.published(stage, key)
-            if MANIFEST not in objects:
-                yield Committed(url, None, f"{url}: no {MANIFEST} (an unfinished commit)")
-                continue
-            manifest = self._read_published(f"{stage}/{key}")
-            if manifest is None:
-                yield Committed(url, None, f"{url}: no readable manifest")
-                continue
-            problem = remote_problem(url, objects, manifest.get("files", {}))
-            yield Committed(url, None if problem else manifest, problem)
+            yield Committed(
+                self.published(stage, key), *self._checked_manifest(stage, key, objects)
+            )
         for name in sorted(listing):
             parts = name.split("/")
             if len(parts) == 4 and parts[1].endswith(".history") and parts[3] == MANIFEST:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.errors import GPTFlowError
-from gpt.paths import is_remote, url_protocol
+from gpt.paths import url_protocol
 
 #: Protocols with an implementation of the conditional writes.
 SUPPORTED_PROTOCOLS = ("s3", "s3a")
@@ -135,10 +135,6 @@ class ObjectRoot:
         self.fs = fs if fs is not None else _filesystem(protocol)
 
     # ------------------------------------------------------------------ names
-    def child(self, rel: str) -> ObjectRoot:
-        """The root of the sub-prefix ``rel``."""
-        return ObjectRoot(f"{self.url}/{rel.strip('/')}", fs=self.fs)
-
     def key(self, rel: str) -> str:
         """The object key of ``rel``."""
         rel = rel.strip("/")
@@ -290,10 +286,3 @@ class ObjectRoot:
             )
         except FileNotFoundError as exc:
             raise self._missing_bucket(exc) from exc
-
-
-def open_root(location: str) -> ObjectRoot:
-    """The :class:`ObjectRoot` of an object-store URL (a local location is an error)."""
-    if not is_remote(location):
-        raise StorageError(f"{location!r} is a local path, not an object-store URL")
-    return ObjectRoot(location)
