@@ -29,7 +29,7 @@ FORMATS = ("table", "csv", "json")
 
 def add_db_arg(parser: argparse.ArgumentParser) -> None:
     """The ``--db`` option of a command that reads or writes the catalog."""
-    parser.add_argument("--db", default=None, metavar="FILE", help=DB_HELP)
+    parser.add_argument("--db", metavar="FILE", help=DB_HELP)
 
 
 def add_format_arg(parser: argparse.ArgumentParser) -> None:

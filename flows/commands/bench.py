@@ -40,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         choices=ALL,
         metavar="NAME",
-        default=None,
         help=f"run only these benchmarks ({', '.join(ALL)})",
     )
     parser.add_argument(
@@ -48,15 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help=f"also run the comparisons with the book's package ({', '.join(VS_BOOK)})",
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
         "--mirror",
-        default=None,
         help="folder with the inputs (tokenizer under gpt2/); default GPTFLOW_MIRROR",
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
-    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     add_db_arg(parser)
     parser.set_defaults(func=run)
 

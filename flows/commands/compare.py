@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "from the run that computed them; a run lacking a section gets a note."
         ),
     )
-    parser.add_argument("run_a", nargs="?", default=None, metavar="RUN_A")
-    parser.add_argument("run_b", nargs="?", default=None, metavar="RUN_B")
+    parser.add_argument("run_a", nargs="?", metavar="RUN_A")
+    parser.add_argument("run_b", nargs="?", metavar="RUN_B")
     add_format_arg(parser)
     parser.add_argument(
         "--top", type=int, default=5, help="largest judge regressions shown (default: 5)"
@@ -59,7 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--min-examples",
         type=int,
-        default=None,
         metavar="N",
         help="paired examples a judge verdict needs; with fewer it says 'not enough data' "
         "(default: run B's gates.judge_min_examples, else "

@@ -22,7 +22,6 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--tokenizer-dir",
-        default=None,
         help="encoder.json + vocab.bpe to bundle when the OpenAI folder lacks them",
     )
     p.set_defaults(func=run)

@@ -25,7 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--only",
         metavar="NAME",
         action="append",
-        default=None,
         help="fetch only this source (repeatable); see --list",
     )
     parser.add_argument(
@@ -33,7 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SIZE",
         action="append",
         choices=list(GPT2_SIZES),
-        default=None,
         help=f"also fetch this GPT-2 release ({', '.join(GPT2_SIZES)}; repeatable)",
     )
     parser.add_argument(
@@ -43,9 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="GPT-2 weights: OpenAI's TensorFlow release (openai) or the HF safetensors (hf)",
     )
     add_retrust_arg(parser)
-    parser.add_argument("--mirror", metavar="DIR_OR_URL", default=None, help="use only this mirror")
+    parser.add_argument("--mirror", metavar="DIR_OR_URL", help="use only this mirror")
     parser.add_argument(
-        "--dest", metavar="DIR", default=None, help="target folder (default: the datasets folder)"
+        "--dest", metavar="DIR", help="target folder (default: the datasets folder)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the known sources and exit")

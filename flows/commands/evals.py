@@ -21,11 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--run", default=None, help="only this run: its id or a unique prefix (default: every run)"
+        "--run", help="only this run: its id or a unique prefix (default: every run)"
     )
-    parser.add_argument(
-        "--worst", type=int, default=None, metavar="N", help="only the N worst examples"
-    )
+    parser.add_argument("--worst", type=int, metavar="N", help="only the N worst examples")
     add_format_arg(parser)
     add_db_arg(parser)
     parser.set_defaults(func=run)

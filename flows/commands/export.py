@@ -29,14 +29,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--format", choices=FORMATS, default="hf", help="target format (hf, peft)")
     p.add_argument(
         "--base-out",
-        default=None,
         help="with --format peft: also export the adapter's base checkpoint (hf) here",
     )
     p.add_argument("--out", required=True, help="folder to write (must not exist, see --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.add_argument(
         "--tokenizer-dir",
-        default=None,
         help="encoder.json + vocab.bpe, when the checkpoint holds no tokenizer",
     )
     p.add_argument(

@@ -22,16 +22,15 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--prompt", default=None, help="text to continue")
-    p.add_argument("--instruction", default=None, help="Alpaca instruction (instead of --prompt)")
+    p.add_argument("--prompt", help="text to continue")
+    p.add_argument("--instruction", help="Alpaca instruction (instead of --prompt)")
     p.add_argument("--input", default="", help="Alpaca input for --instruction (optional)")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument(
         "--tokenizer-dir",
-        default=None,
         help="encoder.json + vocab.bpe when the checkpoint has no tokenizer/ folder",
     )
     p.add_argument("--no-cache", action="store_true", help="disable the KV cache")

@@ -33,34 +33,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--run",
-        default=None,
         help="the run to store the responses under: an existing run's id or a unique "
         "prefix of it, or a new name (default: judge-<file stem>)",
     )
     parser.add_argument(
         "--model",
         action="append",
-        default=None,
         help="Ollama judge model; repeat for several judges (default: llama3)",
     )
     parser.add_argument(
         "--host",
         action="append",
-        default=None,
         help="Ollama URL; repeat to spread the requests over several servers "
         "(default: OLLAMA_HOST or http://localhost:11434)",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="scorings per example and model (default: 1)"
-    )
+    parser.add_argument("--repeats", type=int, help="scorings per example and model (default: 1)")
     parser.add_argument(
         "--response-key",
         default="model_response",
         help="field holding the response to score (default: model_response)",
     )
-    parser.add_argument(
-        "--concurrency", type=int, default=None, help="requests in flight per host (default: 4)"
-    )
+    parser.add_argument("--concurrency", type=int, help="requests in flight per host (default: 4)")
     parser.add_argument(
         "--auto-pull", action="store_true", help="pull the judge model if it is missing"
     )

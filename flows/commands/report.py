@@ -23,9 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "plots left out."
         ),
     )
-    p.add_argument(
-        "run", nargs="?", default=None, help="run id or a unique prefix (default: the latest run)"
-    )
+    p.add_argument("run", nargs="?", help="run id or a unique prefix (default: the latest run)")
     p.add_argument("--html", metavar="FILE", help="write the report as one HTML file")
     p.add_argument("--markdown", metavar="FILE", help="write the report as Markdown")
     add_db_arg(p)
