@@ -117,25 +117,18 @@ def ensure_work_pools(names: list[str], pool_type: str = "process") -> dict[str,
     Returns ``{name: created}``."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists
 
     created: dict[str, bool] = {}
+    template = _job_template(pool_type)
     with get_client(sync_client=True) as client:
         for name in names:
             try:
-                client.read_work_pool(name)
-                created[name] = False
-                continue
-            except ObjectNotFound:
-                pass
-            try:
                 client.create_work_pool(
-                    WorkPoolCreate(
-                        name=name, type=pool_type, base_job_template=_job_template(pool_type)
-                    )
+                    WorkPoolCreate(name=name, type=pool_type, base_job_template=template)
                 )
                 created[name] = True
-            except ObjectAlreadyExists:  # created meanwhile by someone else
+            except ObjectAlreadyExists:  # kept as it is
                 created[name] = False
     return created
 

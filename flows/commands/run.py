@@ -70,15 +70,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return _start(args, "run", args.profile, force=args.force)
+    return _start(args, args.profile, force=args.force)
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     if args.profile:
-        return _start(args, "rerun", args.profile, force=[args.stage])
+        return _start(args, args.profile, force=[args.stage])
     config = _stored_config(args.run)  # found before any server starts
-    profile = config.get("profile", DEFAULT_PROFILE)
-    return _start(args, "rerun", profile, base=config, force=[args.stage])
+    return _start(args, config.get("profile", DEFAULT_PROFILE), base=config, force=[args.stage])
 
 
 def _stored_config(ref: str | None) -> dict[str, Any]:
@@ -97,7 +96,6 @@ def _stored_config(ref: str | None) -> dict[str, Any]:
 
 def _start(
     args: argparse.Namespace,
-    command: str,
     profile: str,
     *,
     force: list[str],
@@ -121,7 +119,7 @@ def _start(
         verify=args.verify,
         retrust=args.retrust,
     )
-    return _print_result(result, command, log_file)
+    return _print_result(result, args.command, log_file)
 
 
 def _print_result(result: dict, command: str, log_file: Path | None) -> int:
