@@ -105,7 +105,6 @@ class StageOutput:
     digest: str = ""
     out: Any = None
     cache_hit: bool = False
-    created_at: float = 0.0
 
     def path(self, rel: str) -> Path:
         """Absolute path of a file or folder of this stage."""

@@ -156,7 +156,6 @@ def _output(manifest: dict[str, Any], spec: StageSpec, folder: Path, hit: bool) 
         digest=manifest["digest"],
         out=spec.out_type.model_validate({**manifest["out"], **(manifest.get("measured") or {})}),
         cache_hit=hit,
-        created_at=float(manifest.get("created_at") or 0.0),
     )
 
 
