@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from gpt.errors import CatalogError, CatalogLockedError
 from tasks.catalog.extensions import load_extension
 from tasks.catalog.settings import CatalogSettings, redact
+from tasks.catalog.values import sql_str
 
 if TYPE_CHECKING:
     import duckdb
@@ -310,10 +311,6 @@ atexit.register(close_idle)
 
 
 # ---------------------------------------------------------------------- DuckLake
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _create_s3_secret(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None:
     s3 = settings.s3
     if s3.key_id is None:
@@ -322,15 +319,15 @@ def _create_s3_secret(con: duckdb.DuckDBPyConnection, settings: CatalogSettings)
     bucket = "/".join(str(settings.data_path).split("/")[:3]) + "/"
     parts = [
         "TYPE s3",
-        f"KEY_ID {_sql_str(s3.key_id)}",
-        f"SECRET {_sql_str(s3.secret.get_secret_value() if s3.secret else '')}",
-        f"REGION {_sql_str(s3.region)}",
-        f"URL_STYLE {_sql_str(s3.url_style)}",
+        f"KEY_ID {sql_str(s3.key_id)}",
+        f"SECRET {sql_str(s3.secret.get_secret_value() if s3.secret else '')}",
+        f"REGION {sql_str(s3.region)}",
+        f"URL_STYLE {sql_str(s3.url_style)}",
         f"USE_SSL {'true' if use_ssl else 'false'}",
-        f"SCOPE {_sql_str(bucket)}",
+        f"SCOPE {sql_str(bucket)}",
     ]
     if endpoint:
-        parts.append(f"ENDPOINT {_sql_str(endpoint)}")
+        parts.append(f"ENDPOINT {sql_str(endpoint)}")
     con.execute(f"CREATE OR REPLACE SECRET gptflow_catalog_s3 ({', '.join(parts)})")
 
 
@@ -339,10 +336,10 @@ def _attach(con: duckdb.DuckDBPyConnection, settings: CatalogSettings, *, read_o
     import duckdb
 
     assert settings.url is not None and settings.data_path is not None
-    options = [f"DATA_PATH {_sql_str(settings.data_path)}"]
+    options = [f"DATA_PATH {sql_str(settings.data_path)}"]
     if read_only:
         options.append("READ_ONLY")
-    sql = f"ATTACH {_sql_str(settings.url)} AS {LAKE_ALIAS} ({', '.join(options)})"
+    sql = f"ATTACH {sql_str(settings.url)} AS {LAKE_ALIAS} ({', '.join(options)})"
     deadline = time.monotonic() + settings.lock_timeout
     delay = 0.05
     while True:

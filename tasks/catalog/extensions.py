@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpt.errors import CatalogError
+from tasks.catalog.values import sql_str
 
 if TYPE_CHECKING:
     import duckdb
@@ -94,7 +95,7 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> str:
     if file is not None:
         try:
             path = loadable_path(file, name, version).as_posix()
-            con.execute("LOAD '" + path.replace("'", "''") + "'")
+            con.execute(f"LOAD {sql_str(path)}")
             return "package"
         except (duckdb.Error, OSError) as exc:
             raise CatalogError(

@@ -31,6 +31,7 @@ from gpt.errors import CatalogError
 from tasks.catalog.connections import LAKE_ALIAS, is_write_refusal, new_lake_connection
 from tasks.catalog.settings import CatalogSettings
 from tasks.catalog.store import Catalog
+from tasks.catalog.values import sql_str
 
 if TYPE_CHECKING:
     import duckdb
@@ -104,8 +105,7 @@ def _file_sql(settings: CatalogSettings, sql: str, *, live: bool) -> pd.DataFram
 
 def lock_down(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None:
     """Disable file-system access except to the lake's data, and lock the settings."""
-    quoted = str(settings.data_path).replace("'", "''")
-    con.execute(f"SET allowed_directories = ['{quoted}']")
+    con.execute(f"SET allowed_directories = [{sql_str(str(settings.data_path))}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 

@@ -31,7 +31,6 @@ from tasks.catalog.connections import (
     retry_on_conflict,
     take_pooled,
 )
-from tasks.catalog.lineage import LineageRecords
 from tasks.catalog.migrate import apply_steps, check_version, current_version
 from tasks.catalog.publish import (
     due_or_deferred,
@@ -56,7 +55,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Catalog(LineageRecords, TableWrites):
+class Catalog(TableWrites):
     """The project's catalog: a DuckDB file or a shared DuckLake.
 
     ``Catalog(path)`` is the DuckDB file at ``path``; ``Catalog(url=..., data_path=...)``

@@ -72,7 +72,7 @@ def _literal(value: Any) -> str | None:
     if type(value) is float:
         return f"CAST('{value!r}' AS DOUBLE)"  # exact: the shortest round-tripping text
     if type(value) is str:
-        return None if "\0" in value else "'" + value.replace("'", "''") + "'"
+        return None if "\0" in value else sql_str(value)
     if type(value) is dt.datetime:
         kind = "TIMESTAMPTZ" if value.tzinfo else "TIMESTAMP"
         return f"{kind} '{value.isoformat(sep=' ')}'"
@@ -108,6 +108,11 @@ def inline_params(sql: str, params: Sequence[Any] | None) -> tuple[str, list[Any
             continue
         out.append(ch)
     return ("".join(out), None) if i == len(literals) else (sql, list(params))
+
+
+def sql_str(value: str) -> str:
+    """``value`` as a single-quoted SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def quote_ident(name: str) -> str:
