@@ -136,12 +136,10 @@ def open_file(
             msg = str(exc)
             if not _LOCK_RE.search(msg):
                 if read_only and "does not exist" in msg:
-                    raise CatalogError(
-                        f"the catalog {path} does not exist yet; run the pipeline first "
-                        "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
-                    ) from exc
+                    raise missing_catalog(path) from exc
                 raise CatalogError(f"cannot open the catalog {path}: {msg}") from exc
-            _say_waiting(path)
+            with contextlib.suppress(OSError):
+                waiting_marker(path).touch()  # holders close their connection for us
             waited = True
             if time.monotonic() >= deadline:
                 m = _PID_RE.search(msg)
@@ -161,14 +159,17 @@ def open_file(
         return con
 
 
+def missing_catalog(path: Path | None) -> CatalogError:
+    """The error for reading a catalog file that does not exist."""
+    return CatalogError(
+        f"the catalog {path} does not exist yet; run the pipeline first "
+        "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
+    )
+
+
 def waiting_marker(path: Path) -> Path:
     """The file a process touches while it waits for ``path`` to be free."""
     return path.with_name(path.name + ".waiting")
-
-
-def _say_waiting(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        waiting_marker(path).touch()
 
 
 def _someone_waits(path: Path) -> bool:
@@ -217,13 +218,9 @@ def pooled_connections() -> Iterator[None]:
 
 
 def pooled_depth() -> int:
-    """How many :func:`pooled_connections` blocks are open in this process."""
+    """How many :func:`pooled_connections` blocks are open in this process (connections
+    are pooled while there is one)."""
     return _SESSIONS
-
-
-def in_session() -> bool:
-    """Whether connections are pooled now (inside :func:`pooled_connections`)."""
-    return _SESSIONS > 0
 
 
 def keep_fd_with(con: duckdb.DuckDBPyConnection, fd: int) -> None:
@@ -271,7 +268,7 @@ def give_back(path: Path, con: duckdb.DuckDBPyConnection) -> None:
     except Exception:
         close_connection(con)
         return
-    if not in_session() or _someone_waits(path):
+    if not _SESSIONS or _someone_waits(path):
         close_connection(con)
         return
     timer = threading.Timer(IDLE_CLOSE_S, _expire, args=(str(path), con))

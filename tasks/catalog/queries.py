@@ -137,15 +137,13 @@ def _check_lake_query(con: duckdb.DuckDBPyConnection, stmt: Any, where: str) -> 
     """Refuse anything but a query that calls no writing function (see the module doc)."""
     import duckdb
 
-    kind = str(stmt.type).rsplit(".", 1)[-1]
-    tree: dict[str, Any] = {}
-    if stmt.type == duckdb.StatementType.SELECT:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [stmt.query]).fetchone()[0])
     if stmt.type != duckdb.StatementType.SELECT:
+        kind = str(stmt.type).rsplit(".", 1)[-1]
         raise CatalogError(
             f"{_REFUSED} {where} is unchanged. On a shared DuckLake only queries (SELECT, "
             f"DESCRIBE, SHOW, SUMMARIZE) run; this is a {kind} statement"
         )
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [stmt.query]).fetchone()[0])
     if tree.get("error"):
         raise CatalogError(
             f"{_REFUSED} {where} is unchanged. On a shared DuckLake only plain queries run, "

@@ -144,17 +144,18 @@ def checkpoint_digest(path: str | Path) -> tuple[str, int]:
     if p.is_dir() and (p / "model.safetensors").is_file():
         p = p / "model.safetensors"
     h = hashlib.sha256()
-    if p.is_file():
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest(), p.stat().st_size
-    total = 0
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        rel = f.relative_to(p).as_posix().encode()
-        h.update(rel + b"\0")
+
+    def feed(f: Path) -> int:
         with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        total += f.stat().st_size
+        return f.stat().st_size
+
+    if p.is_file():
+        total = feed(p)
+    else:
+        total = 0
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(f.relative_to(p).as_posix().encode() + b"\0")
+            total += feed(f)
     return h.hexdigest(), total
