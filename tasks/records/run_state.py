@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.errors import WorkerDiedError
+from tasks.catalog.values import to_utc_naive, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ def process_alive(pid: int, started_before: dt.datetime | None = None) -> bool:
 
 def _as_naive_utc(value: Any) -> dt.datetime | None:
     """A recorded time (text or timestamp) as naive UTC; None when missing or unreadable."""
-    from tasks.catalog.values import to_utc_naive
-
     try:
         return to_utc_naive(value)
     except (TypeError, ValueError):
@@ -100,8 +99,6 @@ def dead_reason(run: Mapping[str, Any], now: dt.datetime | None = None) -> str |
     more, or None while it may be."""
     if run.get("status") != "running":
         return None
-    from tasks.catalog.values import utcnow
-
     now = now or utcnow()
     host, pid = run.get("host"), run.get("pid")
     started = _as_naive_utc(run.get("started_at"))
@@ -140,8 +137,6 @@ def settle_runs(runs: Any) -> Any:
         runs = runs.assign(message=None)
     if runs.empty or not (runs["status"] == "running").any():
         return runs
-    from tasks.catalog.values import utcnow
-
     now = utcnow()
     runs = runs.copy()
     for i, row in runs.iterrows():
