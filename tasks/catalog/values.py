@@ -61,6 +61,12 @@ def to_json(value: Any) -> str | None:
     return json.dumps(value, default=str, sort_keys=True)
 
 
+def json_object(raw: Any) -> dict[str, Any]:
+    """A JSON column's object (text parsed), or ``{}`` when it holds none."""
+    value = json.loads(raw) if isinstance(raw, str) else raw
+    return value if isinstance(value, dict) else {}
+
+
 def _literal(value: Any) -> str | None:
     """``value`` as an SQL literal, or None when it has no exact one here."""
     if value is None:
