@@ -337,35 +337,25 @@ def _attach(con: duckdb.DuckDBPyConnection, settings: CatalogSettings, *, read_o
     if read_only:
         options.append("READ_ONLY")
     sql = f"ATTACH {sql_str(settings.url)} AS {LAKE_ALIAS} ({', '.join(options)})"
-    deadline = time.monotonic() + settings.lock_timeout
-    delay = 0.05
-    while True:
-        try:
-            con.execute(sql)
-            return
-        except duckdb.Error as exc:
-            msg = redact(str(exc))
-            if is_conflict(exc) and time.monotonic() < deadline:
-                CONFLICT_RETRIES["attach"] += 1
-                log.debug(
-                    "attaching %s raced another process (%s); retrying", settings.location(), msg
-                )
-                delay = _backoff(delay, deadline)
-                continue
-            if "creating a new DuckLake is explicitly disabled" in msg:
-                raise CatalogError(
-                    f"the DuckLake catalog {settings.location()} has not been created yet; "
-                    "run the pipeline (any write creates it) first"
-                ) from exc
-            if "does not match existing data path" in msg:
-                raise CatalogError(
-                    f"the DuckLake catalog {redact(settings.url)} keeps its data elsewhere than "
-                    f"data_path {settings.data_path}: {msg}. Set GPTFLOW_CATALOG_DATA_PATH / "
-                    "catalog.data_path to the path it recorded"
-                ) from exc
+    where = settings.location()
+    try:
+        retry_on_conflict(
+            lambda: con.execute(sql), timeout=settings.lock_timeout, what="attach", where=where
+        )
+    except duckdb.Error as exc:
+        msg = redact(str(exc))
+        if "creating a new DuckLake is explicitly disabled" in msg:
             raise CatalogError(
-                f"cannot attach the DuckLake catalog {settings.location()}: {msg}"
+                f"the DuckLake catalog {where} has not been created yet; "
+                "run the pipeline (any write creates it) first"
             ) from exc
+        if "does not match existing data path" in msg:
+            raise CatalogError(
+                f"the DuckLake catalog {redact(settings.url)} keeps its data elsewhere than "
+                f"data_path {settings.data_path}: {msg}. Set GPTFLOW_CATALOG_DATA_PATH / "
+                "catalog.data_path to the path it recorded"
+            ) from exc
+        raise CatalogError(f"cannot attach the DuckLake catalog {where}: {msg}") from exc
 
 
 def new_lake_connection(settings: CatalogSettings, *, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -466,5 +456,7 @@ def retry_on_conflict(fn: Callable[[], T], *, timeout: float, what: str, where: 
                     f"GPTFLOW_DB_LOCK_TIMEOUT (now {timeout:g} s). Last error: {redact(str(exc))}"
                 ) from exc
             CONFLICT_RETRIES[what] += 1
-            log.debug("%s on %s conflicted (attempt %d): %s", what, where, attempt, exc)
+            log.debug(
+                "%s on %s conflicted (attempt %d): %s", what, where, attempt, redact(str(exc))
+            )
             delay = _backoff(delay, deadline)

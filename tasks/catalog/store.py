@@ -229,9 +229,7 @@ class Catalog(TableWrites):
         if not read_only and not self._migrated:
             self.migrate()
         with process_lock(self._lock_key()), self._file_connection(read_only) as con:
-            if read_only and not self._checked:
-                check_version(con, self.location)
-                self._checked = True
+            self._check_version(con)
             self._held, self._held_read_only = con, read_only
             try:
                 yield self
@@ -314,10 +312,14 @@ class Catalog(TableWrites):
         if not read_only and not self._migrated:
             self.migrate()
         with process_lock(self._lock_key()), self._open(read_only, config) as con:
-            if not self._checked:
-                check_version(con, self.location)
-                self._checked = True
+            self._check_version(con)
             yield con
+
+    def _check_version(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Refuse a catalog a newer gptflow wrote (once per handle)."""
+        if not self._checked:
+            check_version(con, self.location)
+            self._checked = True
 
     def migrate(self, target: int | None = None) -> int:
         """Apply missing migration steps (idempotent, safe from several processes at
