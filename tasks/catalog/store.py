@@ -354,13 +354,6 @@ class Catalog(TableWrites):
         self._checked = True
         return version
 
-    def schema_version(self) -> int:
-        """The schema version recorded in the catalog (0 for a fresh/missing file)."""
-        if not self.exists():
-            return 0
-        with process_lock(self._lock_key()), self._open(read_only=True) as con:
-            return current_version(con)
-
     def write(self, what: str, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``body(con)`` inside BEGIN/COMMIT on a write connection; ROLLBACK on error.
 

@@ -46,24 +46,13 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def _boot_time() -> float | None:
-    try:
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def process_started_at(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), where /proc tells."""
-    boot = _boot_time()
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    if boot is None:
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime "))
+    except (OSError, StopIteration):
         return None
     fields = stat.rsplit(")", 1)[1].split()
     return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
