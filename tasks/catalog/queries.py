@@ -80,7 +80,9 @@ def run_readonly_sql(
         settings = Catalog(db_path).settings
     if settings.is_lake:
         return _lake_sql(settings, sql)
-    return _file_sql(settings, sql, live=live)
+    cat = Catalog(settings=settings, snapshot=not live)
+    with cat.connect(read_only=True, config={"enable_external_access": False}) as con:
+        return _run(con, sql, str(cat.path))
 
 
 def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
@@ -95,12 +97,6 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
         if is_write_refusal(exc):
             raise CatalogError(f"{_REFUSED} {where} is unchanged. DuckDB said: {exc}") from exc
         raise CatalogError(f"query failed on {where}: {exc}") from exc
-
-
-def _file_sql(settings: CatalogSettings, sql: str, *, live: bool) -> pd.DataFrame:
-    cat = Catalog(settings=settings, snapshot=not live)
-    with cat.connect(read_only=True, config={"enable_external_access": False}) as con:
-        return _run(con, sql, str(cat.path))
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None:

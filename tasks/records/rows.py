@@ -64,9 +64,6 @@ class RowSink:
         self.work = Path(work)
         self.catalog = catalog
 
-    def _file(self, table: str) -> Path:
-        return self.work / PARTIAL_DIR / f"{table}.jsonl"
-
     def add(self, table: str, rows: Sequence[Mapping[str, Any]], *, live: bool = False) -> None:
         """Append ``rows`` to ``table``'s buffer; ``live`` also upserts them into the
         catalog now (so e.g. training curves can be watched while a stage runs)."""
@@ -74,7 +71,7 @@ class RowSink:
             raise CatalogError(f"stages do not write table {table!r}; known: {sorted(SCOPES)}")
         if not rows:
             return
-        path = self._file(table)
+        path = self.work / PARTIAL_DIR / f"{table}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             for r in rows:
