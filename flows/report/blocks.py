@@ -36,6 +36,7 @@ def code(s: str) -> Inline:
 
 
 def bold(s: str) -> Inline:
+    """Bold text (escaped on output)."""
     return (("bold", s),)
 
 
@@ -73,6 +74,10 @@ class Bullets:
 
 
 Cell = str | Inline
+
+
+def _inline_of(cell: Cell) -> Inline:
+    return text(cell) if isinstance(cell, str) else cell
 
 
 @dataclass(frozen=True)
@@ -149,10 +154,6 @@ def _md_inline(content: Inline) -> str:
     return "".join(out)
 
 
-def _md_cell(cell: Cell) -> str:
-    return _md_inline(text(cell) if isinstance(cell, str) else cell) or " "
-
-
 #: Characters of text a table row may take before its long cells are wrapped (one
 #: column of the Prefect UI's artifact page at a laptop's width). Its classic UI — where
 #: the links in a flow run's log lead — neither wraps table cells nor scrolls them: what
@@ -162,10 +163,6 @@ TABLE_WIDTH = 96
 _CELL_PAD = 4
 #: A wrapped column keeps at least this many characters per line.
 _MIN_WRAP = 14
-
-
-def _inline_of(cell: Cell) -> Inline:
-    return text(cell) if isinstance(cell, str) else cell
 
 
 def _cell_width(cell: Cell) -> int:
@@ -245,7 +242,7 @@ def _md_table(b: Table, wrap: bool) -> str:
 
     def cell(c: Cell, i: int) -> str:
         if widths is None or _cell_width(c) <= widths[i]:
-            return _md_cell(c)
+            return _md_inline(_inline_of(c)) or " "
         return _md_wrapped(c, widths[i])
 
     lines = [
@@ -310,10 +307,6 @@ def _html_inline(content: Inline) -> str:
     return "".join(out)
 
 
-def _html_cell(cell: Cell) -> str:
-    return _html_inline(text(cell) if isinstance(cell, str) else cell)
-
-
 def to_html(report: Report) -> str:
     """The report as one HTML page with its styles and images inside (no other file)."""
     title = html.escape(report.title)
@@ -340,7 +333,8 @@ def to_html(report: Report) -> str:
             body = "".join(
                 "<tr>"
                 + "".join(
-                    f'<td class="{a}">{_html_cell(c)}</td>' for c, a in zip(row, align, strict=True)
+                    f'<td class="{a}">{_html_inline(_inline_of(c))}</td>'
+                    for c, a in zip(row, align, strict=True)
                 )
                 + "</tr>"
                 for row in b.rows

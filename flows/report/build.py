@@ -4,10 +4,8 @@ it as Prefect artifacts."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import pandas as pd
 
@@ -70,27 +68,10 @@ def _build(data: ReportData) -> Report:
     return report
 
 
-def table_rows(table: pd.DataFrame | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A table as JSON rows (what a table artifact holds)."""
-    if isinstance(table, pd.DataFrame):
-        return json.loads(table.to_json(orient="records", date_format="iso"))
-    return table
-
-
-def built_tables(cat: Catalog, data: ReportData) -> dict[str, list[dict[str, Any]]]:
-    """The table artifacts' rows (see ``flows.report.publish.TABLES``)."""
-    return {
-        "spam-accuracy": table_rows(spam_accuracy(data)),
-        "eval-summary": table_rows(
-            cat.query_df("SELECT * FROM eval_summary WHERE run_id = ?", [data.run_id])
-        ),
-    }
-
-
-def build_markdown(cat: Catalog, run_id: str) -> tuple[str, dict[str, list[dict[str, Any]]]]:
-    """The report of ``run_id`` as markdown, and its table artifacts' rows."""
+def build_markdown(cat: Catalog, run_id: str) -> tuple[str, dict[str, pd.DataFrame]]:
+    """The report of ``run_id`` as markdown, and its table artifacts (see
+    ``flows.report.publish.TABLES``)."""
     data = ReportData(cat, run_id)
-    return to_markdown(_build(data)), built_tables(cat, data)
-
-
-__all__ = ["SECTIONS", "build_markdown", "build_report", "table_rows"]
+    summary = cat.query_df("SELECT * FROM eval_summary WHERE run_id = ?", [run_id])
+    tables = {"spam-accuracy": spam_accuracy(data), "eval-summary": summary}
+    return to_markdown(_build(data)), tables

@@ -5,7 +5,6 @@ computed them), and a catalog frame turned into a table for people."""
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from typing import Any
 
@@ -17,6 +16,7 @@ from gpt.errors import CatalogError
 from tasks.catalog import Catalog
 from tasks.catalog.rundata import RunData
 from tasks.catalog.status import stage_rows
+from tasks.catalog.values import json_object
 from tasks.stages import STAGES
 
 
@@ -37,7 +37,7 @@ class ReportData(RunData):
     @cached_property
     def config(self) -> dict[str, Any]:
         """The run's config (empty when it recorded none)."""
-        return _as_dict(self.run.get("config"))
+        return json_object(self.run.get("config"))
 
     def stage(self, name: str) -> dict[str, Any] | None:
         """The stage's row, or None when the run has none."""
@@ -47,7 +47,7 @@ class ReportData(RunData):
     def outputs(self, name: str) -> dict[str, Any]:
         """The stage's recorded outputs (empty when none)."""
         row = self.stage(name)
-        return _as_dict(row.get("outputs") if row else None)
+        return json_object(row.get("outputs") if row else None)
 
     @cached_property
     def relations(self) -> set[str]:
@@ -63,12 +63,6 @@ class ReportData(RunData):
             f"AND stage = ? AND name IN ({marks}) ORDER BY step, split",
             [self.of(stage), stage, *names],
         )
-
-
-def _as_dict(raw: Any) -> dict[str, Any]:
-    if isinstance(raw, str):
-        return json.loads(raw)
-    return raw if isinstance(raw, dict) else {}
 
 
 def run_ref(run_id: str) -> Inline:

@@ -63,7 +63,11 @@ def spam_section(d: ReportData) -> list[Block]:
     ]
     splits = sorted(table["split"], key=split_key)
     test = "test" if "test" in splits else splits[-1]
-    base = _baselines(d)
+    base = d.cat.query_df(
+        "SELECT model, split, accuracy, precision, recall, f1, tn, fp, fn, tp "
+        "FROM baselines WHERE run_id = ?",
+        [d.of("baseline_spam")],
+    )
     best = best_baseline(base)
     detail = _test_detail(d, test, base, best)
     if best is not None:
@@ -96,14 +100,6 @@ def spam_section(d: ReportData) -> list[Block]:
             )
         )
     return blocks
-
-
-def _baselines(d: ReportData) -> pd.DataFrame:
-    return d.cat.query_df(
-        "SELECT model, split, accuracy, precision, recall, f1, tn, fp, fn, tp "
-        "FROM baselines WHERE run_id = ?",
-        [d.of("baseline_spam")],
-    )
 
 
 def _test_detail(

@@ -45,15 +45,11 @@ def _color(label: str) -> str | None:
     return COLORS.get(label.split()[0].lower())
 
 
-def line_chart(
-    series: Sequence[Series], *, title: str, xlabel: str, ylabel: str, markers: bool = False
-) -> bytes:
+def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str) -> bytes:
     """Lines of ``series`` on one axis (e.g. train/val loss against the step)."""
     fig, (ax,) = _figure()
     for s in series:
-        ax.plot(
-            s.x, s.y, label=s.label, color=_color(s.label), marker="o" if markers else None, ms=3
-        )
+        ax.plot(s.x, s.y, label=s.label, color=_color(s.label))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     if len(series) > 1:

@@ -11,6 +11,7 @@ that imports neither pandas nor matplotlib."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,16 +29,20 @@ log = logging.getLogger(__name__)
 REPORT_KEY = "gptflow-report"
 
 
+def table_rows(table: pd.DataFrame | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A table as JSON rows (what a table artifact holds)."""
+    if isinstance(table, list):
+        return table
+    return json.loads(table.to_json(orient="records", date_format="iso"))
+
+
 def publish_table(key: str, table: pd.DataFrame | list[dict[str, Any]], description: str) -> None:
     """A Prefect table artifact of ``table`` (rows as JSON values; nothing when empty)."""
     from prefect.artifacts import create_table_artifact
 
-    if not isinstance(table, list):
-        from flows.report.build import table_rows
-
-        table = table_rows(table)
-    if table:
-        create_table_artifact(key=key, table=table, description=description)
+    rows = table_rows(table)
+    if rows:
+        create_table_artifact(key=key, table=rows, description=description)
 
 
 #: The table artifacts published beside the report: key -> description.
@@ -74,12 +79,6 @@ def report_inputs_key(cat: Catalog, run_id: str) -> str:
     )
 
 
-def stored_report(key: str) -> dict[str, Any] | None:
-    """The report stored under ``key`` (``run_id``, ``markdown``, ``tables``), if any."""
-    stored = read_memo("reports", key)
-    return stored if stored is not None and isinstance(stored.get("markdown"), str) else None
-
-
 def publish_report(cat: Catalog, run_id: str) -> str:
     """Create the run's Prefect artifacts; returns the markdown. A run whose report
     inputs (:func:`report_inputs_key`) match an earlier run's reuses that run's stored
@@ -87,8 +86,8 @@ def publish_report(cat: Catalog, run_id: str) -> str:
     from prefect.artifacts import create_markdown_artifact
 
     key = report_inputs_key(cat, run_id)
-    stored = stored_report(key)
-    if stored is not None:
+    stored = read_memo("reports", key)  # run_id, markdown, tables
+    if stored is not None and isinstance(stored.get("markdown"), str):
         log.info(
             "report: nothing changed since run %s (same results, gate verdicts and "
             "settings); its stored report is reused, not rebuilt",
@@ -103,19 +102,10 @@ def publish_report(cat: Catalog, run_id: str) -> str:
     else:
         from flows.report.build import build_markdown
 
-        md, tables = build_markdown(cat, run_id)
+        md, frames = build_markdown(cat, run_id)
+        tables = {name: table_rows(df) for name, df in frames.items()}
         write_memo("reports", key, {"run_id": run_id, "markdown": md, "tables": tables})
     create_markdown_artifact(markdown=md, key=REPORT_KEY, description="gptflow run report")
     for name, description in TABLES.items():
         publish_table(name, tables.get(name) or [], description)
     return md
-
-
-__all__ = [
-    "REPORT_KEY",
-    "TABLES",
-    "publish_report",
-    "publish_table",
-    "report_inputs_key",
-    "stored_report",
-]

@@ -6,7 +6,7 @@ the catalog (the stages) does not import the presentation modules.
 """
 
 from tasks.catalog.publish import catalog_session
-from tasks.catalog.settings import CatalogArgs, CatalogSettings, S3Settings
+from tasks.catalog.settings import CatalogArgs, CatalogSettings
 from tasks.catalog.store import Catalog
 from tasks.catalog.values import checkpoint_digest, utcnow
 
@@ -14,7 +14,6 @@ __all__ = [
     "Catalog",
     "CatalogArgs",
     "CatalogSettings",
-    "S3Settings",
     "catalog_session",
     "checkpoint_digest",
     "utcnow",

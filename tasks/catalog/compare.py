@@ -159,12 +159,10 @@ def compare_runs(
         notes: list[str] = []
         da, db = RunData(cat, run_a), RunData(cat, run_b)
         info_a, info_b = da.info, db.info
-        if info_a["config"] is None or info_b["config"] is None:
-            which = [n for n, i in (("A", info_a), ("B", info_b)) if i["config"] is None]
+        which = [n for n, i in (("A", info_a), ("B", info_b)) if i["config"] is None]
+        if which:
             notes.append(f"config: run {' and '.join(which)} recorded no config")
-            cfg = config_diff(None, None)
-        else:
-            cfg = config_diff(info_a["config"], info_b["config"])
+        cfg = config_diff(None, None) if which else config_diff(info_a["config"], info_b["config"])
         if min_examples is None:
             gates = (info_b["config"] or {}).get("gates") or {}
             min_examples = int(gates.get("judge_min_examples", DEFAULT_MIN_EXAMPLES))

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from gpt.errors import CatalogError, CatalogLockedError
 from tasks.catalog.extensions import load_extension
 from tasks.catalog.settings import CatalogSettings, redact
+from tasks.catalog.values import sql_str
 
 if TYPE_CHECKING:
     import duckdb
@@ -135,12 +136,10 @@ def open_file(
             msg = str(exc)
             if not _LOCK_RE.search(msg):
                 if read_only and "does not exist" in msg:
-                    raise CatalogError(
-                        f"the catalog {path} does not exist yet; run the pipeline first "
-                        "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
-                    ) from exc
+                    raise missing_catalog(path) from exc
                 raise CatalogError(f"cannot open the catalog {path}: {msg}") from exc
-            _say_waiting(path)
+            with contextlib.suppress(OSError):
+                waiting_marker(path).touch()  # holders close their connection for us
             waited = True
             if time.monotonic() >= deadline:
                 m = _PID_RE.search(msg)
@@ -160,14 +159,17 @@ def open_file(
         return con
 
 
+def missing_catalog(path: Path | None) -> CatalogError:
+    """The error for reading a catalog file that does not exist."""
+    return CatalogError(
+        f"the catalog {path} does not exist yet; run the pipeline first "
+        "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
+    )
+
+
 def waiting_marker(path: Path) -> Path:
     """The file a process touches while it waits for ``path`` to be free."""
     return path.with_name(path.name + ".waiting")
-
-
-def _say_waiting(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        waiting_marker(path).touch()
 
 
 def _someone_waits(path: Path) -> bool:
@@ -216,13 +218,9 @@ def pooled_connections() -> Iterator[None]:
 
 
 def pooled_depth() -> int:
-    """How many :func:`pooled_connections` blocks are open in this process."""
+    """How many :func:`pooled_connections` blocks are open in this process (connections
+    are pooled while there is one)."""
     return _SESSIONS
-
-
-def in_session() -> bool:
-    """Whether connections are pooled now (inside :func:`pooled_connections`)."""
-    return _SESSIONS > 0
 
 
 def keep_fd_with(con: duckdb.DuckDBPyConnection, fd: int) -> None:
@@ -270,7 +268,7 @@ def give_back(path: Path, con: duckdb.DuckDBPyConnection) -> None:
     except Exception:
         close_connection(con)
         return
-    if not in_session() or _someone_waits(path):
+    if not _SESSIONS or _someone_waits(path):
         close_connection(con)
         return
     timer = threading.Timer(IDLE_CLOSE_S, _expire, args=(str(path), con))
@@ -310,10 +308,6 @@ atexit.register(close_idle)
 
 
 # ---------------------------------------------------------------------- DuckLake
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _create_s3_secret(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None:
     s3 = settings.s3
     if s3.key_id is None:
@@ -322,15 +316,15 @@ def _create_s3_secret(con: duckdb.DuckDBPyConnection, settings: CatalogSettings)
     bucket = "/".join(str(settings.data_path).split("/")[:3]) + "/"
     parts = [
         "TYPE s3",
-        f"KEY_ID {_sql_str(s3.key_id)}",
-        f"SECRET {_sql_str(s3.secret.get_secret_value() if s3.secret else '')}",
-        f"REGION {_sql_str(s3.region)}",
-        f"URL_STYLE {_sql_str(s3.url_style)}",
+        f"KEY_ID {sql_str(s3.key_id)}",
+        f"SECRET {sql_str(s3.secret.get_secret_value() if s3.secret else '')}",
+        f"REGION {sql_str(s3.region)}",
+        f"URL_STYLE {sql_str(s3.url_style)}",
         f"USE_SSL {'true' if use_ssl else 'false'}",
-        f"SCOPE {_sql_str(bucket)}",
+        f"SCOPE {sql_str(bucket)}",
     ]
     if endpoint:
-        parts.append(f"ENDPOINT {_sql_str(endpoint)}")
+        parts.append(f"ENDPOINT {sql_str(endpoint)}")
     con.execute(f"CREATE OR REPLACE SECRET gptflow_catalog_s3 ({', '.join(parts)})")
 
 
@@ -339,39 +333,29 @@ def _attach(con: duckdb.DuckDBPyConnection, settings: CatalogSettings, *, read_o
     import duckdb
 
     assert settings.url is not None and settings.data_path is not None
-    options = [f"DATA_PATH {_sql_str(settings.data_path)}"]
+    options = [f"DATA_PATH {sql_str(settings.data_path)}"]
     if read_only:
         options.append("READ_ONLY")
-    sql = f"ATTACH {_sql_str(settings.url)} AS {LAKE_ALIAS} ({', '.join(options)})"
-    deadline = time.monotonic() + settings.lock_timeout
-    delay = 0.05
-    while True:
-        try:
-            con.execute(sql)
-            return
-        except duckdb.Error as exc:
-            msg = redact(str(exc))
-            if is_conflict(exc) and time.monotonic() < deadline:
-                CONFLICT_RETRIES["attach"] += 1
-                log.debug(
-                    "attaching %s raced another process (%s); retrying", settings.location(), msg
-                )
-                delay = _backoff(delay, deadline)
-                continue
-            if "creating a new DuckLake is explicitly disabled" in msg:
-                raise CatalogError(
-                    f"the DuckLake catalog {settings.location()} has not been created yet; "
-                    "run the pipeline (any write creates it) first"
-                ) from exc
-            if "does not match existing data path" in msg:
-                raise CatalogError(
-                    f"the DuckLake catalog {redact(settings.url)} keeps its data elsewhere than "
-                    f"data_path {settings.data_path}: {msg}. Set GPTFLOW_CATALOG_DATA_PATH / "
-                    "catalog.data_path to the path it recorded"
-                ) from exc
+    sql = f"ATTACH {sql_str(settings.url)} AS {LAKE_ALIAS} ({', '.join(options)})"
+    where = settings.location()
+    try:
+        retry_on_conflict(
+            lambda: con.execute(sql), timeout=settings.lock_timeout, what="attach", where=where
+        )
+    except duckdb.Error as exc:
+        msg = redact(str(exc))
+        if "creating a new DuckLake is explicitly disabled" in msg:
             raise CatalogError(
-                f"cannot attach the DuckLake catalog {settings.location()}: {msg}"
+                f"the DuckLake catalog {where} has not been created yet; "
+                "run the pipeline (any write creates it) first"
             ) from exc
+        if "does not match existing data path" in msg:
+            raise CatalogError(
+                f"the DuckLake catalog {redact(settings.url)} keeps its data elsewhere than "
+                f"data_path {settings.data_path}: {msg}. Set GPTFLOW_CATALOG_DATA_PATH / "
+                "catalog.data_path to the path it recorded"
+            ) from exc
+        raise CatalogError(f"cannot attach the DuckLake catalog {where}: {msg}") from exc
 
 
 def new_lake_connection(settings: CatalogSettings, *, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -472,5 +456,7 @@ def retry_on_conflict(fn: Callable[[], T], *, timeout: float, what: str, where: 
                     f"GPTFLOW_DB_LOCK_TIMEOUT (now {timeout:g} s). Last error: {redact(str(exc))}"
                 ) from exc
             CONFLICT_RETRIES[what] += 1
-            log.debug("%s on %s conflicted (attempt %d): %s", what, where, attempt, exc)
+            log.debug(
+                "%s on %s conflicted (attempt %d): %s", what, where, attempt, redact(str(exc))
+            )
             delay = _backoff(delay, deadline)

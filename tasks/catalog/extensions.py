@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpt.errors import CatalogError
+from tasks.catalog.values import sql_str
 
 if TYPE_CHECKING:
     import duckdb
@@ -32,17 +33,13 @@ PACKAGES: dict[str, str] = {
 }
 
 
-def _module(package: str) -> str:
-    return package.replace("-", "_")
-
-
 def packaged_file(name: str, version: str) -> Path | None:
     """The extension file inside its registry package for DuckDB ``version`` (e.g.
     ``v1.5.5``), or None when the package (or that version's file) is not installed."""
     package = PACKAGES.get(name)
     if package is None:
         return None
-    spec = importlib.util.find_spec(_module(package))
+    spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
         return None
     root = Path(next(iter(spec.submodule_search_locations)))
@@ -51,18 +48,14 @@ def packaged_file(name: str, version: str) -> Path | None:
     return files[0] if files else None
 
 
-def _links_dir(version: str) -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "gptflow" / "duckdb-extensions" / version
-
-
 def loadable_path(file: Path, name: str, version: str) -> Path:
     """``file`` itself when its name is ``<name>.duckdb_extension``, else a symbolic link
     of that name to it (created atomically, so concurrent processes never see half of
     one)."""
     if file.name == f"{name}.duckdb_extension":
         return file
-    folder = _links_dir(version)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    folder = Path(cache) / "gptflow" / "duckdb-extensions" / version
     link = folder / f"{name}.duckdb_extension"
     if link.is_symlink() and link.resolve() == file.resolve():
         return link
@@ -73,19 +66,15 @@ def loadable_path(file: Path, name: str, version: str) -> Path:
     return link
 
 
-def _installed(con: duckdb.DuckDBPyConnection, name: str) -> tuple[bool, bool]:
-    row = con.execute(
-        "SELECT installed, loaded FROM duckdb_extensions() WHERE extension_name = ?", [name]
-    ).fetchone()
-    return (bool(row[0]), bool(row[1])) if row else (False, False)
-
-
 def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> str:
     """Make extension ``name`` available on ``con``; returns where it came from
     (``loaded``, ``package``, ``repository``)."""
     import duckdb
 
-    installed, loaded = _installed(con, name)
+    row = con.execute(
+        "SELECT installed, loaded FROM duckdb_extensions() WHERE extension_name = ?", [name]
+    ).fetchone()
+    installed, loaded = (bool(row[0]), bool(row[1])) if row else (False, False)
     if loaded:
         return "loaded"
     version = con.execute("PRAGMA version").fetchone()[0]
@@ -94,7 +83,7 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> str:
     if file is not None:
         try:
             path = loadable_path(file, name, version).as_posix()
-            con.execute("LOAD '" + path.replace("'", "''") + "'")
+            con.execute(f"LOAD {sql_str(path)}")
             return "package"
         except (duckdb.Error, OSError) as exc:
             raise CatalogError(

@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
+from tasks.catalog.values import json_object
 
 if TYPE_CHECKING:
     from tasks.catalog import Catalog
@@ -92,9 +93,7 @@ def stage_outcomes(cat: Catalog, run_id: str) -> list[list[Any]]:
     for row in cat.query_rows(
         "SELECT stage, status, outputs, message FROM stages WHERE run_id = ?", [run_id]
     ):
-        outputs = row["outputs"]
-        outputs = json.loads(outputs) if isinstance(outputs, str) else outputs
-        outputs = outputs if isinstance(outputs, dict) else {}  # none recorded (skipped)
+        outputs = json_object(row["outputs"])  # none recorded: skipped
         done = row["status"] in ("completed", "cached")
         out.append(
             [

@@ -13,16 +13,14 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def format_df(
-    df: pd.DataFrame,
-    fmt: str = "table",
-    *,
-    max_width: int = 60,
-    uncut: Collection[str] = (),
-) -> str:
-    """Render a query result as ``table`` (aligned text, long cells cut to ``max_width``
-    characters, except in the ``uncut`` columns), ``csv`` or ``json`` (a list of row
-    objects)."""
+#: Characters a table cell shows before it is cut.
+MAX_WIDTH = 60
+
+
+def format_df(df: pd.DataFrame, fmt: str = "table", *, uncut: Collection[str] = ()) -> str:
+    """Render a query result as ``table`` (aligned text, long cells cut to
+    :data:`MAX_WIDTH` characters, except in the ``uncut`` columns), ``csv`` or ``json``
+    (a list of row objects)."""
     import pandas as pd
 
     if fmt == "csv":
@@ -37,9 +35,7 @@ def format_df(
         raise CatalogError(f"unknown output format {fmt!r}; use table, csv or json")
 
     headers = [str(c) for c in df.columns]
-    columns = [
-        _column_cells(df.iloc[:, i], max_width, str(c) in uncut) for i, c in enumerate(df.columns)
-    ]
+    columns = [_column_cells(df.iloc[:, i], str(c) in uncut) for i, c in enumerate(df.columns)]
     widths = [max([len(h), *map(len, cells)]) for h, cells in zip(headers, columns, strict=True)]
     numeric = [pd.api.types.is_numeric_dtype(df.iloc[:, i]) for i in range(len(df.columns))]
     pads = [str.rjust if num else str.ljust for num in numeric]
@@ -55,10 +51,10 @@ def format_df(
     return "\n".join(out)
 
 
-def _column_cells(col: pd.Series, max_width: int, whole: bool) -> list[str]:
+def _column_cells(col: pd.Series, whole: bool) -> list[str]:
     """One column's cells as table text: NULL for missing values, floats to 6 significant
-    digits, line breaks and tabs escaped, cut to ``max_width`` unless ``whole``. Done a
-    column at a time (a year of judged examples is ~10^6 cells)."""
+    digits, line breaks and tabs escaped, cut to :data:`MAX_WIDTH` unless ``whole``. Done
+    a column at a time (a year of judged examples is ~10^6 cells)."""
     missing = col.isna().to_numpy()
     cells = [
         "NULL" if na else (f"{v:.6g}" if isinstance(v, float) else str(v))
@@ -67,5 +63,5 @@ def _column_cells(col: pd.Series, max_width: int, whole: bool) -> list[str]:
     if any("\r" in c or "\n" in c or "\t" in c for c in cells):
         cells = [c.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ") for c in cells]
     if not whole:
-        cells = [c if len(c) <= max_width else c[: max_width - 3] + "..." for c in cells]
+        cells = [c if len(c) <= MAX_WIDTH else c[: MAX_WIDTH - 3] + "..." for c in cells]
     return cells

@@ -140,15 +140,6 @@ def needs_publish(live: Path, published: Path) -> bool:
         return True
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    """``dst`` = a copy of ``src`` (see :func:`copy_fd`)."""
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        copy_fd(fd, dst)
-    finally:
-        os.close(fd)
-
-
 def copy_fd(src: int, dst: Path) -> None:
     """``dst`` = a copy of the open file ``src`` (its offset untouched), through
     ``copy_file_range`` (a reflink, no bytes moved, where the file system shares extents:
@@ -212,7 +203,11 @@ def seed_live(live: Path, published: Path) -> None:
         return
     tmp = live.with_name(f".{live.name}.{os.getpid()}-{threading.get_ident()}.seed")
     try:
-        copy_file(published, tmp)
+        fd = os.open(published, os.O_RDONLY)
+        try:
+            copy_fd(fd, tmp)
+        finally:
+            os.close(fd)
         if wal_of(published).exists():  # writes an older writer did not checkpoint
             shutil.copyfile(wal_of(published), wal_of(tmp))
         duckdb.connect(str(tmp)).close()  # replays and checkpoints the WAL

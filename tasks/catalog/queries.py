@@ -31,6 +31,7 @@ from gpt.errors import CatalogError
 from tasks.catalog.connections import LAKE_ALIAS, is_write_refusal, new_lake_connection
 from tasks.catalog.settings import CatalogSettings
 from tasks.catalog.store import Catalog
+from tasks.catalog.values import sql_str
 
 if TYPE_CHECKING:
     import duckdb
@@ -79,7 +80,9 @@ def run_readonly_sql(
         settings = Catalog(db_path).settings
     if settings.is_lake:
         return _lake_sql(settings, sql)
-    return _file_sql(settings, sql, live=live)
+    cat = Catalog(settings=settings, snapshot=not live)
+    with cat.connect(read_only=True, config={"enable_external_access": False}) as con:
+        return _run(con, sql, str(cat.path))
 
 
 def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
@@ -96,16 +99,9 @@ def _run(con: duckdb.DuckDBPyConnection, sql: str, where: str) -> pd.DataFrame:
         raise CatalogError(f"query failed on {where}: {exc}") from exc
 
 
-def _file_sql(settings: CatalogSettings, sql: str, *, live: bool) -> pd.DataFrame:
-    cat = Catalog(settings=settings, snapshot=not live)
-    with cat.connect(read_only=True, config={"enable_external_access": False}) as con:
-        return _run(con, sql, str(cat.path))
-
-
 def lock_down(con: duckdb.DuckDBPyConnection, settings: CatalogSettings) -> None:
     """Disable file-system access except to the lake's data, and lock the settings."""
-    quoted = str(settings.data_path).replace("'", "''")
-    con.execute(f"SET allowed_directories = ['{quoted}']")
+    con.execute(f"SET allowed_directories = [{sql_str(str(settings.data_path))}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
@@ -137,15 +133,13 @@ def _check_lake_query(con: duckdb.DuckDBPyConnection, stmt: Any, where: str) -> 
     """Refuse anything but a query that calls no writing function (see the module doc)."""
     import duckdb
 
-    kind = str(stmt.type).rsplit(".", 1)[-1]
-    tree: dict[str, Any] = {}
-    if stmt.type == duckdb.StatementType.SELECT:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [stmt.query]).fetchone()[0])
     if stmt.type != duckdb.StatementType.SELECT:
+        kind = str(stmt.type).rsplit(".", 1)[-1]
         raise CatalogError(
             f"{_REFUSED} {where} is unchanged. On a shared DuckLake only queries (SELECT, "
             f"DESCRIBE, SHOW, SUMMARIZE) run; this is a {kind} statement"
         )
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [stmt.query]).fetchone()[0])
     if tree.get("error"):
         raise CatalogError(
             f"{_REFUSED} {where} is unchanged. On a shared DuckLake only plain queries run, "

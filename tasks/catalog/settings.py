@@ -170,6 +170,19 @@ class CatalogSettings(_Model):
             raise ValueError("give either a catalog url (DuckLake) or a DuckDB file path, not both")
         return self
 
+    @classmethod
+    def checked(cls, **values: object) -> CatalogSettings:
+        """Settings from ``values``; what is wrong with them is a one-line
+        :class:`CatalogError`."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for e in exc.errors():
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                problems.append(f"{'.'.join(map(str, e['loc']))}: {msg}" if e["loc"] else msg)
+            raise CatalogError(f"invalid catalog setting: {'; '.join(problems)}") from None
+
     def __repr_args__(self):  # type: ignore[override]
         for name, value in super().__repr_args__():
             yield name, redact(value) if name == "url" and isinstance(value, str) else value
@@ -251,10 +264,7 @@ class CatalogSettings(_Model):
             values["s3"] = S3Settings.from_env(env)
         elif env.get("GPTFLOW_DB"):
             values["path"] = Path(env["GPTFLOW_DB"]).expanduser().resolve()
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            raise CatalogError(f"invalid catalog setting: {exc}") from exc
+        return cls.checked(**values)
 
 
 class CatalogArgs(Args):
@@ -320,8 +330,4 @@ class CatalogArgs(Args):
                 f"catalog.data_path={self.data_path!r} is set but the catalog is the DuckDB "
                 "file; set catalog.url (or GPTFLOW_CATALOG_URL) to use a DuckLake"
             )
-        try:
-            return CatalogSettings.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-            raise CatalogError(f"invalid catalog setting: {problems}") from None
+        return CatalogSettings.checked(**values)

@@ -5,7 +5,7 @@ judge scores."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,10 +39,6 @@ def stages_summary(stages: pd.DataFrame) -> str:
     return ", ".join([f"{n_ok} ok", *others]) if len(stages) else "no stages"
 
 
-def _message(value: Any) -> str | None:
-    return value if isinstance(value, str) and value.strip() else None
-
-
 def why_no_scores(cat: Catalog, run_id: str | None) -> str:
     """Why ``eval_summary`` is empty for ``run_id`` (default: the latest run), with what
     to do."""
@@ -68,7 +64,7 @@ def why_no_scores(cat: Catalog, run_id: str | None) -> str:
             f"{run_id}` once the earlier stages are done"
         )
     row = judge.iloc[0].to_dict()
-    msg = _message(row["message"])
+    msg = row["message"] if isinstance(row["message"], str) and row["message"].strip() else None
     if row["status"] in ("skipped", "failed"):
         return f"the judge stage of run {run_id} was {row['status']}: " + (msg or "no reason given")
     return f"the judge stage of run {run_id} is {row['status']} and stored no scores"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -23,15 +24,15 @@ from tasks.catalog.connections import (
     close_connection,
     close_idle,
     give_back,
-    in_session,
     is_write_refusal,
     lake_cursor,
+    missing_catalog,
     open_file,
+    pooled_depth,
     process_lock,
     retry_on_conflict,
     take_pooled,
 )
-from tasks.catalog.lineage import LineageRecords
 from tasks.catalog.migrate import apply_steps, check_version, current_version
 from tasks.catalog.publish import (
     due_or_deferred,
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Catalog(LineageRecords, TableWrites):
+class Catalog(TableWrites):
     """The project's catalog: a DuckDB file or a shared DuckLake.
 
     ``Catalog(path)`` is the DuckDB file at ``path``; ``Catalog(url=..., data_path=...)``
@@ -80,19 +81,16 @@ class Catalog(LineageRecords, TableWrites):
     ):
         if settings is None:
             timeout = lock_timeout_from_env() if lock_timeout is None else float(lock_timeout)
-            try:
-                if url is not None:
-                    settings = CatalogSettings(
-                        url=url, data_path=data_path, lock_timeout=timeout, s3=S3Settings.from_env()
-                    )
-                elif path is not None:
-                    settings = CatalogSettings(path=Path(path).expanduser(), lock_timeout=timeout)
-                else:
-                    settings = CatalogSettings.from_env().model_copy(
-                        update={"lock_timeout": timeout}
-                    )
-            except ValueError as exc:  # pydantic's ValidationError
-                raise CatalogError(f"invalid catalog setting: {exc}") from exc
+            if url is not None:
+                settings = CatalogSettings.checked(
+                    url=url, data_path=data_path, lock_timeout=timeout, s3=S3Settings.from_env()
+                )
+            elif path is not None:
+                settings = CatalogSettings.checked(
+                    path=Path(path).expanduser(), lock_timeout=timeout
+                )
+            else:
+                settings = CatalogSettings.from_env().model_copy(update={"lock_timeout": timeout})
         elif path is not None or url is not None or data_path is not None:
             raise CatalogError("give Catalog either settings= or path/url/data_path, not both")
         elif lock_timeout is not None:
@@ -131,11 +129,12 @@ class Catalog(LineageRecords, TableWrites):
         return str(self.live_path) if self.live_path is not None else self.settings.lake_key()
 
     # ------------------------------------------------------------------ connections
-    def _missing(self) -> CatalogError:
-        return CatalogError(
-            f"the catalog {self.path} does not exist yet; run the pipeline first "
-            "(e.g. `gptflow run`) or point --db / GPTFLOW_DB at an existing file"
-        )
+    def _seeded_live(self) -> Path:
+        """The live file, created from the published one when only that exists."""
+        assert self.path is not None and self.live_path is not None
+        self.live_path.parent.mkdir(parents=True, exist_ok=True)
+        seed_live(self.live_path, self.path)
+        return self.live_path
 
     def _open_file(
         self, read_only: bool, config: dict[str, Any] | None = None
@@ -152,11 +151,11 @@ class Catalog(LineageRecords, TableWrites):
                     f"this handle reads the published snapshot of {published}; write through "
                     "Catalog(...) without snapshot=True"
                 )
-            live.parent.mkdir(parents=True, exist_ok=True)
-            seed_live(live, published)
-            return open_file(live, read_only=False, timeout=self.lock_timeout, config=config)
-        if not (live.exists() or published.exists()):
-            raise self._missing()
+            return open_file(
+                self._seeded_live(), read_only=False, timeout=self.lock_timeout, config=config
+            )
+        if not self.exists():
+            raise missing_catalog(published)
         if self.snapshot and (live, published) in unpublished():
             # this process wrote since its last publish: its reads see its writes
             Catalog(settings=self.settings, lock_timeout=self.lock_timeout).publish()
@@ -199,7 +198,7 @@ class Catalog(LineageRecords, TableWrites):
         :func:`catalog_session` the process's pooled write connection to the live file
         (a reader's block in a read-only transaction), else one opened for the block."""
         assert self.path is not None and self.live_path is not None
-        if not in_session() or self.snapshot or config:
+        if not pooled_depth() or self.snapshot or config:
             close_idle(self.live_path)  # DuckDB refuses two configurations of one file
             con = self._open_file(read_only, config)
             try:
@@ -207,11 +206,9 @@ class Catalog(LineageRecords, TableWrites):
             finally:
                 close_connection(con)
             return
-        if read_only and not (self.live_path.exists() or self.path.exists()):
-            raise self._missing()
-        self.live_path.parent.mkdir(parents=True, exist_ok=True)
-        seed_live(self.live_path, self.path)
-        con = take_pooled(self.live_path, self.lock_timeout)
+        if read_only and not self.exists():
+            raise missing_catalog(self.path)
+        con = take_pooled(self._seeded_live(), self.lock_timeout)
         try:
             if read_only:
                 con.execute("BEGIN TRANSACTION READ ONLY")
@@ -232,9 +229,7 @@ class Catalog(LineageRecords, TableWrites):
         if not read_only and not self._migrated:
             self.migrate()
         with process_lock(self._lock_key()), self._file_connection(read_only) as con:
-            if read_only and not self._checked:
-                check_version(con, self.location)
-                self._checked = True
+            self._check_version(con)
             self._held, self._held_read_only = con, read_only
             try:
                 yield self
@@ -266,18 +261,13 @@ class Catalog(LineageRecords, TableWrites):
             return False
         if not needs_publish(self.live_path, self.path):
             return False
-        if soon and not due_or_deferred(self.live_path, self.path, self._publish_later):
+        later = functools.partial(publish_quietly, self.path)
+        if soon and not due_or_deferred(self.live_path, self.path, later):
             return False
         with process_lock(self._lock_key()), self._open(read_only=False) as con:
             if not needs_publish(self.live_path, self.path):
                 return False
             return self._publish_in(con)
-
-    def _publish_later(self) -> None:
-        try:
-            Catalog(settings=self.settings, lock_timeout=EXIT_PUBLISH_TIMEOUT).publish()
-        except Exception as exc:  # the next publish (or the one at exit) catches up
-            log.warning("could not publish the catalog %s: %s", self.path, exc)
 
     def install(self, source: Catalog) -> None:
         """Make the database of ``source`` (another catalog file, e.g. one rebuilt beside
@@ -322,10 +312,14 @@ class Catalog(LineageRecords, TableWrites):
         if not read_only and not self._migrated:
             self.migrate()
         with process_lock(self._lock_key()), self._open(read_only, config) as con:
-            if not self._checked:
-                check_version(con, self.location)
-                self._checked = True
+            self._check_version(con)
             yield con
+
+    def _check_version(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Refuse a catalog a newer gptflow wrote (once per handle)."""
+        if not self._checked:
+            check_version(con, self.location)
+            self._checked = True
 
     def migrate(self, target: int | None = None) -> int:
         """Apply missing migration steps (idempotent, safe from several processes at
@@ -359,13 +353,6 @@ class Catalog(LineageRecords, TableWrites):
         self._migrated = version >= SCHEMA_VERSION
         self._checked = True
         return version
-
-    def schema_version(self) -> int:
-        """The schema version recorded in the catalog (0 for a fresh/missing file)."""
-        if not self.exists():
-            return 0
-        with process_lock(self._lock_key()), self._open(read_only=True) as con:
-            return current_version(con)
 
     def write(self, what: str, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``body(con)`` inside BEGIN/COMMIT on a write connection; ROLLBACK on error.
@@ -439,20 +426,22 @@ class Catalog(LineageRecords, TableWrites):
         return self.settings.exists()
 
 
-#: Bound on waiting for other writers when publishing at exit (they publish too).
+#: Bound on waiting for other writers when publishing off the writer's path (deferred,
+#: at exit): they publish too.
 EXIT_PUBLISH_TIMEOUT = 10.0
 
 
-def publish_unpublished() -> None:
-    """Publish every catalog file this process wrote and has not published (run at
-    exit, so what a command wrote reaches the published file)."""
-    for live, published in unpublished():
-        try:
-            cat = Catalog(published, lock_timeout=EXIT_PUBLISH_TIMEOUT)
-            if cat.live_path == live:
-                cat.publish()
-        except Exception as exc:  # never fail an exit; the next publish catches up
-            log.warning("could not publish the catalog %s at exit: %s", published, exc)
+def publish_quietly(published: Path) -> None:
+    """Publish the catalog file ``published`` now; a failure is only logged (never fail
+    an exit or a timer: the next publish catches up)."""
+    try:
+        Catalog(published, lock_timeout=EXIT_PUBLISH_TIMEOUT).publish()
+    except Exception as exc:
+        log.warning("could not publish the catalog %s: %s", published, exc)
 
 
-atexit.register(publish_unpublished)
+@atexit.register
+def _publish_at_exit() -> None:
+    """What a command wrote reaches the published file."""
+    for _, published in unpublished():
+        publish_quietly(published)

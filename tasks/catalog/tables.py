@@ -1,14 +1,15 @@
 """Rows into catalog tables, on an open connection: a table's columns, rows normalised to
-its types, delete by key, typed inserts.
+its types, delete by key, typed inserts; and :class:`TableWrites`, the write methods of
+:class:`~tasks.catalog.store.Catalog` built on them.
 
-:class:`~tasks.catalog.store.Catalog` runs these inside its transactions; :mod:`tasks.records.rows`
-uses them to type a stage's rows exactly as the catalog stores them. ``location`` (the
-catalog, for messages) is the only thing they know of the catalog they write.
+:mod:`tasks.records.rows` uses the helpers to type a stage's rows as the catalog stores
+them. ``location`` (the catalog, for messages) is all they know of the catalog they write.
 """
 
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,13 +23,17 @@ from tasks.catalog.values import (
     is_frame,
     materialize,
     quote_ident,
+    sql_str,
     to_json,
     to_utc_naive,
+    utcnow,
 )
 
 if TYPE_CHECKING:
     import duckdb
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -62,6 +67,20 @@ def _converter(dtype: str) -> Callable[[Any], Any] | None:
     return None
 
 
+def column_names(rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[str]:
+    """A DataFrame's columns, or every key of a list of dicts in first-seen order."""
+    return list(rows.columns) if is_frame(rows) else list(dict.fromkeys(k for r in rows for k in r))
+
+
+def _refuse_unknown(names: Iterable[str], cols: dict[str, str], table: str, where: str) -> None:
+    unknown = [c for c in names if c not in cols]
+    if unknown:
+        raise CatalogError(
+            f"columns {unknown} of {where} are not in catalog table {table!r}; "
+            f"its columns are {list(cols)}"
+        )
+
+
 def typed_rows(
     table: str,
     rows: pd.DataFrame | Sequence[Mapping[str, Any]],
@@ -75,13 +94,8 @@ def typed_rows(
         import pandas as pd
 
         rows, frame = pd.DataFrame(list(rows)), True
-    names = list(rows.columns) if frame else list(dict.fromkeys(k for r in rows for k in r))
-    unknown = [c for c in names if c not in cols]
-    if unknown:
-        raise CatalogError(
-            f"columns {unknown} are not in catalog table {table!r} of {location}; "
-            f"its columns are {list(cols)}"
-        )
+    names = column_names(rows)
+    _refuse_unknown(names, cols, table, f"the rows for {location}")
     convert = {c: f for c in names if (f := _converter(cols[c])) is not None}
     if not frame:
         return [{k: convert[k](v) if k in convert else v for k, v in r.items()} for r in rows]
@@ -123,6 +137,23 @@ def match(where: Mapping[str, Any]) -> tuple[str, list[Any]]:
     return " AND ".join(conds), [v for v in where.values() if v is not None]
 
 
+def match_any(wheres: Iterable[Mapping[str, Any]]) -> tuple[str, list[Any]]:
+    """Rows matching any of ``wheres`` (each as :func:`match`): one condition, parameters."""
+    conds, params = [], []
+    for where in wheres:
+        cond, values = match(where)
+        conds.append(f"({cond})")
+        params += values
+    return " OR ".join(conds) or "false", params
+
+
+def _cast_select(names: Sequence[str], cols: dict[str, str]) -> tuple[str, str]:
+    """The INSERT column list of ``names`` and a SELECT list casting each to its type."""
+    target = ", ".join(quote_ident(c) for c in names)
+    select = ", ".join(f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in names)
+    return target, select
+
+
 def _view_name(kind: str) -> str:
     """A name for a registered DataFrame, unique per process and thread."""
     return f"_gptflow_{kind}_{os.getpid()}_{threading.get_ident()}"
@@ -135,13 +166,11 @@ def insert_typed(
     cols: dict[str, str],
 ) -> int:
     """Insert ``rows`` (from :func:`typed_rows`), each value cast to its column's type."""
-    frame = is_frame(rows)
-    names = list(rows.columns) if frame else list(dict.fromkeys(k for r in rows for k in r))
+    names = column_names(rows)
     if len(rows) == 0 or not names:
         return 0
-    target = ", ".join(quote_ident(c) for c in names)
-    select = ", ".join(f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in names)
-    if not frame:
+    target, select = _cast_select(names, cols)
+    if not is_frame(rows):
         one = "(" + ", ".join("?" for _ in names) + ")"
         params = [r.get(c) for r in rows for c in names]
         sql = (
@@ -189,19 +218,14 @@ def insert_parquet(
     """Delete the rows matching any of ``wheres``, then insert the Parquet file's rows
     (its columns must be the table's). Returns the rows inserted."""
     cols = table_columns(con, table)
-    src = str(path).replace("'", "''")
-    desc = con.execute(f"SELECT * FROM read_parquet('{src}') LIMIT 0").description
+    src = f"read_parquet({sql_str(str(path))})"
+    desc = con.execute(f"SELECT * FROM {src} LIMIT 0").description
     have = [d[0] for d in desc]
-    unknown = [c for c in have if c not in cols]
-    if unknown:
-        raise CatalogError(f"{path}: columns {unknown} are not in catalog table {table!r}")
+    _refuse_unknown(have, cols, table, str(path))
     for where in wheres:
         delete_where(con, table, where, cols)
-    target = ", ".join(quote_ident(c) for c in have)
-    select = ", ".join(f"CAST({quote_ident(c)} AS {cols[c]}) AS {quote_ident(c)}" for c in have)
-    return con.execute(
-        f"INSERT INTO {table} ({target}) SELECT {select} FROM read_parquet('{src}')"
-    ).fetchone()[0]
+    target, select = _cast_select(have, cols)
+    return con.execute(f"INSERT INTO {table} ({target}) SELECT {select} FROM {src}").fetchone()[0]
 
 
 def upsert_in(
@@ -215,8 +239,7 @@ def upsert_in(
     keys wins), then insert ``rows``. Returns the rows inserted."""
     cols = table_columns(con, table)
     df = typed_rows(table, rows, cols, location)
-    names = set(df.columns) if is_frame(df) else {k for r in df for k in r}
-    missing = [k for k in key if k not in names]
+    missing = [k for k in key if k not in column_names(df)]
     if missing:
         raise CatalogError(
             f"upsert_rows on {table!r}: key columns {missing} are missing from the rows"
@@ -226,12 +249,8 @@ def upsert_in(
     if not is_frame(df):
         last = {tuple(r.get(k) for k in key): r for r in df}  # the last of duplicate keys
         df = [r for r in df if last[tuple(r.get(k) for k in key)] is r]
-        conds, params = [], []
-        for r in df:
-            cond, values = match({k: r.get(k) for k in key})
-            conds.append(f"({cond})")
-            params += values
-        con.execute(*inline_params(f"DELETE FROM {table} WHERE {' OR '.join(conds)}", params))
+        cond, params = match_any({k: r.get(k) for k in key} for r in df)
+        con.execute(*inline_params(f"DELETE FROM {table} WHERE {cond}", params))
         return insert_typed(con, table, df, cols)
     df = df.drop_duplicates(subset=list(key), keep="last").reset_index(drop=True)
     view = _view_name("keys")
@@ -248,13 +267,22 @@ def upsert_in(
 
 
 class TableWrites(abc.ABC):
-    """Rows into tables, each call one transaction (mixed into
-    :class:`~tasks.catalog.store.Catalog`, which provides :meth:`write` and ``location``)."""
+    """Rows into tables, each call one transaction, and the run and source records built
+    on them (mixed into :class:`~tasks.catalog.store.Catalog`, which provides
+    :meth:`write`, :meth:`query_rows`, :meth:`exists` and ``location``)."""
 
     location: str
 
     @abc.abstractmethod
     def write(self, what: str, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """See :class:`~tasks.catalog.store.Catalog`."""
+
+    @abc.abstractmethod
+    def query_rows(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """See :class:`~tasks.catalog.store.Catalog`."""
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
         """See :class:`~tasks.catalog.store.Catalog`."""
 
     def replace_rows(
@@ -269,9 +297,7 @@ class TableWrites(abc.ABC):
         Missing columns become NULL; ``where`` values are filled into rows lacking them.
         Returns the number of rows inserted.
         """
-        check_table(table)
-        rows = materialize(df)
-        return self.write(table, lambda con: replace_in(con, table, rows, where, self.location))
+        return self.replace_many([(table, df, where)])
 
     def replace_many(
         self,
@@ -326,3 +352,37 @@ class TableWrites(abc.ABC):
             raise CatalogError(f"upsert_rows on {table!r} needs at least one key column")
         frame = materialize(rows)
         return self.write(table, lambda con: upsert_in(con, table, frame, key, self.location))
+
+    def end_run(self, run_id: str, status: str, message: str | None = None) -> None:
+        """Set a run's final ``status``, ``ended_at`` (now) and ``message`` (why it
+        failed or crashed)."""
+        ended = utcnow()
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            n = con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchone()[0]
+            if n:
+                con.execute(
+                    "UPDATE runs SET status = ?, ended_at = ?, message = ? WHERE run_id = ?",
+                    [status, ended, message, run_id],
+                )
+            else:
+                log.warning("end_run: run %s was never started; recording it now", run_id)
+                con.execute(
+                    "INSERT INTO runs (run_id, status, ended_at, message) VALUES (?, ?, ?, ?)",
+                    [run_id, status, ended, message],
+                )
+
+        self.write("runs", body)
+
+    def source_digests(self) -> dict[str, tuple[str, int]]:
+        """sha256 and size of every recorded downloaded file, keyed by its path relative to
+        the datasets folder (rows named ``<source>:<path>``): the trust-on-first-use record
+        that ``gpt.data.download.download_sources(trusted=...)`` holds later downloads to.
+        Empty while there is no catalog yet."""
+        if not self.exists():
+            return {}
+        rows = self.query_rows(
+            "SELECT name, sha256, bytes FROM sources "
+            "WHERE position(':' IN name) > 0 AND sha256 IS NOT NULL"
+        )
+        return {str(r["name"]).split(":", 1)[1]: (str(r["sha256"]), int(r["bytes"])) for r in rows}

@@ -61,6 +61,12 @@ def to_json(value: Any) -> str | None:
     return json.dumps(value, default=str, sort_keys=True)
 
 
+def json_object(raw: Any) -> dict[str, Any]:
+    """A JSON column's object (text parsed), or ``{}`` when it holds none."""
+    value = json.loads(raw) if isinstance(raw, str) else raw
+    return value if isinstance(value, dict) else {}
+
+
 def _literal(value: Any) -> str | None:
     """``value`` as an SQL literal, or None when it has no exact one here."""
     if value is None:
@@ -72,7 +78,7 @@ def _literal(value: Any) -> str | None:
     if type(value) is float:
         return f"CAST('{value!r}' AS DOUBLE)"  # exact: the shortest round-tripping text
     if type(value) is str:
-        return None if "\0" in value else "'" + value.replace("'", "''") + "'"
+        return None if "\0" in value else sql_str(value)
     if type(value) is dt.datetime:
         kind = "TIMESTAMPTZ" if value.tzinfo else "TIMESTAMP"
         return f"{kind} '{value.isoformat(sep=' ')}'"
@@ -110,6 +116,11 @@ def inline_params(sql: str, params: Sequence[Any] | None) -> tuple[str, list[Any
     return ("".join(out), None) if i == len(literals) else (sql, list(params))
 
 
+def sql_str(value: str) -> str:
+    """``value`` as a single-quoted SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def quote_ident(name: str) -> str:
     """``name`` as a double-quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
@@ -139,17 +150,18 @@ def checkpoint_digest(path: str | Path) -> tuple[str, int]:
     if p.is_dir() and (p / "model.safetensors").is_file():
         p = p / "model.safetensors"
     h = hashlib.sha256()
-    if p.is_file():
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest(), p.stat().st_size
-    total = 0
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
-        rel = f.relative_to(p).as_posix().encode()
-        h.update(rel + b"\0")
+
+    def feed(f: Path) -> int:
         with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        total += f.stat().st_size
+        return f.stat().st_size
+
+    if p.is_file():
+        total = feed(p)
+    else:
+        total = 0
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(f.relative_to(p).as_posix().encode() + b"\0")
+            total += feed(f)
     return h.hexdigest(), total

@@ -134,19 +134,6 @@ def _judge_gates(me: RunData, before: RunData | None, args: GatesArgs) -> list[G
     ]
 
 
-def record_gates(
-    cat: Catalog, run_id: str, results: list[GateResult], recorder: RunRecorder | None = None
-) -> None:
-    """Replace the run's rows in ``gates`` with ``results`` (one transaction); with a
-    ``recorder`` they are kept in the run's record too (so a rebuilt catalog has them)."""
-    now = utcnow()
-    rows = [{"run_id": run_id, **r.to_dict(), "evaluated_at": now} for r in results]
-    if recorder is not None:
-        recorder.record_run_rows(run_id, "gates", rows)
-    else:
-        cat.replace_rows("gates", rows, where={"run_id": run_id})
-
-
 def gates_key(cat: Catalog, run_id: str, prev: str | None, args: GatesArgs) -> str | None:
     """What the gates of ``run_id`` against ``prev`` read, as a key: both runs' stage
     outcomes (:func:`~tasks.catalog.lookup.stage_outcomes`), the gate settings and the
@@ -200,7 +187,12 @@ def run_gates(
             if key is not None:
                 kept = {"run_id": run_id, "prev": prev, "results": [r.to_dict() for r in results]}
                 write_memo("gates", key, kept)
-        record_gates(cat, run_id, results, recorder)
+        now = utcnow()
+        rows = [{"run_id": run_id, **r.to_dict(), "evaluated_at": now} for r in results]
+        if recorder is not None:  # kept in the run's record too: a rebuilt catalog has them
+            recorder.record_run_rows(run_id, "gates", rows)
+        else:
+            cat.replace_rows("gates", rows, where={"run_id": run_id})
     except Exception as exc:
         if args.fail_run:
             raise

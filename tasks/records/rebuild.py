@@ -23,7 +23,7 @@ from tasks.catalog.schema import KNOWN_TABLES
 from tasks.catalog.values import quote_ident
 from tasks.records.rows import ingest
 from tasks.records.run_state import settle_run
-from tasks.records.runs import RunRecorder, typed_row
+from tasks.records.runs import RunRecorder, put_run, typed_row
 from tasks.store.roots import local_root, open_stage_store, root_child
 
 log = logging.getLogger(__name__)
@@ -52,44 +52,40 @@ def rebuild_catalog(
     folder or an object-store URL) into ``catalog`` (created and migrated if needed), on
     one connection (a transaction per run record and per folder)."""
     with catalog.held():
-        return _replay(catalog, artifacts, verify=verify)
-
-
-def _replay(catalog: Catalog, artifacts: str | Path, *, verify: bool) -> RebuildReport:
-    report = RebuildReport()
-    catalog.migrate()
-    records = RunRecorder(catalog, root_child(artifacts, "runs")).records()
-    report.sources = restore_sources(
-        catalog, [row for rec in records for row in (rec.get("sources") or {}).values()]
-    )
-    for rec in records:
-        run = settle_run(rec["run"])  # a run recorded running whose process is gone: crashed
-        catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
-        rows = [typed_row(r) for r in rec.get("stages", {}).values()]
-        if rows:
-            catalog.replace_rows("stages", rows, where={"run_id": run["run_id"]})
-        for table, table_rows in (rec.get("rows") or {}).items():  # e.g. its gates
-            catalog.replace_rows(table, table_rows, where={"run_id": run["run_id"]})
-        report.runs += 1
-        report.stage_rows += len(rows)
-    store = open_stage_store(artifacts)
-    for entry in store.committed(verify=verify):
-        if entry.manifest is None:
-            report.skipped.append(entry.problem or f"{entry.where}: unusable")
-            continue
-        meta = entry.manifest.get("rows") or {}
-        if meta:
-            try:
-                with store.rows_folder(entry) as folder:
-                    report.rows += ingest(catalog, folder, meta)
-            except (OSError, CatalogError) as exc:
-                report.skipped.append(f"{entry.where}: {exc}")
+        report = RebuildReport()
+        catalog.migrate()
+        records = RunRecorder(catalog, root_child(artifacts, "runs")).records()
+        report.sources = restore_sources(
+            catalog, [row for rec in records for row in (rec.get("sources") or {}).values()]
+        )
+        for rec in records:
+            run = settle_run(rec["run"])  # a run recorded running whose process is gone: crashed
+            put_run(catalog, run)
+            rows = [typed_row(r) for r in rec.get("stages", {}).values()]
+            if rows:
+                catalog.replace_rows("stages", rows, where={"run_id": run["run_id"]})
+            for table, table_rows in (rec.get("rows") or {}).items():  # e.g. its gates
+                catalog.replace_rows(table, table_rows, where={"run_id": run["run_id"]})
+            report.runs += 1
+            report.stage_rows += len(rows)
+        store = open_stage_store(artifacts)
+        for entry in store.committed(verify=verify):
+            if entry.manifest is None:
+                report.skipped.append(entry.problem or f"{entry.where}: unusable")
                 continue
-        if entry.history:
-            report.history += 1
-        else:
-            report.folders += 1
-    return report
+            meta = entry.manifest.get("rows") or {}
+            if meta:
+                try:
+                    with store.rows_folder(entry) as folder:
+                        report.rows += ingest(catalog, folder, meta)
+                except (OSError, CatalogError) as exc:
+                    report.skipped.append(f"{entry.where}: {exc}")
+                    continue
+            if entry.history:
+                report.history += 1
+            else:
+                report.folders += 1
+        return report
 
 
 def restore_sources(catalog: Catalog, rows: list[dict]) -> int:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import CatalogError
+from tasks.catalog.values import sql_str
 from tasks.jsonable import plain
 from tasks.store.manifest import ROWS_DIR
 
@@ -64,9 +64,6 @@ class RowSink:
         self.work = Path(work)
         self.catalog = catalog
 
-    def _file(self, table: str) -> Path:
-        return self.work / PARTIAL_DIR / f"{table}.jsonl"
-
     def add(self, table: str, rows: Sequence[Mapping[str, Any]], *, live: bool = False) -> None:
         """Append ``rows`` to ``table``'s buffer; ``live`` also upserts them into the
         catalog now (so e.g. training curves can be watched while a stage runs)."""
@@ -74,7 +71,7 @@ class RowSink:
             raise CatalogError(f"stages do not write table {table!r}; known: {sorted(SCOPES)}")
         if not rows:
             return
-        path = self._file(table)
+        path = self.work / PARTIAL_DIR / f"{table}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as f:
             for r in rows:
@@ -127,7 +124,7 @@ class RowSink:
                 _load_into(con, table, rows)
                 path = out_dir / f"{table}.parquet"
                 tmp = path.with_suffix(".parquet.tmp")
-                con.execute(f"COPY {table} TO '{_sql_path(tmp)}' (FORMAT parquet)")
+                con.execute(f"COPY {table} TO {sql_str(str(tmp))} (FORMAT parquet)")
                 tmp.replace(path)
                 con.execute(f"DELETE FROM {table}")
                 written[table] = {"n": len(rows), "scopes": scopes}
@@ -136,23 +133,14 @@ class RowSink:
         return written
 
 
-def _sql_path(path: Path) -> str:
-    return str(path).replace("'", "''")
-
-
-@lru_cache(maxsize=1)
-def _schema_statements() -> tuple[str, ...]:
-    from tasks.catalog.schema import MIGRATIONS
-
-    return tuple(stmt for step in MIGRATIONS for stmt in step)
-
-
 def _schema_connection() -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB holding the catalog's schema (tables typed as the catalog)."""
     import duckdb
 
+    from tasks.catalog.schema import MIGRATIONS
+
     con = duckdb.connect()
-    for stmt in _schema_statements():
+    for stmt in (stmt for step in MIGRATIONS for stmt in step):
         con.execute(stmt)
     return con
 
@@ -187,7 +175,7 @@ def ingest(catalog: Catalog, folder: Path, rows_meta: Mapping[str, Mapping[str, 
 
 def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Tables whose scope in the catalog does not hold the folder's row count."""
-    from tasks.catalog.tables import check_table, match
+    from tasks.catalog.tables import check_table, match_any
 
     if not rows_meta:
         return []
@@ -196,15 +184,9 @@ def missing_tables(catalog: Catalog, rows_meta: Mapping[str, Mapping[str, Any]])
     counts, params = [], []
     for table, meta in sorted(rows_meta.items()):
         check_table(table)
-        conds = []
-        for scope in [_scope(table, x) for x in meta["scopes"]]:
-            cond, values = match(scope)
-            conds.append(f"({cond})")
-            params += values
-        counts.append(
-            f"SELECT '{table}' AS t, count(*) AS n FROM {table} "
-            f"WHERE {' OR '.join(conds) or 'false'}"
-        )
+        cond, values = match_any(_scope(table, x) for x in meta["scopes"])
+        counts.append(f"SELECT '{table}' AS t, count(*) AS n FROM {table} WHERE {cond}")
+        params += values
     try:  # one query for every table
         have = {r["t"]: int(r["n"]) for r in catalog.query_rows(" UNION ALL ".join(counts), params)}
     except CatalogError:

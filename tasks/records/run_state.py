@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.errors import WorkerDiedError
+from tasks.catalog.values import to_utc_naive, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +46,13 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def _boot_time() -> float | None:
-    try:
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def process_started_at(pid: int) -> float | None:
     """When process ``pid`` started (seconds since the epoch), where /proc tells."""
-    boot = _boot_time()
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    if boot is None:
+        lines = Path("/proc/stat").read_text().splitlines()
+        boot = next(float(line.split()[1]) for line in lines if line.startswith("btime "))
+    except (OSError, StopIteration):
         return None
     fields = stat.rsplit(")", 1)[1].split()
     return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
@@ -87,8 +77,6 @@ def process_alive(pid: int, started_before: dt.datetime | None = None) -> bool:
 
 def _as_naive_utc(value: Any) -> dt.datetime | None:
     """A recorded time (text or timestamp) as naive UTC; None when missing or unreadable."""
-    from tasks.catalog.values import to_utc_naive
-
     try:
         return to_utc_naive(value)
     except (TypeError, ValueError):
@@ -100,8 +88,6 @@ def dead_reason(run: Mapping[str, Any], now: dt.datetime | None = None) -> str |
     more, or None while it may be."""
     if run.get("status") != "running":
         return None
-    from tasks.catalog.values import utcnow
-
     now = now or utcnow()
     host, pid = run.get("host"), run.get("pid")
     started = _as_naive_utc(run.get("started_at"))
@@ -140,8 +126,6 @@ def settle_runs(runs: Any) -> Any:
         runs = runs.assign(message=None)
     if runs.empty or not (runs["status"] == "running").any():
         return runs
-    from tasks.catalog.values import utcnow
-
     now = utcnow()
     runs = runs.copy()
     for i, row in runs.iterrows():

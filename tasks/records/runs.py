@@ -140,23 +140,26 @@ class RunRecorder:
             return None, got.etag
 
     def read(self, run_id: str) -> dict[str, Any] | None:
+        """The record of ``run_id`` (None when missing or unreadable)."""
         return self._fetch(run_id)[0]
+
+    def where(self, run_id: str) -> str | Path:
+        """Where the record of ``run_id`` is (for messages)."""
+        return self.remote.url_of(f"{run_id}.json") if self.remote else self.path(run_id)
 
     def records(self) -> list[dict[str, Any]]:
         """Every readable run record, oldest run first (unreadable ones are logged)."""
         if self.remote is not None:
             names = [n for n in self.remote.list() if "/" not in n and n.endswith(".json")]
-            where = self.remote.url_of
         else:
-            names = [p.name for p in self.runs_dir.glob("*.json")] if self.runs_dir.is_dir() else []
-            where = lambda n: str(self.runs_dir / n)  # noqa: E731
+            names = [p.name for p in self.runs_dir.glob("*.json")]
         records = []
-        for name in sorted(names):
-            rec = self.read(name.removesuffix(".json"))
+        for run_id in sorted(n.removesuffix(".json") for n in names):
+            rec = self.read(run_id)
             if isinstance(rec, dict) and rec.get("run"):
                 records.append(rec)
             else:
-                log.warning("skipping unreadable run record %s", where(name))
+                log.warning("skipping unreadable run record %s", self.where(run_id))
         return sorted(records, key=lambda r: (r["run"].get("started_at") or "", r["run"]["run_id"]))
 
     def _update(self, run_id: str, fn: Callable[[dict[str, Any]], None]) -> None:
@@ -173,8 +176,7 @@ class RunRecorder:
                 time.sleep(random.uniform(0.01, 0.1))  # another writer won: read again
         from tasks.store.objects import StorageError
 
-        where = self.remote.url_of(f"{run_id}.json") if self.remote else self.path(run_id)
-        raise StorageError(f"could not update the run record {where}")
+        raise StorageError(f"could not update the run record {self.where(run_id)}")
 
     def _write(self, run_id: str, text: str, etag: str | None) -> bool:
         """Write the record: a local file atomically; an object only if it is still the
@@ -216,7 +218,7 @@ class RunRecorder:
             "pid": os.getpid(),
         }
         self._update(run_id, lambda rec: rec.__setitem__("run", row))
-        self.catalog.upsert_rows("runs", [typed_row(row)], key=["run_id"])
+        put_run(self.catalog, row)
         self.catalog.publish()
 
     def end_run(
@@ -238,7 +240,7 @@ class RunRecorder:
             return False
         try:
             if rec.get("run"):
-                self.catalog.upsert_rows("runs", [typed_row(rec["run"])], key=["run_id"])
+                put_run(self.catalog, rec["run"])
             else:
                 self.catalog.end_run(run_id, status, message)
             self.catalog.publish()
@@ -251,7 +253,7 @@ class RunRecorder:
                 status,
                 self.catalog.location,
                 exc,
-                self.remote.url_of(f"{run_id}.json") if self.remote else self.path(run_id),
+                self.where(run_id),
             )
             return False
         return True
@@ -270,7 +272,7 @@ class RunRecorder:
         self._update(run_id, fn)
         run = (self.read(run_id) or {}).get("run")
         if run and run.get("status") == "running":
-            self.catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])
+            put_run(self.catalog, run)
             self.catalog.publish(soon=True)
 
     @contextlib.contextmanager
@@ -334,7 +336,7 @@ class RunRecorder:
             ends[run_id] = final
         ends.update(self._ends_missing_in_catalog(current, skip=set(ends)))
         for run_id, final in ends.items():
-            self.catalog.upsert_rows("runs", [typed_row(final)], key=["run_id"])
+            put_run(self.catalog, final)
             log.warning("run %s: recorded %s (%s)", run_id, final["status"], final.get("message"))
         if ends:
             self.catalog.publish(soon=True)
@@ -458,3 +460,8 @@ def typed_row(row: dict[str, Any]) -> dict[str, Any]:
     return {
         k: (parse_ts(v) if k in _TIME_FIELDS and isinstance(v, str) else v) for k, v in row.items()
     }
+
+
+def put_run(catalog: Catalog, run: dict[str, Any]) -> None:
+    """Write a record's run row into ``runs`` (replacing the run's row)."""
+    catalog.upsert_rows("runs", [typed_row(run)], key=["run_id"])

@@ -117,7 +117,7 @@ def test_upgrade_from_older_version_keeps_rows(tmp_path: Path) -> None:
     record_metrics(new, "r", "s", [{"name": "loss", "value": 0.5}])
     tables, views = _objects(db)
     assert set(KNOWN_TABLES) <= tables and views == set(KNOWN_VIEWS)
-    assert new.schema_version() == SCHEMA_VERSION
+    assert new.query_rows("SELECT max(version) AS v FROM schema_version")[0]["v"] == SCHEMA_VERSION
     vals = sorted(new.query_df("SELECT value FROM metrics")["value"].tolist())
     assert vals == [0.5, 1.5]
 
