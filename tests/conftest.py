@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -135,9 +136,10 @@ def release_mirror(tmp_path: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test writes its catalog, artifacts, downloads and cache under its own tmp
-    folder."""
+    folder, and leaves no catalog publish waiting for its gap: a publish timer a test
+    left would fire inside the next test in the process (and count as its file open)."""
     monkeypatch.setenv("GPTFLOW_DB", str(tmp_path / "catalog.duckdb"))
     monkeypatch.setenv("GPTFLOW_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("GPTFLOW_DATASETS", str(tmp_path / "datasets"))
@@ -145,6 +147,10 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):  # never a shared catalog/store the developer configured
         if name.startswith(("GPTFLOW_CATALOG_", "GPTFLOW_ARTIFACTS_S3_")):
             monkeypatch.delenv(name)
+    yield
+    publish = sys.modules.get("tasks.catalog.publish")
+    if publish is not None:
+        publish.publish_deferred()
 
 
 @pytest.fixture(scope="session")
