@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.errors import GPTFlowError
+from tasks.records.run_state import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,6 @@ class Seen:
     info: LeaseInfo
     version: Hashable
     age_s: float | None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LeaseBase(ABC):
@@ -170,7 +161,7 @@ class LeaseBase(ABC):
         for its TTL (by the store's clock where it has one, else since this waiter first
         saw this version)."""
         info = seen.info
-        if info.host == socket.gethostname() and info.pid and not _pid_alive(info.pid):
+        if info.host == socket.gethostname() and info.pid and not process_alive(info.pid):
             return True
         age = seen.age_s if seen.age_s is not None else time.monotonic() - seen_since
         return age > info.ttl_s
