@@ -184,10 +184,41 @@ def test_decode_benchmarks_on_a_checkpoint(
 
 
 @pytest.mark.slow
-def test_windowing_measures_both_sides(tokenizer_dir: Path) -> None:
-    from benchmarks.recipes import bench_windowing
+def test_windowing_measures_both_sides(
+    tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmark's eight child processes: the first one started by its own launcher,
+    the other seven forked from one server that imported torch, NumPy and tiktoken once
+    (each still a process of its own, measuring its own memory growth; ~1.5 CPU-s less
+    each)."""
+    import os
 
-    r = bench_windowing(quick=True, tokenizer_dir=tokenizer_dir).to_dict()
+    from helpers_fork import ForkServer
+
+    import benchmarks.recipes as recipes
+
+    launch, calls = recipes._run_child, []
+    code = (
+        "import json, sys; from benchmarks.recipes import windows_child; "
+        "print(json.dumps(windows_child(*json.loads(sys.argv[1]))))"
+    )
+
+    def run_child(args: list[Any]) -> dict[str, Any]:
+        calls.append(args)
+        if len(calls) == 1:
+            return launch(args)
+        name = f"child-{len(calls)}"
+        children.start(name, ["-c", code, json.dumps(args)])
+        rc, out, err = children.finish(name, timeout=300)
+        assert rc == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    with ForkServer(env, tmp_path / "children", preload=("torch", "numpy", "tiktoken")) as children:
+        monkeypatch.setattr(recipes, "_run_child", run_child)
+        r = recipes.bench_windowing(quick=True, tokenizer_dir=tokenizer_dir).to_dict()
+    # a warm-up and 2 repeats per side, then the 2 scaling sizes
+    assert sorted(a[0] for a in calls) == ["dataset"] * 5 + ["materialised"] * 3
     check_row(r)
     d = r["details"]
     # the materialised baseline really ran (no estimate), in its own processes

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from _paths import REPO
+from helpers_fork import ForkServer
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -49,12 +50,39 @@ def _env(server: dict, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (
-        f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+def _argv(module: str, args: list[str], cwd: Path) -> list[str]:
+    """``python -m MODULE ARGS…`` run in ``cwd``, as a fork server's child (``-c``)."""
+    code = (
+        f"import os, runpy; os.chdir({str(cwd)!r}); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
     )
-    return proc.stdout
+    return ["-c", code, *args]
+
+
+class _Commands:
+    """The test's ``gptflow deploy`` and ``prefect deployment run`` commands, each a
+    process of its own forked by one fork server that imported Prefect once (~1 CPU-s
+    less per command; their PREFECT_* settings, which Prefect reads when imported, are
+    ``_env``'s). The workers are not forked: a flow run tells a Prefect worker that
+    started it by the worker's command line."""
+
+    def __init__(self, server: dict, logs: Path) -> None:
+        self.server = server
+        self.children = ForkServer(_env(server), logs, preload=("prefect",))
+
+    def __enter__(self) -> _Commands:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.children.close()
+
+    def run(self, module: str, args: list[str], cwd: Path, timeout: float = 300) -> str:
+        """``python -m MODULE ARGS…`` in ``cwd``: its stdout, once it exited 0."""
+        name = f"{module}-{len(self.children.codes)}"
+        self.children.start(name, _argv(module, args, cwd), env=_env(self.server))
+        code, out, err = self.children.finish(name, timeout)
+        assert code == 0, f"python -m {module} {' '.join(args)} -> {code}\n{out}\n{err}"
+        return out
 
 
 def _flow_runs(deployment: str) -> list:
@@ -85,36 +113,37 @@ def test_readme_deployment_walkthrough_through_a_worker(prefect_server, mirror, 
 
     shell = tmp_path / "elsewhere"  # neither the clone nor GPTFLOW_HOME
     shell.mkdir()
-    cli = [sys.executable, "-m", "flows.cli"]
     # the session's server may already hold the pool (an earlier deployment test)
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
         client.delete_work_pool("gptflow")
-    # 2. work pool + deployments, twice (the guide says: again after editing prefect.yaml)
-    first = _run([*cli, "deploy"], _env(prefect_server), REPO)
-    assert "work pool 'gptflow': created" in first, first
-    again = _run([*cli, "deploy"], _env(prefect_server), REPO)
-    assert "work pool 'gptflow': exists" in again, again
-
     stub = OllamaStub(models=["llama3"], reply=lambda req: "Score: 42").start()
     notebooks = []
     try:
-        overrides = json.dumps([f"judge.hosts={stub.host}"])
-        _run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "gptflow-pipeline/smoke",
-             "--param", f"mirror={mirror}", "--param", f"overrides={overrides}"],
-            _env(prefect_server),
-            shell,
-        )  # fmt: skip
-        (run,) = _flow_runs("gptflow-pipeline/smoke")
-        # notebooks hold the catalog open across the run (read-write from before it
-        # starts, read-only from its first publish on): the run neither waits nor fails
-        Catalog().migrate()
-        notebooks = [
-            Notebook(Catalog().path, read_only=False),
-            Notebook(Catalog().path, read_only=True, after_publish=True),
-        ]
+        with _Commands(prefect_server, tmp_path / "commands") as commands:
+            # 2. work pool + deployments, twice (the guide says: again after editing
+            # prefect.yaml)
+            first = commands.run("flows.cli", ["deploy"], REPO)
+            assert "work pool 'gptflow': created" in first, first
+            again = commands.run("flows.cli", ["deploy"], REPO)
+            assert "work pool 'gptflow': exists" in again, again
+
+            overrides = json.dumps([f"judge.hosts={stub.host}"])
+            commands.run(
+                "prefect",
+                ["deployment", "run", "gptflow-pipeline/smoke",
+                 "--param", f"mirror={mirror}", "--param", f"overrides={overrides}"],
+                shell,
+            )  # fmt: skip
+            (run,) = _flow_runs("gptflow-pipeline/smoke")
+            # notebooks hold the catalog open across the run (read-write from before it
+            # starts, read-only from its first publish on): the run neither waits nor fails
+            Catalog().migrate()
+            notebooks = [
+                Notebook(Catalog().path, read_only=False),
+                Notebook(Catalog().path, read_only=True, after_publish=True),
+            ]
         # 3. the worker, GPTFLOW_HOME set in *its* environment only
         worker_log = tmp_path / "worker.log"
         with worker_log.open("w") as out:
@@ -244,17 +273,17 @@ def test_kill_9_of_a_flow_run_process_and_of_the_worker(prefect_server, mirror, 
     from tasks.catalog import Catalog
     from tasks.records.run_state import process_alive
 
-    _run([sys.executable, "-m", "flows.cli", "deploy"], _env(prefect_server), REPO)
     shell = tmp_path / "elsewhere"
     shell.mkdir()
     # a long pretraining, so that it is surely under way when the kill comes
     overrides = json.dumps(["pretrain.epochs=60", "judge.required=false"])
+    commands = _Commands(prefect_server, tmp_path / "commands")
 
     def start_run() -> str:
-        out = _run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "gptflow-pipeline/smoke",
+        out = commands.run(
+            "prefect",
+            ["deployment", "run", "gptflow-pipeline/smoke",
              "--param", f"mirror={mirror}", "--param", f"overrides={overrides}"],
-            _env(prefect_server),
             shell,
         )  # fmt: skip
         return re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
@@ -270,33 +299,35 @@ def test_kill_9_of_a_flow_run_process_and_of_the_worker(prefect_server, mirror, 
             )  # fmt: skip
 
     workers = []
-    try:
-        # 1. the flow-run process is killed; the worker lives on
-        first = start_run()
-        workers.append(start_worker(tmp_path / "worker1.log"))
-        rec = _wait("pretrain to start", _stage_running(first, "pretrain"), timeout=400)
-        os.kill(rec["run"]["pid"], 9)
-        state = _wait("the flow run to end", _final_state(first), timeout=120)
-        assert state.is_crashed(), (state.name, state.message)
-        assert main(["runs"]) == 0
-        out = capsys.readouterr().out
-        line = next(x for x in out.splitlines() if x.startswith(first))
-        assert " crashed " in line, out
-        assert f"{first}: run crashed: its process (PID {rec['run']['pid']} on " in out, out
+    with commands:
+        commands.run("flows.cli", ["deploy"], REPO)
+        try:
+            # 1. the flow-run process is killed; the worker lives on
+            first = start_run()
+            workers.append(start_worker(tmp_path / "worker1.log"))
+            rec = _wait("pretrain to start", _stage_running(first, "pretrain"), timeout=400)
+            os.kill(rec["run"]["pid"], 9)
+            state = _wait("the flow run to end", _final_state(first), timeout=120)
+            assert state.is_crashed(), (state.name, state.message)
+            assert main(["runs"]) == 0
+            out = capsys.readouterr().out
+            line = next(x for x in out.splitlines() if x.startswith(first))
+            assert " crashed " in line, out
+            assert f"{first}: run crashed: its process (PID {rec['run']['pid']} on " in out, out
 
-        # 2. the worker is killed while its flow run trains
-        second = start_run()
-        rec = _wait("pretrain to start", _stage_running(second, "pretrain"), timeout=400)
-        flow_pid = rec["run"]["pid"]
-        workers[0].kill()
-        workers[0].wait()
-        state = _wait("the flow run to end", _final_state(second), timeout=120)
-        _wait("the flow-run process to exit", lambda: not process_alive(flow_pid), timeout=60)
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.terminate()
-                w.wait(timeout=60)
+            # 2. the worker is killed while its flow run trains
+            second = start_run()
+            rec = _wait("pretrain to start", _stage_running(second, "pretrain"), timeout=400)
+            flow_pid = rec["run"]["pid"]
+            workers[0].kill()
+            workers[0].wait()
+            state = _wait("the flow run to end", _final_state(second), timeout=120)
+            _wait("the flow-run process to exit", lambda: not process_alive(flow_pid), timeout=60)
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.terminate()
+                    w.wait(timeout=60)
     says = f"the Prefect worker process (PID {workers[0].pid}) that started this flow run died"
     cat = Catalog()
     run = cat.query_df("SELECT status, message FROM runs WHERE run_id = ?", [second])

@@ -252,7 +252,8 @@ def test_a_default_max_length_capped_at_the_context_is_no_warning(
     base = _base_ckpt(tmp_path / "base", tokenizer_dir, n_layers=1)
     args = SpamArgs(trainable_blocks=1, epochs=1, batch_size=20, max_length=max_length)
     train = {"train": sms_slice["train"], "val": sms_slice["val"]}
-    longest = max(len(Tokenizer.from_dir(tokenizer_dir).encode(t)) for t in train["train"][0])
+    tok = Tokenizer.from_dir(tokenizer_dir)  # once: each build parses the BPE files (~0.2 s)
+    longest = max(len(tok.encode(t)) for t in train["train"][0])
     assert longest > 64  # the slice holds a message longer than the context
     with caplog.at_level(logging.INFO, logger="gpt"):
         res = finetune_classifier(base, train, args, out_dir=tmp_path / "clf", progress=False)

@@ -81,3 +81,24 @@ def test_encode_to_numpy_equals_encode(tokenizer_dir: Path, mirror: Path) -> Non
     assert arr.dtype == np.uint32
     assert arr.tolist() == tok.encode(text)
     assert arr[-2] == 50256
+
+
+def test_an_encoding_is_built_once_per_file_contents(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The same two files give the same (immutable) encoding without building it again;
+    files whose contents changed give a new one, never the stale encoding."""
+    import json
+    import shutil
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tokenizer_dir, folder)
+    first = Tokenizer.from_dir(folder)
+    assert Tokenizer.from_dir(folder).encoding is first.encoding
+    assert first.files == (folder / "encoder.json", folder / "vocab.bpe")
+    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
+    # swap the ids of two single-byte tokens: "!" (0) and '"' (1)
+    encoder["!"], encoder['"'] = encoder['"'], encoder["!"]
+    (folder / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    with pytest.raises(DataError, match="not a consistent GPT-2 BPE pair"):
+        Tokenizer.from_dir(folder)  # tiktoken checks the pair: a changed file is re-read
+    shutil.copy(tokenizer_dir / "encoder.json", folder / "encoder.json")
+    assert Tokenizer.from_dir(folder).encode("Hello, world") == [15496, 11, 995]
