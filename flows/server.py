@@ -208,6 +208,10 @@ def stop_server(timeout_s: float = 20.0) -> bool:
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        # a server this process started is its child: reap it once it exits, or its zombie
+        # answers os.kill(pid, 0) until the timeout (not our child: ChildProcessError)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.kill(pid, 0)
         except OSError:

@@ -58,3 +58,18 @@ def parse(args: Layout, out_dir: Path, text: str) -> Any:
     if asks_torchrun(args):
         return relaunch(parse, locals())
     return json.loads(text)
+
+
+def in_turn(jobs: dict[str, list[Any]], **channels: Any) -> dict[str, Any]:
+    """Several trainings one after another in this one torchrun job (a launch costs the
+    agent and every rank importing torch; the test pays that once for all of them):
+    ``jobs`` maps a name to ``[target, kwargs]``; the callback ``<name>__<callback>``
+    becomes that target's ``<callback>`` (None on ranks other than 0). ``{name: result}``."""
+    from gpt.distributed.codec import import_target
+
+    results = {}
+    for name, (target, kwargs) in jobs.items():
+        prefix = f"{name}__"
+        own = {k.removeprefix(prefix): v for k, v in channels.items() if k.startswith(prefix)}
+        results[name] = import_target(target)(**kwargs, **own)
+    return results
