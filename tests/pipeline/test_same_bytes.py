@@ -164,10 +164,12 @@ def test_every_stage_writes_the_same_bytes_twice_and_after_a_kill(
     a third killed with SIGKILL inside pretrain and again inside finetune_instruct (more
     checkpoints there: an operational setting, not in the key), then resumed: the same
     keys and digests, and every result file with the same sha256. Each run is a process
-    of its own, forked by one fork server (``helpers_fork``)."""
+    of its own, forked by one fork server (``helpers_fork``) that imported torch (and
+    torch._dynamo, which the optimizers import), NumPy, pandas, tiktoken, scikit-learn
+    and Prefect once."""
     import os
 
-    from helpers_fork import ForkServer
+    from helpers_fork import SHARED, ForkServer
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
@@ -179,7 +181,8 @@ def test_every_stage_writes_the_same_bytes_twice_and_after_a_kill(
         "--set",
         "finetune_instruct.checkpoint_every=1",
     ]
-    dags = ForkServer(env, tmp_path / "logs")
+    # torch._dynamo too: the optimizers import it when built (~1.1 CPU-s a child)
+    dags = ForkServer(env, tmp_path / "logs", preload=(*SHARED, "torch._dynamo"))
     try:
         dags.start("one", _argv(tmp_path / "one", "one", mirror))
         dags.start("two", _argv(tmp_path / "two", "two", mirror))

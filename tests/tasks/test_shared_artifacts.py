@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -182,36 +180,52 @@ def test_stage_folder_published_and_read_back_verified(
     }
 
 
-def _child(mode: str, run_id: str, url: str, tmp_path: Path, mirror: Path, cache: str, *extra):
+#: What the ``helpers_store.py`` children import (the stage runner's run logger imports
+#: Prefect), loaded once by their fork server; scikit-learn is not among them.
+_CHILD_LIBS = ("torch", "numpy", "pandas", "tiktoken", "prefect", "pydantic")
+
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory: pytest.TempPathFactory):
+    """The module's ``helpers_store.py`` children (three), each a process of its own forked
+    by one fork server (``helpers_fork``) that imported their libraries once."""
+    from helpers_fork import ForkServer
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with ForkServer(env, tmp_path_factory.mktemp("store-children"), _CHILD_LIBS) as server:
+        yield server
+
+
+def _child(children, mode: str, run_id: str, url: str, tmp_path: Path, mirror: Path,
+           cache: str, *extra) -> str:  # fmt: skip
+    """Start ``python helpers_store.py MODE …`` (forked, in this test's environment); its
+    name for ``children.finish``."""
     env = {**os.environ, "GPTFLOW_CACHE": str(tmp_path / cache), "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).resolve().parent / "helpers_store.py"),
-            mode,
-            run_id,
-            url,
-            str(tmp_path / "catalog.duckdb"),
-            str(tmp_path / "datasets"),
-            str(mirror),
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    argv = [
+        str(Path(__file__).resolve().parent / "helpers_store.py"),
+        mode,
+        run_id,
+        url,
+        str(tmp_path / "catalog.duckdb"),
+        str(tmp_path / "datasets"),
+        str(mirror),
+        *extra,
+    ]
+    children.start(run_id, argv, env=env)
+    return run_id
 
 
 @pytest.mark.slow
-def test_commit_killed_before_the_manifest_is_not_a_hit(s3_root, s3_server, mirror, tmp_path):
+def test_commit_killed_before_the_manifest_is_not_a_hit(
+    s3_root, s3_server, mirror, tmp_path, children
+):
     """A process SIGKILLed when every file is uploaded but the manifest is not published
     leaves objects that are no cache hit: the next run recomputes, saying why."""
     from tasks.store.roots import open_stage_store
 
-    proc = _child("kill", "run-killed", s3_root, tmp_path, mirror, "cache-killed")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -9, err
+    name = _child(children, "kill", "run-killed", s3_root, tmp_path, mirror, "cache-killed")
+    code, _, err = children.finish(name, timeout=300)
+    assert code == -9, err
     prefix = s3_root.split("/", 3)[3] + "/stages/tokenize/"
     names = [k.removeprefix(prefix) for k in s3_server.keys(prefix)]
     folders = {n.split("/")[0] for n in names if "/" in n}
@@ -228,7 +242,9 @@ def test_commit_killed_before_the_manifest_is_not_a_hit(s3_root, s3_server, mirr
 
 
 @pytest.mark.slow
-def test_two_processes_racing_for_one_key_compute_it_once(s3_root, s3_server, mirror, tmp_path):
+def test_two_processes_racing_for_one_key_compute_it_once(
+    s3_root, s3_server, mirror, tmp_path, children
+):
     """Two processes with their own local caches start tokenize on the same S3 key at
     once: one computes under the lease, the other waits and takes its result."""
     from flows.config import build_config
@@ -238,15 +254,16 @@ def test_two_processes_racing_for_one_key_compute_it_once(s3_root, s3_server, mi
     run_stage(warm, "download", build_config("smoke", []).download)  # the local inputs, once
     go = tmp_path / "go"
     s3 = s3_root
-    procs = [
-        _child("race", f"run-{i}", s3, tmp_path, mirror, f"cache-{i}", str(go)) for i in range(2)
+    names = [
+        _child(children, "race", f"run-{i}", s3, tmp_path, mirror, f"cache-{i}", str(go))
+        for i in range(2)
     ]
     time.sleep(1.0)
     go.touch()
     results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    for name in names:
+        code, out, err = children.finish(name, timeout=300)
+        assert code == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     computed = [r for r in results if not r["cache_hit"]]
     took = [r for r in results if r["cache_hit"]]
