@@ -34,7 +34,9 @@ from pathlib import Path
 #: Third-party libraries the children import, loaded once before forking (the default of
 #: ``preload``). Each loads no project module and starts no thread (duckdb starts one when
 #: imported, so each child imports it itself); the server checks both before every fork.
-SHARED = ("torch", "numpy", "pandas", "tiktoken", "prefect", "pydantic", "sklearn")
+#: ``torch._dynamo`` is what a torch optimizer imports when built (~1.1 CPU-s a child).
+TORCH = ("torch", "torch._dynamo")
+SHARED = (*TORCH, "numpy", "pandas", "tiktoken", "prefect", "pydantic", "sklearn")
 PROJECT = ("gpt", "tasks", "flows")
 
 

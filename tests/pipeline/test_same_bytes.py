@@ -181,8 +181,7 @@ def test_every_stage_writes_the_same_bytes_twice_and_after_a_kill(
         "--set",
         "finetune_instruct.checkpoint_every=1",
     ]
-    # torch._dynamo too: the optimizers import it when built (~1.1 CPU-s a child)
-    dags = ForkServer(env, tmp_path / "logs", preload=(*SHARED, "torch._dynamo"))
+    dags = ForkServer(env, tmp_path / "logs", preload=SHARED)
     try:
         dags.start("one", _argv(tmp_path / "one", "one", mirror))
         dags.start("two", _argv(tmp_path / "two", "two", mirror))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_fork import ForkServer
+from helpers_fork import TORCH, ForkServer
 
 KILL_AT = 5  # one step after the checkpoint at step 4 (checkpoint_every 2, 3 steps/epoch)
 TOTAL = 6
@@ -56,7 +56,7 @@ def test_kill_9_during_lora_finetune_resumes_exactly(
 
     data = mirror / "instruction-data.json"
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    with ForkServer(sub_env, tmp_path / "logs", preload=("torch",)) as children:
+    with ForkServer(sub_env, tmp_path / "logs", preload=TORCH) as children:
         _start(children, "ref", lm_checkpoint, ref, data, "none")
         _start(children, "killed", lm_checkpoint, killed, data, "kill")
         results = {k: children.finish(k, timeout=240) for k in ("ref", "killed")}

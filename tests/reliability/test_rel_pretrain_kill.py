@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers_fork import ForkServer
+from helpers_fork import TORCH, ForkServer
 
 STEPS_PER_EPOCH = 21  # 676 training tokens -> 42 windows of 16 -> 21 batches of 2
 EPOCHS = 2
@@ -103,7 +103,7 @@ def test_kill_9_during_pretrain_resumes_exactly(
     db = tmp_path / "catalog.duckdb"
     Catalog(db).migrate()
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    with ForkServer(sub_env, tmp_path / "logs", preload=("torch",)) as children:
+    with ForkServer(sub_env, tmp_path / "logs", preload=TORCH) as children:
         _start(children, "ref", ref, db, text, tokenizer_dir, "ref", "none")
         _start(children, "killed", killed, db, text, tokenizer_dir, "killed", "metrics")
         results = {k: children.finish(k, timeout=240) for k in ("ref", "killed")}
