@@ -133,3 +133,12 @@ def record_metrics(
 def metric_rows(n: int, run: str) -> list[dict]:
     """``n`` pretrain metric rows of run ``run`` (steps 0..n-1, value = step)."""
     return [{"run_id": run, "stage": "pretrain", "step": i, "value": float(i)} for i in range(n)]
+
+
+def published_catalog(path: Path, n_rows: int, *, lock_timeout: float) -> Catalog:
+    """A catalog file at ``path`` holding ``n_rows`` metric rows of run ``before``, with
+    a published copy."""
+    cat = Catalog(path, lock_timeout=lock_timeout)
+    cat.insert_rows("metrics", metric_rows(n_rows, "before"))
+    cat.publish()
+    return cat

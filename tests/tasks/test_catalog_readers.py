@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from _paths import REPO
-from helpers_catalog import metric_rows, record_stage
+from helpers_catalog import metric_rows, published_catalog, record_stage
 from helpers_notebook import Notebook
 
 from flows.cli import main
@@ -27,10 +27,7 @@ WRITE = "write INSERT INTO metrics (run_id, value) VALUES ('notebook', 1)"
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
-    c = Catalog(tmp_path / "cat.duckdb", lock_timeout=2)
-    c.insert_rows("metrics", metric_rows(3, "before"))
-    c.publish()
-    return c
+    return published_catalog(tmp_path / "cat.duckdb", 3, lock_timeout=2)
 
 
 @pytest.mark.parametrize("read_only", [True, False], ids=["read-only", "read-write"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 from _paths import REPO
-from helpers_catalog import metric_rows
+from helpers_catalog import metric_rows, published_catalog
 
 from gpt.errors import CatalogError
 from tasks.catalog import Catalog, catalog_session
@@ -27,10 +27,7 @@ from tasks.catalog.values import inline_params
 
 @pytest.fixture
 def cat(tmp_path: Path) -> Catalog:
-    c = Catalog(tmp_path / "cat.duckdb", lock_timeout=5)
-    c.insert_rows("metrics", metric_rows(2, "before"))
-    c.publish()
-    return c
+    return published_catalog(tmp_path / "cat.duckdb", 2, lock_timeout=5)
 
 
 def _count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
